@@ -1,0 +1,428 @@
+"""Gossip algorithms over stacked local workers (REFERENCE.md, "Algorithms").
+
+Every algorithm works on a list of parameters, each stacked over this process's
+local workers: `params[k]` has shape `[L, *shape_k]`, row l belongs to worker
+`comm.first_worker + l`. `step(params)` runs one gossip step in place: a few
+batched tensor ops and one `comm.exchange` per round. The same seed gives the same
+numbers whether one process hosts all workers or each worker has its own process.
+
+    comm = comm_module.Communicator(n_workers)
+    topology = topologies.build("ring", n_workers)
+    gossip = PowerGossip(comm, topology, rank=1, num_iterations=1)
+    gossip.step(params)             # params: list of [L, ...] float32 tensors
+    comm.bytes_sent                 # per local worker, cumulative
+
+Notation: W is the mixing matrix, w_ij = W[i, j], gamma the consensus step
+("diffusion rate"). Per-edge state is stacked over the local half-edges `[H, ...]`
+in `comm.half_edges(topology)` order.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from compressors import Compressor, WorkerRandom, pack_bits, unpack_bits
+
+# Purposes that keep the random streams of different uses apart (see WorkerRandom).
+COMPRESSOR_STREAM, MONIQUA_STREAM = 1, 2
+
+
+def edge_seed(seed: int, i: int, j: int) -> int:
+    """A 63-bit seed shared by the two ends of edge {i, j}; distinct for distinct
+    (seed, min(i, j), max(i, j)) (unlike string concatenation: 1,12 vs 11,2)."""
+    a, b = min(i, j), max(i, j)
+    return int(np.random.SeedSequence([seed, a, b]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def orthogonalize_(matrices: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Gram-Schmidt on the columns of a batch `[..., m, r]`, in place, in float32.
+    The eps keeps a zero column at zero instead of producing NaN."""
+    for c in range(matrices.shape[-1]):
+        column = matrices[..., c:c + 1]
+        column /= column.norm(dim=-2, keepdim=True) + eps
+        if c + 1 < matrices.shape[-1]:
+            rest = matrices[..., c + 1:]
+            rest -= (column * rest).sum(dim=-2, keepdim=True) * column
+    return matrices
+
+
+def sum_into_workers(edges, values: torch.Tensor, coefficients: torch.Tensor, num_local: int) -> torch.Tensor:
+    """`out[l] = sum over half-edges h of worker l of coefficients[h] * values[h]`.
+
+    One matrix product, summing each worker's half-edges in their fixed order."""
+    weights = torch.zeros((num_local, edges.num), dtype=values.dtype, device=values.device)
+    weights[edges.local_sender, torch.arange(edges.num, device=values.device)] = coefficients.to(values.dtype)
+    return (weights @ values.reshape(edges.num, -1)).reshape((num_local,) + tuple(values.shape[1:]))
+
+
+class GossipAlgorithm:
+    """Interface. `step(params)` gossips in place; bytes are counted by `comm`."""
+
+    def __init__(self, comm, topology, diffusion_rate: float = 1.0):
+        if not diffusion_rate > 0:
+            raise ValueError(f"diffusion_rate must be > 0, got {diffusion_rate}")
+        self.comm, self.topology, self.diffusion_rate = comm, topology, float(diffusion_rate)
+
+    def step(self, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def _require_symmetric(self) -> None:
+        if not self.topology.is_symmetric:
+            raise ValueError(f"{type(self).__name__} needs a symmetric topology; {self.topology.name} is not "
+                             f"(only SimpleGossip runs on directed graphs)")
+
+    def _neighbor_average(self, edges, received: torch.Tensor) -> torch.Tensor:
+        """sum_{j in N(i)} w_ij * m_j for every local worker i."""
+        return sum_into_workers(edges, received, edges.weight_in, self.comm.num_local)
+
+
+class AllReduce(GossipAlgorithm):
+    """The all-reduce baseline: every worker takes the exact average (bits: the buffer once per step)."""
+
+    def step(self, params):
+        for x, mean in zip(params, self.comm.all_reduce_mean(params)):
+            x.copy_(mean.unsqueeze(0).expand_as(x))
+
+
+class SimpleGossip(GossipAlgorithm):
+    """Uncompressed gossip (D-PSGD): x_i += gamma * sum_{j in N(i)} w_ij (x_j - x_i).
+    Sends the full x_i to each neighbour. Works on directed graphs too."""
+
+    def step(self, params):
+        if not params:
+            return
+        edges = self.comm.half_edges(self.topology)
+        received = self.comm.exchange(self.topology, params, per="worker")
+        outgoing = (1 - edges.weight_self).view(-1, *([1] * (params[0].dim() - 1)))
+        for x, from_neighbors in zip(params, received):
+            outgoing_x = outgoing.view((-1,) + (1,) * (x.dim() - 1))
+            x += self.diffusion_rate * (self._neighbor_average(edges, from_neighbors) - outgoing_x * x)
+
+
+class PowerGossip(GossipAlgorithm):
+    """PowerGossip (Vogels et al. 2020, Algorithm 1): low-rank approximations of the
+    parameter differences D = X_max(i,j) - X_min(i,j) across each edge, by power
+    iteration that continues across steps.
+
+    Hyper-parameters and what they trade:
+      rank: columns r of the factors; bits per round grow as r (m or n) per matrix.
+      num_iterations: power-iteration rounds per step; more rounds = better
+        approximation of D, more messages and bits.
+      warm_start: start each iteration from the previous iteration's result (power
+        iteration on D across steps; the paper's default) or redraw from the edge's
+        shared generator.
+      round_weights: the sign variant (rank 1): start vector sign(v) / sqrt(len(v)).
+      diffusion_rate: gamma; 1 needs no tuning.
+    Each matrix of shape m x n (m = shape[0]) uses rank r' = min(r, m, n).
+    """
+
+    def __init__(self, comm, topology, rank: int = 1, num_iterations: int = 1, warm_start: bool = True,
+                 round_weights: bool = False, diffusion_rate: float = 1.0, seed: int = 0):
+        super().__init__(comm, topology, diffusion_rate)
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        if round_weights and rank != 1:
+            raise ValueError("round_weights (the sign variant) is defined for rank 1 only")
+        self._require_symmetric()
+        self.rank, self.num_iterations, self.warm_start = rank, num_iterations, warm_start
+        self.round_weights, self.seed = round_weights, seed
+        self.iteration = 0  # runs on across steps (the sign of the next power-iteration half-step)
+        self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
+        self.p, self.q, self.generators = None, None, None
+
+    # -- state ------------------------------------------------------------------------------
+    def _init_state(self, params):
+        edges = self.comm.half_edges(self.topology)
+        shapes: dict[tuple[int, int, int], list[int]] = {}
+        for k, x in enumerate(params):
+            m = x.shape[1] if x.dim() > 1 else 1
+            n = x[0].numel() // m
+            shapes.setdefault((m, n, min(self.rank, m, n)), []).append(k)
+        self.groups = [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
+        self.generators = []
+        for i, j in zip(edges.self_worker_list, edges.neighbor_list):
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(edge_seed(self.seed, i, j))
+            self.generators.append(generator)
+        # Both ends of an edge draw P, then Q, from identical generators: identical buffers.
+        self.p = self._draw(lambda m, n, r: (m, r))
+        self.q = self._draw(lambda m, n, r: (n, r))
+
+    def _draw(self, factor_shape) -> list[torch.Tensor]:
+        """Fresh standard normal factors `[H, G, rows, r]` per group from the edges' generators."""
+        shapes = [(len(indices),) + factor_shape(m, n, r) for indices, m, n, r in self.groups]
+        sizes = [math.prod(s) for s in shapes]
+        draws = torch.stack([torch.randn(sum(sizes), generator=g) for g in self.generators]) if self.generators \
+            else torch.zeros((0, sum(sizes)))
+        draws = draws.to(self.comm.device)
+        return [part.reshape((draws.shape[0],) + s) for part, s in zip(draws.split(sizes, dim=1), shapes)]
+
+    def state_dict(self):
+        if self.groups is None:
+            return {"iteration": self.iteration}
+        return {"iteration": self.iteration, "p": [p.clone() for p in self.p], "q": [q.clone() for q in self.q],
+                "generators": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state):
+        self.iteration = state["iteration"]
+        if "p" in state:
+            self._pending_state = state
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, params):
+        if self.groups is None:
+            self._init_state(params)
+            pending = getattr(self, "_pending_state", None)
+            if pending is not None:
+                self.p = [p.to(self.comm.device) for p in pending["p"]]
+                self.q = [q.to(self.comm.device) for q in pending["q"]]
+                for generator, saved in zip(self.generators, pending["generators"]):
+                    generator.set_state(saved)
+                self._pending_state = None
+        edges = self.comm.half_edges(self.topology)
+        sign = torch.where(edges.is_lower, 1.0, -1.0).to(self.comm.device)
+        coefficients = self.diffusion_rate * edges.weight_in * sign
+
+        for iteration in range(self.iteration, self.iteration + self.num_iterations):
+            if iteration == 0:
+                break  # nobody has moved yet, so there is no disagreement to send
+            left = iteration % 2 == 0  # even: orthonormalize P, send X^T P, store Q = D^T P
+            if not self.warm_start:
+                redrawn = self._draw((lambda m, n, r: (m, r)) if left else (lambda m, n, r: (n, r)))
+                (self.p if left else self.q)[:] = redrawn
+            starts = self.p if left else self.q
+            for start in starts:
+                if self.round_weights:
+                    start.copy_(start.sign() / math.sqrt(start.shape[-2]))
+                else:
+                    orthogonalize_(start)
+
+            stacks = [torch.stack([params[k].reshape(-1, m, n) for k in indices], dim=1)
+                      for indices, m, n, r in self.groups]  # [L, G, m, n]
+            products = []
+            for x, start in zip(stacks, starts):
+                x_per_edge = x[edges.local_sender]
+                products.append(x_per_edge.transpose(-1, -2) @ start if left else x_per_edge @ start)
+            received = self.comm.exchange(self.topology, products, per="half_edge")
+
+            results = self.q if left else self.p
+            for g, (indices, m, n, r) in enumerate(self.groups):
+                # Both ends store the same product of D = X_max - X_min.
+                mine, theirs = products[g], received[g]
+                lower = edges.is_lower.view(-1, 1, 1, 1)
+                results[g] = torch.where(lower, theirs - mine, mine - theirs)
+                approximation = self.p[g] @ self.q[g].transpose(-1, -2)  # [H, G, m, n] ≈ D
+                change = sum_into_workers(edges, approximation, coefficients, self.comm.num_local)
+                for position, k in enumerate(indices):
+                    params[k] += change[:, position].reshape(params[k].shape)
+        self.iteration += self.num_iterations
+
+
+class ChocoGossip(GossipAlgorithm):
+    """Choco-Gossip (Koloskova et al. 2019, Algorithm 1 with the s_i bookkeeping):
+    q_i = C(x_i - x_hat_i); send q_i; x_hat_i += q_i;
+    s_i += sum_{j in N(i) + i} w_ij q_j; x_i += gamma (s_i - x_hat_i).
+    gamma needs tuning per compressor (REFERENCE.md lists the paper's values)."""
+
+    def __init__(self, comm, topology, compressor: Compressor, diffusion_rate: float = 1.0, seed: int = 0):
+        super().__init__(comm, topology, diffusion_rate)
+        self._require_symmetric()
+        self.compressor = compressor
+        self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, COMPRESSOR_STREAM) \
+            if compressor.needs_randomness else None
+        self.x_hat, self.s = None, None
+
+    def step(self, params):
+        if not params:
+            return
+        if self.x_hat is None:
+            self.x_hat = [torch.zeros_like(x) for x in params]
+            self.s = [torch.zeros_like(x) for x in params]
+        edges = self.comm.half_edges(self.topology)
+        shapes = [x.shape[1:] for x in params]
+        payload = self.compressor.compress([x - h for x, h in zip(params, self.x_hat)], self.randomness)
+        own = self.compressor.decompress(payload, shapes)
+        neighbors = self.compressor.decompress(self.comm.exchange(self.topology, payload, per="worker"), shapes)
+        for x, x_hat, s, q_own, q_neighbors in zip(params, self.x_hat, self.s, own, neighbors):
+            x_hat += q_own
+            self_weight = edges.weight_self.view((-1,) + (1,) * (x.dim() - 1))
+            s += self_weight * q_own + self._neighbor_average(edges, q_neighbors)
+            x += self.diffusion_rate * (s - x_hat)
+
+    def state_dict(self):
+        state = {} if self.x_hat is None else {"x_hat": [t.clone() for t in self.x_hat], "s": [t.clone() for t in self.s]}
+        if self.randomness is not None:
+            state["randomness"] = self.randomness.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        if "x_hat" in state:
+            self.x_hat = [t.to(self.comm.device).clone() for t in state["x_hat"]]
+            self.s = [t.to(self.comm.device).clone() for t in state["s"]]
+        if self.randomness is not None:
+            self.randomness.load_state_dict(state["randomness"])
+
+
+class DeepSqueezeGossip(GossipAlgorithm):
+    """DeepSqueeze (Tang et al. 2019) with error feedback:
+    v_i = x_i + delta_i; c_i = C(v_i); delta_i = v_i - c_i; send c_i;
+    x_i += -gamma (1 - w_ii) c_i + gamma sum_{j in N(i)} w_ij c_j."""
+
+    def __init__(self, comm, topology, compressor: Compressor, diffusion_rate: float = 1.0, seed: int = 0):
+        super().__init__(comm, topology, diffusion_rate)
+        self._require_symmetric()
+        self.compressor = compressor
+        self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, COMPRESSOR_STREAM) \
+            if compressor.needs_randomness else None
+        self.delta = None
+
+    def step(self, params):
+        if not params:
+            return
+        if self.delta is None:
+            self.delta = [torch.zeros_like(x) for x in params]
+        edges = self.comm.half_edges(self.topology)
+        shapes = [x.shape[1:] for x in params]
+        v = [x + d for x, d in zip(params, self.delta)]
+        payload = self.compressor.compress(v, self.randomness)
+        own = self.compressor.decompress(payload, shapes)
+        neighbors = self.compressor.decompress(self.comm.exchange(self.topology, payload, per="worker"), shapes)
+        for x, delta, v_i, c_own, c_neighbors in zip(params, self.delta, v, own, neighbors):
+            delta.copy_(v_i - c_own)
+            outgoing = (1 - edges.weight_self).view((-1,) + (1,) * (x.dim() - 1))
+            x += self.diffusion_rate * (self._neighbor_average(edges, c_neighbors) - outgoing * c_own)
+
+    def state_dict(self):
+        state = {} if self.delta is None else {"delta": [t.clone() for t in self.delta]}
+        if self.randomness is not None:
+            state["randomness"] = self.randomness.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        if "delta" in state:
+            self.delta = [t.to(self.comm.device).clone() for t in state["delta"]]
+        if self.randomness is not None:
+            self.randomness.load_state_dict(state["randomness"])
+
+
+class MoniquaGossip(GossipAlgorithm):
+    """Moniqua (Lu & De Sa 2020), 2-bit, with stochastic rounding:
+    delta = 1/3, B = 2 theta / (1 - 2 delta);
+    q_i = SR(mod(x_i / B, 1) + 1/2) - 1/2 (4 values: 2 bits each on the wire);
+    e_i = q_i B - mod(x_i, B); x_i += gamma sum_{j in N(i)} w_ij (mod(q_j B - x_i, B) - e_i).
+    theta must bound how far neighbours' parameters may differ; tune it with gamma."""
+
+    delta = 1 / 3
+
+    def __init__(self, comm, topology, theta: float, diffusion_rate: float = 1.0, seed: int = 0):
+        super().__init__(comm, topology, diffusion_rate)
+        if not theta > 0:
+            raise ValueError(f"theta must be > 0, got {theta}")
+        self._require_symmetric()
+        self.theta = float(theta)
+        self.B = 2 * self.theta / (1 - 2 * self.delta)
+        self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, MONIQUA_STREAM)
+
+    @staticmethod
+    def modulo(x: torch.Tensor, a: float) -> torch.Tensor:
+        """mod(x, a) = fmod(x + sign(x) a/2, a) - sign(x) a/2: zero at multiples of a."""
+        return torch.fmod(x + torch.sign(x) * a / 2, a) - torch.sign(x) * a / 2
+
+    def step(self, params):
+        if not params:
+            return
+        edges = self.comm.half_edges(self.topology)
+        rows = params[0].shape[0]
+        x = torch.cat([p.reshape(rows, -1) for p in params], dim=1)
+        noise = self.randomness.uniform((x.shape[1],))
+        codes = torch.floor((self.modulo(x / self.B, 1.0) + 0.5) / self.delta + noise).clamp_(0, 3)
+        q_own = codes * self.delta - 0.5
+        error = q_own * self.B - self.modulo(x, self.B)
+        packed = pack_bits(codes.to(torch.uint8), 2)
+        received = self.comm.exchange(self.topology, [packed], per="worker")[0]
+        q_neighbors = unpack_bits(received, 2, x.shape[1]).float() * self.delta - 0.5
+        x_per_edge = x[edges.local_sender]
+        corrections = self.modulo(q_neighbors * self.B - x_per_edge, self.B) - error[edges.local_sender]
+        x += self.diffusion_rate * self._neighbor_average(edges, corrections)
+        for p, part in zip(params, x.split([p[0].numel() for p in params], dim=1)):
+            p.copy_(part.reshape(p.shape))
+
+    def state_dict(self):
+        return {"randomness": self.randomness.state_dict()}
+
+    def load_state_dict(self, state):
+        self.randomness.load_state_dict(state["randomness"])
+
+
+class OnlyOnLargeParameters(GossipAlgorithm):
+    """The compressed method on tensors with ndim > 1 (per worker), uncompressed gossip
+    on 1-D tensors (biases, batch norm), as in the paper's experiments.
+
+    min_compression_rate (PowerSGD's rule): a matrix m x n whose rank-r factors would
+    compress it by less than this factor, m n / ((m + n) r) < min_compression_rate,
+    is gossiped uncompressed too (needs `rank`)."""
+
+    def __init__(self, compressed: GossipAlgorithm, uncompressed: GossipAlgorithm,
+                 min_compression_rate: float | None = None, rank: int | None = None):
+        super().__init__(compressed.comm, compressed.topology, compressed.diffusion_rate)
+        if min_compression_rate is not None and rank is None:
+            raise ValueError("min_compression_rate needs the compressor's rank")
+        self.compressed, self.uncompressed = compressed, uncompressed
+        self.min_compression_rate, self.rank = min_compression_rate, rank
+
+    def is_compressed(self, x: torch.Tensor) -> bool:
+        if x.dim() <= 2:  # [L, n]: a 1-D parameter
+            return False
+        if self.min_compression_rate is None:
+            return True
+        m, n = x.shape[1], x[0].numel() // x.shape[1]
+        return m * n / ((m + n) * min(self.rank, m, n)) >= self.min_compression_rate
+
+    def step(self, params):
+        compressed = [x for x in params if self.is_compressed(x)]
+        uncompressed = [x for x in params if not self.is_compressed(x)]
+        self.compressed.step(compressed)
+        self.uncompressed.step(uncompressed)
+
+    def state_dict(self):
+        return {"compressed": self.compressed.state_dict(), "uncompressed": self.uncompressed.state_dict()}
+
+    def load_state_dict(self, state):
+        self.compressed.load_state_dict(state["compressed"])
+        self.uncompressed.load_state_dict(state["uncompressed"])
+
+
+class DPSGD:
+    """Decentralized SGD (Lian et al. 2017) as the paper runs it (REFERENCE.md,
+    "Training setup"): gradient at x_t; gossip x_t; apply the local step to the
+    gossiped parameters (gradient and gossip could overlap). With AllReduce: the
+    local step first, then the exact average.
+
+        dpsgd.step(params, compute_gradients, apply_update)
+
+    `compute_gradients()` fills the gradients at the current parameters and returns
+    whatever the caller wants back (loss, ...); `apply_update()` applies the stored
+    gradients to `params` (the optimizer step)."""
+
+    def __init__(self, gossip: GossipAlgorithm):
+        self.gossip = gossip
+
+    def step(self, params, compute_gradients, apply_update):
+        result = compute_gradients()
+        if isinstance(self.gossip, AllReduce):
+            apply_update()
+            self.gossip.step(params)
+        else:
+            self.gossip.step(params)
+            apply_update()
+        return result

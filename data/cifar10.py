@@ -1,0 +1,109 @@
+"""CIFAR-10 from the python version of the data set (``cifar-10-batches-py/``).
+
+The folder holds ``data_batch_1`` .. ``data_batch_5`` (training) and
+``test_batch``: each a pickled dict with ``b"data"`` (10000 x 3072 uint8, one row
+per image, channel-major: 1024 red, 1024 green, 1024 blue values, each a 32 x 32
+row-major plane) and ``b"labels"`` (10000 ints in 0..9).
+
+The files are read with ``pickle``: only point this at files you trust.
+torchvision is imported only when a download is asked for.
+"""
+
+import os
+import pickle
+
+import numpy as np
+import torch
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILES = ("test_batch",)
+DEFAULT_DIR = "./data"
+
+# The constants of the PowerGossip code (epfml/powergossip, tasks/cifar.py);
+# pixels scaled to [0, 1].
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+NUM_CLASSES = 10
+
+HOW_TO_GET = (
+    "Get the python version from https://www.cs.toronto.edu/~kriz/cifar.html "
+    "(cifar-10-python.tar.gz) and extract it into data_dir (giving "
+    f"data_dir/{FOLDER}/), or pass download=True with torchvision installed."
+)
+
+
+def _candidates(data_dir: str) -> list[str]:
+    return [os.path.join(data_dir, FOLDER), data_dir]
+
+
+def find_folder(data_dir: str | None = None) -> str | None:
+    """The folder holding the batches: ``data_dir/cifar-10-batches-py`` or ``data_dir``
+    itself (default data_dir: ./data); None if neither holds all six files."""
+    data_dir = DEFAULT_DIR if data_dir is None else data_dir
+    for folder in _candidates(data_dir):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in TRAIN_FILES + TEST_FILES):
+            return folder
+    return None
+
+
+def read_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pickled batch -> (uint8 images [n, 3, 32, 32], int64 labels [n])."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: not a readable CIFAR-10 pickle ({error!r}). {HOW_TO_GET}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f'{path}: expected a dict with b"data" and b"labels". {HOW_TO_GET}')
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f'{path}: b"data" should be uint8 [n, 3072], got {data.dtype} {list(data.shape)}'
+        )
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {labels.size} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{path}: labels outside 0..{NUM_CLASSES - 1}")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def _download(data_dir: str) -> None:
+    try:
+        import torchvision  # lazy: it does not import with every torch build
+    except Exception as error:  # ImportError, or a broken install raising anything
+        raise FileNotFoundError(
+            f"CIFAR-10 not found in {_candidates(data_dir)} and download=True needs "
+            f"torchvision, which does not import here ({error!r}). {HOW_TO_GET}"
+        ) from None
+    os.makedirs(data_dir, exist_ok=True)
+    for train in (True, False):
+        torchvision.datasets.CIFAR10(root=data_dir, train=train, download=True)
+
+
+def load_cifar10(data_dir: str | None = None, download: bool = False):
+    """Return ``(train_x, train_y, test_x, test_y)`` on CPU: uint8 images
+    ``[N, 3, 32, 32]`` (50,000 / 10,000), int64 labels.
+
+    ``data_dir`` may be the folder ``cifar-10-batches-py`` itself or its parent
+    (default ``./data``). If the files are missing and ``download`` is True,
+    torchvision downloads them into ``data_dir``; otherwise FileNotFoundError.
+    """
+    data_dir = DEFAULT_DIR if data_dir is None else data_dir
+    folder = find_folder(data_dir)
+    if folder is None and download:
+        _download(data_dir)
+        folder = find_folder(data_dir)
+    if folder is None:
+        looked = ", ".join(_candidates(data_dir))
+        raise FileNotFoundError(
+            f"CIFAR-10 not found: looked for {', '.join(TRAIN_FILES + TEST_FILES)} in {looked}. "
+            + HOW_TO_GET
+        )
+    out = []
+    for names in (TRAIN_FILES, TEST_FILES):
+        parts = [read_batch(os.path.join(folder, name)) for name in names]
+        out += [torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])]
+    return tuple(out)

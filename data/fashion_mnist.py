@@ -1,0 +1,135 @@
+"""Fashion-MNIST from IDX files (the format of the original MNIST distribution).
+
+Debian's ``dataset-fashion-mnist`` package installs the four files in
+``/usr/share/datasets/fashion-mnist``::
+
+    train-images-idx3-ubyte.gz  train-labels-idx1-ubyte.gz
+    t10k-images-idx3-ubyte.gz   t10k-labels-idx1-ubyte.gz
+
+IDX layout: a big-endian int32 magic number ``0x0000 TT NN`` (TT = 0x08 for
+unsigned bytes, NN = number of dimensions: 2051 for image files, 2049 for label
+files), then NN big-endian int32 sizes, then the values. Files may be gzipped or
+not (detected from the content, not the name).
+"""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+
+DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+
+IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (count, rows, cols)
+LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (count)
+
+# Per-channel statistics of the 60,000 training images, pixels scaled to [0, 1].
+MEAN = (0.2860,)
+STD = (0.3530,)
+NUM_CLASSES = 10
+
+FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+HOW_TO_GET = (
+    "Install it with `apt-get install dataset-fashion-mnist` (puts the files in "
+    f"{DEFAULT_DIR}), or pass data_dir=<folder with the four IDX files "
+    f"{', '.join(name + '[.gz]' for name in FILES.values())}>."
+)
+
+
+def read_idx(path: str, expected_magic: int | None = None) -> torch.Tensor:
+    """Read one IDX file of unsigned bytes (gzipped or raw) into a uint8 tensor.
+
+    Raises ValueError (naming the file) when the content is not gzip-readable, the
+    magic number is wrong or not unsigned-byte IDX, or the data is truncated or has
+    trailing bytes.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as error:
+            raise ValueError(f"{path}: corrupt gzip data ({error}). {HOW_TO_GET}") from None
+    if len(raw) < 4:
+        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, no header). {HOW_TO_GET}")
+    (magic,) = struct.unpack(">i", raw[:4])
+    if expected_magic is not None and magic != expected_magic:
+        raise ValueError(
+            f"{path}: bad IDX magic number {magic}, expected {expected_magic}. {HOW_TO_GET}"
+        )
+    if magic >> 8 != 0x08:
+        raise ValueError(f"{path}: bad IDX magic number {magic}: not an unsigned-byte IDX file")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes). {HOW_TO_GET}")
+    shape = struct.unpack(f">{ndim}i", raw[4:header])
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        kind = "truncated" if len(raw) - header < size else "trailing bytes in"
+        raise ValueError(
+            f"{path}: {kind} IDX data: header says {shape} = {size} values, "
+            f"file holds {len(raw) - header}. {HOW_TO_GET}"
+        )
+    array = np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(shape)
+    return torch.from_numpy(array.copy())
+
+
+def find_files(data_dir: str | None = None) -> dict[tuple[str, str], str]:
+    """Paths of the four IDX files: the first folder holding all four, looking in
+    ``data_dir`` (if given), then ``data_dir/fashion-mnist``, then DEFAULT_DIR.
+
+    Raises FileNotFoundError naming every folder looked in and what was missing.
+    """
+    folders = []
+    if data_dir is not None:
+        folders += [data_dir, os.path.join(data_dir, "fashion-mnist")]
+    folders.append(DEFAULT_DIR)
+    report = []
+    for folder in folders:
+        found, missing = {}, []
+        for key, name in FILES.items():
+            for candidate in (name + ".gz", name):
+                if os.path.isfile(os.path.join(folder, candidate)):
+                    found[key] = os.path.join(folder, candidate)
+                    break
+            else:
+                missing.append(name + "[.gz]")
+        if not missing:
+            return found
+        status = "does not exist" if not os.path.isdir(folder) else f"lacks {', '.join(missing)}"
+        report.append(f"  {folder}: {status}")
+    raise FileNotFoundError(
+        "Fashion-MNIST not found. Looked in:\n" + "\n".join(report) + "\n" + HOW_TO_GET
+    )
+
+
+def load_fashion_mnist(data_dir: str | None = None):
+    """Return ``(train_x, train_y, test_x, test_y)`` on CPU.
+
+    Images are uint8 ``[N, 1, 28, 28]`` (60,000 train / 10,000 test for the real
+    data), labels int64 ``[N]`` in 0..9.
+    """
+    paths = find_files(data_dir)
+    out = []
+    for split in ("train", "test"):
+        images = read_idx(paths[(split, "images")], IMAGES_MAGIC)
+        labels = read_idx(paths[(split, "labels")], LABELS_MAGIC)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"Fashion-MNIST {split} split: {paths[(split, 'images')]} holds {images.shape[0]} "
+                f"images but {paths[(split, 'labels')]} holds {labels.shape[0]} labels. {HOW_TO_GET}"
+            )
+        if labels.numel() and int(labels.max()) >= NUM_CLASSES:
+            raise ValueError(
+                f"{paths[(split, 'labels')]}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}"
+            )
+        out += [images.unsqueeze(1), labels.long()]
+    return tuple(out)

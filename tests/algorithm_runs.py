@@ -1,0 +1,63 @@
+"""Run a gossip algorithm on known data and save what every local worker ends with.
+
+Used by the tests in one process (`run(...)`) and under mpirun
+(`python tests/algorithm_runs.py SPECS TOPOLOGIES N_WORKERS STEPS OUT_DIR`, comma-separated
+lists): each process writes `OUT_DIR/SPEC-TOPOLOGY/rank{r}.pt` with its local workers' final parameters and
+byte counts, so the test can stitch all workers together and compare.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import algorithms  # noqa: E402
+import comm as comm_module  # noqa: E402
+import compressors  # noqa: E402
+import topologies  # noqa: E402
+
+SPECS = {
+    "simple": lambda c, t: algorithms.SimpleGossip(c, t, diffusion_rate=0.9),
+    "all_reduce": lambda c, t: algorithms.AllReduce(c, t),
+    "power": lambda c, t: algorithms.PowerGossip(c, t, rank=2, num_iterations=2, diffusion_rate=1.0, seed=3),
+    "power_random_signs": lambda c, t: algorithms.PowerGossip(c, t, rank=1, warm_start=False, round_weights=True, seed=3),
+    "choco_sign": lambda c, t: algorithms.ChocoGossip(c, t, compressors.SignAndNorm(), diffusion_rate=0.4),
+    "choco_top_k": lambda c, t: algorithms.ChocoGossip(c, t, compressors.TopK(keep_ratio=0.3), diffusion_rate=0.3),
+    "choco_random_k": lambda c, t: algorithms.ChocoGossip(c, t, compressors.RandomK(keep_ratio=0.3), diffusion_rate=0.3, seed=5),
+    "choco_svd": lambda c, t: algorithms.ChocoGossip(c, t, compressors.SVD(rank=1), diffusion_rate=0.4),
+    "choco_qsgd": lambda c, t: algorithms.ChocoGossip(c, t, compressors.QSGD(levels=4), diffusion_rate=0.4, seed=5),
+    "deep_squeeze_sign": lambda c, t: algorithms.DeepSqueezeGossip(c, t, compressors.SignAndNorm(), diffusion_rate=0.2),
+    "moniqua": lambda c, t: algorithms.MoniquaGossip(c, t, theta=4.0, diffusion_rate=0.3, seed=5),
+}
+
+
+def initial_state(spec: str, n_workers: int) -> list[torch.Tensor]:
+    """The same global starting point in every layout: one matrix for PowerGossip
+    (its dense reference is per matrix), several shapes for everything else."""
+    generator = torch.Generator().manual_seed(1234)
+    if spec.startswith("power"):
+        return [torch.randn(n_workers, 6, 5, generator=generator)]
+    return [torch.randn(n_workers, 6, 5, generator=generator), torch.randn(n_workers, 4, generator=generator),
+            torch.randn(n_workers, 3, 2, 2, generator=generator)]
+
+
+def run(spec: str, topology_name: str, n_workers: int, steps: int):
+    comm = comm_module.Communicator(n_workers, "cpu")
+    topology = topologies.build(topology_name, n_workers)
+    algorithm = SPECS[spec](comm, topology)
+    params = [x[comm.first_worker:comm.first_worker + comm.num_local].clone() for x in initial_state(spec, n_workers)]
+    for _ in range(steps):
+        algorithm.step(params)
+    return {"first_worker": comm.first_worker, "params": params,
+            "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy())}
+
+
+if __name__ == "__main__":
+    specs, topology_names, n_workers, steps, out_dir = sys.argv[1:6]
+    rank = comm_module.init_distributed("cpu").rank
+    for spec in specs.split(","):
+        for topology_name in topology_names.split(","):
+            result = run(spec, topology_name, int(n_workers), int(steps))
+            folder = os.path.join(out_dir, f"{spec}-{topology_name}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(result, os.path.join(folder, f"rank{rank}.pt"))

@@ -1,0 +1,133 @@
+"""Dense reference: every algorithm as matrix formulas over all workers' states at once.
+
+X is `[n, ...]` (row i = worker i), W the full mixing matrix. Nothing here knows about
+half-edges, processes or packing: it is REFERENCE.md's math, written as plainly as
+possible, to check the batched implementations in algorithms.py against.
+Randomness is shared with the implementation by seed (edge_seed, WorkerRandom streams).
+"""
+import math
+
+import torch
+
+import algorithms
+from compressors import WorkerRandom
+
+
+def mix(W, X):
+    """(W X) over the worker axis."""
+    W = torch.tensor(W, dtype=X.dtype)
+    return (W @ X.reshape(X.shape[0], -1)).reshape(X.shape)
+
+
+def gossip(W, Xs, gamma):
+    """x <- x + gamma (W - I) x."""
+    return [X + gamma * (mix(W, X) - X) for X in Xs]
+
+
+def all_reduce(Xs):
+    return [X.mean(dim=0, keepdim=True).expand_as(X).clone() for X in Xs]
+
+
+def round_trip(compressor, Xs, randomness):
+    shapes = [X.shape[1:] for X in Xs]
+    return compressor.decompress(compressor.compress(Xs, randomness), shapes)
+
+
+def choco(W, Xs, gamma, compressor, steps, seed=0):
+    """q = C(x - x_hat); x_hat += q; s += W q; x += gamma (s - x_hat)."""
+    n = Xs[0].shape[0]
+    randomness = WorkerRandom(seed, range(n), torch.device("cpu"), algorithms.COMPRESSOR_STREAM)
+    x_hat = [torch.zeros_like(X) for X in Xs]
+    s = [torch.zeros_like(X) for X in Xs]
+    Xs = [X.clone() for X in Xs]
+    for _ in range(steps):
+        qs = round_trip(compressor, [X - H for X, H in zip(Xs, x_hat)], randomness)
+        x_hat = [H + Q for H, Q in zip(x_hat, qs)]
+        s = [S + mix(W, Q) for S, Q in zip(s, qs)]
+        Xs = [X + gamma * (S - H) for X, S, H in zip(Xs, s, x_hat)]
+    return Xs
+
+
+def deep_squeeze(W, Xs, gamma, compressor, steps, seed=0):
+    """v = x + delta; c = C(v); delta = v - c; x += gamma (W - I) c."""
+    n = Xs[0].shape[0]
+    randomness = WorkerRandom(seed, range(n), torch.device("cpu"), algorithms.COMPRESSOR_STREAM)
+    delta = [torch.zeros_like(X) for X in Xs]
+    Xs = [X.clone() for X in Xs]
+    for _ in range(steps):
+        v = [X + D for X, D in zip(Xs, delta)]
+        c = round_trip(compressor, v, randomness)
+        delta = [V - C for V, C in zip(v, c)]
+        Xs = [X + gamma * (mix(W, C) - C) for X, C in zip(Xs, c)]
+    return Xs
+
+
+def moniqua(W, Xs, gamma, theta, steps, seed=0):
+    """REFERENCE.md's 2-bit Moniqua, all pairs (i, j) at once as an [n, n, D] tensor."""
+    n = Xs[0].shape[0]
+    randomness = WorkerRandom(seed, range(n), torch.device("cpu"), algorithms.MONIQUA_STREAM)
+    delta = 1 / 3
+    B = 2 * theta / (1 - 2 * delta)
+
+    def mod(x, a):
+        return torch.fmod(x + torch.sign(x) * a / 2, a) - torch.sign(x) * a / 2
+
+    sizes = [X[0].numel() for X in Xs]
+    x = torch.cat([X.reshape(n, -1) for X in Xs], dim=1)
+    W_off = torch.tensor(W, dtype=x.dtype) * (1 - torch.eye(n, dtype=x.dtype))
+    for _ in range(steps):
+        y = mod(x / B, 1.0) + 0.5
+        q = torch.floor(y / delta + randomness.uniform((x.shape[1],))) * delta - 0.5
+        e = q * B - mod(x, B)
+        pairwise = mod(q[None, :, :] * B - x[:, None, :], B) - e[:, None, :]  # [i, j, D]
+        x = x + gamma * (W_off[:, :, None] * pairwise).sum(dim=1)
+    return [part.reshape(X.shape) for part, X in zip(x.split(sizes, dim=1), Xs)]
+
+
+def power_gossip(W, X, gamma, rank, steps, num_iterations=1, warm_start=True, round_weights=False, seed=0):
+    """PowerGossip on one parameter `[n, m, k]` (a single matrix per worker), edge by edge.
+
+    Each edge {i < j} holds P (m x r) and Q (k x r) drawn from its shared generator
+    (P first, then Q). Iteration t (t = 0 skipped): D = X_j - X_i; even t: normalize
+    P, Q = D^T P; odd t: normalize Q, P = D Q; then X_i += gamma w_ij P Q^T and
+    X_j -= gamma w_ij P Q^T, all edges from the same X."""
+    n, m, k = X.shape
+    r = min(rank, m, k)
+    edges = [(i, j) for i in range(n) for j in range(i + 1, n) if W[i, j] > 0]
+    generators, P, Q = {}, {}, {}
+    for e in edges:
+        generators[e] = torch.Generator().manual_seed(algorithms.edge_seed(seed, *e))
+        P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
+        Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
+
+    def normalize(v):
+        if round_weights:
+            return v.sign() / math.sqrt(v.shape[0])
+        return algorithms.orthogonalize_(v.clone())
+
+    X = X.clone()
+    iteration = 0
+    for _ in range(steps):
+        for t in range(iteration, iteration + num_iterations):
+            if t == 0:
+                break
+            update = torch.zeros_like(X)
+            for e in edges:
+                i, j = e
+                D = X[j] - X[i]
+                if t % 2 == 0:
+                    if not warm_start:
+                        P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
+                    P[e] = normalize(P[e])
+                    Q[e] = D.T @ P[e]
+                else:
+                    if not warm_start:
+                        Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
+                    Q[e] = normalize(Q[e])
+                    P[e] = D @ Q[e]
+                approximation = P[e] @ Q[e].T
+                update[i] += gamma * W[i, j] * approximation
+                update[j] -= gamma * W[j, i] * approximation
+            X = X + update
+        iteration += num_iterations
+    return X

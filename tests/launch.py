@@ -1,0 +1,21 @@
+"""Start mpirun from inside a test, bounded in time, and collect what the ranks wrote."""
+import os
+import subprocess
+import sys
+
+import comm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_mpi(num_processes: int, args: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """`mpirun -np N python ARGS...` from the repository root; fails the test on a non-zero exit
+    (when `check`) with everything the processes printed."""
+    command = comm.mpirun_command(num_processes) + [sys.executable] + args
+    env = comm.mpirun_environment()
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    return result

@@ -1,0 +1,261 @@
+"""Every algorithm against the dense reference, in one process and under mpirun."""
+import glob
+import math
+import os
+
+import pytest
+import torch
+
+import algorithms
+import comm as comm_module
+import compressors
+import topologies
+from tests import algorithm_runs, dense_reference
+from tests.launch import run_mpi
+
+STEPS = 6
+
+
+def reference(spec, W, X0s, steps):
+    """The dense-reference twin of each entry of algorithm_runs.SPECS (same hyper-parameters)."""
+    if spec == "simple":
+        Xs = X0s
+        for _ in range(steps):
+            Xs = dense_reference.gossip(W, Xs, 0.9)
+        return Xs
+    if spec == "all_reduce":
+        return dense_reference.all_reduce(X0s)
+    if spec == "power":
+        return [dense_reference.power_gossip(W, X0s[0], 1.0, rank=2, steps=steps, num_iterations=2, seed=3)]
+    if spec == "power_random_signs":
+        return [dense_reference.power_gossip(W, X0s[0], 1.0, rank=1, steps=steps, warm_start=False,
+                                             round_weights=True, seed=3)]
+    choco = {"choco_sign": (compressors.SignAndNorm(), 0.4, 0), "choco_top_k": (compressors.TopK(keep_ratio=0.3), 0.3, 0),
+             "choco_random_k": (compressors.RandomK(keep_ratio=0.3), 0.3, 5), "choco_svd": (compressors.SVD(rank=1), 0.4, 0),
+             "choco_qsgd": (compressors.QSGD(levels=4), 0.4, 5)}
+    if spec in choco:
+        compressor, gamma, seed = choco[spec]
+        return dense_reference.choco(W, X0s, gamma, compressor, steps, seed=seed)
+    if spec == "deep_squeeze_sign":
+        return dense_reference.deep_squeeze(W, X0s, 0.2, compressors.SignAndNorm(), steps)
+    if spec == "moniqua":
+        return dense_reference.moniqua(W, X0s, 0.3, 4.0, steps, seed=5)
+    raise KeyError(spec)
+
+
+def assert_matches_reference(spec, topology_name, n_workers, params_of_all_workers):
+    W = topologies.build(topology_name, n_workers).diffusion_matrix
+    expected = reference(spec, W, algorithm_runs.initial_state(spec, n_workers), STEPS)
+    for got, want in zip(params_of_all_workers, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("topology_name", ["ring", "torus", "star"])
+@pytest.mark.parametrize("spec", sorted(algorithm_runs.SPECS))
+def test_one_process_matches_dense_reference(spec, topology_name):
+    result = algorithm_runs.run(spec, topology_name, 6, STEPS)
+    assert_matches_reference(spec, topology_name, 6, result["params"])
+
+
+def collect(folder):
+    parts = sorted((torch.load(path) for path in glob.glob(os.path.join(folder, "rank*.pt"))), key=lambda r: r["first_worker"])
+    params = [torch.cat(tensors) for tensors in zip(*(p["params"] for p in parts))]
+    return params, torch.cat([p["bytes_sent"] for p in parts]), torch.cat([p["messages_sent"] for p in parts])
+
+
+@pytest.mark.parametrize("num_processes,n_workers", [(4, 4), (2, 8)])
+def test_mpirun_matches_dense_reference_and_one_process(tmp_path, num_processes, n_workers):
+    specs = sorted(algorithm_runs.SPECS)
+    topology_names = ["ring", "torus"]
+    run_mpi(num_processes, ["tests/algorithm_runs.py", ",".join(specs), ",".join(topology_names), str(n_workers),
+                            str(STEPS), str(tmp_path)], timeout=300)
+    for spec in specs:
+        for topology_name in topology_names:
+            params, bytes_sent, messages_sent = collect(tmp_path / f"{spec}-{topology_name}")
+            assert_matches_reference(spec, topology_name, n_workers, params)
+            single = algorithm_runs.run(spec, topology_name, n_workers, STEPS)
+            for got, want in zip(params, single["params"]):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert torch.equal(bytes_sent, single["bytes_sent"]), spec
+            assert torch.equal(messages_sent, single["messages_sent"]), spec
+
+
+# --- properties ------------------------------------------------------------------------------
+def stacked_random(n, *shape, seed=0):
+    return torch.randn((n,) + shape, generator=torch.Generator().manual_seed(seed))
+
+
+def consensus_error(params):
+    return sum(((x - x.mean(0)) ** 2).sum().item() for x in params) / params[0].shape[0]
+
+
+def test_power_gossip_with_full_rank_is_exact_gossip():
+    n = 6
+    comm = comm_module.Communicator(n, "cpu")
+    topology = topologies.build("ring", n)
+    X = stacked_random(n, 5, 5)  # square: P P^T = Q Q^T = I at full rank, on even and odd iterations
+    power = [X.clone()]
+    gossip = [X.clone()]
+    algorithm = algorithms.PowerGossip(comm, topology, rank=5)
+    algorithm.step(power)  # step 0 is skipped: neighbours normally start identical
+    torch.testing.assert_close(power[0], X)
+    simple = algorithms.SimpleGossip(comm, topology)
+    for _ in range(5):
+        algorithm.step(power)
+        simple.step(gossip)
+        torch.testing.assert_close(power[0], gossip[0], atol=1e-5, rtol=1e-5)
+
+
+def test_choco_with_identity_is_gossip_with_step_gamma():
+    n, gamma = 5, 0.7
+    comm = comm_module.Communicator(n, "cpu")
+    topology = topologies.build("torus", n)
+    X = [stacked_random(n, 3, 4), stacked_random(n, 6, seed=1)]
+    choco = [x.clone() for x in X]
+    gossip = [x.clone() for x in X]
+    a = algorithms.ChocoGossip(comm, topology, compressors.Identity(), diffusion_rate=gamma)
+    b = algorithms.SimpleGossip(comm, topology, diffusion_rate=gamma)
+    a.step(choco)  # x_hat = x after the first round, from then on Choco is exact gossip
+    b.step(gossip)
+    for _ in range(10):
+        a.step(choco)
+        b.step(gossip)
+    for got, want in zip(choco, gossip):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_moniqua_with_large_theta_tracks_gossip_in_expectation():
+    """Stochastic rounding is unbiased, so with theta above every difference one Moniqua
+    round equals a gossip round on average: check it over many entries of equal value."""
+    n, entries, gamma = 4, 200_000, 0.5
+    comm = comm_module.Communicator(n, "cpu")
+    topology = topologies.build("ring", n)
+    start = torch.tensor([0.1, -0.3, 0.25, 0.05]).view(n, 1).expand(n, entries).clone()
+    moniqua = [start.clone()]
+    algorithms.MoniquaGossip(comm, topology, theta=1.0, diffusion_rate=gamma).step(moniqua)
+    gossip = [start.clone()]
+    algorithms.SimpleGossip(comm, topology, diffusion_rate=gamma).step(gossip)
+    noise_scale = 2 * 1.0 / (1 - 2 / 3) / 3  # B * delta: the largest rounding step
+    torch.testing.assert_close(moniqua[0].mean(dim=1), gossip[0][:, 0], atol=5 * noise_scale / math.sqrt(entries), rtol=0)
+
+
+@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua", "deep_squeeze_sign"}))
+def test_average_is_preserved(spec):
+    result = algorithm_runs.run(spec, "ring", 8, 20)
+    for x, x0 in zip(result["params"], algorithm_runs.initial_state(spec, 8)):
+        torch.testing.assert_close(x.mean(0), x0.mean(0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua"}))
+def test_consensus_error_decreases(spec):
+    start = consensus_error(algorithm_runs.initial_state(spec, 8))
+    end = consensus_error(algorithm_runs.run(spec, "ring", 8, 30)["params"])
+    assert end < start / 2
+
+
+def test_moniqua_consensus_error_decreases_with_a_small_step():
+    """2-bit rounding noise is of the order of theta, so Moniqua needs a small gamma."""
+    comm = comm_module.Communicator(8, "cpu")
+    params = [x.clone() for x in algorithm_runs.initial_state("moniqua", 8)]
+    start = consensus_error(params)
+    moniqua = algorithms.MoniquaGossip(comm, topologies.build("ring", 8), theta=2.0, diffusion_rate=0.1)
+    for _ in range(30):
+        moniqua.step(params)
+    assert consensus_error(params) < start / 2
+
+
+def test_zero_columns_give_no_nan():
+    matrices = torch.zeros(3, 5, 2)
+    matrices[1, :, 0] = 1.0
+    algorithms.orthogonalize_(matrices)
+    assert torch.isfinite(matrices).all()
+    torch.testing.assert_close(matrices[1, :, 0].norm(), torch.tensor(1.0))
+    assert torch.equal(matrices[0], torch.zeros(5, 2))
+
+
+def test_edge_seed_is_symmetric_and_collision_free():
+    assert algorithms.edge_seed(7, 3, 9) == algorithms.edge_seed(7, 9, 3)
+    assert algorithms.edge_seed(1, 1, 12) != algorithms.edge_seed(1, 11, 2)  # "1"+"12" == "11"+"2"
+    seeds = {algorithms.edge_seed(0, i, j) for i in range(40) for j in range(i + 1, 40)}
+    assert len(seeds) == 40 * 39 // 2
+
+
+# --- bytes on the wire follow the counting rules --------------------------------------------
+def bytes_after_one_step(algorithm_factory, params, n=8, topology="ring", steps=1):
+    comm = comm_module.Communicator(n, "cpu")
+    algorithm = algorithm_factory(comm, topologies.build(topology, n))
+    for _ in range(steps):
+        algorithm.step(params)
+    return comm.bytes_sent, comm.messages_sent
+
+
+def test_bytes_follow_formulas():
+    n, m, k = 8, 6, 5
+    X = lambda: [stacked_random(n, m, k), stacked_random(n, 4, seed=2)]
+    D = m * k + 4
+    sent, messages = bytes_after_one_step(lambda c, t: algorithms.SimpleGossip(c, t), X())
+    assert (sent == 2 * 4 * D).all() and (messages == 2).all()
+    sent, messages = bytes_after_one_step(lambda c, t: algorithms.AllReduce(c, t), X())
+    assert (sent == 4 * D).all() and (messages == 1).all()
+    sent, _ = bytes_after_one_step(lambda c, t: algorithms.ChocoGossip(c, t, compressors.SignAndNorm()), X())
+    assert (sent == 2 * (math.ceil(D / 8) + 4 * 2)).all()  # signs 8 per byte + one float per tensor
+    sent, _ = bytes_after_one_step(lambda c, t: algorithms.MoniquaGossip(c, t, theta=1.0), X())
+    assert (sent == 2 * math.ceil(D / 4)).all()  # 2-bit codes, 4 per byte
+    sent, _ = bytes_after_one_step(lambda c, t: algorithms.ChocoGossip(c, t, compressors.TopK(keep_ratio=0.5)), X())
+    assert (sent == 2 * ((15 + 2) * 4 + (15 + 2) * 1)).all()  # float32 values + uint8 indices
+    # PowerGossip rank 2, 2 iterations per step: step 0 sends nothing, then iteration 2
+    # (even: X^T P, k x r floats) and iteration 3 (odd: X Q, m x r floats).
+    power = lambda c, t: algorithms.PowerGossip(c, t, rank=2, num_iterations=2)
+    sent, messages = bytes_after_one_step(power, [stacked_random(n, m, k)], steps=2)
+    assert (sent == 2 * 4 * (k * 2 + m * 2)).all() and (messages == 4).all()
+
+
+def test_only_on_large_parameters_routes_by_dimension():
+    n = 4
+    comm = comm_module.Communicator(n, "cpu")
+    topology = topologies.build("ring", n)
+    power = algorithms.PowerGossip(comm, topology, rank=1)
+    wrapped = algorithms.OnlyOnLargeParameters(power, algorithms.SimpleGossip(comm, topology))
+    params = [stacked_random(n, 8, 8), stacked_random(n, 8, seed=1)]
+    wrapped.step(params)  # PowerGossip skips step 0; the vector is gossiped uncompressed
+    assert comm.bytes_sent[0] == 2 * 4 * 8
+    strict = algorithms.OnlyOnLargeParameters(power, algorithms.SimpleGossip(comm, topology),
+                                              min_compression_rate=3.0, rank=1)
+    assert strict.is_compressed(stacked_random(n, 16, 16))  # 256 / 32 = 8 >= 3
+    assert not strict.is_compressed(stacked_random(n, 2, 3))  # 6 / 5 < 3
+
+
+@pytest.mark.parametrize("spec", ["power", "choco_qsgd", "deep_squeeze_sign", "moniqua", "choco_random_k"])
+def test_state_dict_resumes_exactly(spec):
+    n = 4
+    comm = comm_module.Communicator(n, "cpu")
+    topology = topologies.build("ring", n)
+    params = [x.clone() for x in algorithm_runs.initial_state(spec, n)]
+    uninterrupted = algorithm_runs.SPECS[spec](comm, topology)
+    for _ in range(3):
+        uninterrupted.step(params)
+    saved_params = [x.clone() for x in params]
+    saved_state = uninterrupted.state_dict()
+    for _ in range(3):
+        uninterrupted.step(params)
+    resumed = algorithm_runs.SPECS[spec](comm, topology)
+    resumed.load_state_dict(saved_state)
+    for _ in range(3):
+        resumed.step(saved_params)
+    for got, want in zip(saved_params, params):
+        assert torch.equal(got, want)
+
+
+def test_bad_input_is_refused():
+    comm = comm_module.Communicator(4, "cpu")
+    ring = topologies.build("ring", 4)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        algorithms.PowerGossip(comm, ring, rank=0)
+    with pytest.raises(ValueError, match="rank 1 only"):
+        algorithms.PowerGossip(comm, ring, rank=2, round_weights=True)
+    with pytest.raises(ValueError, match="symmetric topology"):
+        algorithms.PowerGossip(comm, topologies.build("unidirectional_ring", 4))
+    with pytest.raises(ValueError, match="theta must be > 0"):
+        algorithms.MoniquaGossip(comm, ring, theta=0)
+    with pytest.raises(ValueError, match="diffusion_rate"):
+        algorithms.SimpleGossip(comm, ring, diffusion_rate=-1)

@@ -1,0 +1,91 @@
+"""The communication layer: messages land on the right half-edge, bytes are exact, failures end the job."""
+import json
+import time
+
+import pytest
+import torch
+
+import comm as comm_module
+import topologies
+from tests import exchange_runs
+from tests.launch import run_mpi
+
+
+def check_exchange(results: list[dict], topology_name: str, n_workers: int):
+    topology = topologies.build(topology_name, n_workers)
+    seen = set()
+    bytes_sent, messages_sent = {}, {}
+    for result in results:
+        for h, (i, j) in enumerate(result["half_edges"]):
+            seen.add((i, j))
+            assert result["per_edge_floats"][h] == [j, i, 7.5]  # the partner (j -> i) produced it
+            assert result["per_edge_codes"][h] == [j * 100 + i, -j]
+            assert result["per_edge_flags"][h] == [j % 2 == 0]
+            assert result["per_worker"][h] == j
+        bytes_sent.update({int(k): v for k, v in result["bytes_sent"].items()})
+        messages_sent.update({int(k): v for k, v in result["messages_sent"].items()})
+    assert seen == {(i, j) for i in range(n_workers) for j in topology.neighbor_ranks(i)}
+    for worker in range(n_workers):
+        degree = len(topology.neighbor_ranks(worker))
+        assert bytes_sent[worker] == degree * (12 + 4 + 1) + degree * 32  # per-edge round + per-worker round
+        assert messages_sent[worker] == 2 * degree
+
+
+@pytest.mark.parametrize("topology_name,n_workers", [("ring", 4), ("ring", 2), ("torus", 8), ("star", 5), ("fully_connected", 4)])
+def test_exchange_in_one_process(topology_name, n_workers):
+    check_exchange([exchange_runs.run(topology_name, n_workers)], topology_name, n_workers)
+
+
+@pytest.mark.parametrize("num_processes,n_workers,topology_name", [(4, 4, "ring"), (2, 4, "ring"), (2, 4, "fully_connected"), (3, 6, "star")])
+def test_exchange_under_mpirun(tmp_path, num_processes, n_workers, topology_name):
+    run_mpi(num_processes, ["tests/exchange_runs.py", topology_name, str(n_workers), str(tmp_path)])
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(num_processes)]
+    check_exchange(results, topology_name, n_workers)
+
+
+def test_a_failing_process_ends_the_job(tmp_path):
+    started = time.monotonic()
+    result = run_mpi(3, ["tests/failing_rank.py"], timeout=90, check=False)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "worker 1 failed on purpose" in result.stderr
+    assert "unreachable" not in result.stdout
+
+
+def test_directed_graph_sends_only_where_listened_to():
+    n = 4
+    comm = comm_module.Communicator(n, "cpu")
+    topology = topologies.build("unidirectional_ring", n)  # worker i listens to i - 1 only
+    edges = comm.half_edges(topology)
+    received = comm.exchange(topology, [torch.arange(n, dtype=torch.float32).view(n, 1) + 1], per="worker")[0]
+    for h, (i, j) in enumerate(zip(edges.self_worker_list, edges.neighbor_list)):
+        expected = j + 1 if topology.weight(j, i) > 0 else 0
+        assert received[h].item() == expected
+    assert (comm.bytes_sent == 4).all() and (comm.messages_sent == 1).all()
+
+
+def test_collectives_in_one_process():
+    comm = comm_module.Communicator(4, "cpu")
+    stack = torch.arange(8, dtype=torch.float32).view(4, 2)
+    (mean,) = comm.all_reduce_mean([stack])
+    torch.testing.assert_close(mean, torch.tensor([3.0, 4.0]))
+    assert (comm.bytes_sent == 8).all()
+    comm.broadcast_from_worker0([stack])
+    assert torch.equal(stack, torch.tensor([[0.0, 1.0]] * 4))
+
+
+def test_workers_must_divide_over_processes():
+    # In one process every n works; the rule is checked on the arithmetic the processes use.
+    with pytest.raises(ValueError, match="n_workers must be >= 1"):
+        comm_module.Communicator(0, "cpu")
+
+
+def test_n_workers_not_divisible_under_mpirun_is_a_clear_error():
+    result = run_mpi(2, ["-c", "import comm; comm.Communicator(3, 'cpu')"], check=False, timeout=60)
+    assert result.returncode != 0
+    assert "not divisible by the number of processes (2)" in result.stderr
+
+
+def test_environment_mpi_test_passes_under_mpirun():
+    result = run_mpi(4, ["environment/mpi_test.py"], timeout=90)
+    assert "mpi_test: 4 processes, checks on cpu: all passed" in result.stdout
