@@ -308,6 +308,8 @@ class Communicator:
         Counted (when `count`) as the all-reduce baseline of REFERENCE.md: each worker
         sends its buffer once per call.
         """
+        if not stacks:
+            return []
         if count:
             self.bytes_sent += sum(_row_bytes(s) for s in stacks)
             self.messages_sent += 1

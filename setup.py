@@ -11,7 +11,7 @@ setup(
     description="Decentralized deep learning with compressed communication (PowerGossip, Choco, DeepSqueeze, Moniqua, D-PSGD)",
     license="MIT",
     python_requires=">=3.11",
-    py_modules=["train", "gossip_run", "algorithms", "compressors", "comm", "topologies"],
+    py_modules=["train", "gossip_run", "runs", "algorithms", "compressors", "comm", "topologies"],
     packages=["models", "data", "experiments"],
     install_requires=[
         "torch>=2.1",

@@ -1,0 +1,84 @@
+"""L replicas of one model whose parameters, gradients and buffers are rows of stacks.
+
+The stacked-local-workers contract (DESIGN.md): a process hosts L workers and every
+parameter is one tensor `[L, *shape]`; gossip algorithms and the optimizer work on
+those stacks in a few batched ops. Each replica is an ordinary `nn.Module` whose
+parameters are views into the stacks (row l), whose `.grad` are views into the
+gradient stacks (autograd accumulates into them in place), and whose buffers (batch
+norm statistics) are views into buffer stacks. So a replica trains like any model,
+and what it learns is immediately in the stacks, with no copies.
+
+    replicas = StackedReplicas(template_model, num_replicas=L, device=device)
+    loss = loss_fn(replicas.replicas[l](x[l]), y[l]); loss.backward()   # fills replicas.grads[k][l]
+    gossip.step(replicas.params)                                          # edits every replica at once
+
+All replicas start as copies of `template` (the same initialization, DESIGN.md).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def _owner(module: nn.Module, dotted_name: str) -> tuple[nn.Module, str]:
+    *path, attribute = dotted_name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, attribute
+
+
+class StackedReplicas:
+    """`params[k]`, `grads[k]`: `[L, *shape]` float32 stacks in `parameter_names` order;
+    `buffers[k]`: `[L, *shape]` stacks in `buffer_names` order; `replicas[l]`: the modules."""
+
+    def __init__(self, template: nn.Module, num_replicas: int, device: torch.device):
+        template = template.to(device)
+        unique = dict(template.named_parameters())  # ties (LSTM decoder = embedding) appear once
+        self.parameter_names = list(unique)
+        self.buffer_names = [name for name, _ in template.named_buffers()]
+        stack = lambda t: t.detach().unsqueeze(0).repeat((num_replicas,) + (1,) * t.dim()).contiguous()
+        self.params = [stack(p).float() for p in unique.values()]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.buffers = [stack(b) for _, b in template.named_buffers()]
+        index_of_tensor = {id(p): k for k, p in enumerate(unique.values())}
+        every_parameter_name = [(name, index_of_tensor[id(p)]) for name, p in template.named_parameters(remove_duplicate=False)]
+
+        self.replicas = []
+        for row in range(num_replicas):
+            replica = copy.deepcopy(template)
+            views = {}
+            for k in range(len(self.params)):
+                views[k] = nn.Parameter(self.params[k][row])
+                views[k].grad = self.grads[k][row]
+            for name, k in every_parameter_name:
+                module, attribute = _owner(replica, name)
+                module._parameters[attribute] = views[k]
+            for name, buffer_stack in zip(self.buffer_names, self.buffers):
+                module, attribute = _owner(replica, name)
+                module._buffers[attribute] = buffer_stack[row]
+            self.replicas.append(replica)
+        self.template = template
+
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+    def zero_grad(self) -> None:
+        for grad in self.grads:
+            grad.zero_()
+
+    def train(self, mode: bool = True) -> None:
+        for replica in self.replicas:
+            replica.train(mode)
+
+    def float_buffer_indices(self) -> list[int]:
+        """Buffers that can be averaged (batch-norm statistics; not counters)."""
+        return [k for k, b in enumerate(self.buffers) if b.is_floating_point()]
+
+    def model_from_rows(self, params: list[torch.Tensor], buffers: list[torch.Tensor]) -> nn.Module:
+        """A standalone model holding the given per-parameter / per-buffer tensors (e.g. averages)."""
+        model = copy.deepcopy(self.template)
+        state = dict(zip(self.parameter_names, params)) | dict(zip(self.buffer_names, buffers))
+        model.load_state_dict(state, strict=False)
+        return model

@@ -1,0 +1,200 @@
+"""train.py end to end on tiny data in the real Fashion-MNIST format."""
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import algorithms
+import comm as comm_module
+import models
+import runs
+import topologies
+import train
+from models.stacked import StackedReplicas
+from tests.launch import run_mpi
+from tests.test_data import fake_fmnist
+from tests.train_runs import DEFAULTS, run
+
+OPTIMIZER_RUNS = {
+    "all-reduce": ["optimizer=all-reduce"],
+    "dpsgd": ["optimizer=dpsgd"],
+    "power-gossip": ["optimizer=power-gossip", "optimizer_num_iterations=2"],
+    "choco": ["optimizer=choco", "optimizer_compressor=sign-and-norm", "optimizer_diffusion_rate=0.4"],
+    "choco-top-k": ["optimizer=choco", "optimizer_compressor=top-k", "optimizer_keep_ratio=0.05", "optimizer_diffusion_rate=0.1"],
+    "deepsqueeze": ["optimizer=deepsqueeze", "optimizer_diffusion_rate=0.05"],
+    "moniqua": ["optimizer=moniqua", "optimizer_diffusion_rate=0.05", "optimizer_theta=0.5"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fmnist")
+    fake_fmnist(folder, n_train=512, n_test=64, gz_test=True)
+    return str(folder)
+
+
+def common(tiny_data, **extra):
+    settings = {"data_dir": tiny_data, "batch_size": 16, "num_epochs": 2, "n_workers": 4, "max_batches_per_epoch": 4,
+                "distributed_lr_warmup_epoch": 0, "lr_schedule_milestones": [[1, 0.5]], "device": "cpu", "seed": 3} | extra
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+
+
+def final(folder, name, split, worker=None):
+    records = [r for r in runs.read_metrics(str(folder)) if r["name"] == name and r["tags"].get("split") == split
+               and r["tags"].get("worker") == worker]
+    return records[-1]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_RUNS))
+def test_every_optimizer_trains_in_one_process(tmp_path, tiny_data, name):
+    run(str(tmp_path), common(tiny_data) + OPTIMIZER_RUNS[name])
+    records = runs.read_metrics(str(tmp_path))
+    assert {r["epoch"] for r in records} == {1.0, 2.0}
+    for split in ("train", "test", "test_avg"):
+        assert math.isfinite(final(tmp_path, "loss", split)["value"])
+    assert final(tmp_path, "loss", "train")["bits"] > 0
+    assert os.path.exists(tmp_path / "config.yaml") and os.path.isdir(tmp_path / "tensorboard")
+    assert os.path.exists(tmp_path / "checkpoints" / "rank0.pt")
+
+
+def test_every_optimizer_trains_under_mpirun(tmp_path, tiny_data):
+    runs_json = {name: common(tiny_data, num_epochs=1) + overrides for name, overrides in OPTIMIZER_RUNS.items()}
+    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps(runs_json)], timeout=300)
+    for name in OPTIMIZER_RUNS:
+        assert math.isfinite(final(tmp_path / name, "loss", "test_avg")["value"])
+
+
+@pytest.mark.parametrize("optimizer", ["dpsgd", "power-gossip"])
+def test_one_process_and_mpirun_give_the_same_metrics(tmp_path, tiny_data, optimizer):
+    overrides = common(tiny_data) + [f"optimizer={optimizer}"]
+    run(str(tmp_path / "single"), overrides)
+    run_mpi(4, ["tests/train_runs.py", str(tmp_path), json.dumps({"mpi": overrides})], timeout=300)
+    single, mpi = runs.read_metrics(str(tmp_path / "single")), runs.read_metrics(str(tmp_path / "mpi"))
+    single = [r for r in single if not r["name"].startswith("time_")]
+    mpi = [r for r in mpi if not r["name"].startswith("time_")]
+    assert [(r["name"], r["epoch"], r["tags"]) for r in single] == [(r["name"], r["epoch"], r["tags"]) for r in mpi]
+    for a, b in zip(single, mpi):
+        assert a["value"] == pytest.approx(b["value"], rel=1e-5, abs=1e-5), (a, b)
+        assert a["bits"] == b["bits"] and a["messages"] == b["messages"]
+
+
+def comparable(folder):
+    return [(r["name"], r["epoch"], r["tags"], r["value"], r["bits"]) for r in runs.read_metrics(str(folder))
+            if not r["name"].startswith("time_")]
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, tiny_data):
+    overrides = common(tiny_data, num_epochs=3) + ["optimizer=power-gossip"]
+    run(str(tmp_path / "full"), overrides)
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=1) + ["optimizer=power-gossip"])
+    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
+
+
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkeypatch):
+    overrides = common(tiny_data, num_epochs=2) + ["optimizer=choco", "optimizer_compressor=qsgd", "optimizer_diffusion_rate=0.3"]
+    run(str(tmp_path / "full"), overrides)
+
+    def send_sigterm_midway(info):  # the hook runs after each step: stop during the second epoch
+        if 0.6 < info["state.progress"] < 0.7:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "log_info", send_sigterm_midway)
+    with pytest.raises(SystemExit) as stopped:
+        run(str(tmp_path / "parts"), overrides)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "parts" / "checkpoints" / "rank0.pt", weights_only=True)["step_in_epoch"] > 0
+    monkeypatch.setattr(train, "log_info", lambda info: None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_data):
+    run(str(tmp_path), common(tiny_data, num_epochs=1))
+    before = (tmp_path / "checkpoints" / "rank0.pt").read_bytes()
+    with pytest.raises(FloatingPointError, match="last good checkpoint is kept"):
+        run(str(tmp_path), common(tiny_data, num_epochs=3, learning_rate=1e12, weight_decay=0.0) + ["resume=true"])
+    assert (tmp_path / "checkpoints" / "rank0.pt").read_bytes() == before
+
+
+def gossip_bytes_per_step(optimizer, steps, **extra):
+    n = 4
+    comm = comm_module.Communicator(n, "cpu")
+    torch.manual_seed(0)
+    workers = StackedReplicas(models.build("resnet20"), n, torch.device("cpu"))
+    cfg = train.validated(dict(DEFAULTS, optimizer=optimizer, n_workers=n, **extra))
+    gossip = train.build_gossip(cfg, comm, topologies.build("ring", n))
+    for _ in range(steps):
+        gossip.step(workers.params)
+    return comm.bytes_sent[0] * 8, workers
+
+
+def test_resnet20_bits_follow_the_counting_rules():
+    shapes = [p.shape for p in models.build("resnet20").parameters()]
+    total = sum(math.prod(s) for s in shapes)
+    assert total == 272_474
+    bits, _ = gossip_bytes_per_step("dpsgd", 1)
+    assert bits == 2 * 32 * total  # the full model to each of 2 neighbours
+    bits, _ = gossip_bytes_per_step("all-reduce", 1)
+    assert bits == 32 * total  # the buffer once per step
+    # PowerGossip rank 1, 1 iteration: step 0 sends only the 1-D tensors; step 1 (odd
+    # iteration) sends X q (m floats) per matrix; step 2 (even) X^T p (n floats).
+    matrices = [(s[0], math.prod(s) // s[0]) for s in shapes if len(s) > 1]
+    vectors = sum(math.prod(s) for s in shapes if len(s) == 1)
+    bits, _ = gossip_bytes_per_step("power-gossip", 3)
+    expected = 2 * 32 * (3 * vectors + sum(m for m, n in matrices) + sum(n for m, n in matrices))
+    assert bits == expected
+    bits, _ = gossip_bytes_per_step("choco", 1, optimizer_compressor="sign-and-norm")
+    assert bits == 2 * (8 * math.ceil(total / 8) + 32 * len(shapes))  # packed signs + one float per tensor
+    bits, _ = gossip_bytes_per_step("moniqua", 1)
+    assert bits == 2 * 8 * math.ceil(total / 4)  # 2-bit codes
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"no_such_key": 1}, "unknown config key"),
+    ({"batch_size": "big"}, "batch_size must be an integer"),
+    ({"optimizer": "adam"}, "optimizer='adam' is not one of"),
+    ({"topology": "social_network", "n_workers": 8}, "32"),
+    ({"task_architecture": "lstm"}, "wikitext2"),
+    ({"optimizer_keep_ratio": 1.5}, r"\(0, 1\]"),
+    ({"optimizer": "choco", "optimizer_compressor": "zip"}, "unknown compressor"),
+    ({"optimizer_rank": 0}, "optimizer_rank must be >= 1"),
+])
+def test_bad_configs_fail_before_training(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        train.validated(dict(DEFAULTS) | overrides)
+
+
+def test_batch_larger_than_a_shard_fails_before_training(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match="batch"):
+        run(str(tmp_path), common(tiny_data, batch_size=1000))
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_learning_rate_schedule():
+    cfg = train.validated(dict(DEFAULTS, distributed_lr_warmup_epoch=5, distributed_lr_warmup_factor=11.0,
+                               lr_schedule_milestones=[150, [225, 0.5]]))
+    assert train.learning_rate_factor(cfg, 0.0) == 1.0
+    assert train.learning_rate_factor(cfg, 2.5) == pytest.approx(6.0)
+    assert train.learning_rate_factor(cfg, 100.0) == pytest.approx(11.0)
+    assert train.learning_rate_factor(cfg, 150.0) == pytest.approx(1.1)
+    assert train.learning_rate_factor(cfg, 230.0) == pytest.approx(0.55)
+
+
+def test_nesterov_step_matches_torch_sgd():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    g = torch.randn(2, 5, 3)
+    reference = [torch.nn.Parameter(x[i].clone()) for i in range(2)]
+    sgd = torch.optim.SGD(reference, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    ours, momenta = [x.clone()], [torch.zeros_like(x)]
+    for _ in range(3):
+        for i, p in enumerate(reference):
+            p.grad = g[i].clone()
+        sgd.step()
+        train.nesterov_sgd_step(ours, [g], momenta, 0.1, 0.9, [1e-2])
+    torch.testing.assert_close(ours[0], torch.stack([p.detach() for p in reference]))
