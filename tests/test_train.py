@@ -198,3 +198,29 @@ def test_nesterov_step_matches_torch_sgd():
         sgd.step()
         train.nesterov_sgd_step(ours, [g], momenta, 0.1, 0.9, [1e-2])
     torch.testing.assert_close(ours[0], torch.stack([p.detach() for p in reference]))
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path(train.__file__).parent.glob("experiments/configs/train/*/*.yaml")))
+def test_shipped_paper_configs_are_valid(path):
+    cfg = train.validated(runs.apply_overrides(DEFAULTS, [path]))
+    assert cfg["num_epochs"] >= 90 and cfg["n_workers"] in (8, 16)
+
+
+def test_cifar10_resnet20_with_augmentation_trains(tmp_path):
+    from tests.test_data import fake_cifar
+    fake_cifar(tmp_path / "cifar-10-batches-py", per_batch=16, n_test=8)
+    run(str(tmp_path / "out"), [f"data_dir={tmp_path}", "task=cifar10", "task_architecture=resnet20", "n_workers=2",
+                                "batch_size=8", "num_epochs=1", "optimizer=power-gossip", "device=cpu"])
+    assert math.isfinite(final(tmp_path / "out", "loss", "test_avg")["value"])
+
+
+def test_wikitext2_lstm_trains_with_clipping(tmp_path):
+    words = [f"w{i % 37}" for i in range(3000)]
+    lines = "\n".join(" ".join(words[k:k + 20]) for k in range(0, len(words), 20))
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"wiki.{split}.tokens").write_text(lines if split == "train" else lines[:400], encoding="utf-8")
+    run(str(tmp_path / "out"), [f"data_dir={tmp_path}", "task=wikitext2", "task_architecture=lstm", "n_workers=2",
+                                "batch_size=4", "bptt=10", "num_epochs=1", "max_batches_per_epoch=3", "momentum=0.0",
+                                "weight_decay=0.0", "learning_rate=1.0", "gradient_clipping=0.4", "optimizer=power-gossip",
+                                "optimizer_num_iterations=2", "device=cpu"])
+    assert math.isfinite(final(tmp_path / "out", "perplexity", "test_avg")["value"])
