@@ -43,6 +43,18 @@ def apply_overrides(defaults: dict, arguments: list[str]) -> dict:
     return config
 
 
+def command_line(defaults: dict, output_dir: str, arguments: list[str]) -> tuple[dict, str]:
+    """(config, output_dir) from the command line: `output_dir=PATH` sets where results
+    go (it is not a config key); everything else goes through `apply_overrides`."""
+    rest = []
+    for argument in arguments:
+        if argument.startswith("output_dir="):
+            output_dir = argument.split("=", 1)[1]
+        else:
+            rest.append(argument)
+    return apply_overrides(defaults, rest), output_dir
+
+
 def check_config(defaults: dict, config: dict) -> None:
     """Every key known and of the default's type (for configs edited in Python)."""
     for key, value in config.items():

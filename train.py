@@ -4,7 +4,7 @@ and gossips with its neighbours (REFERENCE.md, "Training setup of the paper").
 
     python train.py                                   # all workers simulated in one process
     mpirun -np 4 python train.py                      # one worker per process
-    python train.py experiments/configs/cifar10_resnet20_ring8/power_gossip.yaml data_dir=~/data
+    python train.py experiments/configs/train/cifar10_resnet20_ring8/power_gossip_1_iteration.yaml data_dir=~/data output_dir=runs/pg
 
 or from Python, as in the original code:
 
@@ -22,6 +22,7 @@ each: name, epoch, step, value, bits, messages, tags), to TensorBoard and throug
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -454,6 +455,8 @@ class Recorder:
         self.epochs_done = upto_epoch
         if not self.is_root:
             return
+        if os.path.exists(os.path.join(output_dir, "summary.json")):
+            os.remove(os.path.join(output_dir, "summary.json"))  # the run is not finished until it is written again
         if append:  # drop records of epochs the checkpoint does not cover
             kept = [r for r in runs.read_metrics(output_dir) if r["epoch"] <= upto_epoch] \
                 if os.path.exists(os.path.join(output_dir, "metrics.jsonl")) else []
@@ -488,6 +491,9 @@ class Recorder:
             return
         mb_per_epoch = bits / 8 / 1e6 / max(1, cfg["num_epochs"])
         accuracy = "not evaluated" if self.last_test_avg is None else f"{100 * self.last_test_avg:.2f}%"
+        with open(os.path.join(output_dir, "summary.json"), "w") as f:  # also marks the run as finished
+            json.dump({"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
+                       "wall_time_s": wall_time, "epochs": cfg["num_epochs"]}, f)
         print(f"\nsummary: {cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} "
               f"{cfg['task_architecture']}: averaged-model test accuracy {accuracy}; "
               f"{mb_per_epoch:.3f} MB sent per worker per epoch; wall time {wall_time:.1f} s", flush=True)
@@ -607,5 +613,5 @@ class StopRequests:
 
 
 if __name__ == "__main__":
-    config = runs.apply_overrides(config, sys.argv[1:])
+    config, output_dir = runs.command_line(config, output_dir, sys.argv[1:])
     main()

@@ -1,0 +1,66 @@
+"""Tables and figures of training studies (train.py runs), from their metrics.jsonl.
+
+Per run: the averaged-model test accuracy at the last epoch, MB sent per worker per
+epoch (cumulative bits at the end / epochs), and curves of test accuracy against
+epochs and against MB sent.
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import sweep  # noqa: E402
+
+
+def curve(records: list[dict], name: str, split: str) -> list[tuple[float, float, float]]:
+    """[(epoch, value, MB sent per worker)] of a worker-averaged metric."""
+    return [(r["epoch"], r["value"], r["bits"] / 8 / 1e6) for r in records
+            if r["name"] == name and r["tags"].get("split") == split and "worker" not in r["tags"]]
+
+
+def summarize(outcomes: list[sweep.Outcome], metric: str = "accuracy") -> list[dict]:
+    """One row per run: labels, final averaged-model test metric, MB/worker/epoch, status."""
+    rows = []
+    for outcome in outcomes:
+        records = sweep.metrics(outcome)
+        test_avg = curve(records, metric, "test_avg")
+        final_epoch, final_value, final_mb = test_avg[-1] if test_avg else (0, float("nan"), float("nan"))
+        rows.append({**outcome.run.labels, "run": outcome.run.name, "status": outcome.status, "epochs": final_epoch,
+                     "test_avg": final_value, "mb_per_epoch": final_mb / final_epoch if final_epoch else float("nan"),
+                     "seconds": outcome.seconds})
+    return rows
+
+
+def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_keys: list[str], notes: str = "",
+                 metric: str = "accuracy") -> list[dict]:
+    """table.md / table.csv and two figures (test metric vs epochs, vs MB sent) in `folder`."""
+    rows = summarize(outcomes, metric)
+    header = label_keys + [f"test {metric} (averaged model)", "MB sent / worker / epoch", "epochs", "status"]
+    table = [[row.get(key, "") for key in label_keys]
+             + [f"{100 * row['test_avg']:.2f}%" if metric == "accuracy" else f"{row['test_avg']:.3f}",
+                f"{row['mb_per_epoch']:.3f}", f"{row['epochs']:g}", row["status"]] for row in rows]
+    sweep.write_table(folder, "table", header, table, notes=f"{title}\n\n{notes}".strip())
+
+    figure, (by_epoch, by_megabytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for outcome in outcomes:
+        points = curve(sweep.metrics(outcome), metric, "test_avg")
+        if not points:
+            continue
+        label = " ".join(str(outcome.run.labels.get(k, "")) for k in label_keys) or outcome.run.name
+        epochs, values, megabytes = zip(*points)
+        by_epoch.plot(epochs, values, marker=".", label=label)
+        by_megabytes.plot(megabytes, values, marker=".", label=label)
+    by_epoch.set(xlabel="epoch", ylabel=f"test {metric} (averaged model)", title=title)
+    by_megabytes.set(xlabel="MB sent per worker", ylabel=f"test {metric} (averaged model)", xscale="symlog")
+    by_epoch.legend(fontsize=8)
+    for axis in (by_epoch, by_megabytes):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    os.makedirs(folder, exist_ok=True)
+    figure.savefig(os.path.join(folder, f"test_{metric}.png"), dpi=120)
+    plt.close(figure)
+    return rows
