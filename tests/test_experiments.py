@@ -1,0 +1,65 @@
+"""Sweep scripts end to end at a tiny scale: launching, skipping, surviving failures, reports."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import deep_learning, non_iid, paper_configs, report, sweep
+from tests.test_data import fake_fmnist
+
+TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
+        "checkpoint_every=0", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fmnist")
+    fake_fmnist(folder, n_train=256, n_test=32)
+    return str(folder)
+
+
+def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
+    good = sweep.Run("good", "train.py", TINY + ["n_workers=2", f"data_dir={tiny_data}"], {"method": "ok"})
+    bad = sweep.Run("bad", "train.py", TINY + ["n_workers=2", "optimizer=nonsense"], {"method": "broken"})
+    outcomes = sweep.launch([bad, good], str(tmp_path))
+    assert [o.status for o in outcomes] == ["failed", "done"]
+    assert "nonsense" in (tmp_path / "bad" / "FAILED").read_text()
+    assert os.path.exists(tmp_path / "good" / "DONE")
+    again = sweep.launch([bad, good], str(tmp_path))
+    assert [o.status for o in again] == ["failed", "skipped"]
+    rows = report.write_report(again, str(tmp_path / "report"), "tiny", ["method"])
+    assert rows[1]["test_avg"] >= 0 and rows[0]["status"] == "failed"
+    assert (tmp_path / "report" / "table.md").read_text().count("|") > 10
+    assert os.path.getsize(tmp_path / "report" / "test_accuracy.png") > 1000
+
+
+@pytest.mark.parametrize("study", [deep_learning, non_iid])
+def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, study):
+    overrides = TINY + [f"data_dir={tiny_data}"]
+    result = subprocess.run([sys.executable, study.__file__, "--quick", "--output", str(tmp_path)] + overrides,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = len(study.study_runs(True, []))
+    assert len(list((tmp_path / "runs").glob("*/DONE"))) == expected
+    table = (tmp_path / "table.csv").read_text().splitlines()
+    assert len(table) == expected + 1
+    assert os.path.exists(tmp_path / "test_accuracy.png")
+
+
+def test_quick_mode_is_the_documented_reduced_setting():
+    runs = deep_learning.study_runs(True, [])
+    assert {r.name for r in runs} == set(deep_learning.METHODS) and len(runs) == 7
+    assert all("device=cpu" in r.overrides and "max_batches_per_epoch=12" in r.overrides for r in runs)
+
+
+def test_paper_configs_say_what_is_missing(tmp_path):
+    result = subprocess.run([sys.executable, paper_configs.__file__, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "cifar-10-batches-py/data_batch_1" in result.stdout and "wiki.train.tokens" in result.stdout
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        (tmp_path / "cifar-10-batches-py" / name).write_bytes(b"")
+    result = subprocess.run([sys.executable, paper_configs.__file__, "--check", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert "cifar10_resnet20_ring8: data found, 8 runs" in result.stdout
