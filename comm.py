@@ -20,6 +20,7 @@ tensors; GPU tensors are staged through the host).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import shutil
@@ -101,10 +102,21 @@ def init_distributed(device: str = "auto") -> Context:
                                     world_size=world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        atexit.register(_leave_process_group)
+        if torch_device.type == "cpu":  # processes share the cores: don't oversubscribe them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if launcher == "mpi":  # after init_process_group, which installs a hook of its own
         _abort_job_on_uncaught_exception(world)
     _context = Context(rank, world_size, local_rank, torch_device, backend, launcher)
     return _context
+
+
+def _leave_process_group() -> None:
+    """Join torch.distributed's threads while Python is still alive: otherwise a Gloo
+    worker thread releasing its last tensor during interpreter shutdown can, rarely,
+    abort the process ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _pick_device(device: str, local_rank: int, local_size: int) -> torch.device:

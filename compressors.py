@@ -51,10 +51,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
     per_byte = 8 // bits
     rows, n = codes.shape
-    padded = torch.zeros((rows, -(-n // per_byte) * per_byte), dtype=torch.uint8, device=codes.device)
+    num_bytes = -(-n // per_byte)
+    padded = torch.zeros((rows, num_bytes * per_byte), dtype=torch.uint8, device=codes.device)
     padded[:, :n] = codes
     shifts = torch.arange(per_byte, device=codes.device, dtype=torch.uint8) * bits
-    return (padded.view(rows, -1, per_byte) << shifts).sum(dim=2, dtype=torch.uint8)
+    return (padded.view(rows, num_bytes, per_byte) << shifts).sum(dim=2, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
     codes = (packed.unsqueeze(2) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(packed.shape[0], -1)[:, :n]
+    return codes.reshape(packed.shape[0], packed.shape[1] * per_byte)[:, :n]
 
 
 def smallest_index_dtype(count: int) -> torch.dtype:
@@ -243,14 +244,23 @@ class SVD(Compressor):
 class QSGD(Compressor):
     """QSGD with s levels (Alistarh et al. 2017): per tensor the 2-norm, and for each
     entry its sign and level floor(|v| / norm * s + u), u ~ U[0, 1) (unbiased).
-    Wire: one float per tensor, signs 8 per byte, levels packed in the fewest bits."""
+    Wire: one float per tensor, signs 8 per byte, levels packed in the fewest bits.
+
+    `rescale` (default, as in the Choco paper): the output is divided by
+    tau = 1 + min(d / s^2, sqrt(d) / s) (d = numel), which makes the compressor
+    contractive, ||C(x) - x||^2 <= (1 - 1/tau) ||x||^2, as Choco and DeepSqueeze need;
+    unbiased QSGD's error grows with d and makes them diverge on large tensors."""
 
     needs_randomness = True
 
-    def __init__(self, levels: int = 16):
+    def __init__(self, levels: int = 16, rescale: bool = True):
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
-        self.levels = levels
+        self.levels, self.rescale = levels, rescale
+
+    def _scale(self, shape) -> float:
+        d = math.prod(shape)
+        return 1 / (1 + min(d / self.levels**2, math.sqrt(d) / self.levels)) if self.rescale else 1.0
 
     def compress(self, tensors, randomness=None):
         if randomness is None:
@@ -271,7 +281,8 @@ class QSGD(Compressor):
         bits = bits_per_level(self.levels)
         levels = unpack_bits(packed_levels, bits, total) if bits <= 8 else packed_levels
         signed = (unpack_bits(packed_signs, 1, total).float() * 2 - 1) * levels.float() / self.levels
-        return [part * norms[:, k].view((-1,) + (1,) * len(s)) for k, (part, s) in enumerate(zip(_split(signed, shapes), shapes))]
+        return [part * norms[:, k].view((-1,) + (1,) * len(s)) * self._scale(s)
+                for k, (part, s) in enumerate(zip(_split(signed, shapes), shapes))]
 
 
 NAMES = ("identity", "sign_and_norm", "top_k", "random_k", "svd", "qsgd")

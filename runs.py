@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sys
+import time
 
 import yaml
 
@@ -116,3 +118,20 @@ def read_metrics(path: str) -> list[dict]:
         path = os.path.join(path, "metrics.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def exit_on_config_error(program: str, problem: Exception) -> None:
+    """Print a configuration problem and exit with status 2. Under mpirun every process
+    fails the same way: wait (a few seconds at most) until all have printed, so that
+    mpirun does not kill one before it could say why."""
+    rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK") if v in os.environ), "0")
+    sys.stderr.write(f"{program}: configuration error (process {rank}): {problem}\n")
+    sys.stderr.flush()
+    if any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        from mpi4py import MPI
+
+        everyone_failed = MPI.COMM_WORLD.Ibarrier()
+        deadline = time.time() + 10
+        while not everyone_failed.Test() and time.time() < deadline:
+            time.sleep(0.01)
+    sys.exit(2)

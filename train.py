@@ -109,8 +109,6 @@ def main():
     cfg = validated(config)
     started = time.time()
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
-    if comm.world_size > 1 and comm.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.world_size))
     is_root = comm.rank == 0
     topology = topologies.build(cfg["topology"], cfg["n_workers"])
 
@@ -613,5 +611,9 @@ class StopRequests:
 
 
 if __name__ == "__main__":
-    config, output_dir = runs.command_line(config, output_dir, sys.argv[1:])
+    try:
+        config, output_dir = runs.command_line(config, output_dir, sys.argv[1:])
+        validated(config)
+    except (ValueError, OSError) as problem:
+        runs.exit_on_config_error("train.py", problem)
     main()

@@ -236,7 +236,7 @@ def test_no_torchvision_import():
 
     root = pathlib.Path(models.__file__).parent
     files = list(root.glob("*.py"))
-    assert len(files) == 5
+    assert len(files) >= 5
     pattern = re.compile(r"^\s*(import|from)\s+torchvision", re.MULTILINE)
     for path in files:
         assert not pattern.search(path.read_text()), path

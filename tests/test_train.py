@@ -224,3 +224,15 @@ def test_wikitext2_lstm_trains_with_clipping(tmp_path):
                                 "weight_decay=0.0", "learning_rate=1.0", "gradient_clipping=0.4", "optimizer=power-gossip",
                                 "optimizer_num_iterations=2", "device=cpu"])
     assert math.isfinite(final(tmp_path / "out", "perplexity", "test_avg")["value"])
+
+
+def test_the_core_imports_without_torchvision():
+    """PyPI's torchvision does not import with a CPU torch: nothing in the core may need it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torchvision'] = None\n"
+            "import train, gossip_run, algorithms, compressors, comm, topologies, models, data, runs\n"
+            "from experiments import sweep, report, deep_learning\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.stdout.strip() == "ok", result.stderr

@@ -1,0 +1,369 @@
+"""Consensus experiments: how fast do the workers of a graph agree, per bit sent?
+
+Every worker i starts from its own tensor x_i (a random matrix, an image, ...) and
+only gossips: no gradients. We record the consensus error
+
+    error = mean over workers of ||x_i - mean(x)||^2
+
+against the bits each worker has sent, for one algorithm and a sweep over its
+diffusion rate gamma (and Moniqua's theta), as in the PowerGossip paper's
+consensus figures (REFERENCE.md, "Consensus experiments").
+
+    python gossip_run.py algorithm=power_gossip topology=ring n_workers=8 num_steps=1000
+    mpirun -np 8 python gossip_run.py algorithm=power_gossip n_workers=8 num_steps=1000  # same numbers
+    python gossip_run.py my_sweep.yaml algorithm=sign_choco output_dir=runs/sign_choco
+
+or from Python: `import gossip_run; gossip_run.config["algorithm"] = "moniqua";
+gossip_run.output_dir = "..."; gossip_run.log_metric = my_logger; gossip_run.main()`.
+
+Output (written by worker 0's process): `output_dir/config.yaml` and
+`output_dir/metrics.jsonl`, one JSON object per line,
+
+    {"name": "error", "step": k, "value": float, "bits": float, "messages": float,
+     "tags": {"algorithm": str, "diffusion_rate": float, "theta": float or null}}
+
+- "error": the consensus error above. Logged at steps 0..10, every 10th step up to
+  100, every 100th step after, and at the last step.
+- "error_to_initial_mean": mean over workers of ||x_i - mean(x_0)||^2, the original
+  code's definition (it differs from "error" for methods that do not preserve the
+  average, like Moniqua and DeepSqueeze). Same steps.
+- "bits" / "messages": sent per worker (mean over workers), cumulative since the
+  start of this setting. Measurement traffic is not counted.
+- "diverged": one record when a setting is stopped (see below); "value" is the
+  error that triggered it.
+- "final_error": one record per setting, at the step where it ended: the error at
+  `num_steps`, or `inf` when the setting diverged (so that the best setting is the
+  one with the smallest final error).
+A value that is not finite is written as JSON `NaN` / `Infinity` (Python's json).
+
+Divergence: at every logged step k >= 1, a setting whose error is not finite or is
+larger than its error at step 0 is stopped; its "error" records up to and including
+step k are written, then "diverged" (step k) and "final_error" (step k, inf). The
+sweep goes on with the next setting.
+
+Sweep: `diffusion_rate` = a number (or a list of numbers) runs just those. Left at
+null, uncompressed gossip and the PowerGossip variants use gamma = 1 (they need no
+tuning), and the other methods sweep `hyperparameter_num_samples` values spaced
+log-uniformly in [hyperparameter_range_min, hyperparameter_range_max]. Moniqua
+also sweeps theta the same way (`theta_*` keys) unless `theta` is given; other
+methods ignore theta (their tag is null). Every setting starts from the same
+initial state with a fresh algorithm and zeroed byte counters.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import algorithms
+import comm as comm_module
+import compressors
+import runs
+import topologies
+
+config = {
+    "seed": 42,  # initial state (identical in every launch layout) and the algorithms' shared randomness
+    "algorithm": "power_gossip",  # one of ALGORITHMS below
+    "topology": "ring",  # a topologies.NAMES entry or "file:PATH"; not "unidirectional_ring" except for uncompressed
+    "n_workers": 8,  # workers (graph nodes), >= 2; a multiple of the number of processes
+    "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
+    "data_type": "random",  # random | offset | sparse | log-normal | images | file (see initial_state)
+    "data_path": None,  # data_type=file: a .npy array of shape [n_workers, ...]; worker i starts from entry i
+    "data_dir": None,  # data_type=images: folder with Fashion-MNIST (None: /usr/share/datasets/fashion-mnist)
+    "num_steps": 5000,  # gossip steps per setting
+    "compression_rank": 1,  # PowerGossip rank, SVD rank, and top-k's rank-matched keep_ratio
+    "compression_num_iterations": 1,  # PowerGossip power-iteration rounds per step
+    "keep_ratio": None,  # topk_choco: fraction of entries kept, in (0, 1]; None: rank-matched to compression_rank
+    "qsgd_levels": 16,  # qsgd_choco: quantization levels s
+    "diffusion_rate": None,  # gamma: a number or a list of numbers; None: 1 for uncompressed/power_gossip*, else the grid
+    "hyperparameter_num_samples": 20,  # size of the log-uniform gamma grid (when diffusion_rate is None)
+    "hyperparameter_range_min": 1e-4,  # smallest gamma of the grid
+    "hyperparameter_range_max": 1.308,  # largest gamma of the grid
+    "theta": None,  # moniqua: a number or a list of numbers; None: the theta grid (ignored by other algorithms)
+    "theta_num_samples": 20,  # size of Moniqua's log-uniform theta grid
+    "theta_range_min": 0.1,  # smallest theta of the grid
+    "theta_range_max": 10.0,  # largest theta of the grid
+    "device": "cpu",  # "cpu", "cuda" (one GPU per process under mpirun) or "cuda:K"
+}
+DEFAULTS = dict(config)  # types and known keys, for checking overrides
+
+ALGORITHMS = (
+    "uncompressed", "power_gossip", "power_gossip_random", "power_gossip_signs", "power_gossip_random_signs",
+    "sign_choco", "topk_choco", "svd_choco", "qsgd_choco", "fp_choco", "sign_deepsqueeze", "moniqua",
+)
+UNTUNED = ("uncompressed", "power_gossip", "power_gossip_random", "power_gossip_signs", "power_gossip_random_signs")
+DATA_TYPES = ("random", "offset", "sparse", "log-normal", "images", "file")
+
+# Hooks a caller may replace (as in the original code).
+output_dir = "output/gossip_run"
+
+
+def log_metric(name: str, values: dict, tags: dict) -> None:
+    """Called on worker 0's process for every metric record (metrics.jsonl is written anyway).
+    `values` holds "step", "value", "bits", "messages"."""
+
+
+def log_info(info_dict: dict) -> None:
+    """Called on worker 0's process with run information ({"state.progress": fraction})."""
+
+
+def main():
+    check(config)
+    comm = comm_module.Communicator(config["n_workers"], config["device"])
+    is_writer = comm.rank == 0
+    topology = build_topology(config)
+    state = initial_state(config)  # all workers, identical in every process
+    initial_mean = state.double().mean(dim=0).to(comm.device)
+    x0 = state[comm.first_worker:comm.first_worker + comm.num_local].to(comm.device).contiguous()
+    del state
+
+    settings = [(gamma, theta) for gamma in diffusion_rates(config) for theta in thetas(config)]
+    metrics = None
+    if is_writer:
+        runs.write_config(output_dir, config)
+        metrics = runs.MetricsFile(output_dir)
+        log_info({"state.progress": 0.0})
+
+    def record(name, step, value, bits, messages, tags):
+        if is_writer:
+            values = {"step": step, "value": float(value), "bits": float(bits), "messages": float(messages)}
+            metrics.write({"name": name, **values, "tags": tags})
+            log_metric(name, values, tags)
+
+    for number, (gamma, theta) in enumerate(settings):
+        start_time = time.time()
+        tags = {"algorithm": config["algorithm"], "diffusion_rate": gamma, "theta": theta}
+        x = x0.clone()
+        algorithm = build_algorithm(config, comm, topology, gamma, theta)
+        comm.bytes_sent[:] = 0
+        comm.messages_sent[:] = 0
+
+        initial_error = None
+        diverged = False
+        for step in range(0, config["num_steps"] + 1):
+            if step > 0:
+                algorithm.step([x])
+            if not is_logged(step, config["num_steps"]):
+                continue
+            error, error_to_initial_mean, bits, messages = measure(comm, x, initial_mean)
+            record("error", step, error, bits, messages, tags)
+            record("error_to_initial_mean", step, error_to_initial_mean, bits, messages, tags)
+            if step == 0:
+                initial_error = error
+            elif not math.isfinite(error) or error > initial_error:
+                diverged = True  # every process sees the same all-reduced error, so all stop here
+                record("diverged", step, error, bits, messages, tags)
+                break
+        final_error = math.inf if diverged else error
+        record("final_error", step, final_error, bits, messages, tags)
+
+        if is_writer:
+            theta_text = "" if theta is None else f" theta={theta:.4g}"
+            outcome = f"diverged at step {step} (error {error:.4g})" if diverged else f"final error {error:.4g}"
+            print(f"{config['algorithm']} gamma={gamma:.4g}{theta_text}: {outcome}, "
+                  f"{bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
+            log_info({"state.progress": (number + 1) / len(settings)})
+    if is_writer:
+        metrics.close()
+
+
+def is_logged(step: int, num_steps: int) -> bool:
+    """Steps 0..10, every 10th up to 100, every 100th after, and the last."""
+    return step <= 10 or (step <= 100 and step % 10 == 0) or step % 100 == 0 or step == num_steps
+
+
+def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, float, float, float]:
+    """(error, error to the initial mean, bits, messages), each a mean over all workers.
+    Collective: every process must call it. Its own traffic is not counted."""
+    x64 = x.double()
+    mean = comm.all_reduce_mean([x64], count=False)[0]
+    local = torch.stack([(x64 - mean).square().sum(), (x64 - initial_mean).square().sum()]).cpu().numpy()
+    counters = np.array([comm.bytes_sent.sum(), comm.messages_sent.sum()], dtype=np.float64)
+    totals = comm.sum_over_processes(np.concatenate([local, counters])) / comm.n_workers
+    error, error_to_initial_mean, bytes_sent, messages = (float(v) for v in totals)
+    return error, error_to_initial_mean, 8 * bytes_sent, messages
+
+
+# --- what a setting runs ------------------------------------------------------------------------
+def diffusion_rates(config) -> list[float]:
+    if config["diffusion_rate"] is not None:
+        return [float(v) for v in _as_list(config["diffusion_rate"])]
+    if config["algorithm"] in UNTUNED:
+        return [1.0]
+    return _log_grid(config["hyperparameter_range_min"], config["hyperparameter_range_max"],
+                     config["hyperparameter_num_samples"])
+
+
+def thetas(config) -> list[float | None]:
+    if config["algorithm"] != "moniqua":
+        return [None]
+    if config["theta"] is not None:
+        return [float(v) for v in _as_list(config["theta"])]
+    return _log_grid(config["theta_range_min"], config["theta_range_max"], config["theta_num_samples"])
+
+
+def _log_grid(low: float, high: float, num: int) -> list[float]:
+    return [float(v) for v in np.exp(np.linspace(np.log(low), np.log(high), num))]
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_topology(config):
+    return topologies.build(config["topology"], config["n_workers"])
+
+
+def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
+    name, seed = config["algorithm"], config["seed"]
+    if name == "uncompressed":
+        return algorithms.SimpleGossip(comm, topology, diffusion_rate=gamma)
+    if name.startswith("power_gossip"):
+        return algorithms.PowerGossip(
+            comm, topology, rank=config["compression_rank"], num_iterations=config["compression_num_iterations"],
+            warm_start="random" not in name, round_weights=name.endswith("signs"), diffusion_rate=gamma, seed=seed)
+    if name == "moniqua":
+        return algorithms.MoniquaGossip(comm, topology, theta=theta, diffusion_rate=gamma, seed=seed)
+    if name == "sign_deepsqueeze":
+        return algorithms.DeepSqueezeGossip(comm, topology, compressors.SignAndNorm(), diffusion_rate=gamma, seed=seed)
+    compressor = {
+        "sign_choco": lambda: compressors.SignAndNorm(),
+        "topk_choco": lambda: compressors.TopK(keep_ratio=config["keep_ratio"]) if config["keep_ratio"] is not None
+        else compressors.TopK(rank=config["compression_rank"]),
+        "svd_choco": lambda: compressors.SVD(rank=config["compression_rank"]),
+        "qsgd_choco": lambda: compressors.QSGD(levels=config["qsgd_levels"]),
+        "fp_choco": lambda: compressors.Identity(),
+    }[name]()
+    return algorithms.ChocoGossip(comm, topology, compressor, diffusion_rate=gamma, seed=seed)
+
+
+# --- initial state --------------------------------------------------------------------------------
+def initial_state(config) -> torch.Tensor:
+    """All workers' starting tensors `[n_workers, *shape]` float32 on the CPU, drawn from a
+    generator seeded with `seed`, so every process of every launch layout builds the same.
+
+    random: N(0, 1) entries. offset: N(0, 1) + worker index. sparse: zeros except entry
+    [worker index] of the flattened matrix = 1. log-normal: exp(N(0, 1)). images: distinct
+    Fashion-MNIST training images (28 x 28, pixels in [0, 1]) picked by a seeded permutation.
+    file: entry i of the .npy array at data_path."""
+    n, size = config["n_workers"], config["matrix_size"]
+    generator = torch.Generator().manual_seed(config["seed"])
+    data_type = config["data_type"]
+    if data_type == "random":
+        return torch.randn((n, size, size), generator=generator)
+    if data_type == "offset":
+        return torch.randn((n, size, size), generator=generator) + torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    if data_type == "sparse":
+        state = torch.zeros((n, size * size))
+        state[torch.arange(n), torch.arange(n)] = 1.0
+        return state.view(n, size, size)
+    if data_type == "log-normal":
+        return torch.randn((n, size, size), generator=generator).exp()
+    if data_type == "images":
+        import data
+
+        images = data.load("fashion_mnist", data_dir=config["data_dir"]).train_x
+        if images.shape[0] < n:
+            raise runs.ConfigError(f"data_type=images: {n} workers but only {images.shape[0]} images")
+        chosen = torch.randperm(images.shape[0], generator=generator)[:n]
+        return images[chosen, 0].float() / 255
+    if data_type == "file":
+        return torch.from_numpy(np.ascontiguousarray(np.load(config["data_path"]), dtype=np.float32))
+    raise runs.ConfigError(f"unknown data_type {data_type!r}")
+
+
+# --- checks (each process on its own, before any communication) ------------------------------------
+def check(config) -> None:
+    """Raise runs.ConfigError (a ValueError) naming the key for anything that cannot work."""
+    runs.check_config(DEFAULTS, config)
+    error = runs.ConfigError
+    for key, default in DEFAULTS.items():
+        if default is not None and config.get(key) is None:
+            raise error(f"{key} must not be null (expected a {type(default).__name__} like {default!r})")
+
+    def require(condition, message):
+        if not condition:
+            raise error(message)
+
+    def positive_numbers(key):
+        for value in _as_list(config[key]):
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0, f"{key} must be a positive number (or a list of them), got {config[key]!r}")
+        require(len(_as_list(config[key])) > 0, f"{key} must not be an empty list")
+
+    name = config["algorithm"]
+    require(name in ALGORITHMS, f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
+    require(config["data_type"] in DATA_TYPES,
+            f"unknown data_type {config['data_type']!r}; valid: {', '.join(DATA_TYPES)}")
+    for key in ("n_workers", "matrix_size", "compression_rank", "compression_num_iterations", "qsgd_levels",
+                "hyperparameter_num_samples", "theta_num_samples"):
+        require(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
+    require(config["n_workers"] >= 2, f"n_workers must be >= 2 (one worker has nothing to agree on), got {config['n_workers']}")
+    require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
+    if name in ("power_gossip_signs", "power_gossip_random_signs"):
+        require(config["compression_rank"] == 1,
+                f"{name} (the sign variant) is defined for compression_rank 1 only, got {config['compression_rank']}")
+    keep_ratio = config["keep_ratio"]
+    if keep_ratio is not None:
+        require(isinstance(keep_ratio, (int, float)) and not isinstance(keep_ratio, bool) and 0 < keep_ratio <= 1,
+                f"keep_ratio must be in (0, 1] (or null for rank-matched top-k), got {keep_ratio!r}")
+    for prefix in ("hyperparameter", "theta"):
+        low, high = config[f"{prefix}_range_min"], config[f"{prefix}_range_max"]
+        require(0 < low <= high, f"{prefix}_range_min and _max must satisfy 0 < min <= max, got {low} and {high}")
+    if config["diffusion_rate"] is not None:
+        positive_numbers("diffusion_rate")
+    if config["theta"] is not None:
+        positive_numbers("theta")
+
+    try:
+        topology = build_topology(config)
+    except (ValueError, OSError) as problem:
+        raise error(f"topology: {problem}") from None
+    require(name == "uncompressed" or topology.is_symmetric,
+            f"{name} needs a symmetric topology; {topology.name} is not (only 'uncompressed' runs on directed graphs)")
+
+    device = config["device"]
+    require(device in ("cpu", "cuda", "auto") or device.startswith("cuda:"),
+            f"device must be 'cpu', 'cuda', 'cuda:K' or 'auto', got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(),
+            f"device={device!r} but torch sees no GPU; use device=cpu")
+
+    data_type = config["data_type"]
+    if data_type == "sparse":
+        require(config["matrix_size"] ** 2 >= config["n_workers"],
+                f"data_type=sparse puts worker i's 1 at flat entry i: needs matrix_size^2 >= n_workers "
+                f"({config['matrix_size']}^2 < {config['n_workers']})")
+    if data_type == "images":
+        from data import fashion_mnist
+
+        try:
+            fashion_mnist.find_files(config["data_dir"])
+        except FileNotFoundError as problem:
+            raise error(f"data_type=images: {problem}") from None
+    if data_type == "file":
+        path = config["data_path"]
+        require(isinstance(path, str) and path, f"data_type=file needs data_path=<a .npy file>, got {path!r}")
+        require(os.path.isfile(path), f"data_path {path!r} does not exist")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as problem:
+            raise error(f"data_path {path!r} is not a readable .npy array: {problem}") from None
+        require(isinstance(array, np.ndarray), f"data_path {path!r} must hold one .npy array (not an .npz archive)")
+        require(array.ndim >= 1 and array.shape[0] == config["n_workers"],
+                f"data_path {path!r} holds an array of shape {tuple(array.shape)}; data_type=file needs shape "
+                f"[n_workers, ...] = [{config['n_workers']}, ...] (worker i starts from entry i)")
+        require(np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_,
+                f"data_path {path!r} holds {array.dtype} values; expected numbers")
+
+
+if __name__ == "__main__":
+    try:
+        config, output_dir = runs.command_line(config, output_dir, sys.argv[1:])
+        check(config)
+    except (ValueError, OSError) as problem:
+        runs.exit_on_config_error("gossip_run.py", problem)
+    main()
