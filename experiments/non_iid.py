@@ -36,11 +36,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced run for a 2-core CPU")
     parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (several fit on one GPU)")
     parser.add_argument("--output", default=None, help="folder for runs and results")
     parser.add_argument("overrides", nargs="*", help="extra key=value for every run")
     args = parser.parse_args()
     folder = args.output or os.path.join(sweep.RESULTS, "non_iid" + ("_quick" if args.quick else ""))
-    outcomes = sweep.launch(study_runs(args.quick, args.overrides), os.path.join(folder, "runs"), args.processes)
+    outcomes = sweep.launch(study_runs(args.quick, args.overrides), os.path.join(folder, "runs"), args.processes, jobs=args.jobs)
     report.write_report(outcomes, folder, "Fashion-MNIST, label-sorted shards, 8-worker ring", ["method", "shuffled fraction"])
     sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
 

@@ -2,9 +2,10 @@
 
 A study script lists its runs (name, entrypoint, `key=value` overrides) and calls
 `launch(runs, folder, ...)`: every run is a subprocess (`python ENTRY ...`, or under
-`mpirun -np N` when asked) writing to `folder/<name>/`. A run that finished before
-(its folder holds `DONE`) is skipped; a run that fails gets a `FAILED` file with the
-end of its output and the sweep goes on. Progress is one line per run.
+`mpirun -np N` when asked; `jobs` of them at a time) writing to `folder/<name>/`
+(its output in `output.log`). A run that finished before (its folder holds `DONE`)
+is skipped; a run that fails gets a `FAILED` file with the end of its output and the
+sweep goes on. Progress is one line per run.
 """
 from __future__ import annotations
 
@@ -39,45 +40,65 @@ class Outcome:
 
 
 def launch(runs: list[Run], folder: str, processes: int | None = None, timeout: float | None = None,
-           extra: list[str] | None = None) -> list[Outcome]:
-    """Run every run not yet done; return what happened to each, in order."""
-    outcomes = []
-    for index, run in enumerate(runs, 1):
+           extra: list[str] | None = None, jobs: int = 1) -> list[Outcome]:
+    """Run every run not yet done, `jobs` at a time; return what happened to each, in order."""
+    outcomes: dict[int, Outcome] = {}
+    pending = []
+    for index, run in enumerate(runs):
         run_folder = os.path.join(folder, run.name)
-        prefix = f"[{index}/{len(runs)}] {run.name}"
         if os.path.exists(os.path.join(run_folder, "DONE")):
-            print(f"{prefix}: done before, skipped", flush=True)
-            outcomes.append(Outcome(run, run_folder, "skipped"))
-            continue
-        os.makedirs(run_folder, exist_ok=True)
-        for stale in ("FAILED",):
-            if os.path.exists(os.path.join(run_folder, stale)):
-                os.remove(os.path.join(run_folder, stale))
-        command = [sys.executable, os.path.join(ROOT, run.entrypoint)] + run.overrides + (extra or []) + [f"output_dir={run_folder}"]
-        env = dict(os.environ)
-        if processes and processes > 1:
-            command = comm_module.mpirun_command(processes) + command
-            env = comm_module.mpirun_environment()
-        started = time.time()
-        try:
-            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            failed, output = result.returncode != 0, result.stdout + result.stderr
-        except subprocess.TimeoutExpired as expired:
-            failed, output = True, f"timed out after {timeout} s\n{expired.stdout or ''}{expired.stderr or ''}"
-        seconds = time.time() - started
-        if failed:
-            with open(os.path.join(run_folder, "FAILED"), "w") as f:
-                f.write(" ".join(command) + "\n\n" + output[-5000:])
-            print(f"{prefix}: FAILED after {seconds:.1f} s (see {os.path.join(run_folder, 'FAILED')})", flush=True)
-            outcomes.append(Outcome(run, run_folder, "failed", seconds))
+            print(f"[{index + 1}/{len(runs)}] {run.name}: done before, skipped", flush=True)
+            outcomes[index] = Outcome(run, run_folder, "skipped")
         else:
-            open(os.path.join(run_folder, "DONE"), "w").close()
-            print(f"{prefix}: done in {seconds:.1f} s", flush=True)
-            outcomes.append(Outcome(run, run_folder, "done", seconds))
-    failures = [o for o in outcomes if o.status == "failed"]
-    print(f"{len(outcomes) - len(failures)} of {len(outcomes)} runs finished"
+            pending.append(index)
+    running: dict[int, tuple[subprocess.Popen, float, list[str], object]] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            index = pending.pop(0)
+            running[index] = _start(runs[index], os.path.join(folder, runs[index].name), processes, extra)
+        time.sleep(0.05)
+        for index, (process, started, command, log) in list(running.items()):
+            timed_out = timeout is not None and time.time() - started > timeout
+            if process.poll() is None and not timed_out:
+                continue
+            if timed_out:
+                process.kill()
+                process.wait()
+            log.close()
+            del running[index]
+            run, run_folder, seconds = runs[index], os.path.join(folder, runs[index].name), time.time() - started
+            prefix = f"[{index + 1}/{len(runs)}] {run.name}"
+            if process.returncode != 0:
+                with open(os.path.join(run_folder, "output.log")) as f:
+                    output = f.read()[-5000:]
+                with open(os.path.join(run_folder, "FAILED"), "w") as f:
+                    f.write(" ".join(command) + "\n\n" + ("timed out\n" if timed_out else "") + output)
+                print(f"{prefix}: FAILED after {seconds:.1f} s (see {os.path.join(run_folder, 'FAILED')})", flush=True)
+                outcomes[index] = Outcome(run, run_folder, "failed", seconds)
+            else:
+                open(os.path.join(run_folder, "DONE"), "w").close()
+                print(f"{prefix}: done in {seconds:.1f} s", flush=True)
+                outcomes[index] = Outcome(run, run_folder, "done", seconds)
+    ordered = [outcomes[i] for i in range(len(runs))]
+    failures = [o for o in ordered if o.status == "failed"]
+    print(f"{len(ordered) - len(failures)} of {len(ordered)} runs finished"
           + (f"; failed: {', '.join(o.run.name for o in failures)}" if failures else ""), flush=True)
-    return outcomes
+    return ordered
+
+
+def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | None):
+    """Start one run as a subprocess whose output goes to run_folder/output.log."""
+    os.makedirs(run_folder, exist_ok=True)
+    if os.path.exists(os.path.join(run_folder, "FAILED")):
+        os.remove(os.path.join(run_folder, "FAILED"))
+    command = [sys.executable, os.path.join(ROOT, run.entrypoint)] + run.overrides + (extra or []) + [f"output_dir={run_folder}"]
+    env = dict(os.environ)
+    if processes and processes > 1:
+        command = comm_module.mpirun_command(processes) + command
+        env = comm_module.mpirun_environment()
+    log = open(os.path.join(run_folder, "output.log"), "w")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return process, time.time(), command, log
 
 
 def metrics(outcome: Outcome) -> list[dict]:

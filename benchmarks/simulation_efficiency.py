@@ -1,0 +1,145 @@
+"""Many workers in one process: training throughput as a fraction of the single-model ceiling.
+
+The ceiling is one model trained at the combined batch (n_workers x batch) with bf16
+autocast and channels_last and no communication. The simulation is train.py's step:
+n_workers replicas (models.stacked.StackedReplicas) each doing forward/backward on its
+own batch, then the gossip and the Nesterov-SGD step on the stacks. Both are timed in
+the same run on the same device; throughput is images per second; the ratio is
+simulation / ceiling. Peak GPU memory is reported for each.
+
+    python benchmarks/simulation_efficiency.py                         # ResNet-20, 16 workers
+    python benchmarks/simulation_efficiency.py --architectures resnet20,resnet18 --optimizers power-gossip,dpsgd,choco
+    python benchmarks/simulation_efficiency.py --quick                 # reduced run for CPU (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import algorithms  # noqa: E402
+import comm as comm_module  # noqa: E402
+import models  # noqa: E402
+import topologies  # noqa: E402
+import train  # noqa: E402
+from models.stacked import StackedReplicas  # noqa: E402
+
+GOSSIP = {
+    "power-gossip": dict(optimizer="power-gossip"),
+    "dpsgd": dict(optimizer="dpsgd"),
+    "choco": dict(optimizer="choco", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.45),
+}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(step, images_per_step, device, steps, warmup=3) -> float:
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return images_per_step * steps / (time.perf_counter() - started)
+
+
+def peak_memory_gb(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
+    """One model at the combined batch, bf16 autocast, channels_last, SGD; no communication."""
+    reset_peak(device)
+    torch.manual_seed(0)
+    model = models.build(architecture).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return images_per_second(step, batch, device, steps), peak_memory_gb(device)
+
+
+def simulation(architecture, n_workers, batch, optimizer, dtype, device, steps) -> tuple[float, float]:
+    """train.py's step over n_workers stacked replicas in one process, gossip included."""
+    reset_peak(device)
+    comm = comm_module.Communicator(n_workers, device)
+    torch.manual_seed(0)
+    workers = StackedReplicas(models.build(architecture), n_workers, comm.device)
+    cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, **GOSSIP[optimizer]))
+    gossip = train.build_gossip(cfg, comm, topologies.build("ring", n_workers))
+    dpsgd = algorithms.DPSGD(gossip)
+    momenta = [torch.zeros_like(p) for p in workers.params]
+    decays = [0.0 if p.dim() == 2 else 1e-4 for p in workers.params]
+    x = torch.randn(n_workers, batch, 3, 32, 32, device=comm.device)
+    y = torch.randint(0, 10, (n_workers, batch), device=comm.device)
+
+    def step():
+        dpsgd.step(workers.params, lambda: train.forward_backward(workers, x, y, None, cfg, False),
+                   lambda: train.nesterov_sgd_step(workers.params, workers.grads, momenta, 0.01, 0.9, decays))
+
+    return images_per_second(step, n_workers * batch, comm.device, steps), peak_memory_gb(comm.device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--n-workers", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--architectures", default="resnet20")
+    parser.add_argument("--optimizers", default="power-gossip")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="CPU: ResNet-20, 2 workers x 8 images, 2 steps")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_workers, args.batch_size, args.steps, args.dtypes = 2, 8, 2, "float32"
+    device = comm_module.init_distributed(args.device).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"simulation efficiency: {args.n_workers} workers x batch {args.batch_size} in one process vs one model at "
+          f"batch {args.n_workers * args.batch_size} (bf16, channels_last); {name}; torch {torch.__version__}; "
+          f"{datetime.date.today().isoformat()}")
+    rows = []
+    for architecture in args.architectures.split(","):
+        top, top_memory = ceiling(architecture, args.n_workers * args.batch_size, device, args.steps)
+        print(f"\n{architecture}: ceiling {top:,.0f} images/s (peak {top_memory:.1f} GB)")
+        print(f"{'optimizer':14s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'peak GB':>8s}")
+        for optimizer in args.optimizers.split(","):
+            for dtype in args.dtypes.split(","):
+                rate, memory = simulation(architecture, args.n_workers, args.batch_size, optimizer, dtype, device, args.steps)
+                print(f"{optimizer:14s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {memory:8.1f}")
+                rows.append({"architecture": architecture, "optimizer": optimizer, "dtype": dtype, "images_per_s": rate,
+                             "ceiling_images_per_s": top, "ratio": rate / top, "peak_gb": memory, "ceiling_peak_gb": top_memory})
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                       "n_workers": args.n_workers, "batch_size": args.batch_size, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Study 1: consensus on an 8-worker ring, every algorithm of gossip_run.py.
+
+Each worker starts from its own random 100 x 100 matrix (data_type=random) or from
+one real Fashion-MNIST image (data_type=images, standing in for the paper's faces).
+The settings are the original study's (experiments/consensus_2.py of the paper's
+code): uncompressed gossip and PowerGossip use gamma = 1.308 (the optimal scaling
+for an 8-ring) and need no sweep; Choco and DeepSqueeze sweep 20 values of gamma
+log-uniform in [1e-4, 1.308]; Moniqua sweeps 10 x 10 values of gamma and theta
+(theta in [0.1, 10]), one run per theta so that the sweep spreads over processes.
+5000 steps on random data (500 for uncompressed gossip), 1000 on images (3000 for
+PowerGossip, 2000 for top-k). The setting with the lowest error at the end is
+chosen per method.
+
+    python experiments/consensus.py --quick           # reduced grids and steps, a minute or two
+    python experiments/consensus.py --jobs 16         # the full study, 16 runs at a time
+
+Results: experiments/results/consensus[_quick]/: error_vs_bits_<data>.png (error of
+the best setting per method against bits sent per worker, log scales, as in the
+paper), bits_to_1e-6.md/.csv (bits each method needs to reach an error of 1e-6
+relative to the start), best_settings.md/.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gossip_run  # noqa: E402
+from experiments import sweep  # noqa: E402
+
+DATA_TYPES = ("random", "images")
+TARGET = 1e-6  # relative error to reach
+OPTIMAL_RING_8 = 1.308  # 2 / (lambda_2 + lambda_n) of the 8-ring's gossip step
+
+
+def settings_of(algorithm: str, data_type: str, quick: bool) -> list[list[str]]:
+    """The original study's settings of one algorithm: a list of override lists, one per run."""
+    steps = 5000 if data_type == "random" else 1000
+    if algorithm == "uncompressed" and data_type == "random":
+        steps //= 10
+    if data_type == "images" and "power" in algorithm:
+        steps *= 3
+    if data_type == "images" and "topk" in algorithm:
+        steps *= 2
+    gammas, thetas = 20, 10
+    if quick:
+        steps, gammas, thetas = min(steps, 300), 5, 3
+    common = [f"num_steps={steps}", f"hyperparameter_range_max={OPTIMAL_RING_8}"]
+    if algorithm in gossip_run.UNTUNED:
+        return [common + [f"diffusion_rate={OPTIMAL_RING_8}"]]
+    if algorithm == "moniqua":
+        theta_grid = gossip_run._log_grid(0.1, 10.0, thetas)
+        return [common + [f"hyperparameter_num_samples={thetas}", f"theta={theta}"] for theta in theta_grid]
+    return [common + [f"hyperparameter_num_samples={gammas}"]]
+
+
+def study_runs(quick: bool, extra: list[str], data_types=DATA_TYPES) -> list[sweep.Run]:
+    base = ["topology=ring", "n_workers=8", "matrix_size=100", "seed=42"]
+    runs = []
+    for data_type in data_types:
+        for algorithm in gossip_run.ALGORITHMS:
+            parts = settings_of(algorithm, data_type, quick)
+            for number, overrides in enumerate(parts):
+                name = f"{data_type}-{algorithm}" + (f"-{number}" if len(parts) > 1 else "")
+                runs.append(sweep.Run(name, "gossip_run.py", base + overrides + [f"algorithm={algorithm}", f"data_type={data_type}"] + extra,
+                                      {"algorithm": algorithm, "data": data_type}))
+    return runs
+
+
+def best_curve(records: list[dict]):
+    """(tags of the best setting, [(bits, error)]): the setting with the lowest final error."""
+    finals = [r for r in records if r["name"] == "final_error"]
+    if not finals:
+        return None, []
+    best = min(finals, key=lambda r: r["value"] if math.isfinite(r["value"]) else math.inf)
+    points = [(r["bits"], r["value"]) for r in records if r["name"] == "error" and r["tags"] == best["tags"]]
+    return best["tags"], points
+
+
+def bits_to_reach(points, target: float) -> float:
+    """Bits per worker at the first logged step whose error is <= target x the starting error."""
+    start = points[0][1]
+    return next((bits for bits, error in points if error <= target * start), math.inf)
+
+
+def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
+    os.makedirs(folder, exist_ok=True)
+    rows, settings = [], []
+    for data_type in sorted({o.run.labels["data"] for o in outcomes}):
+        figure, axis = plt.subplots(figsize=(7, 5))
+        algorithms = [a for a in gossip_run.ALGORITHMS if any(o.run.labels == {"algorithm": a, "data": data_type} for o in outcomes)]
+        for algorithm in algorithms:
+            parts = [o for o in outcomes if o.run.labels == {"algorithm": algorithm, "data": data_type}]
+            tags, points = best_curve([r for o in parts for r in sweep.metrics(o)])  # best over all its runs
+            if not points:
+                rows.append([data_type, algorithm, "failed" if any(o.status == "failed" for o in parts) else "no data", "", ""])
+                continue
+            start = points[0][1]
+            reach = bits_to_reach(points, TARGET)
+            rows.append([data_type, algorithm, "not reached" if math.isinf(reach) else f"{reach:.4g}",
+                         f"{points[-1][1] / start:.3g}", f"{points[-1][0]:.4g}"])
+            settings.append([data_type, algorithm, tags.get("diffusion_rate"), tags.get("theta")])
+            bits, errors = zip(*[(b, e / start) for b, e in points if b > 0])
+            axis.plot(bits, errors, label=algorithm, linestyle="--" if "power" in algorithm else "-")
+        axis.set(xscale="log", yscale="log", xlabel="bits sent per worker", ylabel="error / starting error",
+                 title=f"consensus, 8-worker ring, {data_type} data (best setting per method)")
+        axis.axhline(TARGET, color="gray", linewidth=0.5)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, ncol=2)
+        figure.tight_layout()
+        figure.savefig(os.path.join(folder, f"error_vs_bits_{data_type}.png"), dpi=120)
+        plt.close(figure)
+    sweep.write_table(folder, "bits_to_1e-6", ["data", "algorithm", f"bits to reach {TARGET:g} relative error",
+                                               "final relative error", "bits at the end"], rows)
+    sweep.write_table(folder, "best_settings", ["data", "algorithm", "diffusion_rate", "theta"], settings)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced grids and steps")
+    parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--output", default=None, help="folder for runs and results")
+    parser.add_argument("--data", default=",".join(DATA_TYPES), help="data types, comma-separated")
+    parser.add_argument("overrides", nargs="*", help="extra key=value for every run")
+    args = parser.parse_args()
+    folder = args.output or os.path.join(sweep.RESULTS, "consensus" + ("_quick" if args.quick else ""))
+    runs = study_runs(args.quick, args.overrides, args.data.split(","))
+    outcomes = sweep.launch(runs, os.path.join(folder, "runs"), args.processes, jobs=args.jobs)
+    for row in write_results(outcomes, folder):
+        print(" | ".join(str(cell) for cell in row))
+    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+
+
+if __name__ == "__main__":
+    main()
