@@ -22,19 +22,20 @@ import torch
 
 class WorkerRandom:
     """One random stream per worker, seeded by (seed, worker): the same numbers for a
-    worker in every launch layout. `uniform(shape)` returns `[L, *shape]` in [0, 1)."""
+    worker in every launch layout on the same kind of device (a GPU's generator gives
+    other numbers than the CPU's). `uniform(shape)` returns `[L, *shape]` in [0, 1)."""
 
     def __init__(self, seed: int, workers: range, device: torch.device, purpose: int = 0):
-        self.device = device
+        self.device = torch.device(device)
         self.generators = []
         for worker in workers:
-            generator = torch.Generator(device="cpu")
+            generator = torch.Generator(device=self.device)
             generator.manual_seed(int(np.random.SeedSequence([seed, purpose, worker]).generate_state(1, np.uint64)[0] >> 1))
             self.generators.append(generator)
 
     def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
-        # Drawn on the CPU so that CPU and GPU runs see the same numbers.
-        return torch.stack([torch.rand(shape, generator=g) for g in self.generators]).to(self.device)
+        # Drawn where they are used: drawing on the CPU and copying was the bottleneck on GPUs.
+        return torch.stack([torch.rand(shape, generator=g, device=self.device) for g in self.generators])
 
     def state_dict(self) -> dict:
         return {"generators": [g.get_state() for g in self.generators]}

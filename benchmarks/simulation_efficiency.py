@@ -10,6 +10,7 @@ simulation / ceiling. Peak GPU memory is reported for each.
     python benchmarks/simulation_efficiency.py                         # ResNet-20, 16 workers
     python benchmarks/simulation_efficiency.py --architectures resnet20,resnet18 --optimizers power-gossip,dpsgd,choco
     python benchmarks/simulation_efficiency.py --quick                 # reduced run for CPU (CI)
+    mpirun -np 16 python benchmarks/simulation_efficiency.py --no-ceiling --dtypes float32   # processes sharing a GPU
 """
 from __future__ import annotations
 
@@ -88,20 +89,20 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, device, steps) 
     reset_peak(device)
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
-    workers = StackedReplicas(models.build(architecture), n_workers, comm.device)
+    workers = StackedReplicas(models.build(architecture), comm.num_local, comm.device)
     cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, **GOSSIP[optimizer]))
     gossip = train.build_gossip(cfg, comm, topologies.build("ring", n_workers))
     dpsgd = algorithms.DPSGD(gossip)
     momenta = [torch.zeros_like(p) for p in workers.params]
     decays = [0.0 if p.dim() == 2 else 1e-4 for p in workers.params]
-    x = torch.randn(n_workers, batch, 3, 32, 32, device=comm.device)
-    y = torch.randint(0, 10, (n_workers, batch), device=comm.device)
+    x = torch.randn(comm.num_local, batch, 3, 32, 32, device=comm.device)
+    y = torch.randint(0, 10, (comm.num_local, batch), device=comm.device)
 
     def step():
         dpsgd.step(workers.params, lambda: train.forward_backward(workers, x, y, None, cfg, False),
                    lambda: train.nesterov_sgd_step(workers.params, workers.grads, momenta, 0.01, 0.9, decays))
 
-    return images_per_second(step, n_workers * batch, comm.device, steps), peak_memory_gb(comm.device)
+    return images_per_second(step, n_workers * batch, comm.device, steps), peak_memory_gb(comm.device)  # all processes' images
 
 
 def main():
@@ -114,27 +115,32 @@ def main():
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="CPU: ResNet-20, 2 workers x 8 images, 2 steps")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the single-model ceiling (under mpirun)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.quick:
         args.n_workers, args.batch_size, args.steps, args.dtypes = 2, 8, 2, "float32"
-    device = comm_module.init_distributed(args.device).device
+    context = comm_module.init_distributed(args.device)
+    device = context.device
+    say = print if context.rank == 0 else (lambda *a, **k: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"simulation efficiency: {args.n_workers} workers x batch {args.batch_size} in one process vs one model at "
+    say(f"{context.world_size} process(es), backend {context.backend}")
+    say(f"simulation efficiency: {args.n_workers} workers x batch {args.batch_size} in one process vs one model at "
           f"batch {args.n_workers * args.batch_size} (bf16, channels_last); {name}; torch {torch.__version__}; "
           f"{datetime.date.today().isoformat()}")
     rows = []
     for architecture in args.architectures.split(","):
-        top, top_memory = ceiling(architecture, args.n_workers * args.batch_size, device, args.steps)
-        print(f"\n{architecture}: ceiling {top:,.0f} images/s (peak {top_memory:.1f} GB)")
-        print(f"{'optimizer':14s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'peak GB':>8s}")
+        top, top_memory = (float("nan"), float("nan")) if args.no_ceiling else \
+            ceiling(architecture, args.n_workers * args.batch_size, device, args.steps)
+        say(f"\n{architecture}: ceiling {top:,.0f} images/s (peak {top_memory:.1f} GB)")
+        say(f"{'optimizer':14s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'peak GB':>8s}")
         for optimizer in args.optimizers.split(","):
             for dtype in args.dtypes.split(","):
                 rate, memory = simulation(architecture, args.n_workers, args.batch_size, optimizer, dtype, device, args.steps)
-                print(f"{optimizer:14s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {memory:8.1f}")
+                say(f"{optimizer:14s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {memory:8.1f}")
                 rows.append({"architecture": architecture, "optimizer": optimizer, "dtype": dtype, "images_per_s": rate,
                              "ceiling_images_per_s": top, "ratio": rate / top, "peak_gb": memory, "ceiling_peak_gb": top_memory})
-    if args.json:
+    if args.json and context.rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),

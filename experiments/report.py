@@ -29,7 +29,11 @@ def summarize(outcomes: list[sweep.Outcome], metric: str = "accuracy") -> list[d
         records = sweep.metrics(outcome)
         test_avg = curve(records, metric, "test_avg")
         final_epoch, final_value, final_mb = test_avg[-1] if test_avg else (0, float("nan"), float("nan"))
-        rows.append({**outcome.run.labels, "run": outcome.run.name, "status": outcome.status, "epochs": final_epoch,
+        status = outcome.status
+        failure = os.path.join(outcome.folder, "FAILED")
+        if status == "failed" and os.path.exists(failure) and "FloatingPointError" in open(failure).read():
+            status = "diverged (NaN loss)"
+        rows.append({**outcome.run.labels, "run": outcome.run.name, "status": status, "epochs": final_epoch,
                      "test_avg": final_value, "mb_per_epoch": final_mb / final_epoch if final_epoch else float("nan"),
                      "seconds": outcome.seconds})
     return rows

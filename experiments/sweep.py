@@ -86,6 +86,17 @@ def launch(runs: list[Run], folder: str, processes: int | None = None, timeout: 
     return ordered
 
 
+def collect(runs: list[Run], folder: str) -> list[Outcome]:
+    """Outcomes of runs launched before (DONE / FAILED markers), without launching anything."""
+    outcomes = []
+    for run in runs:
+        run_folder = os.path.join(folder, run.name)
+        status = "done" if os.path.exists(os.path.join(run_folder, "DONE")) else \
+            "failed" if os.path.exists(os.path.join(run_folder, "FAILED")) else "missing"
+        outcomes.append(Outcome(run, run_folder, status))
+    return outcomes
+
+
 def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | None):
     """Start one run as a subprocess whose output goes to run_folder/output.log."""
     os.makedirs(run_folder, exist_ok=True)
