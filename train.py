@@ -76,6 +76,7 @@ config = dict(
     spectrum_logging_worker_pairs=[],  # [[i, j], ...] worker pairs for the spectra
     device="auto",  # auto, cpu, cuda or cuda:K
     dtype="float32",  # float32, or bfloat16 (autocast for compute; parameters stay float32)
+    stacked_compute="loop",  # local workers' forward/backward: loop (one replica after the other) or vmap (batched; image models)
     data_dir=None,  # folder with the data set's files (null: the default places)
     augment=None,  # random crop + flip (null: on for CIFAR-10 only)
     gradient_clipping=None,  # clip each worker's gradient norm (the LSTM: 0.4)
@@ -110,6 +111,9 @@ def main():
     started = time.time()
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
     is_root = comm.rank == 0
+    if is_root:
+        print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
+              f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
     topology = topologies.build(cfg["topology"], cfg["n_workers"])
 
     # Data, partitioned over all workers; this process loads its local block.
@@ -211,12 +215,14 @@ def validated(cfg: dict) -> dict:
     runs.check_config(_DEFAULTS, cfg)
     cfg = dict(cfg)
     choices = {"task": data.TASKS, "task_architecture": models.NAMES, "optimizer": OPTIMIZERS,
-               "dtype": ("float32", "bfloat16")}
+               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise runs.ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
     if (cfg["task"] == "wikitext2") != (cfg["task_architecture"] == "lstm"):
         raise runs.ConfigError("task=wikitext2 goes with task_architecture=lstm, and lstm with wikitext2 only")
+    if cfg["stacked_compute"] == "vmap" and (cfg["task_architecture"] == "lstm" or cfg["dtype"] != "float32"):
+        raise runs.ConfigError("stacked_compute=vmap runs image models in float32; use stacked_compute=loop for the LSTM or bfloat16")
     positive = ["batch_size", "num_epochs", "n_workers", "optimizer_rank", "optimizer_num_iterations", "bptt",
                 "evaluation_batch_size", "optimizer_qsgd_levels"]
     for key in positive:
@@ -297,6 +303,10 @@ def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
 def forward_backward(workers: StackedReplicas, x, y, hidden, cfg, language_model):
     """Gradients of every local worker's loss at its own parameters (into workers.grads).
     Returns per-worker loss, correct predictions and counts, and the LSTM's hidden states."""
+    if cfg["stacked_compute"] == "vmap":
+        losses, corrects = workers.vmapped_gradients(x, y)
+        count = torch.full((len(workers),), float(y[0].numel()), device=x.device)
+        return losses.float(), corrects.float(), count, None
     workers.zero_grad()
     losses, corrects = [], []
     new_hidden = []

@@ -84,13 +84,13 @@ def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
     return images_per_second(step, batch, device, steps), peak_memory_gb(device)
 
 
-def simulation(architecture, n_workers, batch, optimizer, dtype, device, steps) -> tuple[float, float]:
+def simulation(architecture, n_workers, batch, optimizer, dtype, compute, device, steps) -> tuple[float, float]:
     """train.py's step over n_workers stacked replicas in one process, gossip included."""
     reset_peak(device)
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
     workers = StackedReplicas(models.build(architecture), comm.num_local, comm.device)
-    cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, **GOSSIP[optimizer]))
+    cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, stacked_compute=compute, **GOSSIP[optimizer]))
     gossip = train.build_gossip(cfg, comm, topologies.build("ring", n_workers))
     dpsgd = algorithms.DPSGD(gossip)
     momenta = [torch.zeros_like(p) for p in workers.params]
@@ -113,6 +113,7 @@ def main():
     parser.add_argument("--architectures", default="resnet20")
     parser.add_argument("--optimizers", default="power-gossip")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--computes", default="loop,vmap", help="train.py's stacked_compute values to compare")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="CPU: ResNet-20, 2 workers x 8 images, 2 steps")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the single-model ceiling (under mpirun)")
@@ -133,13 +134,22 @@ def main():
         top, top_memory = (float("nan"), float("nan")) if args.no_ceiling else \
             ceiling(architecture, args.n_workers * args.batch_size, device, args.steps)
         say(f"\n{architecture}: ceiling {top:,.0f} images/s (peak {top_memory:.1f} GB)")
-        say(f"{'optimizer':14s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'peak GB':>8s}")
+        say(f"{'optimizer':14s} {'compute':8s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'peak GB':>8s}")
         for optimizer in args.optimizers.split(","):
-            for dtype in args.dtypes.split(","):
-                rate, memory = simulation(architecture, args.n_workers, args.batch_size, optimizer, dtype, device, args.steps)
-                say(f"{optimizer:14s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {memory:8.1f}")
-                rows.append({"architecture": architecture, "optimizer": optimizer, "dtype": dtype, "images_per_s": rate,
-                             "ceiling_images_per_s": top, "ratio": rate / top, "peak_gb": memory, "ceiling_peak_gb": top_memory})
+            for compute in args.computes.split(","):
+                for dtype in args.dtypes.split(","):
+                    if compute == "vmap" and dtype != "float32":
+                        continue  # train.py refuses it (see stacked_compute)
+                    try:
+                        rate, memory = simulation(architecture, args.n_workers, args.batch_size, optimizer, dtype, compute,
+                                                  device, args.steps)
+                    except RuntimeError as failure:  # report and go on (e.g. a dtype a kernel lacks)
+                        say(f"{optimizer:14s} {compute:8s} {dtype:9s} failed: {str(failure).splitlines()[0][:80]}")
+                        continue
+                    say(f"{optimizer:14s} {compute:8s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {memory:8.1f}")
+                    rows.append({"architecture": architecture, "optimizer": optimizer, "compute": compute, "dtype": dtype,
+                                 "images_per_s": rate, "ceiling_images_per_s": top, "ratio": rate / top, "peak_gb": memory,
+                                 "ceiling_peak_gb": top_memory})
     if args.json and context.rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -108,7 +108,8 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
                          f"{points[-1][1] / start:.3g}", f"{points[-1][0]:.4g}"])
             settings.append([data_type, algorithm, tags.get("diffusion_rate"), tags.get("theta")])
             bits, errors = zip(*[(b, e / start) for b, e in points if b > 0])
-            axis.plot(bits, errors, label=algorithm, linestyle="--" if "power" in algorithm else "-")
+            color = plt.cm.tab20(gossip_run.ALGORITHMS.index(algorithm) / len(gossip_run.ALGORITHMS))
+            axis.plot(bits, errors, label=algorithm, color=color, linestyle="--" if "power" in algorithm else "-")
         axis.set(xscale="log", yscale="log", xlabel="bits sent per worker", ylabel="error / starting error",
                  title=f"consensus, 8-worker ring, {data_type} data (best setting per method)")
         axis.axhline(TARGET, color="gray", linewidth=0.5)

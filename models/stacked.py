@@ -20,6 +20,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _owner(module: nn.Module, dotted_name: str) -> tuple[nn.Module, str]:
@@ -60,6 +61,7 @@ class StackedReplicas:
                 module._buffers[attribute] = buffer_stack[row]
             self.replicas.append(replica)
         self.template = template
+        self._vmapped = None
 
     def __len__(self) -> int:
         return len(self.replicas)
@@ -82,3 +84,27 @@ class StackedReplicas:
         state = dict(zip(self.parameter_names, params)) | dict(zip(self.buffer_names, buffers))
         model.load_state_dict(state, strict=False)
         return model
+
+    def vmapped_gradients(self, x: torch.Tensor, y: torch.Tensor):
+        """Every replica's cross-entropy gradient in one pass: torch.func.vmap over the
+        stacks (convolutions become grouped convolutions; one kernel serves all replicas
+        instead of one per replica). Fills `grads`, updates batch-norm buffers in place,
+        and returns per-replica (loss, correct predictions). float32; the same numbers as
+        the per-replica loop up to float rounding."""
+        from torch.func import functional_call, grad_and_value, vmap
+
+        if self._vmapped is None:
+            template = self.template
+
+            def loss(params, buffers, inputs, targets):
+                logits = functional_call(template, {**params, **buffers}, (inputs,))
+                value = F.cross_entropy(logits.float(), targets)
+                return value, (value.detach(), (logits.argmax(dim=-1) == targets).sum())
+
+            self._vmapped = vmap(grad_and_value(loss, has_aux=True))
+        params = dict(zip(self.parameter_names, self.params))
+        buffers = dict(zip(self.buffer_names, self.buffers))
+        grads, (_, (losses, corrects)) = self._vmapped(params, buffers, x, y)
+        for stack, name in zip(self.grads, self.parameter_names):
+            stack.copy_(grads[name])
+        return losses, corrects

@@ -236,3 +236,13 @@ def test_the_core_imports_without_torchvision():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_vmap_compute_gives_the_loop_numbers(tmp_path, tiny_data):
+    overrides = common(tiny_data) + ["optimizer=power-gossip"]
+    run(str(tmp_path / "loop"), overrides)
+    run(str(tmp_path / "vmap"), overrides + ["stacked_compute=vmap"])
+    loop, vmapped = comparable(tmp_path / "loop"), comparable(tmp_path / "vmap")
+    assert [r[:3] for r in loop] == [r[:3] for r in vmapped]
+    for a, b in zip(loop, vmapped):
+        assert a[3] == pytest.approx(b[3], rel=1e-4, abs=1e-4), (a, b)
