@@ -228,91 +228,86 @@ class PowerGossip(GossipAlgorithm):
         self.iteration += self.num_iterations
 
 
-class ChocoGossip(GossipAlgorithm):
+class CompressedGossip(GossipAlgorithm):
+    """What Choco and DeepSqueeze share: a compressor (with per-worker randomness when
+    it needs some), one compressed message per worker per round, and per-worker state
+    tensors (named in `state_names`) that state_dict saves."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, comm, topology, compressor: Compressor, diffusion_rate: float = 1.0, seed: int = 0):
+        super().__init__(comm, topology, diffusion_rate)
+        self._require_symmetric()
+        self.compressor = compressor
+        self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, COMPRESSOR_STREAM) \
+            if compressor.needs_randomness else None
+        self.state = None  # name -> list of [L, ...] tensors, created at the first step
+
+    def _ensure_state(self, params):
+        if self.state is None:
+            self.state = {name: [torch.zeros_like(x) for x in params] for name in self.state_names}
+
+    def _compress_and_exchange(self, tensors):
+        """C(tensors) as this worker reconstructs it `[L, ...]`, and its neighbours' `[H, ...]`."""
+        shapes = [t.shape[1:] for t in tensors]
+        payload = self.compressor.compress(tensors, self.randomness)
+        own = self.compressor.decompress(payload, shapes)
+        neighbors = self.compressor.decompress(self.comm.exchange(self.topology, payload, per="worker"), shapes)
+        return own, neighbors
+
+    def state_dict(self):
+        state = {} if self.state is None else {name: [t.clone() for t in ts] for name, ts in self.state.items()}
+        if self.randomness is not None:
+            state["randomness"] = self.randomness.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        if all(name in state for name in self.state_names):
+            self.state = {name: [t.to(self.comm.device).clone() for t in state[name]] for name in self.state_names}
+        if self.randomness is not None:
+            self.randomness.load_state_dict(state["randomness"])
+
+
+class ChocoGossip(CompressedGossip):
     """Choco-Gossip (Koloskova et al. 2019, Algorithm 1 with the s_i bookkeeping):
     q_i = C(x_i - x_hat_i); send q_i; x_hat_i += q_i;
     s_i += sum_{j in N(i) + i} w_ij q_j; x_i += gamma (s_i - x_hat_i).
     gamma needs tuning per compressor (REFERENCE.md lists the paper's values)."""
 
-    def __init__(self, comm, topology, compressor: Compressor, diffusion_rate: float = 1.0, seed: int = 0):
-        super().__init__(comm, topology, diffusion_rate)
-        self._require_symmetric()
-        self.compressor = compressor
-        self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, COMPRESSOR_STREAM) \
-            if compressor.needs_randomness else None
-        self.x_hat, self.s = None, None
+    state_names = ("x_hat", "s")
 
     def step(self, params):
         if not params:
             return
-        if self.x_hat is None:
-            self.x_hat = [torch.zeros_like(x) for x in params]
-            self.s = [torch.zeros_like(x) for x in params]
+        self._ensure_state(params)
         edges = self.comm.half_edges(self.topology)
-        shapes = [x.shape[1:] for x in params]
-        payload = self.compressor.compress([x - h for x, h in zip(params, self.x_hat)], self.randomness)
-        own = self.compressor.decompress(payload, shapes)
-        neighbors = self.compressor.decompress(self.comm.exchange(self.topology, payload, per="worker"), shapes)
-        for x, x_hat, s, q_own, q_neighbors in zip(params, self.x_hat, self.s, own, neighbors):
+        x_hats, ss = self.state["x_hat"], self.state["s"]
+        own, neighbors = self._compress_and_exchange([x - h for x, h in zip(params, x_hats)])
+        for x, x_hat, s, q_own, q_neighbors in zip(params, x_hats, ss, own, neighbors):
             x_hat += q_own
             self_weight = edges.weight_self.view((-1,) + (1,) * (x.dim() - 1))
             s += self_weight * q_own + self._neighbor_average(edges, q_neighbors)
             x += self.diffusion_rate * (s - x_hat)
 
-    def state_dict(self):
-        state = {} if self.x_hat is None else {"x_hat": [t.clone() for t in self.x_hat], "s": [t.clone() for t in self.s]}
-        if self.randomness is not None:
-            state["randomness"] = self.randomness.state_dict()
-        return state
 
-    def load_state_dict(self, state):
-        if "x_hat" in state:
-            self.x_hat = [t.to(self.comm.device).clone() for t in state["x_hat"]]
-            self.s = [t.to(self.comm.device).clone() for t in state["s"]]
-        if self.randomness is not None:
-            self.randomness.load_state_dict(state["randomness"])
-
-
-class DeepSqueezeGossip(GossipAlgorithm):
+class DeepSqueezeGossip(CompressedGossip):
     """DeepSqueeze (Tang et al. 2019) with error feedback:
     v_i = x_i + delta_i; c_i = C(v_i); delta_i = v_i - c_i; send c_i;
     x_i += -gamma (1 - w_ii) c_i + gamma sum_{j in N(i)} w_ij c_j."""
 
-    def __init__(self, comm, topology, compressor: Compressor, diffusion_rate: float = 1.0, seed: int = 0):
-        super().__init__(comm, topology, diffusion_rate)
-        self._require_symmetric()
-        self.compressor = compressor
-        self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, COMPRESSOR_STREAM) \
-            if compressor.needs_randomness else None
-        self.delta = None
+    state_names = ("delta",)
 
     def step(self, params):
         if not params:
             return
-        if self.delta is None:
-            self.delta = [torch.zeros_like(x) for x in params]
+        self._ensure_state(params)
         edges = self.comm.half_edges(self.topology)
-        shapes = [x.shape[1:] for x in params]
-        v = [x + d for x, d in zip(params, self.delta)]
-        payload = self.compressor.compress(v, self.randomness)
-        own = self.compressor.decompress(payload, shapes)
-        neighbors = self.compressor.decompress(self.comm.exchange(self.topology, payload, per="worker"), shapes)
-        for x, delta, v_i, c_own, c_neighbors in zip(params, self.delta, v, own, neighbors):
+        v = [x + d for x, d in zip(params, self.state["delta"])]
+        own, neighbors = self._compress_and_exchange(v)
+        for x, delta, v_i, c_own, c_neighbors in zip(params, self.state["delta"], v, own, neighbors):
             delta.copy_(v_i - c_own)
             outgoing = (1 - edges.weight_self).view((-1,) + (1,) * (x.dim() - 1))
             x += self.diffusion_rate * (self._neighbor_average(edges, c_neighbors) - outgoing * c_own)
-
-    def state_dict(self):
-        state = {} if self.delta is None else {"delta": [t.clone() for t in self.delta]}
-        if self.randomness is not None:
-            state["randomness"] = self.randomness.state_dict()
-        return state
-
-    def load_state_dict(self, state):
-        if "delta" in state:
-            self.delta = [t.to(self.comm.device).clone() for t in state["delta"]]
-        if self.randomness is not None:
-            self.randomness.load_state_dict(state["randomness"])
 
 
 class MoniquaGossip(GossipAlgorithm):

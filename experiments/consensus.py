@@ -21,7 +21,6 @@ relative to the start), best_settings.md/.csv.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -125,19 +124,11 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced grids and steps")
-    parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and figures from earlier runs")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--output", default=None, help="folder for runs and results")
+    parser = sweep.study_arguments(__doc__, quick_help="reduced grids and steps")
     parser.add_argument("--data", default=",".join(DATA_TYPES), help="data types, comma-separated")
-    parser.add_argument("overrides", nargs="*", help="extra key=value for every run")
     args = parser.parse_args()
     folder = args.output or os.path.join(sweep.RESULTS, "consensus" + ("_quick" if args.quick else ""))
-    runs = study_runs(args.quick, args.overrides, args.data.split(","))
-    launch = sweep.collect if args.report_only else lambda r, f: sweep.launch(r, f, args.processes, jobs=args.jobs)
-    outcomes = launch(runs, os.path.join(folder, "runs"))
+    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.data.split(",")), folder)
     for row in write_results(outcomes, folder):
         print(" | ".join(str(cell) for cell in row))
     sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)

@@ -14,7 +14,6 @@ Results: experiments/results/deep_learning[_quick]/ (table.md, table.csv, test_a
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -50,18 +49,9 @@ def study_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a reduced run for a 2-core CPU")
-    parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")
-    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and figures from earlier runs")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (several fit on one GPU)")
-    parser.add_argument("--output", default=None, help="folder for runs and results (default experiments/results/...)")
-    parser.add_argument("overrides", nargs="*", help="extra key=value for every run (e.g. device=cuda data_dir=...)")
-    args = parser.parse_args()
+    args = sweep.study_arguments(__doc__).parse_args()
     folder = args.output or os.path.join(sweep.RESULTS, "deep_learning" + ("_quick" if args.quick else ""))
-    runs = study_runs(args.quick, args.overrides)
-    launch = sweep.collect if args.report_only else lambda r, f: sweep.launch(r, f, args.processes, jobs=args.jobs)
-    outcomes = launch(runs, os.path.join(folder, "runs"))
+    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
     rows = report.write_report(outcomes, folder, "Fashion-MNIST, small CNN, 8-worker ring", ["method"],
                                notes="Paper (CIFAR-10 ResNet-18, 16-ring, 300 epochs): uncompressed 92.1% at 102 MB/epoch; "
                                      "Choco 92.0% at 3.2 MB; Moniqua 90.7% at 6.4 MB; DeepSqueeze 91.2% at 3.2 MB; "

@@ -112,6 +112,27 @@ def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | 
     return process, time.time(), command, log
 
 
+def study_arguments(description: str, quick_help: str = "a reduced run for a 2-core CPU"):
+    """The command line every study script shares."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild tables and figures from earlier runs")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (several fit on one GPU)")
+    parser.add_argument("--output", default=None, help="folder for runs and results (default experiments/results/...)")
+    parser.add_argument("overrides", nargs="*", help="extra key=value for every run (e.g. device=cuda data_dir=...)")
+    return parser
+
+
+def launch_or_collect(args, runs: list[Run], folder: str) -> list[Outcome]:
+    """Launch the runs as the study's arguments say, or only collect them (--report-only)."""
+    if args.report_only:
+        return collect(runs, os.path.join(folder, "runs"))
+    return launch(runs, os.path.join(folder, "runs"), args.processes, jobs=args.jobs)
+
+
 def metrics(outcome: Outcome) -> list[dict]:
     """The run's metric records ([] for a failed run)."""
     path = os.path.join(outcome.folder, "metrics.jsonl")
