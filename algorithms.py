@@ -101,10 +101,9 @@ class SimpleGossip(GossipAlgorithm):
             return
         edges = self.comm.half_edges(self.topology)
         received = self.comm.exchange(self.topology, params, per="worker")
-        outgoing = (1 - edges.weight_self).view(-1, *([1] * (params[0].dim() - 1)))
         for x, from_neighbors in zip(params, received):
-            outgoing_x = outgoing.view((-1,) + (1,) * (x.dim() - 1))
-            x += self.diffusion_rate * (self._neighbor_average(edges, from_neighbors) - outgoing_x * x)
+            outgoing = (1 - edges.weight_self).view((-1,) + (1,) * (x.dim() - 1))  # sum_{j in N(i)} w_ij
+            x += self.diffusion_rate * (self._neighbor_average(edges, from_neighbors) - outgoing * x)
 
 
 class PowerGossip(GossipAlgorithm):
@@ -139,6 +138,7 @@ class PowerGossip(GossipAlgorithm):
         self.iteration = 0  # runs on across steps (the sign of the next power-iteration half-step)
         self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
         self.p, self.q, self.generators = None, None, None
+        self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
 
     # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
@@ -182,7 +182,7 @@ class PowerGossip(GossipAlgorithm):
     def step(self, params):
         if self.groups is None:
             self._init_state(params)
-            pending = getattr(self, "_pending_state", None)
+            pending = self._pending_state
             if pending is not None:
                 self.p = [p.to(self.comm.device) for p in pending["p"]]
                 self.q = [q.to(self.comm.device) for q in pending["q"]]
