@@ -48,13 +48,12 @@ def orthogonalize_(matrices: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return matrices
 
 
-def sum_into_workers(edges, values: torch.Tensor, coefficients: torch.Tensor, num_local: int) -> torch.Tensor:
-    """`out[l] = sum over half-edges h of worker l of coefficients[h] * values[h]`.
-
-    One matrix product, summing each worker's half-edges in their fixed order."""
-    weights = torch.zeros((num_local, edges.num), dtype=values.dtype, device=values.device)
-    weights[edges.local_sender, torch.arange(edges.num, device=values.device)] = coefficients.to(values.dtype)
-    return (weights @ values.reshape(edges.num, -1)).reshape((num_local,) + tuple(values.shape[1:]))
+def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`out[l] = sum over half-edges h of weights[l, h] * values[h]` for `weights` `[L, H]`
+    (nonzero on worker l's own half-edges only) and `values` `[H, ...]`: one matrix
+    product, summing each worker's half-edges in their fixed order."""
+    flat = weights.to(values.dtype) @ values.reshape(values.shape[0], -1)
+    return flat.reshape((weights.shape[0],) + tuple(values.shape[1:]))
 
 
 class GossipAlgorithm:
@@ -81,7 +80,7 @@ class GossipAlgorithm:
 
     def _neighbor_average(self, edges, received: torch.Tensor) -> torch.Tensor:
         """sum_{j in N(i)} w_ij * m_j for every local worker i."""
-        return sum_into_workers(edges, received, edges.weight_in, self.comm.num_local)
+        return sum_into_workers(edges.incoming, received)
 
 
 class AllReduce(GossipAlgorithm):
@@ -190,8 +189,8 @@ class PowerGossip(GossipAlgorithm):
                     generator.set_state(saved)
                 self._pending_state = None
         edges = self.comm.half_edges(self.topology)
-        sign = torch.where(edges.is_lower, 1.0, -1.0).to(self.comm.device)
-        coefficients = self.diffusion_rate * edges.weight_in * sign
+        # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
+        update_weights = edges.incoming * (self.diffusion_rate * torch.where(edges.is_lower, 1.0, -1.0))
 
         for iteration in range(self.iteration, self.iteration + self.num_iterations):
             if iteration == 0:
@@ -222,7 +221,7 @@ class PowerGossip(GossipAlgorithm):
                 lower = edges.is_lower.view(-1, 1, 1, 1)
                 results[g] = torch.where(lower, theirs - mine, mine - theirs)
                 approximation = self.p[g] @ self.q[g].transpose(-1, -2)  # [H, G, m, n] ≈ D
-                change = sum_into_workers(edges, approximation, coefficients, self.comm.num_local)
+                change = sum_into_workers(update_weights, approximation)
                 for position, k in enumerate(indices):
                     params[k] += change[:, position].reshape(params[k].shape)
         self.iteration += self.num_iterations

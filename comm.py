@@ -203,6 +203,9 @@ class HalfEdges:
         self.sends = [W[j, i] > 0 for i, j in pairs]
         self.receives = [W[i, j] > 0 for i, j in pairs]
         self.is_lower = self.self_worker < self.neighbor  # this end holds the smaller worker id
+        # incoming[l, h] = w_ij on worker l's own half-edges: incoming @ messages = sum_j w_ij m_j.
+        self.incoming = torch.zeros((num_local, self.num), dtype=torch.float32, device=device)
+        self.incoming[self.local_sender, torch.arange(self.num, device=device)] = self.weight_in
 
 
 class Communicator:
