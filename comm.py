@@ -237,7 +237,10 @@ class Communicator:
         self.local_workers = range(self.first_worker, self.first_worker + self.num_local)
         self.bytes_sent = np.zeros(self.num_local, dtype=np.int64)
         self.messages_sent = np.zeros(self.num_local, dtype=np.int64)
-        self._plans: dict[int, tuple[object, HalfEdges, _Routes]] = {}
+        self._plan_cache: tuple | None = None  # (topology, HalfEdges, _Routes) of the latest topology
+        # Gloo moves CPU tensors only: GPU tensors are staged through the host.
+        staged = context.backend == "gloo" and self.device.type == "cuda"
+        self._wire_device = torch.device("cpu") if staged else self.device
 
     # --- who lives where -------------------------------------------------------
     def process_of(self, worker: int) -> int:
@@ -251,15 +254,12 @@ class Communicator:
         return self._plan(topology)[0]
 
     def _plan(self, topology) -> tuple[HalfEdges, _Routes]:
-        key = id(topology)
-        cached = self._plans.get(key)
-        if cached is None or cached[0] is not topology:
+        if self._plan_cache is None or self._plan_cache[0] is not topology:  # the graph may change between rounds
             if topology.n_workers != self.n_workers:
                 raise ValueError(f"topology has {topology.n_workers} workers, the job {self.n_workers}")
             edges = HalfEdges(topology, self.first_worker, self.num_local, self.device)
-            cached = (topology, edges, _Routes(edges, self))
-            self._plans = {key: cached}  # the graph may change between rounds: keep the latest
-        return cached[1], cached[2]
+            self._plan_cache = (topology, edges, _Routes(edges, self))
+        return self._plan_cache[1], self._plan_cache[2]
 
     # --- point-to-point ----------------------------------------------------------
     def exchange(self, topology, payloads: list[torch.Tensor], per: str = "half_edge") -> list[torch.Tensor]:
@@ -294,8 +294,7 @@ class Communicator:
         return received
 
     def _exchange_remote(self, routes, row_of_half_edge, payloads, received) -> None:
-        staged = self.context.backend == "gloo" and self.device.type == "cuda"
-        wire_device = torch.device("cpu") if staged else self.device
+        wire_device = self._wire_device
         shapes = [tuple(p.shape[1:]) for p in payloads]
         dtypes = [p.dtype for p in payloads]
         row_bytes = [_row_bytes(p) for p in payloads]
@@ -334,9 +333,7 @@ class Communicator:
         return [total.div(self.n_workers).to(s.dtype) for total, s in zip(sums, stacks)]
 
     def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        staged = self.context.backend == "gloo" and self.device.type == "cuda"
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        flat = flat.cpu() if staged else flat
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(self._wire_device)
         dist.all_reduce(flat)
         flat = flat.to(self.device)
         return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
@@ -346,8 +343,7 @@ class Communicator:
         for stack in stacks:
             source = stack[0].clone()
             if self.world_size > 1:
-                staged = self.context.backend == "gloo" and self.device.type == "cuda"
-                wire = source.cpu() if staged else source
+                wire = source.to(self._wire_device)
                 dist.broadcast(wire, src=0)
                 source = wire.to(self.device)
             stack.copy_(source.unsqueeze(0).expand_as(stack))
@@ -356,8 +352,7 @@ class Communicator:
         """All workers' rows `[n_workers, ...]` on every process (for metrics; not counted)."""
         if self.world_size == 1:
             return stack
-        staged = self.context.backend == "gloo" and self.device.type == "cuda"
-        local = stack.contiguous().cpu() if staged else stack.contiguous()
+        local = stack.contiguous().to(self._wire_device)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
         return torch.cat(parts).to(self.device)

@@ -361,9 +361,5 @@ def check(config) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        config, output_dir = runs.command_line(config, output_dir, sys.argv[1:])
-        check(config)
-    except (ValueError, OSError) as problem:
-        runs.exit_on_config_error("gossip_run.py", problem)
+    config, output_dir = runs.command_line_or_exit("gossip_run.py", config, output_dir, sys.argv[1:], check)
     main()

@@ -120,6 +120,16 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def command_line_or_exit(program: str, defaults: dict, output_dir: str, arguments: list[str], check) -> tuple[dict, str]:
+    """`command_line`, then `check(config)`; a problem ends the program (exit_on_config_error)."""
+    try:
+        config, output_dir = command_line(defaults, output_dir, arguments)
+        check(config)
+    except (ValueError, OSError) as problem:
+        exit_on_config_error(program, problem)
+    return config, output_dir
+
+
 def exit_on_config_error(program: str, problem: Exception) -> None:
     """Print a configuration problem and exit with status 2. Under mpirun every process
     fails the same way: wait (a few seconds at most) until all have printed, so that

@@ -396,6 +396,7 @@ def evaluate(model, dataset, cfg) -> tuple[float, float]:
 def end_of_epoch_metrics(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     """Train and test metrics per worker, of the averaged model, consensus distances, spectra."""
     e = epoch + 1
+    recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
     train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
     for worker, (loss, accuracy) in enumerate(train.tolist()):
         recorder.record("loss", e, loss, {"split": "train", "worker": worker})
@@ -460,7 +461,7 @@ class Recorder:
         self.comm = comm
         self.is_root = comm.rank == 0
         self.last_test_avg = None
-        self.epochs_done = upto_epoch
+        self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()
         if not self.is_root:
             return
         if os.path.exists(os.path.join(output_dir, "summary.json")):
@@ -479,25 +480,27 @@ class Recorder:
         except ImportError:
             self.tensorboard = None
 
+    def count_traffic(self):
+        """Bits and messages sent per worker so far (mean over workers); collective."""
+        totals = np.array([self.comm.bytes_sent.sum() * 8.0, self.comm.messages_sent.sum()], dtype=np.float64)
+        self.bits, self.messages = self.comm.sum_over_processes(totals) / self.comm.n_workers
+
     def record(self, name, epoch, value, tags):
-        bits, messages = self.comm.sum_over_processes(
-            np.array([self.comm.bytes_sent.sum() * 8.0, self.comm.messages_sent.sum()], dtype=np.float64)) / self.comm.n_workers
         if not self.is_root:
             return
-        self.epochs_done = epoch
         if name == "accuracy" and tags.get("split") == "test_avg":
             self.last_test_avg = value
-        values = {"value": float(value), "epoch": float(epoch), "bits": float(bits), "messages": float(messages)}
+        values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
         self.file.write({"name": name, **values, "tags": tags})
         if self.tensorboard is not None and "worker" not in tags:
             self.tensorboard.add_scalar("/".join([name] + [str(v) for v in tags.values()]), value, epoch)
         log_metric(name, values, tags)
 
     def summary(self, cfg, wall_time):
-        bits = self.comm.sum_over_processes(np.array([self.comm.bytes_sent.sum() * 8.0]))[0] / self.comm.n_workers
+        self.count_traffic()
         if not self.is_root:
             return
-        mb_per_epoch = bits / 8 / 1e6 / max(1, cfg["num_epochs"])
+        mb_per_epoch = self.bits / 8 / 1e6 / max(1, cfg["num_epochs"])
         accuracy = "not evaluated" if self.last_test_avg is None else f"{100 * self.last_test_avg:.2f}%"
         with open(os.path.join(output_dir, "summary.json"), "w") as f:  # also marks the run as finished
             json.dump({"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
@@ -621,9 +624,5 @@ class StopRequests:
 
 
 if __name__ == "__main__":
-    try:
-        config, output_dir = runs.command_line(config, output_dir, sys.argv[1:])
-        validated(config)
-    except (ValueError, OSError) as problem:
-        runs.exit_on_config_error("train.py", problem)
+    config, output_dir = runs.command_line_or_exit("train.py", config, output_dir, sys.argv[1:], validated)
     main()

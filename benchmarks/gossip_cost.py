@@ -28,6 +28,7 @@ import comm as comm_module  # noqa: E402
 import models  # noqa: E402
 import topologies  # noqa: E402
 import train  # noqa: E402
+from benchmarks.timing import synchronize  # noqa: E402
 from models.stacked import StackedReplicas  # noqa: E402
 
 ALGORITHMS = {
@@ -40,11 +41,6 @@ ALGORITHMS = {
     "deepsqueeze sign": dict(optimizer="deepsqueeze", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.01),
     "moniqua": dict(optimizer="moniqua", optimizer_theta=0.25, optimizer_diffusion_rate=0.005),
 }
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(fn, device, repetitions: int, warmup: int) -> float:

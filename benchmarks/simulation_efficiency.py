@@ -30,6 +30,7 @@ import comm as comm_module  # noqa: E402
 import models  # noqa: E402
 import topologies  # noqa: E402
 import train  # noqa: E402
+from benchmarks.timing import synchronize  # noqa: E402
 from models.stacked import StackedReplicas  # noqa: E402
 
 GOSSIP = {
@@ -37,11 +38,6 @@ GOSSIP = {
     "dpsgd": dict(optimizer="dpsgd"),
     "choco": dict(optimizer="choco", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.45),
 }
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def images_per_second(step, images_per_step, device, steps, warmup=3) -> float:
