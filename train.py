@@ -76,7 +76,8 @@ config = dict(
     spectrum_logging_worker_pairs=[],  # [[i, j], ...] worker pairs for the spectra
     device="auto",  # auto, cpu, cuda or cuda:K
     dtype="float32",  # float32, or bfloat16 (autocast for compute; parameters stay float32)
-    stacked_compute="loop",  # local workers' forward/backward: loop (one replica after the other) or vmap (batched; image models)
+    stacked_compute="loop",  # local workers' forward/backward: loop (one replica after the other), vmap (batched; image models) or graph (CUDA graph of the loop; image models on a GPU)
+    graph_streams=4,  # stacked_compute=graph: CUDA streams the local workers are spread over (they run side by side)
     data_dir=None,  # folder with the data set's files (null: the default places)
     augment=None,  # random crop + flip (null: on for CIFAR-10 only)
     gradient_clipping=None,  # clip each worker's gradient norm (the LSTM: 0.4)
@@ -215,7 +216,7 @@ def validated(cfg: dict) -> dict:
     runs.check_config(_DEFAULTS, cfg)
     cfg = dict(cfg)
     choices = {"task": data.TASKS, "task_architecture": models.NAMES, "optimizer": OPTIMIZERS,
-               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap")}
+               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise runs.ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -223,7 +224,10 @@ def validated(cfg: dict) -> dict:
         raise runs.ConfigError("task=wikitext2 goes with task_architecture=lstm, and lstm with wikitext2 only")
     if cfg["stacked_compute"] == "vmap" and (cfg["task_architecture"] == "lstm" or cfg["dtype"] != "float32"):
         raise runs.ConfigError("stacked_compute=vmap runs image models in float32; use stacked_compute=loop for the LSTM or bfloat16")
-    positive = ["batch_size", "num_epochs", "n_workers", "optimizer_rank", "optimizer_num_iterations", "bptt",
+    if cfg["stacked_compute"] == "graph" and (cfg["task_architecture"] == "lstm" or not uses_cuda(cfg["device"])):
+        raise runs.ConfigError("stacked_compute=graph records a CUDA graph of image models: it needs a GPU (device=cuda) "
+                               "and an image task; use stacked_compute=loop otherwise")
+    positive = ["batch_size", "num_epochs", "n_workers", "optimizer_rank", "optimizer_num_iterations", "bptt", "graph_streams",
                 "evaluation_batch_size", "optimizer_qsgd_levels"]
     for key in positive:
         if cfg[key] < 1:
@@ -253,6 +257,10 @@ def validated(cfg: dict) -> dict:
 
 
 _DEFAULTS = dict(config)
+
+
+def uses_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def learning_rate_factor(cfg: dict, epoch: float) -> float:
@@ -303,8 +311,12 @@ def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
 def forward_backward(workers: StackedReplicas, x, y, hidden, cfg, language_model):
     """Gradients of every local worker's loss at its own parameters (into workers.grads).
     Returns per-worker loss, correct predictions and counts, and the LSTM's hidden states."""
-    if cfg["stacked_compute"] == "vmap":
-        losses, corrects = workers.vmapped_gradients(x, y)
+    if cfg["stacked_compute"] != "loop":
+        if cfg["stacked_compute"] == "vmap":
+            losses, corrects = workers.vmapped_gradients(x, y)
+        else:
+            losses, corrects = workers.graphed_gradients(x, y, torch.bfloat16 if cfg["dtype"] == "bfloat16" else None,
+                                                         cfg["graph_streams"])
         count = torch.full((len(workers),), float(y[0].numel()), device=x.device)
         return losses.float(), corrects.float(), count, None
     workers.zero_grad()
@@ -329,13 +341,17 @@ def forward_backward(workers: StackedReplicas, x, y, hidden, cfg, language_model
 
 def nesterov_sgd_step(params, grads, momenta, lr, momentum, weight_decays):
     """PyTorch's SGD with Nesterov momentum, on all workers' stacks at once:
-    d = g + wd x; m = mu m + d; x -= lr (d + mu m)."""
-    for x, g, m, wd in zip(params, grads, momenta, weight_decays):
-        d = g.add(x, alpha=wd) if wd else g
+    d = g + wd x; m = mu m + d; x -= lr (d + mu m). One fused (foreach) kernel per
+    operation and weight-decay group instead of one per parameter."""
+    for wd in sorted(set(weight_decays)):
+        group = [k for k, decay in enumerate(weight_decays) if decay == wd]
+        x, g, m = [params[k] for k in group], [grads[k] for k in group], [momenta[k] for k in group]
+        d = torch._foreach_add(g, x, alpha=wd) if wd else g
         if momentum:
-            m.mul_(momentum).add_(d)
-            d = d.add(m, alpha=momentum)
-        x.sub_(d, alpha=lr)
+            torch._foreach_mul_(m, momentum)
+            torch._foreach_add_(m, d)
+            d = torch._foreach_add(d, m, alpha=momentum)
+        torch._foreach_add_(x, d, alpha=-lr)
 
 
 def clip_per_worker(grads, max_norm: float):

@@ -34,7 +34,9 @@ from benchmarks.timing import synchronize  # noqa: E402
 from models.stacked import StackedReplicas  # noqa: E402
 
 GOSSIP = {
+    "no-gossip": dict(optimizer="dpsgd"),  # the same step without its gossip: the compute baseline of the overhead
     "power-gossip": dict(optimizer="power-gossip"),
+    "power-gossip-2": dict(optimizer="power-gossip", optimizer_num_iterations=2),
     "dpsgd": dict(optimizer="dpsgd"),
     "choco": dict(optimizer="choco", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.45),
 }
@@ -80,13 +82,14 @@ def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
     return images_per_second(step, batch, device, steps), peak_memory_gb(device)
 
 
-def simulation(architecture, n_workers, batch, optimizer, dtype, compute, device, steps) -> tuple[float, float]:
+def simulation(architecture, n_workers, batch, optimizer, dtype, compute, streams, device, steps) -> tuple[float, float]:
     """train.py's step over n_workers stacked replicas in one process, gossip included."""
     reset_peak(device)
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
     workers = StackedReplicas(models.build(architecture), comm.num_local, comm.device)
-    cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, stacked_compute=compute, **GOSSIP[optimizer]))
+    cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, stacked_compute=compute, graph_streams=streams,
+                                       device=str(device), **GOSSIP[optimizer]))
     gossip = train.build_gossip(cfg, comm, topologies.build("ring", n_workers))
     dpsgd = algorithms.DPSGD(gossip)
     momenta = [torch.zeros_like(p) for p in workers.params]
@@ -95,8 +98,13 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, compute, device
     y = torch.randint(0, 10, (comm.num_local, batch), device=comm.device)
 
     def step():
-        dpsgd.step(workers.params, lambda: train.forward_backward(workers, x, y, None, cfg, False),
-                   lambda: train.nesterov_sgd_step(workers.params, workers.grads, momenta, 0.01, 0.9, decays))
+        compute = lambda: train.forward_backward(workers, x, y, None, cfg, False)
+        update = lambda: train.nesterov_sgd_step(workers.params, workers.grads, momenta, 0.01, 0.9, decays)
+        if optimizer == "no-gossip":
+            compute()
+            update()
+        else:
+            dpsgd.step(workers.params, compute, update)
 
     return images_per_second(step, n_workers * batch, comm.device, steps), peak_memory_gb(comm.device)  # all processes' images
 
@@ -107,9 +115,12 @@ def main():
     parser.add_argument("--n-workers", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--architectures", default="resnet20")
-    parser.add_argument("--optimizers", default="power-gossip")
+    parser.add_argument("--optimizers", default="no-gossip,power-gossip",
+                        help=f"from {', '.join(GOSSIP)}; no-gossip first gives each the time its gossip adds")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--computes", default="loop,vmap", help="train.py's stacked_compute values to compare")
+    parser.add_argument("--computes", default="loop,vmap,graph", help="train.py's stacked_compute values to compare "
+                        "(graph: CUDA only, skipped elsewhere)")
+    parser.add_argument("--graph-streams", default="4", help="graph_streams values to compare (stacked_compute=graph)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="CPU: ResNet-20, 2 workers x 8 images, 2 steps")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the single-model ceiling (under mpirun)")
@@ -130,22 +141,30 @@ def main():
         top, top_memory = (float("nan"), float("nan")) if args.no_ceiling else \
             ceiling(architecture, args.n_workers * args.batch_size, device, args.steps)
         say(f"\n{architecture}: ceiling {top:,.0f} images/s (peak {top_memory:.1f} GB)")
-        say(f"{'optimizer':14s} {'compute':8s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'peak GB':>8s}")
-        for optimizer in args.optimizers.split(","):
-            for compute in args.computes.split(","):
-                for dtype in args.dtypes.split(","):
-                    if compute == "vmap" and dtype != "float32":
-                        continue  # train.py refuses it (see stacked_compute)
+        say(f"{'optimizer':14s} {'compute':10s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'gossip':>7s} {'peak GB':>8s}")
+        layouts = [(compute, streams) for compute in args.computes.split(",")
+                   for streams in ([int(s) for s in args.graph_streams.split(",")] if compute == "graph" else [1])]
+        for compute, streams in layouts:
+            for dtype in args.dtypes.split(","):
+                if (compute == "vmap" and dtype != "float32") or (compute == "graph" and device.type != "cuda"):
+                    continue  # train.py refuses these (see stacked_compute)
+                label = f"graph/{streams}" if compute == "graph" else compute
+                baseline = float("nan")  # the no-gossip rate of this layout, when measured first
+                for optimizer in args.optimizers.split(","):
                     try:
                         rate, memory = simulation(architecture, args.n_workers, args.batch_size, optimizer, dtype, compute,
-                                                  device, args.steps)
+                                                  streams, device, args.steps)
                     except RuntimeError as failure:  # report and go on (e.g. a dtype a kernel lacks)
-                        say(f"{optimizer:14s} {compute:8s} {dtype:9s} failed: {str(failure).splitlines()[0][:80]}")
+                        say(f"{optimizer:14s} {label:10s} {dtype:9s} failed: {str(failure).splitlines()[0][:80]}")
                         continue
-                    say(f"{optimizer:14s} {compute:8s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {memory:8.1f}")
+                    if optimizer == "no-gossip":
+                        baseline = rate
+                    overhead = baseline / rate - 1  # time the gossip adds to the step without it
+                    say(f"{optimizer:14s} {label:10s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {overhead:7.1%} {memory:8.1f}")
                     rows.append({"architecture": architecture, "optimizer": optimizer, "compute": compute, "dtype": dtype,
-                                 "images_per_s": rate, "ceiling_images_per_s": top, "ratio": rate / top, "peak_gb": memory,
-                                 "ceiling_peak_gb": top_memory})
+                                 "graph_streams": streams if compute == "graph" else None,
+                                 "images_per_s": rate, "ceiling_images_per_s": top, "ratio": rate / top,
+                                 "gossip_overhead": overhead, "peak_gb": memory, "ceiling_peak_gb": top_memory})
     if args.json and context.rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

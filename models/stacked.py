@@ -62,6 +62,7 @@ class StackedReplicas:
             self.replicas.append(replica)
         self.template = template
         self._vmapped = None
+        self._graphed = None  # (key, CapturedStep) of graphed_gradients
 
     def __len__(self) -> int:
         return len(self.replicas)
@@ -108,3 +109,79 @@ class StackedReplicas:
         for stack, name in zip(self.grads, self.parameter_names):
             stack.copy_(grads[name])
         return losses, corrects
+
+    def graphed_gradients(self, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None,
+                          num_streams: int = 4):
+        """Every replica's forward/backward replayed from one CUDA graph (CUDA only).
+
+        The replicas run exactly as in the per-replica loop (their own dense
+        convolutions, batch-norm statistics and losses; the numerics of independent
+        workers), recorded once and then replayed with one launch per step. The
+        replicas are spread over `num_streams` streams inside the graph, so the
+        small per-replica kernels (batch 128 fills a fraction of a GPU) run side by
+        side. Images are laid out channels_last; `autocast_dtype` (e.g. bfloat16)
+        is the compute dtype of torch.autocast, parameters stay float32. Fills
+        `grads`, updates batch-norm buffers in place, returns per-replica
+        (loss, correct predictions). The graph is recorded again when the batch
+        shape or the settings change."""
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), autocast_dtype, num_streams)
+        if self._graphed is None or self._graphed[0] != key:
+            self._graphed = (key, _CapturedStep(self, x, y, autocast_dtype, num_streams))
+        return self._graphed[1].replay(x, y)
+
+
+class _CapturedStep:
+    """The CUDA graph behind StackedReplicas.graphed_gradients, with its static inputs
+    and outputs. Recording runs a few warm-up steps (cuDNN and the allocator need
+    them); the batch-norm buffers they touch are put back afterwards, so recording
+    leaves the replicas as they were."""
+
+    def __init__(self, workers: StackedReplicas, x, y, autocast_dtype, num_streams: int):
+        if x.device.type != "cuda":
+            raise RuntimeError("graphed_gradients records a CUDA graph; its inputs must be on a CUDA device")
+        device, num_replicas = x.device, len(workers)
+        self.x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if x.dim() == 5:  # [L, B, C, H, W]: every replica's batch channels_last
+            self.x = x.new_empty(x.shape[:2] + x.shape[3:] + x.shape[2:3]).permute(0, 1, 4, 2, 3)
+        self.x.copy_(x)
+        self.y = y.clone()
+        self.losses = torch.zeros(num_replicas, device=device)
+        self.corrects = torch.zeros(num_replicas, device=device)
+        streams = [torch.cuda.Stream(device) for _ in range(num_streams)]
+
+        def every_replica():
+            workers.zero_grad()
+            start = torch.cuda.current_stream(device)
+            for stream in streams:
+                stream.wait_stream(start)
+            for row, replica in enumerate(workers.replicas):
+                with torch.cuda.stream(streams[row % num_streams]):
+                    with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                                        cache_enabled=False):  # a graph cannot keep autocast's weight cache
+                        logits = replica(self.x[row])
+                        loss = F.cross_entropy(logits.float(), self.y[row])
+                    loss.backward()
+                    self.losses[row] = loss.detach()
+                    self.corrects[row] = (logits.detach().argmax(dim=-1) == self.y[row]).sum()
+            for stream in streams:
+                start.wait_stream(stream)
+
+        saved_buffers = [b.clone() for b in workers.buffers]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                every_replica()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            every_replica()
+        with torch.no_grad():
+            for buffer, saved in zip(workers.buffers, saved_buffers):
+                buffer.copy_(saved)
+
+    def replay(self, x, y):
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.losses.clone(), self.corrects.clone()

@@ -163,6 +163,9 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"optimizer_keep_ratio": 1.5}, r"\(0, 1\]"),
     ({"optimizer": "choco", "optimizer_compressor": "zip"}, "unknown compressor"),
     ({"optimizer_rank": 0}, "optimizer_rank must be >= 1"),
+    ({"stacked_compute": "graph", "device": "cpu"}, "needs a GPU"),
+    ({"stacked_compute": "graph", "device": "cuda", "task": "wikitext2", "task_architecture": "lstm"}, "image task"),
+    ({"stacked_compute": "graph", "device": "cuda", "graph_streams": 0}, "graph_streams must be >= 1"),
 ])
 def test_bad_configs_fail_before_training(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -186,18 +189,25 @@ def test_learning_rate_schedule():
 
 
 def test_nesterov_step_matches_torch_sgd():
+    """Two parameters in two weight-decay groups (the step fuses each group's ops)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 3)
-    g = torch.randn(2, 5, 3)
-    reference = [torch.nn.Parameter(x[i].clone()) for i in range(2)]
-    sgd = torch.optim.SGD(reference, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
-    ours, momenta = [x.clone()], [torch.zeros_like(x)]
+    xs = [torch.randn(2, 5, 3), torch.randn(2, 4)]
+    gs = [torch.randn(2, 5, 3), torch.randn(2, 4)]
+    decays = [1e-2, 0.0]
+    references, optimizers = [], []
+    for x, decay in zip(xs, decays):
+        reference = [torch.nn.Parameter(x[i].clone()) for i in range(2)]
+        references.append(reference)
+        optimizers.append(torch.optim.SGD(reference, lr=0.1, momentum=0.9, nesterov=True, weight_decay=decay))
+    ours, momenta = [x.clone() for x in xs], [torch.zeros_like(x) for x in xs]
     for _ in range(3):
-        for i, p in enumerate(reference):
-            p.grad = g[i].clone()
-        sgd.step()
-        train.nesterov_sgd_step(ours, [g], momenta, 0.1, 0.9, [1e-2])
-    torch.testing.assert_close(ours[0], torch.stack([p.detach() for p in reference]))
+        for reference, g, sgd in zip(references, gs, optimizers):
+            for i, p in enumerate(reference):
+                p.grad = g[i].clone()
+            sgd.step()
+        train.nesterov_sgd_step(ours, gs, momenta, 0.1, 0.9, decays)
+    for mine, reference in zip(ours, references):
+        torch.testing.assert_close(mine, torch.stack([p.detach() for p in reference]))
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path(train.__file__).parent.glob("experiments/configs/train/*/*.yaml")))
