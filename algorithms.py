@@ -48,12 +48,36 @@ def orthogonalize_(matrices: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return matrices
 
 
+def to_worker_slots(edges, per_edge: torch.Tensor) -> torch.Tensor:
+    """`[H, ..., c]` half-edge rows -> `[L, ..., max_degree * c]`: each worker's half-edges
+    side by side in the last dimension (slot order), zeros in unused slots. With it a
+    worker's sum over its half-edges of a_h b_h^T is one matrix product A_l B_l^T."""
+    H, *middle, c = per_edge.shape
+    num_workers = edges.incoming.shape[0]
+    slots = per_edge.new_zeros((num_workers, edges.max_degree, *middle, c))
+    slots[edges.local_sender, edges.slot] = per_edge
+    return slots.movedim(1, -2).reshape(num_workers, *middle, edges.max_degree * c)
+
+
+def from_worker_slots(edges, slots: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_worker_slots: `[L, ..., max_degree * c]` -> `[H, ..., c]`."""
+    num_workers, *middle, width = slots.shape
+    by_slot = slots.reshape(num_workers, *middle, edges.max_degree, width // edges.max_degree).movedim(-2, 1)
+    return by_slot[edges.local_sender, edges.slot]
+
+
 def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`out[l] = sum over half-edges h of weights[l, h] * values[h]` for `weights` `[L, H]`
     (nonzero on worker l's own half-edges only) and `values` `[H, ...]`: one matrix
     product, summing each worker's half-edges in their fixed order."""
     flat = weights.to(values.dtype) @ values.reshape(values.shape[0], -1)
     return flat.reshape((weights.shape[0],) + tuple(values.shape[1:]))
+
+
+def matrix_view(stack: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """A `[L, ...]` parameter stack as `[L, m, n]` matrices, sharing its memory (PowerGossip
+    writes through it)."""
+    return stack.view(stack.shape[0], m, n)
 
 
 class GossipAlgorithm:
@@ -100,9 +124,12 @@ class SimpleGossip(GossipAlgorithm):
             return
         edges = self.comm.half_edges(self.topology)
         received = self.comm.exchange(self.topology, params, per="worker")
+        keep = 1 - self.diffusion_rate * (1 - edges.weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
         for x, from_neighbors in zip(params, received):
-            outgoing = (1 - edges.weight_self).view((-1,) + (1,) * (x.dim() - 1))  # sum_{j in N(i)} w_ij
-            x += self.diffusion_rate * (self._neighbor_average(edges, from_neighbors) - outgoing * x)
+            # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product, in place
+            rows = x.view(x.shape[0], -1)
+            rows.mul_(keep.to(x.dtype).unsqueeze(1))
+            rows.addmm_(edges.incoming.to(x.dtype), from_neighbors.view(from_neighbors.shape[0], -1), alpha=self.diffusion_rate)
 
 
 class PowerGossip(GossipAlgorithm):
@@ -190,7 +217,7 @@ class PowerGossip(GossipAlgorithm):
                 self._pending_state = None
         edges = self.comm.half_edges(self.topology)
         # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
-        update_weights = edges.incoming * (self.diffusion_rate * torch.where(edges.is_lower, 1.0, -1.0))
+        weight_of_edge = self.diffusion_rate * edges.weight_in * torch.where(edges.is_lower, 1.0, -1.0)
 
         for iteration in range(self.iteration, self.iteration + self.num_iterations):
             if iteration == 0:
@@ -206,12 +233,14 @@ class PowerGossip(GossipAlgorithm):
                 else:
                     orthogonalize_(start)
 
-            stacks = [torch.stack([params[k].reshape(-1, m, n) for k in indices], dim=1)
-                      for indices, m, n, r in self.groups]  # [L, G, m, n]
+            # X^T P (or X Q) for every half-edge: each worker multiplies its X once by its
+            # half-edges' factors side by side (to_worker_slots).
             products = []
-            for x, start in zip(stacks, starts):
-                x_per_edge = x[edges.local_sender]
-                products.append(x_per_edge.transpose(-1, -2) @ start if left else x_per_edge @ start)
+            for (indices, m, n, r), start in zip(self.groups, starts):
+                start_slots = to_worker_slots(edges, start)  # [L, G, m or n, degree r]
+                per_matrix = [torch.bmm(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
+                                        start_slots[:, position]) for position, k in enumerate(indices)]
+                products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
             received = self.comm.exchange(self.topology, products, per="half_edge")
 
             results = self.q if left else self.p
@@ -220,10 +249,11 @@ class PowerGossip(GossipAlgorithm):
                 mine, theirs = products[g], received[g]
                 lower = edges.is_lower.view(-1, 1, 1, 1)
                 results[g] = torch.where(lower, theirs - mine, mine - theirs)
-                approximation = self.p[g] @ self.q[g].transpose(-1, -2)  # [H, G, m, n] ≈ D
-                change = sum_into_workers(update_weights, approximation)
+                # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one in-place matrix product per matrix
+                weighted_p = to_worker_slots(edges, self.p[g] * weight_of_edge.view(-1, 1, 1, 1))
+                q_slots = to_worker_slots(edges, self.q[g])
                 for position, k in enumerate(indices):
-                    params[k] += change[:, position].reshape(params[k].shape)
+                    matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
         self.iteration += self.num_iterations
 
 

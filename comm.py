@@ -203,6 +203,14 @@ class HalfEdges:
         self.sends = [W[j, i] > 0 for i, j in pairs]
         self.receives = [W[i, j] > 0 for i, j in pairs]
         self.is_lower = self.self_worker < self.neighbor  # this end holds the smaller worker id
+        # slot[h]: the position of half-edge h among its worker's half-edges (a worker's
+        # half-edges side by side in `[L, max_degree, ...]`, unused slots left empty).
+        slots, degree_so_far = [], {}
+        for i in self.self_worker_list:
+            slots.append(degree_so_far.get(i, 0))
+            degree_so_far[i] = slots[-1] + 1
+        self.slot = as_long(slots)
+        self.max_degree = max(degree_so_far.values(), default=0)
         # incoming[l, h] = w_ij on worker l's own half-edges: incoming @ messages = sum_j w_ij m_j.
         self.incoming = torch.zeros((num_local, self.num), dtype=torch.float32, device=device)
         self.incoming[self.local_sender, torch.arange(self.num, device=device)] = self.weight_in
@@ -284,6 +292,9 @@ class Communicator:
         np.add.at(self.bytes_sent, routes.sending_worker, bytes_per_message)
         np.add.at(self.messages_sent, routes.sending_worker, 1)
 
+        if routes.all_local:  # one gather per payload, nothing to zero or scatter
+            source_rows = row_of_half_edge[routes.local_sources]
+            return [payload[source_rows] for payload in payloads]
         received = [torch.zeros((edges.num,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device) for p in payloads]
         if routes.local_targets.numel():
             source_rows = row_of_half_edge[routes.local_sources]
@@ -396,6 +407,7 @@ class _Routes:
                 recv_list.append(((i, j), h))
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
         self.local_targets, self.local_sources = as_long(local_targets), as_long(local_sources)
+        self.all_local = local_targets == list(range(edges.num))  # every message stays in this process
         self.peers = {
             peer: (as_long([h for _, h in sorted(sends)]), as_long([h for _, h in sorted(recvs)]))
             for peer, (sends, recvs) in sorted(per_peer.items())

@@ -77,7 +77,7 @@ config = dict(
     device="auto",  # auto, cpu, cuda or cuda:K
     dtype="float32",  # float32, or bfloat16 (autocast for compute; parameters stay float32)
     stacked_compute="loop",  # local workers' forward/backward: loop (one replica after the other), vmap (batched; image models) or graph (CUDA graph of the loop; image models on a GPU)
-    graph_streams=4,  # stacked_compute=graph: CUDA streams the local workers are spread over (they run side by side)
+    graph_streams=8,  # stacked_compute=graph: CUDA streams the local workers are spread over (they run side by side)
     data_dir=None,  # folder with the data set's files (null: the default places)
     augment=None,  # random crop + flip (null: on for CIFAR-10 only)
     gradient_clipping=None,  # clip each worker's gradient norm (the LSTM: 0.4)
@@ -148,7 +148,8 @@ def main():
         runs.write_config(output_dir, cfg)
 
     stop = StopRequests()
-    timers = Timers()
+    timers = Timers(comm.device)
+    loss_check = FiniteLossCheck(comm.device, comm, checkpoints.folder)
     progress = progress_bar(is_root, cfg["num_epochs"] * batches_per_epoch, start_epoch * batches_per_epoch + start_step)
     language_model = dataset.is_language_model
 
@@ -177,16 +178,13 @@ def main():
             with timers("gossip_and_step"):
                 losses, corrects, counts, hidden = dpsgd.step(workers.params, compute_gradients, apply_update)
             totals.add(losses, corrects, counts)
-            if not torch.isfinite(losses).all():
-                raise FloatingPointError(
-                    f"the loss became {losses.tolist()} at epoch {epoch} step {step} (local workers "
-                    f"{comm.first_worker}..{comm.first_worker + comm.num_local - 1}); the last good checkpoint is kept in "
-                    f"{checkpoints.folder} — lower learning_rate or optimizer_diffusion_rate")
+            loss_check.watch(losses, epoch, step)
             if progress is not None:
                 progress.update(1)
-                if step % 10 == 0:
-                    progress.set_postfix(loss=f"{losses.mean().item():.3f}", MB_sent=f"{comm.bytes_sent[0] / 1e6:.1f}")
+                if step % 10 == 0:  # the previous step's mean loss: reading it does not wait
+                    progress.set_postfix(loss=f"{loss_check.mean_loss:.3f}", MB_sent=f"{comm.bytes_sent[0] / 1e6:.1f}")
             if stop.requested(comm):
+                loss_check.finish()
                 totals.hidden = hidden
                 checkpoints.save(snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals))
                 comm.barrier()
@@ -196,6 +194,7 @@ def main():
                 sys.exit(128 + stop.signal_number)
             log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
 
+        loss_check.finish()
         with timers("evaluation"):
             end_of_epoch_metrics(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
@@ -533,32 +532,72 @@ class Recorder:
 
 
 class Timers:
-    """Wall-clock timers by label (synchronizing the GPU around each measurement)."""
+    """Time per labelled section. On a GPU, CUDA events recorded in the stream time the
+    device's work without synchronizing (the queue of launched work never drains; a
+    section's time is the device time between its start and end); elsewhere wall clock.
+    `summary()` waits for the device once."""
 
-    def __init__(self):
-        self.samples: dict[str, list[float]] = {}
+    def __init__(self, device: torch.device):
+        self.on_gpu = device.type == "cuda"
+        self.samples: dict[str, list] = {}  # label -> seconds, or (start, end) events not yet read
 
     def __call__(self, label):
         timers = self
 
         class _Timer:
             def __enter__(self):
-                _synchronize()
-                self.start = time.perf_counter()
+                self.start = _event() if timers.on_gpu else time.perf_counter()
 
             def __exit__(self, *exc):
-                _synchronize()
-                timers.samples.setdefault(label, []).append(time.perf_counter() - self.start)
+                sample = (self.start, _event()) if timers.on_gpu else time.perf_counter() - self.start
+                timers.samples.setdefault(label, []).append(sample)
 
         return _Timer()
 
     def summary(self) -> dict[str, tuple[float, float, int]]:
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        for label, samples in self.samples.items():
+            self.samples[label] = [s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in samples]
         return {label: (float(np.mean(s)), float(np.std(s)), len(s)) for label, s in self.samples.items()}
 
 
-def _synchronize():
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+class FiniteLossCheck:
+    """Stops the run at a non-finite loss, one step late: step t's verdict (and mean loss,
+    for the progress bar) is copied to the host without waiting and read at step t+1, so
+    the check never drains the GPU's queue. `finish()` before anything is saved."""
+
+    def __init__(self, device: torch.device, comm, checkpoint_folder: str):
+        self.comm, self.checkpoint_folder = comm, checkpoint_folder
+        self.host = torch.zeros(2, pin_memory=device.type == "cuda")  # [all finite, mean loss]
+        self.pending = None  # (losses, epoch, step, event) of the step not read yet
+        self.mean_loss = float("nan")
+
+    def watch(self, losses, epoch, step):
+        self.finish()
+        self.host.copy_(torch.stack([torch.isfinite(losses).all().float(), losses.mean()]), non_blocking=True)
+        self.pending = (losses, epoch, step, _event() if losses.is_cuda else None)
+
+    def finish(self):
+        if self.pending is None:
+            return
+        losses, epoch, step, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        all_finite, self.mean_loss = self.host.tolist()
+        if not all_finite:
+            comm = self.comm
+            raise FloatingPointError(
+                f"the loss became {losses.tolist()} at epoch {epoch} step {step} (local workers "
+                f"{comm.first_worker}..{comm.first_worker + comm.num_local - 1}); the last good checkpoint is kept in "
+                f"{self.checkpoint_folder} — lower learning_rate or optimizer_diffusion_rate")
 
 
 def progress_bar(is_root: bool, total: int, done: int):

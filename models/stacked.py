@@ -111,7 +111,7 @@ class StackedReplicas:
         return losses, corrects
 
     def graphed_gradients(self, x: torch.Tensor, y: torch.Tensor, autocast_dtype: torch.dtype | None = None,
-                          num_streams: int = 4):
+                          num_streams: int = 8):
         """Every replica's forward/backward replayed from one CUDA graph (CUDA only).
 
         The replicas run exactly as in the per-replica loop (their own dense

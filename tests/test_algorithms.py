@@ -259,3 +259,17 @@ def test_bad_input_is_refused():
         algorithms.MoniquaGossip(comm, ring, theta=0)
     with pytest.raises(ValueError, match="diffusion_rate"):
         algorithms.SimpleGossip(comm, ring, diffusion_rate=-1)
+
+
+def test_worker_slots_put_each_workers_half_edges_side_by_side():
+    """A star (degrees 5 and 1): every half-edge lands in its worker's slot, the rest stay zero."""
+    comm = comm_module.Communicator(6, "cpu")
+    edges = comm.half_edges(topologies.star(6))
+    per_edge = torch.randn(edges.num, 3, 2)
+    slots = algorithms.to_worker_slots(edges, per_edge)
+    assert slots.shape == (6, 3, 5 * 2)
+    for h in range(edges.num):
+        l, s = edges.local_sender[h].item(), edges.slot[h].item()
+        assert torch.equal(slots[l, :, 2 * s:2 * s + 2], per_edge[h])
+    assert slots[1:, :, 2:].abs().sum() == 0  # leaves have one half-edge each
+    assert torch.equal(algorithms.from_worker_slots(edges, slots), per_edge)
