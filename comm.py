@@ -50,6 +50,7 @@ class Context:
     device: torch.device
     backend: str | None  # None: a single process without a process group
     launcher: str  # "single", "mpi" or "env"
+    host_group: object = None  # under NCCL: a Gloo group over the same processes, for small host-side sums
 
 
 _context: Context | None = None
@@ -90,7 +91,7 @@ def init_distributed(device: str = "auto") -> Context:
         rank, world_size, local_rank, local_size, launcher = 0, 1, 0, 1, "single"
 
     torch_device = _pick_device(device, local_rank, local_size)
-    backend = None
+    backend, host_group = None, None
     if world_size > 1:
         own_gpu = torch_device.type == "cuda" and torch.cuda.device_count() >= local_size
         backend = "nccl" if own_gpu else "gloo"
@@ -103,11 +104,12 @@ def init_distributed(device: str = "auto") -> Context:
         else:
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
         atexit.register(_leave_process_group)
+        host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
         if torch_device.type == "cpu":  # processes share the cores: don't oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if launcher == "mpi":  # after init_process_group, which installs a hook of its own
         _abort_job_on_uncaught_exception(world)
-    _context = Context(rank, world_size, local_rank, torch_device, backend, launcher)
+    _context = Context(rank, world_size, local_rank, torch_device, backend, launcher, host_group)
     return _context
 
 
@@ -373,10 +375,8 @@ class Communicator:
         if self.world_size == 1:
             return values
         tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
-        if self.context.backend == "nccl":
-            tensor = tensor.to(self.device)
-        dist.all_reduce(tensor)
-        return tensor.cpu().numpy()
+        dist.all_reduce(tensor, group=self.context.host_group)  # on the host: waits for no GPU work
+        return tensor.numpy()
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -228,17 +228,11 @@ def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
             warm_start="random" not in name, round_weights=name.endswith("signs"), diffusion_rate=gamma, seed=seed)
     if name == "moniqua":
         return algorithms.MoniquaGossip(comm, topology, theta=theta, diffusion_rate=gamma, seed=seed)
-    if name == "sign_deepsqueeze":
-        return algorithms.DeepSqueezeGossip(comm, topology, compressors.SignAndNorm(), diffusion_rate=gamma, seed=seed)
-    compressor = {
-        "sign_choco": lambda: compressors.SignAndNorm(),
-        "topk_choco": lambda: compressors.TopK(keep_ratio=config["keep_ratio"]) if config["keep_ratio"] is not None
-        else compressors.TopK(rank=config["compression_rank"]),
-        "svd_choco": lambda: compressors.SVD(rank=config["compression_rank"]),
-        "qsgd_choco": lambda: compressors.QSGD(levels=config["qsgd_levels"]),
-        "fp_choco": lambda: compressors.Identity(),
-    }[name]()
-    return algorithms.ChocoGossip(comm, topology, compressor, diffusion_rate=gamma, seed=seed)
+    compressor_name, method = name.rsplit("_", 1)  # e.g. "topk_choco", "sign_deepsqueeze"
+    compressor = compressors.build("identity" if compressor_name == "fp" else compressor_name,
+                                   config["keep_ratio"], config["compression_rank"], config["qsgd_levels"])
+    method_class = algorithms.ChocoGossip if method == "choco" else algorithms.DeepSqueezeGossip
+    return method_class(comm, topology, compressor, diffusion_rate=gamma, seed=seed)
 
 
 # --- initial state --------------------------------------------------------------------------------

@@ -97,12 +97,12 @@ def write_config(output_dir: str, config: dict) -> None:
 
 
 class MetricsFile:
-    """Appends one JSON object per metric record to `output_dir/metrics.jsonl`."""
+    """Writes one JSON object per metric record to `output_dir/metrics.jsonl` (a new file)."""
 
-    def __init__(self, output_dir: str, append: bool = False):
+    def __init__(self, output_dir: str):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self._file = open(self.path, "a" if append else "w")
+        self._file = open(self.path, "w")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -137,7 +137,9 @@ def exit_on_config_error(program: str, problem: Exception) -> None:
     rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK") if v in os.environ), "0")
     sys.stderr.write(f"{program}: configuration error (process {rank}): {problem}\n")
     sys.stderr.flush()
-    if any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+    from comm import launched_by_mpirun  # here: runs stays light for what imports it
+
+    if launched_by_mpirun():
         from mpi4py import MPI
 
         everyone_failed = MPI.COMM_WORLD.Ibarrier()

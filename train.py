@@ -22,6 +22,7 @@ each: name, epoch, step, value, bits, messages, tags), to TensorBoard and throug
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -127,8 +128,7 @@ def main():
     template = models.build(cfg["task_architecture"], in_channels=dataset.in_channels, num_classes=dataset.num_classes,
                             image_size=dataset.image_size or 32, vocab_size=len(dataset.vocab) if dataset.vocab else None)
     workers = StackedReplicas(template, comm.num_local, comm.device)
-    no_decay = models.no_weight_decay_parameter_names(template)
-    weight_decays = [0.0 if name in no_decay else cfg["weight_decay"] for name in workers.parameter_names]
+    decays = weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     gossip = build_gossip(cfg, comm, topology)
     dpsgd = algorithms.DPSGD(gossip)
@@ -139,8 +139,7 @@ def main():
     if cfg["resume"] and checkpoints.exists():
         saved = checkpoints.load()
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        restore(saved, workers, momenta, gossip, comm)
-        carried = saved["partial_epoch"]
+        carried = restore(saved, workers, momenta, gossip, comm)
         if is_root:
             print(f"resuming from epoch {start_epoch} step {start_step} ({checkpoints.path})", flush=True)
     recorder = Recorder(comm, cfg, append=cfg["resume"] and start_epoch + start_step > 0, upto_epoch=start_epoch)
@@ -173,7 +172,7 @@ def main():
                 with timers("update"):
                     if cfg["gradient_clipping"] is not None:
                         clip_per_worker(workers.grads, cfg["gradient_clipping"])
-                    nesterov_sgd_step(workers.params, workers.grads, momenta, lr, cfg["momentum"], weight_decays)
+                    nesterov_sgd_step(workers.params, workers.grads, momenta, lr, cfg["momentum"], decays)
 
             with timers("gossip_and_step"):
                 losses, corrects, counts, hidden = dpsgd.step(workers.params, compute_gradients, apply_update)
@@ -310,18 +309,23 @@ def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
 def forward_backward(workers: StackedReplicas, x, y, hidden, cfg, language_model):
     """Gradients of every local worker's loss at its own parameters (into workers.grads).
     Returns per-worker loss, correct predictions and counts, and the LSTM's hidden states."""
-    if cfg["stacked_compute"] != "loop":
-        if cfg["stacked_compute"] == "vmap":
-            losses, corrects = workers.vmapped_gradients(x, y)
-        else:
-            losses, corrects = workers.graphed_gradients(x, y, torch.bfloat16 if cfg["dtype"] == "bfloat16" else None,
-                                                         cfg["graph_streams"])
-        count = torch.full((len(workers),), float(y[0].numel()), device=x.device)
-        return losses.float(), corrects.float(), count, None
+    if cfg["stacked_compute"] == "vmap":
+        (losses, corrects), hidden = workers.vmapped_gradients(x, y), None
+    elif cfg["stacked_compute"] == "graph":
+        autocast_dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else None
+        (losses, corrects), hidden = workers.graphed_gradients(x, y, autocast_dtype, cfg["graph_streams"]), None
+    else:
+        losses, corrects, hidden = looped_gradients(workers, x, y, hidden, cfg["dtype"] == "bfloat16", language_model)
+    count = torch.full((len(workers),), float(y[0].numel()), device=x.device)
+    return losses.float(), corrects.float(), count, hidden
+
+
+def looped_gradients(workers: StackedReplicas, x, y, hidden, bfloat16: bool, language_model):
+    """stacked_compute=loop: one replica after the other (any model, the LSTM's hidden states)."""
     workers.zero_grad()
     losses, corrects = [], []
     new_hidden = []
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16")
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bfloat16)
     for row, replica in enumerate(workers.replicas):
         with autocast:
             if language_model:
@@ -334,16 +338,21 @@ def forward_backward(workers: StackedReplicas, x, y, hidden, cfg, language_model
         loss.backward()
         losses.append(loss.detach())
         corrects.append((logits.detach().argmax(dim=-1) == y[row]).sum())
-    count = torch.full((len(workers),), float(y[0].numel()), device=x.device)
-    return torch.stack(losses).float(), torch.stack(corrects).float(), count, (new_hidden if language_model else None)
+    return torch.stack(losses), torch.stack(corrects), (new_hidden if language_model else None)
 
 
-def nesterov_sgd_step(params, grads, momenta, lr, momentum, weight_decays):
+def weight_decays(template, parameter_names, weight_decay: float) -> list[float]:
+    """Each parameter's weight decay: none for those models.no_weight_decay_parameter_names lists."""
+    no_decay = models.no_weight_decay_parameter_names(template)
+    return [0.0 if name in no_decay else weight_decay for name in parameter_names]
+
+
+def nesterov_sgd_step(params, grads, momenta, lr, momentum, decays):
     """PyTorch's SGD with Nesterov momentum, on all workers' stacks at once:
     d = g + wd x; m = mu m + d; x -= lr (d + mu m). One fused (foreach) kernel per
     operation and weight-decay group instead of one per parameter."""
-    for wd in sorted(set(weight_decays)):
-        group = [k for k, decay in enumerate(weight_decays) if decay == wd]
+    for wd in sorted(set(decays)):
+        group = [k for k, decay in enumerate(decays) if decay == wd]
         x, g, m = [params[k] for k in group], [grads[k] for k in group], [momenta[k] for k in group]
         d = torch._foreach_add(g, x, alpha=wd) if wd else g
         if momentum:
@@ -481,14 +490,12 @@ class Recorder:
             return
         if os.path.exists(os.path.join(output_dir, "summary.json")):
             os.remove(os.path.join(output_dir, "summary.json"))  # the run is not finished until it is written again
-        if append:  # drop records of epochs the checkpoint does not cover
-            kept = [r for r in runs.read_metrics(output_dir) if r["epoch"] <= upto_epoch] \
-                if os.path.exists(os.path.join(output_dir, "metrics.jsonl")) else []
-            self.file = runs.MetricsFile(output_dir)
-            for record in kept:
-                self.file.write(record)
-        else:
-            self.file = runs.MetricsFile(output_dir)
+        # Resuming: keep the records of the epochs the checkpoint covers, drop later ones.
+        kept = [r for r in runs.read_metrics(output_dir) if r["epoch"] <= upto_epoch] \
+            if append and os.path.exists(os.path.join(output_dir, "metrics.jsonl")) else []
+        self.file = runs.MetricsFile(output_dir)
+        for record in kept:
+            self.file.write(record)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
@@ -541,18 +548,12 @@ class Timers:
         self.on_gpu = device.type == "cuda"
         self.samples: dict[str, list] = {}  # label -> seconds, or (start, end) events not yet read
 
+    @contextlib.contextmanager
     def __call__(self, label):
-        timers = self
-
-        class _Timer:
-            def __enter__(self):
-                self.start = _event() if timers.on_gpu else time.perf_counter()
-
-            def __exit__(self, *exc):
-                sample = (self.start, _event()) if timers.on_gpu else time.perf_counter() - self.start
-                timers.samples.setdefault(label, []).append(sample)
-
-        return _Timer()
+        start = _event() if self.on_gpu else time.perf_counter()
+        yield
+        sample = (start, _event()) if self.on_gpu else time.perf_counter() - start
+        self.samples.setdefault(label, []).append(sample)
 
     def summary(self) -> dict[str, tuple[float, float, int]]:
         if self.on_gpu:
@@ -640,7 +641,8 @@ def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals) -> di
     }
 
 
-def restore(saved, workers, momenta, gossip, comm) -> None:
+def restore(saved, workers, momenta, gossip, comm) -> EpochTotals | None:
+    """Puts the checkpoint's state back; returns the totals of the epoch it interrupted (or None)."""
     if saved["layout"] != [comm.n_workers, comm.world_size]:
         raise ValueError(f"the checkpoint was written by {saved['layout'][1]} processes for {saved['layout'][0]} workers; "
                          f"resume with the same layout")
@@ -653,8 +655,7 @@ def restore(saved, workers, momenta, gossip, comm) -> None:
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state(saved["cuda_rng"])
-    if saved["partial_epoch"] is not None:
-        saved["partial_epoch"] = EpochTotals.from_state(saved["partial_epoch"], comm.device)
+    return None if saved["partial_epoch"] is None else EpochTotals.from_state(saved["partial_epoch"], comm.device)
 
 
 class StopRequests:

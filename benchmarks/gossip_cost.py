@@ -13,8 +13,6 @@ device. Both are medians over repetitions after warm-up.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -28,7 +26,7 @@ import comm as comm_module  # noqa: E402
 import models  # noqa: E402
 import topologies  # noqa: E402
 import train  # noqa: E402
-from benchmarks.timing import synchronize  # noqa: E402
+from benchmarks.timing import run_description, synchronize, write_json  # noqa: E402
 from models.stacked import StackedReplicas  # noqa: E402
 
 ALGORITHMS = {
@@ -41,6 +39,8 @@ ALGORITHMS = {
     "deepsqueeze sign": dict(optimizer="deepsqueeze", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.01),
     "moniqua": dict(optimizer="moniqua", optimizer_theta=0.25, optimizer_diffusion_rate=0.005),
 }
+
+WARMUP = 2  # untimed calls before the timed ones
 
 
 def median_seconds(fn, device, repetitions: int, warmup: int) -> float:
@@ -96,29 +96,25 @@ def main():
         args.n_workers, args.batch_size, args.architectures, args.repetitions = 4, 32, "resnet20", 2
     comm = comm_module.Communicator(args.n_workers, args.device)
     topology = topologies.build("ring", args.n_workers)
-    device_name = torch.cuda.get_device_name(comm.device) if comm.device.type == "cuda" else "CPU"
+    run = run_description(comm.device)
     header = (f"gossip cost per worker / forward-backward of one model (batch {args.batch_size}); "
-              f"{args.n_workers}-worker ring in one process; {device_name}; torch {torch.__version__}; "
-              f"{datetime.date.today().isoformat()}")
+              f"{args.n_workers}-worker ring in one process; {run['device']}; torch {run['torch']}; {run['date']}")
     print(header)
-    results = {"header": header, "device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-               "n_workers": args.n_workers, "batch_size": args.batch_size, "rows": []}
+    results = {"header": header, **run, "n_workers": args.n_workers, "batch_size": args.batch_size, "rows": []}
     for architecture in args.architectures.split(","):
-        fb = forward_backward_seconds(architecture, comm.device, args.batch_size, args.repetitions, warmup=2)
+        fb = forward_backward_seconds(architecture, comm.device, args.batch_size, args.repetitions, WARMUP)
         print(f"\n{architecture}: forward/backward {1000 * fb:.2f} ms")
         print(f"{'algorithm':20s} {'gossip ms/worker':>17s} {'ratio':>8s} {'MB/worker/step':>15s}")
         for name, settings in ALGORITHMS.items():
             before = comm.bytes_sent.copy()
-            seconds = gossip_seconds(architecture, settings, comm, topology, args.repetitions, warmup=2) / comm.num_local
-            steps = args.repetitions + 2
+            seconds = gossip_seconds(architecture, settings, comm, topology, args.repetitions, WARMUP) / comm.num_local
+            steps = args.repetitions + WARMUP
             megabytes = (comm.bytes_sent - before).mean() / steps / 1e6
             print(f"{name:20s} {1000 * seconds:17.3f} {seconds / fb:8.3f} {megabytes:15.3f}")
             results["rows"].append({"architecture": architecture, "algorithm": name, "forward_backward_s": fb,
                                     "gossip_s_per_worker": seconds, "ratio": seconds / fb, "mb_per_worker_per_step": megabytes})
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

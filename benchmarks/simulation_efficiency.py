@@ -15,8 +15,6 @@ simulation / ceiling. Peak GPU memory is reported for each.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -30,7 +28,7 @@ import comm as comm_module  # noqa: E402
 import models  # noqa: E402
 import topologies  # noqa: E402
 import train  # noqa: E402
-from benchmarks.timing import synchronize  # noqa: E402
+from benchmarks.timing import run_description, synchronize, write_json  # noqa: E402
 from models.stacked import StackedReplicas  # noqa: E402
 
 GOSSIP = {
@@ -87,13 +85,14 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, compute, stream
     reset_peak(device)
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
-    workers = StackedReplicas(models.build(architecture), comm.num_local, comm.device)
+    template = models.build(architecture)
+    workers = StackedReplicas(template, comm.num_local, comm.device)
     cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, stacked_compute=compute, graph_streams=streams,
                                        device=str(device), **GOSSIP[optimizer]))
     gossip = train.build_gossip(cfg, comm, topologies.build("ring", n_workers))
     dpsgd = algorithms.DPSGD(gossip)
     momenta = [torch.zeros_like(p) for p in workers.params]
-    decays = [0.0 if p.dim() == 2 else 1e-4 for p in workers.params]
+    decays = train.weight_decays(template, workers.parameter_names, 1e-4)
     x = torch.randn(comm.num_local, batch, 3, 32, 32, device=comm.device)
     y = torch.randint(0, 10, (comm.num_local, batch), device=comm.device)
 
@@ -131,11 +130,10 @@ def main():
     context = comm_module.init_distributed(args.device)
     device = context.device
     say = print if context.rank == 0 else (lambda *a, **k: None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    run = run_description(device)
     say(f"{context.world_size} process(es), backend {context.backend}")
     say(f"simulation efficiency: {args.n_workers} workers x batch {args.batch_size} in one process vs one model at "
-          f"batch {args.n_workers * args.batch_size} (bf16, channels_last); {name}; torch {torch.__version__}; "
-          f"{datetime.date.today().isoformat()}")
+        f"batch {args.n_workers * args.batch_size} (bf16, channels_last); {run['device']}; torch {run['torch']}; {run['date']}")
     rows = []
     for architecture in args.architectures.split(","):
         top, top_memory = (float("nan"), float("nan")) if args.no_ceiling else \
@@ -166,10 +164,7 @@ def main():
                                  "images_per_s": rate, "ceiling_images_per_s": top, "ratio": rate / top,
                                  "gossip_overhead": overhead, "peak_gb": memory, "ceiling_peak_gb": top_memory})
     if args.json and context.rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                       "n_workers": args.n_workers, "batch_size": args.batch_size, "rows": rows}, f, indent=1)
+        write_json(args.json, run | {"n_workers": args.n_workers, "batch_size": args.batch_size, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def settings_of(algorithm: str, data_type: str, quick: bool) -> list[list[str]]:
     if algorithm in gossip_run.UNTUNED:
         return [common + [f"diffusion_rate={OPTIMAL_RING_8}"]]
     if algorithm == "moniqua":
-        theta_grid = gossip_run._log_grid(0.1, 10.0, thetas)
+        theta_grid = gossip_run.thetas(dict(gossip_run.DEFAULTS, algorithm="moniqua", theta_num_samples=thetas))
         return [common + [f"hyperparameter_num_samples={thetas}", f"theta={theta}"] for theta in theta_grid]
     return [common + [f"hyperparameter_num_samples={gammas}"]]
 

@@ -22,27 +22,26 @@ def curve(records: list[dict], name: str, split: str) -> list[tuple[float, float
             if r["name"] == name and r["tags"].get("split") == split and "worker" not in r["tags"]]
 
 
-def summarize(outcomes: list[sweep.Outcome], metric: str = "accuracy") -> list[dict]:
-    """One row per run: labels, final averaged-model test metric, MB/worker/epoch, status."""
+def summarize(outcomes: list[sweep.Outcome], curves: list[list[tuple]]) -> list[dict]:
+    """One row per run: labels, final averaged-model test metric, MB/worker/epoch, status
+    (`curves`: each run's test_avg curve)."""
     rows = []
-    for outcome in outcomes:
-        records = sweep.metrics(outcome)
-        test_avg = curve(records, metric, "test_avg")
+    for outcome, test_avg in zip(outcomes, curves):
         final_epoch, final_value, final_mb = test_avg[-1] if test_avg else (0, float("nan"), float("nan"))
         status = outcome.status
         failure = os.path.join(outcome.folder, "FAILED")
         if status == "failed" and os.path.exists(failure) and "FloatingPointError" in open(failure).read():
             status = "diverged (NaN loss)"
-        rows.append({**outcome.run.labels, "run": outcome.run.name, "status": status, "epochs": final_epoch,
-                     "test_avg": final_value, "mb_per_epoch": final_mb / final_epoch if final_epoch else float("nan"),
-                     "seconds": outcome.seconds})
+        rows.append({**outcome.run.labels, "status": status, "epochs": final_epoch, "test_avg": final_value,
+                     "mb_per_epoch": final_mb / final_epoch if final_epoch else float("nan")})
     return rows
 
 
 def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_keys: list[str], notes: str = "",
                  metric: str = "accuracy") -> list[dict]:
     """table.md / table.csv and two figures (test metric vs epochs, vs MB sent) in `folder`."""
-    rows = summarize(outcomes, metric)
+    curves = [curve(sweep.metrics(outcome), metric, "test_avg") for outcome in outcomes]
+    rows = summarize(outcomes, curves)
     header = label_keys + [f"test {metric} (averaged model)", "MB sent / worker / epoch", "epochs", "status"]
     table = [[row.get(key, "") for key in label_keys]
              + [f"{100 * row['test_avg']:.2f}%" if metric == "accuracy" else f"{row['test_avg']:.3f}",
@@ -50,8 +49,7 @@ def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_k
     sweep.write_table(folder, "table", header, table, notes=f"{title}\n\n{notes}".strip())
 
     figure, (by_epoch, by_megabytes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for outcome in outcomes:
-        points = curve(sweep.metrics(outcome), metric, "test_avg")
+    for outcome, points in zip(outcomes, curves):
         if not points:
             continue
         label = " ".join(str(outcome.run.labels.get(k, "")) for k in label_keys) or outcome.run.name

@@ -36,7 +36,6 @@ class Outcome:
     run: Run
     folder: str
     status: str  # "done", "skipped" (done before), "failed"
-    seconds: float = 0.0
 
 
 def launch(runs: list[Run], folder: str, processes: int | None = None, timeout: float | None = None,
@@ -74,11 +73,11 @@ def launch(runs: list[Run], folder: str, processes: int | None = None, timeout: 
                 with open(os.path.join(run_folder, "FAILED"), "w") as f:
                     f.write(" ".join(command) + "\n\n" + ("timed out\n" if timed_out else "") + output)
                 print(f"{prefix}: FAILED after {seconds:.1f} s (see {os.path.join(run_folder, 'FAILED')})", flush=True)
-                outcomes[index] = Outcome(run, run_folder, "failed", seconds)
+                outcomes[index] = Outcome(run, run_folder, "failed")
             else:
                 open(os.path.join(run_folder, "DONE"), "w").close()
                 print(f"{prefix}: done in {seconds:.1f} s", flush=True)
-                outcomes[index] = Outcome(run, run_folder, "done", seconds)
+                outcomes[index] = Outcome(run, run_folder, "done")
     ordered = [outcomes[i] for i in range(len(runs))]
     failures = [o for o in ordered if o.status == "failed"]
     print(f"{len(ordered) - len(failures)} of {len(ordered)} runs finished"

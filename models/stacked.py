@@ -140,10 +140,8 @@ class _CapturedStep:
         if x.device.type != "cuda":
             raise RuntimeError("graphed_gradients records a CUDA graph; its inputs must be on a CUDA device")
         device, num_replicas = x.device, len(workers)
-        self.x = torch.empty_like(x, memory_format=torch.contiguous_format)
-        if x.dim() == 5:  # [L, B, C, H, W]: every replica's batch channels_last
-            self.x = x.new_empty(x.shape[:2] + x.shape[3:] + x.shape[2:3]).permute(0, 1, 4, 2, 3)
-        self.x.copy_(x)
+        # [L, B, C, H, W] with every replica's batch channels_last; always a copy of its own
+        self.x = x.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format).permute(0, 1, 4, 2, 3)
         self.y = y.clone()
         self.losses = torch.zeros(num_replicas, device=device)
         self.corrects = torch.zeros(num_replicas, device=device)

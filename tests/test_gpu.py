@@ -12,7 +12,6 @@ TF32 off and compares train.py's metrics with a tolerance.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import models
 import train
@@ -45,16 +44,9 @@ def twin_replicas(num_replicas=4):
 
 
 def eager_loop_channels_last(workers, x, y, autocast_dtype):
-    """The per-replica loop, on the channels_last images the graph uses."""
-    workers.zero_grad()
+    """train.py's per-replica loop, on the channels_last images the graph uses."""
     x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    losses = []
-    for row, replica in enumerate(workers.replicas):
-        with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = F.cross_entropy(replica(x[row]).float(), y[row])
-        loss.backward()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+    return train.looped_gradients(workers, x, y, None, autocast_dtype is not None, False)[0]
 
 
 @pytest.mark.parametrize("num_streams,autocast_dtype", [(1, None), (3, None), (4, torch.bfloat16)])

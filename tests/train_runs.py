@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import runs  # noqa: E402
 import train  # noqa: E402
 
-DEFAULTS = dict(train.config)
+DEFAULTS = train._DEFAULTS
 
 
 def run(out_dir: str, overrides: list[str]) -> None:
