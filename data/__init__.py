@@ -8,6 +8,9 @@
         ...  # x: float32 [L, 128, 3, 32, 32], y: int64 [L, 128]
     for x, y in data.test_batches(dataset, 1000): ...
 
+Before any work, ``data.check_data_dir(task, data_dir)`` refuses a data_dir
+that is not a folder (None means the default places), reading nothing.
+
 Language model:
     dataset = data.load("wikitext2", data_dir)
     loader = data.LanguageModelLoader(dataset, n_workers=16, batch_size=64, bptt=30)
@@ -41,6 +44,7 @@ from .partition import (
     SortedPartition,
     make_partition,
 )
+from .paths import require_folder
 
 TASKS = ("fashion_mnist", "cifar10", "wikitext2", "synthetic")
 
@@ -52,23 +56,38 @@ _OPTIONS = {
 }
 
 __all__ = [
-    "TASKS", "SCHEMES", "Dataset", "load", "test_batches", "WorkerLoader", "LanguageModelLoader",
+    "TASKS", "SCHEMES", "Dataset", "load", "check_data_dir", "test_batches", "WorkerLoader", "LanguageModelLoader",
     "Partition", "IIDPartition", "SortedPartition", "DirichletPartition", "make_partition",
     "random_crop_flip", "draw_crop_flip",
 ]
 
 
-def load(task: str, data_dir: str | None = None, device: str | torch.device = "cpu", **options) -> Dataset:
-    """Load a whole data set onto ``device``.
+def check_data_dir(task: str, data_dir: str | None, download: bool = False) -> None:
+    """Fail now where ``load(task, data_dir, download=download)`` would fail before
+    reading a file: ValueError for an unknown task, FileNotFoundError for a
+    ``data_dir`` that is given but is not a folder. Reads nothing.
 
-    task: one of TASKS. data_dir: where the files are (see each reader;
-    Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist; ignored by
-    "synthetic"). options: ``download`` (cifar10, needs torchvision), or
-    ``num_train, num_test, in_channels, image_size, num_classes, seed``
-    (synthetic).
+    None means the task's default places; "synthetic" ignores data_dir, and
+    cifar10 with ``download`` creates it.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "synthetic" or (task == "cifar10" and download):
+        return
+    reader = {"fashion_mnist": fashion_mnist, "cifar10": cifar10, "wikitext2": wikitext2}[task]
+    require_folder(data_dir, reader.DEFAULT_DIR, reader.HOW_TO_GET)
+
+
+def load(task: str, data_dir: str | None = None, device: str | torch.device = "cpu", **options) -> Dataset:
+    """Load a whole data set onto ``device``.
+
+    task: one of TASKS. data_dir: where the files are (see each reader; None:
+    its default places; one that is not a folder is an error, see
+    ``check_data_dir``; ignored by "synthetic"). options: ``download``
+    (cifar10, needs torchvision), or ``num_train, num_test, in_channels,
+    image_size, num_classes, seed`` (synthetic).
+    """
+    check_data_dir(task, data_dir, options.get("download", False))
     unknown = sorted(set(options) - set(_OPTIONS[task]))
     if unknown:
         allowed = ", ".join(_OPTIONS[task]) or "none"

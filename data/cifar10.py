@@ -3,9 +3,11 @@
 The folder holds ``data_batch_1`` .. ``data_batch_5`` (training) and
 ``test_batch``: each a pickled dict with ``b"data"`` (10000 x 3072 uint8, one row
 per image, channel-major: 1024 red, 1024 green, 1024 blue values, each a 32 x 32
-row-major plane) and ``b"labels"`` (10000 ints in 0..9).
+row-major plane), ``b"labels"`` (10000 ints in 0..9), ``b"batch_label"`` and
+``b"filenames"`` (bytes), pickled by Python 2 with protocol 2.
 
-The files are read with ``pickle``: only point this at files you trust.
+The unpickler builds only dicts, lists, ints, bytes and numpy arrays: a file that
+asks for anything else (which is how a pickle runs code) is refused, not run.
 torchvision is imported only when a download is asked for.
 """
 
@@ -33,6 +35,28 @@ HOW_TO_GET = (
 )
 
 
+# The only globals a batch refers to: numpy's array reconstruction, spelled
+# numpy.core by numpy 1 (the distributed files) and numpy._core by numpy 2.
+# Dicts, lists, ints and Python 2 strings need none.
+ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+
+
+class _Refused(Exception):
+    """A global outside ALLOWED_GLOBALS (its dotted name), found while unpickling."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _candidates(data_dir: str) -> list[str]:
     return [os.path.join(data_dir, FOLDER), data_dir]
 
@@ -51,7 +75,12 @@ def read_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickled batch -> (uint8 images [n, 3, 32, 32], int64 labels [n])."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _BatchUnpickler(f, encoding="bytes").load()  # Python 2 str -> bytes
+    except _Refused as refused:
+        raise ValueError(
+            f"refusing to load {path}: it asks for {refused}, which a CIFAR-10 batch never "
+            f"contains. {HOW_TO_GET}"
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not a readable CIFAR-10 pickle ({error!r}). {HOW_TO_GET}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

@@ -19,6 +19,8 @@ import struct
 import numpy as np
 import torch
 
+from .paths import require_folder
+
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (count, rows, cols)
@@ -84,14 +86,14 @@ def read_idx(path: str, expected_magic: int | None = None) -> torch.Tensor:
 
 def find_files(data_dir: str | None = None) -> dict[tuple[str, str], str]:
     """Paths of the four IDX files: the first folder holding all four, looking in
-    ``data_dir`` (if given), then ``data_dir/fashion-mnist``, then DEFAULT_DIR.
+    ``data_dir`` and ``data_dir/fashion-mnist`` when it is given (and nowhere else: a
+    user's folder is never swapped for another copy), in DEFAULT_DIR when it is not.
 
-    Raises FileNotFoundError naming every folder looked in and what was missing.
+    Raises FileNotFoundError naming every folder looked in and what was missing,
+    or, before looking, if ``data_dir`` is given but is not a folder.
     """
-    folders = []
-    if data_dir is not None:
-        folders += [data_dir, os.path.join(data_dir, "fashion-mnist")]
-    folders.append(DEFAULT_DIR)
+    require_folder(data_dir, DEFAULT_DIR, HOW_TO_GET)
+    folders = [DEFAULT_DIR] if data_dir is None else [data_dir, os.path.join(data_dir, "fashion-mnist")]
     report = []
     for folder in folders:
         found, missing = {}, []

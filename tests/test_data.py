@@ -4,6 +4,8 @@ augmentation. CPU only; no real data needed (one test uses it when installed).""
 import gzip
 import os
 import pickle
+import pickletools
+import re
 import struct
 import sys
 
@@ -84,15 +86,29 @@ def test_fashion_mnist_found_in_subfolder(tmp_path, no_system_fmnist):
     assert train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
 
 
-def test_fashion_mnist_missing_names_every_place(tmp_path, no_system_fmnist):
+def test_fashion_mnist_missing_names_every_place(tmp_path, monkeypatch):
+    fake_fmnist(tmp_path / "system")  # a default copy that would load: a given data_dir never falls back to it
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_DIR", str(tmp_path / "system"))
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")  # 1 of 4 present
     with pytest.raises(FileNotFoundError) as info:
         fashion_mnist.load_fashion_mnist(str(tmp_path))
     message = str(info.value)
-    assert str(tmp_path) in message and no_system_fmnist in message
+    assert str(tmp_path) in message and str(tmp_path / "system") not in message
     assert os.path.join(str(tmp_path), "fashion-mnist") in message
     assert "lacks train-labels-idx1-ubyte[.gz]" in message
     assert "apt-get install dataset-fashion-mnist" in message and "data_dir=" in message
+
+
+def test_fashion_mnist_missing_data_dir_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    fake_fmnist(tmp_path / "system")  # a default copy that would load
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_DIR", str(tmp_path / "system"))
+    missing = str(tmp_path / "nonexistent")
+    message = re.escape(f"data_dir={missing} does not exist (leave data_dir unset to use {tmp_path / 'system'})")
+    for call in (fashion_mnist.find_files, fashion_mnist.load_fashion_mnist,
+                 lambda d: data.load("fashion_mnist", d), lambda d: data.check_data_dir("fashion_mnist", d)):
+        with pytest.raises(FileNotFoundError, match=message):
+            call(missing)
+    assert data.load("fashion_mnist", None).train_x.shape == (7, 1, 28, 28)  # None: the default copy
 
 
 @pytest.mark.parametrize(
@@ -133,15 +149,50 @@ def test_real_fashion_mnist():
 
 
 # ---------------------------------------------------------------- CIFAR-10
-def fake_cifar(folder, per_batch=2, n_test=3, seed=0):
+class Python2Pickler(pickle._Pickler):
+    """Pickles as the distributed CIFAR-10 files were written (Python 2's cPickle,
+    protocol 2, numpy 1): str and bytes as Python 2 strings (Python 3 would call
+    _codecs.encode), and numpy 1's module for _reconstruct unless told otherwise."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+    reconstruct_module = "numpy.core.multiarray"
+
+    def save_python2_str(self, obj):
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        size = len(raw)
+        self.write((pickle.SHORT_BINSTRING + bytes([size]) if size < 256
+                    else pickle.BINSTRING + struct.pack("<i", size)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_python2_str
+
+    def save_global(self, obj, name=None):
+        if name == "_reconstruct":
+            self.write(pickle.GLOBAL + f"{self.reconstruct_module}\n_reconstruct\n".encode())
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def write_cifar_batch(path, batch: dict, reconstruct_module="numpy.core.multiarray"):
+    with open(path, "wb") as f:
+        pickler = Python2Pickler(f, protocol=2)
+        pickler.reconstruct_module = reconstruct_module
+        pickler.dump(batch)
+
+
+def fake_cifar(folder, per_batch=2, n_test=3, seed=0, reconstruct_module="numpy.core.multiarray"):
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     written = {}
     for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode()}
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump(batch, f)
+        batch = {  # the keys of the real files, in their order
+            b"batch_label": f"{name} of 6".encode(),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"image_{name}_{i}.png".encode() for i in range(n)],
+        }
+        write_cifar_batch(os.path.join(folder, name), batch, reconstruct_module)
         written[name] = batch
     return written
 
@@ -177,10 +228,49 @@ def test_cifar_corrupt_batch(tmp_path):
     (tmp_path / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="data_batch_3: not a readable CIFAR-10 pickle"):
         cifar10.load_cifar10(str(tmp_path))
-    with open(tmp_path / "data_batch_3", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]}, f)
+    write_cifar_batch(tmp_path / "data_batch_3", {b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]})
     with pytest.raises(ValueError, match=r"uint8 \[n, 3072\]"):
         cifar10.load_cifar10(str(tmp_path))
+
+
+@pytest.mark.parametrize("reconstruct_module", ["numpy.core.multiarray", "numpy._core.multiarray"])
+def test_cifar_batches_in_the_real_format_load(tmp_path, reconstruct_module):
+    written = fake_cifar(tmp_path, reconstruct_module=reconstruct_module)
+    # the helper writes what a real batch holds: numpy's three globals and Python 2 strings
+    ops = list(pickletools.genops((tmp_path / "data_batch_1").read_bytes()))
+    assert {arg for op, arg, _ in ops if op.name == "GLOBAL"} == {
+        f"{reconstruct_module} _reconstruct", "numpy ndarray", "numpy dtype"}
+    assert {op.name for op, _, _ in ops} >= {"PROTO", "SHORT_BINSTRING", "BINSTRING", "SETITEMS", "APPENDS"}
+    assert not {op.name for op, _, _ in ops} & {"BINUNICODE", "SHORT_BINBYTES", "BINBYTES", "STACK_GLOBAL"}
+    train_x, train_y, _, test_y = cifar10.load_cifar10(str(tmp_path))
+    assert np.array_equal(train_x[:2].reshape(2, -1).numpy(), written["data_batch_1"][b"data"])
+    assert test_y.tolist() == written["test_batch"][b"labels"]
+
+
+class MakesFolder:
+    """Unpickling it calls os.mkdir(path): evidence that a pickle ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("python2", [True, False], ids=["python2-protocol2", "highest-protocol"])
+def test_cifar_batch_that_runs_code_is_refused(tmp_path, python2):
+    fake_cifar(tmp_path)
+    evidence = tmp_path / "made-by-the-pickle"
+    batch = {b"data": MakesFolder(str(evidence)), b"labels": [0]}
+    if python2:
+        write_cifar_batch(tmp_path / "data_batch_1", batch)
+    else:
+        (tmp_path / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+    refused = f"{os.mkdir.__module__}.mkdir"  # posix.mkdir on Linux
+    with pytest.raises(ValueError, match=f"refusing to load .*data_batch_1: it asks for {refused}, "
+                                         "which a CIFAR-10 batch never contains"):
+        data.load("cifar10", str(tmp_path))
+    assert not evidence.exists()
 
 
 # ---------------------------------------------------------------- WikiText-2
@@ -227,6 +317,27 @@ def test_load_unknown_task_and_option():
         data.load("mnist")
     with pytest.raises(ValueError, match="unknown option.*download"):
         data.load("synthetic", download=True)
+
+
+@pytest.mark.parametrize("task, reader", [("fashion_mnist", fashion_mnist), ("cifar10", cifar10), ("wikitext2", wikitext2)])
+def test_check_data_dir(tmp_path, task, reader):
+    missing, a_file = tmp_path / "nonexistent", tmp_path / "a-file"
+    a_file.write_text("")
+    for data_dir, problem in ((missing, "does not exist"), (a_file, "is not a folder")):
+        message = re.escape(f"data_dir={data_dir} {problem} (leave data_dir unset to use {reader.DEFAULT_DIR})")
+        for call in (data.check_data_dir, data.load):
+            with pytest.raises(FileNotFoundError, match=message):
+                call(task, str(data_dir))
+    data.check_data_dir(task, str(tmp_path))  # a folder passes without its files being looked for
+    data.check_data_dir(task, None)
+
+
+def test_check_data_dir_exceptions(tmp_path):
+    missing = str(tmp_path / "nonexistent")
+    data.check_data_dir("synthetic", missing)  # ignores data_dir
+    data.check_data_dir("cifar10", missing, download=True)  # the download creates it
+    with pytest.raises(ValueError, match="unknown task 'mnist'"):
+        data.check_data_dir("mnist", None)
 
 
 def test_synthetic_deterministic():
