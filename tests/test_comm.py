@@ -1,5 +1,6 @@
 """The communication layer: messages land on the right half-edge, bytes are exact, failures end the job."""
 import json
+import sys
 import time
 
 import pytest
@@ -89,3 +90,17 @@ def test_n_workers_not_divisible_under_mpirun_is_a_clear_error():
 def test_environment_mpi_test_passes_under_mpirun():
     result = run_mpi(4, ["environment/mpi_test.py"], timeout=90)
     assert "mpi_test: 4 processes, checks on cpu: all passed" in result.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_single_host_run_listens_on_loopback_only():
+    from tests import listening_sockets  # Linux only
+
+    result = run_mpi(2, ["tests/listening_sockets.py"], timeout=120)
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(report["rank"] for report in reports) == [0, 1]
+    for report in reports:
+        exposed = [(address, port) for address, port in report["listening"] if not listening_sockets.is_loopback(address)]
+        assert not exposed, f"rank {report['rank']} listens beyond loopback: {exposed}"
+        if report["external"]:  # the machine has another address: nothing answers there
+            assert set(report["probes"].values()) <= {"refused"}, f"rank {report['rank']}: {report['probes']}"
