@@ -88,6 +88,7 @@ config = {
     "theta_range_min": 0.1,  # smallest theta of the grid
     "theta_range_max": 10.0,  # largest theta of the grid
     "device": "cpu",  # "cpu", "cuda" (one GPU per process under mpirun) or "cuda:K"
+    "overwrite": False,  # replace the results of another run in output_dir (without it, such a folder is refused)
 }
 DEFAULTS = dict(config)  # types and known keys, for checking overrides
 
@@ -99,7 +100,7 @@ UNTUNED = ("uncompressed", "power_gossip", "power_gossip_random", "power_gossip_
 DATA_TYPES = ("random", "offset", "sparse", "log-normal", "images", "file")
 
 # Hooks a caller may replace (as in the original code).
-output_dir = "output/gossip_run"
+output_dir = None  # where results go; None: a new folder runs/<date>-<time>-<algorithm>
 
 
 def log_metric(name: str, values: dict, tags: dict) -> None:
@@ -112,8 +113,10 @@ def log_info(info_dict: dict) -> None:
 
 
 def main():
+    """Runs every setting; returns the folder the results went to."""
     check(config)
     comm = comm_module.Communicator(config["n_workers"], config["device"])
+    folder = runs.claim_output_dir(output_dir, config["algorithm"], False, config["overwrite"], comm, time.time())
     is_writer = comm.rank == 0
     topology = build_topology(config)
     state = initial_state(config)  # all workers, identical in every process
@@ -124,8 +127,8 @@ def main():
     settings = [(gamma, theta) for gamma in diffusion_rates(config) for theta in thetas(config)]
     metrics = None
     if is_writer:
-        runs.write_config(output_dir, config)
-        metrics = runs.MetricsFile(output_dir)
+        runs.write_config(folder, config)
+        metrics = runs.MetricsFile(folder)
         log_info({"state.progress": 0.0})
 
     def record(name, step, value, bits, messages, tags):
@@ -169,6 +172,7 @@ def main():
             log_info({"state.progress": (number + 1) / len(settings)})
     if is_writer:
         metrics.close()
+    return folder
 
 
 def is_logged(step: int, num_steps: int) -> bool:
@@ -356,4 +360,7 @@ def check(config) -> None:
 
 if __name__ == "__main__":
     config, output_dir = runs.command_line_or_exit("gossip_run.py", config, output_dir, sys.argv[1:], check)
-    main()
+    try:
+        main()
+    except runs.ConfigError as problem:  # output_dir refused: every process says the same
+        runs.exit_on_config_error("gossip_run.py", problem)

@@ -29,6 +29,8 @@ import os
 import signal
 import sys
 import time
+import uuid
+import warnings
 
 import numpy as np
 import torch
@@ -87,10 +89,20 @@ config = dict(
     max_test_examples=None,  # evaluate on the first N test examples only
     evaluation_batch_size=1000,  # batch size of evaluation passes
     checkpoint_every=1,  # epochs between checkpoints (0: only on SIGTERM/SIGINT)
-    resume=False,  # continue from output_dir/checkpoints
+    max_loss_ratio=100.0,  # a worker loss above this multiple of the run's first mean loss is divergence: stop, save nothing
+    resume=False,  # continue the run in output_dir from its checkpoints
+    overwrite=False,  # replace the results of another run in output_dir (without it, such a folder is refused)
 )
 
-output_dir = "output/train"
+output_dir = None  # where results go; None: a new folder runs/<date>-<time>-<optimizer>
+
+# What a resumed run may change; every other key defines the run and must stay as it was.
+MAY_CHANGE_ON_RESUME = (
+    "num_epochs", "learning_rate", "lr_schedule_milestones", "distributed_lr_warmup_epoch", "distributed_lr_warmup_factor",
+    "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "data_dir",
+    "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
+    "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
+)
 
 
 def log_metric(name, values, tags):
@@ -116,6 +128,15 @@ def main():
     if is_root:
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
+    folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
+    checkpoints = Checkpoints(os.path.join(folder, "checkpoints"), comm)
+    saved = checkpoints.agreed(cfg) if cfg["resume"] else None
+    if saved is not None and (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0):
+        if is_root:
+            print(f"nothing to do: the run in {folder} has done {saved['epoch']} epochs and num_epochs={cfg['num_epochs']}; "
+                  f"raise num_epochs to train on", flush=True)
+        return folder
+    run_id = saved["run"]["run_id"] if saved is not None and "run" in saved else comm.gather_objects(uuid.uuid4().hex[:12])[0]
     topology = topologies.build(cfg["topology"], cfg["n_workers"])
 
     # Data, partitioned over all workers; this process loads its local block.
@@ -134,21 +155,21 @@ def main():
     dpsgd = algorithms.DPSGD(gossip)
     torch.manual_seed(cfg["seed"] * 1000 + comm.rank)  # dropout: per process
 
-    checkpoints = Checkpoints(os.path.join(output_dir, "checkpoints"), comm.rank)
-    start_epoch, start_step, carried = 0, 0, None
-    if cfg["resume"] and checkpoints.exists():
-        saved = checkpoints.load()
+    start_epoch, start_step, carried, initial_loss = 0, 0, None, None
+    if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
         carried = restore(saved, workers, momenta, gossip, comm)
+        initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         if is_root:
-            print(f"resuming from epoch {start_epoch} step {start_step} ({checkpoints.path})", flush=True)
-    recorder = Recorder(comm, cfg, append=cfg["resume"] and start_epoch + start_step > 0, upto_epoch=start_epoch)
+            print(f"resuming run {run_id} from epoch {start_epoch} step {start_step} ({checkpoints.folder})", flush=True)
+        del saved
+    recorder = Recorder(comm, folder, run_id, append=start_epoch + start_step > 0, upto_epoch=start_epoch)
     if is_root:
-        runs.write_config(output_dir, cfg)
+        runs.write_config(folder, cfg)
 
     stop = StopRequests()
     timers = Timers(comm.device)
-    loss_check = FiniteLossCheck(comm.device, comm, checkpoints.folder)
+    loss_check = DivergenceCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
     progress = progress_bar(is_root, cfg["num_epochs"] * batches_per_epoch, start_epoch * batches_per_epoch + start_step)
     language_model = dataset.is_language_model
 
@@ -185,7 +206,7 @@ def main():
             if stop.requested(comm):
                 loss_check.finish()
                 totals.hidden = hidden
-                checkpoints.save(snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals))
+                checkpoints.save(snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check))
                 comm.barrier()
                 if is_root:
                     print(f"\nstopped by a signal at epoch {epoch} step {step + 1}; checkpoint in {checkpoints.folder}; "
@@ -197,7 +218,7 @@ def main():
         with timers("evaluation"):
             end_of_epoch_metrics(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
-            checkpoints.save(snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None))
+            checkpoints.save(snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check))
         for label, (mean, std, instances) in timers.summary().items():
             log_runtime(label, mean, std, instances)
 
@@ -206,6 +227,7 @@ def main():
     recorder.summary(cfg, time.time() - started)
     recorder.close()
     log_info({"state.progress": 1.0})
+    return folder
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -245,9 +267,27 @@ def validated(cfg: dict) -> dict:
         raise runs.ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
     if cfg["checkpoint_every"] < 0:
         raise runs.ConfigError("checkpoint_every must be >= 0")
+    for key in ("max_batches_per_epoch", "max_test_examples"):
+        if cfg[key] is not None and (not _is_integer(cfg[key]) or cfg[key] < 1):
+            raise runs.ConfigError(f"{key} must be an integer >= 1 (or null for no limit), got {cfg[key]!r}")
+    for key in ("gradient_clipping", "dirichlet_alpha"):
+        if cfg[key] is not None and not (_is_number(cfg[key]) and cfg[key] > 0):
+            raise runs.ConfigError(f"{key} must be a positive number (or null: off), got {cfg[key]!r}")
+    if cfg["distributed_lr_warmup_epoch"] < 0 or not cfg["distributed_lr_warmup_factor"] > 0:
+        raise runs.ConfigError("distributed_lr_warmup_epoch must be >= 0 and distributed_lr_warmup_factor > 0, got "
+                               f"{cfg['distributed_lr_warmup_epoch']} and {cfg['distributed_lr_warmup_factor']}")
+    if not cfg["max_loss_ratio"] > 1:
+        raise runs.ConfigError(f"max_loss_ratio must be > 1 (a multiple of the first step's loss), got {cfg['max_loss_ratio']}")
     cfg["lr_schedule_milestones"] = [list(m) if isinstance(m, (list, tuple)) else [m, 0.1] for m in cfg["lr_schedule_milestones"]]
-    if any(len(m) != 2 for m in cfg["lr_schedule_milestones"]):
-        raise runs.ConfigError("lr_schedule_milestones holds [epoch, factor] pairs or bare epochs")
+    if any(len(m) != 2 or not _is_number(m[0]) or m[0] < 0 or not _is_number(m[1]) or m[1] <= 0
+           for m in cfg["lr_schedule_milestones"]):
+        raise runs.ConfigError(f"lr_schedule_milestones holds [epoch >= 0, factor > 0] pairs or bare epochs, got "
+                               f"{cfg['lr_schedule_milestones']}")
+    check_spectrum_logging(cfg)
+    try:
+        data.check_data_dir(cfg["task"], cfg["data_dir"])
+    except FileNotFoundError as problem:
+        raise runs.ConfigError(str(problem)) from None
     if cfg["optimizer"] in ("choco", "deepsqueeze"):
         compressors.build(cfg["optimizer_compressor"], cfg["optimizer_keep_ratio"], cfg["optimizer_rank"])
     topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: ValueError now
@@ -255,6 +295,34 @@ def validated(cfg: dict) -> dict:
 
 
 _DEFAULTS = dict(config)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_spectrum_logging(cfg: dict) -> None:
+    """The spectrum-logging keys name parameters of the model, epochs of the run and pairs of workers."""
+    if cfg["spectrum_logging_params"]:
+        with torch.device("meta"):  # names only: no memory, no time
+            model = models.build(cfg["task_architecture"], vocab_size=10)
+        names = list(dict(model.named_parameters()))  # as StackedReplicas.parameter_names
+        unknown = [name for name in cfg["spectrum_logging_params"] if name not in names]
+        if unknown:
+            raise runs.ConfigError(f"spectrum_logging_params: {cfg['task_architecture']} has no parameter "
+                                   f"{', '.join(map(repr, unknown))}; its parameters: {', '.join(names)}")
+    for epoch in cfg["spectrum_logging_epochs"]:
+        if not _is_integer(epoch) or not 1 <= epoch <= cfg["num_epochs"]:
+            raise runs.ConfigError(f"spectrum_logging_epochs holds epochs 1..num_epochs={cfg['num_epochs']}, got {epoch!r}")
+    for pair in cfg["spectrum_logging_worker_pairs"]:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_integer(w) and 0 <= w < cfg["n_workers"] for w in pair)
+                and pair[0] != pair[1]):
+            raise runs.ConfigError(f"spectrum_logging_worker_pairs holds [i, j] pairs of distinct workers in "
+                                   f"0..{cfg['n_workers'] - 1}, got {pair!r}")
 
 
 def uses_cuda(device: str) -> bool:
@@ -467,9 +535,7 @@ def end_of_epoch_metrics(cfg, epoch, totals, workers, dataset, comm, recorder, t
 def log_spectra(cfg, e, workers, comm, recorder):
     """Singular values of x_i - x_j for the configured parameters and worker pairs (the
     spectrum-logging keys of the original code); measurement traffic is not counted."""
-    for name in cfg["spectrum_logging_params"]:
-        if name not in workers.parameter_names:
-            raise ValueError(f"spectrum_logging_params: no parameter {name!r}; known: {', '.join(workers.parameter_names)}")
+    for name in cfg["spectrum_logging_params"]:  # names checked by check_spectrum_logging
         everyone = comm.all_gather_workers(workers.params[workers.parameter_names.index(name)])
         for i, j in cfg["spectrum_logging_worker_pairs"]:
             difference = (everyone[i] - everyone[j]).reshape(everyone.shape[1], -1).double().cpu()
@@ -481,24 +547,26 @@ class Recorder:
     """Writes records (rank 0): metrics.jsonl, TensorBoard and the log_metric hook.
     bits/messages are per worker (mean over workers, cumulative)."""
 
-    def __init__(self, comm, cfg, append: bool, upto_epoch: int):
-        self.comm = comm
+    def __init__(self, comm, folder: str, run_id: str, append: bool, upto_epoch: int):
+        self.comm, self.folder, self.run_id = comm, folder, run_id
         self.is_root = comm.rank == 0
         self.last_test_avg = None
         self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()
         if not self.is_root:
             return
-        if os.path.exists(os.path.join(output_dir, "summary.json")):
-            os.remove(os.path.join(output_dir, "summary.json"))  # the run is not finished until it is written again
+        if os.path.exists(os.path.join(folder, "summary.json")):
+            os.remove(os.path.join(folder, "summary.json"))  # the run is not finished until it is written again
         # Resuming: keep the records of the epochs the checkpoint covers, drop later ones.
-        kept = [r for r in runs.read_metrics(output_dir) if r["epoch"] <= upto_epoch] \
-            if append and os.path.exists(os.path.join(output_dir, "metrics.jsonl")) else []
-        self.file = runs.MetricsFile(output_dir)
+        kept = [r for r in runs.read_metrics(folder) if r["epoch"] <= upto_epoch] \
+            if append and os.path.exists(os.path.join(folder, "metrics.jsonl")) else []
+        self.file = runs.MetricsFile(folder)
         for record in kept:
             self.file.write(record)
+            if record["name"] == "accuracy" and record["tags"].get("split") == "test_avg":
+                self.last_test_avg = record["value"]
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
         except ImportError:
             self.tensorboard = None
 
@@ -524,12 +592,12 @@ class Recorder:
             return
         mb_per_epoch = self.bits / 8 / 1e6 / max(1, cfg["num_epochs"])
         accuracy = "not evaluated" if self.last_test_avg is None else f"{100 * self.last_test_avg:.2f}%"
-        with open(os.path.join(output_dir, "summary.json"), "w") as f:  # also marks the run as finished
+        with open(os.path.join(self.folder, "summary.json"), "w") as f:  # also marks the run as finished
             json.dump({"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
-                       "wall_time_s": wall_time, "epochs": cfg["num_epochs"]}, f)
+                       "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id}, f)
         print(f"\nsummary: {cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} "
               f"{cfg['task_architecture']}: averaged-model test accuracy {accuracy}; "
-              f"{mb_per_epoch:.3f} MB sent per worker per epoch; wall time {wall_time:.1f} s", flush=True)
+              f"{mb_per_epoch:.3f} MB sent per worker per epoch; wall time {wall_time:.1f} s; results in {self.folder}", flush=True)
 
     def close(self):
         if self.is_root:
@@ -569,20 +637,28 @@ def _event() -> torch.cuda.Event:
     return event
 
 
-class FiniteLossCheck:
-    """Stops the run at a non-finite loss, one step late: step t's verdict (and mean loss,
-    for the progress bar) is copied to the host without waiting and read at step t+1, so
-    the check never drains the GPU's queue. `finish()` before anything is saved."""
+class DivergenceCheck:
+    """Stops the run when a worker's loss is not finite or exceeds `max_loss_ratio` times the
+    run's first mean loss (a loss of 1e23 is finite, and so is a model it saved). It reads
+    step t's verdict (and mean loss, for the progress bar) at step t+1: the verdict is copied
+    to the host without waiting, so the check never drains the GPU's queue. `finish()`
+    before anything is saved."""
 
-    def __init__(self, device: torch.device, comm, checkpoint_folder: str):
-        self.comm, self.checkpoint_folder = comm, checkpoint_folder
-        self.host = torch.zeros(2, pin_memory=device.type == "cuda")  # [all finite, mean loss]
+    def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
+        self.comm, self.checkpoints, self.max_loss_ratio = comm, checkpoints, max_loss_ratio
+        self.initial_loss = initial_loss  # mean over all workers at the run's first step (kept by checkpoints)
+        self.host = torch.zeros(2, pin_memory=comm.device.type == "cuda")  # [healthy, mean loss]
         self.pending = None  # (losses, epoch, step, event) of the step not read yet
         self.mean_loss = float("nan")
 
+    @property
+    def bound(self) -> float:
+        return math.inf if self.initial_loss is None else self.max_loss_ratio * self.initial_loss
+
     def watch(self, losses, epoch, step):
         self.finish()
-        self.host.copy_(torch.stack([torch.isfinite(losses).all().float(), losses.mean()]), non_blocking=True)
+        healthy = torch.isfinite(losses).all() & (losses <= self.bound).all()
+        self.host.copy_(torch.stack([healthy.float(), losses.mean()]), non_blocking=True)
         self.pending = (losses, epoch, step, _event() if losses.is_cuda else None)
 
     def finish(self):
@@ -592,13 +668,17 @@ class FiniteLossCheck:
         self.pending = None
         if event is not None:
             event.synchronize()
-        all_finite, self.mean_loss = self.host.tolist()
-        if not all_finite:
+        healthy, self.mean_loss = self.host.tolist()
+        if self.initial_loss is None:  # the run's first step: the same bound on every process
+            comm = self.comm
+            self.initial_loss = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
+        if not healthy:
             comm = self.comm
             raise FloatingPointError(
-                f"the loss became {losses.tolist()} at epoch {epoch} step {step} (local workers "
-                f"{comm.first_worker}..{comm.first_worker + comm.num_local - 1}); the last good checkpoint is kept in "
-                f"{self.checkpoint_folder} — lower learning_rate or optimizer_diffusion_rate")
+                f"the loss became {losses.tolist()} at epoch {epoch} step {step} (local workers {comm.first_worker}.."
+                f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
+                f"max_loss_ratio={self.max_loss_ratio:g} x the first step's {self.initial_loss:.4g}); nothing was saved "
+                f"from this state. {self.checkpoints.last_good()}")
 
 
 def progress_bar(is_root: bool, total: int, done: int):
@@ -612,28 +692,108 @@ def progress_bar(is_root: bool, total: int, done: int):
 
 # --- checkpoints ---------------------------------------------------------------------------------
 class Checkpoints:
-    """One file per process, written atomically (temp file, then rename), read with weights_only."""
+    """This process's checkpoint `rank{r}.pt` and the one before it, `rank{r}.previous.pt` (kept
+    so that a file damaged on disk costs one checkpoint interval, not the run). Written
+    atomically with fsync, CRC-checked when read; before any process loads, all agree on
+    the save they continue from (epoch, step, run id)."""
 
-    def __init__(self, folder: str, rank: int):
-        self.folder = folder
-        self.path = os.path.join(folder, f"rank{rank}.pt")
-
-    def exists(self) -> bool:
-        return os.path.exists(self.path)
+    def __init__(self, folder: str, comm):
+        self.folder, self.comm = folder, comm
+        self.path = os.path.join(folder, f"rank{comm.rank}.pt")
+        self.previous = os.path.join(folder, f"rank{comm.rank}.previous.pt")
+        self.last = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed
 
     def save(self, state: dict) -> None:
+        check_finite(state)
         os.makedirs(self.folder, exist_ok=True)
-        temporary = self.path + ".tmp"
-        torch.save(state, temporary)
-        os.replace(temporary, self.path)
+        runs.write_atomically(self.path, state, previous=self.previous)
+        self.last = (state["epoch"], state["step_in_epoch"])
 
-    def load(self) -> dict:
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+    def last_good(self) -> str:
+        if self.last is None:
+            return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
+        return (f"The last good checkpoint (epoch {self.last[0]} step {self.last[1]}) is kept in {self.folder}: continue it "
+                f"with resume=true and a smaller learning_rate or optimizer_diffusion_rate.")
+
+    def agreed(self, cfg: dict) -> dict:
+        """The checkpoint every process resumes from: the latest save if each process has it
+        intact, the one before if a latest file is damaged; otherwise one error for all."""
+        state, mine = _read_checkpoint(self.path)
+        everyone = self.comm.gather_objects(mine)
+        where = "; ".join(f"process {rank}: {_describe(found)}" for rank, found in enumerate(everyone))
+        if all(found == "missing" for found in everyone):
+            raise runs.ConfigError(f"resume=true but {self.folder} holds no checkpoint (none was saved yet, or the run "
+                                   f"wrote elsewhere); start afresh with overwrite=true, or without resume in a new output_dir")
+        layout = (self.comm.n_workers, self.comm.world_size)
+        for found in everyone:
+            if isinstance(found, tuple) and found[3] != layout:
+                raise runs.ConfigError(f"the checkpoints in {self.folder} were written by {found[3][1]} process(es) for "
+                                       f"{found[3][0]} workers; resume with the same layout")
+        if not (all(isinstance(found, tuple) for found in everyone) and len(set(everyone)) == 1):
+            if not any(isinstance(found, str) and found != "missing" for found in everyone):
+                raise runs.ConfigError(f"cannot resume from {self.folder}: every process needs its file of the same save, "
+                                       f"but {where}; restore the missing or mismatched files, or start afresh with overwrite=true")
+            state, mine = _read_checkpoint(self.previous)  # a damaged file: fall back to the save before it
+            earlier = self.comm.gather_objects(mine)
+            if not (all(isinstance(found, tuple) for found in earlier) and len(set(earlier)) == 1):
+                raise runs.ConfigError(f"cannot resume from {self.folder}: {where}; and no earlier save is intact on every "
+                                       f"process; start afresh with overwrite=true")
+            if self.comm.rank == 0:
+                warnings.warn(f"resuming from the save before the latest (epoch {earlier[0][0]} step {earlier[0][1]}): {where}")
+        if "run" not in state:
+            warnings.warn(f"{self.path} was written by an older version of train.py: it has no run id and no "
+                          f"configuration, so neither could be checked against this run")
+        else:
+            stored = _DEFAULTS | state["run"]["config"]  # keys added since the run started: their defaults
+            changed = [key for key in cfg if key not in MAY_CHANGE_ON_RESUME and stored[key] != cfg[key]]
+            if changed:
+                raise runs.ConfigError(
+                    "resume=true with a changed configuration: " + ", ".join(
+                        f"{key}={cfg[key]!r} (the run has {stored[key]!r})" for key in changed)
+                    + f". These define the run; only {', '.join(MAY_CHANGE_ON_RESUME[:-2])} may change on resume. "
+                    "Put them back, or start a new run in another output_dir")
+        self.last = (state["epoch"], state["step_in_epoch"])
+        return state
 
 
-def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals) -> dict:
+def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:
+    """(state, (epoch, step, run id)) or (None, "missing" / what is wrong with the file)."""
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        state = runs.read_verified(path)
+    except runs.CorruptCheckpoint as problem:
+        return None, str(problem)
+    return state, (state["epoch"], state["step_in_epoch"], state.get("run", {}).get("run_id"), tuple(state["layout"]))
+
+
+def _describe(found) -> str:
+    if isinstance(found, str):
+        return "no checkpoint file" if found == "missing" else found
+    return f"epoch {found[0]} step {found[1]} of run {found[2]}"
+
+
+def check_finite(state: dict) -> None:
+    """Refuse to save a state with a non-finite parameter, buffer or optimizer value."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from tensors(v)
+    floats = [t for t in tensors(state) if t.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+        raise FloatingPointError(f"not saving epoch {state['epoch']} step {state['step_in_epoch']}: some parameters or "
+                                 f"optimizer values are not finite")
+
+
+def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check) -> dict:
     return {
         "epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [comm.n_workers, comm.world_size],
+        "run": {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss},
         "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
@@ -643,9 +803,6 @@ def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals) -> di
 
 def restore(saved, workers, momenta, gossip, comm) -> EpochTotals | None:
     """Puts the checkpoint's state back; returns the totals of the epoch it interrupted (or None)."""
-    if saved["layout"] != [comm.n_workers, comm.world_size]:
-        raise ValueError(f"the checkpoint was written by {saved['layout'][1]} processes for {saved['layout'][0]} workers; "
-                         f"resume with the same layout")
     with torch.no_grad():
         for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
             target.copy_(source)
@@ -681,4 +838,7 @@ class StopRequests:
 
 if __name__ == "__main__":
     config, output_dir = runs.command_line_or_exit("train.py", config, output_dir, sys.argv[1:], validated)
-    main()
+    try:
+        main()
+    except runs.ConfigError as problem:  # found before any work (output_dir, resume): every process says the same
+        runs.exit_on_config_error("train.py", problem)

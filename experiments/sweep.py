@@ -4,8 +4,9 @@ A study script lists its runs (name, entrypoint, `key=value` overrides) and call
 `launch(runs, folder, ...)`: every run is a subprocess (`python ENTRY ...`, or under
 `mpirun -np N` when asked; `jobs` of them at a time) writing to `folder/<name>/`
 (its output in `output.log`). A run that finished before (its folder holds `DONE`)
-is skipped; a run that fails gets a `FAILED` file with the end of its output and the
-sweep goes on. Progress is one line per run.
+is skipped; one that was stopped midway continues from its checkpoints (`resume=true`)
+or, without any, starts again (`overwrite=true`); a run that fails gets a `FAILED` file
+with the end of its output and the sweep goes on. Progress is one line per run.
 """
 from __future__ import annotations
 
@@ -102,6 +103,7 @@ def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | 
     if os.path.exists(os.path.join(run_folder, "FAILED")):
         os.remove(os.path.join(run_folder, "FAILED"))
     command = [sys.executable, os.path.join(ROOT, run.entrypoint)] + run.overrides + (extra or []) + [f"output_dir={run_folder}"]
+    command += _continue_or_replace(run_folder)
     env = dict(os.environ)
     if processes and processes > 1:
         command = comm_module.mpirun_command(processes) + command
@@ -109,6 +111,15 @@ def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | 
     log = open(os.path.join(run_folder, "output.log"), "w")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     return process, time.time(), command, log
+
+
+def _continue_or_replace(run_folder: str) -> list[str]:
+    """What to tell a run about the results an unfinished launch of it left in its folder:
+    continue from its checkpoints, or replace them (the sweep owns its run folders)."""
+    checkpoints = os.path.join(run_folder, "checkpoints")
+    if os.path.isdir(checkpoints) and any(name.endswith(".pt") for name in os.listdir(checkpoints)):
+        return ["resume=true"]
+    return ["overwrite=true"] if runs_module.results_in(run_folder) else []
 
 
 def study_arguments(description: str, quick_help: str = "a reduced run for a 2-core CPU"):

@@ -1,10 +1,14 @@
 """Run train.main() several times in one launch (one mpirun start for many configs).
 
-`python tests/train_runs.py OUT_ROOT RUNS_JSON` where RUNS_JSON maps a run name to a
-list of `key=value` overrides; run NAME writes to OUT_ROOT/NAME.
+`python tests/train_runs.py OUT_ROOT RUNS_JSON [--sigterm-at=FRACTION]` where RUNS_JSON
+maps a run name to a list of `key=value` overrides; run NAME writes to OUT_ROOT/NAME.
+With --sigterm-at, process 0 sends itself SIGTERM once the run's progress passes
+FRACTION (as a cluster's scheduler would). Configuration errors end every process
+the way train.py's command line does.
 """
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,7 +24,22 @@ def run(out_dir: str, overrides: list[str]) -> None:
     train.main()
 
 
+def sigterm_once_past(fraction: float):
+    def hook(info):
+        if info["state.progress"] > fraction and not hook.sent and os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":
+            hook.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+    hook.sent = False
+    return hook
+
+
 if __name__ == "__main__":
     out_root, runs_json = sys.argv[1], sys.argv[2]
+    for option in sys.argv[3:]:
+        if option.startswith("--sigterm-at="):
+            train.log_info = sigterm_once_past(float(option.split("=", 1)[1]))
     for name, overrides in json.loads(runs_json).items():
-        run(os.path.join(out_root, name), overrides)
+        try:
+            run(os.path.join(out_root, name), overrides)
+        except runs.ConfigError as problem:
+            runs.exit_on_config_error("train.py", problem)

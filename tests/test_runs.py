@@ -1,0 +1,269 @@
+"""Runs that never lose results: output folders, resume, checkpoints, divergence, config errors.
+
+Each test reproduces one way a user could lose or mix results and asserts the new
+behaviour (an error that names the problem, an intact earlier run, an exact resume).
+"""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import runs
+import train
+from tests.launch import run_mpi
+from tests.test_data import fake_fmnist
+from tests.train_runs import DEFAULTS, run
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fmnist")
+    fake_fmnist(folder, n_train=512, n_test=64)
+    return str(folder)
+
+
+def settings(tiny_data, **extra):
+    values = {"data_dir": tiny_data, "batch_size": 16, "num_epochs": 1, "n_workers": 4, "max_batches_per_epoch": 4,
+              "distributed_lr_warmup_epoch": 0, "lr_schedule_milestones": [], "device": "cpu", "seed": 3} | extra
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def records(folder):
+    return [(r["name"], r["epoch"], r["tags"], r["value"], r["bits"]) for r in runs.read_metrics(str(folder))
+            if not r["name"].startswith("time_")]
+
+
+def contents(folder):
+    """Every file under `folder` with its bytes (to show that nothing changed)."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+# --- 1. a reused output_dir -----------------------------------------------------------------------
+def test_a_folder_with_results_is_refused_and_left_intact(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data))
+    before = contents(tmp_path)
+    with pytest.raises(runs.ConfigError, match="holds another run's results .*resume=true.*overwrite=true"):
+        run(str(tmp_path), settings(tiny_data, seed=4))
+    assert contents(tmp_path) == before
+
+
+def test_overwrite_replaces_the_results(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data))
+    first = records(tmp_path)
+    run(str(tmp_path), settings(tiny_data, seed=4) + ["overwrite=true"])
+    second = records(tmp_path)
+    assert [r[:3] for r in first] == [r[:3] for r in second] and first != second  # one run's records, the new one's
+    assert torch.load(tmp_path / "checkpoints" / "rank0.pt", weights_only=True)["run"]["config"]["seed"] == 4
+    assert not (tmp_path / "checkpoints" / "rank0.previous.pt").exists()  # the old run's checkpoint is gone too
+
+
+def test_files_beside_a_run_are_not_results(tmp_path, tiny_data):
+    (tmp_path / "output.log").write_text("a sweep's launch log")
+    run(str(tmp_path), settings(tiny_data))
+    assert (tmp_path / "output.log").read_text() == "a sweep's launch log"
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, tiny_data):
+    (tmp_path / "metrics.jsonl").write_text('{"name": "mine"}\n')
+    with pytest.raises(runs.ConfigError, match="holds no checkpoint.*overwrite=true"):
+        run(str(tmp_path), settings(tiny_data) + ["resume=true"])
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"name": "mine"}\n'
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tmp_path, tiny_data, capsys):
+    run(str(tmp_path), settings(tiny_data))
+    before = contents(tmp_path)
+    assert json.loads(before["summary.json"])["test_avg_accuracy"] is not None
+    run(str(tmp_path), settings(tiny_data) + ["resume=true"])
+    assert "nothing to do" in capsys.readouterr().out
+    assert contents(tmp_path) == before
+
+
+def test_resumed_summary_carries_the_accuracy(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data, num_epochs=2, evaluate_each_worker=False))
+    with open(tmp_path / "summary.json") as f:
+        full = json.load(f)
+    run(str(tmp_path / "parts"), settings(tiny_data, evaluate_each_worker=False))
+    run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2, evaluate_each_worker=False) + ["resume=true"])
+    with open(tmp_path / "parts" / "summary.json") as f:
+        parts = json.load(f)
+    assert parts["test_avg_accuracy"] == full["test_avg_accuracy"] is not None
+
+
+def test_no_output_dir_gives_each_run_a_fresh_folder(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.config = runs.apply_overrides(DEFAULTS, settings(tiny_data))
+    train.output_dir = None
+    first, second = train.main(), train.main()
+    assert first != second and os.path.dirname(first) == os.path.dirname(second) == "runs"
+    assert records(tmp_path / first) == records(tmp_path / second)  # same config, same seed: two whole runs
+
+
+# --- 2. resume and the configuration ---------------------------------------------------------------
+def test_resume_refuses_a_changed_definition_of_the_run(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data) + ["optimizer=power-gossip"])
+    before = contents(tmp_path)
+    with pytest.raises(runs.ConfigError, match=r"optimizer_rank=2 \(the run has 1\)"):
+        run(str(tmp_path), settings(tiny_data, num_epochs=2) + ["optimizer=power-gossip", "optimizer_rank=2", "resume=true"])
+    assert contents(tmp_path) == before  # config.yaml still says rank 1
+
+
+def test_resume_may_change_the_learning_rate_and_epochs(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data))
+    run(str(tmp_path), settings(tiny_data, num_epochs=2, learning_rate=0.01, weight_decay=0.0) + ["resume=true"])
+    assert {r[1] for r in records(tmp_path)} == {1.0, 2.0}
+    stored = runs.apply_overrides(DEFAULTS, [str(tmp_path / "config.yaml")])
+    assert stored["learning_rate"] == 0.01 and not stored["resume"]  # a new run from this file starts afresh
+
+
+def test_a_stored_config_given_to_a_new_run_replaces_nothing(tmp_path, tiny_data):
+    run(str(tmp_path / "a"), settings(tiny_data) + ["overwrite=true"])
+    before = contents(tmp_path / "a")
+    with pytest.raises(runs.ConfigError, match="holds another run's results"):
+        run(str(tmp_path / "a"), [str(tmp_path / "a" / "config.yaml")])
+    assert contents(tmp_path / "a") == before
+
+
+def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_data):
+    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=2))
+    run(str(tmp_path / "parts"), settings(tiny_data))
+    path = tmp_path / "parts" / "checkpoints" / "rank0.pt"
+    old = torch.load(path, weights_only=True)
+    del old["run"]
+    torch.save(old, path)
+    with pytest.warns(UserWarning, match="older version"):
+        run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2) + ["resume=true"])
+    assert records(tmp_path / "parts") == records(tmp_path / "full")
+
+
+# --- 3. divergence --------------------------------------------------------------------------------
+def test_a_diverged_state_is_not_saved_and_the_last_good_one_resumes(tmp_path, tiny_data):
+    run(str(tmp_path / "good"), settings(tiny_data))
+    run(str(tmp_path / "good"), settings(tiny_data, num_epochs=3, learning_rate=0.01) + ["resume=true"])
+    run(str(tmp_path / "blown"), settings(tiny_data))
+    before = contents(tmp_path / "blown" / "checkpoints")
+    # A loss of 1e20 is finite: the bound relative to the first loss catches it.
+    with pytest.raises(FloatingPointError, match=r"max_loss_ratio.*last good checkpoint \(epoch 1 step 0\)"):
+        run(str(tmp_path / "blown"), settings(tiny_data, num_epochs=3, learning_rate=1e6) + ["resume=true"])
+    assert contents(tmp_path / "blown" / "checkpoints") == before
+    run(str(tmp_path / "blown"), settings(tiny_data, num_epochs=3, learning_rate=0.01) + ["resume=true"])
+    assert records(tmp_path / "blown") == records(tmp_path / "good")  # the diverged attempt left nothing behind
+
+
+def test_a_non_finite_state_is_never_written(tmp_path):
+    checkpoints = train.Checkpoints(str(tmp_path), type("Comm", (), {"rank": 0})())
+    state = {"epoch": 1, "step_in_epoch": 0, "params": [torch.ones(3)], "momenta": [torch.tensor([1.0, float("inf")])]}
+    with pytest.raises(FloatingPointError, match="not finite"):
+        checkpoints.save(state)
+    assert not os.listdir(tmp_path)
+
+
+# --- 4. checkpoint integrity ------------------------------------------------------------------------
+def damage(path, how):
+    data = path.read_bytes()
+    if how == "flipped":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:])
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 3])
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated", "empty"])
+def test_a_damaged_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data, how):
+    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=3))
+    run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2))  # rank0.pt: epoch 2; rank0.previous.pt: epoch 1
+    damage(tmp_path / "parts" / "checkpoints" / "rank0.pt", how)
+    with pytest.warns(UserWarning, match=r"save before the latest \(epoch 1 step 0\).*rank0\.pt"):
+        run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=3) + ["resume=true"])
+    assert records(tmp_path / "parts") == records(tmp_path / "full")
+
+
+def test_a_damaged_checkpoint_without_a_save_before_is_named(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data))
+    path = tmp_path / "checkpoints" / "rank0.pt"
+    damage(path, "flipped")
+    with pytest.raises(runs.ConfigError, match=f"{path} is corrupt.*overwrite=true"):
+        run(str(tmp_path), settings(tiny_data, num_epochs=2) + ["resume=true"])
+
+
+# --- 5. configuration errors before any work ---------------------------------------------------------
+@pytest.mark.parametrize("overrides,match", [
+    ({"spectrum_logging_params": ["nope"]}, "spectrum_logging_params: small_cnn has no parameter 'nope'"),
+    ({"spectrum_logging_worker_pairs": [[0, 9]]}, r"pairs of distinct workers in 0..3"),
+    ({"spectrum_logging_epochs": [9]}, "spectrum_logging_epochs"),
+    ({"max_test_examples": 0}, "max_test_examples must be an integer >= 1"),
+    ({"max_batches_per_epoch": 0}, "max_batches_per_epoch must be an integer >= 1"),
+    ({"max_batches_per_epoch": -1}, "max_batches_per_epoch must be an integer >= 1"),
+    ({"distributed_lr_warmup_factor": -5.0}, "distributed_lr_warmup_factor > 0"),
+    ({"gradient_clipping": -1.0}, "gradient_clipping must be a positive number"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
+    ({"lr_schedule_milestones": [[3, -0.1]]}, "factor > 0"),
+    ({"max_loss_ratio": 0.5}, "max_loss_ratio must be > 1"),
+    ({"task": "fashion_mnist", "data_dir": "/nonexistent"}, "/nonexistent"),
+])
+def test_config_errors_are_found_before_any_work(overrides, match):
+    with pytest.raises(runs.ConfigError, match=match):
+        train.validated(dict(DEFAULTS) | overrides)
+
+
+def test_a_nonexistent_data_dir_never_falls_back(tmp_path):
+    with pytest.raises(runs.ConfigError, match="/nonexistent"):
+        run(str(tmp_path / "out"), ["task=fashion_mnist", "data_dir=/nonexistent", "device=cpu"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_dir_is_found_before_any_work(tmp_path, tiny_data):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(runs.ConfigError, match="cannot write to output_dir"):
+        run(str(tmp_path / "a_file" / "out"), settings(tiny_data))
+
+
+def test_scientific_notation_is_a_number_on_the_command_line_and_in_yaml(tmp_path):
+    (tmp_path / "lr.yaml").write_text("learning_rate: 1e-3\nweight_decay: 5E-4\n")
+    config = runs.apply_overrides(DEFAULTS, [str(tmp_path / "lr.yaml"), "optimizer_theta=2.5e-1"])
+    assert (config["learning_rate"], config["weight_decay"], config["optimizer_theta"]) == (1e-3, 5e-4, 0.25)
+    assert runs.apply_overrides(DEFAULTS, ["learning_rate=1e-3"])["learning_rate"] == 1e-3
+    with pytest.raises(runs.ConfigError, match="num_epochs must be an integer"):
+        runs.apply_overrides(DEFAULTS, ["num_epochs=1e3"])
+
+
+# --- under mpirun: agreement between processes, exact resume after SIGTERM -----------------------------
+def test_mpirun_resume_is_exact_after_a_sigterm_mid_epoch(tmp_path, tiny_data):
+    overrides = settings(tiny_data, num_epochs=2) + ["optimizer=choco", "optimizer_compressor=qsgd", "optimizer_diffusion_rate=0.3"]
+    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"full": overrides})], timeout=300)
+    stopped = run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"parts": overrides}), "--sigterm-at=0.6"],
+                      timeout=300, check=False)
+    assert stopped.returncode != 0 and "stopped by a signal at epoch 1" in stopped.stdout, stopped.stdout + stopped.stderr
+    for rank in (0, 1):
+        assert torch.load(tmp_path / "parts" / "checkpoints" / f"rank{rank}.pt", weights_only=True)["step_in_epoch"] > 0
+    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"parts": overrides + ["resume=true"]})], timeout=300)
+    assert records(tmp_path / "parts") == records(tmp_path / "full")
+
+
+@pytest.mark.parametrize("problem", ["missing", "older"])
+def test_mpirun_refuses_rank_files_of_different_saves_with_one_message(tmp_path, tiny_data, problem):
+    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"run": settings(tiny_data, num_epochs=2)})], timeout=300)
+    folder = tmp_path / "run" / "checkpoints"
+    if problem == "missing":
+        os.remove(folder / "rank0.pt")
+    else:
+        os.replace(folder / "rank1.previous.pt", folder / "rank1.pt")  # rank 1 one epoch behind rank 0
+    before = contents(tmp_path / "run")
+    result = run_mpi(2, ["tests/train_runs.py", str(tmp_path),
+                         json.dumps({"run": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    expected = "process 0: no checkpoint file" if problem == "missing" else "process 1: epoch 1 step 0"
+    for rank in (0, 1):
+        assert f"configuration error (process {rank}): cannot resume" in result.stderr, result.stderr
+    assert expected in result.stderr and "SIGABRT" not in result.stderr and "Traceback" not in result.stderr
+    assert contents(tmp_path / "run") == before
