@@ -18,12 +18,16 @@ in `comm.half_edges(topology)` order.
 """
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from compressors import Compressor, WorkerRandom, pack_bits, unpack_bits
+from powergossip import compressors
+from powergossip.compressors import Compressor, WorkerRandom, canonical_name, pack_bits, unpack_bits
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
 COMPRESSOR_STREAM, MONIQUA_STREAM = 1, 2
@@ -450,3 +454,72 @@ class DPSGD:
             self.gossip.step(params)
             apply_update()
         return result
+
+
+# --- the registry: methods by name ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """A registry entry. `factory(comm, topology, **hyper)` builds the method; it is given
+    the hyper-parameters its signature names (the vocabulary: diffusion_rate, rank,
+    num_iterations, warm_start, round_weights, compressor, keep_ratio, qsgd_levels,
+    theta, seed) and checks them itself."""
+
+    factory: Callable[..., GossipAlgorithm]
+    acts_on: str = "parameters"  # "parameters": x_t, after the gradient and before the local step
+    needs_tuning: bool = True  # consensus sweeps its diffusion rate unless one is given
+
+
+ACTS_ON = ("parameters",)
+METHODS: dict[str, Method] = {}
+_METHOD_ALIASES = {"uncompressed": "dpsgd", "allreduce": "all-reduce", "deep-squeeze": "deepsqueeze"}
+
+
+def register_algorithm(name: str, factory: Callable[..., GossipAlgorithm], acts_on: str = "parameters",
+                       needs_tuning: bool = True) -> None:
+    """Make a method available by `name` in train.py, gossip_run.py and the benchmarks:
+    `register_algorithm("my-gossip", MyGossip)` with `MyGossip(comm, topology, diffusion_rate=1.0, ...)`."""
+    if acts_on not in ACTS_ON:
+        raise ValueError(f"acts_on={acts_on!r} is not one of {', '.join(ACTS_ON)}")
+    METHODS[canonical_name(name)] = Method(factory, acts_on, needs_tuning)
+
+
+def registered_name(name: str) -> str:
+    """The registry key of `name` (either spelling, aliases included); ValueError names the known ones."""
+    key = canonical_name(name)
+    key = _METHOD_ALIASES.get(key, key)
+    if key not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+    return key
+
+
+def build(name: str, comm, topology, **hyper) -> GossipAlgorithm:
+    """The method registered as `name`, given the hyper-parameters its factory takes."""
+    factory = METHODS[registered_name(name)].factory
+    parameters = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        hyper = {key: value for key, value in hyper.items() if key in parameters}
+    return factory(comm, topology, **hyper)
+
+
+def _power_gossip(comm, topology, rank=1, num_iterations=1, warm_start=True, round_weights=False,
+                  diffusion_rate=1.0, seed=0):
+    """PowerGossip on matrices, exact gossip on vectors (as in the paper's experiments)."""
+    power = PowerGossip(comm, topology, rank=rank, num_iterations=num_iterations, warm_start=warm_start,
+                        round_weights=round_weights, diffusion_rate=diffusion_rate, seed=seed)
+    return OnlyOnLargeParameters(power, SimpleGossip(comm, topology))
+
+
+def _with_compressor(method_class):
+    def factory(comm, topology, compressor="sign-and-norm", keep_ratio=None, rank=1, qsgd_levels=16,
+                diffusion_rate=1.0, seed=0):
+        return method_class(comm, topology, compressors.build(compressor, keep_ratio, rank, qsgd_levels),
+                            diffusion_rate=diffusion_rate, seed=seed)
+    return factory
+
+
+register_algorithm("all-reduce", lambda comm, topology: AllReduce(comm, topology), needs_tuning=False)
+register_algorithm("dpsgd", SimpleGossip, needs_tuning=False)
+register_algorithm("power-gossip", _power_gossip, needs_tuning=False)
+register_algorithm("choco", _with_compressor(ChocoGossip))
+register_algorithm("deepsqueeze", _with_compressor(DeepSqueezeGossip))
+register_algorithm("moniqua", MoniquaGossip)

@@ -15,6 +15,7 @@ over tensors: no Python loop over workers or neighbours.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -286,23 +287,37 @@ class QSGD(Compressor):
                 for k, (part, s) in enumerate(zip(_split(signed, shapes), shapes))]
 
 
-NAMES = ("identity", "sign_and_norm", "top_k", "random_k", "svd", "qsgd")
+# --- the registry: compressors by name ---------------------------------------------------------
+# name -> factory(keep_ratio, rank, qsgd_levels) -> Compressor. A new compressor is one class
+# plus one `register_compressor` line; every entrypoint and method that takes a compressor
+# by name finds it here.
+COMPRESSORS: dict[str, Callable[..., Compressor]] = {}
+_COMPRESSOR_ALIASES = {"sign": "sign-and-norm", "topk": "top-k", "randomk": "random-k", "fp": "identity"}
+
+
+def canonical_name(name: str) -> str:
+    """Names are case-free and read `-` and `_` alike: `power_gossip` = `power-gossip`."""
+    return name.strip().lower().replace("_", "-")
+
+
+def register_compressor(name: str, factory: Callable[..., Compressor]) -> None:
+    """Make `factory(keep_ratio, rank, qsgd_levels)` available as compressor `name`."""
+    COMPRESSORS[canonical_name(name)] = factory
 
 
 def build(name: str, keep_ratio: float | None = None, rank: int | None = None, levels: int = 16) -> Compressor:
-    """Factory for configs: "identity", "sign_and_norm" (or "sign"), "top_k", "random_k",
-    "svd", "qsgd". top_k/random_k take keep_ratio, or rank to match a rank-r method."""
-    key = name.lower().replace("-", "_")
-    if key == "identity":
-        return Identity()
-    if key in ("sign_and_norm", "sign"):
-        return SignAndNorm()
-    if key in ("top_k", "topk"):
-        return TopK(keep_ratio=keep_ratio, rank=None if keep_ratio is not None else rank)
-    if key in ("random_k", "randomk"):
-        return RandomK(keep_ratio=keep_ratio, rank=None if keep_ratio is not None else rank)
-    if key == "svd":
-        return SVD(rank=1 if rank is None else rank)
-    if key == "qsgd":
-        return QSGD(levels=levels)
-    raise ValueError(f"unknown compressor {name!r}; valid: {', '.join(NAMES)}")
+    """The compressor registered as `name` (aliases: sign, topk, randomk, fp). top-k and
+    random-k take keep_ratio, or rank to match a rank-r method's bits."""
+    key = canonical_name(name)
+    key = _COMPRESSOR_ALIASES.get(key, key)
+    if key not in COMPRESSORS:
+        raise ValueError(f"unknown compressor {name!r}; valid: {', '.join(COMPRESSORS)}")
+    return COMPRESSORS[key](keep_ratio, rank, levels)
+
+
+register_compressor("identity", lambda keep_ratio, rank, levels: Identity())
+register_compressor("sign-and-norm", lambda keep_ratio, rank, levels: SignAndNorm())
+register_compressor("top-k", lambda keep_ratio, rank, levels: TopK(keep_ratio, None if keep_ratio is not None else rank))
+register_compressor("random-k", lambda keep_ratio, rank, levels: RandomK(keep_ratio, None if keep_ratio is not None else rank))
+register_compressor("svd", lambda keep_ratio, rank, levels: SVD(rank=1 if rank is None else rank))
+register_compressor("qsgd", lambda keep_ratio, rank, levels: QSGD(levels=levels))

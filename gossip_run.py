@@ -59,15 +59,14 @@ import time
 import numpy as np
 import torch
 
-import algorithms
-import comm as comm_module
-import compressors
-import runs
-import topologies
+from powergossip import algorithms
+from powergossip import comm as comm_module
+from powergossip import runs
+from powergossip import topologies
 
 config = {
     "seed": 42,  # initial state (identical in every launch layout) and the algorithms' shared randomness
-    "algorithm": "power_gossip",  # one of ALGORITHMS below
+    "algorithm": "power_gossip",  # one of ALGORITHMS below, or any registered method (algorithms.register_algorithm)
     "topology": "ring",  # a topologies.NAMES entry or "file:PATH"; not "unidirectional_ring" except for uncompressed
     "n_workers": 8,  # workers (graph nodes), >= 2; a multiple of the number of processes
     "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
@@ -92,11 +91,24 @@ config = {
 }
 DEFAULTS = dict(config)  # types and known keys, for checking overrides
 
-ALGORITHMS = (
-    "uncompressed", "power_gossip", "power_gossip_random", "power_gossip_signs", "power_gossip_random_signs",
-    "sign_choco", "topk_choco", "svd_choco", "qsgd_choco", "fp_choco", "sign_deepsqueeze", "moniqua",
-)
-UNTUNED = ("uncompressed", "power_gossip", "power_gossip_random", "power_gossip_signs", "power_gossip_random_signs")
+# The consensus study's names (the original code's): a registered method with some of its
+# hyper-parameters fixed. Any other registered method runs under its own name.
+PRESETS = {
+    "uncompressed": ("dpsgd", {}),
+    "power_gossip": ("power-gossip", {}),
+    "power_gossip_random": ("power-gossip", {"warm_start": False}),
+    "power_gossip_signs": ("power-gossip", {"round_weights": True}),
+    "power_gossip_random_signs": ("power-gossip", {"warm_start": False, "round_weights": True}),
+    "sign_choco": ("choco", {"compressor": "sign-and-norm"}),
+    "topk_choco": ("choco", {"compressor": "top-k"}),
+    "svd_choco": ("choco", {"compressor": "svd"}),
+    "qsgd_choco": ("choco", {"compressor": "qsgd"}),
+    "fp_choco": ("choco", {"compressor": "identity"}),
+    "sign_deepsqueeze": ("deepsqueeze", {"compressor": "sign-and-norm"}),
+    "moniqua": ("moniqua", {}),
+}
+ALGORITHMS = tuple(PRESETS)
+UNTUNED = tuple(name for name, (method, _) in PRESETS.items() if not algorithms.METHODS[method].needs_tuning)
 DATA_TYPES = ("random", "offset", "sparse", "log-normal", "images", "file")
 
 # Hooks a caller may replace (as in the original code).
@@ -196,14 +208,14 @@ def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, f
 def diffusion_rates(config) -> list[float]:
     if config["diffusion_rate"] is not None:
         return [float(v) for v in _as_list(config["diffusion_rate"])]
-    if config["algorithm"] in UNTUNED:
+    if not algorithms.METHODS[resolve(config["algorithm"])[0]].needs_tuning:
         return [1.0]
     return _log_grid(config["hyperparameter_range_min"], config["hyperparameter_range_max"],
                      config["hyperparameter_num_samples"])
 
 
 def thetas(config) -> list[float | None]:
-    if config["algorithm"] != "moniqua":
+    if resolve(config["algorithm"])[0] != "moniqua":
         return [None]
     if config["theta"] is not None:
         return [float(v) for v in _as_list(config["theta"])]
@@ -222,21 +234,23 @@ def build_topology(config):
     return topologies.build(config["topology"], config["n_workers"])
 
 
+def resolve(name: str) -> tuple[str, dict]:
+    """(registered method, fixed hyper-parameters) of an `algorithm` value; ValueError if unknown."""
+    if name in PRESETS:
+        return PRESETS[name]
+    try:
+        return algorithms.registered_name(name), {}
+    except ValueError:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}, or a registered method: "
+                         f"{', '.join(algorithms.METHODS)}") from None
+
+
 def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
-    name, seed = config["algorithm"], config["seed"]
-    if name == "uncompressed":
-        return algorithms.SimpleGossip(comm, topology, diffusion_rate=gamma)
-    if name.startswith("power_gossip"):
-        return algorithms.PowerGossip(
-            comm, topology, rank=config["compression_rank"], num_iterations=config["compression_num_iterations"],
-            warm_start="random" not in name, round_weights=name.endswith("signs"), diffusion_rate=gamma, seed=seed)
-    if name == "moniqua":
-        return algorithms.MoniquaGossip(comm, topology, theta=theta, diffusion_rate=gamma, seed=seed)
-    compressor_name, method = name.rsplit("_", 1)  # e.g. "topk_choco", "sign_deepsqueeze"
-    compressor = compressors.build("identity" if compressor_name == "fp" else compressor_name,
-                                   config["keep_ratio"], config["compression_rank"], config["qsgd_levels"])
-    method_class = algorithms.ChocoGossip if method == "choco" else algorithms.DeepSqueezeGossip
-    return method_class(comm, topology, compressor, diffusion_rate=gamma, seed=seed)
+    method, fixed = resolve(config["algorithm"])
+    hyper = {"rank": config["compression_rank"], "num_iterations": config["compression_num_iterations"],
+             "keep_ratio": config["keep_ratio"], "qsgd_levels": config["qsgd_levels"], "diffusion_rate": gamma,
+             "theta": theta, "seed": config["seed"]}
+    return algorithms.build(method, comm, topology, **hyper | fixed)
 
 
 # --- initial state --------------------------------------------------------------------------------
@@ -262,7 +276,7 @@ def initial_state(config) -> torch.Tensor:
     if data_type == "log-normal":
         return torch.randn((n, size, size), generator=generator).exp()
     if data_type == "images":
-        import data
+        from powergossip import data
 
         images = data.load("fashion_mnist", data_dir=config["data_dir"]).train_x
         if images.shape[0] < n:
@@ -294,7 +308,10 @@ def check(config) -> None:
         require(len(_as_list(config[key])) > 0, f"{key} must not be an empty list")
 
     name = config["algorithm"]
-    require(name in ALGORITHMS, f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
+    try:
+        method, fixed = resolve(name)
+    except ValueError as problem:
+        raise error(str(problem)) from None
     require(config["data_type"] in DATA_TYPES,
             f"unknown data_type {config['data_type']!r}; valid: {', '.join(DATA_TYPES)}")
     for key in ("n_workers", "matrix_size", "compression_rank", "compression_num_iterations", "qsgd_levels",
@@ -302,7 +319,7 @@ def check(config) -> None:
         require(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
     require(config["n_workers"] >= 2, f"n_workers must be >= 2 (one worker has nothing to agree on), got {config['n_workers']}")
     require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
-    if name in ("power_gossip_signs", "power_gossip_random_signs"):
+    if fixed.get("round_weights"):
         require(config["compression_rank"] == 1,
                 f"{name} (the sign variant) is defined for compression_rank 1 only, got {config['compression_rank']}")
     keep_ratio = config["keep_ratio"]
@@ -321,7 +338,7 @@ def check(config) -> None:
         topology = build_topology(config)
     except (ValueError, OSError) as problem:
         raise error(f"topology: {problem}") from None
-    require(name == "uncompressed" or topology.is_symmetric,
+    require(method == "dpsgd" or topology.is_symmetric,
             f"{name} needs a symmetric topology; {topology.name} is not (only 'uncompressed' runs on directed graphs)")
 
     device = config["device"]
@@ -336,7 +353,7 @@ def check(config) -> None:
                 f"data_type=sparse puts worker i's 1 at flat entry i: needs matrix_size^2 >= n_workers "
                 f"({config['matrix_size']}^2 < {config['n_workers']})")
     if data_type == "images":
-        from data import fashion_mnist
+        from powergossip.data import fashion_mnist
 
         try:
             fashion_mnist.find_files(config["data_dir"])

@@ -1,7 +1,9 @@
 """PowerGossip: decentralized deep learning with compressed gossip.
 
-`pip install -e .` makes the top-level modules (train, gossip_run, algorithms,
-compressors, comm, topologies) and the packages models/ and data/ importable.
+`pip install -e .` puts one name on the import path, `powergossip`, through which the
+repository's modules are importable from anywhere (`powergossip.algorithms`,
+`powergossip.train`, ...; see powergossip/__init__.py). Generic names such as `data`
+or `models` stay free for a user's own project.
 """
 from setuptools import setup
 
@@ -11,8 +13,7 @@ setup(
     description="Decentralized deep learning with compressed communication (PowerGossip, Choco, DeepSqueeze, Moniqua, D-PSGD)",
     license="MIT",
     python_requires=">=3.11",
-    py_modules=["train", "gossip_run", "runs", "algorithms", "compressors", "comm", "topologies"],
-    packages=["models", "data", "experiments"],
+    packages=["powergossip"],
     install_requires=[
         "torch>=2.1",
         "numpy",

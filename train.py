@@ -36,14 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import algorithms
-import comm as comm_module
-import compressors
-import data
-import models
-import runs
-import topologies
-from models.stacked import StackedReplicas
+from powergossip import algorithms
+from powergossip import comm as comm_module
+from powergossip import compressors
+from powergossip import data
+from powergossip import models
+from powergossip import runs
+from powergossip import topologies
+from powergossip.models.stacked import StackedReplicas
 
 config = dict(
     task="fashion_mnist",  # fashion_mnist (embedded), cifar10, wikitext2 or synthetic
@@ -115,9 +115,6 @@ def log_info(info_dict):
 
 def log_runtime(label, mean, std, instances):
     """Called per timer at the end of every epoch (seconds); replace freely."""
-
-
-OPTIMIZERS = ("all-reduce", "dpsgd", "power-gossip", "choco", "deepsqueeze", "moniqua")
 
 
 def main():
@@ -235,7 +232,11 @@ def validated(cfg: dict) -> dict:
     """A checked copy of the config: every problem raised before any work starts."""
     runs.check_config(_DEFAULTS, cfg)
     cfg = dict(cfg)
-    choices = {"task": data.TASKS, "task_architecture": models.NAMES, "optimizer": OPTIMIZERS,
+    try:
+        cfg["optimizer"] = algorithms.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
+    except ValueError as problem:
+        raise runs.ConfigError(f"optimizer: {problem}") from None
+    choices = {"task": data.TASKS, "task_architecture": models.NAMES,
                "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
@@ -355,22 +356,14 @@ def build_loader(cfg: dict, dataset, comm):
 
 
 def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
-    """The `optimizer` key as an algorithm (as the paper's code: PowerGossip on matrices only)."""
-    gamma, name = cfg["optimizer_diffusion_rate"], cfg["optimizer"]
-    if name == "all-reduce":
-        return algorithms.AllReduce(comm, topology)
-    if name == "dpsgd":
-        return algorithms.SimpleGossip(comm, topology, diffusion_rate=gamma)
-    if name == "power-gossip":
-        power = algorithms.PowerGossip(comm, topology, rank=cfg["optimizer_rank"], num_iterations=cfg["optimizer_num_iterations"],
-                                       warm_start=cfg["optimizer_warm_start"], round_weights=cfg["optimizer_round_weights"],
-                                       diffusion_rate=gamma, seed=cfg["seed"])
-        return algorithms.OnlyOnLargeParameters(power, algorithms.SimpleGossip(comm, topology))
-    if name == "moniqua":
-        return algorithms.MoniquaGossip(comm, topology, theta=cfg["optimizer_theta"], diffusion_rate=gamma, seed=cfg["seed"])
-    compressor = compressors.build(cfg["optimizer_compressor"], cfg["optimizer_keep_ratio"], cfg["optimizer_rank"], cfg["optimizer_qsgd_levels"])
-    method = algorithms.ChocoGossip if name == "choco" else algorithms.DeepSqueezeGossip
-    return method(comm, topology, compressor, diffusion_rate=gamma, seed=cfg["seed"])
+    """The `optimizer` key's registered method, with the `optimizer_<name>` keys as its hyper-parameters."""
+    return algorithms.build(cfg["optimizer"], comm, topology, **method_hyperparameters(cfg))
+
+
+def method_hyperparameters(cfg: dict) -> dict:
+    """train.py's `optimizer_<name>` keys as the methods' vocabulary (`<name>`), and the seed."""
+    prefix = "optimizer_"
+    return {key[len(prefix):]: value for key, value in cfg.items() if key.startswith(prefix)} | {"seed": cfg["seed"]}
 
 
 # --- one step ----------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import comm as comm_module  # noqa: E402
-import models  # noqa: E402
-import topologies  # noqa: E402
+from powergossip import comm as comm_module  # noqa: E402
+from powergossip import models  # noqa: E402
+from powergossip import topologies  # noqa: E402
 import train  # noqa: E402
 from benchmarks.timing import run_description, synchronize, write_json  # noqa: E402
-from models.stacked import StackedReplicas  # noqa: E402
+from powergossip.models.stacked import StackedReplicas  # noqa: E402
 
 ALGORITHMS = {
     "all-reduce": dict(optimizer="all-reduce"),

@@ -54,6 +54,6 @@ fi
 # 5. Check: everything imports and mpirun starts.
 "$PYTHON" - <<'PY'
 import mpi4py, numpy, torch, networkx, yaml, matplotlib, tqdm
-import comm, topologies
+from powergossip import comm, topologies
 print(f"[setup] ok: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), mpi4py {mpi4py.__version__}")
 PY

@@ -17,8 +17,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import comm as comm_module  # noqa: E402
-import runs as runs_module  # noqa: E402
+from powergossip import comm as comm_module  # noqa: E402
+from powergossip import runs as runs_module  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")

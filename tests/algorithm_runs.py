@@ -11,10 +11,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import algorithms  # noqa: E402
-import comm as comm_module  # noqa: E402
-import compressors  # noqa: E402
-import topologies  # noqa: E402
+from powergossip import algorithms  # noqa: E402
+from powergossip import comm as comm_module  # noqa: E402
+from powergossip import compressors  # noqa: E402
+from powergossip import topologies  # noqa: E402
 
 SPECS = {
     "simple": lambda c, t: algorithms.SimpleGossip(c, t, diffusion_rate=0.9),

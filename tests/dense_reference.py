@@ -9,8 +9,8 @@ import math
 
 import torch
 
-import algorithms
-from compressors import WorkerRandom
+from powergossip import algorithms
+from powergossip.compressors import WorkerRandom
 
 
 def mix(W, X):

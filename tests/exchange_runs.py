@@ -11,8 +11,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import comm as comm_module  # noqa: E402
-import topologies  # noqa: E402
+from powergossip import comm as comm_module  # noqa: E402
+from powergossip import topologies  # noqa: E402
 
 
 def run(topology_name: str, n_workers: int) -> dict:

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-import comm
+from powergossip import comm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

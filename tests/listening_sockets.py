@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import comm as comm_module  # noqa: E402
+from powergossip import comm as comm_module  # noqa: E402
 
 LISTEN = "0A"  # TCP state in /proc/net/tcp*
 SIOCGIFADDR = 0x8915

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-import algorithms
-import comm as comm_module
-import compressors
-import topologies
+from powergossip import algorithms
+from powergossip import comm as comm_module
+from powergossip import compressors
+from powergossip import topologies
 from tests import algorithm_runs, dense_reference
 from tests.launch import run_mpi
 

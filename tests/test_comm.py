@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-import comm as comm_module
-import topologies
+from powergossip import comm as comm_module
+from powergossip import topologies
 from tests import exchange_runs
 from tests.launch import run_mpi
 

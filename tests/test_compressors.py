@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-import comm as comm_module
-import compressors
-import topologies
+from powergossip import comm as comm_module
+from powergossip import compressors
+from powergossip import topologies
 
 
 def stacked(rows, *shape, dtype=torch.float32, seed=0):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from data import cifar10, fashion_mnist, wikitext2
-from data.augment import draw_crop_flip, random_crop_flip
+from powergossip import data
+from powergossip.data import cifar10, fashion_mnist, wikitext2
+from powergossip.data.augment import draw_crop_flip, random_crop_flip
 
 
 # ---------------------------------------------------------------- file writers

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gossip_run
-import runs
+from powergossip import runs
 from tests.launch import ROOT, run_mpi
 
 SMALL = {"matrix_size": 10, "num_steps": 60}  # every algorithm on an 8-ring in well under a second

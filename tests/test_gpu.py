@@ -13,9 +13,9 @@ TF32 off and compares train.py's metrics with a tolerance.
 import pytest
 import torch
 
-import models
+from powergossip import models
 import train
-from models.stacked import StackedReplicas
+from powergossip.models.stacked import StackedReplicas
 from tests.test_train import common, comparable, tiny_data  # noqa: F401 (fixture)
 from tests.train_runs import run
 

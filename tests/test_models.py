@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-import models
+from powergossip import models
 
 IMAGE_MODELS = ["resnet20", "resnet18", "vgg16", "small_cnn"]
 

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-import runs
+from powergossip import runs
 import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist

@@ -6,8 +6,8 @@ import networkx
 import numpy as np
 import pytest
 
-import topologies
-from topologies import Topology, build
+from powergossip import topologies
+from powergossip.topologies import Topology, build
 
 SIZES = range(1, 18)
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import algorithms
-import comm as comm_module
-import models
-import runs
-import topologies
+from powergossip import algorithms
+from powergossip import comm as comm_module
+from powergossip import models
+from powergossip import runs
+from powergossip import topologies
 import train
-from models.stacked import StackedReplicas
+from powergossip.models.stacked import StackedReplicas
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
 from tests.train_runs import DEFAULTS, run
@@ -157,7 +157,7 @@ def test_resnet20_bits_follow_the_counting_rules():
 @pytest.mark.parametrize("overrides,match", [
     ({"no_such_key": 1}, "unknown config key"),
     ({"batch_size": "big"}, "batch_size must be an integer"),
-    ({"optimizer": "adam"}, "optimizer='adam' is not one of"),
+    ({"optimizer": "adam"}, "optimizer: unknown method 'adam'; registered: all-reduce, dpsgd"),
     ({"topology": "social_network", "n_workers": 8}, "32"),
     ({"task_architecture": "lstm"}, "wikitext2"),
     ({"optimizer_keep_ratio": 1.5}, r"\(0, 1\]"),
@@ -241,7 +241,7 @@ def test_the_core_imports_without_torchvision():
     import subprocess
     import sys
     code = ("import sys; sys.modules['torchvision'] = None\n"
-            "import train, gossip_run, algorithms, compressors, comm, topologies, models, data, runs\n"
+            "import train, gossip_run\nfrom powergossip import algorithms, compressors, comm, topologies, models, data, runs\n"
             "from experiments import sweep, report, deep_learning\nprint('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,7 +12,7 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import runs  # noqa: E402
+from powergossip import runs  # noqa: E402
 import train  # noqa: E402
 
 DEFAULTS = train._DEFAULTS
