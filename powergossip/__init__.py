@@ -21,6 +21,7 @@ __path__.append(_ROOT)
 _API = {  # the public names, each loaded on first use: `import powergossip` stays cheap
     "register_algorithm": "powergossip.algorithms",
     "register_compressor": "powergossip.compressors",
+    "DecentralizedOptimizer": "powergossip.optimizer",
 }
 
 
