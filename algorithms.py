@@ -430,32 +430,6 @@ class OnlyOnLargeParameters(GossipAlgorithm):
         self.uncompressed.load_state_dict(state["uncompressed"])
 
 
-class DPSGD:
-    """Decentralized SGD (Lian et al. 2017) as the paper runs it (REFERENCE.md,
-    "Training setup"): gradient at x_t; gossip x_t; apply the local step to the
-    gossiped parameters (gradient and gossip could overlap). With AllReduce: the
-    local step first, then the exact average.
-
-        dpsgd.step(params, compute_gradients, apply_update)
-
-    `compute_gradients()` fills the gradients at the current parameters and returns
-    whatever the caller wants back (loss, ...); `apply_update()` applies the stored
-    gradients to `params` (the optimizer step)."""
-
-    def __init__(self, gossip: GossipAlgorithm):
-        self.gossip = gossip
-
-    def step(self, params, compute_gradients, apply_update):
-        result = compute_gradients()
-        if isinstance(self.gossip, AllReduce):
-            apply_update()
-            self.gossip.step(params)
-        else:
-            self.gossip.step(params)
-            apply_update()
-        return result
-
-
 # --- the registry: methods by name ---------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
@@ -467,6 +441,7 @@ class Method:
     factory: Callable[..., GossipAlgorithm]
     acts_on: str = "parameters"  # "parameters": x_t, after the gradient and before the local step
     needs_tuning: bool = True  # consensus sweeps its diffusion rate unless one is given
+    local_step_first: bool = False  # True: the local step, then the method (all-reduce of parameters)
 
 
 ACTS_ON = ("parameters",)
@@ -475,12 +450,18 @@ _METHOD_ALIASES = {"uncompressed": "dpsgd", "allreduce": "all-reduce", "deep-squ
 
 
 def register_algorithm(name: str, factory: Callable[..., GossipAlgorithm], acts_on: str = "parameters",
-                       needs_tuning: bool = True) -> None:
-    """Make a method available by `name` in train.py, gossip_run.py and the benchmarks:
-    `register_algorithm("my-gossip", MyGossip)` with `MyGossip(comm, topology, diffusion_rate=1.0, ...)`."""
+                       needs_tuning: bool = True, local_step_first: bool = False) -> None:
+    """Make a method available by `name` in train.py, gossip_run.py, the drop-in optimizer and
+    the benchmarks: `register_algorithm("my-gossip", MyGossip)` with
+    `MyGossip(comm, topology, diffusion_rate=1.0, ...)`.
+
+    Where it runs in a training step (D-PSGD as Lian et al. 2017 run it, the paper's order):
+    the gradient at x_t, the method on x_t, the local step on its result; with
+    `local_step_first`, the local step and then the method (all-reduce: x_{t+1} = the
+    average of the workers' stepped parameters)."""
     if acts_on not in ACTS_ON:
         raise ValueError(f"acts_on={acts_on!r} is not one of {', '.join(ACTS_ON)}")
-    METHODS[canonical_name(name)] = Method(factory, acts_on, needs_tuning)
+    METHODS[canonical_name(name)] = Method(factory, acts_on, needs_tuning, local_step_first)
 
 
 def registered_name(name: str) -> str:
@@ -517,7 +498,7 @@ def _with_compressor(method_class):
     return factory
 
 
-register_algorithm("all-reduce", lambda comm, topology: AllReduce(comm, topology), needs_tuning=False)
+register_algorithm("all-reduce", lambda comm, topology: AllReduce(comm, topology), needs_tuning=False, local_step_first=True)
 register_algorithm("dpsgd", SimpleGossip, needs_tuning=False)
 register_algorithm("power-gossip", _power_gossip, needs_tuning=False)
 register_algorithm("choco", _with_compressor(ChocoGossip))

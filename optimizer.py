@@ -1,4 +1,5 @@
-"""A drop-in decentralized optimizer for any `nn.Module` and any torch optimizer.
+"""The optimizers: the local SGD step over stacked workers (train.py's), and a drop-in
+decentralized optimizer for any `nn.Module` and any torch optimizer.
 
 One worker per process (launch with `mpirun -np N` or `torchrun --nproc-per-node N`):
 
@@ -23,8 +24,41 @@ from __future__ import annotations
 
 import torch
 
-from powergossip import algorithms, topologies
+from powergossip import algorithms, models, topologies
 from powergossip import comm as comm_module
+
+
+# --- the local step over stacked workers ----------------------------------------------------------
+def weight_decays(template, parameter_names, weight_decay: float) -> list[float]:
+    """Each parameter's weight decay: none for those models.no_weight_decay_parameter_names lists."""
+    no_decay = models.no_weight_decay_parameter_names(template)
+    return [0.0 if name in no_decay else weight_decay for name in parameter_names]
+
+
+def nesterov_sgd_step(params, grads, momenta, lr, momentum, decays):
+    """PyTorch's SGD with Nesterov momentum, on all workers' stacks at once:
+    d = g + wd x; m = mu m + d; x -= lr (d + mu m). One fused (foreach) kernel per
+    operation and weight-decay group instead of one per parameter."""
+    for wd in sorted(set(decays)):
+        group = [k for k, decay in enumerate(decays) if decay == wd]
+        x, g, m = [params[k] for k in group], [grads[k] for k in group], [momenta[k] for k in group]
+        d = torch._foreach_add(g, x, alpha=wd) if wd else g
+        if momentum:
+            torch._foreach_mul_(m, momentum)
+            torch._foreach_add_(m, d)
+            d = torch._foreach_add(d, m, alpha=momentum)
+        torch._foreach_add_(x, d, alpha=-lr)
+
+
+def clip_per_worker(grads, max_norm: float):
+    """Each worker's gradient scaled to norm <= max_norm (torch.nn.utils.clip_grad_norm_ per worker)."""
+    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(dim=1) for g in grads))
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
+
+
+# --- the drop-in optimizer ----------------------------------------------------------------------------
 
 
 class DecentralizedOptimizer:
@@ -45,7 +79,7 @@ class DecentralizedOptimizer:
             raise ValueError(f"the topology has {self.topology.n_workers} workers but {world_size} processes were launched")
         name = algorithms.registered_name(algorithm)
         self.gossip = algorithms.build(name, self.comm, self.topology, **hyper)
-        self.local_step_first = isinstance(self.gossip, algorithms.AllReduce)
+        self.local_step_first = algorithms.METHODS[name].local_step_first
         self.optimizer = optimizer
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model
         with torch.no_grad():

@@ -1,7 +1,8 @@
-"""What the entrypoints share: config overrides from YAML files and `key=value`
-arguments, the output folder (which a run claims before any work, so that it never
-overwrites another run's results unasked), the `output_dir/metrics.jsonl` writer, and
-checkpoint files (written atomically, verified when read).
+"""What runs share: config overrides from YAML files and `key=value` arguments, the
+output folder (which a run claims before any work, so that it never overwrites another
+run's results unasked), the `output_dir/metrics.jsonl` writer, checkpoint files (written
+atomically, verified when read), and train.py's run infrastructure: timers, the
+divergence check, checkpoints agreed between processes, stop requests.
 
     config = runs.apply_overrides(defaults, ["paper.yaml", "n_workers=16", "topology=torus"])
 
@@ -12,16 +13,21 @@ what was expected, before any work starts.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
+import warnings
 import zipfile
 
+import numpy as np
+import torch
 import yaml
 
 
@@ -256,8 +262,6 @@ class CorruptCheckpoint(Exception):
 def write_atomically(path: str, state: dict, previous: str | None = None) -> None:
     """torch.save to a temporary file, fsync, then rename over `path` (the old file moved to
     `previous` first, when given): a crash leaves whole files, never half of one."""
-    import torch
-
     temporary = path + ".tmp"
     with open(temporary, "wb") as f:
         torch.save(state, f)
@@ -277,8 +281,6 @@ def read_verified(path: str) -> dict:
     """A file written by `write_atomically`, after checking every entry's CRC-32 (torch.save
     writes a zip archive whose entries carry one; torch.load does not check them).
     CorruptCheckpoint names the path and what is wrong."""
-    import torch
-
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -290,3 +292,212 @@ def read_verified(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as problem:  # torch.load's many ways of failing on bad input
         raise CorruptCheckpoint(f"{path} cannot be read ({type(problem).__name__}: {problem})") from None
+
+
+# --- train.py's run infrastructure ---------------------------------------------------------------
+class Timers:
+    """Time per labelled section. On a GPU, CUDA events recorded in the stream time the
+    device's work without synchronizing (the queue of launched work never drains; a
+    section's time is the device time between its start and end); elsewhere wall clock.
+    `summary()` waits for the device once."""
+
+    def __init__(self, device: torch.device):
+        self.on_gpu = device.type == "cuda"
+        self.samples: dict[str, list] = {}  # label -> seconds, or (start, end) events not yet read
+
+    @contextlib.contextmanager
+    def __call__(self, label):
+        start = _event() if self.on_gpu else time.perf_counter()
+        yield
+        sample = (start, _event()) if self.on_gpu else time.perf_counter() - start
+        self.samples.setdefault(label, []).append(sample)
+
+    def summary(self) -> dict[str, tuple[float, float, int]]:
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        for label, samples in self.samples.items():
+            self.samples[label] = [s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in samples]
+        return {label: (float(np.mean(s)), float(np.std(s)), len(s)) for label, s in self.samples.items()}
+
+
+def _event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+class DivergenceCheck:
+    """Stops the run when a worker's loss is not finite or exceeds `max_loss_ratio` times the
+    run's first mean loss (a loss of 1e23 is finite, and so is a model it saved). It reads
+    step t's verdict (and mean loss, for the progress bar) at step t+1: the verdict is copied
+    to the host without waiting, so the check never drains the GPU's queue. `finish()`
+    before anything is saved."""
+
+    def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
+        self.comm, self.checkpoints, self.max_loss_ratio = comm, checkpoints, max_loss_ratio
+        self.initial_loss = initial_loss  # mean over all workers at the run's first step (kept by checkpoints)
+        self.host = torch.zeros(2, pin_memory=comm.device.type == "cuda")  # [healthy, mean loss]
+        self.pending = None  # (losses, epoch, step, event) of the step not read yet
+        self.mean_loss = float("nan")
+
+    @property
+    def bound(self) -> float:
+        return math.inf if self.initial_loss is None else self.max_loss_ratio * self.initial_loss
+
+    def watch(self, losses, epoch, step):
+        self.finish()
+        healthy = torch.isfinite(losses).all() & (losses <= self.bound).all()
+        self.host.copy_(torch.stack([healthy.float(), losses.mean()]), non_blocking=True)
+        self.pending = (losses, epoch, step, _event() if losses.is_cuda else None)
+
+    def finish(self):
+        if self.pending is None:
+            return
+        losses, epoch, step, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        healthy, self.mean_loss = self.host.tolist()
+        if self.initial_loss is None:  # the run's first step: the same bound on every process
+            comm = self.comm
+            self.initial_loss = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
+        if not healthy:
+            comm = self.comm
+            raise FloatingPointError(
+                f"the loss became {losses.tolist()} at epoch {epoch} step {step} (local workers {comm.first_worker}.."
+                f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
+                f"max_loss_ratio={self.max_loss_ratio:g} x the first step's {self.initial_loss:.4g}); nothing was saved "
+                f"from this state. {self.checkpoints.last_good()}")
+
+
+def progress_bar(is_root: bool, total: int, done: int):
+    """Worker 0's progress bar; quiet when stderr is not a terminal."""
+    if not is_root or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+
+
+
+class Checkpoints:
+    """This process's checkpoint `rank{r}.pt` and the one before it, `rank{r}.previous.pt` (kept
+    so that a file damaged on disk costs one checkpoint interval, not the run). Written
+    atomically with fsync, CRC-checked when read; before any process loads, all agree on
+    the save they continue from (epoch, step, run id)."""
+
+    def __init__(self, folder: str, comm):
+        self.folder, self.comm = folder, comm
+        self.path = os.path.join(folder, f"rank{comm.rank}.pt")
+        self.previous = os.path.join(folder, f"rank{comm.rank}.previous.pt")
+        self.last = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed
+
+    def save(self, state: dict) -> None:
+        check_finite(state)
+        os.makedirs(self.folder, exist_ok=True)
+        write_atomically(self.path, state, previous=self.previous)
+        self.last = (state["epoch"], state["step_in_epoch"])
+
+    def last_good(self) -> str:
+        if self.last is None:
+            return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
+        return (f"The last good checkpoint (epoch {self.last[0]} step {self.last[1]}) is kept in {self.folder}: continue it "
+                f"with resume=true and a smaller learning_rate or optimizer_diffusion_rate.")
+
+    def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> dict:
+        """The checkpoint every process resumes from: the latest save if each process has it
+        intact, the one before if a latest file is damaged; otherwise one error for all. Its
+        configuration must equal `cfg` but for the keys in `may_change` (keys the run did
+        not know yet take their `defaults`)."""
+        state, mine = _read_checkpoint(self.path)
+        everyone = self.comm.gather_objects(mine)
+        where = "; ".join(f"process {rank}: {_describe(found)}" for rank, found in enumerate(everyone))
+        if all(found == "missing" for found in everyone):
+            raise ConfigError(f"resume=true but {self.folder} holds no checkpoint (none was saved yet, or the run "
+                                   f"wrote elsewhere); start afresh with overwrite=true, or without resume in a new output_dir")
+        layout = (self.comm.n_workers, self.comm.world_size)
+        for found in everyone:
+            if isinstance(found, tuple) and found[3] != layout:
+                raise ConfigError(f"the checkpoints in {self.folder} were written by {found[3][1]} process(es) for "
+                                       f"{found[3][0]} workers; resume with the same layout")
+        if not (all(isinstance(found, tuple) for found in everyone) and len(set(everyone)) == 1):
+            if not any(isinstance(found, str) and found != "missing" for found in everyone):
+                raise ConfigError(f"cannot resume from {self.folder}: every process needs its file of the same save, "
+                                       f"but {where}; restore the missing or mismatched files, or start afresh with overwrite=true")
+            state, mine = _read_checkpoint(self.previous)  # a damaged file: fall back to the save before it
+            earlier = self.comm.gather_objects(mine)
+            if not (all(isinstance(found, tuple) for found in earlier) and len(set(earlier)) == 1):
+                raise ConfigError(f"cannot resume from {self.folder}: {where}; and no earlier save is intact on every "
+                                       f"process; start afresh with overwrite=true")
+            if self.comm.rank == 0:
+                warnings.warn(f"resuming from the save before the latest (epoch {earlier[0][0]} step {earlier[0][1]}): {where}")
+        if "run" not in state:
+            warnings.warn(f"{self.path} was written by an older version of train.py: it has no run id and no "
+                          f"configuration, so neither could be checked against this run")
+        else:
+            stored = defaults | state["run"]["config"]
+            changed = [key for key in cfg if key not in may_change and stored[key] != cfg[key]]
+            if changed:
+                raise ConfigError(
+                    "resume=true with a changed configuration: " + ", ".join(
+                        f"{key}={cfg[key]!r} (the run has {stored[key]!r})" for key in changed)
+                    + f". These define the run; only {', '.join(k for k in may_change if k not in LAUNCH_KEYS)} may change on resume. "
+                    "Put them back, or start a new run in another output_dir")
+        self.last = (state["epoch"], state["step_in_epoch"])
+        return state
+
+
+def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:
+    """(state, (epoch, step, run id)) or (None, "missing" / what is wrong with the file)."""
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        state = read_verified(path)
+    except CorruptCheckpoint as problem:
+        return None, str(problem)
+    return state, (state["epoch"], state["step_in_epoch"], state.get("run", {}).get("run_id"), tuple(state["layout"]))
+
+
+def _describe(found) -> str:
+    if isinstance(found, str):
+        return "no checkpoint file" if found == "missing" else found
+    return f"epoch {found[0]} step {found[1]} of run {found[2]}"
+
+
+def check_finite(state: dict) -> None:
+    """Refuse to save a state with a non-finite parameter, buffer or optimizer value."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from tensors(v)
+    floats = [t for t in tensors(state) if t.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+        raise FloatingPointError(f"not saving epoch {state['epoch']} step {state['step_in_epoch']}: some parameters or "
+                                 f"optimizer values are not finite")
+
+
+
+class StopRequests:
+    """SIGTERM / SIGINT set a flag; every process checks it after each step and all stop
+    at the same step (one tiny all-reduce when there are several processes)."""
+
+    def __init__(self):
+        self.signal_number = 0
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._handler)
+
+    def _handler(self, number, frame):
+        self.signal_number = number
+
+    def requested(self, comm) -> bool:
+        if comm.world_size == 1:
+            return self.signal_number != 0
+        flags = comm.sum_over_processes(np.array([float(self.signal_number)]))
+        if flags[0] and not self.signal_number:
+            self.signal_number = signal.SIGTERM
+        return bool(flags[0])

@@ -22,22 +22,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from powergossip import algorithms, models, topologies  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
-from powergossip import models  # noqa: E402
-from powergossip import topologies  # noqa: E402
-import train  # noqa: E402
 from benchmarks.timing import run_description, synchronize, write_json  # noqa: E402
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
 
-ALGORITHMS = {
-    "all-reduce": dict(optimizer="all-reduce"),
-    "dpsgd": dict(optimizer="dpsgd"),
-    "power-gossip 1 it.": dict(optimizer="power-gossip", optimizer_num_iterations=1),
-    "power-gossip 2 it.": dict(optimizer="power-gossip", optimizer_num_iterations=2),
-    "choco sign": dict(optimizer="choco", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.45),
-    "choco top-1%": dict(optimizer="choco", optimizer_compressor="top-k", optimizer_keep_ratio=0.01, optimizer_diffusion_rate=0.04),
-    "deepsqueeze sign": dict(optimizer="deepsqueeze", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.01),
-    "moniqua": dict(optimizer="moniqua", optimizer_theta=0.25, optimizer_diffusion_rate=0.005),
+ALGORITHMS = {  # row label: (registered method, hyper-parameters)
+    "all-reduce": ("all-reduce", {}),
+    "dpsgd": ("dpsgd", {}),
+    "power-gossip 1 it.": ("power-gossip", dict(num_iterations=1)),
+    "power-gossip 2 it.": ("power-gossip", dict(num_iterations=2)),
+    "choco sign": ("choco", dict(compressor="sign-and-norm", diffusion_rate=0.45)),
+    "choco top-1%": ("choco", dict(compressor="top-k", keep_ratio=0.01, diffusion_rate=0.04)),
+    "deepsqueeze sign": ("deepsqueeze", dict(compressor="sign-and-norm", diffusion_rate=0.01)),
+    "moniqua": ("moniqua", dict(theta=0.25, diffusion_rate=0.005)),
 }
 
 WARMUP = 2  # untimed calls before the timed ones
@@ -76,8 +74,8 @@ def gossip_seconds(architecture, settings, comm, topology, repetitions, warmup) 
     with torch.no_grad():  # workers disagree, as they do during training
         for p in workers.params:
             p.add_(0.01 * torch.randn(p.shape, generator=generator).to(comm.device))
-    cfg = train.validated(dict(train.config, n_workers=comm.n_workers, **settings))
-    gossip = train.build_gossip(cfg, comm, topology)
+    method, hyper = settings
+    gossip = algorithms.build(method, comm, topology, **hyper)
     with torch.no_grad():
         return median_seconds(lambda: gossip.step(workers.params), comm.device, repetitions, warmup)
 

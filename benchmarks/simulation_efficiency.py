@@ -23,20 +23,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from powergossip import algorithms  # noqa: E402
+from powergossip import algorithms, models, topologies  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
-from powergossip import models  # noqa: E402
-from powergossip import topologies  # noqa: E402
-import train  # noqa: E402
 from benchmarks.timing import run_description, synchronize, write_json  # noqa: E402
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
+from powergossip.optimizer import nesterov_sgd_step, weight_decays  # noqa: E402
 
-GOSSIP = {
-    "no-gossip": dict(optimizer="dpsgd"),  # the same step without its gossip: the compute baseline of the overhead
-    "power-gossip": dict(optimizer="power-gossip"),
-    "power-gossip-2": dict(optimizer="power-gossip", optimizer_num_iterations=2),
-    "dpsgd": dict(optimizer="dpsgd"),
-    "choco": dict(optimizer="choco", optimizer_compressor="sign-and-norm", optimizer_diffusion_rate=0.45),
+GOSSIP = {  # name: (registered method, hyper-parameters); None: the step without gossip (the compute baseline)
+    "no-gossip": None,
+    "power-gossip": ("power-gossip", {}),
+    "power-gossip-2": ("power-gossip", dict(num_iterations=2)),
+    "dpsgd": ("dpsgd", {}),
+    "choco": ("choco", dict(compressor="sign-and-norm", diffusion_rate=0.45)),
 }
 
 
@@ -86,24 +84,20 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, compute, stream
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
     template = models.build(architecture)
-    workers = StackedReplicas(template, comm.num_local, comm.device)
-    cfg = train.validated(dict(train.config, n_workers=n_workers, dtype=dtype, stacked_compute=compute, graph_streams=streams,
-                                       device=str(device), **GOSSIP[optimizer]))
-    gossip = train.build_gossip(cfg, comm, topologies.build("ring", n_workers))
-    dpsgd = algorithms.DPSGD(gossip)
+    workers = StackedReplicas(template, comm.num_local, comm.device, compute=compute, graph_streams=streams,
+                              autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+    gossip = None if GOSSIP[optimizer] is None else \
+        algorithms.build(GOSSIP[optimizer][0], comm, topologies.build("ring", n_workers), **GOSSIP[optimizer][1])
     momenta = [torch.zeros_like(p) for p in workers.params]
-    decays = train.weight_decays(template, workers.parameter_names, 1e-4)
+    decays = weight_decays(template, workers.parameter_names, 1e-4)
     x = torch.randn(comm.num_local, batch, 3, 32, 32, device=comm.device)
     y = torch.randint(0, 10, (comm.num_local, batch), device=comm.device)
 
-    def step():
-        compute = lambda: train.forward_backward(workers, x, y, None, cfg, False)
-        update = lambda: train.nesterov_sgd_step(workers.params, workers.grads, momenta, 0.01, 0.9, decays)
-        if optimizer == "no-gossip":
-            compute()
-            update()
-        else:
-            dpsgd.step(workers.params, compute, update)
+    def step():  # train.py's step: the gradient at x_t, the gossip, the local step
+        workers.gradients(x, y)
+        if gossip is not None:
+            gossip.step(workers.params)
+        nesterov_sgd_step(workers.params, workers.grads, momenta, 0.01, 0.9, decays)
 
     return images_per_second(step, n_workers * batch, comm.device, steps), peak_memory_gb(comm.device)  # all processes' images
 

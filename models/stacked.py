@@ -8,9 +8,14 @@ gradient stacks (autograd accumulates into them in place), and whose buffers (ba
 norm statistics) are views into buffer stacks. So a replica trains like any model,
 and what it learns is immediately in the stacks, with no copies.
 
-    replicas = StackedReplicas(template_model, num_replicas=L, device=device)
-    loss = loss_fn(replicas.replicas[l](x[l]), y[l]); loss.backward()   # fills replicas.grads[k][l]
-    gossip.step(replicas.params)                                          # edits every replica at once
+    replicas = StackedReplicas(template_model, num_replicas=L, device=device, compute="loop")
+    losses, corrects, counts, hidden = replicas.gradients(x, y)   # x: [L, batch, ...]; fills replicas.grads
+    gossip.step(replicas.params)                                  # edits every replica at once
+
+How the replicas' forward/backward runs is chosen once, at construction: "loop" (one
+replica after the other; any model, the LSTM's hidden states), "vmap" (torch.func over
+the stacks; image models, float32) or "graph" (a CUDA graph of the loop over several
+streams; image models on a GPU).
 
 All replicas start as copies of `template` (the same initialization, DESIGN.md).
 """
@@ -21,6 +26,16 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+COMPUTES = ("loop", "vmap", "graph")
+
+
+def loss_and_correct(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy in float32 (mean or sum over every prediction) and the number of correct
+    predictions: the loss of every compute path, of evaluation, of image and language models."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction)
+    return loss, (logits.detach().argmax(dim=-1) == targets).sum()
 
 
 def _owner(module: nn.Module, dotted_name: str) -> tuple[nn.Module, str]:
@@ -34,7 +49,12 @@ class StackedReplicas:
     """`params[k]`, `grads[k]`: `[L, *shape]` float32 stacks in `parameter_names` order;
     `buffers[k]`: `[L, *shape]` stacks in `buffer_names` order; `replicas[l]`: the modules."""
 
-    def __init__(self, template: nn.Module, num_replicas: int, device: torch.device):
+    def __init__(self, template: nn.Module, num_replicas: int, device: torch.device, compute: str = "loop",
+                 autocast_dtype: torch.dtype | None = None, graph_streams: int = 8, language_model: bool = False):
+        if compute not in COMPUTES:
+            raise ValueError(f"compute={compute!r} is not one of {', '.join(COMPUTES)}")
+        self.compute, self.autocast_dtype, self.graph_streams = compute, autocast_dtype, graph_streams
+        self.language_model = language_model
         template = template.to(device)
         unique = dict(template.named_parameters())  # ties (LSTM decoder = embedding) appear once
         self.parameter_names = list(unique)
@@ -86,6 +106,38 @@ class StackedReplicas:
         model.load_state_dict(state, strict=False)
         return model
 
+    def gradients(self, x: torch.Tensor, y: torch.Tensor, hidden=None):
+        """Every replica's loss gradient at its own parameters, into `grads`, computed the way
+        chosen at construction. x, y: `[L, batch, ...]`. Returns per-replica float32 losses,
+        correct predictions and prediction counts, and (language model) the hidden states."""
+        if self.compute == "vmap":
+            losses, corrects = self.vmapped_gradients(x, y)
+        elif self.compute == "graph":
+            losses, corrects = self.graphed_gradients(x, y, self.autocast_dtype, self.graph_streams)
+        else:
+            losses, corrects, hidden = self.looped_gradients(x, y, hidden)
+        counts = torch.full((len(self),), float(y[0].numel()), device=x.device)
+        return losses.float(), corrects.float(), counts, hidden
+
+    def looped_gradients(self, x: torch.Tensor, y: torch.Tensor, hidden=None):
+        """compute="loop": one replica after the other (any model; the LSTM carries its hidden states)."""
+        self.zero_grad()
+        losses, corrects, new_hidden = [], [], []
+        autocast = torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                  enabled=self.autocast_dtype is not None)
+        for row, replica in enumerate(self.replicas):
+            with autocast:
+                if self.language_model:
+                    logits, state = replica(x[row], None if hidden is None else hidden[row])
+                    new_hidden.append(tuple(h.detach() for h in state))
+                else:
+                    logits = replica(x[row])
+                loss, correct = loss_and_correct(logits, y[row])
+            loss.backward()
+            losses.append(loss.detach())
+            corrects.append(correct)
+        return torch.stack(losses), torch.stack(corrects), (new_hidden if self.language_model else None)
+
     def vmapped_gradients(self, x: torch.Tensor, y: torch.Tensor):
         """Every replica's cross-entropy gradient in one pass: torch.func.vmap over the
         stacks (convolutions become grouped convolutions; one kernel serves all replicas
@@ -99,8 +151,8 @@ class StackedReplicas:
 
             def loss(params, buffers, inputs, targets):
                 logits = functional_call(template, {**params, **buffers}, (inputs,))
-                value = F.cross_entropy(logits.float(), targets)
-                return value, (value.detach(), (logits.argmax(dim=-1) == targets).sum())
+                value, correct = loss_and_correct(logits, targets)
+                return value, (value.detach(), correct)
 
             self._vmapped = vmap(grad_and_value(loss, has_aux=True))
         params = dict(zip(self.parameter_names, self.params))
@@ -157,10 +209,10 @@ class _CapturedStep:
                     with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                                         cache_enabled=False):  # a graph cannot keep autocast's weight cache
                         logits = replica(self.x[row])
-                        loss = F.cross_entropy(logits.float(), self.y[row])
+                        loss, correct = loss_and_correct(logits, self.y[row])
                     loss.backward()
                     self.losses[row] = loss.detach()
-                    self.corrects[row] = (logits.detach().argmax(dim=-1) == self.y[row]).sum()
+                    self.corrects[row] = correct
             for stream in streams:
                 start.wait_stream(stream)
 

@@ -1,5 +1,4 @@
 """Sweep scripts end to end at a tiny scale: launching, skipping, surviving failures, reports."""
-import json
 import os
 import subprocess
 import sys

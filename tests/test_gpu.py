@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from powergossip import models
-import train
 from powergossip.models.stacked import StackedReplicas
+from powergossip.optimizer import nesterov_sgd_step
 from tests.test_train import common, comparable, tiny_data  # noqa: F401 (fixture)
 from tests.train_runs import run
 
@@ -36,30 +36,31 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def twin_replicas(num_replicas=4):
+def twin_replicas(autocast_dtype, num_streams, num_replicas=4):
     torch.manual_seed(0)
     template = models.build("resnet20")
     device = torch.device("cuda")
-    return StackedReplicas(template, num_replicas, device), StackedReplicas(template, num_replicas, device)
+    return (StackedReplicas(template, num_replicas, device, "loop", autocast_dtype),
+            StackedReplicas(template, num_replicas, device, "graph", autocast_dtype, num_streams))
 
 
-def eager_loop_channels_last(workers, x, y, autocast_dtype):
+def eager_loop_channels_last(workers, x, y):
     """train.py's per-replica loop, on the channels_last images the graph uses."""
     x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    return train.looped_gradients(workers, x, y, None, autocast_dtype is not None, False)[0]
+    return workers.gradients(x, y)[0]
 
 
 @pytest.mark.parametrize("num_streams,autocast_dtype", [(1, None), (3, None), (4, torch.bfloat16)])
 def test_graphed_gradients_equal_the_eager_loop_over_training_steps(exact_float32, num_streams, autocast_dtype):
-    looped, graphed = twin_replicas()
+    looped, graphed = twin_replicas(autocast_dtype, num_streams)
     momenta = {id(w): [torch.zeros_like(p) for p in w.params] for w in (looped, graphed)}
     decays = [1e-4] * len(looped.params)
     generator = torch.Generator(device="cuda").manual_seed(1)
     for step in range(4):
         x = torch.randn(4, 32, 3, 32, 32, device="cuda", generator=generator)
         y = torch.randint(0, 10, (4, 32), device="cuda", generator=generator)
-        loop_losses = eager_loop_channels_last(looped, x, y, autocast_dtype)
-        graph_losses, _ = graphed.graphed_gradients(x, y, autocast_dtype, num_streams)
+        loop_losses = eager_loop_channels_last(looped, x, y)
+        graph_losses = graphed.gradients(x, y)[0]
         torch.testing.assert_close(graph_losses, loop_losses, rtol=1e-6, atol=1e-6)
         for g_graph, g_loop in zip(graphed.grads, looped.grads):
             assert g_graph.dtype == torch.float32
@@ -71,7 +72,7 @@ def test_graphed_gradients_equal_the_eager_loop_over_training_steps(exact_float3
             else:
                 assert torch.equal(b_graph, b_loop)  # num_batches_tracked: recording did not count its warm-up
         for w in (looped, graphed):
-            train.nesterov_sgd_step(w.params, w.grads, momenta[id(w)], 0.1, 0.9, decays)
+            nesterov_sgd_step(w.params, w.grads, momenta[id(w)], 0.1, 0.9, decays)
     for p_graph, p_loop in zip(graphed.params, looped.params):
         assert relative_difference(p_graph, p_loop) < 1e-5
 

@@ -4,13 +4,12 @@ import math
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
-from powergossip import algorithms
 from powergossip import comm as comm_module
 from powergossip import models
+from powergossip import optimizer
 from powergossip import runs
 from powergossip import topologies
 import train
@@ -205,7 +204,7 @@ def test_nesterov_step_matches_torch_sgd():
             for i, p in enumerate(reference):
                 p.grad = g[i].clone()
             sgd.step()
-        train.nesterov_sgd_step(ours, gs, momenta, 0.1, 0.9, decays)
+        optimizer.nesterov_sgd_step(ours, gs, momenta, 0.1, 0.9, decays)
     for mine, reference in zip(ours, references):
         torch.testing.assert_close(mine, torch.stack([p.detach() for p in reference]))
 

@@ -1,0 +1,190 @@
+"""What train.py measures and records: per-worker totals of an epoch, evaluation of a
+model on the test set, the end-of-epoch records (every worker's train and test loss
+and accuracy, the averaged model's, consensus distances, spectra of neighbour
+differences, timers), and the Recorder that writes each record to
+`output_dir/metrics.jsonl`, TensorBoard and the `log_metric` hook.
+
+Every record carries the bits and messages sent per worker so far (mean over
+workers), so any metric can be plotted against communication, the paper's x-axis.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from powergossip import data, runs
+from powergossip.models.stacked import loss_and_correct
+
+
+class EpochTotals:
+    """Per-local-worker sums of the epoch's training loss, correct predictions and counts."""
+
+    def __init__(self, loss, correct, count, hidden=None):
+        self.loss, self.correct, self.count, self.hidden = loss, correct, count, hidden
+
+    @classmethod
+    def zeros(cls, num_local, device):
+        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)))
+
+    def add(self, losses, corrects, counts):
+        self.loss += losses.double() * counts
+        self.correct += corrects.double()
+        self.count += counts
+
+    def state(self):
+        hidden = None if self.hidden is None else [list(h) for h in self.hidden]
+        return {"loss": self.loss, "correct": self.correct, "count": self.count, "hidden": hidden}
+
+    @classmethod
+    def from_state(cls, state, device):
+        hidden = None if state["hidden"] is None else [tuple(h.to(device) for h in pair) for pair in state["hidden"]]
+        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
+
+
+
+class Recorder:
+    """Writes records (rank 0): metrics.jsonl, TensorBoard and the log_metric hook.
+    bits/messages are per worker (mean over workers, cumulative)."""
+
+    def __init__(self, comm, folder: str, run_id: str, append: bool, upto_epoch: int, log_metric):
+        self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
+        self.is_root = comm.rank == 0
+        self.last_test_avg = None
+        self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()
+        if not self.is_root:
+            return
+        if os.path.exists(os.path.join(folder, "summary.json")):
+            os.remove(os.path.join(folder, "summary.json"))  # the run is not finished until it is written again
+        # Resuming: keep the records of the epochs the checkpoint covers, drop later ones.
+        kept = [r for r in runs.read_metrics(folder) if r["epoch"] <= upto_epoch] \
+            if append and os.path.exists(os.path.join(folder, "metrics.jsonl")) else []
+        self.file = runs.MetricsFile(folder)
+        for record in kept:
+            self.file.write(record)
+            if record["name"] == "accuracy" and record["tags"].get("split") == "test_avg":
+                self.last_test_avg = record["value"]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+
+    def count_traffic(self):
+        """Bits and messages sent per worker so far (mean over workers); collective."""
+        totals = np.array([self.comm.bytes_sent.sum() * 8.0, self.comm.messages_sent.sum()], dtype=np.float64)
+        self.bits, self.messages = self.comm.sum_over_processes(totals) / self.comm.n_workers
+
+    def record(self, name, epoch, value, tags):
+        if not self.is_root:
+            return
+        if name == "accuracy" and tags.get("split") == "test_avg":
+            self.last_test_avg = value
+        values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
+        self.file.write({"name": name, **values, "tags": tags})
+        if self.tensorboard is not None and "worker" not in tags:
+            self.tensorboard.add_scalar("/".join([name] + [str(v) for v in tags.values()]), value, epoch)
+        self.log_metric(name, values, tags)
+
+    def summary(self, cfg, wall_time):
+        self.count_traffic()
+        if not self.is_root:
+            return
+        mb_per_epoch = self.bits / 8 / 1e6 / max(1, cfg["num_epochs"])
+        accuracy = "not evaluated" if self.last_test_avg is None else f"{100 * self.last_test_avg:.2f}%"
+        with open(os.path.join(self.folder, "summary.json"), "w") as f:  # also marks the run as finished
+            json.dump({"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
+                       "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id}, f)
+        print(f"\nsummary: {cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} "
+              f"{cfg['task_architecture']}: averaged-model test accuracy {accuracy}; "
+              f"{mb_per_epoch:.3f} MB sent per worker per epoch; wall time {wall_time:.1f} s; results in {self.folder}", flush=True)
+
+    def close(self):
+        if self.is_root:
+            self.file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg) -> tuple[float, float]:
+    """Test loss and accuracy (perplexity-ready mean loss per token for the language model)."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0.0, 0
+    hidden = None
+    for x, y in data.test_batches(dataset, cfg["evaluation_batch_size"] if not dataset.is_language_model else cfg["batch_size"],
+                                  **({"bptt": cfg["bptt"]} if dataset.is_language_model else {})):
+        if cfg["max_test_examples"] is not None and count >= cfg["max_test_examples"]:
+            break
+        if dataset.is_language_model:
+            logits, hidden = model(x, hidden)
+        else:
+            logits = model(x)
+        loss, right = loss_and_correct(logits, y, reduction="sum")
+        total_loss, correct, count = total_loss + loss.item(), correct + right.item(), count + y.numel()
+    model.train()
+    return total_loss / count, correct / count
+
+
+def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
+    """Train and test metrics per worker, of the averaged model, consensus distances, spectra."""
+    e = epoch + 1
+    recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
+    train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
+    for worker, (loss, accuracy) in enumerate(train.tolist()):
+        recorder.record("loss", e, loss, {"split": "train", "worker": worker})
+        recorder.record("accuracy", e, accuracy, {"split": "train", "worker": worker})
+    recorder.record("loss", e, train[:, 0].mean().item(), {"split": "train"})
+    recorder.record("accuracy", e, train[:, 1].mean().item(), {"split": "train"})
+
+    if cfg["evaluate_each_worker"]:
+        local = torch.tensor([evaluate(replica, dataset, cfg) for replica in workers.replicas], dtype=torch.float64, device=comm.device)
+        test = comm.all_gather_workers(local)
+        for worker, (loss, accuracy) in enumerate(test.tolist()):
+            recorder.record("loss", e, loss, {"split": "test", "worker": worker})
+            recorder.record("accuracy", e, accuracy, {"split": "test", "worker": worker})
+        recorder.record("loss", e, test[:, 0].mean().item(), {"split": "test"})
+        recorder.record("accuracy", e, test[:, 1].mean().item(), {"split": "test"})
+
+    mean_params = comm.all_reduce_mean(workers.params, count=False)
+    float_buffers = workers.float_buffer_indices()
+    mean_buffers = comm.all_reduce_mean([workers.buffers[k] for k in float_buffers], count=False)
+    if cfg["evaluate_average_model"]:
+        buffers = [b[0] for b in workers.buffers]
+        for k, mean in zip(float_buffers, mean_buffers):
+            buffers[k] = mean
+        loss, accuracy = evaluate(workers.model_from_rows(mean_params, buffers), dataset, cfg)
+        recorder.record("loss", e, loss, {"split": "test_avg"})
+        recorder.record("accuracy", e, accuracy, {"split": "test_avg"})
+        if dataset.is_language_model:
+            recorder.record("perplexity", e, math.exp(min(loss, 50.0)), {"split": "test_avg"})
+
+    # Consensus distance: mean over workers of ||x_i - mean(x)|| (parameters only / full state).
+    params_sq = sum((x - m).reshape(x.shape[0], -1).double().pow(2).sum(dim=1) for x, m in zip(workers.params, mean_params))
+    buffers_sq = sum(((workers.buffers[k] - m).reshape(len(workers), -1).double().pow(2).sum(dim=1)
+                      for k, m in zip(float_buffers, mean_buffers)), torch.zeros_like(params_sq))
+    distances = comm.all_gather_workers(torch.stack([params_sq.sqrt(), (params_sq + buffers_sq).sqrt()], dim=1))
+    recorder.record("consensus_distance", e, distances[:, 0].mean().item(), {"type": "params_only"})
+    recorder.record("consensus_distance", e, distances[:, 1].mean().item(), {"type": "full_state_vector"})
+
+    if e in cfg["spectrum_logging_epochs"]:
+        log_spectra(cfg, e, workers, comm, recorder)
+    for label, (mean, _, instances) in timers.summary().items():
+        recorder.record(f"time_{label}", e, mean * instances, {"split": "runtime"})
+
+
+def log_spectra(cfg, e, workers, comm, recorder):
+    """Singular values of x_i - x_j for the configured parameters and worker pairs (the
+    spectrum-logging keys of the original code); measurement traffic is not counted."""
+    for name in cfg["spectrum_logging_params"]:  # names checked by check_spectrum_logging
+        everyone = comm.all_gather_workers(workers.params[workers.parameter_names.index(name)])
+        for i, j in cfg["spectrum_logging_worker_pairs"]:
+            difference = (everyone[i] - everyone[j]).reshape(everyone.shape[1], -1).double().cpu()
+            for index, value in enumerate(torch.linalg.svdvals(difference).tolist()):
+                recorder.record("spectrum", e, value, {"parameter": name, "workers": f"{i}-{j}", "index": index})
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
