@@ -85,7 +85,8 @@ def init_distributed(device: str = "auto") -> Context:
     if _context is not None:
         return _context
     if launched_by_mpirun():
-        from mpi4py import MPI
+        _keep_mpi_off_tcp_on_one_host()
+        from mpi4py import MPI  # MPI_Init: reads the settings above
 
         world = MPI.COMM_WORLD
         rank, world_size = world.Get_rank(), world.Get_size()
@@ -142,6 +143,16 @@ def _leave_process_group(world=None, store_folder: str | None = None) -> None:
         if world.Get_rank() == 0:
             shutil.rmtree(store_folder, ignore_errors=True)
         world.Barrier()  # a store still referenced finds no file at shutdown, and skips its own clean-up
+
+
+def _keep_mpi_off_tcp_on_one_host() -> None:
+    """A plain `mpirun` on one host: MPI's own messages through shared memory (the flags of
+    mpirun_command), not a TCP transport listening on every interface. Settings the user
+    gave (`--mca btl ...`, OMPI_MCA_* variables) win."""
+    size = os.environ.get("OMPI_COMM_WORLD_SIZE")
+    if size is not None and os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == size:
+        os.environ.setdefault("OMPI_MCA_btl", "^tcp")
+        os.environ.setdefault("OMPI_MCA_pml", "ob1")
 
 
 def _private_folder() -> str:

@@ -128,7 +128,8 @@ def main():
     """Runs every setting; returns the folder the results went to."""
     check(config)
     comm = comm_module.Communicator(config["n_workers"], config["device"])
-    folder = runs.claim_output_dir(output_dir, config["algorithm"], False, config["overwrite"], comm, time.time())
+    folder = runs.claim_output_dir(output_dir, config["algorithm"], False, config["overwrite"], comm, time.time(),
+                                   can_resume=False)
     is_writer = comm.rank == 0
     topology = build_topology(config)
     state = initial_state(config)  # all workers, identical in every process
@@ -184,6 +185,7 @@ def main():
             log_info({"state.progress": (number + 1) / len(settings)})
     if is_writer:
         metrics.close()
+    runs.release_output_dir(folder)
     return folder
 
 
@@ -377,7 +379,4 @@ def check(config) -> None:
 
 if __name__ == "__main__":
     config, output_dir = runs.command_line_or_exit("gossip_run.py", config, output_dir, sys.argv[1:], check)
-    try:
-        main()
-    except runs.ConfigError as problem:  # output_dir refused: every process says the same
-        runs.exit_on_config_error("gossip_run.py", problem)
+    runs.run_or_exit("gossip_run.py", main)

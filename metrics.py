@@ -57,11 +57,11 @@ class Recorder:
         self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()
         if not self.is_root:
             return
-        if os.path.exists(os.path.join(folder, "summary.json")):
-            os.remove(os.path.join(folder, "summary.json"))  # the run is not finished until it is written again
         # Resuming: keep the records of the epochs the checkpoint covers, drop later ones.
         kept = [r for r in runs.read_metrics(folder) if r["epoch"] <= upto_epoch] \
             if append and os.path.exists(os.path.join(folder, "metrics.jsonl")) else []
+        if os.path.exists(os.path.join(folder, "summary.json")):
+            os.remove(os.path.join(folder, "summary.json"))  # the run is not finished until it is written again
         self.file = runs.MetricsFile(folder)
         for record in kept:
             self.file.write(record)

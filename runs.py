@@ -40,8 +40,9 @@ class _Loader(yaml.SafeLoader):
     would read `1e-3` as a string; YAML 1.2 and Python read it as a number)."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
 
 
 def parse_value(text: str):
@@ -141,26 +142,59 @@ def fresh_output_dir(label: str, started: float) -> str:
             folder = f"{base}-{number}"
 
 
-def output_dir_problem(folder: str, resume: bool, overwrite: bool) -> str | None:
-    """Why a run may not write into `folder` (None: it may): a folder holding another run's
-    results needs resume=true (continue that run) or overwrite=true (replace it)."""
+def output_dir_problem(folder: str, resume: bool, overwrite: bool, can_resume: bool = True) -> str | None:
+    """Why a run may not write into `folder` (None: it may, and this process now holds the
+    folder's lock): a folder holding another run's results needs resume=true (continue
+    that run) or overwrite=true (replace it); a folder another run is writing to is refused."""
     if resume and overwrite:
         return "resume=true and overwrite=true contradict each other: continue the run in output_dir or replace it, not both"
+    if resume and not os.path.isdir(folder):
+        return f"resume=true but output_dir {folder} does not exist"
     found = results_in(folder)
     if found and not (resume or overwrite):
-        return (f"output_dir {folder} holds another run's results ({', '.join(found)}); pass resume=true to continue "
-                f"that run, overwrite=true to replace it, or choose another output_dir")
+        return (f"output_dir {folder} holds another run's results ({', '.join(found)}); "
+                + ("pass resume=true to continue that run, " if can_resume else "")
+                + "pass overwrite=true to replace it, or choose another output_dir")
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(folder, ".write_test"))
+        if not _lock(folder):
+            return (f"another run is writing to output_dir {folder} right now (it holds {os.path.join(folder, '.lock')}); "
+                    f"wait for it to end or choose another output_dir")
     except OSError as problem:
         return f"cannot write to output_dir {folder}: {problem}"
     return None
 
 
-def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite: bool, comm, started: float) -> str:
+_LOCKS: dict[str, int] = {}  # folder -> descriptor holding its lock, for as long as this process uses it
+
+
+def _lock(folder: str) -> bool:
+    """An exclusive lock on `folder/.lock` (the system drops it when the process ends, crashed
+    or not); False when another process holds it. A process may claim its own folder again."""
+    import fcntl
+
+    key = os.path.realpath(folder)
+    if key in _LOCKS:
+        return True
+    descriptor = os.open(os.path.join(folder, ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        return False
+    _LOCKS[key] = descriptor
+    return True
+
+
+def release_output_dir(folder: str) -> None:
+    """A finished run lets go of its folder's lock."""
+    descriptor = _LOCKS.pop(os.path.realpath(folder), None)
+    if descriptor is not None:
+        os.close(descriptor)
+
+
+def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite: bool, comm, started: float,
+                     can_resume: bool = True) -> str:
     """The folder this run writes to, the same on every process (comm: a comm.Communicator),
     settled before any work: a new runs/<date>-<time>-<label> when output_dir is None; a
     folder with another run's results only with resume=true or overwrite=true (which
@@ -169,11 +203,11 @@ def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite
     if comm.rank == 0:
         if folder is None and resume:
             problem = "resume=true needs output_dir=<the folder of the run to continue>"
-        elif folder is None:
-            folder = fresh_output_dir(label, started)
-            print(f"results go to {folder} (set output_dir to choose)", flush=True)
         else:
-            problem = output_dir_problem(folder, resume, overwrite)
+            if folder is None:
+                folder = fresh_output_dir(label, started)
+                print(f"results go to {folder} (set output_dir to choose)", flush=True)
+            problem = output_dir_problem(folder, resume, overwrite, can_resume)
         if problem is None and overwrite:
             remove_results(folder)
     folder, problem = comm.gather_objects((folder, problem))[0]
@@ -218,11 +252,23 @@ class MetricsFile:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """All records of a metrics.jsonl file (a folder holding one is accepted too)."""
+    """All records of a metrics.jsonl file (a folder holding one is accepted too). A last
+    line cut short (a run killed while writing it) is left out; a damaged line elsewhere
+    is an error naming the file and line."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for number, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as problem:
+            if number == lines[-1][0] and not line.endswith("\n"):
+                warnings.warn(f"{path}: line {number} was cut short (a run stopped while writing it); left out")
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record ({problem})") from None
+    return records
 
 
 def command_line_or_exit(program: str, defaults: dict, output_dir: str, arguments: list[str], check) -> tuple[dict, str]:
@@ -233,6 +279,15 @@ def command_line_or_exit(program: str, defaults: dict, output_dir: str, argument
     except (ValueError, OSError) as problem:
         exit_on_config_error(program, problem)
     return config, output_dir
+
+
+def run_or_exit(program: str, main) -> None:
+    """An entrypoint's `main()`; a configuration problem it finds before any work (the output
+    folder, the checkpoint to resume) ends the program as on the command line."""
+    try:
+        main()
+    except ConfigError as problem:
+        exit_on_config_error(program, problem)
 
 
 def exit_on_config_error(program: str, problem: Exception) -> None:
@@ -260,15 +315,22 @@ class CorruptCheckpoint(Exception):
 
 
 def write_atomically(path: str, state: dict, previous: str | None = None) -> None:
-    """torch.save to a temporary file, fsync, then rename over `path` (the old file moved to
-    `previous` first, when given): a crash leaves whole files, never half of one."""
+    """torch.save to a temporary file, fsync, then rename over `path`, after the old file was
+    linked as `previous` (when given): at every moment `path` is a whole file, old or new."""
     temporary = path + ".tmp"
     with open(temporary, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     if previous is not None and os.path.exists(path):
-        os.replace(path, previous)
+        try:
+            os.link(path, previous + ".tmp")
+        except FileExistsError:
+            os.remove(previous + ".tmp")
+            os.link(path, previous + ".tmp")
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, previous + ".tmp")
+        os.replace(previous + ".tmp", previous)
     os.replace(temporary, path)
     folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
@@ -402,49 +464,75 @@ class Checkpoints:
         if self.last is None:
             return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
         return (f"The last good checkpoint (epoch {self.last[0]} step {self.last[1]}) is kept in {self.folder}: continue it "
-                f"with resume=true and a smaller learning_rate or optimizer_diffusion_rate.")
+                f"with resume=true and a smaller learning_rate (or start a new run with a smaller optimizer_diffusion_rate).")
 
     def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> dict:
-        """The checkpoint every process resumes from: the latest save if each process has it
-        intact, the one before if a latest file is damaged; otherwise one error for all. Its
+        """The save every process resumes from, agreed before any process loads: the newest
+        one that each process holds intact, in its latest file or in the one before (a file
+        damaged on disk, or a crash in the middle of a save that left one process a save
+        ahead, costs one checkpoint interval). A missing latest file, a save of another
+        layout or run, or no common save stops every process with one message. The save's
         configuration must equal `cfg` but for the keys in `may_change` (keys the run did
         not know yet take their `defaults`)."""
         state, mine = _read_checkpoint(self.path)
-        everyone = self.comm.gather_objects(mine)
-        where = "; ".join(f"process {rank}: {_describe(found)}" for rank, found in enumerate(everyone))
-        if all(found == "missing" for found in everyone):
-            raise ConfigError(f"resume=true but {self.folder} holds no checkpoint (none was saved yet, or the run "
-                                   f"wrote elsewhere); start afresh with overwrite=true, or without resume in a new output_dir")
-        layout = (self.comm.n_workers, self.comm.world_size)
-        for found in everyone:
-            if isinstance(found, tuple) and found[3] != layout:
+        latest = self.comm.gather_objects(mine)
+        where = "; ".join(f"process {rank}: {_describe(found)}" for rank, found in enumerate(latest))
+        if all(found == "missing" for found in latest):
+            raise ConfigError(f"resume=true but {self.folder} holds no checkpoint (none was saved yet, checkpoint_every=0 "
+                              f"saves only on a signal, or the run wrote elsewhere); to start afresh instead, pass "
+                              f"overwrite=true, which deletes the results in {os.path.dirname(self.folder)}")
+        for found in latest:
+            if isinstance(found, tuple) and found[3] != (self.comm.n_workers, self.comm.world_size):
                 raise ConfigError(f"the checkpoints in {self.folder} were written by {found[3][1]} process(es) for "
-                                       f"{found[3][0]} workers; resume with the same layout")
-        if not (all(isinstance(found, tuple) for found in everyone) and len(set(everyone)) == 1):
-            if not any(isinstance(found, str) and found != "missing" for found in everyone):
-                raise ConfigError(f"cannot resume from {self.folder}: every process needs its file of the same save, "
-                                       f"but {where}; restore the missing or mismatched files, or start afresh with overwrite=true")
-            state, mine = _read_checkpoint(self.previous)  # a damaged file: fall back to the save before it
-            earlier = self.comm.gather_objects(mine)
-            if not (all(isinstance(found, tuple) for found in earlier) and len(set(earlier)) == 1):
-                raise ConfigError(f"cannot resume from {self.folder}: {where}; and no earlier save is intact on every "
-                                       f"process; start afresh with overwrite=true")
+                                  f"{found[3][0]} workers; resume with the same layout")
+        if "missing" in latest:
+            raise ConfigError(f"cannot resume from {self.folder}: every process needs its own file, but {where}; "
+                              f"restore the missing files")
+        if not (all(isinstance(found, tuple) for found in latest) and len(set(latest)) == 1):
+            earlier_state, earlier = _read_checkpoint(self.previous)
+            both = self.comm.gather_objects((mine, earlier))
+            common = set.intersection(*({found for found in pair if isinstance(found, tuple)} for pair in both))
+            if not common:
+                raise ConfigError(f"cannot resume from {self.folder}: no save is intact on every process ({where}; and the "
+                                  f"saves before: {'; '.join(_describe(pair[1]) for pair in both)})")
+            chosen = max(common, key=lambda found: found[:2])
+            if mine != chosen:  # the newer or damaged file goes aside, so later saves keep a good one before them
+                os.replace(self.path, self.path + ".set-aside")
+                os.replace(self.previous, self.path)
+                state = earlier_state
             if self.comm.rank == 0:
-                warnings.warn(f"resuming from the save before the latest (epoch {earlier[0][0]} step {earlier[0][1]}): {where}")
+                warnings.warn(f"resuming from epoch {chosen[0]} step {chosen[1]}, the newest save intact on every process "
+                              f"({where}); files that were newer or damaged are kept as rank<r>.pt.set-aside")
         if "run" not in state:
-            warnings.warn(f"{self.path} was written by an older version of train.py: it has no run id and no "
-                          f"configuration, so neither could be checked against this run")
+            if self.comm.rank == 0:
+                warnings.warn(f"{self.path} was written by an older version of train.py: it has no run id and no "
+                              f"configuration, so neither could be checked against this run")
         else:
             stored = defaults | state["run"]["config"]
-            changed = [key for key in cfg if key not in may_change and stored[key] != cfg[key]]
-            if changed:
-                raise ConfigError(
-                    "resume=true with a changed configuration: " + ", ".join(
-                        f"{key}={cfg[key]!r} (the run has {stored[key]!r})" for key in changed)
-                    + f". These define the run; only {', '.join(k for k in may_change if k not in LAUNCH_KEYS)} may change on resume. "
-                    "Put them back, or start a new run in another output_dir")
+            self._check_same_run(stored, cfg, defaults, may_change)
         self.last = (state["epoch"], state["step_in_epoch"])
         return state
+
+    def _check_same_run(self, stored: dict, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> None:
+        """The save belongs to the run in this folder (its config.yaml) and to the run asked for."""
+        def differences(a, b):
+            return [key for key in b if key not in may_change and a.get(key, defaults[key]) != b[key]]
+
+        folder_config = os.path.join(os.path.dirname(self.folder), "config.yaml")
+        if os.path.exists(folder_config):
+            with open(folder_config) as f:
+                recorded = yaml.load(f, Loader=_Loader) or {}
+            foreign = differences(recorded, stored)
+            if foreign:
+                raise ConfigError(f"the checkpoints in {self.folder} do not belong to the run recorded in {folder_config}: "
+                                  + ", ".join(f"{key}={stored[key]!r} there, {recorded.get(key)!r} here" for key in foreign))
+        changed = differences(stored, cfg)
+        if changed:
+            raise ConfigError(
+                "resume=true with a changed configuration: " + ", ".join(
+                    f"{key}={cfg[key]!r} (the run has {stored[key]!r})" for key in changed)
+                + f". These define the run; only {', '.join(k for k in may_change if k not in LAUNCH_KEYS)} may change on "
+                "resume. Put them back, or start a new run in another output_dir")
 
 
 def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:

@@ -128,6 +128,7 @@ def main():
         if is_root:
             print(f"nothing to do: the run in {folder} has done {saved['epoch']} epochs and num_epochs={cfg['num_epochs']}; "
                   f"raise num_epochs to train on", flush=True)
+        runs.release_output_dir(folder)
         return folder
     run_id = saved["run"]["run_id"] if saved is not None and "run" in saved else comm.gather_objects(uuid.uuid4().hex[:12])[0]
     topology = topologies.build(cfg["topology"], cfg["n_workers"])
@@ -225,6 +226,7 @@ def main():
     recorder.summary(cfg, time.time() - started)
     recorder.close()
     log_info({"state.progress": 1.0})
+    runs.release_output_dir(folder)
     return folder
 
 
@@ -395,7 +397,4 @@ def restore(saved, workers, momenta, gossip, comm) -> metrics.EpochTotals | None
 
 if __name__ == "__main__":
     config, output_dir = runs.command_line_or_exit("train.py", config, output_dir, sys.argv[1:], validated)
-    try:
-        main()
-    except runs.ConfigError as problem:  # found before any work (output_dir, resume): every process says the same
-        runs.exit_on_config_error("train.py", problem)
+    runs.run_or_exit("train.py", main)

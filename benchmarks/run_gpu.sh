@@ -23,7 +23,7 @@ train() {  # train.py end to end on Fashion-MNIST (carry .data/fashion-mnist to 
   common="task_architecture=resnet20 n_workers=16 device=cuda data_dir=.data/fashion-mnist num_epochs=2 evaluate_each_worker=false optimizer=power-gossip"
   for layout in "loop float32" "graph bfloat16"; do
     set -- $layout
-    python train.py $common stacked_compute=$1 dtype=$2 output_dir="$OUT/train_${1}_$2" | tail -2
+    python train.py $common stacked_compute=$1 dtype=$2 output_dir="$OUT/train_${1}_$2" overwrite=true | tail -2
     python -c "import json, sys; print('$1 $2', json.load(open(sys.argv[1])))" "$OUT/train_${1}_$2/summary.json"
   done | tee "$OUT/train_e2e.log"
 }

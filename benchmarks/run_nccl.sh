@@ -10,8 +10,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # when run as 
 common="n_workers=16 device=cuda data_dir=.data/fashion-mnist num_epochs=1 max_batches_per_epoch=20 evaluate_each_worker=false"
 for layout in "loop float32" "graph bfloat16"; do
   set -- $layout
-  python train.py $common stacked_compute=$1 dtype=$2 output_dir="$OUT/single_$1" | tail -1
-  mpirun -np 2 python train.py $common stacked_compute=$1 dtype=$2 output_dir="$OUT/nccl_$1" | grep -v "^\[" | head -1
+  python train.py $common stacked_compute=$1 dtype=$2 output_dir="$OUT/single_$1" overwrite=true | tail -1
+  mpirun -np 2 python train.py $common stacked_compute=$1 dtype=$2 output_dir="$OUT/nccl_$1" overwrite=true | grep -v "^\[" | head -1
   python - "$OUT/single_$1" "$OUT/nccl_$1" <<'PY'
 import sys, runs
 single, nccl = (runs.read_metrics(folder) for folder in sys.argv[1:])

@@ -9,7 +9,7 @@ import torch
 from powergossip import comm as comm_module
 from powergossip import topologies
 from tests import exchange_runs
-from tests.launch import run_mpi
+from tests.launch import ROOT, run_mpi
 
 
 def check_exchange(results: list[dict], topology_name: str, n_workers: int):
@@ -93,10 +93,19 @@ def test_environment_mpi_test_passes_under_mpirun():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_single_host_run_listens_on_loopback_only():
+@pytest.mark.parametrize("launch", ["project flags", "plain mpirun"])
+def test_single_host_run_listens_on_loopback_only(launch):
     from tests import listening_sockets  # Linux only
 
-    result = run_mpi(2, ["tests/listening_sockets.py"], timeout=120)
+    if launch == "project flags":
+        result = run_mpi(2, ["tests/listening_sockets.py"], timeout=120)
+    else:  # as a user types it: mpirun -np 2 python script.py
+        import subprocess
+        mpirun = comm_module.mpirun_command(2)[0]
+        env = comm_module.mpirun_environment() | {"OMP_NUM_THREADS": "1"}
+        result = subprocess.run([mpirun, "--oversubscribe", "-np", "2", sys.executable, "tests/listening_sockets.py"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert sorted(report["rank"] for report in reports) == [0, 1]
     for report in reports:

@@ -182,16 +182,19 @@ def test_a_damaged_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data,
     run(str(tmp_path / "full"), settings(tiny_data, num_epochs=3))
     run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2))  # rank0.pt: epoch 2; rank0.previous.pt: epoch 1
     damage(tmp_path / "parts" / "checkpoints" / "rank0.pt", how)
-    with pytest.warns(UserWarning, match=r"save before the latest \(epoch 1 step 0\).*rank0\.pt"):
+    with pytest.warns(UserWarning, match=r"resuming from epoch 1 step 0, the newest save intact.*rank0\.pt"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=3) + ["resume=true"])
     assert records(tmp_path / "parts") == records(tmp_path / "full")
+    folder = tmp_path / "parts" / "checkpoints"
+    assert (folder / "rank0.pt.set-aside").exists()  # the damaged file, kept aside
+    assert runs.read_verified(str(folder / "rank0.previous.pt"))["epoch"] == 2  # later saves keep a good one before them
 
 
 def test_a_damaged_checkpoint_without_a_save_before_is_named(tmp_path, tiny_data):
     run(str(tmp_path), settings(tiny_data))
     path = tmp_path / "checkpoints" / "rank0.pt"
     damage(path, "flipped")
-    with pytest.raises(runs.ConfigError, match=f"{path} is corrupt.*overwrite=true"):
+    with pytest.raises(runs.ConfigError, match=f"no save is intact on every process \\(process 0: {path} is corrupt"):
         run(str(tmp_path), settings(tiny_data, num_epochs=2) + ["resume=true"])
 
 
@@ -232,6 +235,7 @@ def test_scientific_notation_is_a_number_on_the_command_line_and_in_yaml(tmp_pat
     config = runs.apply_overrides(DEFAULTS, [str(tmp_path / "lr.yaml"), "optimizer_theta=2.5e-1"])
     assert (config["learning_rate"], config["weight_decay"], config["optimizer_theta"]) == (1e-3, 5e-4, 0.25)
     assert runs.apply_overrides(DEFAULTS, ["learning_rate=1e-3"])["learning_rate"] == 1e-3
+    assert runs.apply_overrides(DEFAULTS, ["learning_rate=.5e-1"])["learning_rate"] == 0.05
     with pytest.raises(runs.ConfigError, match="num_epochs must be an integer"):
         runs.apply_overrides(DEFAULTS, ["num_epochs=1e3"])
 
@@ -249,20 +253,85 @@ def test_mpirun_resume_is_exact_after_a_sigterm_mid_epoch(tmp_path, tiny_data):
     assert records(tmp_path / "parts") == records(tmp_path / "full")
 
 
-@pytest.mark.parametrize("problem", ["missing", "older"])
-def test_mpirun_refuses_rank_files_of_different_saves_with_one_message(tmp_path, tiny_data, problem):
+def test_mpirun_refuses_a_missing_rank_file_with_one_message(tmp_path, tiny_data):
     run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"run": settings(tiny_data, num_epochs=2)})], timeout=300)
-    folder = tmp_path / "run" / "checkpoints"
-    if problem == "missing":
-        os.remove(folder / "rank0.pt")
-    else:
-        os.replace(folder / "rank1.previous.pt", folder / "rank1.pt")  # rank 1 one epoch behind rank 0
+    os.remove(tmp_path / "run" / "checkpoints" / "rank0.pt")
     before = contents(tmp_path / "run")
     result = run_mpi(2, ["tests/train_runs.py", str(tmp_path),
                          json.dumps({"run": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
-    expected = "process 0: no checkpoint file" if problem == "missing" else "process 1: epoch 1 step 0"
     for rank in (0, 1):
         assert f"configuration error (process {rank}): cannot resume" in result.stderr, result.stderr
-    assert expected in result.stderr and "SIGABRT" not in result.stderr and "Traceback" not in result.stderr
+    assert "process 0: no checkpoint file" in result.stderr
+    assert "SIGABRT" not in result.stderr and "Traceback" not in result.stderr
     assert contents(tmp_path / "run") == before
+
+
+def test_mpirun_resumes_from_the_newest_save_every_process_has(tmp_path, tiny_data):
+    """A crash in the middle of a save can leave one process a save ahead of another: all
+    continue from the save they share, exactly."""
+    runs_json = {"full": settings(tiny_data, num_epochs=3), "run": settings(tiny_data, num_epochs=2)}
+    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps(runs_json)], timeout=300)
+    folder = tmp_path / "run" / "checkpoints"
+    os.replace(folder / "rank1.previous.pt", folder / "rank1.pt")  # rank 1 one save behind rank 0
+    result = run_mpi(2, ["tests/train_runs.py", str(tmp_path),
+                         json.dumps({"run": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300)
+    assert "resuming from epoch 1 step 0, the newest save intact on every process" in result.stderr
+    assert records(tmp_path / "run") == records(tmp_path / "full")
+
+
+# --- more ways to mix runs ------------------------------------------------------------------------
+def test_a_folder_another_run_is_writing_to_is_refused(tmp_path, tiny_data):
+    import subprocess
+    import sys
+
+    (tmp_path / "out").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(120)",
+                               str(tmp_path / "out" / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(runs.ConfigError, match="another run is writing to output_dir"):
+            run(str(tmp_path / "out"), settings(tiny_data))
+        assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    run(str(tmp_path / "out"), settings(tiny_data))  # the lock went with its process
+
+
+def test_a_checkpoint_of_another_run_copied_in_is_refused(tmp_path, tiny_data):
+    run(str(tmp_path / "mine"), settings(tiny_data, num_epochs=2))
+    run(str(tmp_path / "other"), settings(tiny_data, seed=2))
+    for name in ("rank0.pt", "rank0.previous.pt"):
+        if (tmp_path / "mine" / "checkpoints" / name).exists():
+            os.remove(tmp_path / "mine" / "checkpoints" / name)
+    os.replace(tmp_path / "other" / "checkpoints" / "rank0.pt", tmp_path / "mine" / "checkpoints" / "rank0.pt")
+    with pytest.raises(runs.ConfigError, match="do not belong to the run recorded in .*seed=2 there, 3 here"):
+        run(str(tmp_path / "mine"), settings(tiny_data, num_epochs=3, seed=2) + ["resume=true"])
+
+
+def test_a_metrics_line_cut_by_a_crash_is_left_out_on_resume(tmp_path, tiny_data):
+    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=2))
+    run(str(tmp_path / "parts"), settings(tiny_data))
+    with open(tmp_path / "parts" / "metrics.jsonl", "a") as f:
+        f.write('{"name": "lo')  # killed while writing a record
+    with pytest.warns(UserWarning, match="cut short"):
+        run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2) + ["resume=true"])
+    assert records(tmp_path / "parts") == records(tmp_path / "full")
+
+
+def test_resume_into_a_folder_that_does_not_exist_creates_nothing(tmp_path, tiny_data):
+    with pytest.raises(runs.ConfigError, match="does not exist"):
+        run(str(tmp_path / "typo"), settings(tiny_data) + ["resume=true"])
+    assert not (tmp_path / "typo").exists()
+
+
+def test_gossip_run_refuses_a_used_folder_without_suggesting_resume(tmp_path):
+    from tests.test_gossip_run import run_main
+
+    run_main(tmp_path, num_steps=5)
+    with pytest.raises(runs.ConfigError, match="holds another run's results") as refused:
+        run_main(tmp_path, num_steps=5)
+    assert "resume" not in str(refused.value)

@@ -39,7 +39,4 @@ if __name__ == "__main__":
         if option.startswith("--sigterm-at="):
             train.log_info = sigterm_once_past(float(option.split("=", 1)[1]))
     for name, overrides in json.loads(runs_json).items():
-        try:
-            run(os.path.join(out_root, name), overrides)
-        except runs.ConfigError as problem:
-            runs.exit_on_config_error("train.py", problem)
+        runs.run_or_exit("train.py", lambda: run(os.path.join(out_root, name), overrides))
