@@ -305,8 +305,7 @@ def check(config) -> None:
 
     def positive_numbers(key):
         for value in _as_list(config[key]):
-            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value > 0, f"{key} must be a positive number (or a list of them), got {config[key]!r}")
+            require(runs.is_number(value) and value > 0, f"{key} must be a positive number (or a list of them), got {config[key]!r}")
         require(len(_as_list(config[key])) > 0, f"{key} must not be an empty list")
 
     name = config["algorithm"]
@@ -326,7 +325,7 @@ def check(config) -> None:
                 f"{name} (the sign variant) is defined for compression_rank 1 only, got {config['compression_rank']}")
     keep_ratio = config["keep_ratio"]
     if keep_ratio is not None:
-        require(isinstance(keep_ratio, (int, float)) and not isinstance(keep_ratio, bool) and 0 < keep_ratio <= 1,
+        require(runs.is_number(keep_ratio) and 0 < keep_ratio <= 1,
                 f"keep_ratio must be in (0, 1] (or null for rank-matched top-k), got {keep_ratio!r}")
     for prefix in ("hyperparameter", "theta"):
         low, high = config[f"{prefix}_range_min"], config[f"{prefix}_range_max"]

@@ -85,6 +85,11 @@ def command_line(defaults: dict, output_dir: str, arguments: list[str]) -> tuple
     return apply_overrides(defaults, rest), output_dir
 
 
+def is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_config(defaults: dict, config: dict) -> None:
     """Every key known and of the default's type (for configs edited in Python)."""
     for key, value in config.items():
@@ -103,7 +108,7 @@ def check_value(defaults: dict, key: str, value, source: str):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r} ({source})")
     elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise ConfigError(f"{key} must be a finite number, got {value!r} ({source})")
         value = float(value)
     elif isinstance(default, int):

@@ -22,7 +22,6 @@ each: name, epoch, step, value, bits, messages, tags), to TensorBoard and throug
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -275,7 +274,7 @@ def validated(cfg: dict) -> dict:
         if cfg[key] is not None and (not _is_integer(cfg[key]) or cfg[key] < 1):
             raise runs.ConfigError(f"{key} must be an integer >= 1 (or null for no limit), got {cfg[key]!r}")
     for key in ("gradient_clipping", "dirichlet_alpha"):
-        if cfg[key] is not None and not (_is_number(cfg[key]) and cfg[key] > 0):
+        if cfg[key] is not None and not (runs.is_number(cfg[key]) and cfg[key] > 0):
             raise runs.ConfigError(f"{key} must be a positive number (or null: off), got {cfg[key]!r}")
     if cfg["distributed_lr_warmup_epoch"] < 0 or not cfg["distributed_lr_warmup_factor"] > 0:
         raise runs.ConfigError("distributed_lr_warmup_epoch must be >= 0 and distributed_lr_warmup_factor > 0, got "
@@ -283,7 +282,7 @@ def validated(cfg: dict) -> dict:
     if not cfg["max_loss_ratio"] > 1:
         raise runs.ConfigError(f"max_loss_ratio must be > 1 (a multiple of the first step's loss), got {cfg['max_loss_ratio']}")
     cfg["lr_schedule_milestones"] = [list(m) if isinstance(m, (list, tuple)) else [m, 0.1] for m in cfg["lr_schedule_milestones"]]
-    if any(len(m) != 2 or not _is_number(m[0]) or m[0] < 0 or not _is_number(m[1]) or m[1] <= 0
+    if any(len(m) != 2 or not runs.is_number(m[0]) or m[0] < 0 or not runs.is_number(m[1]) or m[1] <= 0
            for m in cfg["lr_schedule_milestones"]):
         raise runs.ConfigError(f"lr_schedule_milestones holds [epoch >= 0, factor > 0] pairs or bare epochs, got "
                                f"{cfg['lr_schedule_milestones']}")
@@ -299,10 +298,6 @@ def validated(cfg: dict) -> dict:
 
 
 _DEFAULTS = dict(config)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_integer(value) -> bool:

@@ -3,14 +3,16 @@
 A study script lists its runs (name, entrypoint, `key=value` overrides) and calls
 `launch(runs, folder, ...)`: every run is a subprocess (`python ENTRY ...`, or under
 `mpirun -np N` when asked; `jobs` of them at a time) writing to `folder/<name>/`
-(its output in `output.log`). A run that finished before (its folder holds `DONE`)
-is skipped; one that was stopped midway continues from its checkpoints (`resume=true`)
+(its output in `output.log`). A run that finished before (its folder holds `DONE`, which
+records the run's arguments) is skipped, and a sweep whose runs were done before with
+other arguments is refused before it launches anything; one that was stopped midway continues from its checkpoints (`resume=true`)
 or, without any, starts again (`overwrite=true`); a run that fails gets a `FAILED` file
 with the end of its output and the sweep goes on. Progress is one line per run.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +46,10 @@ def launch(runs: list[Run], folder: str, processes: int | None = None, timeout: 
     """Run every run not yet done, `jobs` at a time; return what happened to each, in order."""
     outcomes: dict[int, Outcome] = {}
     pending = []
+    stale = [run.name for run in runs if _done_with_other_arguments(run, os.path.join(folder, run.name), extra)]
+    if stale:  # their results would be read as this sweep's: refuse before launching anything
+        raise SystemExit(f"{folder}: runs {', '.join(stale)} were done before with other arguments (see their DONE files); "
+                         f"give this sweep another --output, or delete those run folders")
     for index, run in enumerate(runs):
         run_folder = os.path.join(folder, run.name)
         if os.path.exists(os.path.join(run_folder, "DONE")):
@@ -76,7 +82,8 @@ def launch(runs: list[Run], folder: str, processes: int | None = None, timeout: 
                 print(f"{prefix}: FAILED after {seconds:.1f} s (see {os.path.join(run_folder, 'FAILED')})", flush=True)
                 outcomes[index] = Outcome(run, run_folder, "failed")
             else:
-                open(os.path.join(run_folder, "DONE"), "w").close()
+                with open(os.path.join(run_folder, "DONE"), "w") as f:
+                    json.dump(_arguments(run, extra), f)
                 print(f"{prefix}: done in {seconds:.1f} s", flush=True)
                 outcomes[index] = Outcome(run, run_folder, "done")
     ordered = [outcomes[i] for i in range(len(runs))]
@@ -111,6 +118,20 @@ def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | 
     log = open(os.path.join(run_folder, "output.log"), "w")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     return process, time.time(), command, log
+
+
+def _arguments(run: Run, extra: list[str] | None) -> list[str]:
+    """What defines a run of a sweep: its entrypoint and arguments."""
+    return [run.entrypoint] + run.overrides + (extra or [])
+
+
+def _done_with_other_arguments(run: Run, run_folder: str, extra: list[str] | None) -> bool:
+    path = os.path.join(run_folder, "DONE")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        text = f.read()
+    return bool(text) and json.loads(text) != _arguments(run, extra)  # an empty DONE: written before this check existed
 
 
 def _continue_or_replace(run_folder: str) -> list[str]:

@@ -32,6 +32,9 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
     assert rows[1]["test_avg"] >= 0 and rows[0]["status"] == "failed"
     assert (tmp_path / "report" / "table.md").read_text().count("|") > 10
     assert os.path.getsize(tmp_path / "report" / "test_accuracy.png") > 1000
+    seeded = sweep.Run("good", "train.py", good.overrides + ["seed=7"], good.labels)  # the same run name, other settings
+    with pytest.raises(SystemExit, match="good were done before with other arguments"):
+        sweep.launch([bad, seeded], str(tmp_path))
 
 
 @pytest.mark.parametrize("study", [deep_learning, non_iid])
