@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import glob
 import os
 import shutil
 import socket
@@ -156,10 +157,26 @@ def _keep_mpi_off_tcp_on_one_host() -> None:
 
 
 def _private_folder() -> str:
-    """A folder only this user can enter (mkdtemp makes it 0700) for the file store."""
-    folder = tempfile.mkdtemp(prefix="powergossip-store-")
+    """A folder only this user can enter (mkdtemp makes it 0700) for the file store, named
+    after this process. Folders of earlier jobs whose rank 0 is gone (a job killed through
+    mpirun itself ends before anyone can remove its folder) are removed first."""
+    for stale in glob.glob(os.path.join(tempfile.gettempdir(), "powergossip-store-*-*")):
+        pid = os.path.basename(stale).split("-")[2]
+        if pid.isdigit() and os.stat(stale).st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"powergossip-store-{os.getpid()}-")
     atexit.register(shutil.rmtree, folder, True)  # also when the job fails before it is fully up
     return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _use_loopback_sockets() -> None:

@@ -113,3 +113,22 @@ def test_single_host_run_listens_on_loopback_only(launch):
         assert not exposed, f"rank {report['rank']} listens beyond loopback: {exposed}"
         if report["external"]:  # the machine has another address: nothing answers there
             assert set(report["probes"].values()) <= {"refused"}, f"rank {report['rank']}: {report['probes']}"
+
+
+def test_store_folders_of_jobs_that_were_killed_are_removed():
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60)
+    dead_pid = int(finished.stdout)  # a job killed through mpirun leaves its folder behind
+    stale = tempfile.mkdtemp(prefix=f"powergossip-store-{dead_pid}-")
+    living = tempfile.mkdtemp(prefix=f"powergossip-store-{os.getpid()}-")  # a job still running keeps its folder
+    try:
+        fresh = comm_module._private_folder()
+        assert not os.path.exists(stale) and os.path.isdir(living) and os.path.isdir(fresh)
+        assert os.stat(fresh).st_mode & 0o777 == 0o700
+    finally:
+        for folder in (stale, living, fresh):
+            shutil.rmtree(folder, ignore_errors=True)
