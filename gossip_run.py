@@ -9,7 +9,7 @@ against the bits each worker has sent, for one algorithm and a sweep over its
 diffusion rate gamma (and Moniqua's theta), as in the PowerGossip paper's
 consensus figures (REFERENCE.md, "Consensus experiments").
 
-    python gossip_run.py algorithm=power_gossip topology=ring n_workers=8 num_steps=1000
+    python gossip_run.py algorithm=power_gossip topology=ring n_workers=8 num_steps=1000 optimizer_rank=2
     mpirun -np 8 python gossip_run.py algorithm=power_gossip n_workers=8 num_steps=1000  # same numbers
     python gossip_run.py my_sweep.yaml algorithm=sign_choco output_dir=runs/sign_choco
 
@@ -41,11 +41,12 @@ larger than its error at step 0 is stopped; its "error" records up to and includ
 step k are written, then "diverged" (step k) and "final_error" (step k, inf). The
 sweep goes on with the next setting.
 
-Sweep: `diffusion_rate` = a number (or a list of numbers) runs just those. Left at
-null, uncompressed gossip and the PowerGossip variants use gamma = 1 (they need no
-tuning), and the other methods sweep `hyperparameter_num_samples` values spaced
-log-uniformly in [hyperparameter_range_min, hyperparameter_range_max]. Moniqua
-also sweeps theta the same way (`theta_*` keys) unless `theta` is given; other
+Sweep: `optimizer_diffusion_rate` = a number (or a list of numbers) runs just those.
+Left at null, methods registered with needs_tuning=False (uncompressed gossip, the
+PowerGossip variants) use gamma = 1, and the other methods sweep
+`hyperparameter_num_samples` values spaced log-uniformly in [hyperparameter_range_min,
+hyperparameter_range_max]. Moniqua also sweeps theta the same way (`theta_*` keys)
+unless `optimizer_theta` is given; other
 methods ignore theta (their tag is null). Every setting starts from the same
 initial state with a fresh algorithm and zeroed byte counters.
 """
@@ -74,15 +75,20 @@ config = {
     "data_path": None,  # data_type=file: a .npy array of shape [n_workers, ...]; worker i starts from entry i
     "data_dir": None,  # data_type=images: folder with Fashion-MNIST (None: /usr/share/datasets/fashion-mnist)
     "num_steps": 5000,  # gossip steps per setting
-    "compression_rank": 1,  # PowerGossip rank, SVD rank, and top-k's rank-matched keep_ratio
-    "compression_num_iterations": 1,  # PowerGossip power-iteration rounds per step
-    "keep_ratio": None,  # topk_choco: fraction of entries kept, in (0, 1]; None: rank-matched to compression_rank
-    "qsgd_levels": 16,  # qsgd_choco: quantization levels s
-    "diffusion_rate": None,  # gamma: a number or a list of numbers; None: 1 for uncompressed/power_gossip*, else the grid
-    "hyperparameter_num_samples": 20,  # size of the log-uniform gamma grid (when diffusion_rate is None)
+    # The methods' hyper-parameters, named as in train.py (README, "Vocabulary"; older names such as
+    # compression_rank, keep_ratio, diffusion_rate and theta are read as these).
+    "optimizer_rank": 1,  # PowerGossip rank, SVD rank, and top-k's rank-matched keep_ratio
+    "optimizer_num_iterations": 1,  # PowerGossip power-iteration rounds per step
+    "optimizer_warm_start": True,  # PowerGossip: continue the power iteration across steps (power_gossip_random*: off)
+    "optimizer_round_weights": False,  # PowerGossip sign variant (power_gossip*_signs: on)
+    "optimizer_compressor": "sign-and-norm",  # algorithm=choco or deepsqueeze: the compressor (the *_choco names fix it)
+    "optimizer_keep_ratio": None,  # top-k: fraction of entries kept, in (0, 1]; None: rank-matched to optimizer_rank
+    "optimizer_qsgd_levels": 16,  # QSGD: quantization levels s
+    "optimizer_diffusion_rate": None,  # gamma: a number or a list; None: 1 for methods that need no tuning, else the grid
+    "hyperparameter_num_samples": 20,  # size of the log-uniform gamma grid (when optimizer_diffusion_rate is None)
     "hyperparameter_range_min": 1e-4,  # smallest gamma of the grid
     "hyperparameter_range_max": 1.308,  # largest gamma of the grid
-    "theta": None,  # moniqua: a number or a list of numbers; None: the theta grid (ignored by other algorithms)
+    "optimizer_theta": None,  # moniqua: a number or a list of numbers; None: the theta grid (ignored by other methods)
     "theta_num_samples": 20,  # size of Moniqua's log-uniform theta grid
     "theta_range_min": 0.1,  # smallest theta of the grid
     "theta_range_max": 10.0,  # largest theta of the grid
@@ -126,21 +132,21 @@ def log_info(info_dict: dict) -> None:
 
 def main():
     """Runs every setting; returns the folder the results went to."""
-    check(config)
-    comm = comm_module.Communicator(config["n_workers"], config["device"])
-    folder = runs.claim_output_dir(output_dir, config["algorithm"], False, config["overwrite"], comm, time.time(),
+    cfg = check(config)  # a checked copy, every key by its own name
+    comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
+    folder = runs.claim_output_dir(output_dir, cfg["algorithm"], False, cfg["overwrite"], comm, time.time(),
                                    can_resume=False)
     is_writer = comm.rank == 0
-    topology = build_topology(config)
-    state = initial_state(config)  # all workers, identical in every process
+    topology = build_topology(cfg)
+    state = initial_state(cfg)  # all workers, identical in every process
     initial_mean = state.double().mean(dim=0).to(comm.device)
     x0 = state[comm.first_worker:comm.first_worker + comm.num_local].to(comm.device).contiguous()
     del state
 
-    settings = [(gamma, theta) for gamma in diffusion_rates(config) for theta in thetas(config)]
+    settings = [(gamma, theta) for gamma in diffusion_rates(cfg) for theta in thetas(cfg)]
     metrics = None
     if is_writer:
-        runs.write_config(folder, config)
+        runs.write_config(folder, cfg)
         metrics = runs.MetricsFile(folder)
         log_info({"state.progress": 0.0})
 
@@ -152,18 +158,18 @@ def main():
 
     for number, (gamma, theta) in enumerate(settings):
         start_time = time.time()
-        tags = {"algorithm": config["algorithm"], "diffusion_rate": gamma, "theta": theta}
+        tags = {"algorithm": cfg["algorithm"], "diffusion_rate": gamma, "theta": theta}
         x = x0.clone()
-        algorithm = build_algorithm(config, comm, topology, gamma, theta)
+        algorithm = build_algorithm(cfg, comm, topology, gamma, theta)
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
 
         initial_error = None
         diverged = False
-        for step in range(0, config["num_steps"] + 1):
+        for step in range(0, cfg["num_steps"] + 1):
             if step > 0:
                 algorithm.step([x])
-            if not is_logged(step, config["num_steps"]):
+            if not is_logged(step, cfg["num_steps"]):
                 continue
             error, error_to_initial_mean, bits, messages = measure(comm, x, initial_mean)
             record("error", step, error, bits, messages, tags)
@@ -180,7 +186,7 @@ def main():
         if is_writer:
             theta_text = "" if theta is None else f" theta={theta:.4g}"
             outcome = f"diverged at step {step} (error {error:.4g})" if diverged else f"final error {error:.4g}"
-            print(f"{config['algorithm']} gamma={gamma:.4g}{theta_text}: {outcome}, "
+            print(f"{cfg['algorithm']} gamma={gamma:.4g}{theta_text}: {outcome}, "
                   f"{bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
             log_info({"state.progress": (number + 1) / len(settings)})
     if is_writer:
@@ -208,8 +214,8 @@ def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, f
 
 # --- what a setting runs ------------------------------------------------------------------------
 def diffusion_rates(config) -> list[float]:
-    if config["diffusion_rate"] is not None:
-        return [float(v) for v in _as_list(config["diffusion_rate"])]
+    if config["optimizer_diffusion_rate"] is not None:
+        return [float(v) for v in _as_list(config["optimizer_diffusion_rate"])]
     if not algorithms.METHODS[resolve(config["algorithm"])[0]].needs_tuning:
         return [1.0]
     return _log_grid(config["hyperparameter_range_min"], config["hyperparameter_range_max"],
@@ -219,8 +225,8 @@ def diffusion_rates(config) -> list[float]:
 def thetas(config) -> list[float | None]:
     if resolve(config["algorithm"])[0] != "moniqua":
         return [None]
-    if config["theta"] is not None:
-        return [float(v) for v in _as_list(config["theta"])]
+    if config["optimizer_theta"] is not None:
+        return [float(v) for v in _as_list(config["optimizer_theta"])]
     return _log_grid(config["theta_range_min"], config["theta_range_max"], config["theta_num_samples"])
 
 
@@ -249,9 +255,7 @@ def resolve(name: str) -> tuple[str, dict]:
 
 def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
     method, fixed = resolve(config["algorithm"])
-    hyper = {"rank": config["compression_rank"], "num_iterations": config["compression_num_iterations"],
-             "keep_ratio": config["keep_ratio"], "qsgd_levels": config["qsgd_levels"], "diffusion_rate": gamma,
-             "theta": theta, "seed": config["seed"]}
+    hyper = runs.method_hyperparameters(config) | {"diffusion_rate": gamma, "theta": theta}
     return algorithms.build(method, comm, topology, **hyper | fixed)
 
 
@@ -291,8 +295,10 @@ def initial_state(config) -> torch.Tensor:
 
 
 # --- checks (each process on its own, before any communication) ------------------------------------
-def check(config) -> None:
-    """Raise runs.ConfigError (a ValueError) naming the key for anything that cannot work."""
+def check(config) -> dict:
+    """A checked copy of `config` with every key by its own name (aliases renamed); raises
+    runs.ConfigError (a ValueError) naming the key for anything that cannot work."""
+    config = runs.with_canonical_keys(DEFAULTS, config)
     runs.check_config(DEFAULTS, config)
     error = runs.ConfigError
     for key, default in DEFAULTS.items():
@@ -315,25 +321,29 @@ def check(config) -> None:
         raise error(str(problem)) from None
     require(config["data_type"] in DATA_TYPES,
             f"unknown data_type {config['data_type']!r}; valid: {', '.join(DATA_TYPES)}")
-    for key in ("n_workers", "matrix_size", "compression_rank", "compression_num_iterations", "qsgd_levels",
+    for key in ("n_workers", "matrix_size", "optimizer_rank", "optimizer_num_iterations", "optimizer_qsgd_levels",
                 "hyperparameter_num_samples", "theta_num_samples"):
         require(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
     require(config["n_workers"] >= 2, f"n_workers must be >= 2 (one worker has nothing to agree on), got {config['n_workers']}")
     require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
+    for key, value in fixed.items():
+        given = config[f"optimizer_{key}"]
+        require(given in (value, DEFAULTS[f"optimizer_{key}"]),
+                f"algorithm={name} fixes optimizer_{key}={value!r}, got {given!r}; use algorithm={method} to choose it")
     if fixed.get("round_weights"):
-        require(config["compression_rank"] == 1,
-                f"{name} (the sign variant) is defined for compression_rank 1 only, got {config['compression_rank']}")
-    keep_ratio = config["keep_ratio"]
+        require(config["optimizer_rank"] == 1,
+                f"{name} (the sign variant) is defined for optimizer_rank 1 only, got {config['optimizer_rank']}")
+    keep_ratio = config["optimizer_keep_ratio"]
     if keep_ratio is not None:
         require(runs.is_number(keep_ratio) and 0 < keep_ratio <= 1,
-                f"keep_ratio must be in (0, 1] (or null for rank-matched top-k), got {keep_ratio!r}")
+                f"optimizer_keep_ratio must be in (0, 1] (or null for rank-matched top-k), got {keep_ratio!r}")
     for prefix in ("hyperparameter", "theta"):
         low, high = config[f"{prefix}_range_min"], config[f"{prefix}_range_max"]
         require(0 < low <= high, f"{prefix}_range_min and _max must satisfy 0 < min <= max, got {low} and {high}")
-    if config["diffusion_rate"] is not None:
-        positive_numbers("diffusion_rate")
-    if config["theta"] is not None:
-        positive_numbers("theta")
+    if config["optimizer_diffusion_rate"] is not None:
+        positive_numbers("optimizer_diffusion_rate")
+    if config["optimizer_theta"] is not None:
+        positive_numbers("optimizer_theta")
 
     try:
         topology = build_topology(config)
@@ -374,6 +384,7 @@ def check(config) -> None:
                 f"[n_workers, ...] = [{config['n_workers']}, ...] (worker i starts from entry i)")
         require(np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_,
                 f"data_path {path!r} holds {array.dtype} values; expected numbers")
+    return config
 
 
 if __name__ == "__main__":

@@ -50,8 +50,50 @@ def parse_value(text: str):
     return yaml.load(text, Loader=_Loader) if text.strip() else ""
 
 
+# The methods' hyper-parameters have one name in both entrypoints, `optimizer_<name>` (the
+# original train.py's keys; the registry's factories take `<name>`). Other spellings that
+# users, the original consensus code and older results use are read as these.
+ALIASES = {
+    "compression_rank": "optimizer_rank", "compression_num_iterations": "optimizer_num_iterations",
+    "keep_ratio": "optimizer_keep_ratio", "qsgd_levels": "optimizer_qsgd_levels",
+    "diffusion_rate": "optimizer_diffusion_rate", "theta": "optimizer_theta",
+    "compressor": "optimizer_compressor", "warm_start": "optimizer_warm_start", "round_weights": "optimizer_round_weights",
+    "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations",
+}
+
+
+def method_hyperparameters(config: dict) -> dict:
+    """The `optimizer_<name>` keys as the registry's vocabulary (`<name>`), and the seed."""
+    prefix = "optimizer_"
+    return {key[len(prefix):]: value for key, value in config.items() if key.startswith(prefix)} | {"seed": config["seed"]}
+
+
+def canonical_key(key: str, defaults: dict) -> str:
+    """The key `defaults` knows for `key`, its alias, or the method key of the other
+    entrypoint (train.py's `optimizer` is gossip_run.py's `algorithm`)."""
+    if key in defaults:
+        return key
+    key = ALIASES.get(key, key)
+    swapped = {"optimizer": "algorithm", "algorithm": "optimizer"}.get(key)
+    return swapped if swapped in defaults and key not in defaults else key
+
+
+def with_canonical_keys(defaults: dict, config: dict) -> dict:
+    """A copy of `config` (edited in Python) with every alias written as its key; an alias
+    set beside its key to another non-default value is an error."""
+    renamed = {key: value for key, value in config.items() if canonical_key(key, defaults) == key}
+    for key, value in config.items():
+        name = canonical_key(key, defaults)
+        if name != key:
+            if name in renamed and renamed[name] not in (defaults.get(name), value):
+                raise ConfigError(f"{key}={value!r} and {name}={renamed[name]!r} name the same setting; give one of them")
+            renamed[name] = value
+    return renamed
+
+
 def apply_overrides(defaults: dict, arguments: list[str]) -> dict:
-    """A copy of `defaults` updated from YAML files and `key=value` arguments, in order."""
+    """A copy of `defaults` updated from YAML files and `key=value` arguments, in order
+    (aliases of a key are read as that key)."""
     config = dict(defaults)
     for argument in arguments:
         if "=" in argument:
@@ -69,6 +111,7 @@ def apply_overrides(defaults: dict, arguments: list[str]) -> dict:
         else:
             raise ConfigError(f"cannot read argument {argument!r}: give key=value or a .yaml file")
         for key, value in updates.items():
+            key = canonical_key(key, defaults)
             config[key] = check_value(defaults, key, value, source)
     return config
 

@@ -231,9 +231,10 @@ def main():
 
 # --- configuration --------------------------------------------------------------------------
 def validated(cfg: dict) -> dict:
-    """A checked copy of the config: every problem raised before any work starts."""
+    """A checked copy of the config, every key by its own name (aliases renamed): every
+    problem raised before any work starts."""
+    cfg = runs.with_canonical_keys(_DEFAULTS, cfg)
     runs.check_config(_DEFAULTS, cfg)
-    cfg = dict(cfg)
     try:
         cfg["optimizer"] = algorithms.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
     except ValueError as problem:
@@ -355,13 +356,7 @@ def build_loader(cfg: dict, dataset, comm):
 
 def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
     """The `optimizer` key's registered method, with the `optimizer_<name>` keys as its hyper-parameters."""
-    return algorithms.build(cfg["optimizer"], comm, topology, **method_hyperparameters(cfg))
-
-
-def method_hyperparameters(cfg: dict) -> dict:
-    """train.py's `optimizer_<name>` keys as the methods' vocabulary (`<name>`), and the seed."""
-    prefix = "optimizer_"
-    return {key[len(prefix):]: value for key, value in cfg.items() if key.startswith(prefix)} | {"seed": cfg["seed"]}
+    return algorithms.build(cfg["optimizer"], comm, topology, **runs.method_hyperparameters(cfg))
 
 
 # --- checkpoints: what a process saves and puts back ------------------------------------------

@@ -53,10 +53,10 @@ def settings_of(algorithm: str, data_type: str, quick: bool) -> list[list[str]]:
         steps, gammas, thetas = min(steps, 300), 5, 3
     common = [f"num_steps={steps}", f"hyperparameter_range_max={OPTIMAL_RING_8}"]
     if algorithm in gossip_run.UNTUNED:
-        return [common + [f"diffusion_rate={OPTIMAL_RING_8}"]]
+        return [common + [f"optimizer_diffusion_rate={OPTIMAL_RING_8}"]]
     if algorithm == "moniqua":
         theta_grid = gossip_run.thetas(dict(gossip_run.DEFAULTS, algorithm="moniqua", theta_num_samples=thetas))
-        return [common + [f"hyperparameter_num_samples={thetas}", f"theta={theta}"] for theta in theta_grid]
+        return [common + [f"hyperparameter_num_samples={thetas}", f"optimizer_theta={theta}"] for theta in theta_grid]
     return [common + [f"hyperparameter_num_samples={gammas}"]]
 
 

@@ -129,7 +129,7 @@ def test_the_grids_follow_the_original_code():
     assert len(thetas) == 20 and thetas[0] == pytest.approx(0.1) and thetas[-1] == pytest.approx(10)
     assert gossip_run.thetas(dict(config, algorithm="sign_choco")) == [None]
     assert gossip_run.diffusion_rates(dict(config, algorithm="power_gossip_random")) == [1.0]
-    assert gossip_run.diffusion_rates(dict(config, algorithm="power_gossip", diffusion_rate=1.308)) == [1.308]
+    assert gossip_run.diffusion_rates(dict(config, algorithm="power_gossip", optimizer_diffusion_rate=1.308)) == [1.308]
 
 
 # --- data types ------------------------------------------------------------------------------
@@ -190,18 +190,20 @@ def test_images_data_type(tmp_path):
     ({"algorithm": "power_gosip"}, "unknown algorithm 'power_gosip'"),
     ({"topology": "rign"}, "unknown topology 'rign'"),
     ({"data_type": "faces"}, "unknown data_type 'faces'"),
-    ({"compression_rank": 0}, "compression_rank must be >= 1"),
-    ({"algorithm": "topk_choco", "keep_ratio": 1.5}, r"keep_ratio must be in \(0, 1\]"),
-    ({"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\]"),
+    ({"compression_rank": 0}, "optimizer_rank must be >= 1"),  # the original name, read as optimizer_rank
+    ({"algorithm": "topk_choco", "keep_ratio": 1.5}, r"optimizer_keep_ratio must be in \(0, 1\]"),
+    ({"optimizer_keep_ratio": 0.0}, r"optimizer_keep_ratio must be in \(0, 1\]"),
     ({"n_workers": "eight"}, "n_workers must be an integer"),
     ({"diffusion_rate": -1.0}, "diffusion_rate must be a positive number"),
-    ({"algorithm": "power_gossip_signs", "compression_rank": 2}, "compression_rank 1 only"),
+    ({"algorithm": "power_gossip_signs", "compression_rank": 2}, "optimizer_rank 1 only"),
+    ({"algorithm": "sign_choco", "optimizer_compressor": "qsgd"}, "fixes optimizer_compressor='sign-and-norm'.*algorithm=choco"),
+    ({"compression_rank": 2, "optimizer_rank": 3}, "name the same setting"),
     ({"algorithm": "sign_choco", "topology": "unidirectional_ring"}, "needs a symmetric topology"),
     ({"data_type": "file"}, "data_type=file needs data_path"),
     ({"data_type": "sparse", "matrix_size": 2}, "matrix_size\\^2 >= n_workers"),
     ({"num_steps": None}, "num_steps must not be null"),
     ({"n_workers": 1}, "n_workers must be >= 2"),
-    ({"theta": []}, "theta must not be an empty list"),
+    ({"theta": []}, "optimizer_theta must not be an empty list"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, overrides, message):
     with pytest.raises(runs.ConfigError, match=message):
@@ -224,7 +226,7 @@ def test_command_line_reads_yaml_then_arguments(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     run_cli(monkeypatch, [str(tmp_path / "base.yaml"), "num_steps=20", "diffusion_rate=0.5", f"output_dir={out}"])
     written = runs.apply_overrides(gossip_run.DEFAULTS, [str(out / "config.yaml")])
-    assert written == dict(gossip_run.DEFAULTS, algorithm="fp_choco", matrix_size=8, num_steps=20, diffusion_rate=0.5)
+    assert written == dict(gossip_run.DEFAULTS, algorithm="fp_choco", matrix_size=8, num_steps=20, optimizer_diffusion_rate=0.5)
     assert named(runs.read_metrics(str(out)), "final_error")[0]["step"] == 20
     assert "fp_choco gamma=0.5: final error" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
@@ -291,3 +293,21 @@ def test_mpirun_writes_the_same_curves_as_one_process(tmp_path, monkeypatch, num
         assert_same_records(runs.read_metrics(str(tmp_path / "mpi" / name)), single)
         assert min(r["value"] for r in named(single, "final_error")) < named(single, "error")[0]["value"]
     assert named(runs.read_metrics(str(tmp_path / "single" / "moniqua")), "diverged")  # the stop is taken together
+
+
+def test_one_vocabulary_and_the_older_names(tmp_path):
+    """Both entrypoints name a method's hyper-parameters optimizer_<name>; the original
+    consensus code's names (and each entrypoint's method key) are read as those."""
+    import train
+
+    (tmp_path / "old.yaml").write_text("compression_rank: 2\ncompression_num_iterations: 3\nkeep_ratio: 0.5\n"
+                                       "qsgd_levels: 4\ndiffusion_rate: [0.1, 0.2]\ntheta: 2.0\n")
+    config = gossip_run.check(runs.apply_overrides(gossip_run.DEFAULTS, [str(tmp_path / "old.yaml"), "optimizer=moniqua"]))
+    assert {key: config[key] for key in ("algorithm", "optimizer_rank", "optimizer_num_iterations", "optimizer_keep_ratio",
+                                         "optimizer_qsgd_levels", "optimizer_diffusion_rate", "optimizer_theta")} == \
+        {"algorithm": "moniqua", "optimizer_rank": 2, "optimizer_num_iterations": 3, "optimizer_keep_ratio": 0.5,
+         "optimizer_qsgd_levels": 4, "optimizer_diffusion_rate": [0.1, 0.2], "optimizer_theta": 2.0}
+    cfg = train.validated(runs.apply_overrides(train._DEFAULTS, ["algorithm=power_gossip", "compression_rank=2"]))
+    assert (cfg["optimizer"], cfg["optimizer_rank"]) == ("power-gossip", 2)
+    edited = dict(train._DEFAULTS, keep_ratio=0.2)  # a config dict edited in Python with an older name
+    assert train.validated(edited)["optimizer_keep_ratio"] == 0.2
