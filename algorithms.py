@@ -482,6 +482,24 @@ def build(name: str, comm, topology, **hyper) -> GossipAlgorithm:
     return factory(comm, topology, **hyper)
 
 
+class _StandIn:
+    """What a method's constructor reads of a Communicator (no local workers, no process
+    group): enough to run the constructor's checks before any work."""
+
+    def __init__(self, n_workers: int):
+        self.n_workers, self.local_workers, self.device = n_workers, range(0), torch.device("cpu")
+
+
+def check(name: str, topology, **hyper) -> None:
+    """Run the checks of method `name`'s constructor, the one place they live, before any
+    work; ValueError says what is wrong. A constructor that needs more of a communicator
+    than the stand-in has is checked when the run builds it."""
+    try:
+        build(name, _StandIn(topology.n_workers), topology, **hyper)
+    except AttributeError:
+        pass
+
+
 def _power_gossip(comm, topology, rank=1, num_iterations=1, warm_start=True, round_weights=False,
                   diffusion_rate=1.0, seed=0):
     """PowerGossip on matrices, exact gossip on vectors (as in the paper's experiments)."""

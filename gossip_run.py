@@ -321,8 +321,7 @@ def check(config) -> dict:
         raise error(str(problem)) from None
     require(config["data_type"] in DATA_TYPES,
             f"unknown data_type {config['data_type']!r}; valid: {', '.join(DATA_TYPES)}")
-    for key in ("n_workers", "matrix_size", "optimizer_rank", "optimizer_num_iterations", "optimizer_qsgd_levels",
-                "hyperparameter_num_samples", "theta_num_samples"):
+    for key in ("n_workers", "matrix_size", "hyperparameter_num_samples", "theta_num_samples"):
         require(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
     require(config["n_workers"] >= 2, f"n_workers must be >= 2 (one worker has nothing to agree on), got {config['n_workers']}")
     require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
@@ -330,13 +329,6 @@ def check(config) -> dict:
         given = config[f"optimizer_{key}"]
         require(given in (value, DEFAULTS[f"optimizer_{key}"]),
                 f"algorithm={name} fixes optimizer_{key}={value!r}, got {given!r}; use algorithm={method} to choose it")
-    if fixed.get("round_weights"):
-        require(config["optimizer_rank"] == 1,
-                f"{name} (the sign variant) is defined for optimizer_rank 1 only, got {config['optimizer_rank']}")
-    keep_ratio = config["optimizer_keep_ratio"]
-    if keep_ratio is not None:
-        require(runs.is_number(keep_ratio) and 0 < keep_ratio <= 1,
-                f"optimizer_keep_ratio must be in (0, 1] (or null for rank-matched top-k), got {keep_ratio!r}")
     for prefix in ("hyperparameter", "theta"):
         low, high = config[f"{prefix}_range_min"], config[f"{prefix}_range_max"]
         require(0 < low <= high, f"{prefix}_range_min and _max must satisfy 0 < min <= max, got {low} and {high}")
@@ -349,8 +341,13 @@ def check(config) -> dict:
         topology = build_topology(config)
     except (ValueError, OSError) as problem:
         raise error(f"topology: {problem}") from None
-    require(method == "dpsgd" or topology.is_symmetric,
-            f"{name} needs a symmetric topology; {topology.name} is not (only 'uncompressed' runs on directed graphs)")
+    for gamma in diffusion_rates(config):  # the method's own checks, for every setting of the sweep
+        for theta in thetas(config):
+            try:
+                algorithms.check(method, topology, **runs.method_hyperparameters(config) | fixed
+                                 | {"diffusion_rate": gamma, "theta": theta})
+            except ValueError as problem:
+                raise runs.method_problem(problem) from None
 
     device = config["device"]
     require(device in ("cpu", "cuda", "auto") or device.startswith("cuda:"),

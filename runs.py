@@ -68,6 +68,12 @@ def method_hyperparameters(config: dict) -> dict:
     return {key[len(prefix):]: value for key, value in config.items() if key.startswith(prefix)} | {"seed": config["seed"]}
 
 
+def method_problem(problem: Exception) -> ConfigError:
+    """A method constructor's complaint about `<name>` as one about its key `optimizer_<name>`."""
+    names = "|".join(key[len("optimizer_"):] for key in ALIASES.values())
+    return ConfigError(re.sub(rf"^({names})\b", r"optimizer_\1", str(problem)))
+
+
 def canonical_key(key: str, defaults: dict) -> str:
     """The key `defaults` knows for `key`, its alias, or the method key of the other
     entrypoint (train.py's `optimizer` is gossip_run.py's `algorithm`)."""

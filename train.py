@@ -31,7 +31,6 @@ import torch
 
 from powergossip import algorithms
 from powergossip import comm as comm_module
-from powergossip import compressors
 from powergossip import data
 from powergossip import metrics
 from powergossip import models
@@ -251,22 +250,16 @@ def validated(cfg: dict) -> dict:
     if cfg["stacked_compute"] == "graph" and (cfg["task_architecture"] == "lstm" or not uses_cuda(cfg["device"])):
         raise runs.ConfigError("stacked_compute=graph records a CUDA graph of image models: it needs a GPU (device=cuda) "
                                "and an image task; use stacked_compute=loop otherwise")
-    positive = ["batch_size", "num_epochs", "n_workers", "optimizer_rank", "optimizer_num_iterations", "bptt", "graph_streams",
-                "evaluation_batch_size", "optimizer_qsgd_levels"]
+    positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size"]
     for key in positive:
         if cfg[key] < 1:
             raise runs.ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    for key in ("learning_rate", "optimizer_diffusion_rate", "optimizer_theta"):
-        if not cfg[key] > 0:
-            raise runs.ConfigError(f"{key} must be > 0, got {cfg[key]}")
-    if cfg["optimizer_keep_ratio"] is not None and not 0 < cfg["optimizer_keep_ratio"] <= 1:
-        raise runs.ConfigError(f"optimizer_keep_ratio must be in (0, 1], got {cfg['optimizer_keep_ratio']}")
+    if not cfg["learning_rate"] > 0:
+        raise runs.ConfigError(f"learning_rate must be > 0, got {cfg['learning_rate']}")
     if not 0 <= cfg["decentralized_data_shuffled_ratio"] <= 1:
         raise runs.ConfigError("decentralized_data_shuffled_ratio must be in [0, 1]")
     if cfg["dirichlet_alpha"] is not None and (cfg["use_decentralized_data"] or not cfg["dirichlet_alpha"] > 0):
         raise runs.ConfigError("dirichlet_alpha must be > 0 and cannot be combined with use_decentralized_data")
-    if cfg["optimizer_round_weights"] and cfg["optimizer_rank"] != 1:
-        raise runs.ConfigError("optimizer_round_weights (PowerGossip's sign variant) needs optimizer_rank=1")
     if cfg["weight_decay"] < 0 or not 0 <= cfg["momentum"] < 1:
         raise runs.ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
     if cfg["checkpoint_every"] < 0:
@@ -292,9 +285,11 @@ def validated(cfg: dict) -> dict:
         data.check_data_dir(cfg["task"], cfg["data_dir"])
     except FileNotFoundError as problem:
         raise runs.ConfigError(str(problem)) from None
-    if cfg["optimizer"] in ("choco", "deepsqueeze"):
-        compressors.build(cfg["optimizer_compressor"], cfg["optimizer_keep_ratio"], cfg["optimizer_rank"])
-    topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: ValueError now
+    topology = topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: ValueError now
+    try:
+        algorithms.check(cfg["optimizer"], topology, **runs.method_hyperparameters(cfg))
+    except ValueError as problem:
+        raise runs.method_problem(problem) from None
     return cfg
 
 

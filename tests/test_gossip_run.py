@@ -192,10 +192,10 @@ def test_images_data_type(tmp_path):
     ({"data_type": "faces"}, "unknown data_type 'faces'"),
     ({"compression_rank": 0}, "optimizer_rank must be >= 1"),  # the original name, read as optimizer_rank
     ({"algorithm": "topk_choco", "keep_ratio": 1.5}, r"optimizer_keep_ratio must be in \(0, 1\]"),
-    ({"optimizer_keep_ratio": 0.0}, r"optimizer_keep_ratio must be in \(0, 1\]"),
+    ({"algorithm": "topk_choco", "optimizer_keep_ratio": 0.0}, r"optimizer_keep_ratio must be in \(0, 1\]"),
     ({"n_workers": "eight"}, "n_workers must be an integer"),
     ({"diffusion_rate": -1.0}, "diffusion_rate must be a positive number"),
-    ({"algorithm": "power_gossip_signs", "compression_rank": 2}, "optimizer_rank 1 only"),
+    ({"algorithm": "power_gossip_signs", "compression_rank": 2}, "optimizer_round_weights .* rank 1 only"),
     ({"algorithm": "sign_choco", "optimizer_compressor": "qsgd"}, "fixes optimizer_compressor='sign-and-norm'.*algorithm=choco"),
     ({"compression_rank": 2, "optimizer_rank": 3}, "name the same setting"),
     ({"algorithm": "sign_choco", "topology": "unidirectional_ring"}, "needs a symmetric topology"),

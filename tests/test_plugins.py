@@ -102,3 +102,23 @@ def test_a_user_project_keeps_its_own_data_and_models_packages(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == ["user data", "user models", "user runs",
                                                           "powergossip.data", "powergossip.models", []]
+
+
+class OddRankGossip(HalfStepGossip):
+    def __init__(self, comm, topology, rank=1, diffusion_rate=1.0):
+        super().__init__(comm, topology, diffusion_rate)
+        if rank % 2 == 0:
+            raise ValueError(f"rank must be odd, got {rank}")
+
+
+def test_a_method_checks_its_hyper_parameters_in_one_place_before_any_work(tmp_path):
+    algorithms.register_algorithm("odd-rank", OddRankGossip)
+    try:
+        with pytest.raises(runs.ConfigError, match="optimizer_rank must be odd, got 2"):
+            train.validated(dict(train._DEFAULTS, optimizer="odd-rank", optimizer_rank=2))
+        with pytest.raises(runs.ConfigError, match="optimizer_rank must be odd, got 2"):
+            run_main(tmp_path / "out", algorithm="odd-rank", compression_rank=2, num_steps=3)
+        assert not (tmp_path / "out").exists()
+        assert train.validated(dict(train._DEFAULTS, optimizer="odd-rank", optimizer_rank=3))["optimizer"] == "odd-rank"
+    finally:
+        del algorithms.METHODS["odd-rank"]
