@@ -41,6 +41,9 @@ class EpochTotals:
 
     @classmethod
     def from_state(cls, state, device):
+        """The totals a checkpoint saved; None when the checkpoint ended an epoch."""
+        if state is None:
+            return None
         hidden = None if state["hidden"] is None else [tuple(h.to(device) for h in pair) for pair in state["hidden"]]
         return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
 

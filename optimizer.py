@@ -108,10 +108,16 @@ class DecentralizedOptimizer:
             self.optimizer.step()
 
     def state_dict(self) -> dict:
+        """The wrapped optimizer's and the method's state, the byte counts, and this worker's
+        parameters (a new DecentralizedOptimizer starts every worker from worker 0's)."""
         return {"optimizer": self.optimizer.state_dict(), "gossip": self.gossip.state_dict(),
+                "parameters": [p[0].clone() for p in self.params],
                 "bytes_sent": int(self.comm.bytes_sent[0]), "messages_sent": int(self.comm.messages_sent[0])}
 
     def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for target, saved in zip(self.params, state["parameters"]):
+                target[0].copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.gossip.load_state_dict(state["gossip"])
         self.comm.bytes_sent[0], self.comm.messages_sent[0] = state["bytes_sent"], state["messages_sent"]

@@ -589,6 +589,33 @@ class Checkpoints:
                 "resume. Put them back, or start a new run in another output_dir")
 
 
+def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check) -> dict:
+    """What a process saves of a training run: its workers' stacks (models.stacked), their
+    momenta, the gossip state, byte counters, random states and the interrupted epoch's totals."""
+    return {
+        "epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [comm.n_workers, comm.world_size],
+        "run": {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss},
+        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
+        "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
+        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
+        "partial_epoch": None if totals is None else totals.state(),
+    }
+
+
+def restore(saved, workers, momenta, gossip, comm) -> dict | None:
+    """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
+    with torch.no_grad():
+        for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
+            target.copy_(source)
+    gossip.load_state_dict(saved["gossip"])
+    comm.bytes_sent[:] = saved["bytes_sent"].numpy()
+    comm.messages_sent[:] = saved["messages_sent"].numpy()
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"])
+    return saved["partial_epoch"]
+
+
 def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:
     """(state, (epoch, step, run id)) or (None, "missing" / what is wrong with the file)."""
     if not os.path.exists(path):

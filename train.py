@@ -152,7 +152,7 @@ def main():
     start_epoch, start_step, carried, initial_loss = 0, 0, None, None
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        carried = restore(saved, workers, momenta, gossip, comm)
+        carried = metrics.EpochTotals.from_state(runs.restore(saved, workers, momenta, gossip, comm), comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         if is_root:
             print(f"resuming run {run_id} from epoch {start_epoch} step {start_step} ({checkpoints.folder})", flush=True)
@@ -203,7 +203,7 @@ def main():
             if stop.requested(comm):
                 loss_check.finish()
                 totals.hidden = hidden
-                checkpoints.save(snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check))
+                checkpoints.save(runs.snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check))
                 comm.barrier()
                 if is_root:
                     print(f"\nstopped by a signal at epoch {epoch} step {step + 1}; checkpoint in {checkpoints.folder}; "
@@ -215,7 +215,7 @@ def main():
         with timers("evaluation"):
             metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
-            checkpoints.save(snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check))
+            checkpoints.save(runs.snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check))
         for label, (mean, std, instances) in timers.summary().items():
             log_runtime(label, mean, std, instances)
 
@@ -352,32 +352,6 @@ def build_loader(cfg: dict, dataset, comm):
 def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
     """The `optimizer` key's registered method, with the `optimizer_<name>` keys as its hyper-parameters."""
     return algorithms.build(cfg["optimizer"], comm, topology, **runs.method_hyperparameters(cfg))
-
-
-# --- checkpoints: what a process saves and puts back ------------------------------------------
-def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check) -> dict:
-    return {
-        "epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [comm.n_workers, comm.world_size],
-        "run": {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss},
-        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
-        "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
-        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
-        "partial_epoch": None if totals is None else totals.state(),
-    }
-
-
-def restore(saved, workers, momenta, gossip, comm) -> metrics.EpochTotals | None:
-    """Puts the checkpoint's state back; returns the totals of the epoch it interrupted (or None)."""
-    with torch.no_grad():
-        for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
-            target.copy_(source)
-    gossip.load_state_dict(saved["gossip"])
-    comm.bytes_sent[:] = saved["bytes_sent"].numpy()
-    comm.messages_sent[:] = saved["messages_sent"].numpy()
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(saved["cuda_rng"])
-    return None if saved["partial_epoch"] is None else metrics.EpochTotals.from_state(saved["partial_epoch"], comm.device)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ trains each run for STEPS steps, then GOSSIP_ONLY more with the learning rate at
 (consensus alone), and writes OUT/NAME/rank<r>.pt: this worker's parameters after
 every step, its losses, and its bytes sent.
 """
+import copy
 import json
 import os
 import sys
@@ -53,25 +54,42 @@ def torch_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def drop_in(out: str, algorithm: str, hyper: dict, kind: str) -> None:
+    """Train STEPS steps, then GOSSIP_ONLY with the learning rate at zero; halfway, a second
+    model and optimizer are built from the first's state_dict and run the rest beside it."""
     model = transformer_classifier()
     gossip = powergossip.DecentralizedOptimizer(torch_optimizer(kind, model), model, algorithm=algorithm,
                                                 topology="ring", **hyper)
     worker = gossip.comm.rank
     trajectory, losses = [], []
     for step in range(STEPS + GOSSIP_ONLY):
+        if step == STEPS // 2:
+            saved = copy.deepcopy({"model": model.state_dict(), "optimizer": gossip.state_dict()})  # as torch.save would
         if step == STEPS:
             for group in gossip.param_groups:
                 group["lr"] = 0.0
-        gossip.zero_grad()
-        x, y = batch(worker, step)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        gossip.step()
+        loss = train_step(model, gossip, worker, step)
         trajectory.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
-        losses.append(loss.item())
+        losses.append(loss)
+    resumed = transformer_classifier()  # the same run continued from the halfway state_dict
+    resumed.load_state_dict(saved["model"])
+    again = powergossip.DecentralizedOptimizer(torch_optimizer(kind, resumed), resumed, algorithm=algorithm,
+                                               topology="ring", **hyper)
+    again.load_state_dict(saved["optimizer"])
+    for step in range(STEPS // 2, STEPS):
+        train_step(resumed, again, worker, step)
     os.makedirs(out, exist_ok=True)
-    torch.save({"trajectory": torch.stack(trajectory), "losses": losses, "bytes_sent": gossip.bytes_sent},
-               os.path.join(out, f"rank{worker}.pt"))
+    torch.save({"trajectory": torch.stack(trajectory), "losses": losses, "bytes_sent": gossip.bytes_sent,
+                "resumed": torch.cat([p.detach().flatten() for p in resumed.parameters()]),
+                "resumed_bytes_sent": again.bytes_sent}, os.path.join(out, f"rank{worker}.pt"))
+
+
+def train_step(model, gossip, worker: int, step: int) -> float:
+    gossip.zero_grad()
+    x, y = batch(worker, step)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    gossip.step()
+    return loss.item()
 
 
 def stacked(algorithm: str, hyper: dict):
