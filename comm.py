@@ -326,7 +326,13 @@ class Communicator:
         self.context = context
         self.n_workers = n_workers
         self.rank, self.world_size = context.rank, context.world_size
-        self.device = context.device
+        # The process joined the job with one device; a later Communicator in the same process
+        # may hold its workers elsewhere (CPU after a GPU run): its tensors live there.
+        self.device = context.device if device in ("auto", str(context.device)) else \
+            _pick_device(device, context.local_rank, 1)
+        if context.backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"this job's processes talk through NCCL, which moves GPU tensors only; device={device!r} "
+                             f"is not a GPU")
         self.num_local = n_workers // context.world_size
         self.first_worker = context.rank * self.num_local
         self.local_workers = range(self.first_worker, self.first_worker + self.num_local)

@@ -19,3 +19,12 @@ def run_mpi(num_processes: int, args: list[str], timeout: float = 120, check: bo
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
     return result
+
+
+def installed_environment() -> dict[str, str] | None:
+    """The environment in which `powergossip` imports from any folder, as after the README's
+    set-up command (`pip install -e .`); None where the project is not installed (then a test
+    of a user's view from another folder is skipped)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import powergossip"], cwd="/", env=env, capture_output=True, timeout=60)
+    return env if probe.returncode == 0 else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests import optimizer_runs
-from tests.launch import run_mpi
+from tests.launch import installed_environment, run_mpi
 
 RUNS = [
     ["power_gossip", "power-gossip", {"rank": 1, "num_iterations": 1}, "sgd"],
@@ -67,7 +67,10 @@ def test_the_readme_training_loop_runs_under_mpirun_and_torchrun(tmp_path):
     (tmp_path / "my_train.py").write_text(readme_block("## Use it in your own training loop"))
     under_mpirun = run_mpi(4, [str(tmp_path / "my_train.py")], timeout=300)
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    env = installed_environment()
+    if env is None:
+        pytest.skip("powergossip is not installed here (the README's set-up command installs it)")
+    env = env | {"OMP_NUM_THREADS": "1"}
     under_torchrun = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "4", "my_train.py"], cwd=tmp_path,
                                     env=env, capture_output=True, text=True, timeout=300)
     assert under_torchrun.returncode == 0, under_torchrun.stderr
