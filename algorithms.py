@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from powergossip import compressors
-from powergossip.compressors import Compressor, WorkerRandom, canonical_name, pack_bits, unpack_bits
+from powergossip.compressors import Compressor, WorkerRandom, canonical_name, matrix_shape, pack_bits, unpack_bits
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
 COMPRESSOR_STREAM, MONIQUA_STREAM = 1, 2
@@ -175,9 +175,7 @@ class PowerGossip(GossipAlgorithm):
         edges = self.comm.half_edges(self.topology)
         shapes: dict[tuple[int, int, int], list[int]] = {}
         for k, x in enumerate(params):
-            m = x.shape[1] if x.dim() > 1 else 1
-            n = x[0].numel() // m
-            shapes.setdefault((m, n, min(self.rank, m, n)), []).append(k)
+            shapes.setdefault(matrix_shape(x.shape[1:], self.rank), []).append(k)
         self.groups = [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
         self.generators = []
         for i, j in zip(edges.self_worker_list, edges.neighbor_list):
@@ -413,8 +411,8 @@ class OnlyOnLargeParameters(GossipAlgorithm):
             return False
         if self.min_compression_rate is None:
             return True
-        m, n = x.shape[1], x[0].numel() // x.shape[1]
-        return m * n / ((m + n) * min(self.rank, m, n)) >= self.min_compression_rate
+        m, n, r = matrix_shape(x.shape[1:], self.rank)
+        return m * n / ((m + n) * r) >= self.min_compression_rate
 
     def step(self, params):
         compressed = [x for x in params if self.is_compressed(x)]

@@ -85,6 +85,15 @@ def bits_per_level(levels: int) -> int:
     return next(b for b in (1, 2, 4, 8) if b >= needed) if needed <= 8 else 16
 
 
+def matrix_shape(shape, rank: int = 1) -> tuple[int, int, int]:
+    """One worker's tensor of `shape` seen as an m x n matrix (m = shape[0], n the rest, as
+    PowerSGD and PowerGossip view parameters; a scalar is 1 x 1) and the rank min(rank, m, n)
+    a rank-`rank` method uses on it."""
+    m = shape[0] if len(shape) else 1
+    n = math.prod(shape) // m
+    return m, n, min(rank, m, n)
+
+
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     rows = tensors[0].shape[0]
     return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
@@ -159,8 +168,7 @@ class TopK(Compressor):
         numel = math.prod(shape)
         keep_ratio = self.keep_ratio
         if keep_ratio is None:
-            m = shape[0] if len(shape) else 1
-            n = numel // m
+            m, n, _ = matrix_shape(shape)
             keep_ratio = (m + n) / (2 * m * n) * self.rank / 2
         return min(numel, max(1, int(numel * keep_ratio)))
 
@@ -218,15 +226,10 @@ class SVD(Compressor):
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.rank = rank
 
-    def _dims(self, shape):
-        m = shape[0] if len(shape) else 1
-        n = math.prod(shape) // m
-        return m, n, min(self.rank, m, n)
-
     def compress(self, tensors, randomness=None):
         factors = []
         for t in tensors:
-            m, n, r = self._dims(t.shape[1:])
+            m, n, r = matrix_shape(t.shape[1:], self.rank)
             u, s, vh = torch.linalg.svd(t.reshape(t.shape[0], m, n).float(), full_matrices=False)
             factors += [(u[:, :, :r] * s[:, None, :r]).reshape(t.shape[0], -1), vh[:, :r, :].transpose(1, 2).reshape(t.shape[0], -1)]
         return [torch.cat(factors, dim=1)]
@@ -235,7 +238,7 @@ class SVD(Compressor):
         flat, out, cursor = payload[0], [], 0
         rows = flat.shape[0]
         for s in shapes:
-            m, n, r = self._dims(s)
+            m, n, r = matrix_shape(s, self.rank)
             us = flat[:, cursor:cursor + m * r].reshape(rows, m, r)
             v = flat[:, cursor + m * r:cursor + (m + n) * r].reshape(rows, n, r)
             cursor += (m + n) * r
