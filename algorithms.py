@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from powergossip import compressors
+from powergossip import compressors, registries
 from powergossip.compressors import Compressor, WorkerRandom, canonical_name, matrix_shape, pack_bits, unpack_bits
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
@@ -442,8 +442,8 @@ class Method:
     local_step_first: bool = False  # True: the local step, then the method (all-reduce of parameters)
 
 
-ACTS_ON = ("parameters",)
-METHODS: dict[str, Method] = {}
+ACTS_ON = ("parameters", "gradients")
+METHODS: dict[str, Method] = registries.METHODS
 _METHOD_ALIASES = {"uncompressed": "dpsgd", "allreduce": "all-reduce", "deep-squeeze": "deepsqueeze"}
 
 
@@ -471,13 +471,24 @@ def registered_name(name: str) -> str:
     return key
 
 
-def build(name: str, comm, topology, **hyper) -> GossipAlgorithm:
-    """The method registered as `name`, given the hyper-parameters its factory takes."""
-    factory = METHODS[registered_name(name)].factory
-    parameters = inspect.signature(factory).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        hyper = {key: value for key, value in hyper.items() if key in parameters}
-    return factory(comm, topology, **hyper)
+def build(name: str, comm, topology, strict: bool = False, **hyper) -> GossipAlgorithm:
+    """The method registered as `name`, given the hyper-parameters its factory takes (the
+    entrypoints hand it the whole vocabulary). `strict`: a hyper-parameter it does not take,
+    or a missing one it needs, is a ValueError (the drop-in optimizer's keyword arguments)."""
+    key = registered_name(name)
+    parameters = inspect.signature(METHODS[key].factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    accepted = [p for p in list(parameters)[2:] if parameters[p].kind is not parameters[p].VAR_KEYWORD]
+    if strict:
+        unknown = [h for h in hyper if h not in parameters and not takes_any]
+        missing = [p for p in accepted if parameters[p].default is parameters[p].empty and p not in hyper]
+        if unknown or missing:
+            raise ValueError(f"method {key} takes {', '.join(accepted) or 'no hyper-parameters'}"
+                             + (f"; not {', '.join(unknown)}" if unknown else "")
+                             + (f"; it needs {', '.join(missing)}" if missing else ""))
+    elif not takes_any:
+        hyper = {h: value for h, value in hyper.items() if h in parameters}
+    return METHODS[key].factory(comm, topology, **hyper)
 
 
 class _StandIn:

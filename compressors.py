@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from powergossip import registries
+
 
 class WorkerRandom:
     """One random stream per worker, seeded by (seed, worker): the same numbers for a
@@ -260,7 +262,7 @@ class QSGD(Compressor):
 
     def __init__(self, levels: int = 16, rescale: bool = True):
         if levels < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
+            raise ValueError(f"qsgd_levels (QSGD's levels) must be >= 1, got {levels}")
         self.levels, self.rescale = levels, rescale
 
     def _scale(self, shape) -> float:
@@ -294,7 +296,7 @@ class QSGD(Compressor):
 # name -> factory(keep_ratio, rank, qsgd_levels) -> Compressor. A new compressor is one class
 # plus one `register_compressor` line; every entrypoint and method that takes a compressor
 # by name finds it here.
-COMPRESSORS: dict[str, Callable[..., Compressor]] = {}
+COMPRESSORS: dict[str, Callable[..., Compressor]] = registries.COMPRESSORS
 _COMPRESSOR_ALIASES = {"sign": "sign-and-norm", "topk": "top-k", "randomk": "random-k", "fp": "identity"}
 
 
@@ -308,14 +310,19 @@ def register_compressor(name: str, factory: Callable[..., Compressor]) -> None:
     COMPRESSORS[canonical_name(name)] = factory
 
 
-def build(name: str, keep_ratio: float | None = None, rank: int | None = None, levels: int = 16) -> Compressor:
-    """The compressor registered as `name` (aliases: sign, topk, randomk, fp). top-k and
-    random-k take keep_ratio, or rank to match a rank-r method's bits."""
+def registered_name(name: str) -> str:
+    """The registry key of compressor `name` (either spelling, aliases included)."""
     key = canonical_name(name)
     key = _COMPRESSOR_ALIASES.get(key, key)
     if key not in COMPRESSORS:
-        raise ValueError(f"unknown compressor {name!r}; valid: {', '.join(COMPRESSORS)}")
-    return COMPRESSORS[key](keep_ratio, rank, levels)
+        raise ValueError(f"compressor {name!r} is unknown; registered: {', '.join(COMPRESSORS)}")
+    return key
+
+
+def build(name: str, keep_ratio: float | None = None, rank: int | None = None, levels: int = 16) -> Compressor:
+    """The compressor registered as `name` (aliases: sign, topk, randomk, fp). top-k and
+    random-k take keep_ratio, or rank to match a rank-r method's bits."""
+    return COMPRESSORS[registered_name(name)](keep_ratio, rank, levels)
 
 
 register_compressor("identity", lambda keep_ratio, rank, levels: Identity())

@@ -62,6 +62,7 @@ import torch
 
 from powergossip import algorithms
 from powergossip import comm as comm_module
+from powergossip import compressors
 from powergossip import runs
 from powergossip import topologies
 
@@ -244,8 +245,9 @@ def build_topology(config):
 
 def resolve(name: str) -> tuple[str, dict]:
     """(registered method, fixed hyper-parameters) of an `algorithm` value; ValueError if unknown."""
-    if name in PRESETS:
-        return PRESETS[name]
+    preset = name.strip().lower().replace("-", "_")
+    if preset in PRESETS:
+        return PRESETS[preset]
     try:
         return algorithms.registered_name(name), {}
     except ValueError:
@@ -325,6 +327,12 @@ def check(config) -> dict:
         require(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
     require(config["n_workers"] >= 2, f"n_workers must be >= 2 (one worker has nothing to agree on), got {config['n_workers']}")
     require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
+    require(algorithms.METHODS[method].acts_on == "parameters",
+            f"algorithm={name} acts on gradients; consensus experiments have none")
+    try:
+        config["optimizer_compressor"] = compressors.registered_name(config["optimizer_compressor"])
+    except ValueError as problem:
+        raise runs.method_problem(problem) from None
     for key, value in fixed.items():
         given = config[f"optimizer_{key}"]
         require(given in (value, DEFAULTS[f"optimizer_{key}"]),

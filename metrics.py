@@ -48,7 +48,6 @@ class EpochTotals:
         return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
 
 
-
 class Recorder:
     """Writes records (rank 0): metrics.jsonl, TensorBoard and the log_metric hook.
     bits/messages are per worker (mean over workers, cumulative)."""
@@ -188,6 +187,3 @@ def log_spectra(cfg, e, workers, comm, recorder):
             difference = (everyone[i] - everyone[j]).reshape(everyone.shape[1], -1).double().cpu()
             for index, value in enumerate(torch.linalg.svdvals(difference).tolist()):
                 recorder.record("spectrum", e, value, {"parameter": name, "workers": f"{i}-{j}", "index": index})
-
-
-# --- checkpoints ---------------------------------------------------------------------------------

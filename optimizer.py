@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from powergossip import algorithms, models, topologies
+from powergossip import algorithms, models, runs, topologies
 from powergossip import comm as comm_module
 
 
@@ -73,12 +73,18 @@ class DecentralizedOptimizer:
             raise ValueError("the model has no parameters to gossip")
         device = device if device is not None else parameters[0].device
         world_size = comm_module.init_distributed(str(device)).world_size
+        if world_size < 2:
+            raise ValueError("DecentralizedOptimizer runs one worker per process: launch several, with "
+                             "`mpirun -np N python script.py` or `torchrun --nproc-per-node N script.py`")
         self.comm = comm_module.Communicator(world_size, device)  # one worker per process
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
             raise ValueError(f"the topology has {self.topology.n_workers} workers but {world_size} processes were launched")
         name = algorithms.registered_name(algorithm)
-        self.gossip = algorithms.build(name, self.comm, self.topology, **hyper)
+        if algorithms.METHODS[name].acts_on != "parameters":
+            raise ValueError(f"{name} acts on gradients; DecentralizedOptimizer gossips parameters")
+        hyper = {runs.ALIASES.get(key, key).removeprefix("optimizer_"): value for key, value in hyper.items()}
+        self.gossip = algorithms.build(name, self.comm, self.topology, strict=True, **hyper)
         self.local_step_first = algorithms.METHODS[name].local_step_first
         self.optimizer = optimizer
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model

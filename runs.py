@@ -495,7 +495,6 @@ def progress_bar(is_root: bool, total: int, done: int):
     return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
 
 
-
 class Checkpoints:
     """This process's checkpoint `rank{r}.pt` and the one before it, `rank{r}.previous.pt` (kept
     so that a file damaged on disk costs one checkpoint interval, not the run). Written
@@ -650,15 +649,18 @@ def check_finite(state: dict) -> None:
                                  f"optimizer values are not finite")
 
 
-
 class StopRequests:
     """SIGTERM / SIGINT set a flag; every process checks it after each step and all stop
     at the same step (one tiny all-reduce when there are several processes)."""
 
     def __init__(self):
         self.signal_number = 0
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._handler)
+        self.previous = {number: signal.signal(number, self._handler) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """The handlers as they were before the run (a script goes on after train.main())."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def _handler(self, number, frame):
         self.signal_number = number

@@ -31,6 +31,7 @@ import torch
 
 from powergossip import algorithms
 from powergossip import comm as comm_module
+from powergossip import compressors
 from powergossip import data
 from powergossip import metrics
 from powergossip import models
@@ -223,6 +224,7 @@ def main():
         progress.close()
     recorder.summary(cfg, time.time() - started)
     recorder.close()
+    stop.restore()
     log_info({"state.progress": 1.0})
     runs.release_output_dir(folder)
     return folder
@@ -238,6 +240,15 @@ def validated(cfg: dict) -> dict:
         cfg["optimizer"] = algorithms.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
     except ValueError as problem:
         raise runs.ConfigError(f"optimizer: {problem}") from None
+    try:
+        cfg["optimizer_compressor"] = compressors.registered_name(cfg["optimizer_compressor"])
+    except ValueError as problem:
+        raise runs.method_problem(problem) from None
+    if algorithms.METHODS[cfg["optimizer"]].acts_on != "parameters":
+        raise runs.ConfigError(f"optimizer={cfg['optimizer']} acts on gradients; train.py runs methods that gossip "
+                               f"parameters")
+    if cfg["n_workers"] < 2:
+        raise runs.ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
     choices = {"task": data.TASKS, "task_architecture": models.NAMES,
                "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph")}
     for key, allowed in choices.items():

@@ -23,8 +23,10 @@ def run_mpi(num_processes: int, args: list[str], timeout: float = 120, check: bo
 
 def installed_environment() -> dict[str, str] | None:
     """The environment in which `powergossip` imports from any folder, as after the README's
-    set-up command (`pip install -e .`); None where the project is not installed (then a test
-    of a user's view from another folder is skipped)."""
+    set-up command (`pip install -e .`); None where this checkout is not the one installed
+    (then a test of a user's view from another folder is skipped)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = subprocess.run([sys.executable, "-c", "import powergossip"], cwd="/", env=env, capture_output=True, timeout=60)
-    return env if probe.returncode == 0 else None
+    probe = subprocess.run([sys.executable, "-c", "import os, powergossip; print(os.path.realpath(powergossip.__file__))"],
+                           cwd="/", env=env, capture_output=True, text=True, timeout=60)
+    this_checkout = os.path.realpath(os.path.join(ROOT, "powergossip", "__init__.py"))
+    return env if probe.returncode == 0 and probe.stdout.strip() == this_checkout else None

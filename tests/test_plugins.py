@@ -129,3 +129,52 @@ def test_a_method_checks_its_hyper_parameters_in_one_place_before_any_work(tmp_p
         assert train.validated(dict(train._DEFAULTS, optimizer="odd-rank", optimizer_rank=3))["optimizer"] == "odd-rank"
     finally:
         del algorithms.METHODS["odd-rank"]
+
+
+def test_a_module_imported_from_the_root_shares_the_registry(tmp_path):
+    """`import algorithms` from the repository root (the original code's way) is a second copy
+    of the module; a method registered through it is still found by train.py."""
+    code = ("import algorithms, train\n"
+            "algorithms.register_algorithm('root-gossip', algorithms.SimpleGossip, needs_tuning=False)\n"
+            "print(train.validated(dict(train.config, optimizer='root_gossip'))['optimizer'])\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "root-gossip"
+
+
+def test_methods_acting_on_gradients_are_refused_where_they_do_not_apply(tmp_path):
+    algorithms.register_algorithm("gradient-method", HalfStepGossip, acts_on="gradients")
+    try:
+        with pytest.raises(runs.ConfigError, match="acts on gradients"):
+            train.validated(dict(train._DEFAULTS, optimizer="gradient-method"))
+        with pytest.raises(runs.ConfigError, match="acts on gradients; consensus experiments have none"):
+            run_main(tmp_path / "out", algorithm="gradient-method", num_steps=3)
+    finally:
+        del algorithms.METHODS["gradient-method"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rnak=2), r"method power-gossip takes rank, num_iterations, .*; not rnak"),
+    (dict(keep_ratio=0.5), "not keep_ratio"),
+    (dict(), None),  # power-gossip needs nothing
+])
+def test_the_drop_in_builds_strictly(kwargs, match):
+    from powergossip import comm as comm_module
+
+    comm, ring = comm_module.Communicator(4, "cpu"), topologies.build("ring", 4)
+    if match is None:
+        algorithms.build("power-gossip", comm, ring, strict=True, **kwargs)
+    else:
+        with pytest.raises(ValueError, match=match):
+            algorithms.build("power-gossip", comm, ring, strict=True, **kwargs)
+    with pytest.raises(ValueError, match="it needs theta"):
+        algorithms.build("moniqua", comm, ring, strict=True)
+
+
+def test_compressor_and_study_names_read_dashes_and_underscores_alike(tmp_path):
+    cfg = train.validated(dict(train._DEFAULTS, optimizer="choco", optimizer_compressor="top_k"))
+    assert cfg["optimizer_compressor"] == "top-k"  # one spelling in config.yaml, so resume compares names
+    config = gossip_run.check(dict(gossip_run.DEFAULTS, algorithm="topk-choco", optimizer_compressor="TopK"))
+    assert config["optimizer_compressor"] == "top-k"
+    with pytest.raises(runs.ConfigError, match="n_workers must be >= 2"):
+        train.validated(dict(train._DEFAULTS, n_workers=1))
