@@ -157,6 +157,7 @@ def main():
             metrics.write({"name": name, **values, "tags": tags})
             log_metric(name, values, tags)
 
+    outcomes = []  # (final error, setting text) of every setting, for the best one
     for number, (gamma, theta) in enumerate(settings):
         start_time = time.time()
         tags = {"algorithm": cfg["algorithm"], "diffusion_rate": gamma, "theta": theta}
@@ -185,13 +186,18 @@ def main():
         record("final_error", step, final_error, bits, messages, tags)
 
         if is_writer:
-            theta_text = "" if theta is None else f" theta={theta:.4g}"
-            outcome = f"diverged at step {step} (error {error:.4g})" if diverged else f"final error {error:.4g}"
-            print(f"{cfg['algorithm']} gamma={gamma:.4g}{theta_text}: {outcome}, "
-                  f"{bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
+            setting = f"{cfg['algorithm']} gamma={gamma:.4g}" + ("" if theta is None else f" theta={theta:.4g}")
+            outcome = f"diverged at step {step} (error {error:.4g})" if diverged else \
+                f"final error {error:.4g} = {error / initial_error:.3g} x the initial {initial_error:.4g}"
+            print(f"{setting}: {outcome}, {bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
+            outcomes.append((final_error, initial_error, setting))
             log_info({"state.progress": (number + 1) / len(settings)})
     if is_writer:
         metrics.close()
+        if len(outcomes) > 1:
+            best, initial, setting = min(outcomes, key=lambda outcome: outcome[0])
+            print(f"best of {len(outcomes)} settings: {setting}" + (f", final error {best:.4g} = {best / initial:.3g} x the "
+                  f"initial" if math.isfinite(best) else ": every setting diverged"), flush=True)
     runs.release_output_dir(folder)
     return folder
 

@@ -56,6 +56,7 @@ class Recorder:
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.is_root = comm.rank == 0
         self.last_test_avg = None
+        self.latest: dict[tuple[str, str], float] = {}  # (name, split) -> the last record over all workers
         self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()
         if not self.is_root:
             return
@@ -85,11 +86,23 @@ class Recorder:
             return
         if name == "accuracy" and tags.get("split") == "test_avg":
             self.last_test_avg = value
+        if "worker" not in tags and "split" in tags:
+            self.latest[name, tags["split"]] = float(value)
         values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
         self.file.write({"name": name, **values, "tags": tags})
         if self.tensorboard is not None and "worker" not in tags:
             self.tensorboard.add_scalar("/".join([name] + [str(v) for v in tags.values()]), value, epoch)
         self.log_metric(name, values, tags)
+
+    def epoch_line(self, epoch: int, num_epochs: int, elapsed: float, fraction_done: float) -> str:
+        """One line of progress for logs and mpirun, where no progress bar is drawn."""
+        def shown(name, split, form):
+            value = self.latest.get((name, split))
+            return "n/a" if value is None else format(value, form)
+        left = elapsed * (1 - fraction_done) / fraction_done if fraction_done > 0 else float("nan")
+        return (f"epoch {epoch}/{num_epochs}: train loss {shown('loss', 'train', '.4f')}, averaged-model test accuracy "
+                f"{shown('accuracy', 'test_avg', '.2%')}, {self.bits / 8e6:.3f} MB sent per worker, "
+                f"{elapsed:.0f} s elapsed, about {left:.0f} s left")
 
     def summary(self, cfg, wall_time):
         self.count_traffic()

@@ -22,6 +22,7 @@ each: name, epoch, step, value, bits, messages, tags), to TensorBoard and throug
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -199,7 +200,7 @@ def main():
             loss_check.watch(losses, epoch, step)
             if progress is not None:
                 progress.update(1)
-                if step % 10 == 0:  # the previous step's mean loss: reading it does not wait
+                if step % 10 == 0 and math.isfinite(loss_check.mean_loss):  # the previous step's loss: no wait
                     progress.set_postfix(loss=f"{loss_check.mean_loss:.3f}", MB_sent=f"{comm.bytes_sent[0] / 1e6:.1f}")
             if stop.requested(comm):
                 loss_check.finish()
@@ -217,6 +218,9 @@ def main():
             metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
             checkpoints.save(runs.snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check))
+        if is_root and progress is None:  # a log file or mpirun: no bar, a line per epoch
+            done = (epoch + 1 - start_epoch) / (cfg["num_epochs"] - start_epoch)
+            print(recorder.epoch_line(epoch + 1, cfg["num_epochs"], time.time() - started, done), flush=True)
         for label, (mean, std, instances) in timers.summary().items():
             log_runtime(label, mean, std, instances)
 

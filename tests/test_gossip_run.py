@@ -311,3 +311,13 @@ def test_one_vocabulary_and_the_older_names(tmp_path):
     assert (cfg["optimizer"], cfg["optimizer_rank"]) == ("power-gossip", 2)
     edited = dict(train._DEFAULTS, keep_ratio=0.2)  # a config dict edited in Python with an older name
     assert train.validated(edited)["optimizer_keep_ratio"] == 0.2
+
+
+def test_a_sweep_prints_the_initial_error_and_its_best_setting(tmp_path, capsys):
+    records = run_main(tmp_path, algorithm="sign_choco", optimizer_diffusion_rate=[50.0, 0.05, 0.2], **SMALL)
+    out = capsys.readouterr().out
+    initial = named(records, "error")[0]["value"]
+    finals = {r["tags"]["diffusion_rate"]: r["value"] for r in named(records, "final_error")}
+    best = min(finals, key=finals.get)
+    assert f"x the initial {initial:.4g}" in out and "diverged" in out
+    assert f"best of 3 settings: sign_choco gamma={best:.4g}, final error {finals[best]:.4g}" in out

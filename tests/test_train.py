@@ -255,3 +255,12 @@ def test_vmap_compute_gives_the_loop_numbers(tmp_path, tiny_data):
     assert [r[:3] for r in loop] == [r[:3] for r in vmapped]
     for a, b in zip(loop, vmapped):
         assert a[3] == pytest.approx(b[3], rel=1e-4, abs=1e-4), (a, b)
+
+
+def test_without_a_terminal_every_epoch_prints_a_line(tmp_path, tiny_data, capsys):
+    run(str(tmp_path), common(tiny_data))  # pytest's stderr is no terminal, as in a log file or under mpirun
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    final_accuracy = final(tmp_path, "accuracy", "test_avg")["value"]
+    assert f"averaged-model test accuracy {final_accuracy:.2%}" in lines[-1] and "MB sent per worker" in lines[-1]
+    assert "nan" not in "".join(lines)
