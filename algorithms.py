@@ -208,6 +208,9 @@ class PowerGossip(GossipAlgorithm):
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, params):
+        for x in params:
+            if x.shape[0] != self.comm.num_local:
+                raise ValueError(self.comm.layout_problem(x.shape[0]))
         if self.groups is None:
             self._init_state(params)
             pending = self._pending_state

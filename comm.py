@@ -378,7 +378,8 @@ class Communicator:
         rows_expected = edges.num if per == "half_edge" else self.num_local
         for payload in payloads:
             if payload.shape[0] != rows_expected:
-                raise ValueError(f"payload has {payload.shape[0]} rows, expected {rows_expected} (per={per})")
+                raise ValueError(self.layout_problem(payload.shape[0]) if per == "worker" else
+                                 f"a message has {payload.shape[0]} rows, expected one per local half-edge ({edges.num})")
         row_of_half_edge = routes.identity if per == "half_edge" else edges.local_sender
 
         bytes_per_message = sum(_row_bytes(p) for p in payloads)
@@ -468,6 +469,13 @@ class Communicator:
         tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
         dist.all_reduce(tensor, group=self.context.host_group)  # on the host: waits for no GPU work
         return tensor.numpy()
+
+    def layout_problem(self, rows: int) -> str:
+        """What to say when tensors are stacked over `rows` workers but this process hosts another number."""
+        last = self.first_worker + self.num_local - 1
+        return (f"a tensor is stacked over {rows} workers, but this process hosts {self.num_local} of the {self.n_workers} "
+                f"workers ({self.first_worker}..{last}): stack every parameter over them, [{self.num_local}, *shape]; "
+                f"or, for one worker per process, launch {self.n_workers} processes (mpirun -np {self.n_workers} python ...)")
 
     def gather_objects(self, value) -> list:
         """Every process's `value` (small, picklable), in rank order, on every process: what

@@ -14,7 +14,7 @@ chosen per method.
     python experiments/consensus.py --quick           # reduced grids and steps, a minute or two
     python experiments/consensus.py --jobs 16         # the full study, 16 runs at a time
 
-Results: experiments/results/consensus[_quick]/: error_vs_bits_<data>.png (error of
+Results: experiments/results/consensus/ (--quick: runs/consensus_quick/): error_vs_bits_<data>.png (error of
 the best setting per method against bits sent per worker, log scales, as in the
 paper), bits_to_1e-6.md/.csv (bits each method needs to reach an error of 1e-6
 relative to the start), best_settings.md/.csv.
@@ -127,7 +127,7 @@ def main():
     parser = sweep.study_arguments(__doc__, quick_help="reduced grids and steps")
     parser.add_argument("--data", default=",".join(DATA_TYPES), help="data types, comma-separated")
     args = parser.parse_args()
-    folder = args.output or os.path.join(sweep.RESULTS, "consensus" + ("_quick" if args.quick else ""))
+    folder = sweep.study_folder(args, "consensus")
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.data.split(",")), folder)
     for row in write_results(outcomes, folder):
         print(" | ".join(str(cell) for cell in row))

@@ -10,7 +10,7 @@ rate of 0.01 (the paper's 0.1 times 11.3 diverges on this small CNN).
     python experiments/deep_learning.py              # full: 30 epochs each (meant for a GPU)
     python experiments/deep_learning.py --processes 8  # under mpirun -np 8
 
-Results: experiments/results/deep_learning[_quick]/ (table.md, table.csv, test_accuracy.png).
+Results: experiments/results/deep_learning/ (--quick: runs/deep_learning_quick/) (table.md, table.csv, test_accuracy.png).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def study_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
 
 def main():
     args = sweep.study_arguments(__doc__).parse_args()
-    folder = args.output or os.path.join(sweep.RESULTS, "deep_learning" + ("_quick" if args.quick else ""))
+    folder = sweep.study_folder(args, "deep_learning")
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
     rows = report.write_report(outcomes, folder, "Fashion-MNIST, small CNN, 8-worker ring", ["method"],
                                notes="Paper (CIFAR-10 ResNet-18, 16-ring, 300 epochs): uncompressed 92.1% at 102 MB/epoch; "

@@ -5,7 +5,7 @@
     python experiments/non_iid.py --quick      # 2-core CPU
     python experiments/non_iid.py              # full (meant for a GPU)
 
-Results: experiments/results/non_iid[_quick]/ (table.md, table.csv, test_accuracy.png).
+Results: experiments/results/non_iid/ (--quick: runs/non_iid_quick/) (table.md, table.csv, test_accuracy.png).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def study_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
 
 def main():
     args = sweep.study_arguments(__doc__).parse_args()
-    folder = args.output or os.path.join(sweep.RESULTS, "non_iid" + ("_quick" if args.quick else ""))
+    folder = sweep.study_folder(args, "non_iid")
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
     report.write_report(outcomes, folder, "Fashion-MNIST, label-sorted shards, 8-worker ring", ["method", "shuffled fraction"])
     sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)

@@ -157,6 +157,15 @@ def study_arguments(description: str, quick_help: str = "a reduced run for a 2-c
     return parser
 
 
+def study_folder(args, name: str) -> str:
+    """Where a study writes: --output if given; the committed results folder
+    (experiments/results/<name>) for the full study; runs/<name>_quick, which git ignores,
+    for --quick, so that a quick try never touches tracked files."""
+    if args.output:
+        return args.output
+    return os.path.join(ROOT, "runs", f"{name}_quick") if args.quick else os.path.join(RESULTS, name)
+
+
 def launch_or_collect(args, runs: list[Run], folder: str) -> list[Outcome]:
     """Launch the runs as the study's arguments say, or only collect them (--report-only)."""
     if args.report_only:

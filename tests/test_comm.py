@@ -132,3 +132,15 @@ def test_store_folders_of_jobs_that_were_killed_are_removed():
     finally:
         for folder in (stale, living, fresh):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("method", ["dpsgd", "power-gossip", "choco"])
+def test_a_layout_mistake_says_what_was_expected_and_how_to_launch(method):
+    from powergossip import algorithms
+
+    comm = comm_module.Communicator(4, "cpu")  # one process hosting 4 workers
+    gossip = algorithms.build(method, comm, topologies.build("ring", 4))
+    one_worker_stacks = [torch.zeros(1, 3, 5)]  # stacked as if this process hosted one worker
+    with pytest.raises(ValueError, match=r"stacked over 1 workers, but this process hosts 4 of the 4 workers "
+                                         r"\(0..3\).*\[4, \*shape\].*mpirun -np 4"):
+        gossip.step(one_worker_stacks)

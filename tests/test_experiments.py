@@ -65,3 +65,17 @@ def test_paper_configs_say_what_is_missing(tmp_path):
         (tmp_path / "cifar-10-batches-py" / name).write_bytes(b"")
     result = subprocess.run([sys.executable, paper_configs.__file__, "--check", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert "cifar10_resnet20_ring8: data found, 8 runs" in result.stdout
+
+
+def test_quick_studies_write_outside_the_tracked_tree():
+    import subprocess as sp
+
+    if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("not a git checkout")
+    for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid")):
+        args = sweep.study_arguments("").parse_args(["--quick"])
+        folder = sweep.study_folder(args, name)
+        ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
+        assert ignored.returncode == 0, f"{folder} is not ignored by git"  # a quick try changes no tracked file
+        full = sweep.study_folder(sweep.study_arguments("").parse_args([]), name)
+        assert full == os.path.join(sweep.RESULTS, name)  # the committed study results stay where they are
