@@ -39,6 +39,9 @@ TARGET = 1e-6  # relative error to reach
 OPTIMAL_RING_8 = 1.308  # 2 / (lambda_2 + lambda_n) of the 8-ring's gossip step
 
 
+TABLE_HEADER = ["data", "algorithm", f"bits to reach {TARGET:g} relative error", "final relative error", "bits at the end"]
+
+
 def settings_of(algorithm: str, data_type: str, quick: bool) -> list[list[str]]:
     """The original study's settings of one algorithm: a list of override lists, one per run."""
     steps = 5000 if data_type == "random" else 1000
@@ -117,8 +120,7 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
         figure.tight_layout()
         figure.savefig(os.path.join(folder, f"error_vs_bits_{data_type}.png"), dpi=120)
         plt.close(figure)
-    sweep.write_table(folder, "bits_to_1e-6", ["data", "algorithm", f"bits to reach {TARGET:g} relative error",
-                                               "final relative error", "bits at the end"], rows)
+    sweep.write_table(folder, "bits_to_1e-6", TABLE_HEADER, rows)
     sweep.write_table(folder, "best_settings", ["data", "algorithm", "diffusion_rate", "theta"], settings)
     return rows
 
@@ -129,8 +131,7 @@ def main():
     args = parser.parse_args()
     folder = sweep.study_folder(args, "consensus")
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.data.split(",")), folder)
-    for row in write_results(outcomes, folder):
-        print(" | ".join(str(cell) for cell in row))
+    print(sweep.markdown_table(TABLE_HEADER, write_results(outcomes, folder)), end="")
     sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
 
 
