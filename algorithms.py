@@ -1,4 +1,5 @@
-"""Gossip algorithms over stacked local workers (REFERENCE.md, "Algorithms").
+"""Gossip algorithms over stacked local workers: PowerGossip (Vogels, Karimireddy, Jaggi
+2020) and the methods it compares with.
 
 Every algorithm works on a list of parameters, each stacked over this process's
 local workers: `params[k]` has shape `[L, *shape_k]`, row l belongs to worker
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from powergossip import compressors, registries
-from powergossip.compressors import Compressor, WorkerRandom, canonical_name, matrix_shape, pack_bits, unpack_bits
+from powergossip.compressors import Compressor, WorkerRandom, matrix_shape, pack_bits, unpack_bits
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
 COMPRESSOR_STREAM, MONIQUA_STREAM = 1, 2
@@ -208,10 +209,10 @@ class PowerGossip(GossipAlgorithm):
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, params):
-        for x in params:
-            if x.shape[0] != self.comm.num_local:
-                raise ValueError(self.comm.layout_problem(x.shape[0]))
-        if self.groups is None:
+        if self.groups is None:  # the first step sees the stacks: check their layout once
+            for x in params:
+                if x.shape[0] != self.comm.num_local:
+                    raise ValueError(self.comm.layout_problem(x.shape[0]))
             self._init_state(params)
             pending = self._pending_state
             if pending is not None:
@@ -306,7 +307,7 @@ class ChocoGossip(CompressedGossip):
     """Choco-Gossip (Koloskova et al. 2019, Algorithm 1 with the s_i bookkeeping):
     q_i = C(x_i - x_hat_i); send q_i; x_hat_i += q_i;
     s_i += sum_{j in N(i) + i} w_ij q_j; x_i += gamma (s_i - x_hat_i).
-    gamma needs tuning per compressor (REFERENCE.md lists the paper's values)."""
+    gamma needs tuning per compressor (the paper's tuned values are in experiments/configs/train/)."""
 
     state_names = ("x_hat", "s")
 
@@ -462,14 +463,13 @@ def register_algorithm(name: str, factory: Callable[..., GossipAlgorithm], acts_
     average of the workers' stepped parameters)."""
     if acts_on not in ACTS_ON:
         raise ValueError(f"acts_on={acts_on!r} is not one of {', '.join(ACTS_ON)}")
-    METHODS[canonical_name(name)] = Method(factory, acts_on, needs_tuning, local_step_first)
+    METHODS[registries.canonical_name(name)] = Method(factory, acts_on, needs_tuning, local_step_first)
 
 
 def registered_name(name: str) -> str:
     """The registry key of `name` (either spelling, aliases included); ValueError names the known ones."""
-    key = canonical_name(name)
-    key = _METHOD_ALIASES.get(key, key)
-    if key not in METHODS:
+    key = registries.lookup(METHODS, _METHOD_ALIASES, name)
+    if key is None:
         raise ValueError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
     return key
 

@@ -1,6 +1,6 @@
 """Communication layer: which worker lives where, messages along edges, byte counts.
 
-The stacked-local-workers contract (DESIGN.md): a process hosts a contiguous
+The stacked-local-workers contract (README, "Launch layouts"): a process hosts a contiguous
 block of L >= 1 workers, and every message lives on a *half-edge* (i -> j), worker
 i's end of edge {i, j}. An algorithm hands `exchange` one message per local
 half-edge (or one per local worker, sent to all its neighbours) and gets back,
@@ -424,7 +424,7 @@ class Communicator:
     def all_reduce_mean(self, stacks: list[torch.Tensor], count: bool = True) -> list[torch.Tensor]:
         """Exact average over all workers of each `[L, ...]` stack; returns `[...]` tensors.
 
-        Counted (when `count`) as the all-reduce baseline of REFERENCE.md: each worker
+        Counted (when `count`) as the all-reduce baseline of the paper's byte counts: each worker
         sends its buffer once per call.
         """
         if not stacks:

@@ -1,4 +1,5 @@
-"""Tensor codecs for Choco-Gossip and DeepSqueeze (REFERENCE.md, "Compressors").
+"""Tensor codecs for Choco-Gossip and DeepSqueeze (Koloskova et al. 2019, Tang et al. 2019),
+as the PowerGossip paper runs them.
 
 A compressor turns a list of stacked tensors `[R, *shape_k]` (R rows: local workers)
 into a *payload*: a short list of tensors `[R, ...]` that are exactly what crosses
@@ -155,7 +156,7 @@ class TopK(Compressor):
     float32 values and indices in the smallest integer type for that tensor.
 
     `rank` instead of `keep_ratio` matches a rank-r low-rank compressor:
-    keep_ratio = (m + n) / (2 m n) * rank / 2 (REFERENCE.md)."""
+    keep_ratio = (m + n) / (2 m n) * rank / 2 (the paper's rank-matched top-k)."""
 
     def __init__(self, keep_ratio: float | None = None, rank: int | None = None):
         if (keep_ratio is None) == (rank is None):
@@ -300,21 +301,15 @@ COMPRESSORS: dict[str, Callable[..., Compressor]] = registries.COMPRESSORS
 _COMPRESSOR_ALIASES = {"sign": "sign-and-norm", "topk": "top-k", "randomk": "random-k", "fp": "identity"}
 
 
-def canonical_name(name: str) -> str:
-    """Names are case-free and read `-` and `_` alike: `power_gossip` = `power-gossip`."""
-    return name.strip().lower().replace("_", "-")
-
-
 def register_compressor(name: str, factory: Callable[..., Compressor]) -> None:
     """Make `factory(keep_ratio, rank, qsgd_levels)` available as compressor `name`."""
-    COMPRESSORS[canonical_name(name)] = factory
+    COMPRESSORS[registries.canonical_name(name)] = factory
 
 
 def registered_name(name: str) -> str:
     """The registry key of compressor `name` (either spelling, aliases included)."""
-    key = canonical_name(name)
-    key = _COMPRESSOR_ALIASES.get(key, key)
-    if key not in COMPRESSORS:
+    key = registries.lookup(COMPRESSORS, _COMPRESSOR_ALIASES, name)
+    if key is None:
         raise ValueError(f"compressor {name!r} is unknown; registered: {', '.join(COMPRESSORS)}")
     return key
 

@@ -7,7 +7,7 @@ only gossips: no gradients. We record the consensus error
 
 against the bits each worker has sent, for one algorithm and a sweep over its
 diffusion rate gamma (and Moniqua's theta), as in the PowerGossip paper's
-consensus figures (REFERENCE.md, "Consensus experiments").
+consensus figures (Vogels, Karimireddy, Jaggi 2020, "Consensus experiments").
 
     python gossip_run.py algorithm=power_gossip topology=ring n_workers=8 num_steps=1000 optimizer_rank=2
     mpirun -np 8 python gossip_run.py algorithm=power_gossip n_workers=8 num_steps=1000  # same numbers

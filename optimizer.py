@@ -12,7 +12,7 @@ One worker per process (launch with `mpirun -np N` or `torchrun --nproc-per-node
         gossip.step()                     # gossip x_t, then the local step on the gossiped parameters
     gossip.bytes_sent                     # this worker's payload bytes so far
 
-The order is the paper's (D-PSGD as Lian et al. 2017 run it, REFERENCE "Training setup"):
+The order is the paper's (D-PSGD as Lian et al. 2017 run it, Vogels, Karimireddy, Jaggi 2020, "Deep learning experiments"):
 the gradient is taken at x_t, the parameters are gossiped, and the wrapped optimizer
 applies that gradient to the gossiped parameters; all-reduce takes the local step first
 and then the exact average. Every registered method works (`algorithms.METHODS`), with
@@ -89,7 +89,7 @@ class DecentralizedOptimizer:
         self.optimizer = optimizer
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model
         with torch.no_grad():
-            self.comm.broadcast_from_worker0(self.params)  # neighbours agree at step 0 (DESIGN "Numerics")
+            self.comm.broadcast_from_worker0(self.params)  # neighbours agree at step 0 (as in the paper)
 
     @property
     def param_groups(self):

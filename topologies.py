@@ -8,7 +8,7 @@ replaces worker i's value by the weighted average
 
 so row i holds the weights worker i *receives* with, and W[i, j] > 0 for j != i
 means j sends to i. Every W here is row-stochastic (rows sum to 1, entries >= 0)
-and its graph is connected; the builders of REFERENCE.md ("Topologies") also give
+and its graph is connected; the builders of the paper's graphs also give
 symmetric, doubly stochastic matrices, except `unidirectional_ring`.
 
 How fast gossip mixes is measured by the spectral gap (see
@@ -126,7 +126,7 @@ class Topology:
     def spectral_gap(self) -> float:
         """1 - |lambda_2|, with W's eigenvalues sorted by modulus, descending.
 
-        REFERENCE.md ("Topologies") says "1 - second largest eigenvalue of W" and
+        The paper says "1 - second largest eigenvalue of W" and
         quotes ring gaps of about 0.67 (n=4), 0.05 (n=16), 0.01 (n=36) and 0.4 for
         a 4x4 torus. Those cases have lambda_min = -lambda_2 or |lambda_min| <
         lambda_2, so they cannot tell the two readings apart; we take the modulus
@@ -233,7 +233,7 @@ def _metropolis_hastings_weights(A):
 
 
 def _decreasing_degree_weights(A):
-    """REFERENCE.md's rule for the social network and Watts-Strogatz graphs.
+    """The original code's rule for the social network and Watts-Strogatz graphs.
 
     Visit nodes by decreasing degree; every still-unset edge entry in that node's
     row and column becomes 1 / (degree + 1); the diagonal takes the rest of the row.
@@ -253,7 +253,7 @@ def _decreasing_degree_weights(A):
 
 
 # ---------------------------------------------------------------------------
-# Builders (REFERENCE.md, "Topologies").
+# Builders (the graphs of the PowerGossip paper's experiments).
 
 
 def _check_size(n, what, minimum=1, hint=""):
@@ -313,7 +313,7 @@ def fully_connected(n):
 
 def social_network(n=32):
     """networkx's Davis Southern Women graph (32 nodes: 18 women then 14 events, in the
-    graph's node order), weighted by REFERENCE.md's decreasing-degree rule."""
+    graph's node order), weighted by the original code's decreasing-degree rule."""
     if n != 32:
         raise ValueError(
             f"the social network topology is the fixed 32-node Davis Southern Women graph; "
@@ -324,7 +324,7 @@ def social_network(n=32):
 
 
 def watts_strogatz(n, k=3, p=0.9, seed=1):
-    """networkx.connected_watts_strogatz_graph(n, k, p, seed), weighted by REFERENCE.md's
+    """networkx.connected_watts_strogatz_graph(n, k, p, seed), weighted by the original code's
     decreasing-degree rule. Note k=3 links each node to k // 2 = 1 neighbour per side
     before rewiring with probability p."""
     n = _check_size(n, "watts_strogatz", minimum=k, hint=f" (each node starts with k={k} ring neighbours)")

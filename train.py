@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Decentralized deep learning: every worker trains its own replica on its own shard
-and gossips with its neighbours (REFERENCE.md, "Training setup of the paper").
+and gossips with its neighbours (Vogels, Karimireddy, Jaggi 2020, "Deep learning experiments").
 
     python train.py                                   # all workers simulated in one process
     mpirun -np 4 python train.py                      # one worker per process
@@ -138,7 +138,7 @@ def main():
     loader = build_loader(cfg, dataset, comm)
     batches_per_epoch = len(loader) if cfg["max_batches_per_epoch"] is None else min(len(loader), cfg["max_batches_per_epoch"])
 
-    # Every worker starts from the same initialization (DESIGN.md, "Numerics").
+    # Every worker starts from the same initialization (as in the paper).
     torch.manual_seed(cfg["seed"])
     template = models.build(cfg["task_architecture"], in_channels=dataset.in_channels, num_classes=dataset.num_classes,
                             image_size=dataset.image_size or 32, vocab_size=len(dataset.vocab) if dataset.vocab else None)
@@ -341,7 +341,7 @@ def uses_cuda(device: str) -> bool:
 
 def learning_rate_factor(cfg: dict, epoch: float) -> float:
     """Linear warmup from 1 to `distributed_lr_warmup_factor` over the warmup epochs, then the
-    milestones' factors; evaluated every batch at fractional epochs (REFERENCE.md)."""
+    milestones' factors; evaluated every batch at fractional epochs (the original code's schedule)."""
     factor = 1.0
     if cfg["distributed_lr_warmup_epoch"] > 0:
         factor = 1.0 + (cfg["distributed_lr_warmup_factor"] - 1.0) * min(epoch / cfg["distributed_lr_warmup_epoch"], 1.0)

@@ -3,7 +3,7 @@
 All six methods (all-reduce, D-PSGD, PowerGossip with 1 and 2 iterations, Choco
 sign+norm, DeepSqueeze sign+norm, Moniqua 2-bit) with the paper's hyper-parameters
 scaled to the task: the paper's consensus steps (gamma, theta) and the ratios of its
-learning-rate warmup factors (11.3 / 16 / 4.8 / 4, REFERENCE.md) on a base learning
+learning-rate warmup factors (11.3 / 16 / 4.8 / 4, the paper's CIFAR-10 settings) on a base learning
 rate of 0.01 (the paper's 0.1 times 11.3 diverges on this small CNN).
 
     python experiments/deep_learning.py --quick      # 2-core CPU, about 10 minutes
@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report, sweep  # noqa: E402
 
-# method -> (label, overrides): the paper's per-method settings (REFERENCE.md, CIFAR-10 ResNet-20).
+# method -> (label, overrides): the paper's per-method settings (the paper's CIFAR-10 ResNet-20 experiments).
 METHODS = {
     "all_reduce": ("All-reduce", ["optimizer=all-reduce", "distributed_lr_warmup_factor=11.3"]),
     "dpsgd": ("D-PSGD (uncompressed)", ["optimizer=dpsgd", "optimizer_diffusion_rate=1.308", "distributed_lr_warmup_factor=11.3"]),

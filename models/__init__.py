@@ -73,7 +73,7 @@ def build(
 def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in model.named_parameters()) of all batch-norm weights and biases.
 
-    The paper's training loop applies no weight decay to these (REFERENCE.md).
+    The paper's training loop applies no weight decay to these (the original code's rule).
     """
     bn_params = set()
     for module in model.modules():

@@ -1,6 +1,6 @@
 """L replicas of one model whose parameters, gradients and buffers are rows of stacks.
 
-The stacked-local-workers contract (DESIGN.md): a process hosts L workers and every
+The stacked-local-workers contract (README, "Launch layouts"): a process hosts L workers and every
 parameter is one tensor `[L, *shape]`; gossip algorithms and the optimizer work on
 those stacks in a few batched ops. Each replica is an ordinary `nn.Module` whose
 parameters are views into the stacks (row l), whose `.grad` are views into the
@@ -17,7 +17,7 @@ replica after the other; any model, the LSTM's hidden states), "vmap" (torch.fun
 the stacks; image models, float32) or "graph" (a CUDA graph of the loop over several
 streams; image models on a GPU).
 
-All replicas start as copies of `template` (the same initialization, DESIGN.md).
+All replicas start as copies of `template` (the same initialization, as in the paper).
 """
 from __future__ import annotations
 

@@ -6,3 +6,15 @@ original code) and `powergossip.algorithms` register into the same place.
 """
 METHODS: dict = {}  # name -> algorithms.Method
 COMPRESSORS: dict = {}  # name -> factory(keep_ratio, rank, qsgd_levels) -> compressors.Compressor
+
+
+def canonical_name(name: str) -> str:
+    """Names are case-free and read `-` and `_` alike: `power_gossip` = `power-gossip`."""
+    return name.strip().lower().replace("_", "-")
+
+
+def lookup(table: dict, aliases: dict, name: str) -> str | None:
+    """The key of `name` in `table` (either spelling, aliases included); None if unknown."""
+    key = canonical_name(name)
+    key = aliases.get(key, key)
+    return key if key in table else None

@@ -1,7 +1,7 @@
 """Dense reference: every algorithm as matrix formulas over all workers' states at once.
 
 X is `[n, ...]` (row i = worker i), W the full mixing matrix. Nothing here knows about
-half-edges, processes or packing: it is REFERENCE.md's math, written as plainly as
+half-edges, processes or packing: it is the papers' math, written as plainly as
 possible, to check the batched implementations in algorithms.py against.
 Randomness is shared with the implementation by seed (edge_seed, WorkerRandom streams).
 """
@@ -63,7 +63,7 @@ def deep_squeeze(W, Xs, gamma, compressor, steps, seed=0):
 
 
 def moniqua(W, Xs, gamma, theta, steps, seed=0):
-    """REFERENCE.md's 2-bit Moniqua, all pairs (i, j) at once as an [n, n, D] tensor."""
+    """The 2-bit Moniqua of Lu & De Sa 2020, all pairs (i, j) at once as an [n, n, D] tensor."""
     n = Xs[0].shape[0]
     randomness = WorkerRandom(seed, range(n), torch.device("cpu"), algorithms.MONIQUA_STREAM)
     delta = 1 / 3

@@ -1,5 +1,5 @@
 """Tests for topologies.py: mixing-matrix invariants, exact weights and spectral gaps
-(REFERENCE.md, "Topologies"), and helpful errors on bad input."""
+(the PowerGossip paper's graphs), and helpful errors on bad input."""
 import math
 
 import networkx
@@ -143,7 +143,7 @@ def test_exponential_neighbours():
 
 
 def reference_decreasing_degree(graph):
-    """Independent transcription of REFERENCE.md's rule, as in the paper's code."""
+    """Independent transcription of the original code's rule, as in the paper's code."""
     W = networkx.to_numpy_array(graph, nodelist=range(len(graph)))
     degrees = W.sum(axis=1) + 1
     for node in np.argsort(degrees, kind="stable")[::-1]:
