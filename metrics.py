@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from powergossip import data, runs
+from powergossip import data, models, runs
 from powergossip.models.stacked import loss_and_correct
 
 
@@ -191,10 +191,30 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
         recorder.record(f"time_{label}", e, mean * instances, {"split": "runtime"})
 
 
+def check_spectrum_logging(cfg: dict) -> None:
+    """The spectrum-logging keys name parameters of the model, epochs of the run and pairs of workers."""
+    if cfg["spectrum_logging_params"]:
+        with torch.device("meta"):  # names only: no memory, no time
+            model = models.build(cfg["task_architecture"], vocab_size=10)
+        names = list(dict(model.named_parameters()))  # as StackedReplicas.parameter_names
+        unknown = [name for name in cfg["spectrum_logging_params"] if name not in names]
+        if unknown:
+            raise runs.ConfigError(f"spectrum_logging_params: {cfg['task_architecture']} has no parameter "
+                                   f"{', '.join(map(repr, unknown))}; its parameters: {', '.join(names)}")
+    for epoch in cfg["spectrum_logging_epochs"]:
+        if not runs.is_integer(epoch) or not 1 <= epoch <= cfg["num_epochs"]:
+            raise runs.ConfigError(f"spectrum_logging_epochs holds epochs 1..num_epochs={cfg['num_epochs']}, got {epoch!r}")
+    for pair in cfg["spectrum_logging_worker_pairs"]:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(runs.is_integer(w) and 0 <= w < cfg["n_workers"] for w in pair)
+                and pair[0] != pair[1]):
+            raise runs.ConfigError(f"spectrum_logging_worker_pairs holds [i, j] pairs of distinct workers in "
+                                   f"0..{cfg['n_workers'] - 1}, got {pair!r}")
+
+
 def log_spectra(cfg, e, workers, comm, recorder):
     """Singular values of x_i - x_j for the configured parameters and worker pairs (the
     spectrum-logging keys of the original code); measurement traffic is not counted."""
-    for name in cfg["spectrum_logging_params"]:  # names checked by check_spectrum_logging
+    for name in cfg["spectrum_logging_params"]:  # names checked by check_spectrum_logging (before the run)
         everyone = comm.all_gather_workers(workers.params[workers.parameter_names.index(name)])
         for i, j in cfg["spectrum_logging_worker_pairs"]:
             difference = (everyone[i] - everyone[j]).reshape(everyone.shape[1], -1).double().cpu()

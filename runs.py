@@ -139,6 +139,11 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_integer(value) -> bool:
+    """An int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_config(defaults: dict, config: dict) -> None:
     """Every key known and of the default's type (for configs edited in Python)."""
     for key, value in config.items():

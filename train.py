@@ -280,7 +280,7 @@ def validated(cfg: dict) -> dict:
     if cfg["checkpoint_every"] < 0:
         raise runs.ConfigError("checkpoint_every must be >= 0")
     for key in ("max_batches_per_epoch", "max_test_examples"):
-        if cfg[key] is not None and (not _is_integer(cfg[key]) or cfg[key] < 1):
+        if cfg[key] is not None and (not runs.is_integer(cfg[key]) or cfg[key] < 1):
             raise runs.ConfigError(f"{key} must be an integer >= 1 (or null for no limit), got {cfg[key]!r}")
     for key in ("gradient_clipping", "dirichlet_alpha"):
         if cfg[key] is not None and not (runs.is_number(cfg[key]) and cfg[key] > 0):
@@ -295,7 +295,7 @@ def validated(cfg: dict) -> dict:
            for m in cfg["lr_schedule_milestones"]):
         raise runs.ConfigError(f"lr_schedule_milestones holds [epoch >= 0, factor > 0] pairs or bare epochs, got "
                                f"{cfg['lr_schedule_milestones']}")
-    check_spectrum_logging(cfg)
+    metrics.check_spectrum_logging(cfg)
     try:
         data.check_data_dir(cfg["task"], cfg["data_dir"])
     except FileNotFoundError as problem:
@@ -309,30 +309,6 @@ def validated(cfg: dict) -> dict:
 
 
 _DEFAULTS = dict(config)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_spectrum_logging(cfg: dict) -> None:
-    """The spectrum-logging keys name parameters of the model, epochs of the run and pairs of workers."""
-    if cfg["spectrum_logging_params"]:
-        with torch.device("meta"):  # names only: no memory, no time
-            model = models.build(cfg["task_architecture"], vocab_size=10)
-        names = list(dict(model.named_parameters()))  # as StackedReplicas.parameter_names
-        unknown = [name for name in cfg["spectrum_logging_params"] if name not in names]
-        if unknown:
-            raise runs.ConfigError(f"spectrum_logging_params: {cfg['task_architecture']} has no parameter "
-                                   f"{', '.join(map(repr, unknown))}; its parameters: {', '.join(names)}")
-    for epoch in cfg["spectrum_logging_epochs"]:
-        if not _is_integer(epoch) or not 1 <= epoch <= cfg["num_epochs"]:
-            raise runs.ConfigError(f"spectrum_logging_epochs holds epochs 1..num_epochs={cfg['num_epochs']}, got {epoch!r}")
-    for pair in cfg["spectrum_logging_worker_pairs"]:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_integer(w) and 0 <= w < cfg["n_workers"] for w in pair)
-                and pair[0] != pair[1]):
-            raise runs.ConfigError(f"spectrum_logging_worker_pairs holds [i, j] pairs of distinct workers in "
-                                   f"0..{cfg['n_workers'] - 1}, got {pair!r}")
 
 
 def uses_cuda(device: str) -> bool:
