@@ -63,6 +63,7 @@ import torch
 from powergossip import algorithms
 from powergossip import comm as comm_module
 from powergossip import compressors
+from powergossip import configuration
 from powergossip import runs
 from powergossip import topologies
 
@@ -263,7 +264,7 @@ def resolve(name: str) -> tuple[str, dict]:
 
 def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
     method, fixed = resolve(config["algorithm"])
-    hyper = runs.method_hyperparameters(config) | {"diffusion_rate": gamma, "theta": theta}
+    hyper = configuration.method_hyperparameters(config) | {"diffusion_rate": gamma, "theta": theta}
     return algorithms.build(method, comm, topology, **hyper | fixed)
 
 
@@ -294,21 +295,21 @@ def initial_state(config) -> torch.Tensor:
 
         images = data.load("fashion_mnist", data_dir=config["data_dir"]).train_x
         if images.shape[0] < n:
-            raise runs.ConfigError(f"data_type=images: {n} workers but only {images.shape[0]} images")
+            raise configuration.ConfigError(f"data_type=images: {n} workers but only {images.shape[0]} images")
         chosen = torch.randperm(images.shape[0], generator=generator)[:n]
         return images[chosen, 0].float() / 255
     if data_type == "file":
         return torch.from_numpy(np.ascontiguousarray(np.load(config["data_path"]), dtype=np.float32))
-    raise runs.ConfigError(f"unknown data_type {data_type!r}")
+    raise configuration.ConfigError(f"unknown data_type {data_type!r}")
 
 
 # --- checks (each process on its own, before any communication) ------------------------------------
 def check(config) -> dict:
     """A checked copy of `config` with every key by its own name (aliases renamed); raises
-    runs.ConfigError (a ValueError) naming the key for anything that cannot work."""
-    config = runs.with_canonical_keys(DEFAULTS, config)
-    runs.check_config(DEFAULTS, config)
-    error = runs.ConfigError
+    configuration.ConfigError (a ValueError) naming the key for anything that cannot work."""
+    config = configuration.with_canonical_keys(DEFAULTS, config)
+    configuration.check_config(DEFAULTS, config)
+    error = configuration.ConfigError
     for key, default in DEFAULTS.items():
         if default is not None and config.get(key) is None:
             raise error(f"{key} must not be null (expected a {type(default).__name__} like {default!r})")
@@ -319,7 +320,7 @@ def check(config) -> dict:
 
     def positive_numbers(key):
         for value in _as_list(config[key]):
-            require(runs.is_number(value) and value > 0, f"{key} must be a positive number (or a list of them), got {config[key]!r}")
+            require(configuration.is_number(value) and value > 0, f"{key} must be a positive number (or a list of them), got {config[key]!r}")
         require(len(_as_list(config[key])) > 0, f"{key} must not be an empty list")
 
     name = config["algorithm"]
@@ -338,7 +339,7 @@ def check(config) -> dict:
     try:
         config["optimizer_compressor"] = compressors.registered_name(config["optimizer_compressor"])
     except ValueError as problem:
-        raise runs.method_problem(problem) from None
+        raise configuration.method_problem(problem) from None
     for key, value in fixed.items():
         given = config[f"optimizer_{key}"]
         require(given in (value, DEFAULTS[f"optimizer_{key}"]),
@@ -358,10 +359,10 @@ def check(config) -> dict:
     for gamma in diffusion_rates(config):  # the method's own checks, for every setting of the sweep
         for theta in thetas(config):
             try:
-                algorithms.check(method, topology, **runs.method_hyperparameters(config) | fixed
+                algorithms.check(method, topology, **configuration.method_hyperparameters(config) | fixed
                                  | {"diffusion_rate": gamma, "theta": theta})
             except ValueError as problem:
-                raise runs.method_problem(problem) from None
+                raise configuration.method_problem(problem) from None
 
     device = config["device"]
     require(device in ("cpu", "cuda", "auto") or device.startswith("cuda:"),
@@ -399,5 +400,5 @@ def check(config) -> dict:
 
 
 if __name__ == "__main__":
-    config, output_dir = runs.command_line_or_exit("gossip_run.py", config, output_dir, sys.argv[1:], check)
-    runs.run_or_exit("gossip_run.py", main)
+    config, output_dir = configuration.command_line_or_exit("gossip_run.py", config, output_dir, sys.argv[1:], check)
+    configuration.run_or_exit("gossip_run.py", main)

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from powergossip import data, models, runs
+from powergossip import configuration, data, models, runs
 from powergossip.models.stacked import loss_and_correct
 
 
@@ -199,15 +199,15 @@ def check_spectrum_logging(cfg: dict) -> None:
         names = list(dict(model.named_parameters()))  # as StackedReplicas.parameter_names
         unknown = [name for name in cfg["spectrum_logging_params"] if name not in names]
         if unknown:
-            raise runs.ConfigError(f"spectrum_logging_params: {cfg['task_architecture']} has no parameter "
+            raise configuration.ConfigError(f"spectrum_logging_params: {cfg['task_architecture']} has no parameter "
                                    f"{', '.join(map(repr, unknown))}; its parameters: {', '.join(names)}")
     for epoch in cfg["spectrum_logging_epochs"]:
-        if not runs.is_integer(epoch) or not 1 <= epoch <= cfg["num_epochs"]:
-            raise runs.ConfigError(f"spectrum_logging_epochs holds epochs 1..num_epochs={cfg['num_epochs']}, got {epoch!r}")
+        if not configuration.is_integer(epoch) or not 1 <= epoch <= cfg["num_epochs"]:
+            raise configuration.ConfigError(f"spectrum_logging_epochs holds epochs 1..num_epochs={cfg['num_epochs']}, got {epoch!r}")
     for pair in cfg["spectrum_logging_worker_pairs"]:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(runs.is_integer(w) and 0 <= w < cfg["n_workers"] for w in pair)
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(configuration.is_integer(w) and 0 <= w < cfg["n_workers"] for w in pair)
                 and pair[0] != pair[1]):
-            raise runs.ConfigError(f"spectrum_logging_worker_pairs holds [i, j] pairs of distinct workers in "
+            raise configuration.ConfigError(f"spectrum_logging_worker_pairs holds [i, j] pairs of distinct workers in "
                                    f"0..{cfg['n_workers'] - 1}, got {pair!r}")
 
 

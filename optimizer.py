@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from powergossip import algorithms, models, runs, topologies
+from powergossip import algorithms, configuration, models, topologies
 from powergossip import comm as comm_module
 
 
@@ -83,7 +83,7 @@ class DecentralizedOptimizer:
         name = algorithms.registered_name(algorithm)
         if algorithms.METHODS[name].acts_on != "parameters":
             raise ValueError(f"{name} acts on gradients; DecentralizedOptimizer gossips parameters")
-        hyper = {runs.ALIASES.get(key, key).removeprefix("optimizer_"): value for key, value in hyper.items()}
+        hyper = {configuration.ALIASES.get(key, key).removeprefix("optimizer_"): value for key, value in hyper.items()}
         self.gossip = algorithms.build(name, self.comm, self.topology, strict=True, **hyper)
         self.local_step_first = algorithms.METHODS[name].local_step_first
         self.optimizer = optimizer

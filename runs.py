@@ -1,24 +1,15 @@
-"""What runs share: config overrides from YAML files and `key=value` arguments, the
-output folder (which a run claims before any work, so that it never overwrites another
-run's results unasked), the `output_dir/metrics.jsonl` writer, checkpoint files (written
-atomically, verified when read), and train.py's run infrastructure: timers, the
-divergence check, checkpoints agreed between processes, stop requests.
-
-    config = runs.apply_overrides(defaults, ["paper.yaml", "n_workers=16", "topology=torus"])
-
-Values are parsed as YAML (`lr=0.1`, `lr=1e-3`, `warm_start=false`,
-`milestones=[150,225]`, `rank=null`) and must have the type of the default: unknown
-keys, wrong types and numbers that are not finite are errors that name the key and
-what was expected, before any work starts.
+"""What runs share: the output folder (which a run claims before any work, so that it
+never overwrites another run's results unasked), the `output_dir/metrics.jsonl` writer,
+checkpoint files (written atomically, verified when read), and train.py's run
+infrastructure: timers, the divergence check, checkpoints agreed between processes,
+stop requests. Reading and checking configurations is configuration.py's.
 """
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -30,151 +21,8 @@ import numpy as np
 import torch
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says which key and why."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as PyYAML reads it, but `1e-3` is a number (YAML 1.1 wants `1.0e-3` and
-    would read `1e-3` as a string; YAML 1.2 and Python read it as a number)."""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                              list("-+.0123456789"))
-
-
-def parse_value(text: str):
-    """A `key=value` argument's value as YAML (an empty text is the empty string)."""
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
-
-
-# The methods' hyper-parameters have one name in both entrypoints, `optimizer_<name>` (the
-# original train.py's keys; the registry's factories take `<name>`). Other spellings that
-# users, the original consensus code and older results use are read as these.
-ALIASES = {
-    "compression_rank": "optimizer_rank", "compression_num_iterations": "optimizer_num_iterations",
-    "keep_ratio": "optimizer_keep_ratio", "qsgd_levels": "optimizer_qsgd_levels",
-    "diffusion_rate": "optimizer_diffusion_rate", "theta": "optimizer_theta",
-    "compressor": "optimizer_compressor", "warm_start": "optimizer_warm_start", "round_weights": "optimizer_round_weights",
-    "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations",
-}
-
-
-def method_hyperparameters(config: dict) -> dict:
-    """The `optimizer_<name>` keys as the registry's vocabulary (`<name>`), and the seed."""
-    prefix = "optimizer_"
-    return {key[len(prefix):]: value for key, value in config.items() if key.startswith(prefix)} | {"seed": config["seed"]}
-
-
-def method_problem(problem: Exception) -> ConfigError:
-    """A method constructor's complaint about `<name>` as one about its key `optimizer_<name>`."""
-    names = "|".join(key[len("optimizer_"):] for key in ALIASES.values())
-    return ConfigError(re.sub(rf"^({names})\b", r"optimizer_\1", str(problem)))
-
-
-def canonical_key(key: str, defaults: dict) -> str:
-    """The key `defaults` knows for `key`, its alias, or the method key of the other
-    entrypoint (train.py's `optimizer` is gossip_run.py's `algorithm`)."""
-    if key in defaults:
-        return key
-    key = ALIASES.get(key, key)
-    swapped = {"optimizer": "algorithm", "algorithm": "optimizer"}.get(key)
-    return swapped if swapped in defaults and key not in defaults else key
-
-
-def with_canonical_keys(defaults: dict, config: dict) -> dict:
-    """A copy of `config` (edited in Python) with every alias written as its key; an alias
-    set beside its key to another non-default value is an error."""
-    renamed = {key: value for key, value in config.items() if canonical_key(key, defaults) == key}
-    for key, value in config.items():
-        name = canonical_key(key, defaults)
-        if name != key:
-            if name in renamed and renamed[name] not in (defaults.get(name), value):
-                raise ConfigError(f"{key}={value!r} and {name}={renamed[name]!r} name the same setting; give one of them")
-            renamed[name] = value
-    return renamed
-
-
-def apply_overrides(defaults: dict, arguments: list[str]) -> dict:
-    """A copy of `defaults` updated from YAML files and `key=value` arguments, in order
-    (aliases of a key are read as that key)."""
-    config = dict(defaults)
-    for argument in arguments:
-        if "=" in argument:
-            key, text = argument.split("=", 1)
-            updates = {key.strip(): parse_value(text)}
-            source = f"argument {argument!r}"
-        elif argument.endswith((".yaml", ".yml")):
-            if not os.path.exists(argument):
-                raise ConfigError(f"config file {argument!r} does not exist")
-            with open(argument) as f:
-                updates = yaml.load(f, Loader=_Loader) or {}
-            if not isinstance(updates, dict):
-                raise ConfigError(f"config file {argument!r} must hold a mapping of keys to values")
-            source = f"file {argument!r}"
-        else:
-            raise ConfigError(f"cannot read argument {argument!r}: give key=value or a .yaml file")
-        for key, value in updates.items():
-            key = canonical_key(key, defaults)
-            config[key] = check_value(defaults, key, value, source)
-    return config
-
-
-def command_line(defaults: dict, output_dir: str, arguments: list[str]) -> tuple[dict, str]:
-    """(config, output_dir) from the command line: `output_dir=PATH` sets where results
-    go (it is not a config key); everything else goes through `apply_overrides`."""
-    rest = []
-    for argument in arguments:
-        if argument.startswith("output_dir="):
-            output_dir = argument.split("=", 1)[1]
-        else:
-            rest.append(argument)
-    return apply_overrides(defaults, rest), output_dir
-
-
-def is_number(value) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def is_integer(value) -> bool:
-    """An int (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_config(defaults: dict, config: dict) -> None:
-    """Every key known and of the default's type (for configs edited in Python)."""
-    for key, value in config.items():
-        check_value(defaults, key, value, "config")
-
-
-def check_value(defaults: dict, key: str, value, source: str):
-    if key not in defaults:
-        close = difflib.get_close_matches(key, list(defaults), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(defaults))}"
-        raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
-    default = defaults[key]
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r} ({source})")
-    elif isinstance(default, float):
-        if not is_number(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r} ({source})")
-        value = float(value)
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r} ({source})")
-    elif isinstance(default, (list, tuple)):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r} ({source})")
-        value = list(value)
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string, got {value!r} ({source})")
-    return value
+from powergossip import configuration
+from powergossip.configuration import ConfigError
 
 
 # --- the output folder -----------------------------------------------------------------------
@@ -328,44 +176,6 @@ def read_metrics(path: str) -> list[dict]:
                 break
             raise ValueError(f"{path}: line {number} is not a JSON record ({problem})") from None
     return records
-
-
-def command_line_or_exit(program: str, defaults: dict, output_dir: str, arguments: list[str], check) -> tuple[dict, str]:
-    """`command_line`, then `check(config)`; a problem ends the program (exit_on_config_error)."""
-    try:
-        config, output_dir = command_line(defaults, output_dir, arguments)
-        check(config)
-    except (ValueError, OSError) as problem:
-        exit_on_config_error(program, problem)
-    return config, output_dir
-
-
-def run_or_exit(program: str, main) -> None:
-    """An entrypoint's `main()`; a configuration problem it finds before any work (the output
-    folder, the checkpoint to resume) ends the program as on the command line."""
-    try:
-        main()
-    except ConfigError as problem:
-        exit_on_config_error(program, problem)
-
-
-def exit_on_config_error(program: str, problem: Exception) -> None:
-    """Print a configuration problem and exit with status 2. Under mpirun every process
-    fails the same way: wait (a few seconds at most) until all have printed, so that
-    mpirun does not kill one before it could say why."""
-    rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK") if v in os.environ), "0")
-    sys.stderr.write(f"{program}: configuration error (process {rank}): {problem}\n")
-    sys.stderr.flush()
-    from powergossip.comm import launched_by_mpirun  # here: runs stays light for what imports it
-
-    if launched_by_mpirun():
-        from mpi4py import MPI
-
-        everyone_failed = MPI.COMM_WORLD.Ibarrier()
-        deadline = time.time() + 10
-        while not everyone_failed.Test() and time.time() < deadline:
-            time.sleep(0.01)
-    sys.exit(2)
 
 
 # --- checkpoint files --------------------------------------------------------------------------
@@ -579,7 +389,7 @@ class Checkpoints:
         folder_config = os.path.join(os.path.dirname(self.folder), "config.yaml")
         if os.path.exists(folder_config):
             with open(folder_config) as f:
-                recorded = yaml.load(f, Loader=_Loader) or {}
+                recorded = yaml.load(f, Loader=configuration.YamlLoader) or {}
             foreign = differences(recorded, stored)
             if foreign:
                 raise ConfigError(f"the checkpoints in {self.folder} do not belong to the run recorded in {folder_config}: "

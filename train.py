@@ -32,11 +32,11 @@ import torch
 
 from powergossip import algorithms
 from powergossip import comm as comm_module
-from powergossip import compressors
 from powergossip import data
 from powergossip import metrics
 from powergossip import models
 from powergossip import optimizer
+from powergossip import configuration
 from powergossip import runs
 from powergossip import topologies
 from powergossip.models.stacked import StackedReplicas
@@ -234,85 +234,12 @@ def main():
     return folder
 
 
-# --- configuration --------------------------------------------------------------------------
-def validated(cfg: dict) -> dict:
-    """A checked copy of the config, every key by its own name (aliases renamed): every
-    problem raised before any work starts."""
-    cfg = runs.with_canonical_keys(_DEFAULTS, cfg)
-    runs.check_config(_DEFAULTS, cfg)
-    try:
-        cfg["optimizer"] = algorithms.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
-    except ValueError as problem:
-        raise runs.ConfigError(f"optimizer: {problem}") from None
-    try:
-        cfg["optimizer_compressor"] = compressors.registered_name(cfg["optimizer_compressor"])
-    except ValueError as problem:
-        raise runs.method_problem(problem) from None
-    if algorithms.METHODS[cfg["optimizer"]].acts_on != "parameters":
-        raise runs.ConfigError(f"optimizer={cfg['optimizer']} acts on gradients; train.py runs methods that gossip "
-                               f"parameters")
-    if cfg["n_workers"] < 2:
-        raise runs.ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
-    choices = {"task": data.TASKS, "task_architecture": models.NAMES,
-               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph")}
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise runs.ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
-    if (cfg["task"] == "wikitext2") != (cfg["task_architecture"] == "lstm"):
-        raise runs.ConfigError("task=wikitext2 goes with task_architecture=lstm, and lstm with wikitext2 only")
-    if cfg["stacked_compute"] == "vmap" and (cfg["task_architecture"] == "lstm" or cfg["dtype"] != "float32"):
-        raise runs.ConfigError("stacked_compute=vmap runs image models in float32; use stacked_compute=loop for the LSTM or bfloat16")
-    if cfg["stacked_compute"] == "graph" and (cfg["task_architecture"] == "lstm" or not uses_cuda(cfg["device"])):
-        raise runs.ConfigError("stacked_compute=graph records a CUDA graph of image models: it needs a GPU (device=cuda) "
-                               "and an image task; use stacked_compute=loop otherwise")
-    positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size"]
-    for key in positive:
-        if cfg[key] < 1:
-            raise runs.ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    if not cfg["learning_rate"] > 0:
-        raise runs.ConfigError(f"learning_rate must be > 0, got {cfg['learning_rate']}")
-    if not 0 <= cfg["decentralized_data_shuffled_ratio"] <= 1:
-        raise runs.ConfigError("decentralized_data_shuffled_ratio must be in [0, 1]")
-    if cfg["dirichlet_alpha"] is not None and (cfg["use_decentralized_data"] or not cfg["dirichlet_alpha"] > 0):
-        raise runs.ConfigError("dirichlet_alpha must be > 0 and cannot be combined with use_decentralized_data")
-    if cfg["weight_decay"] < 0 or not 0 <= cfg["momentum"] < 1:
-        raise runs.ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
-    if cfg["checkpoint_every"] < 0:
-        raise runs.ConfigError("checkpoint_every must be >= 0")
-    for key in ("max_batches_per_epoch", "max_test_examples"):
-        if cfg[key] is not None and (not runs.is_integer(cfg[key]) or cfg[key] < 1):
-            raise runs.ConfigError(f"{key} must be an integer >= 1 (or null for no limit), got {cfg[key]!r}")
-    for key in ("gradient_clipping", "dirichlet_alpha"):
-        if cfg[key] is not None and not (runs.is_number(cfg[key]) and cfg[key] > 0):
-            raise runs.ConfigError(f"{key} must be a positive number (or null: off), got {cfg[key]!r}")
-    if cfg["distributed_lr_warmup_epoch"] < 0 or not cfg["distributed_lr_warmup_factor"] > 0:
-        raise runs.ConfigError("distributed_lr_warmup_epoch must be >= 0 and distributed_lr_warmup_factor > 0, got "
-                               f"{cfg['distributed_lr_warmup_epoch']} and {cfg['distributed_lr_warmup_factor']}")
-    if not cfg["max_loss_ratio"] > 1:
-        raise runs.ConfigError(f"max_loss_ratio must be > 1 (a multiple of the first step's loss), got {cfg['max_loss_ratio']}")
-    cfg["lr_schedule_milestones"] = [list(m) if isinstance(m, (list, tuple)) else [m, 0.1] for m in cfg["lr_schedule_milestones"]]
-    if any(len(m) != 2 or not runs.is_number(m[0]) or m[0] < 0 or not runs.is_number(m[1]) or m[1] <= 0
-           for m in cfg["lr_schedule_milestones"]):
-        raise runs.ConfigError(f"lr_schedule_milestones holds [epoch >= 0, factor > 0] pairs or bare epochs, got "
-                               f"{cfg['lr_schedule_milestones']}")
-    metrics.check_spectrum_logging(cfg)
-    try:
-        data.check_data_dir(cfg["task"], cfg["data_dir"])
-    except FileNotFoundError as problem:
-        raise runs.ConfigError(str(problem)) from None
-    topology = topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: ValueError now
-    try:
-        algorithms.check(cfg["optimizer"], topology, **runs.method_hyperparameters(cfg))
-    except ValueError as problem:
-        raise runs.method_problem(problem) from None
-    return cfg
-
-
 _DEFAULTS = dict(config)
 
 
-def uses_cuda(device: str) -> bool:
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+def validated(cfg: dict) -> dict:
+    """A checked copy of `cfg` (configuration.checked_training): every problem before any work."""
+    return configuration.checked_training(cfg, _DEFAULTS)
 
 
 def learning_rate_factor(cfg: dict, epoch: float) -> float:
@@ -342,9 +269,9 @@ def build_loader(cfg: dict, dataset, comm):
 
 def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
     """The `optimizer` key's registered method, with the `optimizer_<name>` keys as its hyper-parameters."""
-    return algorithms.build(cfg["optimizer"], comm, topology, **runs.method_hyperparameters(cfg))
+    return algorithms.build(cfg["optimizer"], comm, topology, **configuration.method_hyperparameters(cfg))
 
 
 if __name__ == "__main__":
-    config, output_dir = runs.command_line_or_exit("train.py", config, output_dir, sys.argv[1:], validated)
-    runs.run_or_exit("train.py", main)
+    config, output_dir = configuration.command_line_or_exit("train.py", config, output_dir, sys.argv[1:], validated)
+    configuration.run_or_exit("train.py", main)

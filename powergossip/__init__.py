@@ -1,7 +1,7 @@
 """PowerGossip under one import name, without generic names on anyone's import path.
 
 The code lives at the repository root (train.py, gossip_run.py, algorithms.py,
-compressors.py, comm.py, topologies.py, runs.py, models/, data/), where
+compressors.py, comm.py, topologies.py, configuration.py, runs.py, models/, data/), where
 `python train.py` and `import train` work as in the original project. This package
 adds that root to its own search path, so the same files are also
 `powergossip.algorithms`, `powergossip.train`, `powergossip.models`, ... from any

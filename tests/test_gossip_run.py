@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gossip_run
-from powergossip import runs
+from powergossip import configuration, runs
 from tests.launch import ROOT, run_mpi
 
 SMALL = {"matrix_size": 10, "num_steps": 60}  # every algorithm on an 8-ring in well under a second
@@ -77,7 +77,7 @@ def test_schedule_schema_and_bits_of_uncompressed_gossip(tmp_path):
     assert not named(records, "diverged")
     assert [(r["name"], {k: r[k] for k in ("step", "value", "bits", "messages")}, r["tags"]) for r in records] == hooked
     assert progress == [0.0, 1.0]
-    assert runs.apply_overrides(gossip_run.DEFAULTS, [str(tmp_path / "config.yaml")]) == \
+    assert configuration.apply_overrides(gossip_run.DEFAULTS, [str(tmp_path / "config.yaml")]) == \
         dict(gossip_run.DEFAULTS, algorithm="uncompressed", matrix_size=10, num_steps=250)
 
 
@@ -170,7 +170,7 @@ def test_file_data_type(tmp_path):
 def test_a_file_with_the_wrong_first_dimension_is_a_clear_error(tmp_path):
     path = tmp_path / "start.npy"
     np.save(path, np.zeros((5, 3, 3), dtype=np.float32))
-    with pytest.raises(runs.ConfigError, match=r"shape \(5, 3, 3\).*\[8, \.\.\.\]"):
+    with pytest.raises(configuration.ConfigError, match=r"shape \(5, 3, 3\).*\[8, \.\.\.\]"):
         run_main(tmp_path / "out", data_type="file", data_path=str(path))
     assert not (tmp_path / "out").exists()
 
@@ -206,7 +206,7 @@ def test_images_data_type(tmp_path):
     ({"theta": []}, "optimizer_theta must not be an empty list"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, overrides, message):
-    with pytest.raises(runs.ConfigError, match=message):
+    with pytest.raises(configuration.ConfigError, match=message):
         run_main(tmp_path / "out", **overrides)
     assert not (tmp_path / "out").exists()
 
@@ -215,7 +215,7 @@ def test_unknown_key_is_a_clear_error(tmp_path):
     saved = gossip_run.config
     gossip_run.config = dict(gossip_run.DEFAULTS, diffusion=0.5)
     try:
-        with pytest.raises(runs.ConfigError, match="unknown config key 'diffusion'.*diffusion_rate"):
+        with pytest.raises(configuration.ConfigError, match="unknown config key 'diffusion'.*diffusion_rate"):
             gossip_run.main()
     finally:
         gossip_run.config = saved
@@ -225,7 +225,7 @@ def test_command_line_reads_yaml_then_arguments(tmp_path, monkeypatch, capsys):
     (tmp_path / "base.yaml").write_text("algorithm: fp_choco\nmatrix_size: 8\nnum_steps: 500\n")
     out = tmp_path / "out"
     run_cli(monkeypatch, [str(tmp_path / "base.yaml"), "num_steps=20", "diffusion_rate=0.5", f"output_dir={out}"])
-    written = runs.apply_overrides(gossip_run.DEFAULTS, [str(out / "config.yaml")])
+    written = configuration.apply_overrides(gossip_run.DEFAULTS, [str(out / "config.yaml")])
     assert written == dict(gossip_run.DEFAULTS, algorithm="fp_choco", matrix_size=8, num_steps=20, optimizer_diffusion_rate=0.5)
     assert named(runs.read_metrics(str(out)), "final_error")[0]["step"] == 20
     assert "fp_choco gamma=0.5: final error" in capsys.readouterr().out
@@ -238,7 +238,7 @@ def test_command_line_reads_yaml_then_arguments(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "experiments", "configs", "gossip"))))
 def test_example_configs_are_valid(name):
-    config = runs.apply_overrides(gossip_run.DEFAULTS, [os.path.join(ROOT, "experiments", "configs", "gossip", name)])
+    config = configuration.apply_overrides(gossip_run.DEFAULTS, [os.path.join(ROOT, "experiments", "configs", "gossip", name)])
     if config["data_type"] != "images" or os.path.exists("/usr/share/datasets/fashion-mnist"):
         gossip_run.check(config)
 
@@ -302,12 +302,12 @@ def test_one_vocabulary_and_the_older_names(tmp_path):
 
     (tmp_path / "old.yaml").write_text("compression_rank: 2\ncompression_num_iterations: 3\nkeep_ratio: 0.5\n"
                                        "qsgd_levels: 4\ndiffusion_rate: [0.1, 0.2]\ntheta: 2.0\n")
-    config = gossip_run.check(runs.apply_overrides(gossip_run.DEFAULTS, [str(tmp_path / "old.yaml"), "optimizer=moniqua"]))
+    config = gossip_run.check(configuration.apply_overrides(gossip_run.DEFAULTS, [str(tmp_path / "old.yaml"), "optimizer=moniqua"]))
     assert {key: config[key] for key in ("algorithm", "optimizer_rank", "optimizer_num_iterations", "optimizer_keep_ratio",
                                          "optimizer_qsgd_levels", "optimizer_diffusion_rate", "optimizer_theta")} == \
         {"algorithm": "moniqua", "optimizer_rank": 2, "optimizer_num_iterations": 3, "optimizer_keep_ratio": 0.5,
          "optimizer_qsgd_levels": 4, "optimizer_diffusion_rate": [0.1, 0.2], "optimizer_theta": 2.0}
-    cfg = train.validated(runs.apply_overrides(train._DEFAULTS, ["algorithm=power_gossip", "compression_rank=2"]))
+    cfg = train.validated(configuration.apply_overrides(train._DEFAULTS, ["algorithm=power_gossip", "compression_rank=2"]))
     assert (cfg["optimizer"], cfg["optimizer_rank"]) == ("power-gossip", 2)
     edited = dict(train._DEFAULTS, keep_ratio=0.2)  # a config dict edited in Python with an older name
     assert train.validated(edited)["optimizer_keep_ratio"] == 0.2

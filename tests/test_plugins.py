@@ -10,7 +10,7 @@ import pytest
 
 import gossip_run
 import train
-from powergossip import algorithms, runs, topologies
+from powergossip import algorithms, configuration, topologies
 from tests.launch import ROOT, installed_environment
 from tests.test_gossip_run import run_main
 from tests.test_runs import records, settings, tiny_data  # noqa: F401 (fixture)
@@ -62,7 +62,7 @@ def test_a_registered_method_runs_in_train(tmp_path, tiny_data, registered):  # 
     assert [r[:3] + r[4:] for r in mine] == [r[:3] + r[4:] for r in builtin]  # names, tags, bits
     for a, b in zip(mine, builtin):
         assert a[3] == pytest.approx(b[3], rel=1e-4, abs=1e-5), (a, b)
-    assert runs.apply_overrides(train._DEFAULTS, [str(tmp_path / "mine" / "config.yaml")])["optimizer"] == "half-step-gossip"
+    assert configuration.apply_overrides(train._DEFAULTS, [str(tmp_path / "mine" / "config.yaml")])["optimizer"] == "half-step-gossip"
 
 
 def test_method_names_read_dashes_and_underscores_alike():
@@ -121,9 +121,9 @@ class OddRankGossip(HalfStepGossip):
 def test_a_method_checks_its_hyper_parameters_in_one_place_before_any_work(tmp_path):
     algorithms.register_algorithm("odd-rank", OddRankGossip)
     try:
-        with pytest.raises(runs.ConfigError, match="optimizer_rank must be odd, got 2"):
+        with pytest.raises(configuration.ConfigError, match="optimizer_rank must be odd, got 2"):
             train.validated(dict(train._DEFAULTS, optimizer="odd-rank", optimizer_rank=2))
-        with pytest.raises(runs.ConfigError, match="optimizer_rank must be odd, got 2"):
+        with pytest.raises(configuration.ConfigError, match="optimizer_rank must be odd, got 2"):
             run_main(tmp_path / "out", algorithm="odd-rank", compression_rank=2, num_steps=3)
         assert not (tmp_path / "out").exists()
         assert train.validated(dict(train._DEFAULTS, optimizer="odd-rank", optimizer_rank=3))["optimizer"] == "odd-rank"
@@ -145,9 +145,9 @@ def test_a_module_imported_from_the_root_shares_the_registry(tmp_path):
 def test_methods_acting_on_gradients_are_refused_where_they_do_not_apply(tmp_path):
     algorithms.register_algorithm("gradient-method", HalfStepGossip, acts_on="gradients")
     try:
-        with pytest.raises(runs.ConfigError, match="acts on gradients"):
+        with pytest.raises(configuration.ConfigError, match="acts on gradients"):
             train.validated(dict(train._DEFAULTS, optimizer="gradient-method"))
-        with pytest.raises(runs.ConfigError, match="acts on gradients; consensus experiments have none"):
+        with pytest.raises(configuration.ConfigError, match="acts on gradients; consensus experiments have none"):
             run_main(tmp_path / "out", algorithm="gradient-method", num_steps=3)
     finally:
         del algorithms.METHODS["gradient-method"]
@@ -176,5 +176,5 @@ def test_compressor_and_study_names_read_dashes_and_underscores_alike(tmp_path):
     assert cfg["optimizer_compressor"] == "top-k"  # one spelling in config.yaml, so resume compares names
     config = gossip_run.check(dict(gossip_run.DEFAULTS, algorithm="topk-choco", optimizer_compressor="TopK"))
     assert config["optimizer_compressor"] == "top-k"
-    with pytest.raises(runs.ConfigError, match="n_workers must be >= 2"):
+    with pytest.raises(configuration.ConfigError, match="n_workers must be >= 2"):
         train.validated(dict(train._DEFAULTS, n_workers=1))

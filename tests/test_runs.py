@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from powergossip import runs
+from powergossip import configuration, runs
 import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
@@ -49,7 +49,7 @@ def contents(folder):
 def test_a_folder_with_results_is_refused_and_left_intact(tmp_path, tiny_data):
     run(str(tmp_path), settings(tiny_data))
     before = contents(tmp_path)
-    with pytest.raises(runs.ConfigError, match="holds another run's results .*resume=true.*overwrite=true"):
+    with pytest.raises(configuration.ConfigError, match="holds another run's results .*resume=true.*overwrite=true"):
         run(str(tmp_path), settings(tiny_data, seed=4))
     assert contents(tmp_path) == before
 
@@ -72,7 +72,7 @@ def test_files_beside_a_run_are_not_results(tmp_path, tiny_data):
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, tiny_data):
     (tmp_path / "metrics.jsonl").write_text('{"name": "mine"}\n')
-    with pytest.raises(runs.ConfigError, match="holds no checkpoint.*overwrite=true"):
+    with pytest.raises(configuration.ConfigError, match="holds no checkpoint.*overwrite=true"):
         run(str(tmp_path), settings(tiny_data) + ["resume=true"])
     assert (tmp_path / "metrics.jsonl").read_text() == '{"name": "mine"}\n'
 
@@ -99,7 +99,7 @@ def test_resumed_summary_carries_the_accuracy(tmp_path, tiny_data):
 
 def test_no_output_dir_gives_each_run_a_fresh_folder(tmp_path, tiny_data, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train.config = runs.apply_overrides(DEFAULTS, settings(tiny_data))
+    train.config = configuration.apply_overrides(DEFAULTS, settings(tiny_data))
     train.output_dir = None
     first, second = train.main(), train.main()
     assert first != second and os.path.dirname(first) == os.path.dirname(second) == "runs"
@@ -110,7 +110,7 @@ def test_no_output_dir_gives_each_run_a_fresh_folder(tmp_path, tiny_data, monkey
 def test_resume_refuses_a_changed_definition_of_the_run(tmp_path, tiny_data):
     run(str(tmp_path), settings(tiny_data) + ["optimizer=power-gossip"])
     before = contents(tmp_path)
-    with pytest.raises(runs.ConfigError, match=r"optimizer_rank=2 \(the run has 1\)"):
+    with pytest.raises(configuration.ConfigError, match=r"optimizer_rank=2 \(the run has 1\)"):
         run(str(tmp_path), settings(tiny_data, num_epochs=2) + ["optimizer=power-gossip", "optimizer_rank=2", "resume=true"])
     assert contents(tmp_path) == before  # config.yaml still says rank 1
 
@@ -119,14 +119,14 @@ def test_resume_may_change_the_learning_rate_and_epochs(tmp_path, tiny_data):
     run(str(tmp_path), settings(tiny_data))
     run(str(tmp_path), settings(tiny_data, num_epochs=2, learning_rate=0.01, weight_decay=0.0) + ["resume=true"])
     assert {r[1] for r in records(tmp_path)} == {1.0, 2.0}
-    stored = runs.apply_overrides(DEFAULTS, [str(tmp_path / "config.yaml")])
+    stored = configuration.apply_overrides(DEFAULTS, [str(tmp_path / "config.yaml")])
     assert stored["learning_rate"] == 0.01 and not stored["resume"]  # a new run from this file starts afresh
 
 
 def test_a_stored_config_given_to_a_new_run_replaces_nothing(tmp_path, tiny_data):
     run(str(tmp_path / "a"), settings(tiny_data) + ["overwrite=true"])
     before = contents(tmp_path / "a")
-    with pytest.raises(runs.ConfigError, match="holds another run's results"):
+    with pytest.raises(configuration.ConfigError, match="holds another run's results"):
         run(str(tmp_path / "a"), [str(tmp_path / "a" / "config.yaml")])
     assert contents(tmp_path / "a") == before
 
@@ -194,7 +194,7 @@ def test_a_damaged_checkpoint_without_a_save_before_is_named(tmp_path, tiny_data
     run(str(tmp_path), settings(tiny_data))
     path = tmp_path / "checkpoints" / "rank0.pt"
     damage(path, "flipped")
-    with pytest.raises(runs.ConfigError, match=f"no save is intact on every process \\(process 0: {path} is corrupt"):
+    with pytest.raises(configuration.ConfigError, match=f"no save is intact on every process \\(process 0: {path} is corrupt"):
         run(str(tmp_path), settings(tiny_data, num_epochs=2) + ["resume=true"])
 
 
@@ -214,30 +214,30 @@ def test_a_damaged_checkpoint_without_a_save_before_is_named(tmp_path, tiny_data
     ({"task": "fashion_mnist", "data_dir": "/nonexistent"}, "/nonexistent"),
 ])
 def test_config_errors_are_found_before_any_work(overrides, match):
-    with pytest.raises(runs.ConfigError, match=match):
+    with pytest.raises(configuration.ConfigError, match=match):
         train.validated(dict(DEFAULTS) | overrides)
 
 
 def test_a_nonexistent_data_dir_never_falls_back(tmp_path):
-    with pytest.raises(runs.ConfigError, match="/nonexistent"):
+    with pytest.raises(configuration.ConfigError, match="/nonexistent"):
         run(str(tmp_path / "out"), ["task=fashion_mnist", "data_dir=/nonexistent", "device=cpu"])
     assert not (tmp_path / "out").exists()
 
 
 def test_an_unwritable_output_dir_is_found_before_any_work(tmp_path, tiny_data):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(runs.ConfigError, match="cannot write to output_dir"):
+    with pytest.raises(configuration.ConfigError, match="cannot write to output_dir"):
         run(str(tmp_path / "a_file" / "out"), settings(tiny_data))
 
 
 def test_scientific_notation_is_a_number_on_the_command_line_and_in_yaml(tmp_path):
     (tmp_path / "lr.yaml").write_text("learning_rate: 1e-3\nweight_decay: 5E-4\n")
-    config = runs.apply_overrides(DEFAULTS, [str(tmp_path / "lr.yaml"), "optimizer_theta=2.5e-1"])
+    config = configuration.apply_overrides(DEFAULTS, [str(tmp_path / "lr.yaml"), "optimizer_theta=2.5e-1"])
     assert (config["learning_rate"], config["weight_decay"], config["optimizer_theta"]) == (1e-3, 5e-4, 0.25)
-    assert runs.apply_overrides(DEFAULTS, ["learning_rate=1e-3"])["learning_rate"] == 1e-3
-    assert runs.apply_overrides(DEFAULTS, ["learning_rate=.5e-1"])["learning_rate"] == 0.05
-    with pytest.raises(runs.ConfigError, match="num_epochs must be an integer"):
-        runs.apply_overrides(DEFAULTS, ["num_epochs=1e3"])
+    assert configuration.apply_overrides(DEFAULTS, ["learning_rate=1e-3"])["learning_rate"] == 1e-3
+    assert configuration.apply_overrides(DEFAULTS, ["learning_rate=.5e-1"])["learning_rate"] == 0.05
+    with pytest.raises(configuration.ConfigError, match="num_epochs must be an integer"):
+        configuration.apply_overrides(DEFAULTS, ["num_epochs=1e3"])
 
 
 # --- under mpirun: agreement between processes, exact resume after SIGTERM -----------------------------
@@ -292,7 +292,7 @@ def test_a_folder_another_run_is_writing_to_is_refused(tmp_path, tiny_data):
                                str(tmp_path / "out" / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runs.ConfigError, match="another run is writing to output_dir"):
+        with pytest.raises(configuration.ConfigError, match="another run is writing to output_dir"):
             run(str(tmp_path / "out"), settings(tiny_data))
         assert not (tmp_path / "out" / "metrics.jsonl").exists()
     finally:
@@ -308,7 +308,7 @@ def test_a_checkpoint_of_another_run_copied_in_is_refused(tmp_path, tiny_data):
         if (tmp_path / "mine" / "checkpoints" / name).exists():
             os.remove(tmp_path / "mine" / "checkpoints" / name)
     os.replace(tmp_path / "other" / "checkpoints" / "rank0.pt", tmp_path / "mine" / "checkpoints" / "rank0.pt")
-    with pytest.raises(runs.ConfigError, match="do not belong to the run recorded in .*seed=2 there, 3 here"):
+    with pytest.raises(configuration.ConfigError, match="do not belong to the run recorded in .*seed=2 there, 3 here"):
         run(str(tmp_path / "mine"), settings(tiny_data, num_epochs=3, seed=2) + ["resume=true"])
 
 
@@ -323,7 +323,7 @@ def test_a_metrics_line_cut_by_a_crash_is_left_out_on_resume(tmp_path, tiny_data
 
 
 def test_resume_into_a_folder_that_does_not_exist_creates_nothing(tmp_path, tiny_data):
-    with pytest.raises(runs.ConfigError, match="does not exist"):
+    with pytest.raises(configuration.ConfigError, match="does not exist"):
         run(str(tmp_path / "typo"), settings(tiny_data) + ["resume=true"])
     assert not (tmp_path / "typo").exists()
 
@@ -332,6 +332,6 @@ def test_gossip_run_refuses_a_used_folder_without_suggesting_resume(tmp_path):
     from tests.test_gossip_run import run_main
 
     run_main(tmp_path, num_steps=5)
-    with pytest.raises(runs.ConfigError, match="holds another run's results") as refused:
+    with pytest.raises(configuration.ConfigError, match="holds another run's results") as refused:
         run_main(tmp_path, num_steps=5)
     assert "resume" not in str(refused.value)

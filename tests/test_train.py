@@ -10,6 +10,7 @@ import torch
 from powergossip import comm as comm_module
 from powergossip import models
 from powergossip import optimizer
+from powergossip import configuration
 from powergossip import runs
 from powergossip import topologies
 import train
@@ -211,7 +212,7 @@ def test_nesterov_step_matches_torch_sgd():
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path(train.__file__).parent.glob("experiments/configs/train/*/*.yaml")))
 def test_shipped_paper_configs_are_valid(path):
-    cfg = train.validated(runs.apply_overrides(DEFAULTS, [path]))
+    cfg = train.validated(configuration.apply_overrides(DEFAULTS, [path]))
     assert cfg["num_epochs"] >= 90 and cfg["n_workers"] in (8, 16)
 
 

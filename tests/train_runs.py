@@ -12,14 +12,14 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from powergossip import runs  # noqa: E402
+from powergossip import configuration  # noqa: E402
 import train  # noqa: E402
 
 DEFAULTS = train._DEFAULTS
 
 
 def run(out_dir: str, overrides: list[str]) -> None:
-    train.config = runs.apply_overrides(DEFAULTS, overrides)
+    train.config = configuration.apply_overrides(DEFAULTS, overrides)
     train.output_dir = out_dir
     train.main()
 
@@ -39,4 +39,4 @@ if __name__ == "__main__":
         if option.startswith("--sigterm-at="):
             train.log_info = sigterm_once_past(float(option.split("=", 1)[1]))
     for name, overrides in json.loads(runs_json).items():
-        runs.run_or_exit("train.py", lambda: run(os.path.join(out_root, name), overrides))
+        configuration.run_or_exit("train.py", lambda: run(os.path.join(out_root, name), overrides))
