@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from powergossip import compressors, registries
-from powergossip.compressors import Compressor, WorkerRandom, matrix_shape, pack_bits, unpack_bits
+from powergossip.compressors import Compressor, WorkerRandom, matrix_shape, pack_bits, unpack_bits, worth_compressing
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
-COMPRESSOR_STREAM, MONIQUA_STREAM = 1, 2
+COMPRESSOR_STREAM, MONIQUA_STREAM, POWERSGD_STREAM = 1, 2, 3
 
 
 def edge_seed(seed: int, i: int, j: int) -> int:
@@ -413,10 +413,7 @@ class OnlyOnLargeParameters(GossipAlgorithm):
     def is_compressed(self, x: torch.Tensor) -> bool:
         if x.dim() <= 2:  # [L, n]: a 1-D parameter
             return False
-        if self.min_compression_rate is None:
-            return True
-        m, n, r = matrix_shape(x.shape[1:], self.rank)
-        return m * n / ((m + n) * r) >= self.min_compression_rate
+        return self.min_compression_rate is None or worth_compressing(x.shape[1:], self.rank, self.min_compression_rate)
 
     def step(self, params):
         compressed = [x for x in params if self.is_compressed(x)]
@@ -432,6 +429,123 @@ class OnlyOnLargeParameters(GossipAlgorithm):
         self.uncompressed.load_state_dict(state["uncompressed"])
 
 
+class PowerSGD:
+    """PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019): the all-reduce of gradients
+    through rank-r power iteration, warm-started across steps, with error feedback. It acts
+    on gradients: `step(grads)` replaces every worker's gradient `[L, *shape]` by the same
+    approximate average, so workers that start equal stay equal (a centralized method; the
+    topology is not used).
+
+    For each gradient G_i of worker i viewed as an m x n matrix (m = shape[0], as PowerGossip
+    views parameters), with Q [n, r] shared by all workers:
+        M_i = G_i + E_i                          error feedback (Algorithm 2)
+        P = mean_i M_i Q;  P = orthogonalize(P)  Algorithm 1: P <- M Q, all-reduce, orthogonalize
+        Q = mean_i M_i^T P                       Algorithm 1: Q <- M^T P, all-reduce
+        update = P Q^T;  E_i = M_i - update      the decompressed average; the new memory
+    Q is orthogonalized before P = M Q (as PyTorch's powerSGD_hook does; it changes no span,
+    only keeps Q's scale from drifting over steps). With num_iterations = k the two half-steps
+    run k times per step. Vectors (biases, batch norm), matrices compressed by less than
+    `min_compression_rate`, and every tensor in the first `start_compressing_after_num_steps`
+    steps are all-reduced exactly (and leave no memory).
+
+    Hyper-parameters and what they trade:
+      rank: columns r of P and Q; bytes per matrix per iteration are (m + n) r floats.
+      num_iterations: power iterations per step: a better approximation of the average,
+        k times the bytes and 2k all-reduces.
+      min_compression_rate: m n / ((m + n) r) below this: sent uncompressed (small matrices
+        gain little and cost the approximation error).
+      start_compressing_after_num_steps: exact all-reduce for this many first steps.
+      warm_start: Q continues from the previous step (the paper's default) or is redrawn,
+        identically on every worker, from the shared seed each step.
+    Bytes are counted as for all-reduce (comm.all_reduce_mean): per all-reduce, each worker
+    sends its buffer once.
+    """
+
+    def __init__(self, comm, rank: int = 1, num_iterations: int = 1, min_compression_rate: float = 2.0,
+                 start_compressing_after_num_steps: int = 0, warm_start: bool = True, seed: int = 0):
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+        if not min_compression_rate >= 1:
+            raise ValueError(f"min_compression_rate must be >= 1 (a factor of compression), got {min_compression_rate}")
+        if start_compressing_after_num_steps < 0:
+            raise ValueError(f"start_compressing_after_num_steps must be >= 0, got {start_compressing_after_num_steps}")
+        self.comm, self.rank, self.num_iterations = comm, rank, num_iterations
+        self.min_compression_rate, self.warm_start = float(min_compression_rate), warm_start
+        self.start_compressing_after_num_steps = start_compressing_after_num_steps
+        self.steps = 0
+        self.generator = torch.Generator(device="cpu")  # the same draws on every worker: Q is shared
+        self.generator.manual_seed(int(np.random.SeedSequence([seed, POWERSGD_STREAM]).generate_state(1, np.uint64)[0] >> 1))
+        self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
+        self.q = None  # per group [G, n, r], identical on all workers
+        self.memory = None  # per parameter [L, *shape] (zeros for the uncompressed ones)
+        self._pending = None  # a loaded state waits for the first step, which knows the shapes
+
+    def _init_state(self, grads):
+        shapes: dict[tuple[int, int, int], list[int]] = {}
+        for k, g in enumerate(grads):
+            if worth_compressing(g.shape[1:], self.rank, self.min_compression_rate):
+                shapes.setdefault(matrix_shape(g.shape[1:], self.rank), []).append(k)
+        self.groups = [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
+        self.dtype = grads[0].dtype if grads else torch.float32
+        self.q = self._draw_q()
+        self.memory = [torch.zeros_like(g) for g in grads]
+
+    def _draw_q(self) -> list[torch.Tensor]:
+        """Standard normal Q per group, the same draws on every worker (the shared generator)."""
+        return [torch.randn((len(indices), n, r), generator=self.generator).to(self.comm.device, self.dtype)
+                for indices, m, n, r in self.groups]
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        if self.groups is None:
+            for g in grads:
+                if g.shape[0] != self.comm.num_local:
+                    raise ValueError(self.comm.layout_problem(g.shape[0]))
+            self._init_state(grads)
+        if self._pending is not None:
+            self.q = [q.to(self.comm.device, self.dtype) for q in self._pending["q"]]
+            self.memory = [e.to(self.comm.device).clone() for e in self._pending["memory"]]
+            self._pending = None
+        compressing = self.steps >= self.start_compressing_after_num_steps
+        self.steps += 1
+        compressed = {k for indices, *_ in self.groups for k in indices} if compressing else set()
+        exact = [g for k, g in enumerate(grads) if k not in compressed]
+        for g, mean in zip(exact, self.comm.all_reduce_mean(exact)):
+            g.copy_(mean.unsqueeze(0).expand_as(g))
+        if not compressing:
+            return
+        if not self.warm_start:
+            self.q = self._draw_q()
+        # M_i = G_i + E_i for every group: [L, G, m, n]
+        ms = [torch.stack([matrix_view(grads[k], m, n) + matrix_view(self.memory[k], m, n) for k in indices], dim=1)
+              for indices, m, n, r in self.groups]
+        for _ in range(self.num_iterations):
+            for q in self.q:
+                orthogonalize_(q)
+            ps = self.comm.all_reduce_mean([torch.matmul(M, q) for M, q in zip(ms, self.q)])  # [G, m, r]
+            for p in ps:
+                orthogonalize_(p)
+            self.q = self.comm.all_reduce_mean([torch.matmul(M.transpose(-1, -2), p) for M, p in zip(ms, ps)])
+        for (indices, m, n, r), M, p, q in zip(self.groups, ms, ps, self.q):
+            update = torch.matmul(p, q.transpose(-1, -2))  # [G, m, n], the same on every worker
+            for position, k in enumerate(indices):
+                matrix_view(self.memory[k], m, n).copy_(M[:, position] - update[position])
+                matrix_view(grads[k], m, n).copy_(update[position].expand_as(M[:, position]))
+
+    def state_dict(self) -> dict:
+        state = {"steps": self.steps, "generator": self.generator.get_state()}
+        if self.groups is not None:
+            state |= {"q": [q.clone() for q in self.q], "memory": [e.clone() for e in self.memory]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.generator.set_state(state["generator"])
+        self._pending = state if "q" in state else None
+
+
 # --- the registry: methods by name ---------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
@@ -441,7 +555,8 @@ class Method:
     theta, seed) and checks them itself."""
 
     factory: Callable[..., GossipAlgorithm]
-    acts_on: str = "parameters"  # "parameters": x_t, after the gradient and before the local step
+    acts_on: str = "parameters"  # "parameters": x_t, after the gradient and before the local step;
+    # "gradients": the gradients, before the local step takes them (PowerSGD)
     needs_tuning: bool = True  # consensus sweeps its diffusion rate unless one is given
     local_step_first: bool = False  # True: the local step, then the method (all-reduce of parameters)
 
@@ -460,7 +575,8 @@ def register_algorithm(name: str, factory: Callable[..., GossipAlgorithm], acts_
     Where it runs in a training step (D-PSGD as Lian et al. 2017 run it, the paper's order):
     the gradient at x_t, the method on x_t, the local step on its result; with
     `local_step_first`, the local step and then the method (all-reduce: x_{t+1} = the
-    average of the workers' stepped parameters)."""
+    average of the workers' stepped parameters). A method registered with
+    `acts_on="gradients"` gets the gradient stacks instead, before the local step (PowerSGD)."""
     if acts_on not in ACTS_ON:
         raise ValueError(f"acts_on={acts_on!r} is not one of {', '.join(ACTS_ON)}")
     METHODS[registries.canonical_name(name)] = Method(factory, acts_on, needs_tuning, local_step_first)
@@ -520,6 +636,12 @@ def _power_gossip(comm, topology, rank=1, num_iterations=1, warm_start=True, rou
     return OnlyOnLargeParameters(power, SimpleGossip(comm, topology))
 
 
+def _powersgd(comm, topology, rank=1, num_iterations=1, min_compression_rate=2.0, start_compressing_after_num_steps=0,
+              warm_start=True, seed=0):
+    """PowerSGD: an all-reduce of gradients, so the topology is not used."""
+    return PowerSGD(comm, rank, num_iterations, min_compression_rate, start_compressing_after_num_steps, warm_start, seed)
+
+
 def _with_compressor(method_class):
     def factory(comm, topology, compressor="sign-and-norm", keep_ratio=None, rank=1, qsgd_levels=16,
                 diffusion_rate=1.0, seed=0):
@@ -534,3 +656,4 @@ register_algorithm("power-gossip", _power_gossip, needs_tuning=False)
 register_algorithm("choco", _with_compressor(ChocoGossip))
 register_algorithm("deepsqueeze", _with_compressor(DeepSqueezeGossip))
 register_algorithm("moniqua", MoniquaGossip)
+register_algorithm("powersgd", _powersgd, acts_on="gradients", needs_tuning=False)

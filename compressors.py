@@ -97,6 +97,16 @@ def matrix_shape(shape, rank: int = 1) -> tuple[int, int, int]:
     return m, n, min(rank, m, n)
 
 
+def worth_compressing(shape, rank: int, min_compression_rate: float) -> bool:
+    """PowerSGD's rule (Vogels et al. 2019, Section 4): a tensor of `shape` (one worker's) is
+    compressed when it is a matrix whose rank-r factors are at least `min_compression_rate`
+    times smaller than it, m n / ((m + n) r) >= min_compression_rate; vectors never are."""
+    if len(shape) < 2:
+        return False
+    m, n, r = matrix_shape(shape, rank)
+    return m * n >= min_compression_rate * (m + n) * r
+
+
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     rows = tensors[0].shape[0]
     return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)

@@ -49,6 +49,8 @@ ALIASES = {
     "diffusion_rate": "optimizer_diffusion_rate", "theta": "optimizer_theta",
     "compressor": "optimizer_compressor", "warm_start": "optimizer_warm_start", "round_weights": "optimizer_round_weights",
     "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations",
+    "min_compression_rate": "optimizer_min_compression_rate", "num_iters_per_step": "optimizer_num_iterations",
+    "start_compressing_after_num_steps": "optimizer_start_compressing_after_num_steps",
 }
 
 
@@ -182,9 +184,6 @@ def checked_training(cfg: dict, defaults: dict) -> dict:
         cfg["optimizer_compressor"] = compressors.registered_name(cfg["optimizer_compressor"])
     except ValueError as problem:
         raise method_problem(problem) from None
-    if algorithms.METHODS[cfg["optimizer"]].acts_on != "parameters":
-        raise ConfigError(f"optimizer={cfg['optimizer']} acts on gradients; train.py runs methods that gossip "
-                               f"parameters")
     if cfg["n_workers"] < 2:
         raise ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
     choices = {"task": data.TASKS, "task_architecture": models.NAMES,

@@ -1,5 +1,6 @@
-"""The optimizers: the local SGD step over stacked workers (train.py's), and a drop-in
-decentralized optimizer for any `nn.Module` and any torch optimizer.
+"""The optimizers: the local SGD step over stacked workers (train.py's), a drop-in
+decentralized optimizer for any `nn.Module` and any torch optimizer, and PowerSGD with its
+reference implementation's interface (`PowerSGD`, `Config`, `optimizer_step`).
 
 One worker per process (launch with `mpirun -np N` or `torchrun --nproc-per-node N`):
 
@@ -15,12 +16,15 @@ One worker per process (launch with `mpirun -np N` or `torchrun --nproc-per-node
 The order is the paper's (D-PSGD as Lian et al. 2017 run it, Vogels, Karimireddy, Jaggi 2020, "Deep learning experiments"):
 the gradient is taken at x_t, the parameters are gossiped, and the wrapped optimizer
 applies that gradient to the gossiped parameters; all-reduce takes the local step first
-and then the exact average. Every registered method works (`algorithms.METHODS`), with
+and then the exact average; a method that acts on gradients (PowerSGD) averages the
+gradients and the optimizer steps with that average. Every registered method works (`algorithms.METHODS`), with
 its hyper-parameters as keyword arguments (the vocabulary of `register_algorithm`).
 The model's parameters are gossiped in place as `[1, *shape]` views; buffers (batch-norm
 statistics) stay local, as in train.py.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -58,7 +62,23 @@ def clip_per_worker(grads, max_norm: float):
         g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
 
 
-# --- the drop-in optimizer ----------------------------------------------------------------------------
+# --- drop-in optimizers for one worker per process ----------------------------------------------------
+def _one_worker_per_process(who: str, device) -> comm_module.Communicator:
+    """A Communicator with one worker per launched process (at least two)."""
+    world_size = comm_module.init_distributed(str(device)).world_size
+    if world_size < 2:
+        raise ValueError(f"{who} runs one worker per process: launch several, with "
+                         "`mpirun -np N python script.py` or `torchrun --nproc-per-node N script.py`")
+    return comm_module.Communicator(world_size, device)
+
+
+def _stacked_gradients(parameters) -> list[torch.Tensor]:
+    """Each parameter's gradient as a `[1, *shape]` view (a zero gradient where backward left none,
+    so that a method sees the same tensors every step)."""
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad.unsqueeze(0) for p in parameters]
 
 
 class DecentralizedOptimizer:
@@ -71,22 +91,18 @@ class DecentralizedOptimizer:
         parameters = list(dict.fromkeys(model.parameters()))  # tied parameters once
         if not parameters:
             raise ValueError("the model has no parameters to gossip")
-        device = device if device is not None else parameters[0].device
-        world_size = comm_module.init_distributed(str(device)).world_size
-        if world_size < 2:
-            raise ValueError("DecentralizedOptimizer runs one worker per process: launch several, with "
-                             "`mpirun -np N python script.py` or `torchrun --nproc-per-node N script.py`")
-        self.comm = comm_module.Communicator(world_size, device)  # one worker per process
+        self.comm = _one_worker_per_process(type(self).__name__, parameters[0].device if device is None else device)
+        world_size = self.comm.n_workers
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
             raise ValueError(f"the topology has {self.topology.n_workers} workers but {world_size} processes were launched")
         name = algorithms.registered_name(algorithm)
-        if algorithms.METHODS[name].acts_on != "parameters":
-            raise ValueError(f"{name} acts on gradients; DecentralizedOptimizer gossips parameters")
         hyper = {configuration.ALIASES.get(key, key).removeprefix("optimizer_"): value for key, value in hyper.items()}
         self.gossip = algorithms.build(name, self.comm, self.topology, strict=True, **hyper)
         self.local_step_first = algorithms.METHODS[name].local_step_first
+        self.acts_on_gradients = algorithms.METHODS[name].acts_on == "gradients"
         self.optimizer = optimizer
+        self.parameters = parameters
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model
         with torch.no_grad():
             self.comm.broadcast_from_worker0(self.params)  # neighbours agree at step 0 (as in the paper)
@@ -105,8 +121,12 @@ class DecentralizedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Gossip x_t, then the wrapped optimizer's step with the gradients taken at x_t."""
-        if self.local_step_first:
+        """Gossip x_t, then the wrapped optimizer's step with the gradients taken at x_t (a
+        method that acts on gradients, such as PowerSGD: average them, then the step)."""
+        if self.acts_on_gradients:
+            self.gossip.step(_stacked_gradients(self.parameters))
+            self.optimizer.step()
+        elif self.local_step_first:
             self.optimizer.step()
             self.gossip.step(self.params)
         else:
@@ -127,3 +147,69 @@ class DecentralizedOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.gossip.load_state_dict(state["gossip"])
         self.comm.bytes_sent[0], self.comm.messages_sent[0] = state["bytes_sent"], state["messages_sent"]
+
+
+class Config(NamedTuple):
+    """PowerSGD's settings, under the names of its reference implementation (epfml/powersgd)."""
+
+    rank: int  # columns of the factors P and Q: lower sends less and approximates more roughly
+    min_compression_rate: float = 2  # a matrix its factors would compress by less is all-reduced whole
+    num_iters_per_step: int = 1  # power iterations per step: a better approximation for more bytes
+    start_compressing_after_num_steps: int = 100  # exact all-reduce for this many first steps
+
+
+class PowerSGD:
+    """PowerSGD (Vogels, Karimireddy, Jaggi 2019; algorithms.PowerSGD) with the interface of its
+    reference implementation, one worker per process (mpirun or torchrun):
+
+        powersgd = powergossip.PowerSGD(model.parameters(), config=powergossip.Config(rank=2))
+        for x, y in my_batches:
+            loss_fn(model(x), y).backward()
+            powergossip.optimizer_step(optimizer, powersgd)   # in place of optimizer.step()
+
+    The error-feedback memory and Q live here (state_dict); workers start from worker 0's
+    parameters, and stay equal since they all step with the same averaged gradient.
+    """
+
+    def __init__(self, params, config: Config, device: str | torch.device | None = None, warm_start: bool = True,
+                 seed: int = 0):
+        self.parameters = list(dict.fromkeys(params))
+        if not self.parameters:
+            raise ValueError("PowerSGD was given no parameters")
+        self.config = config
+        self.comm = _one_worker_per_process(type(self).__name__, self.parameters[0].device if device is None else device)
+        self.algorithm = algorithms.PowerSGD(self.comm, rank=config.rank, num_iterations=config.num_iters_per_step,
+                                             min_compression_rate=config.min_compression_rate,
+                                             start_compressing_after_num_steps=config.start_compressing_after_num_steps,
+                                             warm_start=warm_start, seed=seed)
+        with torch.no_grad():
+            self.comm.broadcast_from_worker0([p.data.unsqueeze(0) for p in self.parameters])
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this worker has sent, counted as for all-reduce."""
+        return int(self.comm.bytes_sent[0])
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Replace every parameter's gradient by PowerSGD's approximate average over the workers."""
+        self.algorithm.step(_stacked_gradients(self.parameters))
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.algorithm.state_dict(), "bytes_sent": int(self.comm.bytes_sent[0]),
+                "messages_sent": int(self.comm.messages_sent[0])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.comm.bytes_sent[0], self.comm.messages_sent[0] = state["bytes_sent"], state["messages_sent"]
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, powersgd: PowerSGD) -> None:
+    """`optimizer.step()` with PowerSGD's averaged gradients. The gradients are zero afterwards
+    (the reference leaves its error feedback in them; here it lives in `powersgd`), so the
+    next backward starts clean with or without `optimizer.zero_grad()`."""
+    powersgd.average_gradients()
+    optimizer.step()
+    with torch.no_grad():
+        for p in powersgd.parameters:
+            p.grad.zero_()

@@ -51,11 +51,13 @@ config = dict(
     momentum=0.9,  # Nesterov momentum (0 = plain SGD)
     topology="ring",  # ring, torus, fully_connected, social_network, ..., or file:edges.txt
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
-    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze or moniqua
+    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua or powersgd
     optimizer_diffusion_rate=1.0,  # gamma, the consensus step
-    optimizer_rank=1,  # PowerGossip rank (and SVD rank, rank-matched top-k)
-    optimizer_num_iterations=1,  # PowerGossip power-iteration rounds per step
-    optimizer_warm_start=True,  # PowerGossip: continue the power iteration across steps
+    optimizer_rank=1,  # PowerGossip and PowerSGD rank (and SVD rank, rank-matched top-k)
+    optimizer_num_iterations=1,  # PowerGossip and PowerSGD power-iteration rounds per step
+    optimizer_min_compression_rate=2.0,  # PowerSGD: a matrix its factors compress by less is sent whole
+    optimizer_start_compressing_after_num_steps=0,  # PowerSGD: exact all-reduce for this many first steps
+    optimizer_warm_start=True,  # PowerGossip, PowerSGD: continue the power iteration across steps
     optimizer_round_weights=False,  # PowerGossip sign variant (rank 1)
     optimizer_compressor="sign-and-norm",  # choco/deepsqueeze: sign-and-norm, top-k, random-k, svd, qsgd, identity
     optimizer_keep_ratio=0.01,  # top-k / random-k fraction kept (null: rank-matched)
@@ -148,7 +150,8 @@ def main():
     decays = optimizer.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     gossip = build_gossip(cfg, comm, topology)
-    local_step_first = algorithms.METHODS[cfg["optimizer"]].local_step_first
+    method = algorithms.METHODS[cfg["optimizer"]]  # what it acts on, and where in the step
+    local_step_first = method.local_step_first
     torch.manual_seed(cfg["seed"] * 1000 + comm.rank)  # dropout: per process
 
     start_epoch, start_step, carried, initial_loss = 0, 0, None, None
@@ -187,13 +190,14 @@ def main():
                 x, y = next(batches)
             lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
             # D-PSGD as the paper runs it: the gradient at x_t, gossip x_t, the local step on the
-            # gossiped parameters (all-reduce: the local step, then the average).
+            # gossiped parameters (all-reduce: the local step, then the average; PowerSGD: the
+            # average of the gradients, then the step).
             with timers("forward_backward"):
                 losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
             if local_step_first:
                 local_step(lr)
             with timers("gossip"):
-                gossip.step(workers.params)
+                gossip.step(workers.grads if method.acts_on == "gradients" else workers.params)
             if not local_step_first:
                 local_step(lr)
             totals.add(losses, corrects, counts)

@@ -36,6 +36,7 @@ ALGORITHMS = {  # row label: (registered method, hyper-parameters)
     "choco top-1%": ("choco", dict(compressor="top-k", keep_ratio=0.01, diffusion_rate=0.04)),
     "deepsqueeze sign": ("deepsqueeze", dict(compressor="sign-and-norm", diffusion_rate=0.01)),
     "moniqua": ("moniqua", dict(theta=0.25, diffusion_rate=0.005)),
+    "powersgd rank 2": ("powersgd", dict(rank=2)),  # acts on the gradients (timed on stand-in gradients)
 }
 
 WARMUP = 2  # untimed calls before the timed ones
@@ -76,8 +77,13 @@ def gossip_seconds(architecture, settings, comm, topology, repetitions, warmup) 
             p.add_(0.01 * torch.randn(p.shape, generator=generator).to(comm.device))
     method, hyper = settings
     gossip = algorithms.build(method, comm, topology, **hyper)
+    on_gradients = algorithms.METHODS[method].acts_on == "gradients"
+    if on_gradients:  # gradients differ between workers, as parameters do
+        for g in workers.grads:
+            g.copy_(torch.randn(g.shape, generator=generator).to(comm.device))
+    target = workers.grads if on_gradients else workers.params
     with torch.no_grad():
-        return median_seconds(lambda: gossip.step(workers.params), comm.device, repetitions, warmup)
+        return median_seconds(lambda: gossip.step(target), comm.device, repetitions, warmup)
 
 
 def main():

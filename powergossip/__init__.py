@@ -22,6 +22,9 @@ _API = {  # the public names, each loaded on first use: `import powergossip` sta
     "register_algorithm": "powergossip.algorithms",
     "register_compressor": "powergossip.compressors",
     "DecentralizedOptimizer": "powergossip.optimizer",
+    "PowerSGD": "powergossip.optimizer",  # PowerSGD, Config, optimizer_step: the reference's interface
+    "Config": "powergossip.optimizer",
+    "optimizer_step": "powergossip.optimizer",
 }
 
 

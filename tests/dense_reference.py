@@ -131,3 +131,33 @@ def power_gossip(W, X, gamma, rank, steps, num_iterations=1, warm_start=True, ro
             X = X + update
         iteration += num_iterations
     return X
+
+
+def powersgd(gradient_steps, q0, num_iterations, start_compressing_after_num_steps):
+    """PowerSGD (Vogels et al. 2019, Algorithm 1 with error feedback) over all workers at once.
+    `gradient_steps`: per step, a list of `[n, *shape]` gradients; `q0`: parameter index ->
+    Q [n_columns, r] for the matrices worth compressing. Returns per step the averaged gradient
+    (`[*shape]` each) every worker steps with. Orthogonalization by QR: any orthonormal basis
+    of the same columns gives the same P P^T M, which is all the update depends on."""
+    def orthonormal(A):
+        return torch.linalg.qr(A).Q
+
+    memory, qs, updates = None, dict(q0), []
+    for step, grads in enumerate(gradient_steps):
+        if memory is None:
+            memory = [torch.zeros_like(G) for G in grads]
+        averaged = []
+        for k, G in enumerate(grads):
+            if k not in qs or step < start_compressing_after_num_steps:
+                averaged.append(G.mean(dim=0))
+                continue
+            n, m = G.shape[0], G.shape[1]
+            M = (G + memory[k]).reshape(n, m, -1)  # M_i = G_i + E_i
+            for _ in range(num_iterations):
+                P = orthonormal((M @ orthonormal(qs[k])).mean(dim=0))  # P <- mean_i M_i Q; orthogonalize
+                qs[k] = (M.transpose(1, 2) @ P).mean(dim=0)  # Q <- mean_i M_i^T P
+            update = P @ qs[k].T
+            memory[k] = (M - update).reshape(G.shape)  # E_i = M_i - P Q^T
+            averaged.append(update.reshape(G.shape[1:]))
+        updates.append(averaged)
+    return updates

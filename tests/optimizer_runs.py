@@ -108,7 +108,8 @@ def stacked(algorithm: str, hyper: dict):
             x, y = batch(worker, step)
             F.cross_entropy(replica(x), y).backward()
         with torch.no_grad():
-            gossip.step(workers.params)
+            acts_on_gradients = algorithms.METHODS[algorithms.registered_name(algorithm)].acts_on == "gradients"
+            gossip.step(workers.grads if acts_on_gradients else workers.params)
             for optimizer in optimizers:
                 optimizer.step()
         trajectory.append(torch.cat([p.reshape(N_WORKERS, -1) for p in workers.params], dim=1).clone())

@@ -27,6 +27,7 @@ OPTIMIZER_RUNS = {
     "choco-top-k": ["optimizer=choco", "optimizer_compressor=top-k", "optimizer_keep_ratio=0.05", "optimizer_diffusion_rate=0.1"],
     "deepsqueeze": ["optimizer=deepsqueeze", "optimizer_diffusion_rate=0.05"],
     "moniqua": ["optimizer=moniqua", "optimizer_diffusion_rate=0.05", "optimizer_theta=0.5"],
+    "powersgd": ["optimizer=powersgd", "optimizer_rank=2", "optimizer_start_compressing_after_num_steps=2"],
 }
 
 
@@ -68,9 +69,9 @@ def test_every_optimizer_trains_under_mpirun(tmp_path, tiny_data):
         assert math.isfinite(final(tmp_path / name, "loss", "test_avg")["value"])
 
 
-@pytest.mark.parametrize("optimizer", ["dpsgd", "power-gossip"])
+@pytest.mark.parametrize("optimizer", ["dpsgd", "power-gossip", "powersgd"])
 def test_one_process_and_mpirun_give_the_same_metrics(tmp_path, tiny_data, optimizer):
-    overrides = common(tiny_data) + [f"optimizer={optimizer}"]
+    overrides = common(tiny_data) + OPTIMIZER_RUNS[optimizer]
     run(str(tmp_path / "single"), overrides)
     run_mpi(4, ["tests/train_runs.py", str(tmp_path), json.dumps({"mpi": overrides})], timeout=300)
     single, mpi = runs.read_metrics(str(tmp_path / "single")), runs.read_metrics(str(tmp_path / "mpi"))
