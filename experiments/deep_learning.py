@@ -53,7 +53,7 @@ def main():
     folder = sweep.study_folder(args, "deep_learning")
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
     rows = report.write_report(outcomes, folder, "Fashion-MNIST, small CNN, 8-worker ring", ["method"],
-                               notes="Paper (CIFAR-10 ResNet-18, 16-ring, 300 epochs): uncompressed 92.1% at 102 MB/epoch; "
+                               notes="Paper (CIFAR-10 ResNet-20, 8-ring, 300 epochs; MB are MiB per worker): uncompressed 92.1% at 102 MB/epoch; "
                                      "Choco 92.0% at 3.2 MB; Moniqua 90.7% at 6.4 MB; DeepSqueeze 91.2% at 3.2 MB; "
                                      "PowerGossip 1 it. 91.7% at 1.8 MB, 2 it. 91.9% at 3.0 MB.")
     for row in rows:

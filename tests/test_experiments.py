@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from experiments import deep_learning, non_iid, paper_configs, report, sweep
+from experiments import deep_learning, non_iid, paper_bytes, paper_configs, report, sweep
 from tests.test_data import fake_fmnist
 
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
@@ -65,6 +65,13 @@ def test_paper_configs_say_what_is_missing(tmp_path):
         (tmp_path / "cifar-10-batches-py" / name).write_bytes(b"")
     result = subprocess.run([sys.executable, paper_configs.__file__, "--check", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert "cifar10_resnet20_ring8: data found, 8 runs" in result.stdout
+
+
+def test_paper_bytes_count_the_model_once_per_neighbour():
+    """The paper's 102 MB/epoch is ResNet-20 (272,474 float32 parameters) sent to both ring neighbours."""
+    config = os.path.join(paper_bytes.SETUP, "{}.yaml")
+    assert paper_bytes.bytes_per_step(config.format("dpsgd"), steps=2) == 272_474 * 4 * 2
+    assert 30_000 < paper_bytes.bytes_per_step(config.format("power_gossip_1_iteration"), steps=2) < 50_000
 
 
 def test_quick_studies_write_outside_the_tracked_tree():
