@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from experiments import deep_learning, non_iid, paper_bytes, paper_configs, report, sweep
+from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, report, sweep
 from tests.test_data import fake_fmnist
 
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
@@ -72,6 +72,13 @@ def test_paper_bytes_count_the_model_once_per_neighbour():
     config = os.path.join(paper_bytes.SETUP, "{}.yaml")
     assert paper_bytes.bytes_per_step(config.format("dpsgd"), steps=2) == 272_474 * 4 * 2
     assert 30_000 < paper_bytes.bytes_per_step(config.format("power_gossip_1_iteration"), steps=2) < 50_000
+
+
+def test_consensus_counts_topk_indices_as_the_original_did():
+    assert consensus.original_count_ratio("topk_choco", 100 * 100) == 2  # int16 on the wire, int64 counted
+    assert consensus.original_count_ratio("topk_choco", 100) == (32 + 64) / (32 + 8)  # uint8 on the wire
+    assert consensus.original_count_ratio("sign_choco", 100 * 100) == 1
+    assert consensus.original_count_ratio("power_gossip", 28 * 28) == 1
 
 
 def test_quick_studies_write_outside_the_tracked_tree():
