@@ -29,9 +29,18 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
     again = sweep.launch([bad, good], str(tmp_path))
     assert [o.status for o in again] == ["failed", "skipped"]
     rows = report.write_report(again, str(tmp_path / "report"), "tiny", ["method"])
-    assert rows[1]["test_avg"] >= 0 and rows[0]["status"] == "failed"
+    assert rows[1]["test_avg"] >= 0 and rows[1]["seeds"] == 1 and rows[0]["status"] == "failed"
     assert (tmp_path / "report" / "table.md").read_text().count("|") > 10
     assert os.path.getsize(tmp_path / "report" / "test_accuracy.png") > 1000
+    # Another seed of the same setting: one row, mean and standard deviation over the two.
+    other_seed = sweep.Run("good_seed2", "train.py", good.overrides + ["seed=2"], {"method": "ok", "seed": 2})
+    seeds = sweep.launch([bad, good, other_seed], str(tmp_path))
+    rows = report.write_report(seeds, str(tmp_path / "seeds"), "tiny", ["method"])
+    finals = [report.curve(sweep.metrics(o), "accuracy", "test_avg")[-1][1] for o in seeds[1:]]
+    assert [row["method"] for row in rows] == ["broken", "ok"] and rows[1]["seeds"] == 2
+    assert rows[1]["test_avg"] == pytest.approx(sum(finals) / 2)
+    assert rows[1]["test_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
+    assert f"{100 * rows[1]['test_avg']:.2f}% ± {100 * rows[1]['test_std']:.2f}" in (tmp_path / "seeds" / "table.md").read_text()
     seeded = sweep.Run("good", "train.py", good.overrides + ["seed=7"], good.labels)  # the same run name, other settings
     with pytest.raises(SystemExit, match="good were done before with other arguments"):
         sweep.launch([bad, seeded], str(tmp_path))
@@ -52,8 +61,31 @@ def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, stud
 
 def test_quick_mode_is_the_documented_reduced_setting():
     runs = deep_learning.study_runs(True, [])
-    assert {r.name for r in runs} == set(deep_learning.METHODS) and len(runs) == 7
+    assert {r.name for r in runs} == set(deep_learning.METHODS) and len(runs) == len(deep_learning.METHODS)
     assert all("device=cpu" in r.overrides and "max_batches_per_epoch=12" in r.overrides for r in runs)
+
+
+@pytest.mark.parametrize("study", [deep_learning, non_iid])
+def test_quick_studies_run_one_seed_and_full_ones_three(study):
+    quick, full = study.study_runs(True, []), study.study_runs(False, [])
+    assert {r.labels["seed"] for r in quick} == {1} and "seed=1" in quick[0].overrides
+    assert len(full) == 3 * len(quick) and len({r.name for r in full}) == len(full)
+    for seed in (1, 2, 3):
+        assert len([r for r in full if r.labels["seed"] == seed and f"seed={seed}" in r.overrides]) == len(quick)
+    assert len(study.study_runs(False, [], seeds=[4, 5])) == 2 * len(quick)
+
+
+def test_seed_1_runs_keep_their_names_and_arguments_from_before_seeds():
+    """Runs made before the studies took seeds (seed 1, these names and arguments) count as done."""
+    run = next(r for r in deep_learning.study_runs(False, []) if r.name == "dpsgd")
+    assert run.overrides[:len(deep_learning.COMMON) + 1] == deep_learning.COMMON + ["seed=1"]
+    assert run.labels == {"method": "D-PSGD (uncompressed)", "seed": 1}
+
+
+def test_powersgd_joins_the_comparison_only_where_it_is_registered():
+    from powergossip import algorithms
+
+    assert ("powersgd_2" in deep_learning.METHODS) == ("powersgd" in algorithms.METHODS)
 
 
 def test_paper_configs_say_what_is_missing(tmp_path):
