@@ -52,30 +52,43 @@ QUICK = ["num_epochs=3", "distributed_lr_warmup_epoch=1", "lr_schedule_milestone
          "max_test_examples=2000", "evaluate_each_worker=false", "checkpoint_every=0", "device=cpu"]
 
 
+PAPER = ("Paper (CIFAR-10 ResNet-20, 8-ring, 300 epochs; MB are MiB per worker): uncompressed 92.1% at 102 MB/epoch; "
+         "Choco 92.0% at 3.2 MB; Moniqua 90.7% at 6.4 MB; DeepSqueeze 91.2% at 3.2 MB; "
+         "PowerGossip 1 it. 91.7% at 1.8 MB, 2 it. 91.9% at 3.0 MB.")
+
+
 def settings(quick: bool, extra: list[str], seed: int) -> list[str]:
     """Every run's arguments but the method's (the seed where it stood before studies took
     seeds, so that earlier runs of seed 1 count as done)."""
     return COMMON + [f"seed={seed}"] + (QUICK if quick else FULL) + extra
 
 
+def seeded_runs(name: str, overrides: list[str], labels: dict, quick: bool, extra: list[str],
+                seeds: list[int] | None) -> list[sweep.Run]:
+    """A setting's train.py runs, one per seed: this study's settings, then `overrides`."""
+    return [sweep.Run(sweep.seeded_name(name, seed), "train.py", settings(quick, extra, seed) + overrides, {**labels, "seed": seed})
+            for seed in sweep.study_seeds(quick, seeds)]
+
+
+def method_variants(methods, variants: dict[str, tuple[list[str], dict]], quick: bool, extra: list[str],
+                    seeds: list[int] | None) -> list[sweep.Run]:
+    """Runs of every method (METHODS' names) in every variant (folder-name suffix ->
+    (its overrides, its labels)), one per seed."""
+    runs = []
+    for method in methods:
+        label, overrides = METHODS[method]
+        for suffix, (more, labels) in variants.items():
+            runs += seeded_runs(f"{method}_{suffix}", overrides + more, {"method": label, **labels}, quick, extra, seeds)
+    return runs
+
+
 def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None) -> list[sweep.Run]:
-    return [sweep.Run(sweep.seeded_name(name, seed), "train.py", settings(quick, extra, seed) + overrides,
-                      {"method": label, "seed": seed})
-            for name, (label, overrides) in METHODS.items() for seed in sweep.study_seeds(quick, seeds)]
+    return [run for name, (label, overrides) in METHODS.items()
+            for run in seeded_runs(name, overrides, {"method": label}, quick, extra, seeds)]
 
 
 def main():
-    args = sweep.study_arguments(__doc__, seeds=True).parse_args()
-    folder = sweep.study_folder(args, "deep_learning")
-    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.seeds), folder)
-    rows = report.write_report(outcomes, folder, "Fashion-MNIST, small CNN, 8-worker ring", ["method"],
-                               notes="Paper (CIFAR-10 ResNet-20, 8-ring, 300 epochs; MB are MiB per worker): uncompressed 92.1% at 102 MB/epoch; "
-                                     "Choco 92.0% at 3.2 MB; Moniqua 90.7% at 6.4 MB; DeepSqueeze 91.2% at 3.2 MB; "
-                                     "PowerGossip 1 it. 91.7% at 1.8 MB, 2 it. 91.9% at 3.0 MB.")
-    for row in rows:
-        print(f"{row['method']:28s} {report.mean_and_spread(row):>16s} ({row['seeds']} seeds)  "
-              f"{row['mb_per_epoch']:9.3f} MB/worker/epoch  {row['status']}")
-    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+    report.study_main(__doc__, "deep_learning", study_runs, "Fashion-MNIST, small CNN, 8-worker ring", ["method"], notes=PAPER)
 
 
 if __name__ == "__main__":

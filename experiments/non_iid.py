@@ -22,24 +22,13 @@ METHODS = ("dpsgd", "power_gossip_1")
 
 
 def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None) -> list[sweep.Run]:
-    runs = []
-    for method in METHODS:
-        label, overrides = deep_learning.METHODS[method]
-        for ratio in SHUFFLED_RATIOS:
-            data = ["use_decentralized_data=true", f"decentralized_data_shuffled_ratio={ratio}"]
-            for seed in sweep.study_seeds(quick, seeds):
-                runs.append(sweep.Run(sweep.seeded_name(f"{method}_shuffled_{ratio}", seed), "train.py",
-                                      deep_learning.settings(quick, extra, seed) + overrides + data,
-                                      {"method": label, "shuffled fraction": ratio, "seed": seed}))
-    return runs
+    variants = {f"shuffled_{ratio}": (["use_decentralized_data=true", f"decentralized_data_shuffled_ratio={ratio}"],
+                                      {"shuffled fraction": ratio}) for ratio in SHUFFLED_RATIOS}
+    return deep_learning.method_variants(METHODS, variants, quick, extra, seeds)
 
 
 def main():
-    args = sweep.study_arguments(__doc__, seeds=True).parse_args()
-    folder = sweep.study_folder(args, "non_iid")
-    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.seeds), folder)
-    report.write_report(outcomes, folder, "Fashion-MNIST, label-sorted shards, 8-worker ring", ["method", "shuffled fraction"])
-    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+    report.study_main(__doc__, "non_iid", study_runs, "Fashion-MNIST, label-sorted shards, 8-worker ring", ["method", "shuffled fraction"])
 
 
 if __name__ == "__main__":

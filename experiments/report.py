@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 
 import matplotlib
 
@@ -18,6 +19,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import sweep  # noqa: E402
+
+
+def study_main(description: str, name: str, study_runs, title: str, label_keys: list[str], notes: str = "") -> None:
+    """A training study's command line: `study_runs(quick, overrides, seeds)` launched (or
+    only collected), the report written, its table printed; exits 1 if a run failed."""
+    args = sweep.study_arguments(description, seeds=True).parse_args()
+    outcomes, _ = run_study(args, name, study_runs(args.quick, args.overrides, args.seeds), title, label_keys, notes)
+    sys.exit(exit_status(outcomes))
+
+
+def run_study(args, name: str, runs: list[sweep.Run], title: str, label_keys: list[str],
+              notes: str = "") -> tuple[list[sweep.Outcome], list[dict]]:
+    """Launch a study's runs (or only collect them) in its folder, write its report there and
+    print its table; (outcomes, the report's rows)."""
+    folder = sweep.study_folder(args, name)
+    outcomes = sweep.launch_or_collect(args, runs, folder)
+    rows = write_report(outcomes, folder, title, label_keys, notes=notes)
+    with open(os.path.join(folder, "table.md")) as f:
+        print(f.read(), end="")
+    return outcomes, rows
+
+
+def exit_status(outcomes: list[sweep.Outcome]) -> int:
+    """A study's exit status: 1 if any of its runs failed."""
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def curve(records: list[dict], name: str, split: str) -> list[tuple[float, float, float]]:
@@ -87,6 +113,28 @@ def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_k
     return rows
 
 
+def final_against_megabytes(rows: list[dict], folder: str, line_key: str, point_key: str, title: str,
+                            metric: str = "accuracy") -> None:
+    """`final_<metric>_vs_mb.png`: each setting's final test metric (mean over seeds, the
+    standard deviation as error bar) against its MB per worker per epoch; settings that
+    share `line_key` joined by a line, each point named by its `point_key`."""
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for line_value in dict.fromkeys(row[line_key] for row in rows):
+        points = [row for row in rows if row[line_key] == line_value and row["seeds"]]
+        if not points:
+            continue
+        megabytes, values = [row["mb_per_epoch"] for row in points], [row["test_avg"] for row in points]
+        spreads = [row["test_std"] if row["seeds"] > 1 else 0 for row in points]
+        axis.errorbar(megabytes, values, yerr=spreads, marker="o", capsize=3, label=f"{line_key} {line_value}")
+        for row in points:
+            axis.annotate(f"{row[point_key]}", (row["mb_per_epoch"], row["test_avg"]), fontsize=7,
+                          textcoords="offset points", xytext=(3, 3))
+    axis.set(xscale="log", xlabel="MB sent per worker per epoch", ylabel=f"final test {metric} (averaged model)",
+             title=f"{title} (points: {point_key})")
+    axis.legend(fontsize=8)
+    _save(figure, [axis], folder, f"final_{metric}_vs_mb.png")
+
+
 def _figure(outcomes, curves, folder, title, label_keys, metric) -> None:
     figure, (by_epoch, by_megabytes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for labels, indices in settings_of(outcomes, label_keys):
@@ -105,9 +153,13 @@ def _figure(outcomes, curves, folder, title, label_keys, metric) -> None:
     by_epoch.set(xlabel="epoch", ylabel=f"test {metric} (averaged model)", title=title)
     by_megabytes.set(xlabel="MB sent per worker", ylabel=f"test {metric} (averaged model)", xscale="symlog")
     by_epoch.legend(fontsize=8)
-    for axis in (by_epoch, by_megabytes):
+    _save(figure, [by_epoch, by_megabytes], folder, f"test_{metric}.png")
+
+
+def _save(figure, axes, folder: str, name: str) -> None:
+    for axis in axes:
         axis.grid(alpha=0.3)
     figure.tight_layout()
     os.makedirs(folder, exist_ok=True)
-    figure.savefig(os.path.join(folder, f"test_{metric}.png"), dpi=120)
+    figure.savefig(os.path.join(folder, name), dpi=120)
     plt.close(figure)

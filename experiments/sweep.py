@@ -159,8 +159,9 @@ def seeded_name(name: str, seed: int) -> str:
     return name if seed == FULL_SEEDS[0] else f"{name}_seed{seed}"
 
 
-def _seed_list(text: str) -> list[int]:
-    return [int(seed) for seed in text.split(",")]
+def int_list(text: str) -> list[int]:
+    """A command line's comma-separated integers ("1,2,3")."""
+    return [int(item) for item in text.split(",")]
 
 
 def study_arguments(description: str, quick_help: str = "a reduced run for a 2-core CPU", seeds: bool = False):
@@ -170,7 +171,7 @@ def study_arguments(description: str, quick_help: str = "a reduced run for a 2-c
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     if seeds:
-        parser.add_argument("--seeds", type=_seed_list, default=None,
+        parser.add_argument("--seeds", type=int_list, default=None,
                             help=f"comma-separated seeds, each a run per setting (default {','.join(map(str, FULL_SEEDS))}; "
                                  f"--quick: {','.join(map(str, QUICK_SEEDS))})")
     parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")

@@ -1,11 +1,12 @@
 """Sweep scripts end to end at a tiny scale: launching, skipping, surviving failures, reports."""
+import csv
 import os
 import subprocess
 import sys
 
 import pytest
 
-from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, report, sweep
+from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, power_iterations, report, sweep, warm_start
 from tests.test_data import fake_fmnist
 
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
@@ -46,7 +47,7 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
         sweep.launch([bad, seeded], str(tmp_path))
 
 
-@pytest.mark.parametrize("study", [deep_learning, non_iid])
+@pytest.mark.parametrize("study", [deep_learning, non_iid, warm_start])
 def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, study):
     overrides = TINY + [f"data_dir={tiny_data}"]
     result = subprocess.run([sys.executable, study.__file__, "--quick", "--output", str(tmp_path)] + overrides,
@@ -59,13 +60,28 @@ def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, stud
     assert os.path.exists(tmp_path / "test_accuracy.png")
 
 
+def test_power_iterations_study_runs_a_part_of_its_grid_at_tiny_scale(tmp_path, tiny_data):
+    overrides = TINY + [f"data_dir={tiny_data}"]
+    result = subprocess.run([sys.executable, power_iterations.__file__, "--quick", "--iterations", "1,2", "--ranks", "1,2",
+                             "--output", str(tmp_path)] + overrides, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.parent.name for p in (tmp_path / "runs").glob("*/DONE")) == [
+        "rank1_iterations1", "rank1_iterations2", "rank2_iterations1", "rank2_iterations2"]
+    with open(tmp_path / "table.csv") as f:
+        megabytes = {(row["rank"], row["iterations"]): float(row["MB sent / worker / epoch"]) for row in csv.DictReader(f)}
+    # More iterations or a higher rank send more: the grid's point (bits per step grow with both).
+    assert megabytes[("1", "1")] < megabytes[("1", "2")] and megabytes[("1", "1")] < megabytes[("2", "1")]
+    assert os.path.getsize(tmp_path / "final_accuracy_vs_mb.png") > 1000
+    assert "n_workers: 16" in (tmp_path / "runs" / "rank2_iterations2" / "config.yaml").read_text()
+
+
 def test_quick_mode_is_the_documented_reduced_setting():
     runs = deep_learning.study_runs(True, [])
     assert {r.name for r in runs} == set(deep_learning.METHODS) and len(runs) == len(deep_learning.METHODS)
     assert all("device=cpu" in r.overrides and "max_batches_per_epoch=12" in r.overrides for r in runs)
 
 
-@pytest.mark.parametrize("study", [deep_learning, non_iid])
+@pytest.mark.parametrize("study", [deep_learning, non_iid, power_iterations, warm_start])
 def test_quick_studies_run_one_seed_and_full_ones_three(study):
     quick, full = study.study_runs(True, []), study.study_runs(False, [])
     assert {r.labels["seed"] for r in quick} == {1} and "seed=1" in quick[0].overrides
@@ -118,7 +134,8 @@ def test_quick_studies_write_outside_the_tracked_tree():
 
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
-    for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid")):
+    for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid"), (power_iterations, "power_iterations"),
+                        (warm_start, "warm_start")):
         args = sweep.study_arguments("").parse_args(["--quick"])
         folder = sweep.study_folder(args, name)
         ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
