@@ -6,13 +6,15 @@ No data and no gradients: every method of experiments/configs/train/cifar10_resn
 runs its registered `step` on ResNet-20's parameters stacked over the 8 workers, in one
 CPU process, exactly as train.py calls it; before each step every worker's parameters
 move by its own small random step, so that neighbours differ as in training. The count
-is comm.bytes_sent over one epoch of steps after a first step (PowerGossip's first step
-sends nothing, as neighbours start equal): what each method sends in steady state.
+is comm.bytes_sent per step, averaged over two epochs of steps after a first step
+(PowerGossip's first step sends nothing, as neighbours start equal; its rounds alternate
+between X^T P and X Q, of different sizes, so the mean is over whole pairs of rounds),
+times the steps of an epoch: what each method sends per epoch in steady state.
 
 An epoch is ceil(50,000 / (8 x 128)) = 49 steps, as the original code counted; train.py's
 loader drops the last partial batch of each worker's shard (6,250 // 128 = 48 steps).
 
-    OMP_NUM_THREADS=1 python experiments/paper_bytes.py        # about a minute on one core
+    OMP_NUM_THREADS=1 python experiments/paper_bytes.py        # about 30 s on one core
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ PAPER_MB = {"dpsgd": 102, "choco_sign": 3.2, "deepsqueeze_sign": 3.2, "moniqua":
 HEADER = ["config", "MiB / worker / epoch (49 steps)", "MB (10^6 bytes)", "train.py epoch (48 steps), MiB", "paper (MB per epoch)"]
 
 
-def bytes_per_step(config_file: str, steps: int = STEPS_PER_EPOCH) -> float:
+def bytes_per_step(config_file: str, steps: int = 2 * STEPS_PER_EPOCH) -> float:
     """Mean bytes a worker sends per step, over `steps` steps after the first, of the method in `config_file`."""
     cfg = runs.apply_overrides(train._DEFAULTS, [config_file])
     torch.manual_seed(cfg["seed"])
