@@ -17,7 +17,10 @@ chosen per method.
 Results: experiments/results/consensus/ (--quick: runs/consensus_quick/): error_vs_bits_<data>.png (error of
 the best setting per method against bits sent per worker, log scales, as in the
 paper), bits_to_1e-6.md/.csv (bits each method needs to reach an error of 1e-6
-relative to the start), best_settings.md/.csv.
+relative to the start, as sent on the wire and as the original code counted them:
+top-k's indices as int64), best_settings.md/.csv.
+
+    python experiments/consensus.py --algorithms topk_choco --output runs/topk   # a part of the study
 """
 from __future__ import annotations
 
@@ -29,17 +32,37 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gossip_run  # noqa: E402
 from experiments import sweep  # noqa: E402
+from powergossip import compressors  # noqa: E402
 
 DATA_TYPES = ("random", "images")
 TARGET = 1e-6  # relative error to reach
 OPTIMAL_RING_8 = 1.308  # 2 / (lambda_2 + lambda_n) of the 8-ring's gossip step
 
 
-TABLE_HEADER = ["data", "algorithm", f"bits to reach {TARGET:g} relative error", "final relative error", "bits at the end"]
+MATRIX_SIZE = 100  # random data: each worker's matrix is MATRIX_SIZE x MATRIX_SIZE
+ENTRIES = {"random": MATRIX_SIZE**2, "images": 28 * 28}  # entries of a worker's tensor (images: Fashion-MNIST's)
+TABLE_HEADER = ["data", "algorithm", f"bits to reach {TARGET:g} relative error (on the wire)",
+                f"bits to reach {TARGET:g}, indices as int64 (the original code's count)", "final relative error", "bits at the end"]
+TABLE_NOTES = ("Bits per worker. On the wire: what comm.py sends, top-k's indices in the smallest integer type that holds "
+               "them (int16 for 10,000 or 784 entries). The original code counted top-k's indices as int64; every other "
+               "method's count is the same under both rules.")
+
+
+def original_count_ratio(algorithm: str, entries: int) -> float:
+    """Bits the original code counted per bit on the wire: top-k sends k float32 values and
+    k indices, which the original counted as int64 and the wire carries in the smallest integer
+    type (compressors.smallest_index_dtype). The same k every step, so the step that first
+    reaches the target is the same under both counts and the ratio applies to any bit count."""
+    _, fixed = gossip_run.PRESETS.get(algorithm, (algorithm, {}))
+    if fixed.get("compressor") not in ("top-k", "random-k"):
+        return 1.0
+    index_bits = torch.iinfo(compressors.smallest_index_dtype(entries)).bits
+    return (32 + 64) / (32 + index_bits)
 
 
 def settings_of(algorithm: str, data_type: str, quick: bool) -> list[list[str]]:
@@ -63,11 +86,11 @@ def settings_of(algorithm: str, data_type: str, quick: bool) -> list[list[str]]:
     return [common + [f"hyperparameter_num_samples={gammas}"]]
 
 
-def study_runs(quick: bool, extra: list[str], data_types=DATA_TYPES) -> list[sweep.Run]:
-    base = ["topology=ring", "n_workers=8", "matrix_size=100", "seed=42"]
+def study_runs(quick: bool, extra: list[str], data_types=DATA_TYPES, algorithms=gossip_run.ALGORITHMS) -> list[sweep.Run]:
+    base = ["topology=ring", "n_workers=8", f"matrix_size={MATRIX_SIZE}", "seed=42"]
     runs = []
     for data_type in data_types:
-        for algorithm in gossip_run.ALGORITHMS:
+        for algorithm in algorithms:
             parts = settings_of(algorithm, data_type, quick)
             for number, overrides in enumerate(parts):
                 name = f"{data_type}-{algorithm}" + (f"-{number}" if len(parts) > 1 else "")
@@ -102,12 +125,13 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
             parts = [o for o in outcomes if o.run.labels == {"algorithm": algorithm, "data": data_type}]
             tags, points = best_curve([r for o in parts for r in sweep.metrics(o)])  # best over all its runs
             if not points:
-                rows.append([data_type, algorithm, "failed" if any(o.status == "failed" for o in parts) else "no data", "", ""])
+                rows.append([data_type, algorithm, "failed" if any(o.status == "failed" for o in parts) else "no data", "", "", ""])
                 continue
             start = points[0][1]
             reach = bits_to_reach(points, TARGET)
-            rows.append([data_type, algorithm, "not reached" if math.isinf(reach) else f"{reach:.4g}",
-                         f"{points[-1][1] / start:.3g}", f"{points[-1][0]:.4g}"])
+            original = reach * original_count_ratio(algorithm, ENTRIES[data_type])
+            rows.append([data_type, algorithm] + ["not reached" if math.isinf(b) else f"{b:.4g}" for b in (reach, original)]
+                        + [f"{points[-1][1] / start:.3g}", f"{points[-1][0]:.4g}"])
             settings.append([data_type, algorithm, tags.get("diffusion_rate"), tags.get("theta")])
             bits, errors = zip(*[(b, e / start) for b, e in points if b > 0])
             color = plt.cm.tab20(gossip_run.ALGORITHMS.index(algorithm) / len(gossip_run.ALGORITHMS))
@@ -120,7 +144,7 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
         figure.tight_layout()
         figure.savefig(os.path.join(folder, f"error_vs_bits_{data_type}.png"), dpi=120)
         plt.close(figure)
-    sweep.write_table(folder, "bits_to_1e-6", TABLE_HEADER, rows)
+    sweep.write_table(folder, "bits_to_1e-6", TABLE_HEADER, rows, notes=TABLE_NOTES)
     sweep.write_table(folder, "best_settings", ["data", "algorithm", "diffusion_rate", "theta"], settings)
     return rows
 
@@ -128,9 +152,14 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
 def main():
     parser = sweep.study_arguments(__doc__, quick_help="reduced grids and steps")
     parser.add_argument("--data", default=",".join(DATA_TYPES), help="data types, comma-separated")
+    parser.add_argument("--algorithms", default=",".join(gossip_run.ALGORITHMS), help="algorithms, comma-separated (a part of the study)")
     args = parser.parse_args()
+    unknown = [a for a in args.algorithms.split(",") if a not in gossip_run.ALGORITHMS]
+    if unknown:
+        parser.error(f"unknown algorithm(s) {', '.join(unknown)}; valid: {', '.join(gossip_run.ALGORITHMS)}")
     folder = sweep.study_folder(args, "consensus")
-    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.data.split(",")), folder)
+    runs = study_runs(args.quick, args.overrides, args.data.split(","), args.algorithms.split(","))
+    outcomes = sweep.launch_or_collect(args, runs, folder)
     print(sweep.markdown_table(TABLE_HEADER, write_results(outcomes, folder)), end="")
     sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
 

@@ -2,8 +2,10 @@
 (0, 0.1, 0.5), for D-PSGD and PowerGossip, on Fashion-MNIST across an 8-worker ring
 (the settings of study 2, experiments/deep_learning.py).
 
-    python experiments/non_iid.py --quick      # 2-core CPU
-    python experiments/non_iid.py              # full (meant for a GPU)
+    python experiments/non_iid.py --quick      # 2-core CPU, one seed
+    python experiments/non_iid.py              # full: seeds 1, 2, 3 (meant for a GPU)
+
+Every (method, fraction, seed) is a run of its own; tables and figures as in study 2.
 
 Results: experiments/results/non_iid/ (--quick: runs/non_iid_quick/) (table.md, table.csv, test_accuracy.png).
 """
@@ -19,24 +21,14 @@ SHUFFLED_RATIOS = (0.0, 0.1, 0.5)
 METHODS = ("dpsgd", "power_gossip_1")
 
 
-def study_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
-    settings = deep_learning.COMMON + (deep_learning.QUICK if quick else deep_learning.FULL) + extra
-    runs = []
-    for method in METHODS:
-        label, overrides = deep_learning.METHODS[method]
-        for ratio in SHUFFLED_RATIOS:
-            data = ["use_decentralized_data=true", f"decentralized_data_shuffled_ratio={ratio}"]
-            runs.append(sweep.Run(f"{method}_shuffled_{ratio}", "train.py", settings + overrides + data,
-                                  {"method": label, "shuffled fraction": ratio}))
-    return runs
+def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None) -> list[sweep.Run]:
+    variants = {f"shuffled_{ratio}": (["use_decentralized_data=true", f"decentralized_data_shuffled_ratio={ratio}"],
+                                      {"shuffled fraction": ratio}) for ratio in SHUFFLED_RATIOS}
+    return deep_learning.method_variants(METHODS, variants, quick, extra, seeds)
 
 
 def main():
-    args = sweep.study_arguments(__doc__).parse_args()
-    folder = sweep.study_folder(args, "non_iid")
-    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
-    report.write_report(outcomes, folder, "Fashion-MNIST, label-sorted shards, 8-worker ring", ["method", "shuffled fraction"])
-    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+    report.study_main(__doc__, "non_iid", study_runs, "Fashion-MNIST, label-sorted shards, 8-worker ring", ["method", "shuffled fraction"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 
 Setups (YAML files in experiments/configs/train/<setup>/, one per method):
 cifar10_resnet20_ring8 (CIFAR-10, ResNet-20, 8-worker ring, 300 epochs, all methods),
-cifar10_resnet18_ring16 (ResNet-18, 16-worker ring), wikitext2_lstm_ring16 (LSTM,
+cifar10_resnet18_ring16 (ResNet-18, 16-worker ring: the setup the poster's caption names;
+its table is cifar10_resnet20_ring8's, see experiments/results/README.md), wikitext2_lstm_ring16 (LSTM,
 PowerGossip with 8/16/32 iterations). A setup whose files are not in --data-dir is
 skipped with a message naming the files and where to get them.
 Results: experiments/results/paper_configs/<setup>/.

@@ -143,12 +143,37 @@ def _continue_or_replace(run_folder: str) -> list[str]:
     return ["overwrite=true"] if runs_module.results_in(run_folder) else []
 
 
-def study_arguments(description: str, quick_help: str = "a reduced run for a 2-core CPU"):
-    """The command line every study script shares."""
+# Training studies repeat every run over seeds and report mean and standard deviation.
+QUICK_SEEDS = (1,)  # --quick: one seed, so that a quick try (and the test suite) stays fast
+FULL_SEEDS = (1, 2, 3)  # full studies: the spread over three seeds
+
+
+def study_seeds(quick: bool, seeds: list[int] | None = None) -> list[int]:
+    """The seeds a training study runs: `seeds` if given, else QUICK_SEEDS or FULL_SEEDS."""
+    return list(seeds) if seeds else list(QUICK_SEEDS if quick else FULL_SEEDS)
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """A run's folder name for one seed. The first seed keeps the plain name that runs had
+    before studies took seeds (they all ran seed 1), so that their folders are read as seed 1."""
+    return name if seed == FULL_SEEDS[0] else f"{name}_seed{seed}"
+
+
+def int_list(text: str) -> list[int]:
+    """A command line's comma-separated integers ("1,2,3")."""
+    return [int(item) for item in text.split(",")]
+
+
+def study_arguments(description: str, quick_help: str = "a reduced run for a 2-core CPU", seeds: bool = False):
+    """The command line every study script shares (`seeds`: a training study's --seeds)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
+    if seeds:
+        parser.add_argument("--seeds", type=int_list, default=None,
+                            help=f"comma-separated seeds, each a run per setting (default {','.join(map(str, FULL_SEEDS))}; "
+                                 f"--quick: {','.join(map(str, QUICK_SEEDS))})")
     parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables and figures from earlier runs")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (several fit on one GPU)")

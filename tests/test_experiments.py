@@ -1,11 +1,12 @@
 """Sweep scripts end to end at a tiny scale: launching, skipping, surviving failures, reports."""
+import csv
 import os
 import subprocess
 import sys
 
 import pytest
 
-from experiments import deep_learning, non_iid, paper_configs, report, sweep
+from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, power_iterations, report, sweep, warm_start
 from tests.test_data import fake_fmnist
 
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
@@ -29,15 +30,24 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
     again = sweep.launch([bad, good], str(tmp_path))
     assert [o.status for o in again] == ["failed", "skipped"]
     rows = report.write_report(again, str(tmp_path / "report"), "tiny", ["method"])
-    assert rows[1]["test_avg"] >= 0 and rows[0]["status"] == "failed"
+    assert rows[1]["test_avg"] >= 0 and rows[1]["seeds"] == 1 and rows[0]["status"] == "failed"
     assert (tmp_path / "report" / "table.md").read_text().count("|") > 10
     assert os.path.getsize(tmp_path / "report" / "test_accuracy.png") > 1000
+    # Another seed of the same setting: one row, mean and standard deviation over the two.
+    other_seed = sweep.Run("good_seed2", "train.py", good.overrides + ["seed=2"], {"method": "ok", "seed": 2})
+    seeds = sweep.launch([bad, good, other_seed], str(tmp_path))
+    rows = report.write_report(seeds, str(tmp_path / "seeds"), "tiny", ["method"])
+    finals = [report.curve(sweep.metrics(o), "accuracy", "test_avg")[-1][1] for o in seeds[1:]]
+    assert [row["method"] for row in rows] == ["broken", "ok"] and rows[1]["seeds"] == 2
+    assert rows[1]["test_avg"] == pytest.approx(sum(finals) / 2)
+    assert rows[1]["test_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
+    assert f"{100 * rows[1]['test_avg']:.2f}% ± {100 * rows[1]['test_std']:.2f}" in (tmp_path / "seeds" / "table.md").read_text()
     seeded = sweep.Run("good", "train.py", good.overrides + ["seed=7"], good.labels)  # the same run name, other settings
     with pytest.raises(SystemExit, match="good were done before with other arguments"):
         sweep.launch([bad, seeded], str(tmp_path))
 
 
-@pytest.mark.parametrize("study", [deep_learning, non_iid])
+@pytest.mark.parametrize("study", [deep_learning, non_iid, warm_start])
 def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, study):
     overrides = TINY + [f"data_dir={tiny_data}"]
     result = subprocess.run([sys.executable, study.__file__, "--quick", "--output", str(tmp_path)] + overrides,
@@ -50,10 +60,48 @@ def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, stud
     assert os.path.exists(tmp_path / "test_accuracy.png")
 
 
+def test_power_iterations_study_runs_a_part_of_its_grid_at_tiny_scale(tmp_path, tiny_data):
+    overrides = TINY + [f"data_dir={tiny_data}"]
+    result = subprocess.run([sys.executable, power_iterations.__file__, "--quick", "--iterations", "1,2", "--ranks", "1,2",
+                             "--output", str(tmp_path)] + overrides, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.parent.name for p in (tmp_path / "runs").glob("*/DONE")) == [
+        "rank1_iterations1", "rank1_iterations2", "rank2_iterations1", "rank2_iterations2"]
+    with open(tmp_path / "table.csv") as f:
+        megabytes = {(row["rank"], row["iterations"]): float(row["MB sent / worker / epoch"]) for row in csv.DictReader(f)}
+    # More iterations or a higher rank send more: the grid's point (bits per step grow with both).
+    assert megabytes[("1", "1")] < megabytes[("1", "2")] and megabytes[("1", "1")] < megabytes[("2", "1")]
+    assert os.path.getsize(tmp_path / "final_accuracy_vs_mb.png") > 1000
+    assert "n_workers: 16" in (tmp_path / "runs" / "rank2_iterations2" / "config.yaml").read_text()
+
+
 def test_quick_mode_is_the_documented_reduced_setting():
     runs = deep_learning.study_runs(True, [])
-    assert {r.name for r in runs} == set(deep_learning.METHODS) and len(runs) == 7
+    assert {r.name for r in runs} == set(deep_learning.METHODS) and len(runs) == len(deep_learning.METHODS)
     assert all("device=cpu" in r.overrides and "max_batches_per_epoch=12" in r.overrides for r in runs)
+
+
+@pytest.mark.parametrize("study", [deep_learning, non_iid, power_iterations, warm_start])
+def test_quick_studies_run_one_seed_and_full_ones_three(study):
+    quick, full = study.study_runs(True, []), study.study_runs(False, [])
+    assert {r.labels["seed"] for r in quick} == {1} and "seed=1" in quick[0].overrides
+    assert len(full) == 3 * len(quick) and len({r.name for r in full}) == len(full)
+    for seed in (1, 2, 3):
+        assert len([r for r in full if r.labels["seed"] == seed and f"seed={seed}" in r.overrides]) == len(quick)
+    assert len(study.study_runs(False, [], seeds=[4, 5])) == 2 * len(quick)
+
+
+def test_seed_1_runs_keep_their_names_and_arguments_from_before_seeds():
+    """Runs made before the studies took seeds (seed 1, these names and arguments) count as done."""
+    run = next(r for r in deep_learning.study_runs(False, []) if r.name == "dpsgd")
+    assert run.overrides[:len(deep_learning.COMMON) + 1] == deep_learning.COMMON + ["seed=1"]
+    assert run.labels == {"method": "D-PSGD (uncompressed)", "seed": 1}
+
+
+def test_powersgd_joins_the_comparison_only_where_it_is_registered():
+    from powergossip import algorithms
+
+    assert ("powersgd_2" in deep_learning.METHODS) == ("powersgd" in algorithms.METHODS)
 
 
 def test_paper_configs_say_what_is_missing(tmp_path):
@@ -67,12 +115,27 @@ def test_paper_configs_say_what_is_missing(tmp_path):
     assert "cifar10_resnet20_ring8: data found, 10 runs" in result.stdout
 
 
+def test_paper_bytes_count_the_model_once_per_neighbour():
+    """The paper's 102 MB/epoch is ResNet-20 (272,474 float32 parameters) sent to both ring neighbours."""
+    config = os.path.join(paper_bytes.SETUP, "{}.yaml")
+    assert paper_bytes.bytes_per_step(config.format("dpsgd"), steps=2) == 272_474 * 4 * 2
+    assert 30_000 < paper_bytes.bytes_per_step(config.format("power_gossip_1_iteration"), steps=2) < 50_000
+
+
+def test_consensus_counts_topk_indices_as_the_original_did():
+    assert consensus.original_count_ratio("topk_choco", 100 * 100) == 2  # int16 on the wire, int64 counted
+    assert consensus.original_count_ratio("topk_choco", 100) == (32 + 64) / (32 + 8)  # uint8 on the wire
+    assert consensus.original_count_ratio("sign_choco", 100 * 100) == 1
+    assert consensus.original_count_ratio("power_gossip", 28 * 28) == 1
+
+
 def test_quick_studies_write_outside_the_tracked_tree():
     import subprocess as sp
 
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
-    for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid")):
+    for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid"), (power_iterations, "power_iterations"),
+                        (warm_start, "warm_start")):
         args = sweep.study_arguments("").parse_args(["--quick"])
         folder = sweep.study_folder(args, name)
         ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
