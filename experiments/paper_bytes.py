@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from experiments import sweep  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
-from powergossip import models, runs, topologies  # noqa: E402
+from powergossip import configuration, models, topologies  # noqa: E402
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
 
 SETUP = os.path.join(sweep.ROOT, "experiments", "configs", "train", "cifar10_resnet20_ring8")
@@ -43,7 +43,7 @@ HEADER = ["config", "MiB / worker / epoch (49 steps)", "MB (10^6 bytes)", "train
 
 def bytes_per_step(config_file: str, steps: int = 2 * STEPS_PER_EPOCH) -> float:
     """Mean bytes a worker sends per step, over `steps` steps after the first, of the method in `config_file`."""
-    cfg = runs.apply_overrides(train._DEFAULTS, [config_file])
+    cfg = configuration.apply_overrides(train._DEFAULTS, [config_file])
     torch.manual_seed(cfg["seed"])
     template = models.build(cfg["task_architecture"], in_channels=3, num_classes=10, image_size=32)
     workers = StackedReplicas(template, cfg["n_workers"], torch.device("cpu"))
