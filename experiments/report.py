@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from experiments import sweep  # noqa: E402
-
-
-def curve(records: list[dict], name: str, split: str) -> list[tuple[float, float, float]]:
-    """[(epoch, value, MB sent per worker)] of a worker-averaged metric."""
-    return [(r["epoch"], r["value"], r["bits"] / 8 / 1e6) for r in records
-            if r["name"] == name and r["tags"].get("split") == split and "worker" not in r["tags"]]
+from experiments import sweep
+from powergossip import figures
 
 
 def summarize(outcomes: list[sweep.Outcome], curves: list[list[tuple]]) -> list[dict]:
@@ -40,7 +32,7 @@ def summarize(outcomes: list[sweep.Outcome], curves: list[list[tuple]]) -> list[
 def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_keys: list[str], notes: str = "",
                  metric: str = "accuracy") -> list[dict]:
     """table.md / table.csv and two figures (test metric vs epochs, vs MB sent) in `folder`."""
-    curves = [curve(sweep.metrics(outcome), metric, "test_avg") for outcome in outcomes]
+    curves = [figures.curve(sweep.metrics(outcome), metric, "test_avg") for outcome in outcomes]
     rows = summarize(outcomes, curves)
     header = label_keys + [f"test {metric} (averaged model)", "MB sent / worker / epoch", "epochs", "status"]
     table = [[row.get(key, "") for key in label_keys]
@@ -48,21 +40,15 @@ def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_k
                 f"{row['mb_per_epoch']:.3f}", f"{row['epochs']:g}", row["status"]] for row in rows]
     sweep.write_table(folder, "table", header, table, notes=f"{title}\n\n{notes}".strip())
 
-    figure, (by_epoch, by_megabytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure = Figure(figsize=(12, 4.5))
+    by_epoch, by_megabytes = figure.subplots(1, 2)
     for outcome, points in zip(outcomes, curves):
         if not points:
             continue
         label = " ".join(str(outcome.run.labels.get(k, "")) for k in label_keys) or outcome.run.name
-        epochs, values, megabytes = zip(*points)
-        by_epoch.plot(epochs, values, marker=".", label=label)
-        by_megabytes.plot(megabytes, values, marker=".", label=label)
-    by_epoch.set(xlabel="epoch", ylabel=f"test {metric} (averaged model)", title=title)
-    by_megabytes.set(xlabel="MB sent per worker", ylabel=f"test {metric} (averaged model)", xscale="symlog")
+        figures.plot_against_epochs_and_megabytes(by_epoch, by_megabytes, points, label=label)
+    figures.label_epoch_and_megabyte_axes(by_epoch, by_megabytes, f"test {metric} (averaged model)", xscale="symlog")
+    by_epoch.set(title=title)
     by_epoch.legend(fontsize=8)
-    for axis in (by_epoch, by_megabytes):
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    os.makedirs(folder, exist_ok=True)
-    figure.savefig(os.path.join(folder, f"test_{metric}.png"), dpi=120)
-    plt.close(figure)
+    figures.save(figure, os.path.join(folder, f"test_{metric}.png"))
     return rows
