@@ -80,7 +80,7 @@ config = {
     "data_path": None,  # data_type=file: a .npy array of shape [n_workers, ...]; worker i starts from entry i
     "data_dir": None,  # data_type=images: folder with Fashion-MNIST (None: /usr/share/datasets/fashion-mnist)
     "num_steps": 5000,  # gossip steps per setting
-    # The methods' hyper-parameters, named as in train.py (README, "Vocabulary"; older names such as
+    # The methods' hyper-parameters, named as in train.py (docs/configuration.md; older names such as
     # compression_rank, keep_ratio, diffusion_rate and theta are read as these).
     "optimizer_rank": 1,  # PowerGossip rank, SVD rank, and top-k's rank-matched keep_ratio
     "optimizer_num_iterations": 1,  # PowerGossip power-iteration rounds per step
