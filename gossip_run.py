@@ -66,7 +66,6 @@ from powergossip import algorithms
 from powergossip import comm as comm_module
 from powergossip import compressors
 from powergossip import configuration
-from powergossip import figures
 from powergossip import runs
 from powergossip import topologies
 
@@ -202,6 +201,8 @@ def main():
             best, initial, setting = min(outcomes, key=lambda outcome: outcome[0])
             print(f"best of {len(outcomes)} settings: {setting}" + (f", final error {best:.4g} = {best / initial:.3g} x the "
                   f"initial" if math.isfinite(best) else ": every setting diverged"), flush=True)
+        from powergossip import figures  # here: only the process that draws pays for matplotlib
+
         title = f"{cfg['algorithm']}, {cfg['n_workers']}-worker {cfg['topology']}, {cfg['data_type']} data"
         figure = figures.save(figures.consensus_figure(runs.read_metrics(folder), title), os.path.join(folder, "error_vs_bits.png"))
         print(f"results in {folder}, figure {figure}", flush=True)

@@ -34,7 +34,7 @@ import os
 import numpy as np
 import torch
 
-from powergossip import configuration, data, figures, models, runs
+from powergossip import configuration, data, models, runs
 from powergossip.models.stacked import loss_and_correct
 
 
@@ -129,6 +129,8 @@ class Recorder:
             return
         mb_per_epoch = self.bits / 8 / 1e6 / max(1, cfg["num_epochs"])
         accuracy = "not evaluated" if self.last_test_avg is None else f"{100 * self.last_test_avg:.2f}%"
+        from powergossip import figures  # here: only the process that draws pays for matplotlib
+
         run = f"{cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} {cfg['task_architecture']}"
         figure = figures.save(figures.training_figure(runs.read_metrics(self.folder), run), os.path.join(self.folder, "curves.png"))
         with open(os.path.join(self.folder, "summary.json"), "w") as f:
