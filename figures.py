@@ -19,6 +19,7 @@ import math
 import os
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 MEGABYTE_BITS = 8e6
 
@@ -51,6 +52,9 @@ def label_epoch_and_megabyte_axes(by_epoch, by_megabytes, ylabel: str, xscale: s
     """The pair of panels every training figure has: a metric against epochs, and against MB sent."""
     by_epoch.set(xlabel="epoch", ylabel=ylabel)
     by_megabytes.set(xlabel="MB sent per worker", ylabel=ylabel, xscale=xscale)
+    if xscale == "log":  # plain numbers ("2", "0.5", "3e+04") instead of 2 x 10^0
+        by_megabytes.xaxis.set_major_formatter(LogFormatter())
+        by_megabytes.xaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
     for axis in (by_epoch, by_megabytes):
         axis.grid(alpha=0.3)
 
