@@ -15,7 +15,8 @@ numbers whether one process hosts all workers or each worker has its own process
 
 Notation: W is the mixing matrix, w_ij = W[i, j], gamma the consensus step
 ("diffusion rate"). Per-edge state is stacked over the local half-edges `[H, ...]`
-in `comm.half_edges(topology)` order.
+in `comm.half_edges(topology)` order. docs/algorithms.md writes out each method's
+update and what it sends, byte by byte.
 """
 from __future__ import annotations
 

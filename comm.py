@@ -1,6 +1,6 @@
 """Communication layer: which worker lives where, messages along edges, byte counts.
 
-The stacked-local-workers contract (README, "Launch layouts"): a process hosts a contiguous
+The stacked-local-workers contract (docs/design.md): a process hosts a contiguous
 block of L >= 1 workers, and every message lives on a *half-edge* (i -> j), worker
 i's end of edge {i, j}. An algorithm hands `exchange` one message per local
 half-edge (or one per local worker, sent to all its neighbours) and gets back,

@@ -11,7 +11,8 @@ are the payload's bytes times 8: nothing is counted that is not sent.
     tensors = compressor.decompress(payload, shapes)     # shapes: per-row shapes
 
 Compression is per tensor (a norm per tensor, k per tensor), batched over rows and
-over tensors: no Python loop over workers or neighbours.
+over tensors: no Python loop over workers or neighbours. The payload sizes are
+tabled in docs/algorithms.md ("Counting communication").
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ keys, wrong types and numbers that are not finite are errors that name the key a
 what was expected. `checked_training` holds the rules of train.py's configuration
 (gossip_run.py's are in its own `check`); a problem ends the program with exit status 2
 and one line that says what to change (`command_line_or_exit`, `run_or_exit`).
+docs/configuration.md tables the methods' settings and the older names read as them.
 """
 from __future__ import annotations
 

@@ -16,8 +16,10 @@ consensus figures (Vogels, Karimireddy, Jaggi 2020, "Consensus experiments").
 or from Python: `import gossip_run; gossip_run.config["algorithm"] = "moniqua";
 gossip_run.output_dir = "..."; gossip_run.log_metric = my_logger; gossip_run.main()`.
 
-Output (written by worker 0's process): `output_dir/config.yaml` and
-`output_dir/metrics.jsonl`, one JSON object per line,
+Output (written by worker 0's process): `output_dir/config.yaml`, the figure
+`output_dir/error_vs_bits.png` (error relative to its start against bits sent per
+worker, every setting of a sweep, the best one bold) and `output_dir/metrics.jsonl`,
+one JSON object per line,
 
     {"name": "error", "step": k, "value": float, "bits": float, "messages": float,
      "tags": {"algorithm": str, "diffusion_rate": float, "theta": float or null}}
@@ -77,7 +79,7 @@ config = {
     "data_path": None,  # data_type=file: a .npy array of shape [n_workers, ...]; worker i starts from entry i
     "data_dir": None,  # data_type=images: folder with Fashion-MNIST (None: /usr/share/datasets/fashion-mnist)
     "num_steps": 5000,  # gossip steps per setting
-    # The methods' hyper-parameters, named as in train.py (README, "Vocabulary"; older names such as
+    # The methods' hyper-parameters, named as in train.py (docs/configuration.md; older names such as
     # compression_rank, keep_ratio, diffusion_rate and theta are read as these).
     "optimizer_rank": 1,  # PowerGossip rank, SVD rank, and top-k's rank-matched keep_ratio
     "optimizer_num_iterations": 1,  # PowerGossip power-iteration rounds per step
@@ -199,6 +201,11 @@ def main():
             best, initial, setting = min(outcomes, key=lambda outcome: outcome[0])
             print(f"best of {len(outcomes)} settings: {setting}" + (f", final error {best:.4g} = {best / initial:.3g} x the "
                   f"initial" if math.isfinite(best) else ": every setting diverged"), flush=True)
+        from powergossip import figures  # here: only the process that draws pays for matplotlib
+
+        title = f"{cfg['algorithm']}, {cfg['n_workers']}-worker {cfg['topology']}, {cfg['data_type']} data"
+        figure = figures.save(figures.consensus_figure(runs.read_metrics(folder), title), os.path.join(folder, "error_vs_bits.png"))
+        print(f"results in {folder}, figure {figure}", flush=True)
     runs.release_output_dir(folder)
     return folder
 

@@ -4,8 +4,26 @@ and accuracy, the averaged model's, consensus distances, spectra of neighbour
 differences, timers), and the Recorder that writes each record to
 `output_dir/metrics.jsonl`, TensorBoard and the `log_metric` hook.
 
-Every record carries the bits and messages sent per worker so far (mean over
-workers), so any metric can be plotted against communication, the paper's x-axis.
+A record is one JSON object per line of metrics.jsonl:
+
+    {"name": "accuracy", "value": 0.87, "epoch": 3.0, "bits": 1.6e7, "messages": 960.0,
+     "tags": {"split": "test_avg"}}
+
+- "epoch" counts from 1 (the record is written at the end of that epoch); there is
+  no step field.
+- "bits" / "messages": sent per worker so far (mean over workers, cumulative), so any
+  metric can be plotted against communication, the paper's x-axis.
+- "tags": "split" (train, test: each worker's own model, test_avg: the averaged
+  model, runtime) and "worker" for a worker's own record; records without "worker"
+  are means over workers.
+- `time_<section>` records (split runtime) are cumulative: the seconds spent in that
+  section since this launch began (a resumed run counts from its resume).
+
+TensorBoard gets every record without a "worker" tag twice: tag `<name>/<tags...>`
+against the epoch, and tag `by_kB_sent/<name>/<tags...>` against the kB sent per
+worker (TensorBoard's steps are integers: kB keep small runs apart). At the end of a
+run, `output_dir/curves.png` (figures.training_figure) plots the curves against
+epochs and MB sent, the spread over workers shaded.
 """
 from __future__ import annotations
 
@@ -91,31 +109,35 @@ class Recorder:
         values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
         self.file.write({"name": name, **values, "tags": tags})
         if self.tensorboard is not None and "worker" not in tags:
-            self.tensorboard.add_scalar("/".join([name] + [str(v) for v in tags.values()]), value, epoch)
+            tag = "/".join([name] + [str(v) for v in tags.values()])
+            self.tensorboard.add_scalar(tag, value, epoch)
+            self.tensorboard.add_scalar(f"by_kB_sent/{tag}", value, round(self.bits / 8e3))  # the paper's x-axis
         self.log_metric(name, values, tags)
 
-    def epoch_line(self, epoch: int, num_epochs: int, elapsed: float, fraction_done: float) -> str:
-        """One line of progress for logs and mpirun, where no progress bar is drawn."""
+    def epoch_line(self, epoch: int, num_epochs: int) -> str:
+        """The epoch's numbers for a line of progress (runs.Progress adds the times)."""
         def shown(name, split, form):
             value = self.latest.get((name, split))
             return "n/a" if value is None else format(value, form)
-        left = elapsed * (1 - fraction_done) / fraction_done if fraction_done > 0 else float("nan")
         return (f"epoch {epoch}/{num_epochs}: train loss {shown('loss', 'train', '.4f')}, averaged-model test accuracy "
-                f"{shown('accuracy', 'test_avg', '.2%')}, {self.bits / 8e6:.3f} MB sent per worker, "
-                f"{elapsed:.0f} s elapsed, about {left:.0f} s left")
+                f"{shown('accuracy', 'test_avg', '.2%')}, {self.bits / 8e6:.3f} MB sent per worker")
 
     def summary(self, cfg, wall_time):
+        """summary.json (which marks the run as finished), curves.png and the summary line."""
         self.count_traffic()
         if not self.is_root:
             return
         mb_per_epoch = self.bits / 8 / 1e6 / max(1, cfg["num_epochs"])
         accuracy = "not evaluated" if self.last_test_avg is None else f"{100 * self.last_test_avg:.2f}%"
-        with open(os.path.join(self.folder, "summary.json"), "w") as f:  # also marks the run as finished
+        from powergossip import figures  # here: only the process that draws pays for matplotlib
+
+        run = f"{cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} {cfg['task_architecture']}"
+        figure = figures.save(figures.training_figure(runs.read_metrics(self.folder), run), os.path.join(self.folder, "curves.png"))
+        with open(os.path.join(self.folder, "summary.json"), "w") as f:
             json.dump({"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
                        "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id}, f)
-        print(f"\nsummary: {cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} "
-              f"{cfg['task_architecture']}: averaged-model test accuracy {accuracy}; "
-              f"{mb_per_epoch:.3f} MB sent per worker per epoch; wall time {wall_time:.1f} s; results in {self.folder}", flush=True)
+        print(f"\nsummary: {run}: averaged-model test accuracy {accuracy}; {mb_per_epoch:.3f} MB sent per worker per "
+              f"epoch; wall time {wall_time:.1f} s; results in {self.folder}, figure {figure}", flush=True)
 
     def close(self):
         if self.is_root:

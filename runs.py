@@ -26,7 +26,7 @@ from powergossip.configuration import ConfigError
 
 
 # --- the output folder -----------------------------------------------------------------------
-RESULTS = ("config.yaml", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints")
+RESULTS = ("config.yaml", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints", "curves.png", "error_vs_bits.png")
 
 
 def results_in(folder: str) -> list[str]:
@@ -226,6 +226,15 @@ def read_verified(path: str) -> dict:
 
 
 # --- train.py's run infrastructure ---------------------------------------------------------------
+def position(epoch: int, steps: int) -> str:
+    """Where a run is after `epoch` whole epochs and `steps` steps of the next one, for
+    messages: epochs counted from 1 as in the metrics ("epoch 2 step 3": 3 steps into the
+    second epoch; "the end of epoch 1")."""
+    if steps == 0:
+        return "the start of the run" if epoch == 0 else f"the end of epoch {epoch}"
+    return f"epoch {epoch + 1} step {steps}"
+
+
 class Timers:
     """Time per labelled section. On a GPU, CUDA events recorded in the stream time the
     device's work without synchronizing (the queue of launched work never drains; a
@@ -295,19 +304,75 @@ class DivergenceCheck:
         if not healthy:
             comm = self.comm
             raise FloatingPointError(
-                f"the loss became {losses.tolist()} at epoch {epoch} step {step} (local workers {comm.first_worker}.."
+                f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers {comm.first_worker}.."
                 f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
                 f"max_loss_ratio={self.max_loss_ratio:g} x the first step's {self.initial_loss:.4g}); nothing was saved "
                 f"from this state. {self.checkpoints.last_good()}")
 
 
-def progress_bar(is_root: bool, total: int, done: int):
-    """Worker 0's progress bar; quiet when stderr is not a terminal."""
-    if not is_root or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+class Progress:
+    """What the first process shows while a run trains (the others show nothing). In a
+    terminal, a tqdm bar with the loss and MB sent once a loss is known (never nan).
+    Otherwise (a log file, mpirun, CI): a line at the end of every epoch and, inside
+    long epochs, a line every `interval` seconds of wall time. `started` is when the run
+    began (earlier launches of a resumed run included); `terminal` and `clock` are there
+    for tests."""
 
-    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+    interval = 60.0  # seconds between lines inside an epoch when there is no terminal
+
+    def __init__(self, is_root: bool, num_epochs: int, steps_per_epoch: int, steps_done: int, started: float,
+                 terminal: bool | None = None, clock=time.time):
+        self.is_root, self.num_epochs, self.steps_per_epoch = is_root, num_epochs, steps_per_epoch
+        self.done, self.started, self.clock = steps_done, started, clock
+        self.last_line = clock()
+        self.bar = None
+        if is_root and (sys.stderr.isatty() if terminal is None else terminal):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=num_epochs * steps_per_epoch, initial=steps_done, unit="step", dynamic_ncols=True)
+
+    def step(self, epoch: int, step: int, mean_loss: float, bytes_sent) -> None:
+        """Step `step` of epoch `epoch` (both from 0) is done; `mean_loss`: the latest known
+        mean loss of this process's workers (nan before the first); `bytes_sent`: per local worker."""
+        self.done += 1
+        if not self.is_root:
+            return
+        known = math.isfinite(mean_loss)
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 and known:
+                self.bar.set_postfix(loss=f"{mean_loss:.3f}", MB_sent=f"{bytes_sent[0] / 1e6:.1f}")
+        elif self.clock() - self.last_line >= self.interval and step + 1 < self.steps_per_epoch:
+            self.last_line = self.clock()
+            loss = f"{mean_loss:.4f}" if known else "not known yet"
+            print(f"epoch {epoch + 1}/{self.num_epochs} step {step + 1}/{self.steps_per_epoch}: recent train loss {loss}, "
+                  f"worker 0 sent {bytes_sent[0] / 1e6:.3f} MB, {self.times()}", flush=True)
+
+    def end_of_epoch(self, epoch: int, recorder) -> None:
+        """Epoch `epoch` (from 1) is done and recorded (a metrics.Recorder): its line, when there is no bar."""
+        self.last_line = self.clock()
+        if self.is_root and self.bar is None:
+            print(f"{recorder.epoch_line(epoch, self.num_epochs)}, {self.times()}", flush=True)
+
+    def times(self) -> str:
+        """Wall time so far and an estimate of the rest, from the fraction of all steps done."""
+        elapsed = self.clock() - self.started
+        fraction = self.done / (self.num_epochs * self.steps_per_epoch)
+        left = f"about {duration(elapsed * (1 - fraction) / fraction)} left" if fraction > 0 else "time left not known yet"
+        return f"{duration(elapsed)} elapsed, {left}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 05 min'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:02.0f} min"
 
 
 class Checkpoints:
@@ -331,7 +396,7 @@ class Checkpoints:
     def last_good(self) -> str:
         if self.last is None:
             return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
-        return (f"The last good checkpoint (epoch {self.last[0]} step {self.last[1]}) is kept in {self.folder}: continue it "
+        return (f"The last good checkpoint ({position(*self.last)}) is kept in {self.folder}: continue it "
                 f"with resume=true and a smaller learning_rate (or start a new run with a smaller optimizer_diffusion_rate).")
 
     def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> dict:
@@ -369,7 +434,7 @@ class Checkpoints:
                 os.replace(self.previous, self.path)
                 state = earlier_state
             if self.comm.rank == 0:
-                warnings.warn(f"resuming from epoch {chosen[0]} step {chosen[1]}, the newest save intact on every process "
+                warnings.warn(f"resuming from {position(*chosen[:2])}, the newest save intact on every process "
                               f"({where}); files that were newer or damaged are kept as rank<r>.pt.set-aside")
         if "run" not in state:
             if self.comm.rank == 0:
@@ -403,12 +468,13 @@ class Checkpoints:
                 "resume. Put them back, or start a new run in another output_dir")
 
 
-def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check) -> dict:
+def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check, started) -> dict:
     """What a process saves of a training run: its workers' stacks (models.stacked), their
-    momenta, the gossip state, byte counters, random states and the interrupted epoch's totals."""
+    momenta, the gossip state, byte counters, random states, the interrupted epoch's totals
+    and the wall time so far (`started`: when the run would have started had it never stopped)."""
     return {
         "epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [comm.n_workers, comm.world_size],
-        "run": {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss},
+        "run": {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss, "elapsed_s": time.time() - started},
         "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
@@ -444,7 +510,7 @@ def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:
 def _describe(found) -> str:
     if isinstance(found, str):
         return "no checkpoint file" if found == "missing" else found
-    return f"epoch {found[0]} step {found[1]} of run {found[2]}"
+    return f"{position(found[0], found[1])} of run {found[2]}"
 
 
 def check_finite(state: dict) -> None:
@@ -460,7 +526,7 @@ def check_finite(state: dict) -> None:
                 yield from tensors(v)
     floats = [t for t in tensors(state) if t.is_floating_point()]
     if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
-        raise FloatingPointError(f"not saving epoch {state['epoch']} step {state['step_in_epoch']}: some parameters or "
+        raise FloatingPointError(f"not saving {position(state['epoch'], state['step_in_epoch'])}: some parameters or "
                                  f"optimizer values are not finite")
 
 

@@ -17,12 +17,11 @@ or from Python, as in the original code:
 The loop is D-PSGD with overlap (Lian et al. 2017, as the paper runs it): gradient
 at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-reduce:
 local step, then average). Records go to `output_dir/metrics.jsonl` (one JSON object
-each: name, epoch, step, value, bits, messages, tags), to TensorBoard and through
-`log_metric`.
+each: name, epoch, value, bits, messages, tags; see metrics.py), to TensorBoard and
+through `log_metric`; the run ends with the figure `output_dir/curves.png`.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -159,8 +158,9 @@ def main():
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
         carried = metrics.EpochTotals.from_state(runs.restore(saved, workers, momenta, gossip, comm), comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
+        started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
         if is_root:
-            print(f"resuming run {run_id} from epoch {start_epoch} step {start_step} ({checkpoints.folder})", flush=True)
+            print(f"resuming run {run_id} from {runs.position(start_epoch, start_step)} ({checkpoints.folder})", flush=True)
         del saved
     recorder = metrics.Recorder(comm, folder, run_id, append=start_epoch + start_step > 0, upto_epoch=start_epoch,
                                 log_metric=lambda *record: log_metric(*record))  # the hook as it is when called
@@ -170,7 +170,7 @@ def main():
     stop = runs.StopRequests()
     timers = runs.Timers(comm.device)
     loss_check = runs.DivergenceCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
-    progress = runs.progress_bar(is_root, cfg["num_epochs"] * batches_per_epoch, start_epoch * batches_per_epoch + start_step)
+    progress = runs.Progress(is_root, cfg["num_epochs"], batches_per_epoch, start_epoch * batches_per_epoch + start_step, started)
 
     def local_step(lr):
         with timers("update"):
@@ -202,17 +202,14 @@ def main():
                 local_step(lr)
             totals.add(losses, corrects, counts)
             loss_check.watch(losses, epoch, step)
-            if progress is not None:
-                progress.update(1)
-                if step % 10 == 0 and math.isfinite(loss_check.mean_loss):  # the previous step's loss: no wait
-                    progress.set_postfix(loss=f"{loss_check.mean_loss:.3f}", MB_sent=f"{comm.bytes_sent[0] / 1e6:.1f}")
+            progress.step(epoch, step, loss_check.mean_loss, comm.bytes_sent)  # the previous step's loss: no wait
             if stop.requested(comm):
                 loss_check.finish()
                 totals.hidden = hidden
-                checkpoints.save(runs.snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check))
+                checkpoints.save(runs.snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check, started))
                 comm.barrier()
                 if is_root:
-                    print(f"\nstopped by a signal at epoch {epoch} step {step + 1}; checkpoint in {checkpoints.folder}; "
+                    print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in {checkpoints.folder}; "
                           f"continue with resume=true", flush=True)
                 sys.exit(128 + stop.signal_number)
             log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
@@ -221,15 +218,12 @@ def main():
         with timers("evaluation"):
             metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
-            checkpoints.save(runs.snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check))
-        if is_root and progress is None:  # a log file or mpirun: no bar, a line per epoch
-            done = (epoch + 1 - start_epoch) / (cfg["num_epochs"] - start_epoch)
-            print(recorder.epoch_line(epoch + 1, cfg["num_epochs"], time.time() - started, done), flush=True)
+            checkpoints.save(runs.snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check, started))
+        progress.end_of_epoch(epoch + 1, recorder)
         for label, (mean, std, instances) in timers.summary().items():
             log_runtime(label, mean, std, instances)
 
-    if progress is not None:
-        progress.close()
+    progress.close()
     recorder.summary(cfg, time.time() - started)
     recorder.close()
     stop.restore()

@@ -29,15 +29,13 @@ import os
 import sys
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gossip_run  # noqa: E402
 from experiments import sweep  # noqa: E402
-from powergossip import compressors  # noqa: E402
+from powergossip import compressors, figures  # noqa: E402
 
 DATA_TYPES = ("random", "images")
 TARGET = 1e-6  # relative error to reach
@@ -101,12 +99,8 @@ def study_runs(quick: bool, extra: list[str], data_types=DATA_TYPES, algorithms=
 
 def best_curve(records: list[dict]):
     """(tags of the best setting, [(bits, error)]): the setting with the lowest final error."""
-    finals = [r for r in records if r["name"] == "final_error"]
-    if not finals:
-        return None, []
-    best = min(finals, key=lambda r: r["value"] if math.isfinite(r["value"]) else math.inf)
-    points = [(r["bits"], r["value"]) for r in records if r["name"] == "error" and r["tags"] == best["tags"]]
-    return best["tags"], points
+    tags = figures.best_setting(records)
+    return tags, [] if tags is None else figures.error_curve(records, tags)
 
 
 def bits_to_reach(points, target: float) -> float:
@@ -119,7 +113,8 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
     os.makedirs(folder, exist_ok=True)
     rows, settings = [], []
     for data_type in sorted({o.run.labels["data"] for o in outcomes}):
-        figure, axis = plt.subplots(figsize=(7, 5))
+        figure = Figure(figsize=(7, 5))
+        axis = figure.subplots()
         algorithms = [a for a in gossip_run.ALGORITHMS if any(o.run.labels == {"algorithm": a, "data": data_type} for o in outcomes)]
         for algorithm in algorithms:
             parts = [o for o in outcomes if o.run.labels == {"algorithm": algorithm, "data": data_type}]
@@ -133,17 +128,12 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
             rows.append([data_type, algorithm] + ["not reached" if math.isinf(b) else f"{b:.4g}" for b in (reach, original)]
                         + [f"{points[-1][1] / start:.3g}", f"{points[-1][0]:.4g}"])
             settings.append([data_type, algorithm, tags.get("diffusion_rate"), tags.get("theta")])
-            bits, errors = zip(*[(b, e / start) for b, e in points if b > 0])
-            color = plt.cm.tab20(gossip_run.ALGORITHMS.index(algorithm) / len(gossip_run.ALGORITHMS))
-            axis.plot(bits, errors, label=algorithm, color=color, linestyle="--" if "power" in algorithm else "-")
-        axis.set(xscale="log", yscale="log", xlabel="bits sent per worker", ylabel="error / starting error",
-                 title=f"consensus, 8-worker ring, {data_type} data (best setting per method)")
+            color = matplotlib.colormaps["tab20"](gossip_run.ALGORITHMS.index(algorithm) / len(gossip_run.ALGORITHMS))
+            figures.plot_relative_error(axis, points, label=algorithm, color=color, linestyle="--" if "power" in algorithm else "-")
+        figures.label_error_axes(axis, f"consensus, 8-worker ring, {data_type} data (best setting per method)")
         axis.axhline(TARGET, color="gray", linewidth=0.5)
-        axis.grid(alpha=0.3)
         axis.legend(fontsize=7, ncol=2)
-        figure.tight_layout()
-        figure.savefig(os.path.join(folder, f"error_vs_bits_{data_type}.png"), dpi=120)
-        plt.close(figure)
+        figures.save(figure, os.path.join(folder, f"error_vs_bits_{data_type}.png"))
     sweep.write_table(folder, "bits_to_1e-6", TABLE_HEADER, rows, notes=TABLE_NOTES)
     sweep.write_table(folder, "best_settings", ["data", "algorithm", "diffusion_rate", "theta"], settings)
     return rows

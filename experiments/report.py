@@ -12,13 +12,11 @@ import os
 import statistics
 import sys
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import sweep  # noqa: E402
+from experiments import sweep
+from powergossip import figures
 
 
 def study_main(description: str, name: str, study_runs, title: str, label_keys: list[str], notes: str = "") -> None:
@@ -46,17 +44,12 @@ def exit_status(outcomes: list[sweep.Outcome]) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
-def curve(records: list[dict], name: str, split: str) -> list[tuple[float, float, float]]:
-    """[(epoch, value, MB sent per worker)] of a worker-averaged metric."""
-    return [(r["epoch"], r["value"], r["bits"] / 8 / 1e6) for r in records
-            if r["name"] == name and r["tags"].get("split") == split and "worker" not in r["tags"]]
-
-
 def run_status(outcome: sweep.Outcome) -> str:
-    """done (also: done before), failed, diverged (NaN loss) or missing."""
+    """done (also: done before), failed, diverged (train.py's loss check stopped it: a loss
+    not finite or above max_loss_ratio x the first) or missing."""
     failure = os.path.join(outcome.folder, "FAILED")
     if outcome.status == "failed" and os.path.exists(failure) and "FloatingPointError" in open(failure).read():
-        return "diverged (NaN loss)"
+        return "diverged"
     return "done" if outcome.status == "skipped" else outcome.status
 
 
@@ -101,7 +94,7 @@ def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_k
                  metric: str = "accuracy") -> list[dict]:
     """table.md / table.csv (one row per setting, mean ± standard deviation over seeds) and
     two figures (test metric vs epochs, vs MB sent; the seeds' range shaded) in `folder`."""
-    curves = [curve(sweep.metrics(outcome), metric, "test_avg") for outcome in outcomes]
+    curves = [figures.curve(sweep.metrics(outcome), metric, "test_avg") for outcome in outcomes]
     rows = summarize(outcomes, curves, label_keys)
     header = label_keys + [f"test {metric} (averaged model), mean ± std over seeds", "seeds", "MB sent / worker / epoch",
                            "epochs", "status"]
@@ -118,7 +111,8 @@ def final_against_megabytes(rows: list[dict], folder: str, line_key: str, point_
     """`final_<metric>_vs_mb.png`: each setting's final test metric (mean over seeds, the
     standard deviation as error bar) against its MB per worker per epoch; settings that
     share `line_key` joined by a line, each point named by its `point_key`."""
-    figure, axis = plt.subplots(figsize=(7, 5))
+    figure = Figure(figsize=(7, 5))
+    axis = figure.subplots()
     for line_value in dict.fromkeys(row[line_key] for row in rows):
         points = [row for row in rows if row[line_key] == line_value and row["seeds"]]
         if not points:
@@ -132,11 +126,13 @@ def final_against_megabytes(rows: list[dict], folder: str, line_key: str, point_
     axis.set(xscale="log", xlabel="MB sent per worker per epoch", ylabel=f"final test {metric} (averaged model)",
              title=f"{title} (points: {point_key})")
     axis.legend(fontsize=8)
-    _save(figure, [axis], folder, f"final_{metric}_vs_mb.png")
+    axis.grid(alpha=0.3)
+    figures.save(figure, os.path.join(folder, f"final_{metric}_vs_mb.png"))
 
 
 def _figure(outcomes, curves, folder, title, label_keys, metric) -> None:
-    figure, (by_epoch, by_megabytes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure = Figure(figsize=(12, 4.5))
+    by_epoch, by_megabytes = figure.subplots(1, 2)
     for labels, indices in settings_of(outcomes, label_keys):
         seeds = [curves[i] for i in indices if curves[i]]
         if not seeds:
@@ -150,16 +146,7 @@ def _figure(outcomes, curves, folder, title, label_keys, metric) -> None:
             line, = axis.plot(x, values.mean(axis=0), marker=".", label=label + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
             if len(seeds) > 1:
                 axis.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
-    by_epoch.set(xlabel="epoch", ylabel=f"test {metric} (averaged model)", title=title)
-    by_megabytes.set(xlabel="MB sent per worker", ylabel=f"test {metric} (averaged model)", xscale="symlog")
+    figures.label_epoch_and_megabyte_axes(by_epoch, by_megabytes, f"test {metric} (averaged model)", xscale="symlog")
+    by_epoch.set(title=title)
     by_epoch.legend(fontsize=8)
-    _save(figure, [by_epoch, by_megabytes], folder, f"test_{metric}.png")
-
-
-def _save(figure, axes, folder: str, name: str) -> None:
-    for axis in axes:
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    os.makedirs(folder, exist_ok=True)
-    figure.savefig(os.path.join(folder, name), dpi=120)
-    plt.close(figure)
+    figures.save(figure, os.path.join(folder, f"test_{metric}.png"))

@@ -211,7 +211,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def write_table(folder: str, name: str, header: list[str], rows: list[list], notes: str = "") -> None:
-    """`name.md` (with notes under the table) and `name.csv` in `folder`."""
+    """`<name>.md` (with notes under the table) and `<name>.csv` in `folder`."""
     import csv
 
     os.makedirs(folder, exist_ok=True)

@@ -1,6 +1,6 @@
 """L replicas of one model whose parameters, gradients and buffers are rows of stacks.
 
-The stacked-local-workers contract (README, "Launch layouts"): a process hosts L workers and every
+The stacked-local-workers contract (docs/design.md): a process hosts L workers and every
 parameter is one tensor `[L, *shape]`; gossip algorithms and the optimizer work on
 those stacks in a few batched ops. Each replica is an ordinary `nn.Module` whose
 parameters are views into the stacks (row l), whose `.grad` are views into the

@@ -8,6 +8,7 @@ import pytest
 
 from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, power_iterations, report, sweep, warm_start
 from tests.test_data import fake_fmnist
+from powergossip import figures
 
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
         "checkpoint_every=0", "device=cpu"]
@@ -37,7 +38,7 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
     other_seed = sweep.Run("good_seed2", "train.py", good.overrides + ["seed=2"], {"method": "ok", "seed": 2})
     seeds = sweep.launch([bad, good, other_seed], str(tmp_path))
     rows = report.write_report(seeds, str(tmp_path / "seeds"), "tiny", ["method"])
-    finals = [report.curve(sweep.metrics(o), "accuracy", "test_avg")[-1][1] for o in seeds[1:]]
+    finals = [figures.curve(sweep.metrics(o), "accuracy", "test_avg")[-1][1] for o in seeds[1:]]
     assert [row["method"] for row in rows] == ["broken", "ok"] and rows[1]["seeds"] == 2
     assert rows[1]["test_avg"] == pytest.approx(sum(finals) / 2)
     assert rows[1]["test_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)

@@ -4,12 +4,13 @@ import math
 import os
 import runpy
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
 
 import gossip_run
-from powergossip import configuration, runs
+from powergossip import configuration, figures, runs
 from tests.launch import ROOT, run_mpi
 
 SMALL = {"matrix_size": 10, "num_steps": 60}  # every algorithm on an 8-ring in well under a second
@@ -321,3 +322,16 @@ def test_a_sweep_prints_the_initial_error_and_its_best_setting(tmp_path, capsys)
     best = min(finals, key=finals.get)
     assert f"x the initial {initial:.4g}" in out and "diverged" in out
     assert f"best of 3 settings: sign_choco gamma={best:.4g}, final error {finals[best]:.4g}" in out
+
+
+def test_a_sweep_draws_every_setting_and_marks_the_best(tmp_path, capsys):
+    records = run_main(tmp_path, algorithm="sign_choco", optimizer_diffusion_rate=[50.0, 0.05, 0.2], **SMALL)
+    assert f"figure {tmp_path / 'error_vs_bits.png'}" in capsys.readouterr().out
+    png = (tmp_path / "error_vs_bits.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and matplotlib.image.imread(str(tmp_path / "error_vs_bits.png")).std() > 0
+    finals = {r["tags"]["diffusion_rate"]: r["value"] for r in named(records, "final_error")}
+    best = min(finals, key=finals.get)
+    axis = figures.consensus_figure(records, "title").axes[0]
+    legend = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert sorted(legend) == sorted([f"best: gamma={best:.4g}"] + [f"gamma={g:.4g}" for g in finals if g != best])
+    assert (axis.get_xscale(), axis.get_yscale()) == ("log", "log")

@@ -143,6 +143,17 @@ def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_
     assert records(tmp_path / "parts") == records(tmp_path / "full")
 
 
+def test_checkpoints_without_the_elapsed_time_still_load(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data))
+    path = tmp_path / "checkpoints" / "rank0.pt"
+    old = torch.load(path, weights_only=True)
+    del old["run"]["elapsed_s"]  # as written before summary.json's wall time covered every launch
+    torch.save(old, path)
+    run(str(tmp_path), settings(tiny_data, num_epochs=2) + ["resume=true"])
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["wall_time_s"] > 0
+
+
 # --- 3. divergence --------------------------------------------------------------------------------
 def test_a_diverged_state_is_not_saved_and_the_last_good_one_resumes(tmp_path, tiny_data):
     run(str(tmp_path / "good"), settings(tiny_data))
@@ -150,7 +161,7 @@ def test_a_diverged_state_is_not_saved_and_the_last_good_one_resumes(tmp_path, t
     run(str(tmp_path / "blown"), settings(tiny_data))
     before = contents(tmp_path / "blown" / "checkpoints")
     # A loss of 1e20 is finite: the bound relative to the first loss catches it.
-    with pytest.raises(FloatingPointError, match=r"max_loss_ratio.*last good checkpoint \(epoch 1 step 0\)"):
+    with pytest.raises(FloatingPointError, match=r"max_loss_ratio.*last good checkpoint \(the end of epoch 1\)"):
         run(str(tmp_path / "blown"), settings(tiny_data, num_epochs=3, learning_rate=1e6) + ["resume=true"])
     assert contents(tmp_path / "blown" / "checkpoints") == before
     run(str(tmp_path / "blown"), settings(tiny_data, num_epochs=3, learning_rate=0.01) + ["resume=true"])
@@ -182,7 +193,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data,
     run(str(tmp_path / "full"), settings(tiny_data, num_epochs=3))
     run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2))  # rank0.pt: epoch 2; rank0.previous.pt: epoch 1
     damage(tmp_path / "parts" / "checkpoints" / "rank0.pt", how)
-    with pytest.warns(UserWarning, match=r"resuming from epoch 1 step 0, the newest save intact.*rank0\.pt"):
+    with pytest.warns(UserWarning, match=r"resuming from the end of epoch 1, the newest save intact.*rank0\.pt"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=3) + ["resume=true"])
     assert records(tmp_path / "parts") == records(tmp_path / "full")
     folder = tmp_path / "parts" / "checkpoints"
@@ -246,7 +257,7 @@ def test_mpirun_resume_is_exact_after_a_sigterm_mid_epoch(tmp_path, tiny_data):
     run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"full": overrides})], timeout=300)
     stopped = run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"parts": overrides}), "--sigterm-at=0.6"],
                       timeout=300, check=False)
-    assert stopped.returncode != 0 and "stopped by a signal at epoch 1" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and "stopped by a signal at epoch 2 step" in stopped.stdout, stopped.stdout + stopped.stderr
     for rank in (0, 1):
         assert torch.load(tmp_path / "parts" / "checkpoints" / f"rank{rank}.pt", weights_only=True)["step_in_epoch"] > 0
     run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"parts": overrides + ["resume=true"]})], timeout=300)
@@ -276,7 +287,7 @@ def test_mpirun_resumes_from_the_newest_save_every_process_has(tmp_path, tiny_da
     os.replace(folder / "rank1.previous.pt", folder / "rank1.pt")  # rank 1 one save behind rank 0
     result = run_mpi(2, ["tests/train_runs.py", str(tmp_path),
                          json.dumps({"run": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300)
-    assert "resuming from epoch 1 step 0, the newest save intact on every process" in result.stderr
+    assert "resuming from the end of epoch 1, the newest save intact on every process" in result.stderr
     assert records(tmp_path / "run") == records(tmp_path / "full")
 
 

@@ -2,12 +2,19 @@
 import json
 import math
 import os
+import re
 import signal
+import subprocess
+import sys
+import time
 
+import matplotlib.image
+import numpy as np
 import pytest
 import torch
 
 from powergossip import comm as comm_module
+from powergossip import figures
 from powergossip import models
 from powergossip import optimizer
 from powergossip import configuration
@@ -15,7 +22,7 @@ from powergossip import runs
 from powergossip import topologies
 import train
 from powergossip.models.stacked import StackedReplicas
-from tests.launch import run_mpi
+from tests.launch import ROOT, run_mpi
 from tests.test_data import fake_fmnist
 from tests.train_runs import DEFAULTS, run
 
@@ -96,28 +103,36 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, tiny_data):
     assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
 
 
-def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkeypatch):
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkeypatch, capsys):
     overrides = common(tiny_data, num_epochs=2) + ["optimizer=choco", "optimizer_compressor=qsgd", "optimizer_diffusion_rate=0.3"]
     run(str(tmp_path / "full"), overrides)
 
-    def send_sigterm_midway(info):  # the hook runs after each step: stop during the second epoch
+    def send_sigterm_midway(info):  # the hook runs after each step: the signal comes after the second epoch's first step
         if 0.6 < info["state.progress"] < 0.7:
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(train, "log_info", send_sigterm_midway)
     with pytest.raises(SystemExit) as stopped:
         run(str(tmp_path / "parts"), overrides)
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert torch.load(tmp_path / "parts" / "checkpoints" / "rank0.pt", weights_only=True)["step_in_epoch"] > 0
+    assert "stopped by a signal at epoch 2 step 2;" in capsys.readouterr().out  # epochs from 1, as in the metrics
+    saved = torch.load(tmp_path / "parts" / "checkpoints" / "rank0.pt", weights_only=True)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2) and saved["run"]["elapsed_s"] > 0
     monkeypatch.setattr(train, "log_info", lambda info: None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    began = time.time()
     run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    resumed = time.time() - began
+    assert re.search(r"^resuming run \w+ from epoch 2 step 2 \(", capsys.readouterr().out, flags=re.MULTILINE)
     assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
+    with open(tmp_path / "parts" / "summary.json") as f:
+        wall_time = json.load(f)["wall_time_s"]
+    assert saved["run"]["elapsed_s"] < wall_time <= saved["run"]["elapsed_s"] + resumed  # both launches count
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_data):
     run(str(tmp_path), common(tiny_data, num_epochs=1))
     before = (tmp_path / "checkpoints" / "rank0.pt").read_bytes()
-    with pytest.raises(FloatingPointError, match=r"last good checkpoint \(epoch 1 step 0\) is kept"):
+    with pytest.raises(FloatingPointError, match=r"last good checkpoint \(the end of epoch 1\) is kept"):
         run(str(tmp_path), common(tiny_data, num_epochs=3, learning_rate=1e12, weight_decay=0.0) + ["resume=true"])
     assert (tmp_path / "checkpoints" / "rank0.pt").read_bytes() == before
 
@@ -259,10 +274,72 @@ def test_vmap_compute_gives_the_loop_numbers(tmp_path, tiny_data):
         assert a[3] == pytest.approx(b[3], rel=1e-4, abs=1e-4), (a, b)
 
 
-def test_without_a_terminal_every_epoch_prints_a_line(tmp_path, tiny_data, capsys):
+def test_without_a_terminal_every_epoch_prints_a_line(tmp_path, tiny_data, capsys, monkeypatch):
+    monkeypatch.setattr(runs.Progress, "interval", 0.0)  # a line after every step inside an epoch, as if each took a minute
     run(str(tmp_path), common(tiny_data))  # pytest's stderr is no terminal, as in a log file or under mpirun
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
-    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert [line.split(":")[0] for line in lines] == [
+        "epoch 1/2 step 1/4", "epoch 1/2 step 2/4", "epoch 1/2 step 3/4", "epoch 1/2",
+        "epoch 2/2 step 1/4", "epoch 2/2 step 2/4", "epoch 2/2 step 3/4", "epoch 2/2"]
     final_accuracy = final(tmp_path, "accuracy", "test_avg")["value"]
     assert f"averaged-model test accuracy {final_accuracy:.2%}" in lines[-1] and "MB sent per worker" in lines[-1]
+    assert "recent train loss not known yet" in lines[0]  # the first step's loss is read one step late
     assert "nan" not in "".join(lines)
+
+
+def test_the_line_inside_an_epoch_follows_the_clock(capsys):
+    now = [0.0]
+    progress = runs.Progress(True, num_epochs=1, steps_per_epoch=10, steps_done=0, started=0.0, terminal=False,
+                             clock=lambda: now[0])
+    silent = runs.Progress(False, num_epochs=1, steps_per_epoch=10, steps_done=0, started=0.0, terminal=False,
+                           clock=lambda: now[0])
+    for step in range(10):
+        now[0] += 25.0  # a step every 25 s: a line once 60 s have passed since the last one
+        for shown in (progress, silent):
+            shown.step(0, step, 1.0, np.array([2e6]))
+    assert capsys.readouterr().out.splitlines() == [
+        "epoch 1/1 step 3/10: recent train loss 1.0000, worker 0 sent 2.000 MB, 75 s elapsed, about 3 min left",
+        "epoch 1/1 step 6/10: recent train loss 1.0000, worker 0 sent 2.000 MB, 2 min elapsed, about 100 s left",
+        "epoch 1/1 step 9/10: recent train loss 1.0000, worker 0 sent 2.000 MB, 4 min elapsed, about 25 s left",
+    ]  # not after the last step: the epoch's own line follows it
+
+
+def test_a_run_logging_to_a_file_prints_epochs_and_draws_its_curves(tmp_path, tiny_data):
+    """`python train.py ... > log`: a line per epoch in the file, output_dir/curves.png, and
+    TensorBoard tags against the kB sent per worker (the paper's x-axis)."""
+    folder = tmp_path / "run"
+    with open(tmp_path / "log.txt", "w") as log:
+        subprocess.run([sys.executable, "train.py", *common(tiny_data), f"output_dir={folder}"], cwd=ROOT, stdout=log,
+                       stderr=subprocess.STDOUT, timeout=300, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    text = (tmp_path / "log.txt").read_text()
+    assert re.findall(r"^epoch (\d+/\d+): ", text, flags=re.MULTILINE) == ["1/2", "2/2"], text
+    assert f"figure {folder / 'curves.png'}" in text
+
+    png = (folder / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    image = matplotlib.image.imread(str(folder / "curves.png"))
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 300 and image.std() > 0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    records = [r for r in runs.read_metrics(str(folder)) if r["name"] == "accuracy" and r["tags"] == {"split": "test_avg"}]
+    by_epoch, by_sent = events.Scalars("accuracy/test_avg"), events.Scalars("by_kB_sent/accuracy/test_avg")
+    assert [e.step for e in by_epoch] == [1, 2]
+    assert [e.step for e in by_sent] == [round(r["bits"] / 8e3) for r in records] and by_sent[0].step > 0
+    assert [e.value for e in by_sent] == pytest.approx([r["value"] for r in records])
+    assert "by_kB_sent/loss/train" in events.Tags()["scalars"]
+
+
+def test_the_training_figure_shades_the_spread_over_workers(tmp_path, tiny_data):
+    records = [{"name": name, "epoch": e, "value": value + 0.1 * w, "bits": 8e6 * e, "messages": 0.0,
+                "tags": {"split": split, "worker": w}}
+               for e in (1.0, 2.0) for w in range(4) for name, split, value in (("accuracy", "test", 0.5), ("loss", "train", 2.0))]
+    assert figures.worker_spread(records, "accuracy", "test") == [(1.0, 1.0, 0.5, pytest.approx(0.8)),
+                                                                   (2.0, 2.0, 0.5, pytest.approx(0.8))]
+    figure = figures.training_figure(records + [{"name": "accuracy", "epoch": e, "value": 0.6, "bits": 8e6 * e, "messages": 0.0,
+                                                 "tags": {"split": "test"}} for e in (1.0, 2.0)], "title")
+    top_left, top_right = figure.axes[:2]
+    assert len(top_left.collections) == len(top_right.collections) == 1  # one shaded band per panel
+    assert top_right.get_xscale() == "log" and top_right.get_xlabel() == "MB sent per worker"
