@@ -48,7 +48,7 @@ ALIASES = {
     "keep_ratio": "optimizer_keep_ratio", "qsgd_levels": "optimizer_qsgd_levels",
     "diffusion_rate": "optimizer_diffusion_rate", "theta": "optimizer_theta",
     "compressor": "optimizer_compressor", "warm_start": "optimizer_warm_start", "round_weights": "optimizer_round_weights",
-    "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations",
+    "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations", "edge_memory": "optimizer_edge_memory",
 }
 
 
