@@ -199,7 +199,7 @@ def checked_training(cfg: dict, defaults: dict) -> dict:
     if cfg["stacked_compute"] == "graph" and (cfg["task_architecture"] == "lstm" or not uses_cuda(cfg["device"])):
         raise ConfigError("stacked_compute=graph records a CUDA graph of image models: it needs a GPU (device=cuda) "
                                "and an image task; use stacked_compute=loop otherwise")
-    positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size"]
+    positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size", "local_steps"]
     for key in positive:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
