@@ -583,21 +583,24 @@ def from_edge_list(path, n_workers=None, connected=True):
     edge). Weighted like `from_graph`."""
     graph = networkx.Graph()
     graph.add_nodes_from(range(n_workers or 0))
-    with open(path) as file:
-        for line_number, line in enumerate(file, start=1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            try:
-                i, j = (int(f) for f in fields)
-            except ValueError:
-                raise ValueError(
-                    f"{path}, line {line_number}: expected two integer node ids 'i j', got {line.strip()!r}"
-                ) from None
-            graph.add_edge(i, j)
+    for line_number, text in _lines_of(path):
+        try:
+            i, j = (int(f) for f in text.split())
+        except ValueError:
+            raise ValueError(f"{path}, line {line_number}: expected two integer node ids 'i j', got {text!r}") from None
+        graph.add_edge(i, j)
     if graph.number_of_edges() == 0 and connected:
         raise ValueError(f"edge-list file {path} has no edges; write one 'i j' pair per line")
     return from_graph(graph, name=f"edge list {os.path.basename(os.fspath(path))}", connected=connected)
+
+
+def _lines_of(path):
+    """(line number, text) of a file's lines that hold something: '#' starts a comment."""
+    with open(path) as file:
+        for line_number, line in enumerate(file, start=1):
+            text = line.split("#", 1)[0].strip()
+            if text:
+                yield line_number, text
 
 
 def from_matrix(W, name="custom"):
@@ -613,24 +616,18 @@ def from_schedule(path, n_workers):
     must connect the workers. A line that cannot be read is named by its number."""
     folder = os.path.dirname(os.fspath(path))
     graphs = []
-    with open(path) as file:
-        for line_number, line in enumerate(file, start=1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            try:
-                if text.startswith("file:"):
-                    graph = from_edge_list(os.path.join(folder, text[len("file:"):]), n_workers, connected=False)
-                else:
-                    key = text.lower().replace("-", "_")
-                    if key in _BUILDERS and key not in _STATIC:
-                        raise ValueError(f"{text!r} changes over time itself; a schedule lists static graphs")
-                    graph = build(text, n_workers)
-            except (ValueError, OSError) as problem:
-                raise ValueError(f"schedule {path}, line {line_number} ({text!r}): {problem}") from None
-            if graph.n_workers != n_workers:
-                raise ValueError(f"schedule {path}, line {line_number}: {graph.n_workers} workers, expected {n_workers}")
-            graphs.append(graph)
+    for line_number, text in _lines_of(path):
+        try:
+            if text.startswith("file:"):
+                graph = from_edge_list(os.path.join(folder, text[len("file:"):]), n_workers, connected=False)
+            else:
+                key = text.lower().replace("-", "_")
+                if key in _BUILDERS and key not in _STATIC:
+                    raise ValueError(f"{text!r} changes over time itself; a schedule lists static graphs")
+                graph = build(text, n_workers)
+        except (ValueError, OSError) as problem:
+            raise ValueError(f"schedule {path}, line {line_number} ({text!r}): {problem}") from None
+        graphs.append(graph)
     if not graphs:
         raise ValueError(f"schedule {path} lists no graph; write one topology name or file:PATH per line")
     return TimeVarying(n_workers, f"schedule {os.path.basename(os.fspath(path))}", graphs.__getitem__, period=len(graphs))
