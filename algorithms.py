@@ -171,7 +171,8 @@ class EdgeRows:
 
     A row is freed once its edge has been absent for more than `memory` consecutive rounds
     (None: never), so that a graph whose edges rarely repeat (random_matching) holds at most
-    (memory + 1) x (half-edges per round) rows instead of growing toward all n(n-1) half-edges.
+    (memory + 1) x (half-edges per round) rows in use instead of growing toward all n(n-1)
+    half-edges (the stack keeps at most one round's more, freed rows waiting for reuse).
     Both ends of an edge see the same rounds, so they free and re-create its state together.
     """
 
@@ -185,15 +186,6 @@ class EdgeRows:
     def assign(self, pairs: list[tuple[int, int]], round: int) -> tuple[list[int], list[int], list[int]]:
         """The rows of this round's half-edges `pairs`, the positions (in `pairs`) of those whose
         state starts now, and the rows freed now. Freed rows are reused before the stack grows."""
-        freed = []
-        if self.memory is not None:
-            stale = self.last_seen < round - 1 - self.memory
-            freed = np.flatnonzero(stale).tolist()
-            for row in freed:
-                del self.row_of[self.edge_of_row[row]]
-                self.edge_of_row[row] = None
-            self.last_seen[stale] = np.iinfo(np.int64).max  # a free row is never stale again
-            self.free = sorted(self.free + freed, reverse=True)  # the smallest free row is taken first
         rows, fresh = [], []
         for position, pair in enumerate(pairs):
             row = self.row_of.get(pair)
@@ -206,6 +198,15 @@ class EdgeRows:
                 fresh.append(position)
             rows.append(row)
         self.last_seen[rows] = round
+        freed = []
+        if self.memory is not None:  # absent for more than `memory` rounds, this one included
+            stale = self.last_seen < round - self.memory
+            freed = np.flatnonzero(stale).tolist()
+            for row in freed:
+                del self.row_of[self.edge_of_row[row]]
+                self.edge_of_row[row] = None
+            self.last_seen[stale] = np.iinfo(np.int64).max  # a free row is never stale again
+            self.free = sorted(self.free + freed, reverse=True)  # the smallest free row is taken first
         return rows, fresh, freed
 
     def state_dict(self) -> dict:  # plain lists and a tensor: checkpoints load with weights_only=True
@@ -263,8 +264,10 @@ class PowerGossip(GossipAlgorithm):
         self.iteration = 0  # runs on across steps (the sign of the next power-iteration half-step)
         self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
         self.edge_rows = EdgeRows(edge_memory)
-        # Per-edge state, one row per EdgeRows row: P `[rows, G, m, r]` and Q `[rows, G, n, r]` per group.
+        # Per-edge state, one row per EdgeRows row: P `[rows, G, m, r]` and Q `[rows, G, n, r]` per group,
+        # the edge's generator and how many power-iteration half-steps it has done (its next one's parity).
         self.p, self.q, self.generators = None, None, []
+        self.half_steps = np.zeros(0, dtype=np.int64)
         self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
 
     # -- state ------------------------------------------------------------------------------
@@ -284,6 +287,7 @@ class PowerGossip(GossipAlgorithm):
                 if saved is not None:
                     generator.set_state(saved)
             self.edge_rows.load_state_dict(pending["edge_rows"])
+            self.half_steps = pending["half_steps"].numpy().astype(np.int64)
 
     def _rows_of_round(self, edges, round: int) -> torch.Tensor:
         """This round's state rows in half-edge order; a half-edge whose state starts now gets a
@@ -295,8 +299,8 @@ class PowerGossip(GossipAlgorithm):
             self.p = [torch.cat([p, p.new_zeros((grow,) + p.shape[1:])]) for p in self.p]
             self.q = [torch.cat([q, q.new_zeros((grow,) + q.shape[1:])]) for q in self.q]
         self.generators += [None] * (len(self.edge_rows.edge_of_row) - len(self.generators))
-        for row in freed:
-            self.generators[row] = None  # a freed row's generator goes with its edge
+        self.half_steps = np.concatenate([self.half_steps, np.zeros(len(self.generators) - len(self.half_steps), np.int64)])
+        self.half_steps[[rows[position] for position in fresh]] = 0
         if fresh:
             for position in fresh:
                 generator = torch.Generator(device="cpu")
@@ -309,6 +313,8 @@ class PowerGossip(GossipAlgorithm):
                 pool[fresh_rows] = drawn
             for pool, drawn in zip(self.q, self._draw(fresh_generators, lambda m, n, r: (n, r))):
                 pool[fresh_rows] = drawn
+        for row in freed:
+            self.generators[row] = None  # a freed row's generator goes with its edge (its P and Q rows wait for reuse)
         return torch.tensor(rows, dtype=torch.long, device=self.comm.device)
 
     def _draw(self, generators, factor_shape) -> list[torch.Tensor]:
@@ -326,7 +332,7 @@ class PowerGossip(GossipAlgorithm):
             return state
         return state | {"p": [p.clone() for p in self.p], "q": [q.clone() for q in self.q],
                         "generators": [None if g is None else g.get_state() for g in self.generators],
-                        "edge_rows": self.edge_rows.state_dict()}
+                        "edge_rows": self.edge_rows.state_dict(), "half_steps": torch.from_numpy(self.half_steps.copy())}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -345,47 +351,67 @@ class PowerGossip(GossipAlgorithm):
         edges = self.comm.half_edges(graph)
         rows = self._rows_of_round(edges, self.round - 1)
         p, q = [pool[rows] for pool in self.p], [pool[rows] for pool in self.q]  # this round's edges' P and Q
-        # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
-        weight_of_edge = self.diffusion_rate * edges.weight_in * torch.where(edges.is_lower, 1.0, -1.0)
-
-        for iteration in range(self.iteration, self.iteration + self.num_iterations):
-            if iteration == 0:
+        half_steps = self.half_steps[rows.cpu().numpy()]
+        for k in range(self.num_iterations):
+            if self.iteration + k == 0:
                 break  # nobody has moved yet, so there is no disagreement to send
-            left = iteration % 2 == 0  # even: orthonormalize P, send X^T P, store Q = D^T P
-            if not self.warm_start:
-                generators = [self.generators[row] for row in rows.tolist()]
-                (p if left else q)[:] = self._draw(generators, (lambda m, n, r: (m, r)) if left else (lambda m, n, r: (n, r)))
-            starts = p if left else q
-            for start in starts:
-                if self.round_weights:
-                    start.copy_(start.sign() / math.sqrt(start.shape[-2]))
-                else:
-                    orthogonalize_(start)
-
-            # X^T P (or X Q) for every half-edge: each worker multiplies its X once by its
-            # half-edges' factors side by side (to_worker_slots).
-            products = []
-            for (indices, m, n, r), start in zip(self.groups, starts):
-                start_slots = to_worker_slots(edges, start)  # [L, G, m or n, degree r]
-                per_matrix = [torch.bmm(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
-                                        start_slots[:, position]) for position, k in enumerate(indices)]
-                products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
-            received = self.comm.exchange(graph, products, per="half_edge")
-
-            results = q if left else p
-            for g, (indices, m, n, r) in enumerate(self.groups):
-                # Both ends store the same product of D = X_max - X_min.
-                mine, theirs = products[g], received[g]
-                lower = edges.is_lower.view(-1, 1, 1, 1)
-                results[g] = torch.where(lower, theirs - mine, mine - theirs)
-                # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one in-place matrix product per matrix
-                weighted_p = to_worker_slots(edges, p[g] * weight_of_edge.view(-1, 1, 1, 1))
-                q_slots = to_worker_slots(edges, q[g])
-                for position, k in enumerate(indices):
-                    matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
+            # Each edge alternates its own half-steps (even: orthonormalize P, send X^T P, store
+            # Q = D^T P; odd: the roles swapped), so an edge that comes back continues its power
+            # iteration. All edges of a static graph (or of one_peer_hypercube's round) agree; a
+            # round whose edges do not gossips the even ones, then the odd ones.
+            for left in (True, False):
+                chosen = np.flatnonzero((half_steps + k) % 2 == (0 if left else 1))
+                if len(chosen) == edges.num and (left or edges.num):
+                    self._half_step(params, graph, edges, rows, p, q, left)
+                elif len(chosen):
+                    part = topologies.without_edges(graph, [(edges.self_worker_list[h], edges.neighbor_list[h])
+                                                            for h in np.setdiff1d(np.arange(edges.num), chosen)])
+                    at = torch.as_tensor(chosen, device=self.comm.device)
+                    p_part, q_part = [x[at] for x in p], [x[at] for x in q]
+                    self._half_step(params, part, self.comm.half_edges(part), rows[at], p_part, q_part, left)
+                    for mine, part_of in zip(p + q, p_part + q_part):
+                        mine[at] = part_of
+        self.half_steps[rows.cpu().numpy()] += self.num_iterations
         for pool, mine in zip(self.p + self.q, p + q):
             pool[rows] = mine
         self.iteration += self.num_iterations
+
+    def _half_step(self, params, graph, edges, rows, p, q, left: bool) -> None:
+        """One power-iteration half-step on every half-edge of `graph` (P, Q: its rows, changed in
+        place in the lists), and the update X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T."""
+        if not self.warm_start:
+            generators = [self.generators[row] for row in rows.tolist()]
+            (p if left else q)[:] = self._draw(generators, (lambda m, n, r: (m, r)) if left else (lambda m, n, r: (n, r)))
+        starts = p if left else q
+        for start in starts:
+            if self.round_weights:
+                start.copy_(start.sign() / math.sqrt(start.shape[-2]))
+            else:
+                orthogonalize_(start)
+
+        # X^T P (or X Q) for every half-edge: each worker multiplies its X once by its
+        # half-edges' factors side by side (to_worker_slots).
+        products = []
+        for (indices, m, n, r), start in zip(self.groups, starts):
+            start_slots = to_worker_slots(edges, start)  # [L, G, m or n, degree r]
+            per_matrix = [torch.bmm(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
+                                    start_slots[:, position]) for position, k in enumerate(indices)]
+            products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
+        received = self.comm.exchange(graph, products, per="half_edge")
+
+        # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
+        weight_of_edge = self.diffusion_rate * edges.weight_in * torch.where(edges.is_lower, 1.0, -1.0)
+        results = q if left else p
+        for g, (indices, m, n, r) in enumerate(self.groups):
+            # Both ends store the same product of D = X_max - X_min.
+            mine, theirs = products[g], received[g]
+            lower = edges.is_lower.view(-1, 1, 1, 1)
+            results[g] = torch.where(lower, theirs - mine, mine - theirs)
+            # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one in-place matrix product per matrix
+            weighted_p = to_worker_slots(edges, p[g] * weight_of_edge.view(-1, 1, 1, 1))
+            q_slots = to_worker_slots(edges, q[g])
+            for position, k in enumerate(indices):
+                matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
 
 
 class PushSum(SimpleGossip):

@@ -603,6 +603,16 @@ def _lines_of(path):
                 yield line_number, text
 
 
+def without_edges(topology, pairs):
+    """Round t's graph `topology` without the edges {i, j} of `pairs` (their weights go to
+    the diagonal): a part of a round, for a method that gossips its edges in groups."""
+    W = np.array(topology.diffusion_matrix)
+    if pairs:
+        i, j = np.array(pairs).T
+        W[i, j] = W[j, i] = 0.0
+    return Topology(_fill_diagonal_with_rest(W), name=f"{topology.name} (part)", connected=False)
+
+
 def from_matrix(W, name="custom"):
     """Use a given mixing matrix as is (validated by Topology)."""
     return Topology(W, name=name)

@@ -106,18 +106,19 @@ def power_gossip(W, X, gamma, rank, steps, num_iterations=1, warm_start=True, ro
     """PowerGossip on one parameter `[n, m, k]` (a single matrix per worker), edge by edge.
 
     Each edge {i < j} of round t's graph holds P (m x r) and Q (k x r) drawn from its shared
-    generator (P first, then Q) when it first appears; its state is dropped once it has been
-    absent for more than `edge_memory` rounds (None: the period - 1, or 16 without one) and
-    drawn afresh (from a generator seeded by the edge and the round) when it comes back.
-    Iteration t (t = 0 skipped): D = X_j - X_i; even t: normalize P, Q = D^T P; odd t:
-    normalize Q, P = D Q; then X_i += gamma w_ij P Q^T and X_j -= gamma w_ji P Q^T, all
-    edges of the round from the same X."""
+    generator (P first, then Q) when it first appears, and counts its half-steps h; its state
+    is dropped once it has been absent for more than `edge_memory` rounds (None: the period
+    - 1, or 16 without one) and drawn afresh (from a generator seeded by the edge and the
+    round) when it comes back. Iteration k of a step (none in the first step): D = X_j - X_i;
+    edges with h + k even: normalize P, Q = D^T P; then, from the X they left, edges with
+    h + k odd: normalize Q, P = D Q; each group does X_i += gamma w_ij P Q^T and
+    X_j -= gamma w_ji P Q^T, all its edges from the same X."""
     n, m, k = X.shape
     r = min(rank, m, k)
     if edge_memory is None:
         period = getattr(W, "period", 1)
         edge_memory = period - 1 if period else 16
-    generators, P, Q, last_seen = {}, {}, {}, {}
+    generators, P, Q, half_steps, last_seen = {}, {}, {}, {}, {}
 
     def normalize(v):
         if round_weights:
@@ -125,38 +126,38 @@ def power_gossip(W, X, gamma, rank, steps, num_iterations=1, warm_start=True, ro
         return algorithms.orthogonalize_(v.clone())
 
     X = X.clone()
-    iteration = 0
     for step in range(steps):
         W_t = at(W, step)
         for e in [e for e, seen in last_seen.items() if seen < step - 1 - edge_memory]:
-            del generators[e], P[e], Q[e], last_seen[e]
+            del generators[e], P[e], Q[e], half_steps[e], last_seen[e]
         edges = [(i, j) for i in range(n) for j in range(i + 1, n) if W_t[i, j] > 0]
         for e in edges:
             if e not in generators:
                 generators[e] = torch.Generator().manual_seed(algorithms.edge_seed(seed, *e, since=step))
                 P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
                 Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
+                half_steps[e] = 0
             last_seen[e] = step
-        for t in range(iteration, iteration + num_iterations):
-            if t == 0:
-                break
-            update = torch.zeros_like(X)
-            for e in edges:
-                i, j = e
-                D = X[j] - X[i]
-                if t % 2 == 0:
-                    if not warm_start:
-                        P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
-                    P[e] = normalize(P[e])
-                    Q[e] = D.T @ P[e]
-                else:
-                    if not warm_start:
-                        Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
-                    Q[e] = normalize(Q[e])
-                    P[e] = D @ Q[e]
-                approximation = P[e] @ Q[e].T
-                update[i] += gamma * W_t[i, j] * approximation
-                update[j] -= gamma * W_t[j, i] * approximation
-            X = X + update
-        iteration += num_iterations
+        for iteration in range(num_iterations if step > 0 else 0):
+            for parity in (0, 1):
+                update = torch.zeros_like(X)
+                for e in [e for e in edges if (half_steps[e] + iteration) % 2 == parity]:
+                    i, j = e
+                    D = X[j] - X[i]
+                    if parity == 0:
+                        if not warm_start:
+                            P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
+                        P[e] = normalize(P[e])
+                        Q[e] = D.T @ P[e]
+                    else:
+                        if not warm_start:
+                            Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
+                        Q[e] = normalize(Q[e])
+                        P[e] = D @ Q[e]
+                    approximation = P[e] @ Q[e].T
+                    update[i] += gamma * W_t[i, j] * approximation
+                    update[j] -= gamma * W_t[j, i] * approximation
+                X = X + update
+        for e in edges:
+            half_steps[e] += num_iterations
     return X

@@ -370,24 +370,25 @@ def test_power_gossip_on_a_directed_graph_is_refused_naming_the_graphs_that_woul
         gossip_run.check(config)
 
 
-def test_power_gossip_warm_start_survives_an_edges_absence():
+@pytest.mark.parametrize("n", [8, 16])  # periods 3 and 4: an edge's half-steps alternate either way
+def test_power_gossip_warm_start_survives_an_edges_absence(n):
     """On a one-peer hypercube an edge comes back every log2(n) rounds: by default it continues its
-    power iteration (the dense reference keeps P and Q); edge_memory=0 starts it afresh."""
-    n, steps = 8, 7
-    x0 = algorithm_runs.initial_state("power", n)[0]
+    power iteration where it stopped (the dense reference keeps P, Q and its half-step count) and
+    agrees faster than when edge_memory=0 starts every reappearance afresh."""
+    steps = 60
+    x0 = stacked_random(n, 6, 5)
     hypercube = topologies.build("one_peer_hypercube", n)
     kept = dense_reference.power_gossip(hypercube, x0, 1.0, rank=1, steps=steps, seed=3)
     afresh = dense_reference.power_gossip(hypercube, x0, 1.0, rank=1, steps=steps, seed=3, edge_memory=0)
-    assert (kept - afresh).abs().max() > 1e-3
-    result = algorithm_runs.run("power_afresh", "one_peer_hypercube", n, steps)
-    torch.testing.assert_close(result["params"][0], afresh, atol=1e-5, rtol=1e-5)
+    assert consensus_error([kept]) < consensus_error([afresh]) / 2 < consensus_error([x0]) / 20
     comm = comm_module.Communicator(n, "cpu")
-    power = algorithms.PowerGossip(comm, hypercube, rank=1, seed=3)
-    x = [x0.clone()]
-    for _ in range(steps):
-        power.step(x)
-    torch.testing.assert_close(x[0], kept, atol=1e-5, rtol=1e-5)
-    assert len(power.edge_rows.row_of) == n * 3  # every half-edge of the period, kept
+    for memory, expected in ((None, kept), (0, afresh)):
+        power = algorithms.PowerGossip(comm, hypercube, rank=1, seed=3, edge_memory=memory)
+        x = [x0.clone()]
+        for _ in range(steps):
+            power.step(x)
+        torch.testing.assert_close(x[0], expected, atol=1e-4 * x0.abs().max().item(), rtol=0)  # 60 float32 rounds
+        assert len(power.edge_rows.row_of) == (n * hypercube.period if memory is None else n)  # kept: the period's edges
 
 
 def test_power_gossip_state_stays_bounded_on_random_matching():
@@ -398,7 +399,7 @@ def test_power_gossip_state_stays_bounded_on_random_matching():
     for _ in range(rounds):
         power.step(x)
     bound = (algorithms.PowerGossip.DEFAULT_EDGE_MEMORY + 1) * n  # n half-edges per round
-    assert len(power.edge_rows.row_of) <= bound and power.p[0].shape[0] <= bound
+    assert len(power.edge_rows.row_of) <= bound and power.p[0].shape[0] <= bound + n  # + a round's freed rows
     assert power.p[0].shape[0] < rounds * n // 4  # far below the half-edges seen (most appear once)
     assert sum(g is not None for g in power.generators) == len(power.edge_rows.row_of)
 
