@@ -504,8 +504,12 @@ class ChocoGossip(CompressedGossip):
     """Choco-Gossip (Koloskova et al. 2019, Algorithm 1 with the s_i bookkeeping):
     q_i = C(x_i - x_hat_i); send q_i; x_hat_i += q_i;
     s_i += sum_{j in N(i) + i} w_ij q_j; x_i += gamma (s_i - x_hat_i).
-    gamma needs tuning per compressor (the paper's tuned values are in experiments/configs/train/)."""
+    gamma needs tuning per compressor (the paper's tuned values are in experiments/configs/train/).
+    s_i stands for sum_j w_ij x_hat_j only while W stays the same: a graph that changes from
+    round to round would need every neighbour's x_hat_j, which a worker receives only from the
+    neighbours of the round, so Choco takes fixed graphs."""
 
+    graph_needs = "fixed_symmetric"
     state_names = ("x_hat", "s")
 
     def step(self, params):

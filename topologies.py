@@ -666,6 +666,7 @@ def from_callable(graph_of_round, n_workers, period=None, name=None):
 
 REQUIREMENTS = {
     "symmetric": "a symmetric topology at every round (every edge used both ways, with equal weights)",
+    "fixed_symmetric": "a symmetric topology that stays the same every round",
     "doubly_stochastic": "a doubly stochastic topology at every round (rows and columns of W sum to 1; directed "
                          "edges are fine)",
     "column_stochastic": "a column-stochastic topology at every round (what each worker sends sums to 1) whose "
@@ -677,14 +678,16 @@ def requirement_problem(topology, need: str) -> str | None:
     """Why `topology` (static or over time) does not give what REQUIREMENTS[need] says, or None."""
     if need not in REQUIREMENTS:
         raise ValueError(f"unknown graph requirement {need!r}; one of {', '.join(REQUIREMENTS)}")
+    if need == "fixed_symmetric" and topology.period != 1:
+        return f"{topology.name} changes from round to round"
     union = np.eye(topology.n_workers, dtype=bool)
     for t in rounds_to_check(topology):
         graph = topology.at(t)
-        meets = {"symmetric": graph.is_symmetric, "doubly_stochastic": graph.is_doubly_stochastic,
-                 "column_stochastic": graph.is_column_stochastic}[need]
+        meets = {"symmetric": graph.is_symmetric, "fixed_symmetric": graph.is_symmetric,
+                 "doubly_stochastic": graph.is_doubly_stochastic, "column_stochastic": graph.is_column_stochastic}[need]
         if not meets:
             where = "" if topology.is_static else f" at round {t}"
-            return f"{topology.name} is not {need.replace('_', ' ')}{where}"
+            return f"{topology.name} is not {need.removeprefix('fixed_').replace('_', ' ')}{where}"
         union |= graph.diffusion_matrix > 0
     if need == "column_stochastic" and not networkx.is_strongly_connected(networkx.DiGraph(union.T)):
         return f"{topology.name} is not strongly connected (some worker's values never reach another)"
@@ -695,8 +698,10 @@ def check_requirement(topology, need: str, who: str) -> None:
     """ValueError naming what `who` needs, why `topology` does not give it and which graphs would."""
     problem = requirement_problem(topology, need)
     if problem is not None:
-        names = [name for name in NAMES if need != "symmetric" or name not in _DIRECTED]
-        forms = "file:PATH, schedule:FILE of those" + (", from_digraph (Python)" if need == "column_stochastic" else "")
+        names = [name for name in NAMES if (need not in ("symmetric", "fixed_symmetric") or name not in _DIRECTED)
+                 and (need != "fixed_symmetric" or name in _STATIC)]
+        forms = "file:PATH" + (", schedule:FILE of those" if need != "fixed_symmetric" else "") \
+            + (", from_digraph (Python)" if need == "column_stochastic" else "")
         raise ValueError(f"{who} needs {REQUIREMENTS[need]}; {problem}. Graphs that would do: {', '.join(names)}, {forms}")
 
 

@@ -87,10 +87,10 @@ def test_topology_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):
                             + [f"data_dir={tiny_data}", "matrix_size=6"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     runs = topology_study.consensus_runs(True, []) + topology_study.training_runs(True, [])
-    assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(runs) == 24 + 5
+    assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(runs) == 22 + 5
     rates = {(row[1], row[2]): row for row in
              (line.split(",") for line in (tmp_path / "consensus_rates.csv").read_text().splitlines()[1:])}
-    assert len(rates) == 24
+    assert len(rates) == 22
     for graph in ("one_peer_exponential", "one_peer_hypercube"):  # exact averaging after log2(8) rounds
         assert int(rates["uncompressed", graph][5]) <= 3 and float(rates["uncompressed", graph][3]) == 1.0
     assert int(rates["push_sum", "one_peer_exponential"][5]) <= 3
