@@ -351,7 +351,8 @@ class PowerGossip(GossipAlgorithm):
         edges = self.comm.half_edges(graph)
         rows = self._rows_of_round(edges, self.round - 1)
         p, q = [pool[rows] for pool in self.p], [pool[rows] for pool in self.q]  # this round's edges' P and Q
-        half_steps = self.half_steps[rows.cpu().numpy()]
+        rows_on_host = rows.cpu().numpy()
+        half_steps = self.half_steps[rows_on_host]
         for k in range(self.num_iterations):
             if self.iteration + k == 0:
                 break  # nobody has moved yet, so there is no disagreement to send
@@ -371,7 +372,7 @@ class PowerGossip(GossipAlgorithm):
                     self._half_step(params, part, self.comm.half_edges(part), rows[at], p_part, q_part, left)
                     for mine, part_of in zip(p + q, p_part + q_part):
                         mine[at] = part_of
-        self.half_steps[rows.cpu().numpy()] += self.num_iterations
+        self.half_steps[rows_on_host] += self.num_iterations
         for pool, mine in zip(self.p + self.q, p + q):
             pool[rows] = mine
         self.iteration += self.num_iterations
