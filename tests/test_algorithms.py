@@ -428,3 +428,20 @@ def test_state_dict_resumes_exactly_on_graphs_over_time(spec, graph, memory):
         resumed.step(saved_params)
     for got, want in zip(saved_params, params):
         assert torch.equal(got, want)
+
+
+def test_a_schedule_file_goes_through_both_entrypoints_checks(tmp_path):
+    import gossip_run
+    import train
+
+    (tmp_path / "pairs.txt").write_text("0 1\n2 3\n4 5\n6 7\n")
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("ring\nfile:pairs.txt  # a matching every other round\n")
+    bad.write_text("ring\n\nrign\n")
+    config = dict(gossip_run.DEFAULTS, algorithm="power_gossip", topology=f"schedule:{good}", n_workers=8)
+    assert gossip_run.check(config)["topology"] == f"schedule:{good}"
+    train.validated(dict(train._DEFAULTS, topology=f"schedule:{good}", n_workers=8))
+    with pytest.raises(configuration.ConfigError, match=r"topology: schedule .*bad.txt, line 3 \('rign'\): unknown topology"):
+        gossip_run.check(dict(config, topology=f"schedule:{bad}"))
+    with pytest.raises(ValueError, match=r"line 3 \('rign'\)"):
+        train.validated(dict(train._DEFAULTS, topology=f"schedule:{bad}", n_workers=8))
