@@ -15,8 +15,13 @@ numbers whether one process hosts all workers or each worker has its own process
 
 Notation: W is the mixing matrix, w_ij = W[i, j], gamma the consensus step
 ("diffusion rate"). Per-edge state is stacked over the local half-edges `[H, ...]`
-in `comm.half_edges(topology)` order. docs/algorithms.md writes out each method's
+in `comm.half_edges(graph)` order. docs/algorithms.md writes out each method's
 update and what it sends, byte by byte.
+
+Graphs over time: every step is one gossip round on the graph of that round,
+`topology.at(round)` (`next_graph`); the round counter is part of each method's state.
+Each method says what it needs of the graph (`graph_needs`: symmetric at every round,
+doubly stochastic, or column-stochastic), checked once when it is built.
 """
 from __future__ import annotations
 
@@ -28,18 +33,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from powergossip import compressors, registries
+from powergossip import compressors, registries, topologies
 from powergossip.compressors import Compressor, WorkerRandom, matrix_shape, pack_bits, unpack_bits, worth_compressing
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
 COMPRESSOR_STREAM, MONIQUA_STREAM, POWERSGD_STREAM = 1, 2, 3
 
 
-def edge_seed(seed: int, i: int, j: int) -> int:
+def edge_seed(seed: int, i: int, j: int, since: int = 0) -> int:
     """A 63-bit seed shared by the two ends of edge {i, j}; distinct for distinct
-    (seed, min(i, j), max(i, j)) (unlike string concatenation: 1,12 vs 11,2)."""
+    (seed, min(i, j), max(i, j)) (unlike string concatenation: 1,12 vs 11,2). `since` > 0:
+    the edge's state starts at that round (a graph over time), a stream of its own."""
     a, b = min(i, j), max(i, j)
-    return int(np.random.SeedSequence([seed, a, b]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, a, b] + ([since] if since else [])).generate_state(1, np.uint64)[0] >> 1)
 
 
 def orthogonalize_(matrices: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -87,26 +93,41 @@ def matrix_view(stack: torch.Tensor, m: int, n: int) -> torch.Tensor:
 
 
 class GossipAlgorithm:
-    """Interface. `step(params)` gossips in place; bytes are counted by `comm`."""
+    """Interface. `step(params)` gossips in place (one round); bytes are counted by `comm`.
+
+    `graph_needs` (a key of topologies.REQUIREMENTS, or None for any graph) is what the
+    method needs of every round's graph; the constructor refuses a topology that does not
+    give it, naming the graphs that would. Methods that exchange along both directions of
+    an edge and rely on equal weights (the default) need "symmetric"."""
+
+    graph_needs: str | None = "symmetric"
 
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
         if not diffusion_rate > 0:
             raise ValueError(f"diffusion_rate must be > 0, got {diffusion_rate}")
+        if self.graph_needs is not None:
+            topologies.check_requirement(topology, self.graph_needs, type(self).__name__)
         self.comm, self.topology, self.diffusion_rate = comm, topology, float(diffusion_rate)
+        self.round = 0  # gossip rounds done: round t gossips on topology.at(t)
 
     def step(self, params: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def next_graph(self):
+        """The graph of this round, topology.at(round), and one more round counted (once per step)."""
+        graph = self.topology.at(self.round)
+        self.round += 1
+        return graph
+
+    def step_size_scale(self):
+        """Factor on the local step's learning rate, per local worker or one number (push-sum: 1 / w)."""
+        return 1.0
+
     def state_dict(self) -> dict:
-        return {}
+        return {"round": self.round}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def _require_symmetric(self) -> None:
-        if not self.topology.is_symmetric:
-            raise ValueError(f"{type(self).__name__} needs a symmetric topology; {self.topology.name} is not "
-                             f"(only SimpleGossip runs on directed graphs)")
+        self.round = state.get("round", 0)
 
     def _neighbor_average(self, edges, received: torch.Tensor) -> torch.Tensor:
         """sum_{j in N(i)} w_ij * m_j for every local worker i."""
@@ -116,6 +137,8 @@ class GossipAlgorithm:
 class AllReduce(GossipAlgorithm):
     """The all-reduce baseline: every worker takes the exact average (bits: the buffer once per step)."""
 
+    graph_needs = None
+
     def step(self, params):
         for x, mean in zip(params, self.comm.all_reduce_mean(params)):
             x.copy_(mean.unsqueeze(0).expand_as(x))
@@ -123,19 +146,78 @@ class AllReduce(GossipAlgorithm):
 
 class SimpleGossip(GossipAlgorithm):
     """Uncompressed gossip (D-PSGD): x_i += gamma * sum_{j in N(i)} w_ij (x_j - x_i).
-    Sends the full x_i to each neighbour. Works on directed graphs too."""
+    Sends the full x_i to each neighbour. Works on directed graphs too, as long as W
+    is doubly stochastic (the average is kept and reached)."""
+
+    graph_needs = "doubly_stochastic"
 
     def step(self, params):
+        graph = self.next_graph()
         if not params:
             return
-        edges = self.comm.half_edges(self.topology)
-        received = self.comm.exchange(self.topology, params, per="worker")
+        edges = self.comm.half_edges(graph)
+        received = self.comm.exchange(graph, params, per="worker")
         keep = 1 - self.diffusion_rate * (1 - edges.weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
         for x, from_neighbors in zip(params, received):
             # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product, in place
             rows = x.view(x.shape[0], -1)
             rows.mul_(keep.to(x.dtype).unsqueeze(1))
             rows.addmm_(edges.incoming.to(x.dtype), from_neighbors.view(from_neighbors.shape[0], -1), alpha=self.diffusion_rate)
+
+
+class EdgeRows:
+    """Which row of a per-edge state stack belongs to which local half-edge (i -> j), kept
+    across the rounds the edge is absent: an edge of one_peer_hypercube comes back every
+    log2(n) rounds and continues where it stopped.
+
+    A row is freed once its edge has been absent for more than `memory` consecutive rounds
+    (None: never), so that a graph whose edges rarely repeat (random_matching) holds at most
+    (memory + 1) x (half-edges per round) rows in use instead of growing toward all n(n-1)
+    half-edges (the stack keeps at most one round's more, freed rows waiting for reuse).
+    Both ends of an edge see the same rounds, so they free and re-create its state together.
+    """
+
+    def __init__(self, memory: int | None):
+        self.memory = memory
+        self.row_of: dict[tuple[int, int], int] = {}
+        self.edge_of_row: list[tuple[int, int] | None] = []
+        self.last_seen = np.zeros(0, dtype=np.int64)  # round each row's edge was last present
+        self.free: list[int] = []
+
+    def assign(self, pairs: list[tuple[int, int]], round: int) -> tuple[list[int], list[int], list[int]]:
+        """The rows of this round's half-edges `pairs`, the positions (in `pairs`) of those whose
+        state starts now, and the rows freed now. Freed rows are reused before the stack grows."""
+        rows, fresh = [], []
+        for position, pair in enumerate(pairs):
+            row = self.row_of.get(pair)
+            if row is None:
+                row = self.free.pop() if self.free else len(self.edge_of_row)
+                if row == len(self.edge_of_row):
+                    self.edge_of_row.append(None)
+                    self.last_seen = np.append(self.last_seen, 0)
+                self.row_of[pair], self.edge_of_row[row] = row, pair
+                fresh.append(position)
+            rows.append(row)
+        self.last_seen[rows] = round
+        freed = []
+        if self.memory is not None:  # absent for more than `memory` rounds, this one included
+            stale = self.last_seen < round - self.memory
+            freed = np.flatnonzero(stale).tolist()
+            for row in freed:
+                del self.row_of[self.edge_of_row[row]]
+                self.edge_of_row[row] = None
+            self.last_seen[stale] = np.iinfo(np.int64).max  # a free row is never stale again
+            self.free = sorted(self.free + freed, reverse=True)  # the smallest free row is taken first
+        return rows, fresh, freed
+
+    def state_dict(self) -> dict:  # plain lists and a tensor: checkpoints load with weights_only=True
+        return {"edge_of_row": [None if e is None else list(e) for e in self.edge_of_row],
+                "last_seen": torch.from_numpy(self.last_seen.copy()), "free": list(self.free)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.edge_of_row = [None if e is None else tuple(e) for e in state["edge_of_row"]]
+        self.row_of = {edge: row for row, edge in enumerate(self.edge_of_row) if edge is not None}
+        self.last_seen, self.free = state["last_seen"].numpy().astype(np.int64), list(state["free"])
 
 
 class PowerGossip(GossipAlgorithm):
@@ -146,17 +228,27 @@ class PowerGossip(GossipAlgorithm):
     Hyper-parameters and what they trade:
       rank: columns r of the factors; bits per round grow as r (m or n) per matrix.
       num_iterations: power-iteration rounds per step; more rounds = better
-        approximation of D, more messages and bits.
+        approximation of D, more messages and bits. All of a step's iterations use
+        the graph of that step's round.
       warm_start: start each iteration from the previous iteration's result (power
         iteration on D across steps; the paper's default) or redraw from the edge's
         shared generator.
       round_weights: the sign variant (rank 1): start vector sign(v) / sqrt(len(v)).
       diffusion_rate: gamma; 1 needs no tuning.
+      edge_memory: graphs over time. An edge's P, Q and generator are kept while it is
+        absent, so its power iteration continues when it comes back, for up to this many
+        consecutive absent rounds, then dropped (bounded memory on random_matching); an
+        edge that comes back after that starts afresh from a generator seeded by the edge
+        and the round (both ends alike). None: the graph's period - 1 (a periodic graph
+        keeps every edge's state; a static one is unaffected), 16 rounds on graphs
+        without a period. 0: start afresh whenever an edge comes back.
     Each matrix of shape m x n (m = shape[0]) uses rank r' = min(r, m, n).
     """
 
+    DEFAULT_EDGE_MEMORY = 16  # rounds an absent edge's state is kept on graphs without a period
+
     def __init__(self, comm, topology, rank: int = 1, num_iterations: int = 1, warm_start: bool = True,
-                 round_weights: bool = False, diffusion_rate: float = 1.0, seed: int = 0):
+                 round_weights: bool = False, diffusion_rate: float = 1.0, seed: int = 0, edge_memory: int | None = None):
         super().__init__(comm, topology, diffusion_rate)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
@@ -164,104 +256,208 @@ class PowerGossip(GossipAlgorithm):
             raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
         if round_weights and rank != 1:
             raise ValueError("round_weights (the sign variant) is defined for rank 1 only")
-        self._require_symmetric()
+        if edge_memory is not None and (isinstance(edge_memory, bool) or not isinstance(edge_memory, int) or edge_memory < 0):
+            raise ValueError(f"edge_memory must be an integer >= 0 (rounds) or None, got {edge_memory!r}")
         self.rank, self.num_iterations, self.warm_start = rank, num_iterations, warm_start
         self.round_weights, self.seed = round_weights, seed
+        if edge_memory is None:
+            edge_memory = topology.period - 1 if topology.period else self.DEFAULT_EDGE_MEMORY
         self.iteration = 0  # runs on across steps (the sign of the next power-iteration half-step)
         self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
-        self.p, self.q, self.generators = None, None, None
+        self.edge_rows = EdgeRows(edge_memory)
+        # Per-edge state, one row per EdgeRows row: P `[rows, G, m, r]` and Q `[rows, G, n, r]` per group,
+        # the edge's generator and how many power-iteration half-steps it has done (its next one's parity).
+        self.p, self.q, self.generators = None, None, []
+        self.half_steps = np.zeros(0, dtype=np.int64)
         self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
 
     # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
-        edges = self.comm.half_edges(self.topology)
         shapes: dict[tuple[int, int, int], list[int]] = {}
         for k, x in enumerate(params):
             shapes.setdefault(matrix_shape(x.shape[1:], self.rank), []).append(k)
         self.groups = [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
-        self.generators = []
-        for i, j in zip(edges.self_worker_list, edges.neighbor_list):
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(edge_seed(self.seed, i, j))
-            self.generators.append(generator)
-        # Both ends of an edge draw P, then Q, from identical generators: identical buffers.
-        self.p = self._draw(lambda m, n, r: (m, r))
-        self.q = self._draw(lambda m, n, r: (n, r))
+        self.p = [torch.zeros((0, len(indices), m, r), device=self.comm.device) for indices, m, n, r in self.groups]
+        self.q = [torch.zeros((0, len(indices), n, r), device=self.comm.device) for indices, m, n, r in self.groups]
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None:
+            self.p = [p.to(self.comm.device) for p in pending["p"]]
+            self.q = [q.to(self.comm.device) for q in pending["q"]]
+            self.generators = [None if saved is None else torch.Generator(device="cpu") for saved in pending["generators"]]
+            for generator, saved in zip(self.generators, pending["generators"]):
+                if saved is not None:
+                    generator.set_state(saved)
+            self.edge_rows.load_state_dict(pending["edge_rows"])
+            self.half_steps = pending["half_steps"].numpy().astype(np.int64)
 
-    def _draw(self, factor_shape) -> list[torch.Tensor]:
-        """Fresh standard normal factors `[H, G, rows, r]` per group from the edges' generators."""
+    def _rows_of_round(self, edges, round: int) -> torch.Tensor:
+        """This round's state rows in half-edge order; a half-edge whose state starts now gets a
+        generator seeded by its edge (and the round, after round 0) and draws P, then Q, from it,
+        so that both ends hold identical buffers."""
+        rows, fresh, freed = self.edge_rows.assign(list(zip(edges.self_worker_list, edges.neighbor_list)), round)
+        grow = len(self.edge_rows.edge_of_row) - self.p[0].shape[0] if self.p else 0
+        if grow > 0:
+            self.p = [torch.cat([p, p.new_zeros((grow,) + p.shape[1:])]) for p in self.p]
+            self.q = [torch.cat([q, q.new_zeros((grow,) + q.shape[1:])]) for q in self.q]
+        self.generators += [None] * (len(self.edge_rows.edge_of_row) - len(self.generators))
+        self.half_steps = np.concatenate([self.half_steps, np.zeros(len(self.generators) - len(self.half_steps), np.int64)])
+        self.half_steps[[rows[position] for position in fresh]] = 0
+        if fresh:
+            for position in fresh:
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(edge_seed(self.seed, edges.self_worker_list[position], edges.neighbor_list[position],
+                                                since=round))
+                self.generators[rows[position]] = generator
+            fresh_rows = torch.tensor([rows[position] for position in fresh], device=self.comm.device)
+            fresh_generators = [self.generators[rows[position]] for position in fresh]
+            for pool, drawn in zip(self.p, self._draw(fresh_generators, lambda m, n, r: (m, r))):
+                pool[fresh_rows] = drawn
+            for pool, drawn in zip(self.q, self._draw(fresh_generators, lambda m, n, r: (n, r))):
+                pool[fresh_rows] = drawn
+        for row in freed:
+            self.generators[row] = None  # a freed row's generator goes with its edge (its P and Q rows wait for reuse)
+        return torch.tensor(rows, dtype=torch.long, device=self.comm.device)
+
+    def _draw(self, generators, factor_shape) -> list[torch.Tensor]:
+        """Fresh standard normal factors `[len(generators), G, rows, r]` per group from the edges' generators."""
         shapes = [(len(indices),) + factor_shape(m, n, r) for indices, m, n, r in self.groups]
         sizes = [math.prod(s) for s in shapes]
-        draws = torch.stack([torch.randn(sum(sizes), generator=g) for g in self.generators]) if self.generators \
+        draws = torch.stack([torch.randn(sum(sizes), generator=g) for g in generators]) if generators \
             else torch.zeros((0, sum(sizes)))
         draws = draws.to(self.comm.device)
         return [part.reshape((draws.shape[0],) + s) for part, s in zip(draws.split(sizes, dim=1), shapes)]
 
     def state_dict(self):
+        state = super().state_dict() | {"iteration": self.iteration}
         if self.groups is None:
-            return {"iteration": self.iteration}
-        return {"iteration": self.iteration, "p": [p.clone() for p in self.p], "q": [q.clone() for q in self.q],
-                "generators": [g.get_state() for g in self.generators]}
+            return state
+        return state | {"p": [p.clone() for p in self.p], "q": [q.clone() for q in self.q],
+                        "generators": [None if g is None else g.get_state() for g in self.generators],
+                        "edge_rows": self.edge_rows.state_dict(), "half_steps": torch.from_numpy(self.half_steps.copy())}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.iteration = state["iteration"]
         if "p" in state:
             self._pending_state = state
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, params):
+        graph = self.next_graph()
         if self.groups is None:  # the first step sees the stacks: check their layout once
             for x in params:
                 if x.shape[0] != self.comm.num_local:
                     raise ValueError(self.comm.layout_problem(x.shape[0]))
             self._init_state(params)
-            pending = self._pending_state
-            if pending is not None:
-                self.p = [p.to(self.comm.device) for p in pending["p"]]
-                self.q = [q.to(self.comm.device) for q in pending["q"]]
-                for generator, saved in zip(self.generators, pending["generators"]):
-                    generator.set_state(saved)
-                self._pending_state = None
-        edges = self.comm.half_edges(self.topology)
+        edges = self.comm.half_edges(graph)
+        rows = self._rows_of_round(edges, self.round - 1)
+        p, q = [pool[rows] for pool in self.p], [pool[rows] for pool in self.q]  # this round's edges' P and Q
+        rows_on_host = rows.cpu().numpy()
+        half_steps = self.half_steps[rows_on_host]
+        for k in range(self.num_iterations):
+            if self.iteration + k == 0:
+                break  # nobody has moved yet, so there is no disagreement to send
+            # Each edge alternates its own half-steps (even: orthonormalize P, send X^T P, store
+            # Q = D^T P; odd: the roles swapped), so an edge that comes back continues its power
+            # iteration. All edges of a static graph (or of one_peer_hypercube's round) agree; a
+            # round whose edges do not gossips the even ones, then the odd ones.
+            for left in (True, False):
+                chosen = np.flatnonzero((half_steps + k) % 2 == (0 if left else 1))
+                if len(chosen) == edges.num and (left or edges.num):
+                    self._half_step(params, graph, edges, rows, p, q, left)
+                elif len(chosen):
+                    part = topologies.without_edges(graph, [(edges.self_worker_list[h], edges.neighbor_list[h])
+                                                            for h in np.setdiff1d(np.arange(edges.num), chosen)])
+                    at = torch.as_tensor(chosen, device=self.comm.device)
+                    p_part, q_part = [x[at] for x in p], [x[at] for x in q]
+                    self._half_step(params, part, self.comm.half_edges(part), rows[at], p_part, q_part, left)
+                    for mine, part_of in zip(p + q, p_part + q_part):
+                        mine[at] = part_of
+        self.half_steps[rows_on_host] += self.num_iterations
+        for pool, mine in zip(self.p + self.q, p + q):
+            pool[rows] = mine
+        self.iteration += self.num_iterations
+
+    def _half_step(self, params, graph, edges, rows, p, q, left: bool) -> None:
+        """One power-iteration half-step on every half-edge of `graph` (P, Q: its rows, changed in
+        place in the lists), and the update X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T."""
+        if not self.warm_start:
+            generators = [self.generators[row] for row in rows.tolist()]
+            (p if left else q)[:] = self._draw(generators, (lambda m, n, r: (m, r)) if left else (lambda m, n, r: (n, r)))
+        starts = p if left else q
+        for start in starts:
+            if self.round_weights:
+                start.copy_(start.sign() / math.sqrt(start.shape[-2]))
+            else:
+                orthogonalize_(start)
+
+        # X^T P (or X Q) for every half-edge: each worker multiplies its X once by its
+        # half-edges' factors side by side (to_worker_slots).
+        products = []
+        for (indices, m, n, r), start in zip(self.groups, starts):
+            start_slots = to_worker_slots(edges, start)  # [L, G, m or n, degree r]
+            per_matrix = [torch.bmm(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
+                                    start_slots[:, position]) for position, k in enumerate(indices)]
+            products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
+        received = self.comm.exchange(graph, products, per="half_edge")
+
         # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
         weight_of_edge = self.diffusion_rate * edges.weight_in * torch.where(edges.is_lower, 1.0, -1.0)
+        results = q if left else p
+        for g, (indices, m, n, r) in enumerate(self.groups):
+            # Both ends store the same product of D = X_max - X_min.
+            mine, theirs = products[g], received[g]
+            lower = edges.is_lower.view(-1, 1, 1, 1)
+            results[g] = torch.where(lower, theirs - mine, mine - theirs)
+            # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one in-place matrix product per matrix
+            weighted_p = to_worker_slots(edges, p[g] * weight_of_edge.view(-1, 1, 1, 1))
+            q_slots = to_worker_slots(edges, q[g])
+            for position, k in enumerate(indices):
+                matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
 
-        for iteration in range(self.iteration, self.iteration + self.num_iterations):
-            if iteration == 0:
-                break  # nobody has moved yet, so there is no disagreement to send
-            left = iteration % 2 == 0  # even: orthonormalize P, send X^T P, store Q = D^T P
-            if not self.warm_start:
-                redrawn = self._draw((lambda m, n, r: (m, r)) if left else (lambda m, n, r: (n, r)))
-                (self.p if left else self.q)[:] = redrawn
-            starts = self.p if left else self.q
-            for start in starts:
-                if self.round_weights:
-                    start.copy_(start.sign() / math.sqrt(start.shape[-2]))
-                else:
-                    orthogonalize_(start)
 
-            # X^T P (or X Q) for every half-edge: each worker multiplies its X once by its
-            # half-edges' factors side by side (to_worker_slots).
-            products = []
-            for (indices, m, n, r), start in zip(self.groups, starts):
-                start_slots = to_worker_slots(edges, start)  # [L, G, m or n, degree r]
-                per_matrix = [torch.bmm(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
-                                        start_slots[:, position]) for position, k in enumerate(indices)]
-                products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
-            received = self.comm.exchange(self.topology, products, per="half_edge")
+class PushSum(SimpleGossip):
+    """Push-sum (Kempe et al. 2003, Algorithm 1 "Push-Sum"), as Stochastic Gradient Push runs
+    it (Assran et al., ICML 2019, Algorithm 1): on a column-stochastic P_t every worker keeps
+    a numerator x_i and a weight w_i (1 at the start) and mixes both alike,
 
-            results = self.q if left else self.p
-            for g, (indices, m, n, r) in enumerate(self.groups):
-                # Both ends store the same product of D = X_max - X_min.
-                mine, theirs = products[g], received[g]
-                lower = edges.is_lower.view(-1, 1, 1, 1)
-                results[g] = torch.where(lower, theirs - mine, mine - theirs)
-                # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one in-place matrix product per matrix
-                weighted_p = to_worker_slots(edges, self.p[g] * weight_of_edge.view(-1, 1, 1, 1))
-                q_slots = to_worker_slots(edges, self.q[g])
-                for position, k in enumerate(indices):
-                    matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
-        self.iteration += self.num_iterations
+        x_i <- sum_j p_ij x_j,    w_i <- sum_j p_ij w_j,
+
+    sending p_ji-weighted copies to its out-neighbours (here: x_i and w_i once to each; the
+    receiver applies p_ij). The parameters the caller holds are the de-biased z_i = x_i / w_i:
+    they reach the average of the starting values on any strongly connected directed graph,
+    doubly stochastic or not. A local step on z at learning rate lr / w_i (step_size_scale)
+    is SGP's step x_i -= lr grad f(z_i) on the numerator. Bytes: x_i and the weight, one scalar."""
+
+    graph_needs = "column_stochastic"
+
+    def __init__(self, comm, topology, diffusion_rate: float = 1.0):
+        super().__init__(comm, topology, diffusion_rate)
+        self.weight = None  # w_i per local worker `[L]`, in the parameters' dtype (from the first step)
+
+    def step(self, params):
+        if not params:
+            self.next_graph()
+            return
+        if self.weight is None:
+            self.weight = torch.ones(params[0].shape[0], dtype=params[0].dtype, device=params[0].device)
+        per_worker = lambda x: self.weight.view((-1,) + (1,) * (x.dim() - 1))
+        numerators = [x * per_worker(x) for x in params]
+        weight = self.weight.unsqueeze(1).clone()
+        super().step(numerators + [weight])  # x and w mixed alike, in one message per out-neighbour
+        self.weight = weight[:, 0]
+        for x, numerator in zip(params, numerators):
+            torch.div(numerator, per_worker(x), out=x)
+
+    def step_size_scale(self):
+        return 1.0 if self.weight is None else 1 / self.weight
+
+    def state_dict(self):
+        return super().state_dict() | ({} if self.weight is None else {"weight": self.weight.clone()})
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.weight = state["weight"].to(self.comm.device) if "weight" in state else None
 
 
 class CompressedGossip(GossipAlgorithm):
@@ -273,7 +469,6 @@ class CompressedGossip(GossipAlgorithm):
 
     def __init__(self, comm, topology, compressor: Compressor, diffusion_rate: float = 1.0, seed: int = 0):
         super().__init__(comm, topology, diffusion_rate)
-        self._require_symmetric()
         self.compressor = compressor
         self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, COMPRESSOR_STREAM) \
             if compressor.needs_randomness else None
@@ -283,21 +478,24 @@ class CompressedGossip(GossipAlgorithm):
         if self.state is None:
             self.state = {name: [torch.zeros_like(x) for x in params] for name in self.state_names}
 
-    def _compress_and_exchange(self, tensors):
-        """C(tensors) as this worker reconstructs it `[L, ...]`, and its neighbours' `[H, ...]`."""
+    def _compress_and_exchange(self, graph, tensors):
+        """C(tensors) as this worker reconstructs it `[L, ...]`, and its neighbours' `[H, ...]` on `graph`."""
         shapes = [t.shape[1:] for t in tensors]
         payload = self.compressor.compress(tensors, self.randomness)
         own = self.compressor.decompress(payload, shapes)
-        neighbors = self.compressor.decompress(self.comm.exchange(self.topology, payload, per="worker"), shapes)
+        neighbors = self.compressor.decompress(self.comm.exchange(graph, payload, per="worker"), shapes)
         return own, neighbors
 
     def state_dict(self):
-        state = {} if self.state is None else {name: [t.clone() for t in ts] for name, ts in self.state.items()}
+        state = super().state_dict()
+        if self.state is not None:
+            state |= {name: [t.clone() for t in ts] for name, ts in self.state.items()}
         if self.randomness is not None:
             state["randomness"] = self.randomness.state_dict()
         return state
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         if all(name in state for name in self.state_names):
             self.state = {name: [t.to(self.comm.device).clone() for t in state[name]] for name in self.state_names}
         if self.randomness is not None:
@@ -308,17 +506,22 @@ class ChocoGossip(CompressedGossip):
     """Choco-Gossip (Koloskova et al. 2019, Algorithm 1 with the s_i bookkeeping):
     q_i = C(x_i - x_hat_i); send q_i; x_hat_i += q_i;
     s_i += sum_{j in N(i) + i} w_ij q_j; x_i += gamma (s_i - x_hat_i).
-    gamma needs tuning per compressor (the paper's tuned values are in experiments/configs/train/)."""
+    gamma needs tuning per compressor (the paper's tuned values are in experiments/configs/train/).
+    s_i stands for sum_j w_ij x_hat_j only while W stays the same: a graph that changes from
+    round to round would need every neighbour's x_hat_j, which a worker receives only from the
+    neighbours of the round, so Choco takes fixed graphs."""
 
+    graph_needs = "fixed_symmetric"
     state_names = ("x_hat", "s")
 
     def step(self, params):
+        graph = self.next_graph()
         if not params:
             return
         self._ensure_state(params)
-        edges = self.comm.half_edges(self.topology)
+        edges = self.comm.half_edges(graph)
         x_hats, ss = self.state["x_hat"], self.state["s"]
-        own, neighbors = self._compress_and_exchange([x - h for x, h in zip(params, x_hats)])
+        own, neighbors = self._compress_and_exchange(graph, [x - h for x, h in zip(params, x_hats)])
         for x, x_hat, s, q_own, q_neighbors in zip(params, x_hats, ss, own, neighbors):
             x_hat += q_own
             self_weight = edges.weight_self.view((-1,) + (1,) * (x.dim() - 1))
@@ -334,12 +537,13 @@ class DeepSqueezeGossip(CompressedGossip):
     state_names = ("delta",)
 
     def step(self, params):
+        graph = self.next_graph()
         if not params:
             return
         self._ensure_state(params)
-        edges = self.comm.half_edges(self.topology)
+        edges = self.comm.half_edges(graph)
         v = [x + d for x, d in zip(params, self.state["delta"])]
-        own, neighbors = self._compress_and_exchange(v)
+        own, neighbors = self._compress_and_exchange(graph, v)
         for x, delta, v_i, c_own, c_neighbors in zip(params, self.state["delta"], v, own, neighbors):
             delta.copy_(v_i - c_own)
             outgoing = (1 - edges.weight_self).view((-1,) + (1,) * (x.dim() - 1))
@@ -359,7 +563,6 @@ class MoniquaGossip(GossipAlgorithm):
         super().__init__(comm, topology, diffusion_rate)
         if not theta > 0:
             raise ValueError(f"theta must be > 0, got {theta}")
-        self._require_symmetric()
         self.theta = float(theta)
         self.B = 2 * self.theta / (1 - 2 * self.delta)
         self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, MONIQUA_STREAM)
@@ -370,9 +573,10 @@ class MoniquaGossip(GossipAlgorithm):
         return torch.fmod(x + torch.sign(x) * a / 2, a) - torch.sign(x) * a / 2
 
     def step(self, params):
+        graph = self.next_graph()
         if not params:
             return
-        edges = self.comm.half_edges(self.topology)
+        edges = self.comm.half_edges(graph)
         rows = params[0].shape[0]
         x = torch.cat([p.reshape(rows, -1) for p in params], dim=1)
         noise = self.randomness.uniform((x.shape[1],))
@@ -380,7 +584,7 @@ class MoniquaGossip(GossipAlgorithm):
         q_own = codes * self.delta - 0.5
         error = q_own * self.B - self.modulo(x, self.B)
         packed = pack_bits(codes.to(torch.uint8), 2)
-        received = self.comm.exchange(self.topology, [packed], per="worker")[0]
+        received = self.comm.exchange(graph, [packed], per="worker")[0]
         q_neighbors = unpack_bits(received, 2, x.shape[1]).float() * self.delta - 0.5
         x_per_edge = x[edges.local_sender]
         corrections = self.modulo(q_neighbors * self.B - x_per_edge, self.B) - error[edges.local_sender]
@@ -389,9 +593,10 @@ class MoniquaGossip(GossipAlgorithm):
             p.copy_(part.reshape(p.shape))
 
     def state_dict(self):
-        return {"randomness": self.randomness.state_dict()}
+        return super().state_dict() | {"randomness": self.randomness.state_dict()}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.randomness.load_state_dict(state["randomness"])
 
 
@@ -402,6 +607,8 @@ class OnlyOnLargeParameters(GossipAlgorithm):
     min_compression_rate (PowerSGD's rule): a matrix m x n whose rank-r factors would
     compress it by less than this factor, m n / ((m + n) r) < min_compression_rate,
     is gossiped uncompressed too (needs `rank`)."""
+
+    graph_needs = None  # its two methods check the graph
 
     def __init__(self, compressed: GossipAlgorithm, uncompressed: GossipAlgorithm,
                  min_compression_rate: float | None = None, rank: int | None = None):
@@ -430,12 +637,12 @@ class OnlyOnLargeParameters(GossipAlgorithm):
         self.uncompressed.load_state_dict(state["uncompressed"])
 
 
-class PowerSGD:
+class PowerSGD(GossipAlgorithm):
     """PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019): the all-reduce of gradients
     through rank-r power iteration, warm-started across steps, with error feedback. It acts
     on gradients: `step(grads)` replaces every worker's gradient `[L, *shape]` by the same
     approximate average, so workers that start equal stay equal (a centralized method; the
-    topology is not used).
+    topology is not used and may be None).
 
     For each gradient G_i of worker i viewed as an m x n matrix (m = shape[0], as PowerGossip
     views parameters), with Q [n, r] shared by all workers:
@@ -462,8 +669,11 @@ class PowerSGD:
     sends its buffer once.
     """
 
-    def __init__(self, comm, rank: int = 1, num_iterations: int = 1, min_compression_rate: float = 2.0,
+    graph_needs = None
+
+    def __init__(self, comm, topology=None, rank: int = 1, num_iterations: int = 1, min_compression_rate: float = 2.0,
                  start_compressing_after_num_steps: int = 0, warm_start: bool = True, seed: int = 0):
+        super().__init__(comm, topology)
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if num_iterations < 1:
@@ -472,10 +682,9 @@ class PowerSGD:
             raise ValueError(f"min_compression_rate must be >= 1 (a factor of compression), got {min_compression_rate}")
         if start_compressing_after_num_steps < 0:
             raise ValueError(f"start_compressing_after_num_steps must be >= 0, got {start_compressing_after_num_steps}")
-        self.comm, self.rank, self.num_iterations = comm, rank, num_iterations
+        self.rank, self.num_iterations = rank, num_iterations
         self.min_compression_rate, self.warm_start = float(min_compression_rate), warm_start
         self.start_compressing_after_num_steps = start_compressing_after_num_steps
-        self.steps = 0
         self.generator = torch.Generator(device="cpu")  # the same draws on every worker: Q is shared
         self.generator.manual_seed(int(np.random.SeedSequence([seed, POWERSGD_STREAM]).generate_state(1, np.uint64)[0] >> 1))
         self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
@@ -509,8 +718,8 @@ class PowerSGD:
             self.q = [q.to(self.comm.device, self.dtype) for q in self._pending["q"]]
             self.memory = [e.to(self.comm.device).clone() for e in self._pending["memory"]]
             self._pending = None
-        compressing = self.steps >= self.start_compressing_after_num_steps
-        self.steps += 1
+        compressing = self.round >= self.start_compressing_after_num_steps  # round: the steps done
+        self.round += 1
         compressed = {k for indices, *_ in self.groups for k in indices} if compressing else set()
         exact = [g for k, g in enumerate(grads) if k not in compressed]
         for g, mean in zip(exact, self.comm.all_reduce_mean(exact)):
@@ -536,13 +745,13 @@ class PowerSGD:
                 matrix_view(grads[k], m, n).copy_(update[position].expand_as(M[:, position]))
 
     def state_dict(self) -> dict:
-        state = {"steps": self.steps, "generator": self.generator.get_state()}
+        state = {"round": self.round, "generator": self.generator.get_state()}
         if self.groups is not None:
             state |= {"q": [q.clone() for q in self.q], "memory": [e.clone() for e in self.memory]}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = state["steps"]
+        self.round = state["round"]
         self.generator.set_state(state["generator"])
         self._pending = state if "q" in state else None
 
@@ -630,17 +839,11 @@ def check(name: str, topology, **hyper) -> None:
 
 
 def _power_gossip(comm, topology, rank=1, num_iterations=1, warm_start=True, round_weights=False,
-                  diffusion_rate=1.0, seed=0):
+                  diffusion_rate=1.0, seed=0, edge_memory=None):
     """PowerGossip on matrices, exact gossip on vectors (as in the paper's experiments)."""
     power = PowerGossip(comm, topology, rank=rank, num_iterations=num_iterations, warm_start=warm_start,
-                        round_weights=round_weights, diffusion_rate=diffusion_rate, seed=seed)
+                        round_weights=round_weights, diffusion_rate=diffusion_rate, seed=seed, edge_memory=edge_memory)
     return OnlyOnLargeParameters(power, SimpleGossip(comm, topology))
-
-
-def _powersgd(comm, topology, rank=1, num_iterations=1, min_compression_rate=2.0, start_compressing_after_num_steps=0,
-              warm_start=True, seed=0):
-    """PowerSGD: an all-reduce of gradients, so the topology is not used."""
-    return PowerSGD(comm, rank, num_iterations, min_compression_rate, start_compressing_after_num_steps, warm_start, seed)
 
 
 def _with_compressor(method_class):
@@ -657,4 +860,5 @@ register_algorithm("power-gossip", _power_gossip, needs_tuning=False)
 register_algorithm("choco", _with_compressor(ChocoGossip))
 register_algorithm("deepsqueeze", _with_compressor(DeepSqueezeGossip))
 register_algorithm("moniqua", MoniquaGossip)
-register_algorithm("powersgd", _powersgd, acts_on="gradients", needs_tuning=False)
+register_algorithm("powersgd", PowerSGD, acts_on="gradients", needs_tuning=False)
+register_algorithm("push-sum", PushSum, needs_tuning=False, local_step_first=True)  # SGP: step on z_t, then mix

@@ -47,6 +47,9 @@ TIMEOUT_SECONDS = float(os.environ.get("POWERGOSSIP_TIMEOUT", "600"))
 
 _MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
+# Communication plans kept per Communicator, one per graph (a periodic graph's phases all stay).
+PLANS_KEPT = 32
+
 # OpenMPI options for a job on one host (see mpirun_command).
 SINGLE_HOST_MPIRUN_FLAGS = ("--mca", "pml", "ob1", "--mca", "btl", "^tcp")
 
@@ -338,7 +341,7 @@ class Communicator:
         self.local_workers = range(self.first_worker, self.first_worker + self.num_local)
         self.bytes_sent = np.zeros(self.num_local, dtype=np.int64)
         self.messages_sent = np.zeros(self.num_local, dtype=np.int64)
-        self._plan_cache: tuple | None = None  # (topology, HalfEdges, _Routes) of the latest topology
+        self._plans: dict[int, tuple] = {}  # id(topology) -> (topology, HalfEdges, _Routes), latest used last
         # Gloo moves CPU tensors only: GPU tensors are staged through the host.
         staged = context.backend == "gloo" and self.device.type == "cuda"
         self._wire_device = torch.device("cpu") if staged else self.device
@@ -351,16 +354,25 @@ class Communicator:
         return self.first_worker <= worker < self.first_worker + self.num_local
 
     def half_edges(self, topology) -> HalfEdges:
-        """Local half-edges of `topology` (rebuilt whenever a new topology object comes)."""
+        """Local half-edges of `topology`, one round's graph (built once per graph object)."""
         return self._plan(topology)[0]
 
     def _plan(self, topology) -> tuple[HalfEdges, _Routes]:
-        if self._plan_cache is None or self._plan_cache[0] is not topology:  # the graph may change between rounds
+        """The plan of one round's graph, built once per graph object and kept for the PLANS_KEPT
+        latest (every phase of a periodic graph; a random graph's rounds pass through)."""
+        plan = self._plans.pop(id(topology), None)
+        if plan is None or plan[0] is not topology:
+            if not topology.is_static:
+                raise ValueError(f"{topology.name} changes from round to round: exchange along the graph of the "
+                                 f"round, topology.at(t) (GossipAlgorithm.next_graph() counts the rounds)")
             if topology.n_workers != self.n_workers:
                 raise ValueError(f"topology has {topology.n_workers} workers, the job {self.n_workers}")
             edges = HalfEdges(topology, self.first_worker, self.num_local, self.device)
-            self._plan_cache = (topology, edges, _Routes(edges, self))
-        return self._plan_cache[1], self._plan_cache[2]
+            plan = (topology, edges, _Routes(edges, self))
+        self._plans[id(topology)] = plan  # the plan holds the topology: its id stays its own while kept
+        if len(self._plans) > PLANS_KEPT:
+            del self._plans[next(iter(self._plans))]
+        return plan[1], plan[2]
 
     # --- point-to-point ----------------------------------------------------------
     def exchange(self, topology, payloads: list[torch.Tensor], per: str = "half_edge") -> list[torch.Tensor]:

@@ -49,7 +49,7 @@ ALIASES = {
     "keep_ratio": "optimizer_keep_ratio", "qsgd_levels": "optimizer_qsgd_levels",
     "diffusion_rate": "optimizer_diffusion_rate", "theta": "optimizer_theta",
     "compressor": "optimizer_compressor", "warm_start": "optimizer_warm_start", "round_weights": "optimizer_round_weights",
-    "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations",
+    "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations", "edge_memory": "optimizer_edge_memory",
     "min_compression_rate": "optimizer_min_compression_rate", "num_iters_per_step": "optimizer_num_iterations",
     "start_compressing_after_num_steps": "optimizer_start_compressing_after_num_steps",
 }
@@ -198,11 +198,14 @@ def checked_training(cfg: dict, defaults: dict) -> dict:
         raise ConfigError("stacked_compute=vmap runs image models in float32; use stacked_compute=loop for the LSTM or bfloat16")
     if cfg["stacked_compute"] == "graph" and (cfg["task_architecture"] == "lstm" or not uses_cuda(cfg["device"])):
         raise ConfigError("stacked_compute=graph records a CUDA graph of image models: it needs a GPU (device=cuda) "
-                               "and an image task; use stacked_compute=loop otherwise")
-    positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size"]
+                          "and an image task; use stacked_compute=loop otherwise")
+    positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size", "local_steps"]
     for key in positive:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["local_steps"] > 1 and algorithms.METHODS[cfg["optimizer"]].acts_on == "gradients":
+        raise ConfigError(f"local_steps={cfg['local_steps']}: optimizer={cfg['optimizer']} averages every step's gradients; "
+                          f"local steps apply to methods that gossip parameters (use local_steps=1)")
     if not cfg["learning_rate"] > 0:
         raise ConfigError(f"learning_rate must be > 0, got {cfg['learning_rate']}")
     if not 0 <= cfg["decentralized_data_shuffled_ratio"] <= 1:

@@ -72,7 +72,7 @@ from powergossip import topologies
 config = {
     "seed": 42,  # initial state (identical in every launch layout) and the algorithms' shared randomness
     "algorithm": "power_gossip",  # one of ALGORITHMS below, or any registered method (algorithms.register_algorithm)
-    "topology": "ring",  # a topologies.NAMES entry or "file:PATH"; not "unidirectional_ring" except for uncompressed
+    "topology": "ring",  # a topologies.NAMES entry, "file:PATH" or "schedule:FILE"; each method says which graphs it takes (README)
     "n_workers": 8,  # workers (graph nodes), >= 2; a multiple of the number of processes
     "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
     "data_type": "random",  # random | offset | sparse | log-normal | images | file (see initial_state)
@@ -85,6 +85,7 @@ config = {
     "optimizer_num_iterations": 1,  # PowerGossip power-iteration rounds per step
     "optimizer_warm_start": True,  # PowerGossip: continue the power iteration across steps (power_gossip_random*: off)
     "optimizer_round_weights": False,  # PowerGossip sign variant (power_gossip*_signs: on)
+    "optimizer_edge_memory": None,  # PowerGossip on graphs over time: rounds an absent edge keeps its state (None: the period; 0: afresh)
     "optimizer_compressor": "sign-and-norm",  # algorithm=choco or deepsqueeze: the compressor (the *_choco names fix it)
     "optimizer_keep_ratio": None,  # top-k: fraction of entries kept, in (0, 1]; None: rank-matched to optimizer_rank
     "optimizer_qsgd_levels": 16,  # QSGD: quantization levels s

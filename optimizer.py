@@ -42,7 +42,8 @@ def weight_decays(template, parameter_names, weight_decay: float) -> list[float]
 def nesterov_sgd_step(params, grads, momenta, lr, momentum, decays):
     """PyTorch's SGD with Nesterov momentum, on all workers' stacks at once:
     d = g + wd x; m = mu m + d; x -= lr (d + mu m). One fused (foreach) kernel per
-    operation and weight-decay group instead of one per parameter."""
+    operation and weight-decay group instead of one per parameter. `lr` is a number, or a
+    tensor `[L]` with one learning rate per worker (push-sum's lr / w)."""
     for wd in sorted(set(decays)):
         group = [k for k, decay in enumerate(decays) if decay == wd]
         x, g, m = [params[k] for k in group], [grads[k] for k in group], [momenta[k] for k in group]
@@ -51,7 +52,11 @@ def nesterov_sgd_step(params, grads, momenta, lr, momentum, decays):
             torch._foreach_mul_(m, momentum)
             torch._foreach_add_(m, d)
             d = torch._foreach_add(d, m, alpha=momentum)
-        torch._foreach_add_(x, d, alpha=-lr)
+        if isinstance(lr, torch.Tensor):
+            for x_k, d_k in zip(x, d):
+                x_k.sub_(d_k * lr.view((-1,) + (1,) * (d_k.dim() - 1)).to(d_k.dtype))
+        else:
+            torch._foreach_add_(x, d, alpha=-lr)
 
 
 def clip_per_worker(grads, max_norm: float):

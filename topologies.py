@@ -7,16 +7,30 @@ replaces worker i's value by the weighted average
     x_i <- sum_j W[i, j] x_j,
 
 so row i holds the weights worker i *receives* with, and W[i, j] > 0 for j != i
-means j sends to i. Every W here is row-stochastic (rows sum to 1, entries >= 0)
-and its graph is connected; the builders of the paper's graphs also give
-symmetric, doubly stochastic matrices, except `unidirectional_ring`.
+means j sends to i. Every W here has entries >= 0 and is row-stochastic (rows sum
+to 1: gossip) or column-stochastic (columns sum to 1: what push-sum needs, see
+`from_digraph`), and its graph is connected; the builders of the paper's graphs
+give symmetric, doubly stochastic matrices, the directed ones (`unidirectional_ring`,
+`directed_exponential`, `one_peer_exponential`) doubly stochastic ones.
+
+Graphs over time. A topology answers "which edges and weights at round t" through
+`at(t)` (t counts gossip rounds from 0): a `Topology` answers itself at every t; a
+`TimeVarying` graph answers round t's `Topology`, whose own graph need not be
+connected (a matching) as long as the rounds together connect the workers:
+`one_peer_exponential` and `one_peer_hypercube` (Ying et al., NeurIPS 2021, "Exponential
+Graph is Provably Efficient for Decentralized Deep Training": exact averaging after
+log2(n) rounds for n a power of two, one message per worker per round),
+`random_matching`, a schedule file (`schedule:FILE`, `from_schedule`) and any
+callable round -> graph (`from_callable`). `check_requirement` says whether a method
+can run on a topology (symmetric at every round, doubly stochastic, or
+column-stochastic and strongly connected).
 
 How fast gossip mixes is measured by the spectral gap (see
 `Topology.spectral_gap`): about 2/3 for a 4-ring, 0.05 for a 16-ring.
 
 Configs name topologies with `build(name, n_workers, **options)`; `NAMES` lists
-the names. Arbitrary graphs come in through `from_graph`, `from_edge_list` and
-`from_matrix`.
+the names. Arbitrary graphs come in through `from_graph`, `from_edge_list`,
+`from_matrix`, `from_digraph`, `from_schedule` and `from_callable`.
 
 Single worker: every builder whose formula is defined at n = 1 (all but
 `social_network` and `watts_strogatz`) returns W = [[1]]: the worker keeps its
@@ -34,6 +48,7 @@ import networkx
 import numpy as np
 
 TOLERANCE = 1e-9  # for row/column sums and symmetry
+CHECKED_ROUNDS = 16  # rounds whose graphs are checked of a graph over time without a period
 
 
 class Topology:
@@ -42,11 +57,15 @@ class Topology:
     W[i, j] is the weight worker i gives to the value it receives from worker j.
     """
 
-    def __init__(self, W, name="custom", layout="spring"):
+    is_static = True  # the same graph at every round
+    period = 1
+
+    def __init__(self, W, name="custom", layout="spring", connected=True):
         """Check W and keep a read-only float64 copy.
 
-        `layout` ("circular" or "spring") only affects `plot`.
-        Raises ValueError naming what is wrong with W and how to fix it.
+        `layout` ("circular" or "spring") only affects `plot`. `connected=False` accepts
+        a graph that does not connect the workers on its own (one round of a graph over
+        time). Raises ValueError naming what is wrong with W and how to fix it.
         """
         try:
             W = np.array(W, dtype=np.float64)
@@ -66,11 +85,12 @@ class Topology:
                 "gossip weights must be >= 0 (each row is a weighted average)"
             )
         row_error = np.abs(W.sum(axis=1) - 1)
-        if np.any(row_error > TOLERANCE):
+        if np.any(row_error > TOLERANCE) and np.any(np.abs(W.sum(axis=0) - 1) > TOLERANCE):
             i = int(np.argmax(row_error))
             raise ValueError(
                 f"rows of the mixing matrix of {name!r} must sum to 1 (tolerance {TOLERANCE:g}), "
-                f"but row {i} sums to {W[i].sum():.12g}; normalize with W / W.sum(axis=1, keepdims=True)"
+                f"but row {i} sums to {W[i].sum():.12g}; normalize with W / W.sum(axis=1, keepdims=True) "
+                "(or make every column sum to 1: push-sum weights)"
             )
 
         self.name = name
@@ -84,20 +104,16 @@ class Topology:
         self._support = support
         self._neighbors = [np.flatnonzero(row).tolist() for row in support]
 
-        components = list(networkx.connected_components(networkx.from_numpy_array(support.astype(np.int8))))
-        if len(components) > 1:
-            parts = sorted(sorted(c) for c in components)
-            shown = ", ".join(str(p if len(p) <= 8 else p[:8] + ["..."]) for p in parts[:3])
-            raise ValueError(
-                f"the graph of {name!r} (non-zero off-diagonal entries of W, as undirected) is not "
-                f"connected: it has {len(components)} components ({shown}{', ...' if len(parts) > 3 else ''}); "
-                "workers in different components can never agree. Add edges (non-zero weights) "
-                "that join the components."
-            )
+        if connected:
+            _check_connected(support, f"the graph of {name!r} (non-zero off-diagonal entries of W, as undirected)")
 
     @property
     def n_workers(self) -> int:
         return self._W.shape[0]
+
+    def at(self, t: int) -> "Topology":
+        """The graph of round t: this one, at every round."""
+        return self
 
     @property
     def diffusion_matrix(self) -> np.ndarray:
@@ -150,9 +166,17 @@ class Topology:
         return bool(np.max(np.abs(self._W - self._W.T)) <= TOLERANCE)
 
     @property
-    def is_doubly_stochastic(self) -> bool:
-        # Rows already sum to 1 (checked in __init__); columns are the open question.
+    def is_row_stochastic(self) -> bool:
+        return bool(np.max(np.abs(self._W.sum(axis=1) - 1)) <= TOLERANCE)
+
+    @property
+    def is_column_stochastic(self) -> bool:
+        """What every worker sends sums to 1: the total of the values is kept (push-sum)."""
         return bool(np.max(np.abs(self._W.sum(axis=0) - 1)) <= TOLERANCE)
+
+    @property
+    def is_doubly_stochastic(self) -> bool:
+        return self.is_row_stochastic and self.is_column_stochastic
 
     def plot(self, path):
         """Write a PNG to `path`: the graph (left) and W as an image (right)."""
@@ -185,6 +209,97 @@ class Topology:
 
     def __repr__(self):
         return f"Topology(name={self.name!r}, n_workers={self.n_workers}, spectral_gap={self.spectral_gap():.4f})"
+
+
+class TimeVarying:
+    """A graph that changes from round to round: `at(t)` is round t's `Topology`.
+
+    `graph_of_round(t)` builds round t's graph (t in 0..period-1 for a periodic graph,
+    any t >= 0 otherwise). A periodic graph keeps one Topology per phase, so that the
+    communicator's plan of each is built once; an aperiodic one keeps only the latest
+    round's. Over one period (or the first CHECKED_ROUNDS rounds) the rounds together
+    must connect the workers. `expected_gap`: the spectral gap of a random graph, when
+    known in closed form.
+    """
+
+    is_static = False
+
+    def __init__(self, n_workers: int, name: str, graph_of_round, period: int | None = None,
+                 expected_gap: float | None = None):
+        self.n_workers, self.name, self.period = n_workers, name, period
+        self._graph_of_round, self._expected_gap = graph_of_round, expected_gap
+        self._built: dict[int, Topology] = {}
+        union = np.zeros((n_workers, n_workers), dtype=bool)
+        for t in rounds_to_check(self):
+            W = self.at(t).diffusion_matrix
+            union |= (W > 0) | (W.T > 0)
+        np.fill_diagonal(union, False)
+        _check_connected(union, f"the graphs of {name!r} over rounds {_rounds_text(self)} together")
+
+    def at(self, t: int) -> Topology:
+        key = t % self.period if self.period else t
+        graph = self._built.get(key)
+        if graph is None:
+            graph = self._graph_of_round(key)
+            if graph.n_workers != self.n_workers:
+                raise ValueError(f"round {t} of {self.name!r} has {graph.n_workers} workers, expected {self.n_workers}")
+            if not self.period:
+                self._built.clear()
+            self._built[key] = graph
+        return graph
+
+    @property
+    def is_symmetric(self) -> bool:
+        return all(self.at(t).is_symmetric for t in rounds_to_check(self))
+
+    @property
+    def is_doubly_stochastic(self) -> bool:
+        return all(self.at(t).is_doubly_stochastic for t in rounds_to_check(self))
+
+    def spectral_gap(self) -> float:
+        """A per-round equivalent of `Topology.spectral_gap`, comparable with static graphs' gaps.
+
+        Periodic: 1 - |lambda_2(M)|^(1 / period) with M = W_{period-1} ... W_1 W_0, the
+        product of one period's matrices (gap 1: exact averaging after one period).
+        Random graphs give their `expected_gap`; a callable without a period gives nan.
+        """
+        if self._expected_gap is not None:
+            return self._expected_gap
+        if not self.period:
+            return float("nan")
+        product = np.eye(self.n_workers)
+        for t in range(self.period):
+            product = self.at(t).diffusion_matrix @ product
+        moduli = np.sort(np.abs(np.linalg.eigvals(product)))[::-1]
+        second = moduli[1] if self.n_workers > 1 and moduli[1] > TOLERANCE else 0.0
+        return float(1 - second ** (1 / self.period))
+
+    def __repr__(self):
+        return (f"TimeVarying(name={self.name!r}, n_workers={self.n_workers}, period={self.period}, "
+                f"spectral_gap={self.spectral_gap():.4f})")
+
+
+def rounds_to_check(topology) -> range:
+    """The rounds whose graphs stand for all of a topology's: one period, or the first CHECKED_ROUNDS."""
+    return range(topology.period or CHECKED_ROUNDS)
+
+
+def _rounds_text(topology) -> str:
+    rounds = rounds_to_check(topology)
+    return f"0..{rounds[-1]}" if len(rounds) > 1 else "0"
+
+
+def _check_connected(support, what):
+    """ValueError unless the undirected boolean adjacency `support` is connected."""
+    components = list(networkx.connected_components(networkx.from_numpy_array(support.astype(np.int8))))
+    if len(components) > 1:
+        parts = sorted(sorted(c) for c in components)
+        shown = ", ".join(str(p if len(p) <= 8 else p[:8] + ["..."]) for p in parts[:3])
+        raise ValueError(
+            f"{what} is not connected: it has {len(components)} components ({shown}{', ...' if len(parts) > 3 else ''}); "
+            "workers in different components can never agree. Add edges (non-zero weights) "
+            "that join the components."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -368,37 +483,226 @@ def star(n):
     return from_graph(graph, name=f"{n}-star")
 
 
-def from_graph(graph, name=None, layout="spring"):
+def _powers_of_two_below(n):
+    """2^k for every k with 2^k < n: the exponential graphs' shifts (k = 0..log2(n)-1 for n a power of 2)."""
+    return [2**k for k in range((n - 1).bit_length())]
+
+
+def _sends_to(n, targets, weight):
+    """W with W[targets[i], i] += weight for every worker i (i sends to targets[i]) and the diagonal the rest."""
+    W = np.zeros((n, n))
+    np.add.at(W, (targets, np.arange(n)), weight)
+    return _fill_diagonal_with_rest(W)
+
+
+def directed_exponential(n):
+    """Ying et al. (NeurIPS 2021)'s static exponential graph: worker i sends to i + 2^k (mod n)
+    for every 2^k < n, every weight 1/(K+1) with K the number of such k (self too). Directed,
+    doubly stochastic (every worker receives from K workers as well)."""
+    n = _check_size(n, "directed_exponential")
+    shifts = _powers_of_two_below(n)
+    W = np.eye(n) / (len(shifts) + 1)
+    for shift in shifts:
+        W[(np.arange(n) + shift) % n, np.arange(n)] += 1 / (len(shifts) + 1)
+    return Topology(W, name=f"{n}-directed-exponential", layout="circular")
+
+
+def one_peer_exponential(n):
+    """Ying et al. (NeurIPS 2021)'s one-peer exponential graph: at round t, worker i sends to
+    i + 2^k (mod n), k = t mod K (K = log2(n) for n a power of 2), weights 1/2: W_t = (I + S^(2^k)) / 2
+    with S the cyclic shift. Directed, doubly stochastic; one message per worker per round.
+    For n a power of 2 the product of K consecutive rounds is (1/n) 1 1^T: exact averaging."""
+    n = _check_size(n, "one_peer_exponential")
+    shifts = _powers_of_two_below(n) or [0]  # n = 1: the worker keeps its value
+    return TimeVarying(n, f"{n}-one-peer-exponential", period=len(shifts), graph_of_round=lambda phase: Topology(
+        _sends_to(n, (np.arange(n) + shifts[phase]) % n, 0.5),
+        name=f"{n}-one-peer-exponential (+{shifts[phase]})", layout="circular", connected=False))
+
+
+def one_peer_hypercube(n):
+    """At round t, worker i pairs with i XOR 2^k, k = t mod log2(n), weights 1/2: a perfect
+    matching each round (symmetric, doubly stochastic), exact averaging after log2(n) rounds."""
+    n = _check_size(n, "one_peer_hypercube")
+    if n & (n - 1):
+        lower = 1 << (n.bit_length() - 1)
+        raise ValueError(f"one_peer_hypercube needs n_workers to be a power of two, got {n}; try {lower} or {2 * lower}")
+    dimensions = max(n.bit_length() - 1, 1)
+    return TimeVarying(n, f"{n}-one-peer-hypercube", period=dimensions, graph_of_round=lambda phase: Topology(
+        _sends_to(n, np.arange(n) ^ (1 << phase), 0.5) if n > 1 else np.eye(1),
+        name=f"{n}-one-peer-hypercube (dimension {phase})", connected=False))
+
+
+def random_matching(n, seed=0):
+    """A fresh uniformly random perfect matching every round (one worker left alone, with
+    weight 1, at odd n), drawn from (seed, round) so every process draws the same; weights 1/2.
+
+    Its spectral gap is 1 - sqrt(lambda_2(E[W^T W])) (the expected per-round contraction of
+    the squared consensus error, as a per-round rate on the error itself): W^T W = W for a
+    matching and E[W] = (1 - n p / 2) I + (p / 2) 1 1^T with p = P(i is paired with a given j)
+    = 1/(n-1) (n even) or 1/n (n odd), so lambda_2 = 1 - n p / 2."""
+    n = _check_size(n, "random_matching")
+    p = 1 / (n - 1) if n % 2 == 0 else 1 / n
+    gap = 1 - math.sqrt(max(0.0, 1 - n * p / 2)) if n > 1 else 1.0
+
+    def matching(t):
+        order = np.random.default_rng([seed, t]).permutation(n)
+        partner = np.arange(n)
+        partner[order[0:n - 1:2]], partner[order[1::2]] = order[1::2], order[0:n - 1:2]
+        return Topology(_sends_to(n, partner, 0.5), name=f"{n}-random-matching (round {t})",
+                        connected=False)
+
+    return TimeVarying(n, f"{n}-random-matching (seed {seed})", matching, expected_gap=gap)
+
+
+def from_graph(graph, name=None, layout="spring", connected=True):
     """Any undirected networkx graph with nodes 0..n-1 and Metropolis-Hastings weights:
     w_ij = 1 / (1 + max(deg_i, deg_j)) on edges, the diagonal the rest. Self-loops are ignored."""
     name = name or graph.name or "graph"
-    return Topology(_metropolis_hastings_weights(_adjacency(graph, name)), name=name, layout=layout)
+    return Topology(_metropolis_hastings_weights(_adjacency(graph, name)), name=name, layout=layout, connected=connected)
 
 
-def from_edge_list(path):
+def from_digraph(graph, name=None):
+    """A directed networkx graph with nodes 0..n-1, edge (i, j) = i sends to j, with push-sum
+    weights: every worker splits what it has equally among itself and its out-neighbours,
+    P[j, i] = 1 / (outdeg_i + 1). Column-stochastic; doubly stochastic only when every worker
+    receives as much as it sends (e.g. equal in- and out-degrees everywhere)."""
+    name = name or graph.name or "directed graph"
+    n = graph.number_of_nodes()
+    if set(graph.nodes) != set(range(n)) or n == 0:
+        raise ValueError(f"graph {name!r} must have nodes 0..n-1 (worker ids), n >= 1")
+    P = np.eye(n)
+    for i, j in graph.edges():
+        if i != j:
+            P[j, i] = 1.0
+    return Topology(P / P.sum(axis=0, keepdims=True), name=name)
+
+
+def from_edge_list(path, n_workers=None, connected=True):
     """Read a text file with one "i j" edge per line ('#' starts a comment; blank lines are
-    skipped); nodes must be 0..n-1. Weighted like `from_graph`."""
+    skipped); nodes must be 0..n-1 (0..n_workers-1 when given: then a worker may have no
+    edge). Weighted like `from_graph`."""
     graph = networkx.Graph()
+    graph.add_nodes_from(range(n_workers or 0))
+    for line_number, text in _lines_of(path):
+        try:
+            i, j = (int(f) for f in text.split())
+        except ValueError:
+            raise ValueError(f"{path}, line {line_number}: expected two integer node ids 'i j', got {text!r}") from None
+        graph.add_edge(i, j)
+    if graph.number_of_edges() == 0 and connected:
+        raise ValueError(f"edge-list file {path} has no edges; write one 'i j' pair per line")
+    return from_graph(graph, name=f"edge list {os.path.basename(os.fspath(path))}", connected=connected)
+
+
+def _lines_of(path):
+    """(line number, text) of a file's lines that hold something: '#' starts a comment."""
     with open(path) as file:
         for line_number, line in enumerate(file, start=1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            try:
-                i, j = (int(f) for f in fields)
-            except ValueError:
-                raise ValueError(
-                    f"{path}, line {line_number}: expected two integer node ids 'i j', got {line.strip()!r}"
-                ) from None
-            graph.add_edge(i, j)
-    if graph.number_of_nodes() == 0:
-        raise ValueError(f"edge-list file {path} has no edges; write one 'i j' pair per line")
-    return from_graph(graph, name=f"edge list {os.path.basename(os.fspath(path))}")
+            text = line.split("#", 1)[0].strip()
+            if text:
+                yield line_number, text
+
+
+def without_edges(topology, pairs):
+    """Round t's graph `topology` without the edges {i, j} of `pairs` (their weights go to
+    the diagonal): a part of a round, for a method that gossips its edges in groups."""
+    W = np.array(topology.diffusion_matrix)
+    if pairs:
+        i, j = np.array(pairs).T
+        W[i, j] = W[j, i] = 0.0
+    return Topology(_fill_diagonal_with_rest(W), name=f"{topology.name} (part)", connected=False)
 
 
 def from_matrix(W, name="custom"):
     """Use a given mixing matrix as is (validated by Topology)."""
     return Topology(W, name=name)
+
+
+def from_schedule(path, n_workers):
+    """A schedule file: one graph per line, cycled round by round (round t uses the graph of
+    line t mod L, L graphs). A line is a static topology name of NAMES (built for n_workers)
+    or `file:PATH` (an edge list, PATH relative to the schedule's folder; a worker may have
+    no edge that round); '#' starts a comment, blank lines are skipped. The graphs together
+    must connect the workers. A line that cannot be read is named by its number."""
+    folder = os.path.dirname(os.fspath(path))
+    graphs = []
+    for line_number, text in _lines_of(path):
+        try:
+            if text.startswith("file:"):
+                graph = from_edge_list(os.path.join(folder, text[len("file:"):]), n_workers, connected=False)
+            else:
+                key = text.lower().replace("-", "_")
+                if key in _BUILDERS and key not in _STATIC:
+                    raise ValueError(f"{text!r} changes over time itself; a schedule lists static graphs")
+                graph = build(text, n_workers)
+        except (ValueError, OSError) as problem:
+            raise ValueError(f"schedule {path}, line {line_number} ({text!r}): {problem}") from None
+        graphs.append(graph)
+    if not graphs:
+        raise ValueError(f"schedule {path} lists no graph; write one topology name or file:PATH per line")
+    return TimeVarying(n_workers, f"schedule {os.path.basename(os.fspath(path))}", graphs.__getitem__, period=len(graphs))
+
+
+def from_callable(graph_of_round, n_workers, period=None, name=None):
+    """Any Python callable round -> graph (t = 0, 1, ...): each answer is a Topology, a
+    mixing matrix, a networkx graph (weighted like `from_graph`) or a static topology name.
+    With `period`, round t reuses round t mod period's graph and the spectral gap is known;
+    without, the first CHECKED_ROUNDS rounds stand for all when a method checks the graph."""
+    name = name or getattr(graph_of_round, "__name__", "callable")
+
+    def graph(t):
+        answer = graph_of_round(t)
+        if isinstance(answer, (Topology, str)):
+            return answer if isinstance(answer, Topology) else build(answer, n_workers)
+        if isinstance(answer, networkx.Graph):
+            return from_digraph(answer) if answer.is_directed() else from_graph(answer, name=f"{name} (round {t})", connected=False)
+        return Topology(answer, name=f"{name} (round {t})", connected=False)
+
+    return TimeVarying(n_workers, name, graph, period=period)
+
+
+# ---------------------------------------------------------------------------
+# What a method needs of a graph.
+
+REQUIREMENTS = {
+    "symmetric": "a symmetric topology at every round (every edge used both ways, with equal weights)",
+    "fixed_symmetric": "a symmetric topology that stays the same every round",
+    "doubly_stochastic": "a doubly stochastic topology at every round (rows and columns of W sum to 1; directed "
+                         "edges are fine)",
+    "column_stochastic": "a column-stochastic topology at every round (what each worker sends sums to 1) whose "
+                         "rounds together are strongly connected",
+}
+
+
+def requirement_problem(topology, need: str) -> str | None:
+    """Why `topology` (static or over time) does not give what REQUIREMENTS[need] says, or None."""
+    if need not in REQUIREMENTS:
+        raise ValueError(f"unknown graph requirement {need!r}; one of {', '.join(REQUIREMENTS)}")
+    if need == "fixed_symmetric" and topology.period != 1:
+        return f"{topology.name} changes from round to round"
+    union = np.eye(topology.n_workers, dtype=bool)
+    for t in rounds_to_check(topology):
+        graph = topology.at(t)
+        meets = {"symmetric": graph.is_symmetric, "fixed_symmetric": graph.is_symmetric,
+                 "doubly_stochastic": graph.is_doubly_stochastic, "column_stochastic": graph.is_column_stochastic}[need]
+        if not meets:
+            where = "" if topology.is_static else f" at round {t}"
+            return f"{topology.name} is not {need.removeprefix('fixed_').replace('_', ' ')}{where}"
+        union |= graph.diffusion_matrix > 0
+    if need == "column_stochastic" and not networkx.is_strongly_connected(networkx.DiGraph(union.T)):
+        return f"{topology.name} is not strongly connected (some worker's values never reach another)"
+    return None
+
+
+def check_requirement(topology, need: str, who: str) -> None:
+    """ValueError naming what `who` needs, why `topology` does not give it and which graphs would."""
+    problem = requirement_problem(topology, need)
+    if problem is not None:
+        names = [name for name in NAMES if (need not in ("symmetric", "fixed_symmetric") or name not in _DIRECTED)
+                 and (need != "fixed_symmetric" or name in _STATIC)]
+        forms = "file:PATH" + (", schedule:FILE of those" if need != "fixed_symmetric" else "") \
+            + (", from_digraph (Python)" if need == "column_stochastic" else "")
+        raise ValueError(f"{who} needs {REQUIREMENTS[need]}; {problem}. Graphs that would do: {', '.join(names)}, {forms}")
 
 
 # ---------------------------------------------------------------------------
@@ -414,31 +718,50 @@ _BUILDERS = {
     "hypercube": hypercube,
     "exponential": exponential,
     "star": star,
+    "directed_exponential": directed_exponential,
+    "one_peer_exponential": one_peer_exponential,
+    "one_peer_hypercube": one_peer_hypercube,
+    "random_matching": random_matching,
 }
 NAMES = tuple(_BUILDERS)
+_STATIC = ("ring", "unidirectional_ring", "torus", "fully_connected", "social_network", "watts_strogatz", "hypercube",
+           "exponential", "star", "directed_exponential")
+_DIRECTED = ("unidirectional_ring", "directed_exponential", "one_peer_exponential")
 
 
 def build(name, n_workers, **options):
     """The topology a config asks for, with exactly `n_workers` workers.
 
     `name` is one of NAMES ('-' may replace '_', e.g. "fully-connected"),
-    "file:PATH" for an edge-list file (see `from_edge_list`), or a networkx graph
-    (see `from_graph`). `options` go to the builder (e.g. watts_strogatz's k, p, seed).
+    "file:PATH" for an edge-list file (see `from_edge_list`), "schedule:FILE" for a
+    graph per line cycled round by round (see `from_schedule`), a networkx graph (see
+    `from_graph`; directed: `from_digraph`), or a callable round -> graph (see
+    `from_callable`). `options` go to the builder (e.g. watts_strogatz's k, p, seed;
+    random_matching's seed).
     """
+    kind = None
     if isinstance(name, networkx.Graph):
-        if options:
-            raise ValueError(f"a networkx graph takes no options, got {sorted(options)}")
-        topology = from_graph(name)
-    elif isinstance(name, str) and name.startswith("file:"):
-        if options:
-            raise ValueError(f"an edge-list file takes no options, got {sorted(options)}")
+        kind = "a networkx graph"
+    elif isinstance(name, str) and name.startswith(("file:", "schedule:")):
+        kind = "an edge-list file" if name.startswith("file:") else "a schedule file"
+    elif callable(name):
+        kind = "a callable"
+    if kind is not None and options:
+        raise ValueError(f"{kind} takes no options, got {sorted(options)}")
+    if isinstance(name, networkx.Graph):
+        topology = from_digraph(name) if name.is_directed() else from_graph(name)
+    elif kind == "an edge-list file":
         topology = from_edge_list(name[len("file:"):])
+    elif kind == "a schedule file":
+        topology = from_schedule(name[len("schedule:"):], n_workers)
+    elif kind == "a callable":
+        topology = from_callable(name, n_workers)
     else:
         key = str(name).strip().lower().replace("-", "_")
         if key not in _BUILDERS:
             raise ValueError(
                 f"unknown topology {name!r}; valid names: {', '.join(NAMES)}, 'file:PATH' "
-                "(edge list), or a networkx graph"
+                "(edge list), 'schedule:FILE' (one graph per line), a networkx graph, or a callable round -> graph"
             )
         builder = _BUILDERS[key]
         try:

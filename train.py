@@ -15,10 +15,12 @@ or from Python, as in the original code:
     train.main()
 
 The loop is D-PSGD with overlap (Lian et al. 2017, as the paper runs it): gradient
-at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-reduce:
-local step, then average). Records go to `output_dir/metrics.jsonl` (one JSON object
-each: name, epoch, value, bits, messages, tags; see metrics.py), to TensorBoard and
-through `log_metric`; the run ends with the figure `output_dir/curves.png`.
+at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-reduce and
+push-sum: local step, then gossip; PowerSGD: the average of the gradients, then the
+local step). local_steps=H gossips every H-th step only. Records go to
+`output_dir/metrics.jsonl` (one JSON object each: name, epoch, value, bits, messages,
+tags; see metrics.py), to TensorBoard and through `log_metric`; the run ends with the
+figure `output_dir/curves.png`.
 """
 from __future__ import annotations
 
@@ -48,9 +50,9 @@ config = dict(
     num_epochs=4,  # passes over the training set
     learning_rate=0.05,  # base learning rate, multiplied by the schedule below
     momentum=0.9,  # Nesterov momentum (0 = plain SGD)
-    topology="ring",  # ring, torus, fully_connected, social_network, ..., or file:edges.txt
+    topology="ring",  # ring, torus, ..., one_peer_exponential, one_peer_hypercube, random_matching, file:edges.txt or schedule:graphs.txt
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
-    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua or powersgd
+    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP) or powersgd
     optimizer_diffusion_rate=1.0,  # gamma, the consensus step
     optimizer_rank=1,  # PowerGossip and PowerSGD rank (and SVD rank, rank-matched top-k)
     optimizer_num_iterations=1,  # PowerGossip and PowerSGD power-iteration rounds per step
@@ -58,11 +60,13 @@ config = dict(
     optimizer_start_compressing_after_num_steps=0,  # PowerSGD: exact all-reduce for this many first steps
     optimizer_warm_start=True,  # PowerGossip, PowerSGD: continue the power iteration across steps
     optimizer_round_weights=False,  # PowerGossip sign variant (rank 1)
+    optimizer_edge_memory=None,  # PowerGossip, graphs over time: rounds an absent edge keeps its state (null: the period; 0: afresh)
     optimizer_compressor="sign-and-norm",  # choco/deepsqueeze: sign-and-norm, top-k, random-k, svd, qsgd, identity
     optimizer_keep_ratio=0.01,  # top-k / random-k fraction kept (null: rank-matched)
     optimizer_qsgd_levels=16,  # QSGD levels
     optimizer_theta=0.25,  # Moniqua's bound on neighbour differences
     n_workers=4,  # workers (graph nodes); a multiple of the number of processes
+    local_steps=1,  # H: local optimizer steps per gossip round (bits per epoch fall by H)
     distributed_lr_warmup_epoch=1,  # epochs of linear warmup of the learning-rate factor
     distributed_lr_warmup_factor=1.0,  # factor reached at the end of the warmup (from 1)
     use_decentralized_data=False,  # label-sorted shards instead of iid reshuffling
@@ -176,7 +180,7 @@ def main():
         with timers("update"):
             if cfg["gradient_clipping"] is not None:
                 optimizer.clip_per_worker(workers.grads, cfg["gradient_clipping"])
-            optimizer.nesterov_sgd_step(workers.params, workers.grads, momenta, lr, cfg["momentum"], decays)
+            optimizer.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * gossip.step_size_scale(), cfg["momentum"], decays)
 
     for epoch in range(start_epoch, cfg["num_epochs"]):
         totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
@@ -196,8 +200,9 @@ def main():
                 losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
             if local_step_first:
                 local_step(lr)
-            with timers("gossip"):
-                gossip.step(workers.grads if method.acts_on == "gradients" else workers.params)
+            if (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0:  # the graph follows gossip.round
+                with timers("gossip"):
+                    gossip.step(workers.grads if method.acts_on == "gradients" else workers.params)
             if not local_step_first:
                 local_step(lr)
             totals.add(losses, corrects, counts)

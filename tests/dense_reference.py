@@ -1,8 +1,9 @@
 """Dense reference: every algorithm as matrix formulas over all workers' states at once.
 
-X is `[n, ...]` (row i = worker i), W the full mixing matrix. Nothing here knows about
-half-edges, processes or packing: it is the papers' math, written as plainly as
-possible, to check the batched implementations in algorithms.py against.
+X is `[n, ...]` (row i = worker i), W the full mixing matrix: a fixed matrix, or a
+topology whose round t has the matrix W_t = W.at(t) (graphs over time). Nothing here
+knows about half-edges, processes or packing: it is the papers' math, written as
+plainly as possible, to check the batched implementations in algorithms.py against.
 Randomness is shared with the implementation by seed (edge_seed, WorkerRandom streams).
 """
 import math
@@ -13,15 +14,31 @@ from powergossip import algorithms
 from powergossip.compressors import WorkerRandom
 
 
+def at(W, t):
+    """W_t: round t's matrix of a topology (static or over time), or W itself when it is a matrix."""
+    return W.at(t).diffusion_matrix if hasattr(W, "at") else W
+
+
 def mix(W, X):
     """(W X) over the worker axis."""
     W = torch.tensor(W, dtype=X.dtype)
     return (W @ X.reshape(X.shape[0], -1)).reshape(X.shape)
 
 
-def gossip(W, Xs, gamma):
-    """x <- x + gamma (W - I) x."""
-    return [X + gamma * (mix(W, X) - X) for X in Xs]
+def gossip(W, Xs, gamma, t=0):
+    """Round t: x <- x + gamma (W_t - I) x."""
+    return [X + gamma * (mix(at(W, t), X) - X) for X in Xs]
+
+
+def push_sum(W, Xs, gamma, steps):
+    """Kempe et al. 2003: x <- P_t x, w <- P_t w (P_t = (1 - gamma) I + gamma W_t), z = x / w."""
+    weight = torch.ones(Xs[0].shape[0], 1, dtype=Xs[0].dtype)
+    Xs = [X.clone() for X in Xs]
+    for t in range(steps):
+        Xs = [X * weight.view((-1,) + (1,) * (X.dim() - 1)) for X in Xs]
+        Xs, (weight,) = gossip(W, Xs, gamma, t), gossip(W, [weight], gamma, t)
+        Xs = [X / weight.view((-1,) + (1,) * (X.dim() - 1)) for X in Xs]
+    return Xs
 
 
 def all_reduce(Xs):
@@ -40,10 +57,10 @@ def choco(W, Xs, gamma, compressor, steps, seed=0):
     x_hat = [torch.zeros_like(X) for X in Xs]
     s = [torch.zeros_like(X) for X in Xs]
     Xs = [X.clone() for X in Xs]
-    for _ in range(steps):
+    for t in range(steps):
         qs = round_trip(compressor, [X - H for X, H in zip(Xs, x_hat)], randomness)
         x_hat = [H + Q for H, Q in zip(x_hat, qs)]
-        s = [S + mix(W, Q) for S, Q in zip(s, qs)]
+        s = [S + mix(at(W, t), Q) for S, Q in zip(s, qs)]
         Xs = [X + gamma * (S - H) for X, S, H in zip(Xs, s, x_hat)]
     return Xs
 
@@ -54,11 +71,11 @@ def deep_squeeze(W, Xs, gamma, compressor, steps, seed=0):
     randomness = WorkerRandom(seed, range(n), torch.device("cpu"), algorithms.COMPRESSOR_STREAM)
     delta = [torch.zeros_like(X) for X in Xs]
     Xs = [X.clone() for X in Xs]
-    for _ in range(steps):
+    for t in range(steps):
         v = [X + D for X, D in zip(Xs, delta)]
         c = round_trip(compressor, v, randomness)
         delta = [V - C for V, C in zip(v, c)]
-        Xs = [X + gamma * (mix(W, C) - C) for X, C in zip(Xs, c)]
+        Xs = [X + gamma * (mix(at(W, t), C) - C) for X, C in zip(Xs, c)]
     return Xs
 
 
@@ -74,8 +91,8 @@ def moniqua(W, Xs, gamma, theta, steps, seed=0):
 
     sizes = [X[0].numel() for X in Xs]
     x = torch.cat([X.reshape(n, -1) for X in Xs], dim=1)
-    W_off = torch.tensor(W, dtype=x.dtype) * (1 - torch.eye(n, dtype=x.dtype))
-    for _ in range(steps):
+    for t in range(steps):
+        W_off = torch.tensor(at(W, t), dtype=x.dtype) * (1 - torch.eye(n, dtype=x.dtype))
         y = mod(x / B, 1.0) + 0.5
         q = torch.floor(y / delta + randomness.uniform((x.shape[1],))) * delta - 0.5
         e = q * B - mod(x, B)
@@ -84,21 +101,24 @@ def moniqua(W, Xs, gamma, theta, steps, seed=0):
     return [part.reshape(X.shape) for part, X in zip(x.split(sizes, dim=1), Xs)]
 
 
-def power_gossip(W, X, gamma, rank, steps, num_iterations=1, warm_start=True, round_weights=False, seed=0):
+def power_gossip(W, X, gamma, rank, steps, num_iterations=1, warm_start=True, round_weights=False, seed=0,
+                 edge_memory=None):
     """PowerGossip on one parameter `[n, m, k]` (a single matrix per worker), edge by edge.
 
-    Each edge {i < j} holds P (m x r) and Q (k x r) drawn from its shared generator
-    (P first, then Q). Iteration t (t = 0 skipped): D = X_j - X_i; even t: normalize
-    P, Q = D^T P; odd t: normalize Q, P = D Q; then X_i += gamma w_ij P Q^T and
-    X_j -= gamma w_ij P Q^T, all edges from the same X."""
+    Each edge {i < j} of round t's graph holds P (m x r) and Q (k x r) drawn from its shared
+    generator (P first, then Q) when it first appears, and counts its half-steps h; its state
+    is dropped once it has been absent for more than `edge_memory` rounds (None: the period
+    - 1, or 16 without one) and drawn afresh (from a generator seeded by the edge and the
+    round) when it comes back. Iteration k of a step (none in the first step): D = X_j - X_i;
+    edges with h + k even: normalize P, Q = D^T P; then, from the X they left, edges with
+    h + k odd: normalize Q, P = D Q; each group does X_i += gamma w_ij P Q^T and
+    X_j -= gamma w_ji P Q^T, all its edges from the same X."""
     n, m, k = X.shape
     r = min(rank, m, k)
-    edges = [(i, j) for i in range(n) for j in range(i + 1, n) if W[i, j] > 0]
-    generators, P, Q = {}, {}, {}
-    for e in edges:
-        generators[e] = torch.Generator().manual_seed(algorithms.edge_seed(seed, *e))
-        P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
-        Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
+    if edge_memory is None:
+        period = getattr(W, "period", 1)
+        edge_memory = period - 1 if period else 16
+    generators, P, Q, half_steps, last_seen = {}, {}, {}, {}, {}
 
     def normalize(v):
         if round_weights:
@@ -106,30 +126,40 @@ def power_gossip(W, X, gamma, rank, steps, num_iterations=1, warm_start=True, ro
         return algorithms.orthogonalize_(v.clone())
 
     X = X.clone()
-    iteration = 0
-    for _ in range(steps):
-        for t in range(iteration, iteration + num_iterations):
-            if t == 0:
-                break
-            update = torch.zeros_like(X)
-            for e in edges:
-                i, j = e
-                D = X[j] - X[i]
-                if t % 2 == 0:
-                    if not warm_start:
-                        P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
-                    P[e] = normalize(P[e])
-                    Q[e] = D.T @ P[e]
-                else:
-                    if not warm_start:
-                        Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
-                    Q[e] = normalize(Q[e])
-                    P[e] = D @ Q[e]
-                approximation = P[e] @ Q[e].T
-                update[i] += gamma * W[i, j] * approximation
-                update[j] -= gamma * W[j, i] * approximation
-            X = X + update
-        iteration += num_iterations
+    for step in range(steps):
+        W_t = at(W, step)
+        for e in [e for e, seen in last_seen.items() if seen < step - 1 - edge_memory]:
+            del generators[e], P[e], Q[e], half_steps[e], last_seen[e]
+        edges = [(i, j) for i in range(n) for j in range(i + 1, n) if W_t[i, j] > 0]
+        for e in edges:
+            if e not in generators:
+                generators[e] = torch.Generator().manual_seed(algorithms.edge_seed(seed, *e, since=step))
+                P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
+                Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
+                half_steps[e] = 0
+            last_seen[e] = step
+        for iteration in range(num_iterations if step > 0 else 0):
+            for parity in (0, 1):
+                update = torch.zeros_like(X)
+                for e in [e for e in edges if (half_steps[e] + iteration) % 2 == parity]:
+                    i, j = e
+                    D = X[j] - X[i]
+                    if parity == 0:
+                        if not warm_start:
+                            P[e] = torch.randn(m * r, generator=generators[e]).reshape(m, r)
+                        P[e] = normalize(P[e])
+                        Q[e] = D.T @ P[e]
+                    else:
+                        if not warm_start:
+                            Q[e] = torch.randn(k * r, generator=generators[e]).reshape(k, r)
+                        Q[e] = normalize(Q[e])
+                        P[e] = D @ Q[e]
+                    approximation = P[e] @ Q[e].T
+                    update[i] += gamma * W_t[i, j] * approximation
+                    update[j] -= gamma * W_t[j, i] * approximation
+                X = X + update
+        for e in edges:
+            half_steps[e] += num_iterations
     return X
 
 

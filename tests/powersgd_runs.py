@@ -12,10 +12,13 @@ import json
 import os
 import sys
 
-import torch
-import torch.nn.functional as F
-from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-from torch.nn.parallel import DistributedDataParallel
+# PyTorch's hook synchronizes "the device" whenever CUDA is available, which fails for the
+# CPU tensors of this Gloo run on a GPU machine: the comparison is on CPU, so hide the GPUs.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import powergossip  # noqa: E402

@@ -9,6 +9,7 @@ import torch
 from powergossip import algorithms
 from powergossip import comm as comm_module
 from powergossip import compressors
+from powergossip import configuration
 from powergossip import topologies
 from tests import algorithm_runs, dense_reference
 from tests.launch import run_mpi
@@ -17,12 +18,17 @@ STEPS = 6
 
 
 def reference(spec, W, X0s, steps):
-    """The dense-reference twin of each entry of algorithm_runs.SPECS (same hyper-parameters)."""
+    """The dense-reference twin of each entry of algorithm_runs.SPECS (same hyper-parameters);
+    W: a matrix or a topology (static or over time)."""
     if spec == "simple":
         Xs = X0s
-        for _ in range(steps):
-            Xs = dense_reference.gossip(W, Xs, 0.9)
+        for t in range(steps):
+            Xs = dense_reference.gossip(W, Xs, 0.9, t)
         return Xs
+    if spec == "push_sum":
+        return dense_reference.push_sum(W, X0s, 0.8, steps)
+    if spec == "power_afresh":
+        return [dense_reference.power_gossip(W, X0s[0], 1.0, rank=1, steps=steps, seed=3, edge_memory=0)]
     if spec == "all_reduce":
         return dense_reference.all_reduce(X0s)
     if spec == "power":
@@ -44,7 +50,7 @@ def reference(spec, W, X0s, steps):
 
 
 def assert_matches_reference(spec, topology_name, n_workers, params_of_all_workers):
-    W = topologies.build(topology_name, n_workers).diffusion_matrix
+    W = algorithm_runs.graph(topology_name, n_workers)
     expected = reference(spec, W, algorithm_runs.initial_state(spec, n_workers), STEPS)
     for got, want in zip(params_of_all_workers, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -69,15 +75,54 @@ def test_mpirun_matches_dense_reference_and_one_process(tmp_path, num_processes,
     topology_names = ["ring", "torus"]
     run_mpi(num_processes, ["tests/algorithm_runs.py", ",".join(specs), ",".join(topology_names), str(n_workers),
                             str(STEPS), str(tmp_path)], timeout=300)
-    for spec in specs:
-        for topology_name in topology_names:
-            params, bytes_sent, messages_sent = collect(tmp_path / f"{spec}-{topology_name}")
-            assert_matches_reference(spec, topology_name, n_workers, params)
-            single = algorithm_runs.run(spec, topology_name, n_workers, STEPS)
-            for got, want in zip(params, single["params"]):
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            assert torch.equal(bytes_sent, single["bytes_sent"]), spec
-            assert torch.equal(messages_sent, single["messages_sent"]), spec
+    assert_layouts_agree(tmp_path, [(spec, name) for spec in specs for name in topology_names], n_workers)
+
+
+# --- graphs over time: every method on every graph it takes --------------------------------
+GRAPHS_OVER_TIME = ["ring", "one_peer_hypercube", "random_matching", "one_peer_exponential", "directed_exponential",
+                    "chorded_ring"]
+ACCEPTED = [(spec, name) for spec in sorted(algorithm_runs.SPECS) for name in GRAPHS_OVER_TIME
+            if spec != "all_reduce" and algorithm_runs.accepts(spec, name, 8)]
+
+
+def test_every_method_takes_the_graphs_it_declares():
+    symmetric = {"ring", "one_peer_hypercube", "random_matching"}
+    for spec in set(algorithm_runs.SPECS) - {"all_reduce"}:
+        taken = {name for s, name in ACCEPTED if s == spec}
+        if spec == "push_sum":
+            assert taken == set(GRAPHS_OVER_TIME)
+        elif spec == "simple":
+            assert taken == set(GRAPHS_OVER_TIME) - {"chorded_ring"}
+        elif spec.startswith("choco"):  # its s_i = sum_j w_ij x_hat_j needs the same W every round
+            assert taken == {"ring"}, spec
+        else:
+            assert taken == symmetric, spec
+
+
+@pytest.mark.parametrize("spec,topology_name", ACCEPTED)
+def test_one_process_matches_dense_reference_on_graphs_over_time(spec, topology_name):
+    result = algorithm_runs.run(spec, topology_name, 8, STEPS)
+    assert_matches_reference(spec, topology_name, 8, result["params"])
+
+
+def test_mpirun_matches_dense_reference_on_graphs_over_time(tmp_path):
+    specs = sorted({spec for spec, _ in ACCEPTED})
+    run_mpi(2, ["tests/algorithm_runs.py", ",".join(specs), ",".join(GRAPHS_OVER_TIME), "8", str(STEPS), str(tmp_path)],
+            timeout=300)
+    assert_layouts_agree(tmp_path, ACCEPTED, 8)
+
+
+def assert_layouts_agree(folder, runs, n_workers):
+    """What the mpirun processes wrote (`folder/SPEC-GRAPH`) equals the dense reference, and one
+    process's run in values, bytes and messages."""
+    for spec, topology_name in runs:
+        params, bytes_sent, messages_sent = collect(folder / f"{spec}-{topology_name}")
+        assert_matches_reference(spec, topology_name, n_workers, params)
+        single = algorithm_runs.run(spec, topology_name, n_workers, STEPS)
+        for got, want in zip(params, single["params"]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(bytes_sent, single["bytes_sent"]), spec
+        assert torch.equal(messages_sent, single["messages_sent"]), spec
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -273,3 +318,130 @@ def test_worker_slots_put_each_workers_half_edges_side_by_side():
         assert torch.equal(slots[l, :, 2 * s:2 * s + 2], per_edge[h])
     assert slots[1:, :, 2:].abs().sum() == 0  # leaves have one half-edge each
     assert torch.equal(algorithms.from_worker_slots(edges, slots), per_edge)
+
+
+# --- graphs over time: properties -------------------------------------------------------------
+@pytest.mark.parametrize("graph", ["one_peer_exponential", "one_peer_hypercube"])
+@pytest.mark.parametrize("n", [8, 16])
+def test_one_peer_graphs_reach_the_exact_average_in_log2_n_rounds(graph, n):
+    comm = comm_module.Communicator(n, "cpu")
+    x = stacked_random(n, 4, 5).double()  # float64: the exact average up to rounding
+    start = consensus_error([x])
+    gossip = algorithms.SimpleGossip(comm, topologies.build(graph, n))
+    for _ in range(int(math.log2(n))):
+        gossip.step([x])
+    assert consensus_error([x]) < 1e-10 * start
+    assert (comm.messages_sent == int(math.log2(n))).all()  # one message per worker per round
+    assert (comm.bytes_sent == int(math.log2(n)) * 4 * 5 * 8).all()
+
+
+def test_push_sum_reaches_the_average_on_a_directed_graph_where_plain_gossip_does_not():
+    n = 8
+    comm = comm_module.Communicator(n, "cpu")
+    chorded = algorithm_runs.graph("chorded_ring", n)
+    assert chorded.is_column_stochastic and not chorded.is_doubly_stochastic
+    x0 = stacked_random(n, 3, 4).double()
+    average = x0.mean(0)
+    initial = ((x0 - average) ** 2).sum().item()
+    z = x0.clone()
+    push_sum = algorithms.PushSum(comm, chorded)
+    for _ in range(200):
+        push_sum.step([z])
+    assert ((z - average) ** 2).sum().item() < 1e-10 * initial
+    assert (comm.bytes_sent == 200 * 8 * (12 + 1) * torch.tensor([2, 1] * 4).numpy()).all()  # x_i and w_i per out-neighbour
+    # Plain gossip on the same directed graph (every worker averages what it receives) agrees,
+    # on a weighted average that is not the average.
+    receive = (chorded.diffusion_matrix > 0).astype(float)
+    plain = [x0.clone()]
+    for t in range(200):
+        plain = dense_reference.gossip(receive / receive.sum(axis=1, keepdims=True), plain, 1.0, t)
+    assert consensus_error(plain) < 1e-10 * initial
+    assert ((plain[0] - average) ** 2).sum().item() > 1e-3 * initial
+    with pytest.raises(ValueError, match="SimpleGossip needs a doubly stochastic topology"):
+        algorithms.SimpleGossip(comm, chorded)
+
+
+@pytest.mark.parametrize("name", ["one_peer_exponential", "directed_exponential", "unidirectional_ring"])
+def test_power_gossip_on_a_directed_graph_is_refused_naming_the_graphs_that_would_do(name):
+    import gossip_run
+
+    config = dict(gossip_run.DEFAULTS, algorithm="power_gossip", topology=name, n_workers=8)
+    with pytest.raises(configuration.ConfigError, match=r"PowerGossip needs a symmetric topology at every round.* is not "
+                                                        r"symmetric.* Graphs that would do: ring, torus, .*one_peer_hypercube, "
+                                                        r"random_matching"):
+        gossip_run.check(config)
+
+
+@pytest.mark.parametrize("n", [8, 16])  # periods 3 and 4: an edge's half-steps alternate either way
+def test_power_gossip_warm_start_survives_an_edges_absence(n):
+    """On a one-peer hypercube an edge comes back every log2(n) rounds: by default it continues its
+    power iteration where it stopped (the dense reference keeps P, Q and its half-step count) and
+    agrees faster than when edge_memory=0 starts every reappearance afresh."""
+    steps = 60
+    x0 = stacked_random(n, 6, 5)
+    hypercube = topologies.build("one_peer_hypercube", n)
+    kept = dense_reference.power_gossip(hypercube, x0, 1.0, rank=1, steps=steps, seed=3)
+    afresh = dense_reference.power_gossip(hypercube, x0, 1.0, rank=1, steps=steps, seed=3, edge_memory=0)
+    assert consensus_error([kept]) < consensus_error([afresh]) / 2 < consensus_error([x0]) / 20
+    comm = comm_module.Communicator(n, "cpu")
+    for memory, expected in ((None, kept), (0, afresh)):
+        power = algorithms.PowerGossip(comm, hypercube, rank=1, seed=3, edge_memory=memory)
+        x = [x0.clone()]
+        for _ in range(steps):
+            power.step(x)
+        torch.testing.assert_close(x[0], expected, atol=1e-4 * x0.abs().max().item(), rtol=0)  # 60 float32 rounds
+        assert len(power.edge_rows.row_of) == (n * hypercube.period if memory is None else n)  # kept: the period's edges
+
+
+def test_power_gossip_state_stays_bounded_on_random_matching():
+    n, rounds = 64, 120
+    comm = comm_module.Communicator(n, "cpu")
+    power = algorithms.PowerGossip(comm, topologies.build("random_matching", n), rank=1)
+    x = [stacked_random(n, 3, 2)]
+    for _ in range(rounds):
+        power.step(x)
+    bound = (algorithms.PowerGossip.DEFAULT_EDGE_MEMORY + 1) * n  # n half-edges per round
+    assert len(power.edge_rows.row_of) <= bound and power.p[0].shape[0] <= bound + n  # + a round's freed rows
+    assert power.p[0].shape[0] < rounds * n // 4  # far below the half-edges seen (most appear once)
+    assert sum(g is not None for g in power.generators) == len(power.edge_rows.row_of)
+
+
+@pytest.mark.parametrize("spec,graph,memory", [("power", "random_matching", 2), ("push_sum", "chorded_ring", None),
+                                               ("deep_squeeze_sign", "one_peer_hypercube", None)])
+def test_state_dict_resumes_exactly_on_graphs_over_time(spec, graph, memory):
+    n = 8
+    comm = comm_module.Communicator(n, "cpu")
+    topology = algorithm_runs.graph(graph, n)
+    build = (lambda: algorithms.PowerGossip(comm, topology, rank=2, num_iterations=2, edge_memory=memory, seed=3)) \
+        if spec == "power" else (lambda: algorithm_runs.SPECS[spec](comm, topology))
+    params = [x.clone() for x in algorithm_runs.initial_state(spec, n)]
+    uninterrupted = build()
+    for _ in range(5):
+        uninterrupted.step(params)
+    saved_params, saved_state = [x.clone() for x in params], uninterrupted.state_dict()
+    assert saved_state["round"] == 5
+    for _ in range(9):
+        uninterrupted.step(params)
+    resumed = build()
+    resumed.load_state_dict(saved_state)
+    for _ in range(9):
+        resumed.step(saved_params)
+    for got, want in zip(saved_params, params):
+        assert torch.equal(got, want)
+
+
+def test_a_schedule_file_goes_through_both_entrypoints_checks(tmp_path):
+    import gossip_run
+    import train
+
+    (tmp_path / "pairs.txt").write_text("0 1\n2 3\n4 5\n6 7\n")
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("ring\nfile:pairs.txt  # a matching every other round\n")
+    bad.write_text("ring\n\nrign\n")
+    config = dict(gossip_run.DEFAULTS, algorithm="power_gossip", topology=f"schedule:{good}", n_workers=8)
+    assert gossip_run.check(config)["topology"] == f"schedule:{good}"
+    train.validated(dict(train._DEFAULTS, topology=f"schedule:{good}", n_workers=8))
+    with pytest.raises(configuration.ConfigError, match=r"topology: schedule .*bad.txt, line 3 \('rign'\): unknown topology"):
+        gossip_run.check(dict(config, topology=f"schedule:{bad}"))
+    with pytest.raises(ValueError, match=r"line 3 \('rign'\)"):
+        train.validated(dict(train._DEFAULTS, topology=f"schedule:{bad}", n_workers=8))

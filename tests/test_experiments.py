@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, power_iterations, report, sweep, warm_start
+from experiments import topologies as topology_study
 from tests.test_data import fake_fmnist
 from powergossip import figures
 
@@ -136,10 +137,34 @@ def test_quick_studies_write_outside_the_tracked_tree():
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
     for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid"), (power_iterations, "power_iterations"),
-                        (warm_start, "warm_start")):
+                        (warm_start, "warm_start"), (topology_study, "topologies")):
         args = sweep.study_arguments("").parse_args(["--quick"])
         folder = sweep.study_folder(args, name)
         ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
         assert ignored.returncode == 0, f"{folder} is not ignored by git"  # a quick try changes no tracked file
         full = sweep.study_folder(sweep.study_arguments("").parse_args([]), name)
         assert full == os.path.join(sweep.RESULTS, name)  # the committed study results stay where they are
+
+
+def test_topology_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):
+    result = subprocess.run([sys.executable, topology_study.__file__, "--quick", "--output", str(tmp_path)] + TINY
+                            + [f"data_dir={tiny_data}", "matrix_size=6"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = topology_study.consensus_runs(True, []) + topology_study.training_runs(True, [])
+    assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(runs) == 22 + 5
+    rates = {(row[1], row[2]): row for row in
+             (line.split(",") for line in (tmp_path / "consensus_rates.csv").read_text().splitlines()[1:])}
+    assert len(rates) == 22
+    for graph in ("one_peer_exponential", "one_peer_hypercube"):  # exact averaging after log2(8) rounds
+        assert int(rates["uncompressed", graph][5]) <= 3 and float(rates["uncompressed", graph][3]) == 1.0
+    assert int(rates["push_sum", "one_peer_exponential"][5]) <= 3
+    assert float(rates["uncompressed", "ring"][4]) == pytest.approx(float(rates["uncompressed", "ring"][3]), rel=0.2)
+    assert os.path.getsize(tmp_path / "consensus_n8.png") > 1000 and os.path.exists(tmp_path / "test_accuracy.png")
+    assert len((tmp_path / "table.csv").read_text().splitlines()) == 5 + 1
+
+
+def test_topology_study_sends_each_part_its_own_overrides():
+    assert topology_study.overrides_for(topology_study.gossip_run.DEFAULTS, ["num_epochs=1", "matrix_size=6"]) == ["matrix_size=6"]
+    assert topology_study.overrides_for(topology_study.train._DEFAULTS, ["num_epochs=1", "matrix_size=6"]) == ["num_epochs=1"]
+    with pytest.raises(SystemExit, match="neither gossip_run.py nor train.py knows nonsense=1"):
+        topology_study.consensus_runs(True, ["nonsense=1"])

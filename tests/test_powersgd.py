@@ -45,7 +45,7 @@ def test_matches_the_dense_reference(dtype, tolerance, rank, num_iterations, sta
     groups = {}
     for k in compressed:
         groups.setdefault(SHAPES[k], []).append(k)
-    state = {"steps": 0, "generator": method.generator.get_state(),
+    state = {"round": 0, "generator": method.generator.get_state(),
              "q": [torch.stack([q0[k] for k in indices]) for indices in groups.values()],
              "memory": [torch.zeros((n,) + shape, dtype=dtype) for shape in SHAPES]}
     method.load_state_dict(state)

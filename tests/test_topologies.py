@@ -22,7 +22,10 @@ CASES = [
     ("hypercube", [1, 2, 4, 8, 16, 32]),
     ("watts_strogatz", range(3, 18)),
     ("social_network", [32]),
+    ("directed_exponential", SIZES),
 ]
+TIME_VARYING = [("one_peer_exponential", SIZES), ("one_peer_hypercube", [1, 2, 4, 8, 16, 32]), ("random_matching", SIZES)]
+DIRECTED = ("unidirectional_ring", "directed_exponential")
 ALL = [(name, n) for name, sizes in CASES for n in sizes]
 
 
@@ -44,8 +47,8 @@ def test_invariants(name, n):
     np.testing.assert_allclose(W.sum(axis=1), 1, atol=1e-12)
     assert topology.is_doubly_stochastic
     np.testing.assert_allclose(W.sum(axis=0), 1, atol=1e-12)
-    assert topology.is_symmetric == (name != "unidirectional_ring" or n <= 2)
-    if name != "unidirectional_ring":
+    assert topology.is_symmetric == (name not in DIRECTED or n <= 2 or (name == "directed_exponential" and n == 3))
+    if name not in DIRECTED:
         np.testing.assert_allclose(W, W.T, atol=1e-12)
     assert networkx.is_connected(support_graph(W))
     assert 0 <= topology.spectral_gap() <= 1 + 1e-12
@@ -256,11 +259,11 @@ def test_unidirectional_ring_gap(n):
 
 
 def test_build_accepts_dashes_and_names_tuple():
-    assert set(topologies.NAMES) == {name for name, _ in CASES}
+    assert set(topologies.NAMES) == {name for name, _ in CASES + TIME_VARYING}
     for name in topologies.NAMES:
         alias = name.replace("_", "-")
         n = 32 if name == "social_network" else 8
-        np.testing.assert_array_equal(build(alias, n).diffusion_matrix, build(name, n).diffusion_matrix)
+        np.testing.assert_array_equal(build(alias, n).at(3).diffusion_matrix, build(name, n).at(3).diffusion_matrix)
 
 
 def test_build_from_networkx_graph():
@@ -371,3 +374,152 @@ def test_plot_writes_png(tmp_path, name, n):
     build(name, n).plot(path)
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+# --- graphs over time -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,n", [(name, n) for name, sizes in TIME_VARYING for n in sizes])
+def test_time_varying_rounds_are_doubly_stochastic_with_one_message_per_worker(name, n):
+    topology = build(name, n)
+    assert not topology.is_static and topology.n_workers == n
+    assert topology.is_doubly_stochastic
+    assert topology.is_symmetric == (name != "one_peer_exponential" or n <= 2)
+    union = np.zeros((n, n), dtype=bool)
+    for t in range(12):
+        W = topology.at(t).diffusion_matrix
+        off_diagonal = W - np.diag(np.diag(W))
+        assert np.all((off_diagonal > 0).sum(axis=0) <= 1)  # every worker sends to one peer at most
+        np.testing.assert_allclose(off_diagonal[off_diagonal > 0], 0.5)
+        union |= off_diagonal > 0
+    assert networkx.is_connected(support_graph(union.astype(float))) or n == 1
+    assert topology.at(5) is topology.at(5)  # one object per round: the communicator plans it once
+
+
+@pytest.mark.parametrize("name", ["one_peer_exponential", "one_peer_hypercube"])
+@pytest.mark.parametrize("n", [2, 4, 8, 16, 64])
+def test_one_peer_graphs_average_exactly_after_one_period(name, n):
+    topology = build(name, n)
+    assert topology.period == int(math.log2(n))
+    product = np.eye(n)
+    for t in range(topology.period):
+        product = topology.at(t).diffusion_matrix @ product
+    np.testing.assert_allclose(product, np.full((n, n), 1 / n), atol=1e-12)
+    assert topology.spectral_gap() == 1.0
+    assert topology.at(topology.period) is topology.at(0)
+
+
+def test_one_peer_exponential_sends_to_i_plus_a_power_of_two():
+    topology = build("one_peer_exponential", 8)
+    for t, shift in enumerate([1, 2, 4, 1]):
+        W = topology.at(t).diffusion_matrix
+        for i in range(8):
+            assert W[(i + shift) % 8, i] == 0.5 and W[i, i] == 0.5
+
+
+def test_directed_exponential_weights():
+    W = build("directed_exponential", 8).diffusion_matrix
+    for i in range(8):
+        assert sorted(np.flatnonzero(W[:, i])) == sorted({i, (i + 1) % 8, (i + 2) % 8, (i + 4) % 8})
+    np.testing.assert_allclose(W[W > 0], 1 / 4)
+
+
+def test_random_matching_is_a_seeded_matching_with_the_expected_gap():
+    n = 10
+    topology, again, other = build("random_matching", n), build("random_matching", n), build("random_matching", n, seed=1)
+    np.testing.assert_array_equal(topology.at(7).diffusion_matrix, again.at(7).diffusion_matrix)
+    assert not np.array_equal(topology.at(7).diffusion_matrix, other.at(7).diffusion_matrix)
+    assert not np.array_equal(topology.at(7).diffusion_matrix, topology.at(8).diffusion_matrix)
+    mean = np.zeros((n, n))
+    rounds = 4000
+    for t in range(rounds):
+        W = topology.at(t).diffusion_matrix
+        assert np.all(np.diag(W) == 0.5)  # even n: everybody has a partner
+        mean += W.T @ W / rounds
+    p = 1 / (n - 1)  # the chance that a given pair is matched
+    expected = (1 - n * p / 2) * np.eye(n) + p / 2  # E[W^T W] = E[W]
+    np.testing.assert_allclose(mean, expected, atol=0.012)  # 5 standard deviations of the estimate
+    assert topology.spectral_gap() == pytest.approx(1 - math.sqrt(np.sort(np.linalg.eigvalsh(expected))[-2]))
+    odd = build("random_matching", 7).at(0).diffusion_matrix
+    assert sorted(np.diag(odd)) == [0.5] * 6 + [1.0]
+
+
+def test_periodic_gap_is_a_per_round_equivalent():
+    ring = build("ring", 8)
+    schedule = topologies.from_callable(lambda t: ring, 8, period=3)
+    assert schedule.spectral_gap() == pytest.approx(ring.spectral_gap())
+    assert math.isnan(topologies.from_callable(lambda t: ring, 8).spectral_gap())
+
+
+def test_schedule_file_cycles_its_lines(tmp_path):
+    (tmp_path / "pairs.txt").write_text("0 1\n2 3\n")
+    path = tmp_path / "schedule.txt"
+    path.write_text("# two graphs, then a matching\nring\n\ntorus  # comment\nfile:pairs.txt\n")
+    topology = build(f"schedule:{path}", 4)
+    assert topology.period == 3
+    np.testing.assert_array_equal(topology.at(4).diffusion_matrix, build("torus", 4).diffusion_matrix)
+    np.testing.assert_allclose(topology.at(2).diffusion_matrix, [[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, .5, .5], [0, 0, .5, .5]])
+    assert topology.is_symmetric
+
+
+@pytest.mark.parametrize("lines,match", [
+    ("ring\ngrid\n", r"line 2 \('grid'\): unknown topology"),
+    ("ring\n\n# comment\nfile:missing.txt\n", r"line 4 \('file:missing.txt'\)"),
+    ("ring\nrandom_matching\n", r"line 2 .*changes over time itself"),
+    ("ring\nhypercube\n", r"line 2 .*power of two, got 6"),
+    ("# nothing\n", "lists no graph"),
+])
+def test_bad_schedule_line_is_named(tmp_path, lines, match):
+    path = tmp_path / "schedule.txt"
+    path.write_text(lines)
+    with pytest.raises(ValueError, match=match):
+        build(f"schedule:{path}", 6)
+
+
+def test_schedule_whose_rounds_never_connect_everybody_is_refused(tmp_path):
+    (tmp_path / "pairs.txt").write_text("0 1\n2 3\n")
+    path = tmp_path / "schedule.txt"
+    path.write_text("file:pairs.txt\n")
+    with pytest.raises(ValueError, match="together is not connected: it has 2 components"):
+        build(f"schedule:{path}", 4)
+
+
+def test_callable_from_python_takes_graphs_matrices_and_names():
+    def graph(t):
+        return ["ring", networkx.Graph([(0, 1), (2, 3)]), np.eye(4)][t % 3]
+    topology = build(graph, 4)
+    assert topology.period is None
+    np.testing.assert_array_equal(topology.at(3).diffusion_matrix, build("ring", 4).diffusion_matrix)
+    np.testing.assert_allclose(topology.at(4).diffusion_matrix[0], [.5, .5, 0, 0])
+    assert topology.is_symmetric
+
+
+def test_from_digraph_gives_push_sum_weights():
+    chords = networkx.DiGraph([(i, (i + 1) % 6) for i in range(6)] + [(0, 3), (1, 4)])
+    topology = topologies.from_digraph(chords)
+    W = topology.diffusion_matrix
+    assert topology.is_column_stochastic and not topology.is_row_stochastic and not topology.is_doubly_stochastic
+    assert W[3, 0] == W[1, 0] == W[0, 0] == pytest.approx(1 / 3) and W[3, 2] == 0.5
+    assert topologies.requirement_problem(topology, "column_stochastic") is None
+    assert "not doubly stochastic" in topologies.requirement_problem(topology, "doubly_stochastic")
+    one_way = topologies.from_digraph(networkx.DiGraph([(0, 1), (1, 2)]))  # 2 never reaches 0
+    assert "not strongly connected" in topologies.requirement_problem(one_way, "column_stochastic")
+
+
+def test_requirement_message_names_the_graphs_that_would_do():
+    with pytest.raises(ValueError, match=r"PowerGossip needs a symmetric topology at every round.*8-one-peer-exponential "
+                                         r"is not symmetric at round 0. Graphs that would do: ring, torus,.* one_peer_hypercube, "
+                                         r"random_matching, file:PATH"):
+        topologies.check_requirement(build("one_peer_exponential", 8), "symmetric", "PowerGossip")
+    topologies.check_requirement(build("one_peer_exponential", 8), "doubly_stochastic", "SimpleGossip")
+
+
+def test_rounds_of_256_workers_are_cheap_to_plan():
+    """A random matching of 256 workers: one Topology and one communication plan per round."""
+    from powergossip import comm as comm_module
+    comm = comm_module.Communicator(256, "cpu")
+    topology = build("random_matching", 256)
+    for t in range(20):
+        edges = comm.half_edges(topology.at(t))
+        assert edges.num == 256 and edges.max_degree == 1
+    assert len(comm._plans) <= comm_module.PLANS_KEPT

@@ -76,9 +76,11 @@ def test_every_optimizer_trains_under_mpirun(tmp_path, tiny_data):
         assert math.isfinite(final(tmp_path / name, "loss", "test_avg")["value"])
 
 
-@pytest.mark.parametrize("optimizer", ["dpsgd", "power-gossip", "powersgd"])
+@pytest.mark.parametrize("optimizer", ["dpsgd", "power-gossip", "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2",
+                                       "push-sum topology=one_peer_exponential local_steps=2",
+                                       "power-gossip topology=random_matching"])
 def test_one_process_and_mpirun_give_the_same_metrics(tmp_path, tiny_data, optimizer):
-    overrides = common(tiny_data) + OPTIMIZER_RUNS[optimizer]
+    overrides = common(tiny_data) + f"optimizer={optimizer}".split()
     run(str(tmp_path / "single"), overrides)
     run_mpi(4, ["tests/train_runs.py", str(tmp_path), json.dumps({"mpi": overrides})], timeout=300)
     single, mpi = runs.read_metrics(str(tmp_path / "single")), runs.read_metrics(str(tmp_path / "mpi"))
@@ -182,6 +184,10 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"stacked_compute": "graph", "device": "cpu"}, "needs a GPU"),
     ({"stacked_compute": "graph", "device": "cuda", "task": "wikitext2", "task_architecture": "lstm"}, "image task"),
     ({"stacked_compute": "graph", "device": "cuda", "graph_streams": 0}, "graph_streams must be >= 1"),
+    ({"local_steps": 0}, "local_steps must be >= 1"),
+    ({"optimizer": "power-gossip", "topology": "one_peer_exponential", "n_workers": 8},
+     "PowerGossip needs a symmetric topology at every round.*Graphs that would do: .*one_peer_hypercube"),
+    ({"optimizer": "dpsgd", "topology": "one_peer_hypercube", "n_workers": 6}, "power of two, got 6"),
 ])
 def test_bad_configs_fail_before_training(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -343,3 +349,40 @@ def test_the_training_figure_shades_the_spread_over_workers(tmp_path, tiny_data)
     top_left, top_right = figure.axes[:2]
     assert len(top_left.collections) == len(top_right.collections) == 1  # one shaded band per panel
     assert top_right.get_xscale() == "log" and top_right.get_xlabel() == "MB sent per worker"
+
+
+# --- graphs over time, push-sum, local steps ------------------------------------------------------
+def test_local_steps_divide_the_bits_and_resume_exactly_with_the_round_counter(tmp_path, tiny_data):
+    """3 local steps per round over epochs of 4 steps: rounds straddle epochs, and the graph (a
+    one-peer hypercube, period 2) follows the round counter that the checkpoint keeps."""
+    run(str(tmp_path / "every"), common(tiny_data, num_epochs=1, optimizer="dpsgd", topology="one_peer_hypercube"))
+    run(str(tmp_path / "fewer"), common(tiny_data, num_epochs=1, optimizer="dpsgd", topology="one_peer_hypercube", local_steps=2))
+    assert final(tmp_path / "every", "loss", "train")["bits"] == 2 * final(tmp_path / "fewer", "loss", "train")["bits"] > 0
+    settings = dict(optimizer="power-gossip", topology="one_peer_hypercube", local_steps=3)
+    run(str(tmp_path / "full"), common(tiny_data, num_epochs=3, **settings))
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=1, **settings))
+    saved = torch.load(tmp_path / "parts" / "checkpoints" / "rank0.pt", weights_only=True)["gossip"]
+    assert saved["compressed"]["round"] == saved["uncompressed"]["round"] == 1  # 4 steps, a round every 3rd
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=3, **settings) + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
+    assert torch.load(tmp_path / "parts" / "checkpoints" / "rank0.pt", weights_only=True)["gossip"]["compressed"]["round"] == 4
+
+
+@pytest.mark.parametrize("topology", ["one_peer_exponential", "directed_exponential", "random_matching"])
+def test_stochastic_gradient_push_trains_on_graphs_over_time(tmp_path, tiny_data, topology):
+    run(str(tmp_path), common(tiny_data, optimizer="push_sum", topology=topology, local_steps=2))
+    for split in ("train", "test", "test_avg"):
+        assert math.isfinite(final(tmp_path, "loss", split)["value"])
+    parameters = sum(p.numel() for p in models.build("small_cnn", in_channels=1, image_size=28).parameters())
+    rounds, out_neighbours = 2 * 4 // 2, 2 if topology == "directed_exponential" else 1
+    assert final(tmp_path, "loss", "train")["bits"] == rounds * out_neighbours * 32 * (parameters + 1)  # x_i and w_i
+
+
+def test_push_sum_steps_the_numerator():
+    """SGP (Assran et al. 2019, Algorithm 1): x_i -= lr grad f(z_i) with z_i = x_i / w_i; train.py
+    holds z_i and steps it at lr / w_i (step_size_scale), the same step in z's terms."""
+    x, w = torch.randn(3, 4, 2), torch.tensor([0.5, 1.0, 2.0])
+    g = torch.randn(3, 4, 2)
+    z = x / w.view(-1, 1, 1)
+    optimizer.nesterov_sgd_step([z], [g], [torch.zeros_like(z)], 0.1 / w, 0.0, [0.0])
+    torch.testing.assert_close(z * w.view(-1, 1, 1), x - 0.1 * g)
