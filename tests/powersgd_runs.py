@@ -5,8 +5,9 @@ project's `powergossip.PowerSGD` with `optimizer_step`, on the same small model 
 
 writes OUT/rank<r>.pt: per step, the loss of this worker's batch and the number of entries
 each side sent in that step (the hook: its own count of what it compressed and sent whole;
-ours: bytes_sent / 4), for the hook and for our PowerSGD with each seed of SEEDS (the
-seed draws Q's first value; nothing else differs between those runs).
+ours: bytes_sent / 4), for the hook, for DDP's exact average ("exact"), and for our
+PowerSGD with each seed of SEEDS (the seed draws Q's first value; nothing else differs
+between those runs).
 """
 import json
 import os
@@ -44,12 +45,14 @@ def batch(worker: int, step: int):
     return x, (x[:, :5].sum(dim=1) > 1.5 * worker).long()
 
 
-def with_hook(worker: int):
+def with_hook(worker: int, compress: bool = True):
+    """DDP with PyTorch's powerSGD_hook (without it, compress=False: DDP's exact average)."""
     net = model()
     ddp = DistributedDataParallel(net)
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=RANK, start_powerSGD_iter=START,
                                         min_compression_rate=MIN_RATE, use_error_feedback=True, warm_start=True)
-    ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    if compress:
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     optimizer = torch.optim.SGD(net.parameters(), lr=LR)
     losses, sent = [], []
     for step in range(STEPS):
@@ -84,6 +87,7 @@ def ours(worker: int, seed: int):
 if __name__ == "__main__":
     out, seeds = sys.argv[1], json.loads(sys.argv[2])
     worker = comm_module.init_distributed("cpu").rank
-    results = {"hook": with_hook(worker)} | {f"ours_{seed}": ours(worker, seed) for seed in seeds}
+    results = {"hook": with_hook(worker), "exact": with_hook(worker, compress=False)}
+    results |= {f"ours_{seed}": ours(worker, seed) for seed in seeds}
     os.makedirs(out, exist_ok=True)
     torch.save(results, os.path.join(out, f"rank{worker}.pt"))

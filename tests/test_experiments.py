@@ -146,6 +146,24 @@ def test_quick_studies_write_outside_the_tracked_tree():
         assert full == os.path.join(sweep.RESULTS, name)  # the committed study results stay where they are
 
 
+def test_quick_studies_leave_git_status_unchanged():
+    """Every study's --quick report (written where its --quick runs go) changes nothing git sees."""
+    import subprocess as sp
+
+    def status():
+        return sp.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=sweep.ROOT, capture_output=True,
+                      text=True, timeout=60).stdout
+
+    if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("not a git checkout")
+    before = status()
+    for study in (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study):
+        result = sp.run([sys.executable, study.__file__, "--quick", "--report-only"], cwd=sweep.ROOT, capture_output=True,
+                        text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert status() == before
+
+
 def test_topology_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):
     result = subprocess.run([sys.executable, topology_study.__file__, "--quick", "--output", str(tmp_path)] + TINY
                             + [f"data_dir={tiny_data}", "matrix_size=6"], capture_output=True, text=True, timeout=900)

@@ -133,7 +133,7 @@ def test_state_dict_resumes_exactly():
 @pytest.fixture(scope="module")
 def beside_the_hook(tmp_path_factory):
     folder = tmp_path_factory.mktemp("powersgd_peer")
-    seeds = [0, 1, 2, 3]
+    seeds = list(range(8))
     run_mpi(2, ["tests/powersgd_runs.py", str(folder), json.dumps(seeds)], timeout=300)
     return [torch.load(folder / f"rank{worker}.pt") for worker in range(2)], seeds
 
@@ -153,18 +153,28 @@ def test_payloads_equal_pytorchs_powersgd_hook(beside_the_hook):
 
 def test_training_loss_follows_pytorchs_powersgd_hook(beside_the_hook):
     """Both sides run the same model, data, learning rate and first exact steps; they differ only
-    in Q's random first value. So the hook's loss must lie where our runs with other draws of Q
-    lie: within the band of our seeds' final losses, widened by the band's own width."""
+    in Q's random first value. So the hook's loss must look like one more draw of ours. The
+    statistic is the mean loss over the steps from the first compressed one to step 100, where
+    the approximation still shapes the trajectory (by step 300 exact averaging reaches the same
+    loss, so the end tells nothing): within 5 standard deviations of our 8 draws' mean (seen
+    here: 0.4 to 1.1), while DDP's exact average lies more than 10 away (seen: 29 to 30), so
+    the test tells PowerSGD from no compression."""
     results, seeds = beside_the_hook
+    start = powersgd_runs.START
     for worker_results in results:
         hook_losses = worker_results["hook"][0]
         for seed in seeds:  # the exact all-reduce steps (and the first loss after them) agree to rounding
-            assert worker_results[f"ours_{seed}"][0][:powersgd_runs.START + 1] == pytest.approx(
-                hook_losses[:powersgd_runs.START + 1], rel=1e-5)
-        final = [statistics.mean(worker_results[f"ours_{seed}"][0][-50:]) for seed in seeds]
-        width = max(final) - min(final)
-        assert min(final) - width <= statistics.mean(hook_losses[-50:]) <= max(final) + width
-        assert max(final) < 0.5 * statistics.mean(hook_losses[:10])  # and both learned
+            assert worker_results[f"ours_{seed}"][0][:start + 1] == pytest.approx(hook_losses[:start + 1], rel=1e-5)
+
+        def window(losses):
+            return statistics.mean(losses[start + 1:100])
+
+        ours = [window(worker_results[f"ours_{seed}"][0]) for seed in seeds]
+        mean, spread = statistics.mean(ours), statistics.stdev(ours)
+        assert abs(window(hook_losses) - mean) <= 5 * spread
+        assert abs(window(worker_results["exact"][0]) - mean) >= 10 * spread
+        final = statistics.mean(hook_losses[-50:])
+        assert final < 0.5 * statistics.mean(hook_losses[:10])  # and it learned
 
 
 def test_train_py_keeps_every_worker_identical(tmp_path):
