@@ -328,6 +328,8 @@ class PowerGossip(GossipAlgorithm):
         return [part.reshape((draws.shape[0],) + s) for part, s in zip(draws.split(sizes, dim=1), shapes)]
 
     def state_dict(self):
+        if self._pending_state is not None:  # loaded and not yet put back: it is still the state
+            return dict(self._pending_state)
         state = super().state_dict() | {"iteration": self.iteration}
         if self.groups is None:
             return state
@@ -745,6 +747,8 @@ class PowerSGD(GossipAlgorithm):
                 matrix_view(grads[k], m, n).copy_(update[position].expand_as(M[:, position]))
 
     def state_dict(self) -> dict:
+        if self._pending is not None:  # loaded and not yet put back: it is still the state
+            return dict(self._pending)
         state = {"round": self.round, "generator": self.generator.get_state()}
         if self.groups is not None:
             state |= {"q": [q.clone() for q in self.q], "memory": [e.clone() for e in self.memory]}

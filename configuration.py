@@ -50,7 +50,7 @@ ALIASES = {
     "diffusion_rate": "optimizer_diffusion_rate", "theta": "optimizer_theta",
     "compressor": "optimizer_compressor", "warm_start": "optimizer_warm_start", "round_weights": "optimizer_round_weights",
     "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations", "edge_memory": "optimizer_edge_memory",
-    "min_compression_rate": "optimizer_min_compression_rate", "num_iters_per_step": "optimizer_num_iterations",
+    "min_compression_rate": "optimizer_min_compression_rate",
     "start_compressing_after_num_steps": "optimizer_start_compressing_after_num_steps",
 }
 

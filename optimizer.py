@@ -78,12 +78,14 @@ def _one_worker_per_process(who: str, device) -> comm_module.Communicator:
 
 
 def _stacked_gradients(parameters) -> list[torch.Tensor]:
-    """Each parameter's gradient as a `[1, *shape]` view (a zero gradient where backward left none,
-    so that a method sees the same tensors every step)."""
-    for p in parameters:
+    """Each trained parameter's gradient as a `[1, *shape]` view (a zero gradient where backward
+    left none this step, so that a method sees the same tensors every step and averages in the
+    other workers' gradients; frozen parameters, requires_grad=False, get none and stay as they are)."""
+    trained = [p for p in parameters if p.requires_grad]
+    for p in trained:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return [p.grad.unsqueeze(0) for p in parameters]
+    return [p.grad.unsqueeze(0) for p in trained]
 
 
 class DecentralizedOptimizer:
@@ -104,6 +106,10 @@ class DecentralizedOptimizer:
         name = algorithms.registered_name(algorithm)
         hyper = {configuration.ALIASES.get(key, key).removeprefix("optimizer_"): value for key, value in hyper.items()}
         self.gossip = algorithms.build(name, self.comm, self.topology, strict=True, **hyper)
+        if isinstance(self.gossip, algorithms.PushSum):
+            # SGP steps the numerator x at learning rate lr (z at lr / w); a wrapped optimizer of any
+            # kind cannot be told that, so here push-sum runs where w stays 1 (train.py: any graph).
+            topologies.check_requirement(self.topology, "doubly_stochastic", "push-sum in DecentralizedOptimizer")
         self.local_step_first = algorithms.METHODS[name].local_step_first
         self.acts_on_gradients = algorithms.METHODS[name].acts_on == "gradients"
         self.optimizer = optimizer
@@ -155,7 +161,13 @@ class DecentralizedOptimizer:
 
 
 class Config(NamedTuple):
-    """PowerSGD's settings, under the names of its reference implementation (epfml/powersgd)."""
+    """PowerSGD's settings, under the names of its reference implementation (epfml/powersgd).
+
+    One difference in meaning: here an iteration is the paper's Algorithm 1 whole (P = M Q
+    and Q = M^T P, two all-reduces, as PyTorch's powerSGD_hook does), where the reference
+    counts half-steps that alternate between P and Q across steps; so num_iters_per_step=k
+    here sends what 2k sends there. The compression rule is PowerSGD's with whole
+    iterations: m n >= min_compression_rate (m + n) r (compressors.worth_compressing)."""
 
     rank: int  # columns of the factors P and Q: lower sends less and approximates more roughly
     min_compression_rate: float = 2  # a matrix its factors would compress by less is all-reduced whole
@@ -178,9 +190,9 @@ class PowerSGD:
 
     def __init__(self, params, config: Config, device: str | torch.device | None = None, warm_start: bool = True,
                  seed: int = 0):
-        self.parameters = list(dict.fromkeys(params))
+        self.parameters = [p for p in dict.fromkeys(params) if p.requires_grad]  # frozen ones are not trained
         if not self.parameters:
-            raise ValueError("PowerSGD was given no parameters")
+            raise ValueError("PowerSGD was given no parameters that require gradients")
         self.config = config
         self.comm = _one_worker_per_process(type(self).__name__, self.parameters[0].device if device is None else device)
         self.algorithm = algorithms.PowerSGD(self.comm, rank=config.rank, num_iterations=config.num_iters_per_step,

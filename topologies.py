@@ -630,6 +630,8 @@ def from_schedule(path, n_workers):
         try:
             if text.startswith("file:"):
                 graph = from_edge_list(os.path.join(folder, text[len("file:"):]), n_workers, connected=False)
+            elif text.startswith("schedule:"):
+                raise ValueError("a schedule lists static graphs, not another schedule")
             else:
                 key = text.lower().replace("-", "_")
                 if key in _BUILDERS and key not in _STATIC:

@@ -283,8 +283,10 @@ def test_state_dict_resumes_exactly(spec):
     saved_state = uninterrupted.state_dict()
     for _ in range(3):
         uninterrupted.step(params)
+    loaded_and_saved = algorithm_runs.SPECS[spec](comm, topology)  # a resume that is saved before it steps
+    loaded_and_saved.load_state_dict(saved_state)
     resumed = algorithm_runs.SPECS[spec](comm, topology)
-    resumed.load_state_dict(saved_state)
+    resumed.load_state_dict(loaded_and_saved.state_dict())
     for _ in range(3):
         resumed.step(saved_params)
     for got, want in zip(saved_params, params):

@@ -121,3 +121,27 @@ def test_drop_in_with_a_torchvision_resnet():
     assert [row[0] for row in rows] == ["0", "1"]
     assert rows[0][1] == rows[1][1] and int(rows[0][1]) > 0  # both ends of the ring's edge sent the same
     assert all(row[2] == "True" and float(row[3]) > 0 for row in rows)
+
+
+PUSH_SUM_RUN = """
+import networkx, torch, powergossip
+from powergossip import topologies
+model = torch.nn.Linear(4, 2)
+sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+chords = topologies.from_digraph(networkx.DiGraph([(0, 1), (1, 2), (2, 0), (0, 2)]))  # not doubly stochastic
+try:
+    powergossip.DecentralizedOptimizer(sgd, model, algorithm="push-sum", topology=chords)
+except ValueError as problem:
+    print("REFUSED", problem)
+ring = powergossip.DecentralizedOptimizer(sgd, model, algorithm="push-sum", topology="directed_exponential")
+print("BUILT", type(ring.gossip).__name__)
+"""
+
+
+def test_the_drop_in_runs_push_sum_only_where_its_weight_stays_one():
+    """SGP steps z at lr / w; a wrapped optimizer cannot be told so, so the drop-in refuses graphs
+    where w moves (not doubly stochastic) and says which graphs would do."""
+    result = run_mpi(3, ["-c", PUSH_SUM_RUN], timeout=300)
+    refused = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 3 and all("doubly stochastic" in line and "Graphs that would do" in line for line in refused)
+    assert result.stdout.count("BUILT PushSum") == 3

@@ -466,6 +466,7 @@ def test_schedule_file_cycles_its_lines(tmp_path):
     ("ring\ngrid\n", r"line 2 \('grid'\): unknown topology"),
     ("ring\n\n# comment\nfile:missing.txt\n", r"line 4 \('file:missing.txt'\)"),
     ("ring\nrandom_matching\n", r"line 2 .*changes over time itself"),
+    ("ring\nschedule:other.txt\n", r"line 2 .*not another schedule"),
     ("ring\nhypercube\n", r"line 2 .*power of two, got 6"),
     ("# nothing\n", "lists no graph"),
 ])
