@@ -270,6 +270,7 @@ class PowerGossip(GossipAlgorithm):
         self.p, self.q, self.generators = None, None, []
         self.half_steps = np.zeros(0, dtype=np.int64)
         self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
+        self._rows_on_device = None  # (rows, the same as a device tensor) of the latest round
 
     # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
@@ -316,7 +317,11 @@ class PowerGossip(GossipAlgorithm):
                 pool[fresh_rows] = drawn
         for row in freed:
             self.generators[row] = None  # a freed row's generator goes with its edge (its P and Q rows wait for reuse)
-        return torch.tensor(rows, dtype=torch.long, device=self.comm.device)
+        if self._rows_on_device is None or self._rows_on_device[0] != rows:
+            # Copied to the device only when they change (never, on a static graph): a copy each
+            # round would wait for the GPU's queue to drain at every step.
+            self._rows_on_device = (list(rows), torch.tensor(rows, dtype=torch.long, device=self.comm.device))
+        return self._rows_on_device[1]
 
     def _draw(self, generators, factor_shape) -> list[torch.Tensor]:
         """Fresh standard normal factors `[len(generators), G, rows, r]` per group from the edges' generators."""
@@ -354,7 +359,7 @@ class PowerGossip(GossipAlgorithm):
         edges = self.comm.half_edges(graph)
         rows = self._rows_of_round(edges, self.round - 1)
         p, q = [pool[rows] for pool in self.p], [pool[rows] for pool in self.q]  # this round's edges' P and Q
-        rows_on_host = rows.cpu().numpy()
+        rows_on_host = np.asarray(self._rows_on_device[0], dtype=np.int64)
         half_steps = self.half_steps[rows_on_host]
         for k in range(self.num_iterations):
             if self.iteration + k == 0:
