@@ -25,6 +25,7 @@ doubly stochastic, or column-stochastic), checked once when it is built.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -44,7 +45,11 @@ def edge_seed(seed: int, i: int, j: int, since: int = 0) -> int:
     """A 63-bit seed shared by the two ends of edge {i, j}; distinct for distinct
     (seed, min(i, j), max(i, j)) (unlike string concatenation: 1,12 vs 11,2). `since` > 0:
     the edge's state starts at that round (a graph over time), a stream of its own."""
-    a, b = min(i, j), max(i, j)
+    return _ordered_edge_seed(seed, min(i, j), max(i, j), since)
+
+
+@functools.lru_cache(maxsize=4096)  # the edge's other end, when in the same process, asks next (SeedSequence is slow)
+def _ordered_edge_seed(seed: int, a: int, b: int, since: int) -> int:
     return int(np.random.SeedSequence([seed, a, b] + ([since] if since else [])).generate_state(1, np.uint64)[0] >> 1)
 
 
