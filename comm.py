@@ -286,7 +286,7 @@ class HalfEdges:
         self.on_host = (senders, neighbors)  # (i, j) of every half-edge, numpy int64
         self.self_worker_list = senders.tolist()
         self.neighbor_list = neighbors.tolist()
-        self.pairs = list(zip(self.self_worker_list, self.neighbor_list))  # one object per plan: a state's rows are kept by it
+        self.pairs = list(zip(self.self_worker_list, self.neighbor_list))  # one list per plan: EdgeRows knows a repeated round by it
         as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)
         self.self_worker = as_long(senders)
         self.neighbor = as_long(neighbors)
