@@ -25,6 +25,7 @@ doubly stochastic, or column-stochastic), checked once when it is built.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -44,7 +45,11 @@ def edge_seed(seed: int, i: int, j: int, since: int = 0) -> int:
     """A 63-bit seed shared by the two ends of edge {i, j}; distinct for distinct
     (seed, min(i, j), max(i, j)) (unlike string concatenation: 1,12 vs 11,2). `since` > 0:
     the edge's state starts at that round (a graph over time), a stream of its own."""
-    a, b = min(i, j), max(i, j)
+    return _ordered_edge_seed(seed, min(i, j), max(i, j), since)
+
+
+@functools.lru_cache(maxsize=4096)  # the edge's other end, when in the same process, asks next (SeedSequence is slow)
+def _ordered_edge_seed(seed: int, a: int, b: int, since: int) -> int:
     return int(np.random.SeedSequence([seed, a, b] + ([since] if since else [])).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -183,21 +188,27 @@ class EdgeRows:
         self.edge_of_row: list[tuple[int, int] | None] = []
         self.last_seen = np.zeros(0, dtype=np.int64)  # round each row's edge was last present
         self.free: list[int] = []
+        self._previous = (None, None)  # the last round's `pairs` object and its rows
 
-    def assign(self, pairs: list[tuple[int, int]], round: int) -> tuple[list[int], list[int], list[int]]:
+    def assign(self, pairs: list[tuple[int, int]], round: int) -> tuple[np.ndarray, list[int], list[int]]:
         """The rows of this round's half-edges `pairs`, the positions (in `pairs`) of those whose
         state starts now, and the rows freed now. Freed rows are reused before the stack grows."""
-        rows, fresh = [], []
-        for position, pair in enumerate(pairs):
-            row = self.row_of.get(pair)
-            if row is None:
-                row = self.free.pop() if self.free else len(self.edge_of_row)
-                if row == len(self.edge_of_row):
-                    self.edge_of_row.append(None)
-                    self.last_seen = np.append(self.last_seen, 0)
-                self.row_of[pair], self.edge_of_row[row] = row, pair
-                fresh.append(position)
-            rows.append(row)
+        if pairs is self._previous[0]:  # the round before's half-edges (a static graph): its rows, none fresh
+            rows, fresh = self._previous[1], []
+        else:
+            rows, fresh = [], []
+            for position, pair in enumerate(pairs):
+                row = self.row_of.get(pair)
+                if row is None:
+                    row = self.free.pop() if self.free else len(self.edge_of_row)
+                    if row == len(self.edge_of_row):
+                        self.edge_of_row.append(None)
+                    self.row_of[pair], self.edge_of_row[row] = row, pair
+                    fresh.append(position)
+                rows.append(row)
+            rows = np.array(rows, dtype=np.int64)
+            self.last_seen = np.concatenate([self.last_seen, np.zeros(len(self.edge_of_row) - len(self.last_seen), np.int64)])
+            self._previous = (pairs, rows)
         self.last_seen[rows] = round
         freed = []
         if self.memory is not None:  # absent for more than `memory` rounds, this one included
@@ -218,6 +229,7 @@ class EdgeRows:
         self.edge_of_row = [None if e is None else tuple(e) for e in state["edge_of_row"]]
         self.row_of = {edge: row for row, edge in enumerate(self.edge_of_row) if edge is not None}
         self.last_seen, self.free = state["last_seen"].numpy().astype(np.int64), list(state["free"])
+        self._previous = (None, None)
 
 
 class PowerGossip(GossipAlgorithm):
@@ -295,7 +307,7 @@ class PowerGossip(GossipAlgorithm):
         """This round's state rows in half-edge order; a half-edge whose state starts now gets a
         generator seeded by its edge (and the round, after round 0) and draws P, then Q, from it,
         so that both ends hold identical buffers."""
-        rows, fresh, freed = self.edge_rows.assign(list(zip(edges.self_worker_list, edges.neighbor_list)), round)
+        rows, fresh, freed = self.edge_rows.assign(edges.pairs, round)
         grow = len(self.edge_rows.edge_of_row) - self.p[0].shape[0] if self.p else 0
         if grow > 0:
             self.p = [torch.cat([p, p.new_zeros((grow,) + p.shape[1:])]) for p in self.p]
@@ -317,10 +329,10 @@ class PowerGossip(GossipAlgorithm):
                 pool[fresh_rows] = drawn
         for row in freed:
             self.generators[row] = None  # a freed row's generator goes with its edge (its P and Q rows wait for reuse)
-        if self._rows_on_device is None or self._rows_on_device[0] != rows:
+        if self._rows_on_device is None or not np.array_equal(self._rows_on_device[0], rows):
             # Copied to the device only when they change (never, on a static graph): a copy each
             # round would wait for the GPU's queue to drain at every step.
-            self._rows_on_device = (list(rows), torch.tensor(rows, dtype=torch.long, device=self.comm.device))
+            self._rows_on_device = (np.array(rows, dtype=np.int64), torch.tensor(rows, dtype=torch.long, device=self.comm.device))
         return self._rows_on_device[1]
 
     def _draw(self, generators, factor_shape) -> list[torch.Tensor]:
@@ -359,7 +371,7 @@ class PowerGossip(GossipAlgorithm):
         edges = self.comm.half_edges(graph)
         rows = self._rows_of_round(edges, self.round - 1)
         p, q = [pool[rows] for pool in self.p], [pool[rows] for pool in self.q]  # this round's edges' P and Q
-        rows_on_host = np.asarray(self._rows_on_device[0], dtype=np.int64)
+        rows_on_host = self._rows_on_device[0]
         half_steps = self.half_steps[rows_on_host]
         for k in range(self.num_iterations):
             if self.iteration + k == 0:

@@ -277,30 +277,32 @@ class HalfEdges:
     """
 
     def __init__(self, topology, first_worker: int, num_local: int, device: torch.device):
+        # Array operations over all half-edges at once: a round's plan costs time linear in
+        # its edges, also when a graph over time makes a new one every round.
         W = topology.diffusion_matrix
-        local = range(first_worker, first_worker + num_local)
-        pairs = [(i, j) for i in local for j in topology.neighbor_ranks(i)]
+        senders, neighbors = topology.half_edges_of(first_worker, num_local)
         self.topology = topology
-        self.num = len(pairs)
-        self.self_worker_list = [i for i, _ in pairs]
-        self.neighbor_list = [j for _, j in pairs]
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
-        self.self_worker = as_long(self.self_worker_list)
-        self.neighbor = as_long(self.neighbor_list)
+        self.num = len(senders)
+        self.on_host = (senders, neighbors)  # (i, j) of every half-edge, numpy int64
+        self.self_worker_list = senders.tolist()
+        self.neighbor_list = neighbors.tolist()
+        self.pairs = list(zip(self.self_worker_list, self.neighbor_list))  # one list per plan: EdgeRows knows a repeated round by it
+        as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)
+        self.self_worker = as_long(senders)
+        self.neighbor = as_long(neighbors)
         self.local_sender = self.self_worker - first_worker  # index into [L, ...] stacks
-        self.weight_in = torch.tensor([W[i, j] for i, j in pairs], dtype=torch.float32, device=device)
-        self.weight_self = torch.tensor([W[i, i] for i in local], dtype=torch.float32, device=device)
-        self.sends = [W[j, i] > 0 for i, j in pairs]
-        self.receives = [W[i, j] > 0 for i, j in pairs]
+        self.weight_in = torch.tensor(W[senders, neighbors], dtype=torch.float32, device=device)
+        local = np.arange(first_worker, first_worker + num_local)
+        self.weight_self = torch.tensor(W[local, local], dtype=torch.float32, device=device)
+        self.sends = W[neighbors, senders] > 0  # numpy booleans, one per half-edge
+        self.receives = W[senders, neighbors] > 0
         self.is_lower = self.self_worker < self.neighbor  # this end holds the smaller worker id
         # slot[h]: the position of half-edge h among its worker's half-edges (a worker's
         # half-edges side by side in `[L, max_degree, ...]`, unused slots left empty).
-        slots, degree_so_far = [], {}
-        for i in self.self_worker_list:
-            slots.append(degree_so_far.get(i, 0))
-            degree_so_far[i] = slots[-1] + 1
+        degrees = np.bincount(senders - first_worker, minlength=num_local)
+        slots = np.arange(self.num) - np.repeat(np.cumsum(degrees) - degrees, degrees)
         self.slot = as_long(slots)
-        self.max_degree = max(degree_so_far.values(), default=0)
+        self.max_degree = int(degrees.max(initial=0))
         # incoming[l, h] = w_ij on worker l's own half-edges: incoming @ messages = sum_j w_ij m_j.
         self.incoming = torch.zeros((num_local, self.num), dtype=torch.float32, device=device)
         self.incoming[self.local_sender, torch.arange(self.num, device=device)] = self.weight_in
@@ -508,30 +510,24 @@ class _Routes:
 
     def __init__(self, edges: HalfEdges, comm: Communicator):
         device = comm.device
-        index_of = {(i, j): h for h, (i, j) in enumerate(zip(edges.self_worker_list, edges.neighbor_list))}
+        n = comm.n_workers
+        senders, neighbors = edges.on_host
         self.identity = torch.arange(edges.num, device=device)
-        self.sending_worker = np.array(
-            [i - comm.first_worker for i, s in zip(edges.self_worker_list, edges.sends) if s], dtype=np.int64)
-        local_targets, local_sources = [], []
-        per_peer: dict[int, tuple[list, list]] = {}
-        for h, (i, j) in enumerate(zip(edges.self_worker_list, edges.neighbor_list)):
-            if comm.is_local(j):
-                if edges.receives[h]:
-                    local_targets.append(h)
-                    local_sources.append(index_of[(j, i)])
-                continue
-            send_list, recv_list = per_peer.setdefault(comm.process_of(j), ([], []))
-            if edges.sends[h]:
-                send_list.append(((j, i), h))  # ordered as the peer orders its half-edges
-            if edges.receives[h]:
-                recv_list.append(((i, j), h))
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+        self.sending_worker = senders[edges.sends] - comm.first_worker
+        # Half-edges are sorted by (i, j), so the partner (j -> i) of a local j is found by bisection.
+        is_local = (neighbors >= comm.first_worker) & (neighbors < comm.first_worker + comm.num_local)
+        local_targets = np.flatnonzero(is_local & edges.receives)
+        local_sources = np.searchsorted(senders * n + neighbors, neighbors[local_targets] * n + senders[local_targets])
+        as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)
         self.local_targets, self.local_sources = as_long(local_targets), as_long(local_sources)
-        self.all_local = local_targets == list(range(edges.num))  # every message stays in this process
-        self.peers = {
-            peer: (as_long([h for _, h in sorted(sends)]), as_long([h for _, h in sorted(recvs)]))
-            for peer, (sends, recvs) in sorted(per_peer.items())
-        }
+        self.all_local = np.array_equal(local_targets, np.arange(edges.num))  # every message stays in this process
+        peer_of = neighbors // comm.num_local
+        self.peers = {}
+        for peer in np.unique(peer_of[~is_local]).tolist():
+            to_peer = peer_of == peer
+            sends = np.flatnonzero(to_peer & edges.sends)
+            sends = sends[np.lexsort((senders[sends], neighbors[sends]))]  # ordered as the peer orders its half-edges
+            self.peers[peer] = (as_long(sends), as_long(np.flatnonzero(to_peer & edges.receives)))
 
 
 def _row_bytes(stack: torch.Tensor) -> int:

@@ -102,7 +102,9 @@ class Topology:
         support = (W > 0) | (W.T > 0)
         np.fill_diagonal(support, False)
         self._support = support
-        self._neighbors = [np.flatnonzero(row).tolist() for row in support]
+        # Every (i, j) of the support, sorted by i then j: one pass over W, not one per worker.
+        self._pairs = np.nonzero(support)
+        self._first_pair = np.searchsorted(self._pairs[0], np.arange(len(W) + 1))  # worker i's pairs: [first[i], first[i + 1])
 
         if connected:
             _check_connected(support, f"the graph of {name!r} (non-zero off-diagonal entries of W, as undirected)")
@@ -127,7 +129,13 @@ class Topology:
     def neighbor_ranks(self, rank):
         """Sorted workers j != rank with W[rank, j] > 0 or W[j, rank] > 0."""
         self._check_rank(rank)
-        return list(self._neighbors[rank])
+        return self._pairs[1][self._first_pair[rank]:self._first_pair[rank + 1]].tolist()
+
+    def half_edges_of(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(i, j) of every pair of neighbours with i in first .. first + count - 1, sorted by i then j:
+        `neighbor_ranks` of a block of workers at once, as two int64 arrays."""
+        span = slice(self._first_pair[first], self._first_pair[first + count])
+        return self._pairs[0][span].astype(np.int64), self._pairs[1][span].astype(np.int64)
 
     def weight(self, sender, receiver) -> float:
         """How much `receiver` weighs the message from `sender`: W[receiver, sender]."""

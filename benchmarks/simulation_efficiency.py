@@ -5,7 +5,7 @@ autocast and channels_last and no communication. The simulation is train.py's st
 n_workers replicas (models.stacked.StackedReplicas) each doing forward/backward on its
 own batch, then the gossip and the Nesterov-SGD step on the stacks. Both are timed in
 the same run on the same device; throughput is images per second; the ratio is
-simulation / ceiling. Peak GPU memory is reported for each.
+simulation / ceiling. Peak GPU memory is reported for each, counted from the row's start (start_row).
 
     python benchmarks/simulation_efficiency.py                         # ResNet-20, 16 workers
     python benchmarks/simulation_efficiency.py --architectures resnet20,resnet18 --optimizers power-gossip,dpsgd,choco
@@ -15,6 +15,7 @@ simulation / ceiling. Peak GPU memory is reported for each.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -49,19 +50,30 @@ def images_per_second(step, images_per_step, device, steps, warmup=3) -> float:
     return images_per_step * steps / (time.perf_counter() - started)
 
 
-def peak_memory_gb(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+def start_row(device) -> float:
+    """Free what earlier rows left and restart the peak; returns the GB still allocated after that.
+
+    An earlier row's replicas (modules, CUDA graphs) can sit in reference cycles that only
+    the collector frees; without gc.collect() they stayed allocated and a row's peak counted
+    them. Rows stay in one process, not one each, so that the script also runs under mpirun
+    and every row shares the ceiling's CUDA context; what is still allocated after the
+    collection (nothing of this row's) is subtracted from the row's peak."""
+    gc.collect()
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**30
 
 
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def peak_memory_gb(device, leftover_gb: float) -> float:
+    """The row's own peak: the peak since start_row, less what was allocated before the row."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 - leftover_gb if device.type == "cuda" else float("nan")
 
 
 def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
     """One model at the combined batch, bf16 autocast, channels_last, SGD; no communication."""
-    reset_peak(device)
+    leftover = start_row(device)
     torch.manual_seed(0)
     model = models.build(architecture).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -75,12 +87,12 @@ def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
         loss.backward()
         optimizer.step()
 
-    return images_per_second(step, batch, device, steps), peak_memory_gb(device)
+    return images_per_second(step, batch, device, steps), peak_memory_gb(device, leftover)
 
 
 def simulation(architecture, n_workers, batch, optimizer, dtype, compute, streams, device, steps) -> tuple[float, float]:
     """train.py's step over n_workers stacked replicas in one process, gossip included."""
-    reset_peak(device)
+    leftover = start_row(device)
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
     template = models.build(architecture)
@@ -99,7 +111,7 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, compute, stream
             gossip.step(workers.params)
         nesterov_sgd_step(workers.params, workers.grads, momenta, 0.01, 0.9, decays)
 
-    return images_per_second(step, n_workers * batch, comm.device, steps), peak_memory_gb(comm.device)  # all processes' images
+    return images_per_second(step, n_workers * batch, comm.device, steps), peak_memory_gb(comm.device, leftover)  # all processes' images
 
 
 def main():

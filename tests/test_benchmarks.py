@@ -1,4 +1,5 @@
 """The benchmark scripts keep working (their --quick forms, on the CPU)."""
+import json
 import subprocess
 import sys
 
@@ -14,3 +15,19 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "torch" in result.stdout and "ratio" in result.stdout
     assert (tmp_path / "out.json").stat().st_size > 100
+
+
+def test_consensus_scaling_times_every_method_and_graph_and_compares_two_trees(tmp_path):
+    """--quick: every method on every graph it takes, at two worker counts; --compare runs both trees
+    (here the repository against itself) and writes their medians side by side."""
+    out = tmp_path / "compare.json"
+    result = subprocess.run([sys.executable, "benchmarks/consensus_scaling.py", "--quick", "--compare", ROOT,
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torch" in result.stdout and "growth" in result.stdout and "whole process" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["method"], row["graph"]) for row in rows} == {
+        (method, graph) for method in ("uncompressed", "power_gossip") for graph in ("ring", "random_matching", "one_peer_hypercube")
+    } | {("sign_choco", "ring")}
+    assert [row["n_workers"] for row in rows[:2]] == [8, 16]
+    assert all(row["steps_per_s_before"] > 0 and row["steps_per_s_after"] > 0 for row in rows)

@@ -2,6 +2,7 @@
 import json
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -144,3 +145,31 @@ def test_a_layout_mistake_says_what_was_expected_and_how_to_launch(method):
     with pytest.raises(ValueError, match=r"stacked over 1 workers, but this process hosts 4 of the 4 workers "
                                          r"\(0..3\).*\[4, \*shape\].*mpirun -np 4"):
         gossip.step(one_worker_stacks)
+
+
+@pytest.mark.parametrize("name, n, round", [("ring", 8, 0), ("star", 6, 0), ("one_peer_exponential", 8, 1),
+                                            ("random_matching", 8, 3), ("unidirectional_ring", 6, 0)])
+def test_routes_of_every_process_pair_each_half_edge_with_its_partner(name, n, round):
+    """The array-built plan against the definition, for every process of every layout: a local partner's
+    row is found, and a peer process gets the half-edges it listens on, ordered as it orders its own."""
+    graph = topologies.build(name, n).at(round)
+    W = graph.diffusion_matrix
+    for processes in [p for p in (1, 2, n // 2, n) if n % p == 0]:
+        for rank in range(processes):
+            L = n // processes
+            stand_in = types.SimpleNamespace(device=torch.device("cpu"), n_workers=n, first_worker=rank * L, num_local=L)
+            edges = comm_module.HalfEdges(graph, rank * L, L, stand_in.device)
+            routes = comm_module._Routes(edges, stand_in)
+            pairs = edges.pairs
+            assert pairs == [(i, j) for i in range(rank * L, rank * L + L) for j in graph.neighbor_ranks(i)]
+            local = [(h, pairs.index((j, i))) for h, (i, j) in enumerate(pairs) if j // L == rank and W[i, j] > 0]
+            assert list(zip(routes.local_targets.tolist(), routes.local_sources.tolist())) == local
+            assert routes.sending_worker.tolist() == [i - rank * L for i, j in pairs if W[j, i] > 0]
+            for peer in range(processes):
+                sends = sorted((j, i, h) for h, (i, j) in enumerate(pairs) if j // L == peer and W[j, i] > 0)
+                receives = [h for h, (i, j) in enumerate(pairs) if j // L == peer and W[i, j] > 0]
+                if peer == rank or not any(j // L == peer for _, j in pairs):
+                    assert peer not in routes.peers
+                    continue
+                assert routes.peers[peer][0].tolist() == [h for _, _, h in sends]
+                assert routes.peers[peer][1].tolist() == receives
