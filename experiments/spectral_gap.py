@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gossip_run  # noqa: E402
 from experiments import sweep  # noqa: E402
 from experiments import topologies as topology_study  # noqa: E402
-from powergossip import configuration, figures, topologies  # noqa: E402
+from powergossip import figures, topologies  # noqa: E402
 
 FIXED = ("ring", "torus", "exponential")
 TIME_VARYING = ("one_peer_hypercube", "random_matching")
@@ -55,15 +55,8 @@ SLOPE_HEADER = ["method", "slope, all its graphs", "points", "slope, fixed graph
 
 
 def study_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
-    settings = QUICK if quick else FULL
-    runs = []
-    for n in settings["sizes"]:
-        base = [f"n_workers={n}", f"matrix_size={settings['matrix_size']}", f"num_steps={settings['num_steps']}",
-                "data_type=random", "seed=42", f"hyperparameter_num_samples={settings['gammas']}"]
-        for method, (overrides, graphs) in METHODS.items():
-            runs += [sweep.Run(f"{method}-{graph}-n{n}", "gossip_run.py", base + overrides + [f"topology={graph}"] + extra,
-                               {"method": method, "graph": graph, "n": n}) for graph in graphs]
-    return runs
+    return topology_study.gossip_runs(QUICK if quick else FULL, METHODS, topology_study.overrides_for(gossip_run.DEFAULTS, extra),
+                                      lambda n, method, graph: f"{method}-{graph}-n{n}")
 
 
 def fitted_rate(points: list[tuple[int, float]]) -> tuple[float, int]:
@@ -157,10 +150,6 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list
 def main():
     parser = sweep.study_arguments(__doc__, quick_help="tiny: 8 workers, 6 x 6 matrices, 100 rounds")
     args = parser.parse_args()
-    unknown = [item for item in args.overrides
-               if "=" in item and configuration.canonical_key(item.split("=", 1)[0], gossip_run.DEFAULTS) not in gossip_run.DEFAULTS]
-    if unknown:
-        parser.error(f"gossip_run.py does not know {', '.join(unknown)}")
     folder = sweep.study_folder(args, "spectral_gap")
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
     rows, slopes = write_results(outcomes, folder)
