@@ -200,8 +200,10 @@ def test_spectral_gap_study_fits_rates_and_slopes_at_tiny_scale(tmp_path):
     assert float(rates["uncompressed", "one_peer_hypercube"]["rate (fitted)"]) == 1.0  # exact average after log2(8) rounds
     assert 0 < float(rates["power_gossip", "ring"]["rate (fitted)"]) < float(rates["uncompressed", "ring"]["rate (fitted)"])
     assert ("sign_choco", "random_matching") not in rates  # Choco runs on fixed graphs only
-    slopes = {row["method"]: row for row in csv.DictReader(open(tmp_path / "slopes.csv"))}
-    assert float(slopes["uncompressed"]["slope, all its graphs"]) == pytest.approx(1.0, abs=0.1)
+    assert int(rates["uncompressed", "ring"]["rounds to 1e-06"]) <= 40  # gap 0.195: 1e-6 of the error in ln(1e6) / 0.39 rounds
+    slopes = {(row["rate"], row["method"]): row for row in csv.DictReader(open(tmp_path / "slopes.csv"))}
+    assert float(slopes["fitted rate", "uncompressed"]["slope, all its graphs"]) == pytest.approx(1.0, abs=0.1)
+    assert int(slopes["fitted rate", "sign_choco"]["fixed graphs"]) == 3
     assert os.path.getsize(tmp_path / "rate_vs_gap.png") > 1000
 
 
@@ -210,5 +212,8 @@ def test_spectral_gap_rate_fit_recovers_a_known_contraction():
     rate, _ = spectral_gap.fitted_rate(points)
     assert rate == pytest.approx(0.1)
     assert spectral_gap.fitted_rate([(0, 1.0), (1, 0.25), (2, 0.0)])[0] == 1.0  # exact averaging after two rounds
+    logged = points + [(70, 0.9 ** 140)]  # 1e-6 is first reached at round 66; the first logged round at or below it is 70
+    assert spectral_gap.rate_to_target(logged) == (pytest.approx(1 - 1e-6 ** (1 / 140)), 70)
+    assert spectral_gap.rate_to_target(points)[1] is None
     assert spectral_gap.slope([(0.01, 0.002), (0.1, 0.02), (1.0, 0.2)]) == pytest.approx(1.0)
     assert spectral_gap.slope([(0.01, 1e-4), (0.1, 1e-2)]) == pytest.approx(2.0)
