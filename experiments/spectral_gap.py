@@ -9,8 +9,9 @@ log(gap) per method: a slope of 1 is linear, 2 quadratic.
 
 Every worker starts from its own random matrix (gossip_run.py, data_type=random).
 Graphs: ring, torus and the undirected exponential graph at n = 8, 16, 32 and 64
-(fixed; 20 x 20 matrices, 4,000 rounds, 30,000 on the 32- and 64-ring), one_peer_hypercube and random_matching (a graph per round, with the per-round
-equivalent gap of topologies.TimeVarying.spectral_gap). Methods: uncompressed gossip
+(fixed; 20 x 20 matrices, 4,000 rounds, 30,000 on the 32- and 64-ring), one_peer_hypercube
+and random_matching (a graph per round, with the per-round equivalent gap of
+topologies.TimeVarying.spectral_gap). Methods: uncompressed gossip
 (gamma 1), PowerGossip rank 1 (gamma 1, its default) on every graph; Choco sign+norm
 with gamma the best of a small grid per graph, on the fixed graphs only (its s_i
 bookkeeping needs the same W every round).
@@ -48,7 +49,7 @@ METHODS = {
     "sign_choco": (["algorithm=sign_choco", "hyperparameter_range_min=0.01", "hyperparameter_range_max=2"], FIXED),
 }
 FULL = {"sizes": (8, 16, 32, 64), "matrix_size": 20, "num_steps": 4000, "gammas": 10}
-LONGER = {("ring", 32): 30000, ("ring", 64): 30000}  # (graph, n) -> rounds: PowerGossip's rate there is ~3e-4
+LONGER = {("ring", 32): 30000, ("ring", 64): 30000}  # (graph, n) -> rounds: PowerGossip's rate there is below 1e-3
 QUICK = {"sizes": (8,), "matrix_size": 6, "num_steps": 100, "gammas": 2}
 MARKERS = {"ring": "o", "torus": "s", "exponential": "^", "one_peer_hypercube": "D", "random_matching": "v"}
 COLORS = {"uncompressed": "tab:blue", "power_gossip": "tab:orange", "sign_choco": "tab:green"}
@@ -73,8 +74,8 @@ def fitted_rate(points: list[tuple[int, float]]) -> tuple[float, int]:
     """(rate c, rounds fitted): the error's norm shrinks by a factor 1 - c per round, c comparable
     with the spectral gap. Least squares of log(error) against the round over the last three
     quarters of the rounds before the error first falls below FLOOR x the start (rounding, not
-    the graph, can set the pace below it), which skips the first rounds'
-    transient (PowerGossip's warm start forming). A graph that brings the error below the floor
+    the graph, can set the pace below it), which skips the first rounds' transient
+    (PowerGossip's warm start forming). A graph that brings the error below the floor
     within the rounds logged one by one (10: the one-peer hypercube averages exactly in log2(n)
     rounds) gets the mean rate over those rounds, as does a window of fewer than 3 points."""
     start = points[0][1]
