@@ -225,6 +225,9 @@ def checked_training(cfg: dict, defaults: dict) -> dict:
     if cfg["distributed_lr_warmup_epoch"] < 0 or not cfg["distributed_lr_warmup_factor"] > 0:
         raise ConfigError("distributed_lr_warmup_epoch must be >= 0 and distributed_lr_warmup_factor > 0, got "
                                f"{cfg['distributed_lr_warmup_epoch']} and {cfg['distributed_lr_warmup_factor']}")
+    if not (cfg["network_latency_s"] >= 0 and cfg["network_bandwidth_bits_per_s"] > 0):
+        raise ConfigError(f"network_latency_s must be >= 0 and network_bandwidth_bits_per_s > 0, got "
+                          f"{cfg['network_latency_s']} and {cfg['network_bandwidth_bits_per_s']}")
     if not cfg["max_loss_ratio"] > 1:
         raise ConfigError(f"max_loss_ratio must be > 1 (a multiple of the first step's loss), got {cfg['max_loss_ratio']}")
     cfg["lr_schedule_milestones"] = [list(m) if isinstance(m, (list, tuple)) else [m, 0.1] for m in cfg["lr_schedule_milestones"]]

@@ -17,7 +17,11 @@ A record is one JSON object per line of metrics.jsonl:
   model, runtime) and "worker" for a worker's own record; records without "worker"
   are means over workers.
 - `time_<section>` records (split runtime) are cumulative: the seconds spent in that
-  section since this launch began (a resumed run counts from its resume).
+  section since this launch began (a resumed run counts from its resume). The step's
+  compute is `time_batch`, `time_forward_backward` and `time_update`.
+- `communication_time_model` (split network_model): the seconds a worker's
+  communication since the start of the run would take on a latency-bandwidth network
+  (`network_seconds`, train.py's `network_*` keys), from the same bits and messages.
 
 TensorBoard gets every record without a "worker" tag twice: tag `<name>/<tags...>`
 against the epoch, and tag `by_kB_sent/<name>/<tags...>` against the kB sent per
@@ -166,6 +170,19 @@ def evaluate(model, dataset, cfg) -> tuple[float, float]:
     return total_loss / count, correct / count
 
 
+def network_seconds(bits, messages, latency_s: float, bandwidth_bits_per_s: float):
+    """Seconds a worker spends communicating on a latency-bandwidth network: alpha per message
+    plus its bits at the link's bandwidth beta (the alpha-beta model).
+
+    A worker's messages go in sequence over its one link (its network interface, shared by
+    all its neighbours), so their times add up; the gossip step is synchronous and every
+    worker of a regular graph sends the same. Linear in bits and messages, so applied to a
+    run's cumulative counts (train.py's records: per worker, mean over workers) it gives the
+    sum of every step's time. Counts are what comm.py sends: all-reduce and PowerSGD count the
+    buffer once per step, one message, which is less than a ring all-reduce moves."""
+    return messages * latency_s + bits / bandwidth_bits_per_s
+
+
 def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     """Train and test metrics per worker, of the averaged model, consensus distances, spectra."""
     e = epoch + 1
@@ -211,6 +228,8 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
         log_spectra(cfg, e, workers, comm, recorder)
     for label, (mean, _, instances) in timers.summary().items():
         recorder.record(f"time_{label}", e, mean * instances, {"split": "runtime"})
+    recorder.record("communication_time_model", e, network_seconds(recorder.bits, recorder.messages, cfg["network_latency_s"],
+                                                                   cfg["network_bandwidth_bits_per_s"]), {"split": "network_model"})
 
 
 def check_spectrum_logging(cfg: dict) -> None:

@@ -90,6 +90,8 @@ config = dict(
     max_test_examples=None,  # evaluate on the first N test examples only
     evaluation_batch_size=1000,  # batch size of evaluation passes
     checkpoint_every=1,  # epochs between checkpoints (0: only on SIGTERM/SIGINT)
+    network_latency_s=1e-4,  # alpha of the modelled network: seconds per message (a record, not the training)
+    network_bandwidth_bits_per_s=1e9,  # beta of the modelled network: a worker's link, bits per second (a record only)
     max_loss_ratio=100.0,  # a worker loss above this multiple of the run's first mean loss is divergence: stop, save nothing
     resume=False,  # continue the run in output_dir from its checkpoints
     overwrite=False,  # replace the results of another run in output_dir (without it, such a folder is refused)
@@ -103,6 +105,7 @@ MAY_CHANGE_ON_RESUME = (
     "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "data_dir",
     "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
     "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
+    "network_latency_s", "network_bandwidth_bits_per_s",
 )
 
 

@@ -80,16 +80,21 @@ def overrides_for(defaults: dict, extra: list[str]) -> list[str]:
 
 
 def consensus_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
-    settings = CONSENSUS_QUICK if quick else CONSENSUS
+    return gossip_runs(CONSENSUS_QUICK if quick else CONSENSUS, CONSENSUS_METHODS, overrides_for(gossip_run.DEFAULTS, extra),
+                       lambda n, method, graph: f"consensus-n{n}-{method}-{graph}")
+
+
+def gossip_runs(settings: dict, methods: dict, extra: list[str], name) -> list[sweep.Run]:
+    """gossip_run.py runs, each worker from its own random matrix: every method (name -> (overrides,
+    graphs)) on each of its graphs at every size of `settings` (sizes, matrix_size, num_steps, gammas:
+    the size of a tuned method's gamma grid); `name(n, method, graph)` names a run's folder."""
     runs = []
     for n in settings["sizes"]:
         base = [f"n_workers={n}", f"matrix_size={settings['matrix_size']}", f"num_steps={settings['num_steps']}",
                 "data_type=random", "seed=42", f"hyperparameter_num_samples={settings['gammas']}"]
-        for method, (overrides, graphs) in CONSENSUS_METHODS.items():
-            for graph in graphs:
-                runs.append(sweep.Run(f"consensus-n{n}-{method}-{graph}", "gossip_run.py",
-                                      base + overrides + [f"topology={graph}"] + overrides_for(gossip_run.DEFAULTS, extra),
-                                      {"n": n, "method": method, "graph": graph}))
+        for method, (overrides, graphs) in methods.items():
+            runs += [sweep.Run(name(n, method, graph), "gossip_run.py", base + overrides + [f"topology={graph}"] + extra,
+                               {"n": n, "method": method, "graph": graph}) for graph in graphs]
     return runs
 
 

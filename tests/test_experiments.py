@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, power_iterations, report, sweep, warm_start
+from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, power_iterations, report, spectral_gap, sweep, warm_start
 from experiments import topologies as topology_study
 from tests.test_data import fake_fmnist
 from powergossip import figures
@@ -137,7 +137,7 @@ def test_quick_studies_write_outside_the_tracked_tree():
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
     for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid"), (power_iterations, "power_iterations"),
-                        (warm_start, "warm_start"), (topology_study, "topologies")):
+                        (warm_start, "warm_start"), (topology_study, "topologies"), (spectral_gap, "spectral_gap")):
         args = sweep.study_arguments("").parse_args(["--quick"])
         folder = sweep.study_folder(args, name)
         ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
@@ -157,7 +157,7 @@ def test_quick_studies_leave_git_status_unchanged():
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
     before = status()
-    for study in (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study):
+    for study in (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap):
         result = sp.run([sys.executable, study.__file__, "--quick", "--report-only"], cwd=sweep.ROOT, capture_output=True,
                         text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stdout + result.stderr
@@ -186,3 +186,34 @@ def test_topology_study_sends_each_part_its_own_overrides():
     assert topology_study.overrides_for(topology_study.train._DEFAULTS, ["num_epochs=1", "matrix_size=6"]) == ["num_epochs=1"]
     with pytest.raises(SystemExit, match="neither gossip_run.py nor train.py knows nonsense=1"):
         topology_study.consensus_runs(True, ["nonsense=1"])
+
+
+def test_spectral_gap_study_fits_rates_and_slopes_at_tiny_scale(tmp_path):
+    result = subprocess.run([sys.executable, spectral_gap.__file__, "--quick", "--output", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(spectral_gap.study_runs(True, [])) == 5 + 5 + 3
+    rates = {(row["method"], row["graph"]): row for row in csv.DictReader(open(tmp_path / "rates.csv"))}
+    for graph in ("ring", "torus"):  # uncompressed gossip with gamma 1 contracts at exactly |lambda_2| per round
+        row = rates["uncompressed", graph]
+        assert float(row["rate (fitted)"]) == pytest.approx(float(row["spectral gap (per round)"]), rel=0.02)
+    assert float(rates["uncompressed", "one_peer_hypercube"]["rate (fitted)"]) == 1.0  # exact average after log2(8) rounds
+    assert 0 < float(rates["power_gossip", "ring"]["rate (fitted)"]) < float(rates["uncompressed", "ring"]["rate (fitted)"])
+    assert ("sign_choco", "random_matching") not in rates  # Choco runs on fixed graphs only
+    assert int(rates["uncompressed", "ring"]["rounds to 1e-06"]) <= 40  # gap 0.195: 1e-6 of the error in ln(1e6) / 0.39 rounds
+    slopes = {(row["rate"], row["method"]): row for row in csv.DictReader(open(tmp_path / "slopes.csv"))}
+    assert float(slopes["fitted rate", "uncompressed"]["slope, all its graphs"]) == pytest.approx(1.0, abs=0.1)
+    assert int(slopes["fitted rate", "sign_choco"]["fixed graphs"]) == 3
+    assert os.path.getsize(tmp_path / "rate_vs_gap.png") > 1000
+
+
+def test_spectral_gap_rate_fit_recovers_a_known_contraction():
+    points = [(step, 0.9 ** (2 * step)) for step in (0, 1, 2, 5, 10, 20, 30)]  # squared norm of a 0.9-contraction
+    rate, _ = spectral_gap.fitted_rate(points)
+    assert rate == pytest.approx(0.1)
+    assert spectral_gap.fitted_rate([(0, 1.0), (1, 0.25), (2, 0.0)])[0] == 1.0  # exact averaging after two rounds
+    logged = points + [(70, 0.9 ** 140)]  # 1e-6 is first reached at round 66; the first logged round at or below it is 70
+    assert spectral_gap.rate_to_target(logged) == (pytest.approx(1 - 1e-6 ** (1 / 140)), 70)
+    assert spectral_gap.rate_to_target(points)[1] is None
+    assert spectral_gap.slope([(0.01, 0.002), (0.1, 0.02), (1.0, 0.2)]) == pytest.approx(1.0)
+    assert spectral_gap.slope([(0.01, 1e-4), (0.1, 1e-2)]) == pytest.approx(2.0)

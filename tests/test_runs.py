@@ -123,6 +123,20 @@ def test_resume_may_change_the_learning_rate_and_epochs(tmp_path, tiny_data):
     assert stored["learning_rate"] == 0.01 and not stored["resume"]  # a new run from this file starts afresh
 
 
+def test_the_modelled_network_time_is_recorded_and_may_change_on_resume(tmp_path, tiny_data):
+    """communication_time_model = alpha x messages + bits / beta (metrics.network_seconds), from the
+    epoch's cumulative counts; the network keys change no training, so a resume may change them."""
+    run(str(tmp_path), settings(tiny_data, network_latency_s=0.001, network_bandwidth_bits_per_s=1e6))
+    run(str(tmp_path), settings(tiny_data, num_epochs=2, network_latency_s=0.0, network_bandwidth_bits_per_s=1e8) + ["resume=true"])
+    modelled = {r["epoch"]: r for r in runs.read_metrics(str(tmp_path)) if r["name"] == "communication_time_model"}
+    first, second = modelled[1.0], modelled[2.0]
+    assert first["messages"] > 0 and first["bits"] > 0  # power-gossip on a 4-ring sends from its second step
+    assert first["value"] == pytest.approx(first["messages"] * 0.001 + first["bits"] / 1e6)
+    assert second["value"] == pytest.approx(second["bits"] / 1e8)
+    with pytest.raises(configuration.ConfigError, match="network_bandwidth_bits_per_s > 0"):
+        train.validated(dict(DEFAULTS) | {"network_bandwidth_bits_per_s": 0.0})
+
+
 def test_a_stored_config_given_to_a_new_run_replaces_nothing(tmp_path, tiny_data):
     run(str(tmp_path / "a"), settings(tiny_data) + ["overwrite=true"])
     before = contents(tmp_path / "a")
