@@ -159,7 +159,9 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list
                           label=f"{method}: slope {every:.2f} (fixed graphs {fixed:.2f}, rings {rings:.2f})")
         for graph, marker in MARKERS.items():  # a legend entry per graph, in neutral grey
             axis.scatter([], [], color="gray", marker=marker, label=graph)
-        axis.set(xscale="log", yscale="log", xlabel="spectral gap (per round)", title=measure)
+        axis.set(xlabel="spectral gap (per round)", title=measure)
+        if any(by_method.values()):  # a log axis needs a point (runs not done yet: an empty figure)
+            axis.set(xscale="log", yscale="log")
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=7)
     figure.axes[0].set_ylabel("rate c: the error's norm shrinks by 1 - c per round")
