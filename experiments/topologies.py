@@ -26,7 +26,6 @@ table.md/.csv and test_accuracy.png (training).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
