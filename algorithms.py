@@ -97,6 +97,24 @@ def matrix_view(stack: torch.Tensor, m: int, n: int) -> torch.Tensor:
     return stack.view(stack.shape[0], m, n)
 
 
+def check_layout(comm, stacks: list[torch.Tensor]) -> None:
+    """ValueError (saying what was expected and how to launch) unless every tensor is stacked
+    over this process's workers, `[L, *shape]`."""
+    for stack in stacks:
+        if stack.shape[0] != comm.num_local:
+            raise ValueError(comm.layout_problem(stack.shape[0]))
+
+
+def matrix_groups(stacks: list[torch.Tensor], rank: int, keep=lambda shape: True) -> list[tuple[list[int], int, int, int]]:
+    """[(indices, m, n, r)]: the stacks whose per-worker shape `keep` accepts, grouped by their
+    matrix view and rank (compressors.matrix_shape), so that same-shape matrices are batched."""
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for k, stack in enumerate(stacks):
+        if keep(stack.shape[1:]):
+            shapes.setdefault(matrix_shape(stack.shape[1:], rank), []).append(k)
+    return [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
+
+
 class GossipAlgorithm:
     """Interface. `step(params)` gossips in place (one round); bytes are counted by `comm`.
 
@@ -282,14 +300,11 @@ class PowerGossip(GossipAlgorithm):
         self.p, self.q, self.generators = None, None, []
         self.half_steps = np.zeros(0, dtype=np.int64)
         self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
-        self._rows_on_device = None  # (rows, the same as a device tensor) of the latest round
+        self._rows = None  # the latest round's rows: (on the host, on the device, whether they are every pool row in order)
 
     # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
-        shapes: dict[tuple[int, int, int], list[int]] = {}
-        for k, x in enumerate(params):
-            shapes.setdefault(matrix_shape(x.shape[1:], self.rank), []).append(k)
-        self.groups = [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
+        self.groups = matrix_groups(params, self.rank)
         self.p = [torch.zeros((0, len(indices), m, r), device=self.comm.device) for indices, m, n, r in self.groups]
         self.q = [torch.zeros((0, len(indices), n, r), device=self.comm.device) for indices, m, n, r in self.groups]
         pending, self._pending_state = self._pending_state, None
@@ -303,37 +318,42 @@ class PowerGossip(GossipAlgorithm):
             self.edge_rows.load_state_dict(pending["edge_rows"])
             self.half_steps = pending["half_steps"].numpy().astype(np.int64)
 
-    def _rows_of_round(self, edges, round: int) -> torch.Tensor:
-        """This round's state rows in half-edge order; a half-edge whose state starts now gets a
-        generator seeded by its edge (and the round, after round 0) and draws P, then Q, from it,
-        so that both ends hold identical buffers."""
+    def _rows_of_round(self, edges, round: int) -> tuple[np.ndarray, torch.Tensor, bool]:
+        """This round's state rows in half-edge order, on the host and on the device, and whether
+        they are every row of the pools in order (a static graph: the pools are the round's P and Q).
+        A half-edge whose state starts now gets a generator seeded by its edge (and the round,
+        after round 0) and draws P, then Q, from it, so that both ends hold identical buffers."""
         rows, fresh, freed = self.edge_rows.assign(edges.pairs, round)
         grow = len(self.edge_rows.edge_of_row) - self.p[0].shape[0] if self.p else 0
         if grow > 0:
             self.p = [torch.cat([p, p.new_zeros((grow,) + p.shape[1:])]) for p in self.p]
             self.q = [torch.cat([q, q.new_zeros((grow,) + q.shape[1:])]) for q in self.q]
         self.generators += [None] * (len(self.edge_rows.edge_of_row) - len(self.generators))
-        self.half_steps = np.concatenate([self.half_steps, np.zeros(len(self.generators) - len(self.half_steps), np.int64)])
-        self.half_steps[[rows[position] for position in fresh]] = 0
+        if len(self.half_steps) < len(self.generators):
+            self.half_steps = np.concatenate([self.half_steps, np.zeros(len(self.generators) - len(self.half_steps), np.int64)])
         if fresh:
-            for position in fresh:
+            fresh_rows = rows[fresh]
+            self.half_steps[fresh_rows] = 0
+            for position, row in zip(fresh, fresh_rows):
                 generator = torch.Generator(device="cpu")
                 generator.manual_seed(edge_seed(self.seed, edges.self_worker_list[position], edges.neighbor_list[position],
                                                 since=round))
-                self.generators[rows[position]] = generator
-            fresh_rows = torch.tensor([rows[position] for position in fresh], device=self.comm.device)
-            fresh_generators = [self.generators[rows[position]] for position in fresh]
+                self.generators[row] = generator
+            fresh_generators = [self.generators[row] for row in fresh_rows]
+            fresh_rows = torch.as_tensor(fresh_rows, device=self.comm.device)
             for pool, drawn in zip(self.p, self._draw(fresh_generators, lambda m, n, r: (m, r))):
                 pool[fresh_rows] = drawn
             for pool, drawn in zip(self.q, self._draw(fresh_generators, lambda m, n, r: (n, r))):
                 pool[fresh_rows] = drawn
         for row in freed:
             self.generators[row] = None  # a freed row's generator goes with its edge (its P and Q rows wait for reuse)
-        if self._rows_on_device is None or not np.array_equal(self._rows_on_device[0], rows):
+        if self._rows is None or not np.array_equal(self._rows[0], rows):
             # Copied to the device only when they change (never, on a static graph): a copy each
             # round would wait for the GPU's queue to drain at every step.
-            self._rows_on_device = (np.array(rows, dtype=np.int64), torch.tensor(rows, dtype=torch.long, device=self.comm.device))
-        return self._rows_on_device[1]
+            rows = np.array(rows, dtype=np.int64)
+            every_row = bool(len(rows) == len(self.generators) and np.array_equal(rows, np.arange(len(rows))))
+            self._rows = (rows, torch.tensor(rows, dtype=torch.long, device=self.comm.device), every_row)
+        return self._rows
 
     def _draw(self, generators, factor_shape) -> list[torch.Tensor]:
         """Fresh standard normal factors `[len(generators), G, rows, r]` per group from the edges' generators."""
@@ -364,14 +384,12 @@ class PowerGossip(GossipAlgorithm):
     def step(self, params):
         graph = self.next_graph()
         if self.groups is None:  # the first step sees the stacks: check their layout once
-            for x in params:
-                if x.shape[0] != self.comm.num_local:
-                    raise ValueError(self.comm.layout_problem(x.shape[0]))
+            check_layout(self.comm, params)
             self._init_state(params)
         edges = self.comm.half_edges(graph)
-        rows = self._rows_of_round(edges, self.round - 1)
-        p, q = [pool[rows] for pool in self.p], [pool[rows] for pool in self.q]  # this round's edges' P and Q
-        rows_on_host = self._rows_on_device[0]
+        rows_on_host, rows, every_row = self._rows_of_round(edges, self.round - 1)
+        # This round's edges' P and Q: the pools themselves when the round holds every row in order
+        p, q = (self.p, self.q) if every_row else ([pool[rows] for pool in self.p], [pool[rows] for pool in self.q])
         half_steps = self.half_steps[rows_on_host]
         for k in range(self.num_iterations):
             if self.iteration + k == 0:
@@ -383,25 +401,27 @@ class PowerGossip(GossipAlgorithm):
             for left in (True, False):
                 chosen = np.flatnonzero((half_steps + k) % 2 == (0 if left else 1))
                 if len(chosen) == edges.num and (left or edges.num):
-                    self._half_step(params, graph, edges, rows, p, q, left)
+                    self._half_step(params, graph, edges, rows_on_host, p, q, left)
                 elif len(chosen):
                     part = topologies.without_edges(graph, [(edges.self_worker_list[h], edges.neighbor_list[h])
                                                             for h in np.setdiff1d(np.arange(edges.num), chosen)])
                     at = torch.as_tensor(chosen, device=self.comm.device)
                     p_part, q_part = [x[at] for x in p], [x[at] for x in q]
-                    self._half_step(params, part, self.comm.half_edges(part), rows[at], p_part, q_part, left)
+                    self._half_step(params, part, self.comm.half_edges(part), rows_on_host[chosen], p_part, q_part, left)
                     for mine, part_of in zip(p + q, p_part + q_part):
                         mine[at] = part_of
         self.half_steps[rows_on_host] += self.num_iterations
-        for pool, mine in zip(self.p + self.q, p + q):
-            pool[rows] = mine
+        if not every_row:
+            for pool, mine in zip(self.p + self.q, p + q):
+                pool[rows] = mine
         self.iteration += self.num_iterations
 
     def _half_step(self, params, graph, edges, rows, p, q, left: bool) -> None:
-        """One power-iteration half-step on every half-edge of `graph` (P, Q: its rows, changed in
-        place in the lists), and the update X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T."""
+        """One power-iteration half-step on every half-edge of `graph` (`rows`: their state rows on
+        the host; P, Q: those rows, changed in place in the lists), and the update
+        X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T."""
         if not self.warm_start:
-            generators = [self.generators[row] for row in rows.tolist()]
+            generators = [self.generators[row] for row in rows]
             (p if left else q)[:] = self._draw(generators, (lambda m, n, r: (m, r)) if left else (lambda m, n, r: (n, r)))
         starts = p if left else q
         for start in starts:
@@ -707,16 +727,14 @@ class PowerSGD(GossipAlgorithm):
         self.generator = torch.Generator(device="cpu")  # the same draws on every worker: Q is shared
         self.generator.manual_seed(int(np.random.SeedSequence([seed, POWERSGD_STREAM]).generate_state(1, np.uint64)[0] >> 1))
         self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
+        self.compressed = set()  # the indices in groups: the tensors sent as factors once compressing starts
         self.q = None  # per group [G, n, r], identical on all workers
         self.memory = None  # per parameter [L, *shape] (zeros for the uncompressed ones)
         self._pending = None  # a loaded state waits for the first step, which knows the shapes
 
     def _init_state(self, grads):
-        shapes: dict[tuple[int, int, int], list[int]] = {}
-        for k, g in enumerate(grads):
-            if worth_compressing(g.shape[1:], self.rank, self.min_compression_rate):
-                shapes.setdefault(matrix_shape(g.shape[1:], self.rank), []).append(k)
-        self.groups = [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
+        self.groups = matrix_groups(grads, self.rank, lambda shape: worth_compressing(shape, self.rank, self.min_compression_rate))
+        self.compressed = {k for indices, *_ in self.groups for k in indices}
         self.dtype = grads[0].dtype if grads else torch.float32
         self.q = self._draw_q()
         self.memory = [torch.zeros_like(g) for g in grads]
@@ -729,9 +747,7 @@ class PowerSGD(GossipAlgorithm):
     @torch.no_grad()
     def step(self, grads: list[torch.Tensor]) -> None:
         if self.groups is None:
-            for g in grads:
-                if g.shape[0] != self.comm.num_local:
-                    raise ValueError(self.comm.layout_problem(g.shape[0]))
+            check_layout(self.comm, grads)
             self._init_state(grads)
         if self._pending is not None:
             self.q = [q.to(self.comm.device, self.dtype) for q in self._pending["q"]]
@@ -739,8 +755,7 @@ class PowerSGD(GossipAlgorithm):
             self._pending = None
         compressing = self.round >= self.start_compressing_after_num_steps  # round: the steps done
         self.round += 1
-        compressed = {k for indices, *_ in self.groups for k in indices} if compressing else set()
-        exact = [g for k, g in enumerate(grads) if k not in compressed]
+        exact = [g for k, g in enumerate(grads) if not (compressing and k in self.compressed)]
         for g, mean in zip(exact, self.comm.all_reduce_mean(exact)):
             g.copy_(mean.unsqueeze(0).expand_as(g))
         if not compressing:
@@ -766,13 +781,13 @@ class PowerSGD(GossipAlgorithm):
     def state_dict(self) -> dict:
         if self._pending is not None:  # loaded and not yet put back: it is still the state
             return dict(self._pending)
-        state = {"round": self.round, "generator": self.generator.get_state()}
+        state = super().state_dict() | {"generator": self.generator.get_state()}
         if self.groups is not None:
             state |= {"q": [q.clone() for q in self.q], "memory": [e.clone() for e in self.memory]}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.round = state["round"]
+        super().load_state_dict(state)
         self.generator.set_state(state["generator"])
         self._pending = state if "q" in state else None
 

@@ -363,7 +363,7 @@ class Communicator:
         """The plan of one round's graph, built once per graph object and kept for the PLANS_KEPT
         latest (every phase of a periodic graph; a random graph's rounds pass through)."""
         plan = self._plans.pop(id(topology), None)
-        if plan is None or plan[0] is not topology:
+        if plan is None:
             if not topology.is_static:
                 raise ValueError(f"{topology.name} changes from round to round: exchange along the graph of the "
                                  f"round, topology.at(t) (GossipAlgorithm.next_graph() counts the rounds)")

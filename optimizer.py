@@ -68,13 +68,31 @@ def clip_per_worker(grads, max_norm: float):
 
 
 # --- drop-in optimizers for one worker per process ----------------------------------------------------
-def _one_worker_per_process(who: str, device) -> comm_module.Communicator:
-    """A Communicator with one worker per launched process (at least two)."""
-    world_size = comm_module.init_distributed(str(device)).world_size
-    if world_size < 2:
-        raise ValueError(f"{who} runs one worker per process: launch several, with "
-                         "`mpirun -np N python script.py` or `torchrun --nproc-per-node N script.py`")
-    return comm_module.Communicator(world_size, device)
+class _OneWorkerPerProcess:
+    """What both drop-ins share: a Communicator with one worker per launched process (at least
+    two), every worker starting from worker 0's `parameters` (as in the paper), and this
+    worker's byte and message counts, which their state_dict carries."""
+
+    def __init__(self, parameters: list[torch.Tensor], device):
+        device = parameters[0].device if device is None else device
+        world_size = comm_module.init_distributed(str(device)).world_size
+        if world_size < 2:
+            raise ValueError(f"{type(self).__name__} runs one worker per process: launch several, with "
+                             "`mpirun -np N python script.py` or `torchrun --nproc-per-node N script.py`")
+        self.comm = comm_module.Communicator(world_size, device)
+        with torch.no_grad():
+            self.comm.broadcast_from_worker0([p.data.unsqueeze(0) for p in parameters])
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this worker has sent (what goes on the wire, exactly)."""
+        return int(self.comm.bytes_sent[0])
+
+    def _counters(self) -> dict:
+        return {"bytes_sent": int(self.comm.bytes_sent[0]), "messages_sent": int(self.comm.messages_sent[0])}
+
+    def _load_counters(self, state: dict) -> None:
+        self.comm.bytes_sent[0], self.comm.messages_sent[0] = state["bytes_sent"], state["messages_sent"]
 
 
 def _stacked_gradients(parameters) -> list[torch.Tensor]:
@@ -88,7 +106,7 @@ def _stacked_gradients(parameters) -> list[torch.Tensor]:
     return [p.grad.unsqueeze(0) for p in trained]
 
 
-class DecentralizedOptimizer:
+class DecentralizedOptimizer(_OneWorkerPerProcess):
     """Wraps `optimizer` (any torch optimizer, any parameter groups) so that `step()` also
     gossips `model`'s parameters with this worker's neighbours in `topology` (a name of
     topologies.build, or a Topology). Workers start from worker 0's parameters."""
@@ -98,7 +116,7 @@ class DecentralizedOptimizer:
         parameters = list(dict.fromkeys(model.parameters()))  # tied parameters once
         if not parameters:
             raise ValueError("the model has no parameters to gossip")
-        self.comm = _one_worker_per_process(type(self).__name__, parameters[0].device if device is None else device)
+        super().__init__(parameters, device)  # neighbours agree at step 0 (as in the paper)
         world_size = self.comm.n_workers
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
@@ -115,17 +133,10 @@ class DecentralizedOptimizer:
         self.optimizer = optimizer
         self.parameters = parameters
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model
-        with torch.no_grad():
-            self.comm.broadcast_from_worker0(self.params)  # neighbours agree at step 0 (as in the paper)
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
-
-    @property
-    def bytes_sent(self) -> int:
-        """Payload bytes this worker has sent (what goes on the wire, exactly)."""
-        return int(self.comm.bytes_sent[0])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -148,8 +159,7 @@ class DecentralizedOptimizer:
         """The wrapped optimizer's and the method's state, the byte counts, and this worker's
         parameters (a new DecentralizedOptimizer starts every worker from worker 0's)."""
         return {"optimizer": self.optimizer.state_dict(), "gossip": self.gossip.state_dict(),
-                "parameters": [p[0].clone() for p in self.params],
-                "bytes_sent": int(self.comm.bytes_sent[0]), "messages_sent": int(self.comm.messages_sent[0])}
+                "parameters": [p[0].clone() for p in self.params]} | self._counters()
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -157,7 +167,7 @@ class DecentralizedOptimizer:
                 target[0].copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.gossip.load_state_dict(state["gossip"])
-        self.comm.bytes_sent[0], self.comm.messages_sent[0] = state["bytes_sent"], state["messages_sent"]
+        self._load_counters(state)
 
 
 class Config(NamedTuple):
@@ -175,7 +185,7 @@ class Config(NamedTuple):
     start_compressing_after_num_steps: int = 100  # exact all-reduce for this many first steps
 
 
-class PowerSGD:
+class PowerSGD(_OneWorkerPerProcess):
     """PowerSGD (Vogels, Karimireddy, Jaggi 2019; algorithms.PowerSGD) with the interface of its
     reference implementation, one worker per process (mpirun or torchrun):
 
@@ -194,18 +204,11 @@ class PowerSGD:
         if not self.parameters:
             raise ValueError("PowerSGD was given no parameters that require gradients")
         self.config = config
-        self.comm = _one_worker_per_process(type(self).__name__, self.parameters[0].device if device is None else device)
+        super().__init__(self.parameters, device)
         self.algorithm = algorithms.PowerSGD(self.comm, rank=config.rank, num_iterations=config.num_iters_per_step,
                                              min_compression_rate=config.min_compression_rate,
                                              start_compressing_after_num_steps=config.start_compressing_after_num_steps,
                                              warm_start=warm_start, seed=seed)
-        with torch.no_grad():
-            self.comm.broadcast_from_worker0([p.data.unsqueeze(0) for p in self.parameters])
-
-    @property
-    def bytes_sent(self) -> int:
-        """Payload bytes this worker has sent, counted as for all-reduce."""
-        return int(self.comm.bytes_sent[0])
 
     @torch.no_grad()
     def average_gradients(self) -> None:
@@ -213,12 +216,11 @@ class PowerSGD:
         self.algorithm.step(_stacked_gradients(self.parameters))
 
     def state_dict(self) -> dict:
-        return {"algorithm": self.algorithm.state_dict(), "bytes_sent": int(self.comm.bytes_sent[0]),
-                "messages_sent": int(self.comm.messages_sent[0])}
+        return {"algorithm": self.algorithm.state_dict()} | self._counters()
 
     def load_state_dict(self, state: dict) -> None:
         self.algorithm.load_state_dict(state["algorithm"])
-        self.comm.bytes_sent[0], self.comm.messages_sent[0] = state["bytes_sent"], state["messages_sent"]
+        self._load_counters(state)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, powersgd: PowerSGD) -> None:

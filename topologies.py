@@ -734,8 +734,8 @@ _BUILDERS = {
     "random_matching": random_matching,
 }
 NAMES = tuple(_BUILDERS)
-_STATIC = ("ring", "unidirectional_ring", "torus", "fully_connected", "social_network", "watts_strogatz", "hypercube",
-           "exponential", "star", "directed_exponential")
+_TIME_VARYING = ("one_peer_exponential", "one_peer_hypercube", "random_matching")
+_STATIC = tuple(name for name in NAMES if name not in _TIME_VARYING)
 _DIRECTED = ("unidirectional_ring", "directed_exponential", "one_peer_exponential")
 
 

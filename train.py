@@ -158,6 +158,7 @@ def main():
     gossip = build_gossip(cfg, comm, topology)
     method = algorithms.METHODS[cfg["optimizer"]]  # what it acts on, and where in the step
     local_step_first = method.local_step_first
+    gossiped = workers.grads if method.acts_on == "gradients" else workers.params  # stacks the method changes in place
     torch.manual_seed(cfg["seed"] * 1000 + comm.rank)  # dropout: per process
 
     start_epoch, start_step, carried, initial_loss = 0, 0, None, None
@@ -205,7 +206,7 @@ def main():
                 local_step(lr)
             if (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0:  # the graph follows gossip.round
                 with timers("gossip"):
-                    gossip.step(workers.grads if method.acts_on == "gradients" else workers.params)
+                    gossip.step(gossiped)
             if not local_step_first:
                 local_step(lr)
             totals.add(losses, corrects, counts)

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gossip_run  # noqa: E402
-from experiments import sweep  # noqa: E402
+from experiments import report, sweep  # noqa: E402
 from powergossip import compressors, figures  # noqa: E402
 
 DATA_TYPES = ("random", "images")
@@ -56,7 +56,7 @@ def original_count_ratio(algorithm: str, entries: int) -> float:
     k indices, which the original counted as int64 and the wire carries in the smallest integer
     type (compressors.smallest_index_dtype). The same k every step, so the step that first
     reaches the target is the same under both counts and the ratio applies to any bit count."""
-    _, fixed = gossip_run.PRESETS.get(algorithm, (algorithm, {}))
+    _, fixed = gossip_run.resolve(algorithm)
     if fixed.get("compressor") not in ("top-k", "random-k"):
         return 1.0
     index_bits = torch.iinfo(compressors.smallest_index_dtype(entries)).bits
@@ -151,7 +151,7 @@ def main():
     runs = study_runs(args.quick, args.overrides, args.data.split(","), args.algorithms.split(","))
     outcomes = sweep.launch_or_collect(args, runs, folder)
     print(sweep.markdown_table(TABLE_HEADER, write_results(outcomes, folder)), end="")
-    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+    sys.exit(report.exit_status(outcomes))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gossip_run  # noqa: E402
-from experiments import sweep  # noqa: E402
+from experiments import report, sweep  # noqa: E402
 from experiments import topologies as topology_study  # noqa: E402
-from powergossip import figures, topologies  # noqa: E402
+from powergossip import figures  # noqa: E402
 
 FIXED = ("ring", "torus", "exponential")
 TIME_VARYING = ("one_peer_hypercube", "random_matching")
@@ -110,10 +110,6 @@ def best_setting(records: list[dict]):
     return best
 
 
-def gap_of(graph: str, n: int) -> float:
-    return topologies.build(graph, n).spectral_gap()
-
-
 def slope(pairs: list[tuple[float, float]]) -> float:
     """Least-squares slope of log(rate) against log(gap): 1 is a linear dependence, 2 quadratic."""
     pairs = [(gap, rate) for gap, rate in pairs if gap > 0 and rate > 0]
@@ -127,7 +123,7 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list
     points = {measure: {method: [] for method in METHODS} for measure in MEASURES}  # -> [(gap, rate, graph)]
     for outcome in outcomes:
         method, graph, n = outcome.run.labels["method"], outcome.run.labels["graph"], outcome.run.labels["n"]
-        gap = gap_of(graph, n)
+        gap = topology_study.spectral_gap_of(graph, n)
         tags, curve = best_setting(sweep.metrics(outcome))
         if tags is None:
             rows.append([method, graph, n, f"{gap:.4g}", outcome.status] + [""] * (len(HEADER) - 5))
@@ -187,7 +183,7 @@ def main():
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
     rows, slopes = write_results(outcomes, folder)
     print(sweep.markdown_table(HEADER, rows) + "\n" + sweep.markdown_table(SLOPE_HEADER, slopes), end="")
-    sys.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+    sys.exit(report.exit_status(outcomes))
 
 
 if __name__ == "__main__":

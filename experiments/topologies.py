@@ -37,8 +37,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gossip_run  # noqa: E402
 import train  # noqa: E402
-from experiments import consensus, deep_learning, report, sweep  # noqa: E402
-from powergossip import configuration, topologies  # noqa: E402
+from experiments import deep_learning, report, sweep  # noqa: E402
+from powergossip import configuration, figures, topologies  # noqa: E402
 
 GRAPHS = ("ring", "torus", "exponential", "directed_exponential", "one_peer_exponential", "one_peer_hypercube",
           "random_matching")
@@ -107,8 +107,13 @@ def training_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
 def curve_of(outcome: sweep.Outcome) -> list[tuple[int, float, float]]:
     """[(round, bits per worker, error)] of the run's best setting (the lowest final error)."""
     records = sweep.metrics(outcome)
-    tags, _ = consensus.best_curve(records)
+    tags = figures.best_setting(records)
     return [(r["step"], r["bits"], r["value"]) for r in records if r["name"] == "error" and r["tags"] == tags]
+
+
+def spectral_gap_of(graph: str, n: int) -> float:
+    """The graph's spectral gap, per round for graphs over time (Topology.spectral_gap)."""
+    return topologies.build(graph, n).spectral_gap()
 
 
 def measured_rate(points) -> float:
@@ -131,14 +136,14 @@ def write_consensus(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
         for outcome in [o for o in outcomes if o.run.labels["n"] == n]:
             method, graph = outcome.run.labels["method"], outcome.run.labels["graph"]
             points = curve_of(outcome)
-            gap = topologies.build(graph, n).spectral_gap()
+            gap = spectral_gap_of(graph, n)
             if len(points) < 2:
                 rows.append([n, method, graph, f"{gap:.4g}", outcome.status, "", "", ""])
                 continue
             start = points[0][2]
             reached = next(((step, bits) for step, bits, error in points if error <= TARGET * start), None)
             rows.append([n, method, graph, f"{gap:.4g}", f"{1 - measured_rate(points):.4g}",
-                         reached[0] if reached else "not reached", f"{reached[1] / 8e6:.4g}" if reached else "not reached",
+                         reached[0] if reached else "not reached", f"{reached[1] / figures.MEGABYTE_BITS:.4g}" if reached else "not reached",
                          f"{points[-1][2] / start:.3g}"])
             style = dict(color=plt.cm.tab10(GRAPHS.index(graph)), label=f"{method}, {graph}",
                          linestyle={"uncompressed": "-", "power_gossip": "--", "power_gossip_afresh": ":",
