@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from experiments import consensus, deep_learning, non_iid, paper_bytes, paper_configs, power_iterations, report, spectral_gap, sweep, warm_start
+from experiments import (consensus, deep_learning, no_tuning, non_iid, paper_bytes, paper_configs, power_iterations, report,
+                         resnet20, spectral_gap, sweep, warm_start)
 from experiments import topologies as topology_study
 from tests.test_data import fake_fmnist
 from powergossip import figures
@@ -49,7 +50,7 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
         sweep.launch([bad, seeded], str(tmp_path))
 
 
-@pytest.mark.parametrize("study", [deep_learning, non_iid, warm_start])
+@pytest.mark.parametrize("study", [deep_learning, non_iid, warm_start, resnet20])
 def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, study):
     overrides = TINY + [f"data_dir={tiny_data}"]
     result = subprocess.run([sys.executable, study.__file__, "--quick", "--output", str(tmp_path)] + overrides,
@@ -77,13 +78,29 @@ def test_power_iterations_study_runs_a_part_of_its_grid_at_tiny_scale(tmp_path, 
     assert "n_workers: 16" in (tmp_path / "runs" / "rank2_iterations2" / "config.yaml").read_text()
 
 
+def test_no_tuning_variants_replace_the_tuned_values(tmp_path, tiny_data):
+    """Each variant's overrides come after the method's tuned ones, so train.py runs the variant's
+    values: gamma 1 and all-reduce's warmup factor where untuned, the paper's where tuned."""
+    runs = {run.name: run for run in no_tuning.study_runs(True, [])}
+    assert len(runs) == 1 + 2 + 2 + 3 * 4 and {r.labels["seed"] for r in runs.values()} == {1}
+    picked = [runs["choco_sign_untuned"], runs["choco_sign_tuned"], runs["moniqua_gamma1"], runs["deepsqueeze_sign_allreduce_lr"]]
+    tiny = [sweep.Run(r.name, r.entrypoint, r.overrides + TINY + [f"data_dir={tiny_data}"], r.labels) for r in picked]
+    assert [o.status for o in sweep.launch(tiny, str(tmp_path))] == ["done"] * 4
+    configs = {run.name: (tmp_path / run.name / "config.yaml").read_text() for run in picked}
+    expected = {"choco_sign_untuned": (1.0, 11.3), "choco_sign_tuned": (0.45, 16.0), "moniqua_gamma1": (1.0, 4.0),
+                "deepsqueeze_sign_allreduce_lr": (0.01, 11.3)}
+    for name, (gamma, factor) in expected.items():
+        assert f"optimizer_diffusion_rate: {gamma}\n" in configs[name], configs[name]
+        assert f"distributed_lr_warmup_factor: {factor}\n" in configs[name], configs[name]
+
+
 def test_quick_mode_is_the_documented_reduced_setting():
     runs = deep_learning.study_runs(True, [])
     assert {r.name for r in runs} == set(deep_learning.METHODS) and len(runs) == len(deep_learning.METHODS)
     assert all("device=cpu" in r.overrides and "max_batches_per_epoch=12" in r.overrides for r in runs)
 
 
-@pytest.mark.parametrize("study", [deep_learning, non_iid, power_iterations, warm_start])
+@pytest.mark.parametrize("study", [deep_learning, non_iid, power_iterations, warm_start, no_tuning, resnet20])
 def test_quick_studies_run_one_seed_and_full_ones_three(study):
     quick, full = study.study_runs(True, []), study.study_runs(False, [])
     assert {r.labels["seed"] for r in quick} == {1} and "seed=1" in quick[0].overrides
@@ -137,7 +154,8 @@ def test_quick_studies_write_outside_the_tracked_tree():
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
     for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid"), (power_iterations, "power_iterations"),
-                        (warm_start, "warm_start"), (topology_study, "topologies"), (spectral_gap, "spectral_gap")):
+                        (warm_start, "warm_start"), (topology_study, "topologies"), (spectral_gap, "spectral_gap"),
+                        (no_tuning, "no_tuning"), (resnet20, "resnet20")):
         args = sweep.study_arguments("").parse_args(["--quick"])
         folder = sweep.study_folder(args, name)
         ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
@@ -157,7 +175,7 @@ def test_quick_studies_leave_git_status_unchanged():
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
     before = status()
-    for study in (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap):
+    for study in (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20):
         result = sp.run([sys.executable, study.__file__, "--quick", "--report-only"], cwd=sweep.ROOT, capture_output=True,
                         text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stdout + result.stderr
