@@ -1,16 +1,33 @@
 # Every single-GPU number of benchmarks/README.md, on one H100 or H200, from the repository root:
-#   bash benchmarks/run_gpu.sh RESULTS_DIR [simulation] [gossip] [mpirun] [train]   (no part named: all)
+#   bash benchmarks/run_gpu.sh RESULTS_DIR [simulation] [many] [candidates] [gossip] [mpirun] [train]   (no part named: all)
 set -e -o pipefail
 OUT=${1:?give a folder for the results}; shift
 mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # when run as root
 OPTIMIZERS=no-gossip,power-gossip,power-gossip-2,dpsgd,choco
+EVERY_METHOD=$OPTIMIZERS,choco-exchanged,deepsqueeze,moniqua
 
-simulation() {  # targets 1, 3 and 5: 16 workers in one process against the single-model ceiling
+simulation() {  # 16 workers in one process against the single-model ceiling; every method in the fast layout
   for arch in resnet20 resnet18; do
     python benchmarks/simulation_efficiency.py --architectures $arch --optimizers $OPTIMIZERS --computes loop,vmap,graph \
-      --graph-streams 8 --dtypes float32,bfloat16 --json "$OUT/simulation_efficiency_$arch.json" | tee "$OUT/simulation_efficiency_$arch.log"
+      --graph-streams 8 --dtypes float32 --json "$OUT/simulation_efficiency_${arch}_fp32.json" | tee "$OUT/simulation_efficiency_${arch}_fp32.log"
+    python benchmarks/simulation_efficiency.py --architectures $arch --optimizers $EVERY_METHOD --computes loop,graph \
+      --graph-streams 8 --dtypes bfloat16 --json "$OUT/simulation_efficiency_${arch}_bf16.json" | tee "$OUT/simulation_efficiency_${arch}_bf16.log"
   done
+}
+many() {  # 2,048 images a step as 64 workers x 32 and 256 x 8, ResNet-20, bf16 graph layout
+  for shape in "64 32" "256 8"; do
+    set -- $shape
+    for topology in ring one_peer_hypercube; do
+      python benchmarks/simulation_efficiency.py --architectures resnet20 --n-workers $1 --batch-size $2 --topology $topology \
+        --optimizers no-gossip,power-gossip,dpsgd --computes graph --graph-streams 8,32 --dtypes bfloat16 --steps 10 \
+        --json "$OUT/many_${1}x${2}_$topology.json" | tee "$OUT/many_${1}x${2}_$topology.log"
+    done
+  done
+}
+candidates() {  # ResNet-18 near the ceiling: cuDNN's own algorithm search
+  python benchmarks/simulation_efficiency.py --architectures resnet18 --optimizers no-gossip,power-gossip --computes graph \
+    --graph-streams 8 --dtypes bfloat16 --cudnn-benchmark --json "$OUT/candidate_cudnn_benchmark.json" | tee "$OUT/candidate_cudnn_benchmark.log"
 }
 gossip() {  # each algorithm's gossip step alone, timed with a synchronization
   python benchmarks/gossip_cost.py --device cuda --n-workers 16 --json "$OUT/gossip_cost.json" | tee "$OUT/gossip_cost.log"
@@ -28,9 +45,9 @@ train() {  # train.py end to end on Fashion-MNIST (carry .data/fashion-mnist to 
   done | tee "$OUT/train_e2e.log"
 }
 
-for part in ${@:-simulation gossip mpirun train}; do
+for part in ${@:-simulation many candidates gossip mpirun train}; do
   case $part in
-    simulation) simulation ;; gossip) gossip ;; mpirun) mpirun16 ;; train) train ;;
-    *) echo "unknown part $part (simulation, gossip, mpirun, train)"; exit 2 ;;
+    simulation) simulation ;; many) many ;; candidates) candidates ;; gossip) gossip ;; mpirun) mpirun16 ;; train) train ;;
+    *) echo "unknown part $part (simulation, many, candidates, gossip, mpirun, train)"; exit 2 ;;
   esac
 done

@@ -30,13 +30,30 @@ from benchmarks.timing import run_description, synchronize, write_json  # noqa: 
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
 from powergossip.optimizer import nesterov_sgd_step, weight_decays  # noqa: E402
 
-GOSSIP = {  # name: (registered method, hyper-parameters); None: the step without gossip (the compute baseline)
+CHOCO = ("choco", dict(compressor="sign-and-norm", diffusion_rate=0.45))
+GOSSIP = {  # name: (registered method, hyper-parameters[, attributes set after building]); None: no gossip (the baseline)
     "no-gossip": None,
     "power-gossip": ("power-gossip", {}),
     "power-gossip-2": ("power-gossip", dict(num_iterations=2)),
     "dpsgd": ("dpsgd", {}),
-    "choco": ("choco", dict(compressor="sign-and-norm", diffusion_rate=0.45)),
+    "choco": CHOCO,
+    # Choco as across processes: the neighbours' payloads decompressed as received (the comparison
+    # for the in-process mixing the other compressed rows use)
+    "choco-exchanged": CHOCO + (dict(in_process_mixing=False),),
+    "deepsqueeze": ("deepsqueeze", dict(compressor="sign-and-norm", diffusion_rate=0.01)),
+    "moniqua": ("moniqua", dict(theta=0.25, diffusion_rate=0.005)),
 }
+
+
+def build_gossip(name: str, comm, topology):
+    """GOSSIP[name] built on `topology` (None for no-gossip)."""
+    if GOSSIP[name] is None:
+        return None
+    method, hyper, *attributes = GOSSIP[name]
+    gossip = algorithms.build(method, comm, topology, **hyper)
+    for key, value in (attributes[0] if attributes else {}).items():
+        setattr(gossip, key, value)
+    return gossip
 
 
 def images_per_second(step, images_per_step, device, steps, warmup=3) -> float:
@@ -90,7 +107,8 @@ def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
     return images_per_second(step, batch, device, steps), peak_memory_gb(device, leftover)
 
 
-def simulation(architecture, n_workers, batch, optimizer, dtype, compute, streams, device, steps) -> tuple[float, float]:
+def simulation(architecture, n_workers, batch, optimizer, dtype, compute, streams, device, steps,
+               topology="ring") -> tuple[float, float]:
     """train.py's step over n_workers stacked replicas in one process, gossip included."""
     leftover = start_row(device)
     comm = comm_module.Communicator(n_workers, device)
@@ -98,8 +116,7 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, compute, stream
     template = models.build(architecture)
     workers = StackedReplicas(template, comm.num_local, comm.device, compute=compute, graph_streams=streams,
                               autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
-    gossip = None if GOSSIP[optimizer] is None else \
-        algorithms.build(GOSSIP[optimizer][0], comm, topologies.build("ring", n_workers), **GOSSIP[optimizer][1])
+    gossip = build_gossip(optimizer, comm, topologies.build(topology, n_workers))
     momenta = [torch.zeros_like(p) for p in workers.params]
     decays = weight_decays(template, workers.parameter_names, 1e-4)
     x = torch.randn(comm.num_local, batch, 3, 32, 32, device=comm.device)
@@ -117,7 +134,7 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, compute, stream
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--n-workers", type=int, default=16)
+    parser.add_argument("--n-workers", type=int, help="default 16 (--quick: 2)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--architectures", default="resnet20")
     parser.add_argument("--optimizers", default="no-gossip,power-gossip",
@@ -126,20 +143,25 @@ def main():
     parser.add_argument("--computes", default="loop,vmap,graph", help="train.py's stacked_compute values to compare "
                         "(graph: CUDA only, skipped elsewhere)")
     parser.add_argument("--graph-streams", default="4", help="graph_streams values to compare (stacked_compute=graph)")
+    parser.add_argument("--topology", default="ring", help="the gossip graph (topologies.build's names)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each shape first")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="CPU: ResNet-20, 2 workers x 8 images, 2 steps")
+    parser.add_argument("--quick", action="store_true", help="CPU: ResNet-20, 2 workers (or --n-workers) x 8 images, 2 steps")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the single-model ceiling (under mpirun)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.quick:
-        args.n_workers, args.batch_size, args.steps, args.dtypes = 2, 8, 2, "float32"
+        args.batch_size, args.steps, args.dtypes = 8, 2, "float32"
+    args.n_workers = args.n_workers or (2 if args.quick else 16)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     context = comm_module.init_distributed(args.device)
     device = context.device
     say = print if context.rank == 0 else (lambda *a, **k: None)
     run = run_description(device)
     say(f"{context.world_size} process(es), backend {context.backend}")
     say(f"simulation efficiency: {args.n_workers} workers x batch {args.batch_size} in one process vs one model at "
-        f"batch {args.n_workers * args.batch_size} (bf16, channels_last); {run['device']}; torch {run['torch']}; {run['date']}")
+        f"batch {args.n_workers * args.batch_size} (bf16, channels_last); {args.topology}"
+        f"{'; cudnn.benchmark' if args.cudnn_benchmark else ''}; {run['device']}; torch {run['torch']}; {run['date']}")
     rows = []
     for architecture in args.architectures.split(","):
         top, top_memory = (float("nan"), float("nan")) if args.no_ceiling else \
@@ -157,7 +179,7 @@ def main():
                 for optimizer in args.optimizers.split(","):
                     try:
                         rate, memory = simulation(architecture, args.n_workers, args.batch_size, optimizer, dtype, compute,
-                                                  streams, device, args.steps)
+                                                  streams, device, args.steps, args.topology)
                     except RuntimeError as failure:  # report and go on (e.g. a dtype a kernel lacks)
                         say(f"{optimizer:14s} {label:10s} {dtype:9s} failed: {str(failure).splitlines()[0][:80]}")
                         continue
@@ -170,7 +192,8 @@ def main():
                                  "images_per_s": rate, "ceiling_images_per_s": top, "ratio": rate / top,
                                  "gossip_overhead": overhead, "peak_gb": memory, "ceiling_peak_gb": top_memory})
     if args.json and context.rank == 0:
-        write_json(args.json, run | {"n_workers": args.n_workers, "batch_size": args.batch_size, "rows": rows})
+        write_json(args.json, run | {"n_workers": args.n_workers, "batch_size": args.batch_size, "topology": args.topology,
+                                     "cudnn_benchmark": args.cudnn_benchmark, "rows": rows})
 
 
 if __name__ == "__main__":

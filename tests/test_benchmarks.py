@@ -17,6 +17,20 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     assert (tmp_path / "out.json").stat().st_size > 100
 
 
+def test_simulation_efficiency_builds_every_gossip_row_on_another_graph(tmp_path):
+    from benchmarks import simulation_efficiency
+
+    names = ",".join(simulation_efficiency.GOSSIP)
+    result = subprocess.run([sys.executable, "benchmarks/simulation_efficiency.py", "--quick", "--device", "cpu", "--no-ceiling",
+                             "--n-workers", "4", "--topology", "hypercube", "--computes", "loop", "--optimizers", names,
+                             "--json", str(tmp_path / "out.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["topology"] == "hypercube" and report["n_workers"] == 4
+    assert [row["optimizer"] for row in report["rows"]] == names.split(",")
+    assert all(row["images_per_s"] > 0 for row in report["rows"])
+
+
 def test_consensus_scaling_times_every_method_and_graph_and_compares_two_trees(tmp_path):
     """--quick: every method on every graph it takes, at two worker counts; --compare runs both trees
     (here the repository against itself) and writes their medians side by side."""
