@@ -124,6 +124,10 @@ class GossipAlgorithm:
     an edge and rely on equal weights (the default) need "symmetric"."""
 
     graph_needs: str | None = "symmetric"
+    # Methods that use _senders_in_process mix their workers' own values when a round's messages
+    # all stay in this process; False (settable per instance): always use what the exchange
+    # hands back, as across processes (the tests compare the two).
+    in_process_mixing = True
 
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
         if not diffusion_rate > 0:
@@ -155,6 +159,11 @@ class GossipAlgorithm:
     def _neighbor_average(self, edges, received: torch.Tensor) -> torch.Tensor:
         """sum_{j in N(i)} w_ij * m_j for every local worker i."""
         return sum_into_workers(edges.incoming, received)
+
+    def _senders_in_process(self, graph) -> torch.Tensor | None:
+        """Per local half-edge, the local worker whose per-worker message it receives, when every
+        message of the round stays in this process (and in_process_mixing); else None."""
+        return self.comm.senders_in_process(graph) if self.in_process_mixing else None
 
 
 class AllReduce(GossipAlgorithm):
@@ -502,7 +511,13 @@ class PushSum(SimpleGossip):
 class CompressedGossip(GossipAlgorithm):
     """What Choco and DeepSqueeze share: a compressor (with per-worker randomness when
     it needs some), one compressed message per worker per round, and per-worker state
-    tensors (named in `state_names`) that state_dict saves."""
+    tensors (named in `state_names`) that state_dict saves.
+
+    When every neighbour of the round lives in this process, a received payload is bit for
+    bit its sender's own, so its decompression is the sender's own reconstruction: the
+    neighbours' sum is an [L, L] matrix times the own reconstructions, and the received
+    `[H, ...]` copies are never decompressed (the payload still goes through comm.exchange:
+    the wire and the byte counts stay those of a run across processes)."""
 
     state_names: tuple[str, ...] = ()
 
@@ -517,13 +532,30 @@ class CompressedGossip(GossipAlgorithm):
         if self.state is None:
             self.state = {name: [torch.zeros_like(x) for x in params] for name in self.state_names}
 
-    def _compress_and_exchange(self, graph, tensors):
-        """C(tensors) as this worker reconstructs it `[L, ...]`, and its neighbours' `[H, ...]` on `graph`."""
-        shapes = [t.shape[1:] for t in tensors]
+    def _compress_and_exchange(self, graph, edges, tensors, self_weight):
+        """Send q_i = C(tensors_i) to the neighbours of `graph`. Returns q `[L, ...]` as each worker
+        reconstructs it, and (A, rows): an `[L, R]` matrix and per tensor `[R, ...]` rows with
+        A @ rows = self_weight_i q_i + sum_{j in N(i)} w_ij q_j for every local worker i."""
         payload = self.compressor.compress(tensors, self.randomness)
-        own = self.compressor.decompress(payload, shapes)
-        neighbors = self.compressor.decompress(self.comm.exchange(graph, payload, per="worker"), shapes)
-        return own, neighbors
+        received = self.comm.exchange(graph, payload, per="worker")
+        senders = self._senders_in_process(graph)
+        if senders is not None:  # A[i, k] = self_weight_i [k = i] + sum_h incoming[i, h] [senders[h] = k]
+            own = self.compressor.reconstruct(tensors, payload)
+            return own, (torch.diag(self_weight).index_add_(1, senders, edges.incoming), own)
+        # The own and the received payloads decompressed together, A = [diag(self_weight) | incoming]
+        shapes = [t.shape[1:] for t in tensors]
+        values = self.compressor.decompress([torch.cat(pair) for pair in zip(payload, received)], shapes)
+        own = [v[:self.comm.num_local] for v in values]
+        return own, (torch.cat([torch.diag(self_weight), edges.incoming], dim=1), values)
+
+    @staticmethod
+    def _add_mixed_(out: list[torch.Tensor], mixing: tuple, alpha: float = 1.0) -> None:
+        """out[k] += alpha A @ rows[k] for (A, rows) = `mixing`: one matrix product per tensor.
+        Not addmm_: with one worker per process (A of one row, BLAS's gemv) it adds out inside the
+        product, in another order than with several rows, and the layouts' numbers would part."""
+        A, rows = mixing
+        for o, r in zip(out, rows):
+            o.view(o.shape[0], -1).add_(A.to(o.dtype) @ r.reshape(r.shape[0], -1).to(o.dtype), alpha=alpha)
 
     def state_dict(self):
         state = super().state_dict()
@@ -560,12 +592,10 @@ class ChocoGossip(CompressedGossip):
         self._ensure_state(params)
         edges = self.comm.half_edges(graph)
         x_hats, ss = self.state["x_hat"], self.state["s"]
-        own, neighbors = self._compress_and_exchange(graph, [x - h for x, h in zip(params, x_hats)])
-        for x, x_hat, s, q_own, q_neighbors in zip(params, x_hats, ss, own, neighbors):
-            x_hat += q_own
-            self_weight = edges.weight_self.view((-1,) + (1,) * (x.dim() - 1))
-            s += self_weight * q_own + self._neighbor_average(edges, q_neighbors)
-            x += self.diffusion_rate * (s - x_hat)
+        q, mixing = self._compress_and_exchange(graph, edges, torch._foreach_sub(params, x_hats), edges.weight_self)
+        torch._foreach_add_(x_hats, q)  # x_hat_i += q_i
+        self._add_mixed_(ss, mixing)  # s_i += sum_{j in N(i) + i} w_ij q_j
+        torch._foreach_add_(params, torch._foreach_sub(ss, x_hats), alpha=self.diffusion_rate)  # x_i += gamma (s_i - x_hat_i)
 
 
 class DeepSqueezeGossip(CompressedGossip):
@@ -581,12 +611,11 @@ class DeepSqueezeGossip(CompressedGossip):
             return
         self._ensure_state(params)
         edges = self.comm.half_edges(graph)
-        v = [x + d for x, d in zip(params, self.state["delta"])]
-        own, neighbors = self._compress_and_exchange(graph, v)
-        for x, delta, v_i, c_own, c_neighbors in zip(params, self.state["delta"], v, own, neighbors):
-            delta.copy_(v_i - c_own)
-            outgoing = (1 - edges.weight_self).view((-1,) + (1,) * (x.dim() - 1))
-            x += self.diffusion_rate * (self._neighbor_average(edges, c_neighbors) - outgoing * c_own)
+        v = torch._foreach_add(params, self.state["delta"])  # v_i = x_i + delta_i
+        c, mixing = self._compress_and_exchange(graph, edges, v, edges.weight_self - 1)
+        self._add_mixed_(params, mixing, alpha=self.diffusion_rate)  # x_i += gamma (sum_j w_ij c_j - (1 - w_ii) c_i)
+        torch._foreach_sub_(v, c)
+        self.state["delta"] = v  # delta_i = v_i - c_i
 
 
 class MoniquaGossip(GossipAlgorithm):
@@ -624,7 +653,11 @@ class MoniquaGossip(GossipAlgorithm):
         error = q_own * self.B - self.modulo(x, self.B)
         packed = pack_bits(codes.to(torch.uint8), 2)
         received = self.comm.exchange(graph, [packed], per="worker")[0]
-        q_neighbors = unpack_bits(received, 2, x.shape[1]).float() * self.delta - 0.5
+        senders = self._senders_in_process(graph)
+        if senders is not None:  # every code received is its sender's own: nothing to unpack
+            q_neighbors = q_own[senders]
+        else:
+            q_neighbors = unpack_bits(received, 2, x.shape[1]).float() * self.delta - 0.5
         x_per_edge = x[edges.local_sender]
         corrections = self.modulo(q_neighbors * self.B - x_per_edge, self.B) - error[edges.local_sender]
         x += self.diffusion_rate * self._neighbor_average(edges, corrections)

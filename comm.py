@@ -400,17 +400,24 @@ class Communicator:
         np.add.at(self.bytes_sent, routes.sending_worker, bytes_per_message)
         np.add.at(self.messages_sent, routes.sending_worker, 1)
 
+        source_rows = routes.local_sources if per == "half_edge" else routes.local_source_workers
         if routes.all_local:  # one gather per payload, nothing to zero or scatter
-            source_rows = row_of_half_edge[routes.local_sources]
             return [payload[source_rows] for payload in payloads]
         received = [torch.zeros((edges.num,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device) for p in payloads]
         if routes.local_targets.numel():
-            source_rows = row_of_half_edge[routes.local_sources]
             for out, payload in zip(received, payloads):
                 out[routes.local_targets] = payload[source_rows]
         if routes.peers:
             self._exchange_remote(routes, row_of_half_edge, payloads, received)
         return received
+
+    def senders_in_process(self, topology) -> torch.Tensor | None:
+        """When every message of `topology`'s round stays in this process: per local half-edge h,
+        the local worker row whose message `exchange(topology, payloads, per="worker")` hands to h
+        (its row h is payload[senders[h]], bit for bit). None when some message crosses processes.
+        With it an algorithm can mix its workers' own values instead of the `[H, ...]` copies."""
+        _, routes = self._plan(topology)
+        return routes.local_source_workers if routes.all_local else None
 
     def _exchange_remote(self, routes, row_of_half_edge, payloads, received) -> None:
         wire_device = self._wire_device
@@ -520,6 +527,7 @@ class _Routes:
         local_sources = np.searchsorted(senders * n + neighbors, neighbors[local_targets] * n + senders[local_targets])
         as_long = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)
         self.local_targets, self.local_sources = as_long(local_targets), as_long(local_sources)
+        self.local_source_workers = edges.local_sender[self.local_sources]  # whose per-worker message each target gets
         self.all_local = np.array_equal(local_targets, np.arange(edges.num))  # every message stays in this process
         peer_of = neighbors // comm.num_local
         self.peers = {}

@@ -52,7 +52,7 @@ class WorkerRandom:
 
 # --- bit packing (plain torch, no CUDA extension) ---------------------------------------
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """`[R, N]` integer codes < 2**bits -> `[R, ceil(N * bits / 8)]` uint8 (bits in 1, 2, 4, 8)."""
+    """`[R, N]` integer codes < 2**bits (or booleans) -> `[R, ceil(N * bits / 8)]` uint8 (bits in 1, 2, 4, 8)."""
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
     per_byte = 8 // bits
@@ -130,6 +130,11 @@ class Compressor:
     def decompress(self, payload: list[torch.Tensor], shapes: list[torch.Size]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def reconstruct(self, tensors: list[torch.Tensor], payload: list[torch.Tensor]) -> list[torch.Tensor]:
+        """C(tensors) as their sender holds it, given the payload `compress(tensors)` made: bit for
+        bit `decompress(payload, shapes)`, which a compressor may get more cheaply from the tensors."""
+        return self.decompress(payload, [t.shape[1:] for t in tensors])
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
@@ -151,15 +156,26 @@ class SignAndNorm(Compressor):
     sign(0) is sent as +1 (one bit has no room for a zero)."""
 
     def compress(self, tensors, randomness=None):
-        flat = _flatten(tensors)
-        scales = torch.stack([t.reshape(t.shape[0], -1).float().abs().mean(dim=1) for t in tensors], dim=1)
-        return [pack_bits((flat >= 0).to(torch.uint8), 1), scales]
+        rows = tensors[0].shape[0]
+        signs = torch.cat([t.reshape(rows, -1) >= 0 for t in tensors], dim=1)  # 1 byte per entry: no float copy
+        # abs().mean(), not linalg.vector_norm(ord=1) / numel: that sums in another order (other bits)
+        scales = torch.stack([t.reshape(rows, -1).float().abs().mean(dim=1) for t in tensors], dim=1)
+        return [pack_bits(signs, 1), scales]
 
     def decompress(self, payload, shapes):
         packed, scales = payload
         total = sum(math.prod(s) for s in shapes)
         signs = unpack_bits(packed, 1, total).float() * 2 - 1
         return [part * scales[:, k].view((-1,) + (1,) * len(s)) for k, (part, s) in enumerate(zip(_split(signs, shapes), shapes))]
+
+    def reconstruct(self, tensors, payload):
+        # The signs from the tensors themselves, nothing unpacked: (+-1) * scale is +-scale exactly
+        # (a NaN scale may come out with the other sign bit, still NaN).
+        out = []
+        for k, t in enumerate(tensors):
+            scale = payload[1][:, k].view((-1,) + (1,) * (t.dim() - 1))
+            out.append(torch.where(t >= 0, scale, -scale))
+        return out
 
 
 class TopK(Compressor):

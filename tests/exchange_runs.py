@@ -30,6 +30,7 @@ def run(topology_name: str, n_workers: int) -> dict:
         "half_edges": list(zip(edges.self_worker_list, edges.neighbor_list)),
         "per_edge_floats": per_edge[0].tolist(), "per_edge_codes": per_edge[1].tolist(), "per_edge_flags": per_edge[2].tolist(),
         "per_worker": per_worker[0][:, 0, 0].tolist(),
+        "senders_in_process": None if (senders := comm.senders_in_process(topology)) is None else senders.tolist(),
         "bytes_sent": dict(zip(comm.local_workers, comm.bytes_sent.tolist())),
         "messages_sent": dict(zip(comm.local_workers, comm.messages_sent.tolist())),
     }

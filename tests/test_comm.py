@@ -24,6 +24,11 @@ def check_exchange(results: list[dict], topology_name: str, n_workers: int):
             assert result["per_edge_codes"][h] == [j * 100 + i, -j]
             assert result["per_edge_flags"][h] == [j % 2 == 0]
             assert result["per_worker"][h] == j
+        # The local worker whose message each half-edge receives, when every partner is in the process
+        local = {i for i, _ in result["half_edges"]}
+        all_local = all(j in local for _, j in result["half_edges"])
+        expected = [j - min(local) for _, j in result["half_edges"]] if all_local else None
+        assert result["senders_in_process"] == expected
         bytes_sent.update({int(k): v for k, v in result["bytes_sent"].items()})
         messages_sent.update({int(k): v for k, v in result["messages_sent"].items()})
     assert seen == {(i, j) for i in range(n_workers) for j in topology.neighbor_ranks(i)}
@@ -64,6 +69,7 @@ def test_directed_graph_sends_only_where_listened_to():
         expected = j + 1 if topology.weight(j, i) > 0 else 0
         assert received[h].item() == expected
     assert (comm.bytes_sent == 4).all() and (comm.messages_sent == 1).all()
+    assert comm.senders_in_process(topology) is None  # some half-edges receive nothing: no mixing of own rows
 
 
 def test_collectives_in_one_process():
@@ -164,6 +170,7 @@ def test_routes_of_every_process_pair_each_half_edge_with_its_partner(name, n, r
             assert pairs == [(i, j) for i in range(rank * L, rank * L + L) for j in graph.neighbor_ranks(i)]
             local = [(h, pairs.index((j, i))) for h, (i, j) in enumerate(pairs) if j // L == rank and W[i, j] > 0]
             assert list(zip(routes.local_targets.tolist(), routes.local_sources.tolist())) == local
+            assert routes.local_source_workers.tolist() == [pairs[h][1] - rank * L for h, _ in local]
             assert routes.sending_worker.tolist() == [i - rank * L for i, j in pairs if W[j, i] > 0]
             for peer in range(processes):
                 sends = sorted((j, i, h) for h, (i, j) in enumerate(pairs) if j // L == peer and W[j, i] > 0)

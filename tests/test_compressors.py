@@ -138,6 +138,22 @@ def test_payloads_cross_processes_bit_for_bit():
             assert torch.equal(theirs, mine[edges.neighbor])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_own_reconstruction_is_the_decompressed_payload_bit_for_bit(dtype):
+    """What a sender holds as C(x) (reconstruct) is what its neighbours decode from the wire;
+    sign-and-norm gets it from x's signs, zeros of either sign and all-zero tensors included."""
+    xs = [stacked(3, 9, 4, dtype=dtype), stacked(3, 300, dtype=dtype, seed=3), torch.zeros(3, 5, dtype=dtype)]
+    xs[0][0, 0, 0], xs[0][1, 0, 0] = 0.0, -0.0
+    xs[2][1] = -0.0
+    shapes = [x.shape[1:] for x in xs]
+    for c in [compressors.SignAndNorm(), compressors.TopK(keep_ratio=0.3), compressors.QSGD(levels=3),
+              compressors.SVD(rank=1), compressors.Identity(), compressors.RandomK(keep_ratio=0.3)]:
+        payload = c.compress(xs, randomness(3))
+        for own, decoded in zip(c.reconstruct(xs, payload), c.decompress(payload, shapes)):
+            assert own.dtype == decoded.dtype == torch.float32
+            assert torch.equal(own.view(torch.int32), decoded.view(torch.int32)), c  # the bits, signed zeros included
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda: compressors.TopK(keep_ratio=1.5), r"\(0, 1\]"),
     (lambda: compressors.TopK(keep_ratio=0.0), r"\(0, 1\]"),
