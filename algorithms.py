@@ -285,6 +285,7 @@ class PowerGossip(GossipAlgorithm):
     """
 
     DEFAULT_EDGE_MEMORY = 16  # rounds an absent edge's state is kept on graphs without a period
+    ROWS_KEPT = 64  # distinct rounds' state rows kept on the device (a periodic graph's phases)
 
     def __init__(self, comm, topology, rank: int = 1, num_iterations: int = 1, warm_start: bool = True,
                  round_weights: bool = False, diffusion_rate: float = 1.0, seed: int = 0, edge_memory: int | None = None):
@@ -309,7 +310,9 @@ class PowerGossip(GossipAlgorithm):
         self.p, self.q, self.generators = None, None, []
         self.half_steps = np.zeros(0, dtype=np.int64)
         self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
-        self._rows = None  # the latest round's rows: (on the host, on the device, whether they are every pool row in order)
+        # Rounds' rows: (on the host, on the device, whether they are every pool row in order), kept for
+        # the ROWS_KEPT latest distinct ones (every phase of a periodic graph such as one_peer_hypercube)
+        self._rows: dict[tuple[bytes, int], tuple[np.ndarray, torch.Tensor, bool]] = {}
 
     # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
@@ -356,13 +359,18 @@ class PowerGossip(GossipAlgorithm):
                 pool[fresh_rows] = drawn
         for row in freed:
             self.generators[row] = None  # a freed row's generator goes with its edge (its P and Q rows wait for reuse)
-        if self._rows is None or not np.array_equal(self._rows[0], rows):
-            # Copied to the device only when they change (never, on a static graph): a copy each
-            # round would wait for the GPU's queue to drain at every step.
-            rows = np.array(rows, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        key = (rows.tobytes(), len(self.generators))
+        kept = self._rows.pop(key, None)
+        if kept is None:
+            # Copied to the device once per distinct round (never again on a static or periodic graph):
+            # a copy from the host each round would wait for the GPU's queue to drain at every step.
             every_row = bool(len(rows) == len(self.generators) and np.array_equal(rows, np.arange(len(rows))))
-            self._rows = (rows, torch.tensor(rows, dtype=torch.long, device=self.comm.device), every_row)
-        return self._rows
+            kept = (rows, torch.tensor(rows, dtype=torch.long, device=self.comm.device), every_row)
+            if len(self._rows) >= self.ROWS_KEPT:
+                del self._rows[next(iter(self._rows))]  # the least recently used
+        self._rows[key] = kept
+        return kept
 
     def _draw(self, generators, factor_shape) -> list[torch.Tensor]:
         """Fresh standard normal factors `[len(generators), G, rows, r]` per group from the edges' generators."""

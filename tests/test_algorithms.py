@@ -447,3 +447,25 @@ def test_a_schedule_file_goes_through_both_entrypoints_checks(tmp_path):
         gossip_run.check(dict(config, topology=f"schedule:{bad}"))
     with pytest.raises(ValueError, match=r"line 3 \('rign'\)"):
         train.validated(dict(train._DEFAULTS, topology=f"schedule:{bad}", n_workers=8))
+
+
+def test_power_gossip_copies_a_periodic_graphs_rows_to_the_device_once_per_phase():
+    """On one_peer_hypercube (period log2 n) every phase's state rows go to the device in the first
+    period only: a copy from the host each round would make every GPU step wait for the queue."""
+    n = 8
+    comm = comm_module.Communicator(n, "cpu")
+    gossip = algorithms.PowerGossip(comm, topologies.build("one_peer_hypercube", n))
+    x = [torch.randn(n, 4, 3, generator=torch.Generator().manual_seed(0))]
+    device_rows = []
+    original = gossip._rows_of_round
+    gossip._rows_of_round = lambda edges, round: device_rows.append(original(edges, round)) or device_rows[-1]
+    for _ in range(3 * 3):
+        gossip.step(x)
+    period = 3
+    # The first period creates every edge's state (its pools grow); from the second on, each phase
+    # finds its rows on the device.
+    second = [rows[1] for rows in device_rows[period:2 * period]]
+    assert len({id(t) for t in second}) == period  # a row tensor per phase
+    for round, rows in enumerate(device_rows):
+        assert round < 2 * period or rows[1] is second[round % period]  # the same tensor when the phase comes back
+        assert torch.equal(rows[1], torch.as_tensor(rows[0]))
