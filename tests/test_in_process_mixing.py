@@ -52,6 +52,16 @@ def twins(make, graph, device="cpu"):
     return Recorded(make, graph, True, device), Recorded(make, graph, False, device)
 
 
+def run_both(make, graph):
+    """Both paths' runs of STEPS steps from the same start: (fast, exchanged, their parameters)."""
+    fast, exchanged = twins(make, graph)
+    x, y = start(), start()
+    for _ in range(STEPS):
+        fast.algorithm.step(x)
+        exchanged.algorithm.step(y)
+    return fast, exchanged, x, y
+
+
 def start(device="cpu"):
     return [x.to(device) for x in algorithm_runs.initial_state("choco_sign", N)]
 
@@ -103,12 +113,7 @@ def test_each_step_sends_the_same_payload_and_agrees_up_to_rounding(method, comp
 @pytest.mark.parametrize("compressor", sorted(COMPRESSORS))
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_runs_agree_up_to_rounding(method, compressor, graph):
-    make = lambda comm, topology: METHODS[method](comm, topology, COMPRESSORS[compressor]())
-    fast, exchanged = twins(make, graph)
-    x, y = start(), start()
-    for _ in range(STEPS):
-        fast.algorithm.step(x)
-        exchanged.algorithm.step(y)
+    fast, exchanged, x, y = run_both(lambda comm, topology: METHODS[method](comm, topology, COMPRESSORS[compressor]()), graph)
     for a, b in zip(x, y):
         torch.testing.assert_close(a, b, atol=tolerance(start()), rtol=0)
     assert (fast.comm.bytes_sent == exchanged.comm.bytes_sent).all()
@@ -118,12 +123,8 @@ def test_runs_agree_up_to_rounding(method, compressor, graph):
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_moniqua_reads_its_own_codes_bit_for_bit(graph):
     """The codes a worker sends are integers: taking them from the sender's own row changes no bit."""
-    make = lambda comm, topology: algorithms.MoniquaGossip(comm, topology, theta=4.0, diffusion_rate=0.3, seed=5)
-    fast, exchanged = twins(make, graph)
-    x, y = start(), start()
-    for _ in range(STEPS):
-        fast.algorithm.step(x)
-        exchanged.algorithm.step(y)
+    fast, exchanged, x, y = run_both(
+        lambda comm, topology: algorithms.MoniquaGossip(comm, topology, theta=4.0, diffusion_rate=0.3, seed=5), graph)
     for a, b in zip(x, y):
         assert torch.equal(a, b)
     assert_same_bytes(fast, exchanged)
