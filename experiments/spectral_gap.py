@@ -7,7 +7,8 @@ Algorithm 1); Choco-Gossip's proven rate is quadratic in it, rho^2 delta / 82
 whose gaps span three orders of magnitude and fits the slope of log(rate) against
 log(gap) per method: a slope of 1 is linear, 2 quadratic.
 
-Every worker starts from its own random matrix (gossip_run.py, data_type=random).
+Every worker starts from its own random matrix (gossip_run.py, data_type=random), drawn
+from the run's seed: three seeds (42, 43, 44), whose slopes the table gives as mean ± std.
 Graphs: ring, torus and the undirected exponential graph at n = 8, 16, 32 and 64
 (fixed; 20 x 20 matrices, 4,000 rounds, 30,000 on the 32- and 64-ring), one_peer_hypercube
 and random_matching (a graph per round, with the per-round equivalent gap of
@@ -16,14 +17,14 @@ topologies.TimeVarying.spectral_gap). Methods: uncompressed gossip
 with gamma the best of a small grid per graph, on the fixed graphs only (its s_i
 bookkeeping needs the same W every round).
 
-    python experiments/spectral_gap.py --quick     # tiny: 8 workers, 6 x 6 matrices, 100 rounds
-    OMP_NUM_THREADS=1 python experiments/spectral_gap.py    # the full study, CPU, one run at a time
+    python experiments/spectral_gap.py --quick     # tiny: 8 workers, 6 x 6 matrices, 100 rounds, seed 42
+    OMP_NUM_THREADS=1 python experiments/spectral_gap.py --jobs 2    # the full study, CPU, three seeds
 
 Results: experiments/results/spectral_gap/ (--quick: runs/spectral_gap_quick/):
-rates.md/.csv (per method and graph: the gap, the fitted rate and the rate to 1e-6 of the
-starting error), slopes.md/.csv (the slope of log(rate) against log(gap) per method and
-rate, over all its graphs, the fixed ones and the rings), rate_vs_gap.png (the log-log
-plots with the fitted lines).
+rates.md/.csv (per method, graph and seed: the gap, the fitted rate and the rate to 1e-6 of
+the starting error), slopes.md/.csv (the slope of log(rate) against log(gap) per method and
+rate, over all its graphs, the fixed ones and the rings: mean ± std over seeds),
+rate_vs_gap.png (the log-log plots, every seed's points, the lines of the mean slopes).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ METHODS = {
     "sign_choco": (["algorithm=sign_choco", "hyperparameter_range_min=0.01", "hyperparameter_range_max=2"], FIXED),
 }
 FULL = {"sizes": (8, 16, 32, 64), "matrix_size": 20, "num_steps": 4000, "gammas": 10}
+SEEDS, QUICK_SEEDS = (42, 43, 44), (42,)  # the random starting matrices (42: the seed of the runs before seeds)
 LONGER = {("ring", 32): 30000, ("ring", 64): 30000}  # (graph, n) -> rounds: PowerGossip's rate there is below 1e-3
 QUICK = {"sizes": (8,), "matrix_size": 6, "num_steps": 100, "gammas": 2}
 MARKERS = {"ring": "o", "torus": "s", "exponential": "^", "one_peer_hypercube": "D", "random_matching": "v"}
@@ -56,14 +58,23 @@ COLORS = {"uncompressed": "tab:blue", "power_gossip": "tab:orange", "sign_choco"
 TARGET = 1e-6  # relative error whose first round gives the second rate
 FLOOR = 1e-8  # the fit stops here: Choco's float32 bookkeeping (s_i) levels off at 1e-12 to 1e-9 of the start
 MEASURES = ("fitted rate", f"rate to {TARGET:g}")
-HEADER = ["method", "graph", "n", "spectral gap (per round)", "rate (fitted)", "rounds fitted", f"rate to {TARGET:g}",
+HEADER = ["method", "graph", "n", "seed", "spectral gap (per round)", "rate (fitted)", "rounds fitted", f"rate to {TARGET:g}",
           f"rounds to {TARGET:g}", "gamma", "rounds run", "final relative error"]
-SLOPE_HEADER = ["rate", "method", "slope, all its graphs", "graphs", "slope, fixed graphs", "fixed graphs", "slope, rings", "rings"]
+SLOPE_HEADER = ["rate", "method", "slope, all its graphs", "graphs", "slope, fixed graphs", "fixed graphs", "slope, rings", "rings",
+                "seeds"]
+SUBSETS = {"all": lambda graph: True, "fixed": lambda graph: graph in FIXED, "rings": lambda graph: graph == "ring"}
 
 
-def study_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
-    runs = topology_study.gossip_runs(QUICK if quick else FULL, METHODS, topology_study.overrides_for(gossip_run.DEFAULTS, extra),
-                                      lambda n, method, graph: f"{method}-{graph}-n{n}")
+def study_runs(quick: bool, extra: list[str], seeds=None) -> list[sweep.Run]:
+    """Every (method, graph, n) once per seed; the first seed keeps the run names of before seeds."""
+    runs = []
+    for seed in seeds or (QUICK_SEEDS if quick else SEEDS):
+        suffix = "" if seed == SEEDS[0] else f"-seed{seed}"
+        for run in topology_study.gossip_runs(QUICK if quick else FULL, METHODS, topology_study.overrides_for(gossip_run.DEFAULTS, extra),
+                                              lambda n, method, graph: f"{method}-{graph}-n{n}{suffix}"):
+            run.overrides.append(f"seed={seed}")
+            run.labels["seed"] = seed
+            runs.append(run)
     for run in runs if not quick else []:  # the big rings need more rounds to reach TARGET
         rounds = LONGER.get((run.labels["graph"], run.labels["n"]))
         run.overrides = [f"num_steps={rounds}" if rounds and item.startswith("num_steps=") else item for item in run.overrides]
@@ -118,41 +129,54 @@ def slope(pairs: list[tuple[float, float]]) -> float:
     return float(np.polyfit(np.log([g for g, _ in pairs]), np.log([r for _, r in pairs]), 1)[0])
 
 
+def mean_and_spread(values: list[float]) -> str:
+    """"1.02 ± 0.01" over the seeds that have a value ("1.02" for one; "nan" for none)."""
+    values = [v for v in values if math.isfinite(v)]
+    if len(values) < 2:
+        return f"{values[0]:.3g}" if values else "nan"
+    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+
+
 def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list], list[list]]:
     rows = []
-    points = {measure: {method: [] for method in METHODS} for measure in MEASURES}  # -> [(gap, rate, graph)]
+    points = {measure: {method: {} for method in METHODS} for measure in MEASURES}  # -> seed -> [(gap, rate, graph)]
     for outcome in outcomes:
-        method, graph, n = outcome.run.labels["method"], outcome.run.labels["graph"], outcome.run.labels["n"]
+        method, graph, n, seed = (outcome.run.labels[key] for key in ("method", "graph", "n", "seed"))
         gap = topology_study.spectral_gap_of(graph, n)
         tags, curve = best_setting(sweep.metrics(outcome))
         if tags is None:
-            rows.append([method, graph, n, f"{gap:.4g}", outcome.status] + [""] * (len(HEADER) - 5))
+            rows.append([method, graph, n, seed, f"{gap:.4g}", outcome.status] + [""] * (len(HEADER) - 6))
             continue
         (fitted, fitted_rounds), (reached, rounds) = fitted_rate(curve), rate_to_target(curve)
-        rows.append([method, graph, n, f"{gap:.4g}", f"{fitted:.4g}", fitted_rounds, f"{reached:.4g}", rounds or "not reached",
+        rows.append([method, graph, n, seed, f"{gap:.4g}", f"{fitted:.4g}", fitted_rounds, f"{reached:.4g}", rounds or "not reached",
                      f"{tags['diffusion_rate']:.3g}", curve[-1][0], f"{curve[-1][1] / curve[0][1]:.3g}"])
         for measure, rate in zip(MEASURES, (fitted, reached)):
             if math.isfinite(rate):
-                points[measure][method].append((gap, rate, graph))
+                points[measure][method].setdefault(seed, []).append((gap, rate, graph))
     slopes = []
     figure = Figure(figsize=(13, 5.5))
     for axis, (measure, by_method) in zip(figure.subplots(1, len(MEASURES), sharey=True), points.items()):
-        for method, found in by_method.items():
-            every = slope([(g, r) for g, r, _ in found])
-            fixed = slope([(g, r) for g, r, graph in found if graph in FIXED])
-            rings = slope([(g, r) for g, r, graph in found if graph == "ring"])
-            slopes.append([measure, method, f"{every:.3g}", len(found), f"{fixed:.3g}", sum(graph in FIXED for *_, graph in found),
-                           f"{rings:.3g}", sum(graph == "ring" for *_, graph in found)])
+        for method, by_seed in by_method.items():
+            # A slope per seed and subset of graphs, and how many graphs it rests on (the most of any seed)
+            per_seed = {name: [slope([(g, r) for g, r, graph in found if keep(graph)]) for found in by_seed.values()]
+                        for name, keep in SUBSETS.items()}
+            counts = {name: max((sum(keep(graph) for *_, graph in found) for found in by_seed.values()), default=0)
+                      for name, keep in SUBSETS.items()}
+            slopes.append([measure, method] + [item for name in SUBSETS for item in (mean_and_spread(per_seed[name]), counts[name])]
+                          + [len(by_seed)])
+            found = [point for seed_points in by_seed.values() for point in seed_points]
             for graph in MARKERS:
                 mine = [(g, r) for g, r, name in found if name == graph]
                 if mine:
                     axis.scatter(*zip(*mine), color=COLORS[method], marker=MARKERS[graph], s=25)
-            if math.isfinite(every):  # the fitted line through the points' geometric centre
+            every = np.nanmean(per_seed["all"]) if any(map(math.isfinite, per_seed["all"])) else math.nan
+            if math.isfinite(every):  # the mean slope's line through the points' geometric centre
                 gaps = np.array([g for g, _, _ in found])
                 centre = np.mean(np.log(gaps)), np.mean(np.log([r for _, r, _ in found]))
                 span = np.array([gaps.min(), gaps.max()])
                 axis.plot(span, np.exp(centre[1] + every * (np.log(span) - centre[0])), color=COLORS[method],
-                          label=f"{method}: slope {every:.2f} (fixed graphs {fixed:.2f}, rings {rings:.2f})")
+                          label=f"{method}: slope {mean_and_spread(per_seed['all'])} (fixed graphs "
+                                f"{mean_and_spread(per_seed['fixed'])}, rings {mean_and_spread(per_seed['rings'])})")
         for graph, marker in MARKERS.items():  # a legend entry per graph, in neutral grey
             axis.scatter([], [], color="gray", marker=marker, label=graph)
         axis.set(xlabel="spectral gap (per round)", title=measure)
@@ -161,7 +185,8 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=7)
     figure.axes[0].set_ylabel("rate c: the error's norm shrinks by 1 - c per round")
-    figure.suptitle("consensus rate against spectral gap, n = " + ", ".join(str(n) for n in sorted({o.run.labels["n"] for o in outcomes})))
+    figure.suptitle("consensus rate against spectral gap, n = " + ", ".join(str(n) for n in sorted({o.run.labels["n"] for o in outcomes}))
+                    + "; seeds " + ", ".join(str(seed) for seed in sorted({o.run.labels["seed"] for o in outcomes})))
     figures.save(figure, os.path.join(folder, "rate_vs_gap.png"))
     sweep.write_table(folder, "rates", HEADER, rows,
                       notes="Rates as per-round contractions of the error's norm, comparable with the gap. Fitted: "
@@ -172,15 +197,18 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list
     sweep.write_table(folder, "slopes", SLOPE_HEADER, slopes,
                       notes="Least-squares slope of log(rate) against log(spectral gap); 1: rate linear in the gap, "
                             "2: quadratic. Fixed graphs: ring, torus, exponential; rings: the ring at every size, the cleanest "
-                            "family (its gap falls as 1/n^2). graphs, fixed graphs, rings: how many have a rate (to the target: reach it).")
+                            "family (its gap falls as 1/n^2). Mean ± standard deviation of the seeds' slopes, each fitted to one seed's "
+                            "graphs. graphs, fixed graphs, rings: how many have a rate (to the target: reach it), at most per seed.")
     return rows, slopes
 
 
 def main():
-    parser = sweep.study_arguments(__doc__, quick_help="tiny: 8 workers, 6 x 6 matrices, 100 rounds")
+    parser = sweep.study_arguments(__doc__, quick_help="tiny: 8 workers, 6 x 6 matrices, 100 rounds, one seed")
+    parser.add_argument("--seeds", type=sweep.int_list, default=None,
+                        help=f"seeds of the starting matrices (default {','.join(map(str, SEEDS))}; --quick: {QUICK_SEEDS[0]})")
     args = parser.parse_args()
     folder = sweep.study_folder(args, "spectral_gap")
-    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides), folder)
+    outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.seeds), folder)
     rows, slopes = write_results(outcomes, folder)
     print(sweep.markdown_table(HEADER, rows) + "\n" + sweep.markdown_table(SLOPE_HEADER, slopes), end="")
     sys.exit(report.exit_status(outcomes))
