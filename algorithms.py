@@ -156,10 +156,6 @@ class GossipAlgorithm:
     def load_state_dict(self, state: dict) -> None:
         self.round = state.get("round", 0)
 
-    def _neighbor_average(self, edges, received: torch.Tensor) -> torch.Tensor:
-        """sum_{j in N(i)} w_ij * m_j for every local worker i."""
-        return sum_into_workers(edges.incoming, received)
-
     def _senders_in_process(self, graph) -> torch.Tensor | None:
         """Per local half-edge, the local worker whose per-worker message it receives, when every
         message of the round stays in this process (and in_process_mixing); else None."""
@@ -668,7 +664,7 @@ class MoniquaGossip(GossipAlgorithm):
             q_neighbors = unpack_bits(received, 2, x.shape[1]).float() * self.delta - 0.5
         x_per_edge = x[edges.local_sender]
         corrections = self.modulo(q_neighbors * self.B - x_per_edge, self.B) - error[edges.local_sender]
-        x += self.diffusion_rate * self._neighbor_average(edges, corrections)
+        x += self.diffusion_rate * sum_into_workers(edges.incoming, corrections)  # sum_{j in N(i)} w_ij (...)
         for p, part in zip(params, x.split([p[0].numel() for p in params], dim=1)):
             p.copy_(part.reshape(p.shape))
 
