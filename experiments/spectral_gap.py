@@ -129,12 +129,18 @@ def slope(pairs: list[tuple[float, float]]) -> float:
     return float(np.polyfit(np.log([g for g, _ in pairs]), np.log([r for _, r in pairs]), 1)[0])
 
 
+def finite_mean(values: list[float]) -> float:
+    """The mean over the seeds that have a value (nan for none)."""
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
 def mean_and_spread(values: list[float]) -> str:
     """"1.02 ± 0.01" over the seeds that have a value ("1.02" for one; "nan" for none)."""
     values = [v for v in values if math.isfinite(v)]
     if len(values) < 2:
         return f"{values[0]:.3g}" if values else "nan"
-    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+    return f"{finite_mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
 
 
 def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list], list[list]]:
@@ -169,7 +175,7 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list
                 mine = [(g, r) for g, r, name in found if name == graph]
                 if mine:
                     axis.scatter(*zip(*mine), color=COLORS[method], marker=MARKERS[graph], s=25)
-            every = np.nanmean(per_seed["all"]) if any(map(math.isfinite, per_seed["all"])) else math.nan
+            every = finite_mean(per_seed["all"])
             if math.isfinite(every):  # the mean slope's line through the points' geometric centre
                 gaps = np.array([g for g, _, _ in found])
                 centre = np.mean(np.log(gaps)), np.mean(np.log([r for _, r, _ in found]))
