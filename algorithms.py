@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from powergossip import compressors, registries, topologies
-from powergossip.compressors import Compressor, WorkerRandom, matrix_shape, pack_bits, unpack_bits, worth_compressing
+from powergossip import compressors, kernels, registries, topologies
+from powergossip.compressors import Compressor, SignAndNorm, WorkerRandom, matrix_shape, pack_bits, unpack_bits, worth_compressing
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
 COMPRESSOR_STREAM, MONIQUA_STREAM, POWERSGD_STREAM = 1, 2, 3
@@ -128,6 +128,9 @@ class GossipAlgorithm:
     # all stay in this process; False (settable per instance): always use what the exchange
     # hands back, as across processes (the tests compare the two).
     in_process_mixing = True
+    # Methods with fused kernels (kernels.py) run a round whose messages all stay in this process
+    # as two of them on a CUDA device; False (settable per instance): the plain torch path.
+    fused_kernels = True
 
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
         if not diffusion_rate > 0:
@@ -136,6 +139,7 @@ class GossipAlgorithm:
             topologies.check_requirement(topology, self.graph_needs, type(self).__name__)
         self.comm, self.topology, self.diffusion_rate = comm, topology, float(diffusion_rate)
         self.round = 0  # gossip rounds done: round t gossips on topology.at(t)
+        self._layout = None  # the fused kernels' kernels.Layout of the parameters, once they ran
 
     def step(self, params: list[torch.Tensor]) -> None:
         raise NotImplementedError
@@ -160,6 +164,16 @@ class GossipAlgorithm:
         """Per local half-edge, the local worker whose per-worker message it receives, when every
         message of the round stays in this process (and in_process_mixing); else None."""
         return self.comm.senders_in_process(graph) if self.in_process_mixing else None
+
+    def _kernel_layout(self, params, senders) -> kernels.Layout | None:
+        """The flat layout the fused kernels use for `params`, when this round runs them: every
+        message in the process (`senders`), on a device they run on, at most kernels.MAX_ROWS rows."""
+        if senders is None or not self.fused_kernels or not kernels.available(params[0]) or params[0].shape[0] > kernels.MAX_ROWS:
+            return None
+        layout = self._layout
+        if layout is None or layout.key() != (params[0].shape[0], tuple(p[0].numel() for p in params)):
+            layout = self._layout = kernels.Layout(params)
+        return layout
 
 
 class AllReduce(GossipAlgorithm):
@@ -533,8 +547,19 @@ class CompressedGossip(GossipAlgorithm):
         self.state = None  # name -> list of [L, ...] tensors, created at the first step
 
     def _ensure_state(self, params):
-        if self.state is None:
-            self.state = {name: [torch.zeros_like(x) for x in params] for name in self.state_names}
+        if self.state is None:  # each state in one buffer, which the fused kernels update in place
+            self.state = {name: kernels.zeros_in_one_buffer(params) for name in self.state_names}
+
+    @staticmethod
+    def _mixing_matrix(edges, senders, self_weight) -> torch.Tensor:
+        """A `[L, L]`: A[i, k] = self_weight_i [k = i] + sum_h incoming[i, h] [senders[h] = k]."""
+        return torch.diag(self_weight).index_add_(1, senders, edges.incoming)
+
+    def _fused_sign_and_norm(self, params, graph):
+        """The flat layout when this round runs the fused sign-and-norm kernels, else None."""
+        if type(self.compressor) is not SignAndNorm:
+            return None
+        return self._kernel_layout(params, self._senders_in_process(graph))
 
     def _compress_and_exchange(self, graph, edges, tensors, self_weight):
         """Send q_i = C(tensors_i) to the neighbours of `graph`. Returns q `[L, ...]` as each worker
@@ -543,9 +568,9 @@ class CompressedGossip(GossipAlgorithm):
         payload = self.compressor.compress(tensors, self.randomness)
         received = self.comm.exchange(graph, payload, per="worker")
         senders = self._senders_in_process(graph)
-        if senders is not None:  # A[i, k] = self_weight_i [k = i] + sum_h incoming[i, h] [senders[h] = k]
+        if senders is not None:
             own = self.compressor.reconstruct(tensors, payload)
-            return own, (torch.diag(self_weight).index_add_(1, senders, edges.incoming), own)
+            return own, (self._mixing_matrix(edges, senders, self_weight), own)
         # The own and the received payloads decompressed together, A = [diag(self_weight) | incoming]
         shapes = [t.shape[1:] for t in tensors]
         values = self.compressor.decompress([torch.cat(pair) for pair in zip(payload, received)], shapes)
@@ -572,7 +597,7 @@ class CompressedGossip(GossipAlgorithm):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if all(name in state for name in self.state_names):
-            self.state = {name: [t.to(self.comm.device).clone() for t in state[name]] for name in self.state_names}
+            self.state = {name: kernels.in_one_buffer([t.to(self.comm.device) for t in state[name]]) for name in self.state_names}
         if self.randomness is not None:
             self.randomness.load_state_dict(state["randomness"])
 
@@ -596,6 +621,16 @@ class ChocoGossip(CompressedGossip):
         self._ensure_state(params)
         edges = self.comm.half_edges(graph)
         x_hats, ss = self.state["x_hat"], self.state["s"]
+        layout = self._fused_sign_and_norm(params, graph)
+        if layout is not None:  # the same round in two kernels (kernels.py)
+            (x, copied), (x_hat, _), (s, _) = kernels.flat(params), kernels.flat(x_hats), kernels.flat(ss)
+            payload = kernels.sign_and_norm(layout, x, x_hat, -1)  # q_i = C(x_i - x_hat_i)
+            self.comm.exchange(graph, payload, per="worker")
+            mixing = self._mixing_matrix(edges, self._senders_in_process(graph), edges.weight_self)
+            kernels.choco_update(layout, x, x_hat, s, payload[1], mixing, self.diffusion_rate)
+            if copied:
+                kernels.write_back(params, x)
+            return
         q, mixing = self._compress_and_exchange(graph, edges, torch._foreach_sub(params, x_hats), edges.weight_self)
         torch._foreach_add_(x_hats, q)  # x_hat_i += q_i
         self._add_mixed_(ss, mixing)  # s_i += sum_{j in N(i) + i} w_ij q_j
@@ -615,11 +650,21 @@ class DeepSqueezeGossip(CompressedGossip):
             return
         self._ensure_state(params)
         edges = self.comm.half_edges(graph)
-        v = torch._foreach_add(params, self.state["delta"])  # v_i = x_i + delta_i
-        c, mixing = self._compress_and_exchange(graph, edges, v, edges.weight_self - 1)
+        deltas = self.state["delta"]
+        layout = self._fused_sign_and_norm(params, graph)
+        if layout is not None:  # the same round in two kernels (kernels.py)
+            (x, copied), (delta, _) = kernels.flat(params), kernels.flat(deltas)
+            payload = kernels.sign_and_norm(layout, x, delta, +1)  # c_i = C(x_i + delta_i)
+            self.comm.exchange(graph, payload, per="worker")
+            mixing = self._mixing_matrix(edges, self._senders_in_process(graph), edges.weight_self - 1)
+            kernels.deepsqueeze_update(layout, x, delta, payload[1], mixing, self.diffusion_rate)
+            if copied:
+                kernels.write_back(params, x)
+            return
+        torch._foreach_add_(deltas, params)  # v_i = x_i + delta_i, in delta's buffer
+        c, mixing = self._compress_and_exchange(graph, edges, deltas, edges.weight_self - 1)
         self._add_mixed_(params, mixing, alpha=self.diffusion_rate)  # x_i += gamma (sum_j w_ij c_j - (1 - w_ii) c_i)
-        torch._foreach_sub_(v, c)
-        self.state["delta"] = v  # delta_i = v_i - c_i
+        torch._foreach_sub_(deltas, c)  # delta_i = v_i - c_i
 
 
 class MoniquaGossip(GossipAlgorithm):
@@ -650,6 +695,17 @@ class MoniquaGossip(GossipAlgorithm):
             return
         edges = self.comm.half_edges(graph)
         rows = params[0].shape[0]
+        senders = self._senders_in_process(graph)
+        layout = self._kernel_layout(params, senders)
+        if layout is not None:  # the same round in two kernels (kernels.py)
+            x, copied = kernels.flat(params)
+            codes = kernels.moniqua_codes(layout, x, self.randomness.uniform((layout.width,)), self.B, self.delta)
+            self.comm.exchange(graph, [kernels.pack_bits(codes, 2)], per="worker")
+            first_edge = torch.searchsorted(edges.local_sender, torch.arange(rows + 1, device=x.device))  # worker i: its half-edges
+            kernels.moniqua_update(layout, x, codes, senders, edges.weight_in, first_edge, self.B, self.delta, self.diffusion_rate)
+            if copied:
+                kernels.write_back(params, x)
+            return
         x = torch.cat([p.reshape(rows, -1) for p in params], dim=1)
         noise = self.randomness.uniform((x.shape[1],))
         codes = torch.floor((self.modulo(x / self.B, 1.0) + 0.5) / self.delta + noise).clamp_(0, 3)
@@ -657,7 +713,6 @@ class MoniquaGossip(GossipAlgorithm):
         error = q_own * self.B - self.modulo(x, self.B)
         packed = pack_bits(codes.to(torch.uint8), 2)
         received = self.comm.exchange(graph, [packed], per="worker")[0]
-        senders = self._senders_in_process(graph)
         if senders is not None:  # every code received is its sender's own: nothing to unpack
             q_neighbors = q_own[senders]
         else:

@@ -43,6 +43,10 @@ GOSSIP = {  # name: (registered method, hyper-parameters[, attributes set after 
     "deepsqueeze": ("deepsqueeze", dict(compressor="sign-and-norm", diffusion_rate=0.01)),
     "moniqua": ("moniqua", dict(theta=0.25, diffusion_rate=0.005)),
 }
+# Each method with fused kernels (kernels.py, on a GPU) also without them: the plain torch round
+UNFUSED = dict(fused_kernels=False)
+GOSSIP |= {"choco-unfused": CHOCO + (UNFUSED,), "deepsqueeze-unfused": GOSSIP["deepsqueeze"] + (UNFUSED,),
+           "moniqua-unfused": GOSSIP["moniqua"] + (UNFUSED,)}
 
 
 def build_gossip(name: str, comm, topology):

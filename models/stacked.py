@@ -60,7 +60,10 @@ class StackedReplicas:
         self.parameter_names = list(unique)
         self.buffer_names = [name for name, _ in template.named_buffers()]
         stack = lambda t: t.detach().unsqueeze(0).repeat((num_replicas,) + (1,) * t.dim()).contiguous()
-        self.params = [stack(p).float() for p in unique.values()]
+        # The parameter stacks back to back in one buffer: fused gossip kernels read them in place.
+        stacks = [stack(p).float() for p in unique.values()]
+        buffer = torch.cat([s.reshape(-1) for s in stacks])
+        self.params = [part.view(s.shape) for s, part in zip(stacks, buffer.split([s.numel() for s in stacks]))]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.buffers = [stack(b) for _, b in template.named_buffers()]
         index_of_tensor = {id(p): k for k, p in enumerate(unique.values())}

@@ -25,10 +25,11 @@ class Recorded:
     """One method on its own Communicator, with a copy of every payload it hands to `exchange` and
     the number of rows of every decompression."""
 
-    def __init__(self, make, graph, in_process_mixing: bool, device: str):
-        self.comm = comm_module.Communicator(N, device)
-        self.algorithm = make(self.comm, topologies.build(graph, N))
+    def __init__(self, make, graph, in_process_mixing: bool, device: str, fused_kernels: bool = False, n_workers: int = N):
+        self.comm = comm_module.Communicator(n_workers, device)
+        self.algorithm = make(self.comm, topologies.build(graph, n_workers))
         self.algorithm.in_process_mixing = in_process_mixing
+        self.algorithm.fused_kernels = fused_kernels  # tests/test_fused_kernels.py compares those
         self.sent, self.decoded_rows = [], []
         exchange = self.comm.exchange
 

@@ -1,0 +1,313 @@
+"""Triton kernels that fuse a gossip round's passes over the parameters (CUDA).
+
+With many workers in one process, Choco, DeepSqueeze and Moniqua are limited by memory
+traffic: their rounds written as torch operations make a dozen or more passes over the
+`[L, N]` parameters and states (the difference, the signs, the norms, the reconstruction,
+each state update), each a kernel that reads and writes the whole model. Here each of
+those rounds is two passes: the first reads what the compressor needs once and writes the
+message (a byte per sign or 2-bit code, at its place in the worker's concatenated row, and
+per-block sums of |value|; two small kernels then pack the bytes as `compressors.pack_bits`
+does and sum the blocks per tensor), the second reads the states once, applies the paper's
+update for all L workers of a column block at a time (the neighbours' sum is an `[L, L]`
+matrix product in registers) and writes them back in place.
+
+What goes on the wire is unchanged: the same packed bits from the same values, in the
+same payload tensors (`comm.exchange` counts them), so the CPU, the plain-torch GPU path and
+this one send the same number of bytes. The sign bits and Moniqua's codes are those of
+the plain-torch path bit for bit; the per-tensor scale of sign-and-norm and the state
+updates are sums taken in another order, equal to float rounding
+(tests/test_fused_kernels.py compares the two paths on a GPU).
+
+The kernels work on flat tensor-major buffers: tensor k's `[L, n_k]` stack occupies
+`L * n_k` consecutive floats (what `torch.cat([t.reshape(-1) for t in stacks])` gives, and
+how `models.stacked.StackedReplicas` allocates its parameters, so that no copy is needed).
+Used by algorithms.py when the tensors are on a CUDA device and Triton imports (or under
+Triton's CPU interpreter, TRITON_INTERPRET=1, which the tests use on CPU).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:  # CUDA machines have Triton with torch; the CPU build has not, and needs none of this
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:
+    triton = None
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the fused kernels run on `tensor`'s device: CUDA with Triton, or Triton's CPU interpreter."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (tensor.is_cuda or interpreted) and triton is not None and tensor.dtype == torch.float32
+
+
+# --- the flat layout ------------------------------------------------------------------------
+MAX_ROWS = 64  # column-block kernels hold all L rows of a block; beyond this, the plain path
+TILE_ENTRIES = 4096  # rows x columns a program holds (its registers): the column block is this / rows
+
+
+class Layout:
+    """Where each stack `[L, *shape_k]` lies in a flat tensor-major buffer, where its columns
+    lie in a worker's concatenated row (`compressors` orders per-worker payloads that way),
+    and the column blocks the kernels work on (a block never straddles two tensors)."""
+
+    def __init__(self, stacks: list[torch.Tensor]):
+        self.rows = stacks[0].shape[0]
+        self.padded_rows = max(16, 1 << (self.rows - 1).bit_length())  # tl.dot wants >= 16 rows
+        self.block = max(32, TILE_ENTRIES // self.padded_rows)  # columns per block
+        sizes = np.array([t[0].numel() for t in stacks], dtype=np.int64)
+        self.sizes, self.width = sizes, int(sizes.sum())
+        bases = np.concatenate([[0], np.cumsum(sizes * self.rows)[:-1]])  # flat offset of each stack
+        columns = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # offset in a worker's concatenated row
+        blocks = -(-sizes // self.block)
+        self.num_blocks = int(blocks.sum())
+        first_block = np.concatenate([[0], np.cumsum(blocks)])
+        block_tensor = np.repeat(np.arange(len(stacks)), blocks)
+        block_column = (np.arange(self.num_blocks) - first_block[block_tensor]) * self.block
+        as_device = lambda values: torch.as_tensor(values, dtype=torch.int64).to(stacks[0].device)
+        self.bases, self.lengths, self.columns = as_device(bases), as_device(sizes), as_device(columns)
+        self.block_tensor, self.block_column, self.first_block = as_device(block_tensor), as_device(block_column), as_device(first_block)
+
+    def key(self) -> tuple:
+        return self.rows, tuple(self.sizes.tolist())
+
+
+def flat(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The stacks as one flat tensor-major buffer, and whether it is a copy (to write back with
+    `write_back`): no copy when they already lie back to back in one float32 storage."""
+    first = stacks[0]
+    offset = first.storage_offset()
+    for t in stacks:
+        if not (t.is_contiguous() and t.dtype == torch.float32 and t.storage_offset() == offset
+                and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
+            return torch.cat([s.reshape(-1) for s in stacks]), True
+        offset += t.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset()), False
+
+
+def views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat tensor-major buffer seen as stacks of the shapes of `like`."""
+    return [part.view(t.shape) for t, part in zip(like, buffer.split([t.numel() for t in like]))]
+
+
+def zeros_in_one_buffer(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero stacks shaped like `like`, back to back in one flat buffer (state the kernels read in place)."""
+    return views(like[0].new_zeros(sum(t.numel() for t in like)), like)
+
+
+def in_one_buffer(stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the stacks, back to back in one flat buffer."""
+    return views(torch.cat([t.reshape(-1) for t in stacks]), stacks)
+
+
+def write_back(stacks: list[torch.Tensor], buffer: torch.Tensor) -> None:
+    """Copy a flat buffer that `flat` gathered back into its stacks."""
+    torch._foreach_copy_(stacks, views(buffer, stacks))
+
+
+if triton is not None:  # the kernels; their launchers follow
+    @triton.jit
+    def _block_of(pid, block_tensor, block_column, bases, lengths, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        k = tl.load(block_tensor + pid)
+        n = tl.load(lengths + k)
+        rows = tl.arange(0, ROWS)
+        cols = tl.load(block_column + pid) + tl.arange(0, BLOCK)
+        return k, n, rows, cols, tl.load(bases + k) + rows[:, None] * n + cols[None, :]
+
+    @triton.jit
+    def signs_and_partial_sums_kernel(a, b, b_sign: tl.constexpr, signs, partials, block_tensor, block_column, bases, lengths,
+                               columns, L, width, num_blocks, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """v = a + b_sign * b over one column block of every row: v >= 0 as bytes at the worker's
+        concatenated position, and sum |v| per row into partials[row, block]."""
+        pid = tl.program_id(0)
+        k, n, rows, cols, at = _block_of(pid, block_tensor, block_column, bases, lengths, ROWS, BLOCK)
+        inside = (rows[:, None] < L) & (cols[None, :] < n)
+        v = tl.load(a + at, mask=inside, other=0.0)
+        if b_sign > 0:
+            v = v + tl.load(b + at, mask=inside, other=0.0)
+        else:
+            v = v - tl.load(b + at, mask=inside, other=0.0)
+        position = rows[:, None].to(tl.int64) * width + tl.load(columns + k) + cols[None, :]
+        tl.store(signs + position, (v >= 0).to(tl.uint8), mask=inside)
+        tl.store(partials + rows * num_blocks + pid, tl.sum(tl.abs(v), axis=1), mask=rows < L)
+
+    @triton.jit
+    def pack_bits_kernel(codes, packed, width, num_bytes, BITS: tl.constexpr, PER_BYTE: tl.constexpr, BYTES: tl.constexpr):
+        """compressors.pack_bits of one row's codes < 2**BITS: code c of the row in bits
+        (c % PER_BYTE) * BITS of byte c // PER_BYTE."""
+        row = tl.program_id(1).to(tl.int64)
+        byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
+        slot = tl.arange(0, PER_BYTE)
+        column = byte[:, None] * PER_BYTE + slot[None, :]
+        code = tl.load(codes + row * width + column, mask=column < width, other=0).to(tl.int32)
+        tl.store(packed + row * num_bytes + byte, tl.sum(code << (slot[None, :] * BITS), axis=1).to(tl.uint8), mask=byte < num_bytes)
+
+    @triton.jit
+    def means_of_blocks_kernel(partials, first_block, lengths, means, L, num_tensors, num_blocks, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+        """means[row, k] = sum of tensor k's partial sums / its length, blocks in order."""
+        k = tl.program_id(0)
+        first, last = tl.load(first_block + k), tl.load(first_block + k + 1)
+        rows = tl.arange(0, ROWS)
+        total = tl.zeros((ROWS,), dtype=tl.float32)
+        for start in range(first, last, CHUNK):
+            blocks = start + tl.arange(0, CHUNK)
+            inside = (rows[:, None] < L) & (blocks[None, :] < last)
+            total += tl.sum(tl.load(partials + rows[:, None] * num_blocks + blocks[None, :], mask=inside, other=0.0), axis=1)
+        tl.store(means + rows * num_tensors + k, total / tl.load(lengths + k).to(tl.float32), mask=rows < L)
+
+    @triton.jit
+    def _sign_times_scale(v, scales, k, rows, L, num_tensors, inside):
+        scale = tl.load(scales + rows * num_tensors + k, mask=rows < L, other=0.0)[:, None]
+        return tl.where(inside, tl.where(v >= 0, scale, -scale), 0.0)
+
+    @triton.jit
+    def choco_update_kernel(x, x_hat, s, scales, mixing, gamma, block_tensor, block_column, bases, lengths, L, num_tensors,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """Koloskova et al. 2019, Algorithm 1 (the s_i form) with q_i = C(x_i - x_hat_i):
+        x_hat_i += q_i; s_i += sum_j A_ij q_j; x_i += gamma (s_i - x_hat_i)."""
+        pid = tl.program_id(0)
+        k, n, rows, cols, at = _block_of(pid, block_tensor, block_column, bases, lengths, ROWS, BLOCK)
+        inside = (rows[:, None] < L) & (cols[None, :] < n)
+        xs = tl.load(x + at, mask=inside, other=0.0)
+        x_hats = tl.load(x_hat + at, mask=inside, other=0.0)
+        q = _sign_times_scale(xs - x_hats, scales, k, rows, L, num_tensors, inside)
+        A = tl.load(mixing + rows[:, None] * L + rows[None, :], mask=(rows[:, None] < L) & (rows[None, :] < L), other=0.0)
+        x_hats = x_hats + q
+        ss = tl.load(s + at, mask=inside, other=0.0) + tl.dot(A, q, input_precision="ieee")
+        tl.store(x_hat + at, x_hats, mask=inside)
+        tl.store(s + at, ss, mask=inside)
+        tl.store(x + at, xs + gamma * (ss - x_hats), mask=inside)
+
+    @triton.jit
+    def deepsqueeze_update_kernel(x, delta, scales, mixing, gamma, block_tensor, block_column, bases, lengths, L, num_tensors,
+                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """Tang et al. 2019 with error feedback: v_i = x_i + delta_i, c_i = C(v_i);
+        x_i += gamma sum_j A_ij c_j (A_ii = w_ii - 1); delta_i = v_i - c_i."""
+        pid = tl.program_id(0)
+        k, n, rows, cols, at = _block_of(pid, block_tensor, block_column, bases, lengths, ROWS, BLOCK)
+        inside = (rows[:, None] < L) & (cols[None, :] < n)
+        xs = tl.load(x + at, mask=inside, other=0.0)
+        v = xs + tl.load(delta + at, mask=inside, other=0.0)
+        c = _sign_times_scale(v, scales, k, rows, L, num_tensors, inside)
+        A = tl.load(mixing + rows[:, None] * L + rows[None, :], mask=(rows[:, None] < L) & (rows[None, :] < L), other=0.0)
+        tl.store(x + at, xs + gamma * tl.dot(A, c, input_precision="ieee"), mask=inside)
+        tl.store(delta + at, v - c, mask=inside)
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        @triton.jit
+        def _fmod(x, a):
+            return x % a  # the interpreter's float % is numpy's fmod
+    else:
+        @triton.jit
+        def _fmod(x, a):
+            return libdevice.fmod(x, a)  # the exact fmod torch.fmod calls on a GPU
+
+    @triton.jit
+    def _modulo(x, a):
+        """mod(x, a) = fmod(x + sign(x) a/2, a) - sign(x) a/2, as MoniquaGossip.modulo rounds it."""
+        a = tl.zeros_like(x) + a
+        half = tl.where(x > 0, a, tl.where(x < 0, -a, 0.0)) * 0.5
+        return _fmod(x + half, a) - half
+
+    @triton.jit
+    def moniqua_codes_kernel(x, noise, codes, inverse_B, inverse_delta, block_tensor, block_column, bases, lengths, columns, L,
+                      width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """Lu & De Sa 2020, 2-bit Moniqua: code = floor((mod(x / B, 1) + 1/2) / delta + u) in 0..3,
+        written at the worker's concatenated position (division as torch does it by a scalar:
+        a product with the float reciprocal)."""
+        pid = tl.program_id(0)
+        k, n, rows, cols, at = _block_of(pid, block_tensor, block_column, bases, lengths, ROWS, BLOCK)
+        inside = (rows[:, None] < L) & (cols[None, :] < n)
+        position = rows[:, None].to(tl.int64) * width + tl.load(columns + k) + cols[None, :]
+        xs = tl.load(x + at, mask=inside, other=0.0)
+        u = tl.load(noise + position, mask=inside, other=0.0)
+        level = tl.floor((_modulo(xs * inverse_B, 1.0) + 0.5) * inverse_delta + u)
+        tl.store(codes + position, tl.minimum(tl.maximum(level, 0.0), 3.0).to(tl.uint8), mask=inside)
+
+    @triton.jit
+    def moniqua_update_kernel(x, codes, senders, weights, first_edge, B, delta, gamma, block_tensor, block_column, bases, lengths,
+                       columns, L, width, BLOCK: tl.constexpr):
+        """x_i += gamma sum_{j in N(i)} w_ij (mod(q_j B - x_i, B) - e_i), q = code delta - 1/2,
+        e_i = q_i B - mod(x_i, B); each row i in place (the neighbours' codes, not their x, are read)."""
+        pid = tl.program_id(0)
+        k = tl.load(block_tensor + pid)
+        n = tl.load(lengths + k)
+        cols = tl.load(block_column + pid) + tl.arange(0, BLOCK)
+        inside = cols < n
+        base, column = tl.load(bases + k), tl.load(columns + k)
+        for i in range(L):
+            at = base + i * n + cols
+            xs = tl.load(x + at, mask=inside, other=0.0)
+            q_own = tl.load(codes + i * width + column + cols, mask=inside, other=0).to(tl.float32) * delta - 0.5
+            error = q_own * B - _modulo(xs, B)
+            total = tl.zeros((BLOCK,), dtype=tl.float32)
+            for h in range(tl.load(first_edge + i), tl.load(first_edge + i + 1)):
+                j = tl.load(senders + h)
+                q = tl.load(codes + j * width + column + cols, mask=inside, other=0).to(tl.float32) * delta - 0.5
+                total += tl.load(weights + h) * (_modulo(q * B - xs, B) - error)
+            tl.store(x + at, xs + gamma * total, mask=inside)
+
+
+def _options(num_warps: int = 4) -> dict:
+    """Launch options: exact float rounding (no fused multiply-adds the plain torch path does not make)."""
+    return dict(enable_fp_fusion=False, num_warps=num_warps)
+
+
+def _blocks(layout: Layout) -> tuple:
+    return layout.block_tensor, layout.block_column, layout.bases, layout.lengths
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`compressors.pack_bits` in one kernel: the same bytes."""
+    rows, width = codes.shape
+    num_bytes = -(-width * bits // 8)
+    packed = torch.empty((rows, num_bytes), dtype=torch.uint8, device=codes.device)
+    pack_bits_kernel[(triton.cdiv(num_bytes, 1024), rows)](codes, packed, width, num_bytes, BITS=bits, PER_BYTE=8 // bits, BYTES=1024)
+    return packed
+
+
+def sign_and_norm(layout: Layout, a: torch.Tensor, b: torch.Tensor, b_sign: int) -> list[torch.Tensor]:
+    """`compressors.SignAndNorm().compress` of v = a + b_sign * b (flat buffers): the payload
+    [signs packed 8 per byte, per-tensor mean |v|] in the same layout."""
+    L = layout.rows
+    signs = torch.empty((L, layout.width), dtype=torch.uint8, device=a.device)
+    partials = torch.empty((L, layout.num_blocks), dtype=torch.float32, device=a.device)
+    signs_and_partial_sums_kernel[(layout.num_blocks,)](
+        a, b, b_sign, signs, partials, *_blocks(layout), layout.columns, L, layout.width, layout.num_blocks,
+        ROWS=layout.padded_rows, BLOCK=layout.block, **_options())
+    scales = torch.empty((L, len(layout.sizes)), dtype=torch.float32, device=a.device)
+    means_of_blocks_kernel[(len(layout.sizes),)](partials, layout.first_block, layout.lengths, scales, L,
+                                                     len(layout.sizes), layout.num_blocks, ROWS=layout.padded_rows, CHUNK=64)
+    return [pack_bits(signs, 1), scales]
+
+
+def choco_update(layout: Layout, x, x_hat, s, scales, mixing, gamma: float) -> None:
+    choco_update_kernel[(layout.num_blocks,)](
+        x, x_hat, s, scales, mixing.contiguous(), gamma, *_blocks(layout), layout.rows, len(layout.sizes),
+        ROWS=layout.padded_rows, BLOCK=layout.block, **_options(num_warps=8))  # three states' tiles: 4 warps spill (H200: 4x slower)
+
+
+def deepsqueeze_update(layout: Layout, x, delta, scales, mixing, gamma: float) -> None:
+    deepsqueeze_update_kernel[(layout.num_blocks,)](
+        x, delta, scales, mixing.contiguous(), gamma, *_blocks(layout), layout.rows, len(layout.sizes),
+        ROWS=layout.padded_rows, BLOCK=layout.block, **_options())
+
+
+def moniqua_codes(layout: Layout, x, noise, B: float, delta: float) -> torch.Tensor:
+    """The `[L, width]` uint8 codes of MoniquaGossip.step from flat x and its `[L, width]` noise."""
+    codes = torch.empty((layout.rows, layout.width), dtype=torch.uint8, device=x.device)
+    reciprocal = lambda value: float(np.float32(1) / np.float32(value))  # torch's x / scalar on a GPU
+    moniqua_codes_kernel[(layout.num_blocks,)](
+        x, noise, codes, reciprocal(B), reciprocal(delta), *_blocks(layout), layout.columns, layout.rows, layout.width,
+        ROWS=layout.padded_rows, BLOCK=layout.block, **_options())
+    return codes
+
+
+def moniqua_update(layout: Layout, x, codes, senders, weights, first_edge, B: float, delta: float, gamma: float) -> None:
+    moniqua_update_kernel[(layout.num_blocks,)](
+        x, codes, senders, weights, first_edge, B, delta, gamma, *_blocks(layout), layout.columns, layout.rows,
+        layout.width, BLOCK=layout.block, **_options())
