@@ -71,8 +71,11 @@ def to_worker_slots(edges, per_edge: torch.Tensor) -> torch.Tensor:
     worker's sum over its half-edges of a_h b_h^T is one matrix product A_l B_l^T."""
     H, *middle, c = per_edge.shape
     num_workers = edges.incoming.shape[0]
-    slots = per_edge.new_zeros((num_workers, edges.max_degree, *middle, c))
-    slots[edges.local_sender, edges.slot] = per_edge
+    if edges.same_degree:  # half-edge h = l * degree + slot already: no empty slots to fill
+        slots = per_edge.reshape(num_workers, edges.max_degree, *middle, c)
+    else:
+        slots = per_edge.new_zeros((num_workers, edges.max_degree, *middle, c))
+        slots[edges.local_sender, edges.slot] = per_edge
     return slots.movedim(1, -2).reshape(num_workers, *middle, edges.max_degree * c)
 
 
@@ -468,15 +471,16 @@ class PowerGossip(GossipAlgorithm):
         received = self.comm.exchange(graph, products, per="half_edge")
 
         # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
-        weight_of_edge = self.diffusion_rate * edges.weight_in * torch.where(edges.is_lower, 1.0, -1.0)
+        sign = torch.where(edges.is_lower, 1.0, -1.0)
+        weight_of_edge = (self.diffusion_rate * edges.weight_in * sign).view(-1, 1, 1, 1)
+        sign = sign.view(-1, 1, 1, 1)
         results = q if left else p
         for g, (indices, m, n, r) in enumerate(self.groups):
-            # Both ends store the same product of D = X_max - X_min.
-            mine, theirs = products[g], received[g]
-            lower = edges.is_lower.view(-1, 1, 1, 1)
-            results[g] = torch.where(lower, theirs - mine, mine - theirs)
+            # Both ends store the same product of D = X_max - X_min: the smaller id theirs - mine,
+            # the larger mine - theirs, which is exactly -(theirs - mine).
+            results[g] = (received[g] - products[g]).mul_(sign)
             # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one in-place matrix product per matrix
-            weighted_p = to_worker_slots(edges, p[g] * weight_of_edge.view(-1, 1, 1, 1))
+            weighted_p = to_worker_slots(edges, p[g] * weight_of_edge)
             q_slots = to_worker_slots(edges, q[g])
             for position, k in enumerate(indices):
                 matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
