@@ -8,12 +8,18 @@ records the run's arguments) is skipped, and a sweep whose runs were done before
 other arguments is refused before it launches anything; one that was stopped midway continues from its checkpoints (`resume=true`)
 or, without any, starts again (`overwrite=true`); a run that fails gets a `FAILED` file
 with the end of its output and the sweep goes on. Progress is one line per run.
+
+Single-process runs are forked from one interpreter that has imported torch and the library
+(experiments/fork_server.py, one per launch): at small scales importing torch takes longer
+than the run. They start as subprocesses where it cannot fork safely (no os.fork, a thread
+besides its own) or failed to start; runs under mpirun always do.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -57,35 +63,42 @@ def launch(runs: list[Run], folder: str, processes: int | None = None, timeout: 
             outcomes[index] = Outcome(run, run_folder, "skipped")
         else:
             pending.append(index)
-    running: dict[int, tuple[subprocess.Popen, float, list[str], object]] = {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            index = pending.pop(0)
-            running[index] = _start(runs[index], os.path.join(folder, runs[index].name), processes, extra)
-        time.sleep(0.05)
-        for index, (process, started, command, log) in list(running.items()):
-            timed_out = timeout is not None and time.time() - started > timeout
-            if process.poll() is None and not timed_out:
-                continue
-            if timed_out:
-                process.kill()
-                process.wait()
-            log.close()
-            del running[index]
-            run, run_folder, seconds = runs[index], os.path.join(folder, runs[index].name), time.time() - started
-            prefix = f"[{index + 1}/{len(runs)}] {run.name}"
-            if process.returncode != 0:
-                with open(os.path.join(run_folder, "output.log")) as f:
-                    output = f.read()[-5000:]
-                with open(os.path.join(run_folder, "FAILED"), "w") as f:
-                    f.write(" ".join(command) + "\n\n" + ("timed out\n" if timed_out else "") + output)
-                print(f"{prefix}: FAILED after {seconds:.1f} s (see {os.path.join(run_folder, 'FAILED')})", flush=True)
-                outcomes[index] = Outcome(run, run_folder, "failed")
-            else:
-                with open(os.path.join(run_folder, "DONE"), "w") as f:
-                    json.dump(_arguments(run, extra), f)
-                print(f"{prefix}: done in {seconds:.1f} s", flush=True)
-                outcomes[index] = Outcome(run, run_folder, "done")
+    running: dict[int, tuple[subprocess.Popen | _Forked, float, list[str]]] = {}  # index -> (process, start time, command)
+    server = _ForkServer() if pending and not (processes and processes > 1) and hasattr(os, "fork") else None
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                index = pending.pop(0)
+                running[index] = _start(runs[index], os.path.join(folder, runs[index].name), processes, extra, server)
+            time.sleep(0.05)
+            for index, (process, started, command) in list(running.items()):
+                timed_out = timeout is not None and time.time() - started > timeout
+                if process.poll() is None and not timed_out:
+                    continue
+                if timed_out:
+                    process.kill()
+                    process.wait()
+                del running[index]
+                run, run_folder, seconds = runs[index], os.path.join(folder, runs[index].name), time.time() - started
+                prefix = f"[{index + 1}/{len(runs)}] {run.name}"
+                if process.returncode != 0:
+                    with open(os.path.join(run_folder, "output.log")) as f:
+                        output = f.read()[-5000:]
+                    with open(os.path.join(run_folder, "FAILED"), "w") as f:
+                        f.write(" ".join(command) + "\n\n" + ("timed out\n" if timed_out else "") + output)
+                    print(f"{prefix}: FAILED after {seconds:.1f} s (see {os.path.join(run_folder, 'FAILED')})", flush=True)
+                    outcomes[index] = Outcome(run, run_folder, "failed")
+                else:
+                    with open(os.path.join(run_folder, "DONE"), "w") as f:
+                        json.dump(_arguments(run, extra), f)
+                    print(f"{prefix}: done in {seconds:.1f} s", flush=True)
+                    outcomes[index] = Outcome(run, run_folder, "done")
+    finally:
+        for process, _, _ in running.values():  # left by an exception or Ctrl-C: no run outlives the sweep
+            process.kill()
+            process.wait()
+        if server:
+            server.close()
     ordered = [outcomes[i] for i in range(len(runs))]
     failures = [o for o in ordered if o.status == "failed"]
     print(f"{len(ordered) - len(failures)} of {len(ordered)} runs finished"
@@ -104,20 +117,92 @@ def collect(runs: list[Run], folder: str) -> list[Outcome]:
     return outcomes
 
 
-def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | None):
-    """Start one run as a subprocess whose output goes to run_folder/output.log."""
+def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | None, server: _ForkServer | None):
+    """Start one run whose output goes to run_folder/output.log: forked by the server where
+    there is one and it can fork, else as a subprocess."""
     os.makedirs(run_folder, exist_ok=True)
     if os.path.exists(os.path.join(run_folder, "FAILED")):
         os.remove(os.path.join(run_folder, "FAILED"))
     command = [sys.executable, os.path.join(ROOT, run.entrypoint)] + run.overrides + (extra or []) + [f"output_dir={run_folder}"]
     command += _continue_or_replace(run_folder)
-    env = dict(os.environ)
-    if processes and processes > 1:
-        command = comm_module.mpirun_command(processes) + command
-        env = comm_module.mpirun_environment()
-    log = open(os.path.join(run_folder, "output.log"), "w")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    return process, time.time(), command, log
+    log = os.path.join(run_folder, "output.log")
+    process = server.start(command[1], command[2:], log) if server else None
+    if process is None:
+        env = dict(os.environ)
+        if processes and processes > 1:
+            command = comm_module.mpirun_command(processes) + command
+            env = comm_module.mpirun_environment()
+        with open(log, "w") as output:  # the subprocess has its own copy
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    return process, time.time(), command
+
+
+class _ForkServer:
+    """experiments/fork_server.py for one launch: it forks each run from an interpreter that has
+    imported torch and the library already, and reports how the runs end."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "fork_server.py")], cwd=ROOT,
+                                        env=dict(os.environ), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.returncodes: dict[int, int] = {}  # pid -> exit status of the runs that ended
+
+    def start(self, path: str, argv: list[str], log: str) -> _Forked | None:
+        """The run, forked; None where the server cannot fork safely or has stopped."""
+        try:
+            self._send({"path": path, "argv": argv, "log": log})
+        except BrokenPipeError:
+            return None
+        for line in iter(self.process.stdout.readline, b""):
+            kind, *values = line.decode().split()
+            if kind != "exited":
+                return _Forked(self, int(values[0])) if kind == "started" else None
+            self._ended(*values)
+        return None  # the server stopped (it could not import what it needs: its error is on stderr)
+
+    def collect(self, timeout: float | None) -> None:
+        """Read the ends of runs reported so far, waiting up to `timeout` seconds (None: no limit) for the first."""
+        while select.select([self.process.stdout], [], [], timeout)[0]:
+            kind, *values = self.process.stdout.readline().decode().split() or ["stopped"]
+            if kind != "exited":
+                raise RuntimeError("the fork server stopped while runs were going")
+            self._ended(*values)
+            timeout = 0
+
+    def kill(self, pid: int) -> None:
+        self._send({"kill": pid})
+
+    def close(self) -> None:
+        self.process.communicate(timeout=60)  # closes its stdin: it kills the runs still going and exits
+
+    def _send(self, request: dict) -> None:
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+
+    def _ended(self, pid: str, status: str) -> None:
+        self.returncodes[int(pid)] = int(status)
+
+
+class _Forked:
+    """A run forked by a _ForkServer, with the part of subprocess.Popen's interface that launch uses."""
+
+    def __init__(self, server: _ForkServer, pid: int):
+        self.server, self.pid = server, pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.server.returncodes.get(self.pid)
+
+    def poll(self) -> int | None:
+        self.server.collect(0)
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.returncode is None:
+            self.server.collect(None)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            self.server.kill(self.pid)
 
 
 def _arguments(run: Run, extra: list[str] | None) -> list[str]:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import powergossip  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
 
-STEPS, START, RANK, MIN_RATE, LR = 300, 2, 1, 2.0, 0.1
+STEPS, START, RANK, MIN_RATE, LR = 150, 2, 1, 2.0, 0.1
 IN, HIDDEN, CLASSES, BATCH = 20, 32, 2, 32
 
 

@@ -1,8 +1,10 @@
 """Sweep scripts end to end at a tiny scale: launching, skipping, surviving failures, reports."""
 import csv
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -10,6 +12,7 @@ from experiments import (consensus, deep_learning, no_tuning, non_iid, paper_byt
                          resnet20, spectral_gap, sweep, warm_start)
 from experiments import topologies as topology_study
 from tests.test_data import fake_fmnist
+from tests.test_train import comparable
 from powergossip import figures
 
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
@@ -48,6 +51,69 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
     seeded = sweep.Run("good", "train.py", good.overrides + ["seed=7"], good.labels)  # the same run name, other settings
     with pytest.raises(SystemExit, match="good were done before with other arguments"):
         sweep.launch([bad, seeded], str(tmp_path))
+
+
+ENTRYPOINT = """import atexit, os, sys, time
+atexit.register(print, "atexit ran")
+print("argv", sys.argv, __name__, sys.path[0], "parent", os.getppid(), flush=True)
+print("to stderr", file=sys.stderr)
+print("buffered")
+if sys.argv[1] == "raise":
+    raise ValueError("boom")
+if sys.argv[1] == "sleep":
+    time.sleep(600)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_forked_runs_end_as_fresh_interpreters_do(tmp_path):
+    """A run the fork server starts writes the output and ends with the status of `python ENTRY`:
+    the traceback and status 1 of an exception, sys.exit's code, atexit handlers, buffered output."""
+    entrypoint = tmp_path / "entry.py"
+    entrypoint.write_text(ENTRYPOINT)
+    endings = {"0": 0, "3": 3, "raise": 1}
+    server = sweep._ForkServer()
+    try:
+        forked = {ending: server.start(str(entrypoint), [ending], str(tmp_path / f"forked_{ending}.log")) for ending in endings}
+        assert None not in forked.values()  # forked, not left to a subprocess
+        deadline = time.time() + 300
+        while any(process.poll() is None for process in forked.values()):
+            assert time.time() < deadline, "forked runs did not end"
+            time.sleep(0.05)
+    finally:
+        server.close()
+    for ending, status in endings.items():
+        with open(tmp_path / f"fresh_{ending}.log", "w") as log:
+            fresh = subprocess.run([sys.executable, str(entrypoint), ending], cwd=sweep.ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   timeout=120)
+        assert forked[ending].returncode == fresh.returncode == status
+        forked_output, fresh_output = (re.sub(r"parent \d+", "parent", (tmp_path / f"{way}_{ending}.log").read_text())
+                                       for way in ("forked", "fresh"))
+        assert forked_output == fresh_output
+    assert "ValueError: boom" in (tmp_path / "fresh_raise.log").read_text() and "atexit ran" in fresh_output
+
+
+def test_launch_forks_runs_and_kills_those_that_time_out(tmp_path):
+    entrypoint = tmp_path / "entry.py"
+    entrypoint.write_text(ENTRYPOINT)
+    outcomes = sweep.launch([sweep.Run("sleeps", str(entrypoint), ["sleep"])], str(tmp_path), timeout=10)
+    assert [o.status for o in outcomes] == ["failed"]
+    failed = (tmp_path / "sleeps" / "FAILED").read_text()
+    assert "timed out" in failed and "parent " in failed
+    assert f"parent {os.getpid()}" not in failed  # forked by the server, not started from here
+
+
+def test_a_forked_run_writes_the_metrics_of_a_fresh_one(tmp_path, tiny_data, monkeypatch):
+    overrides = TINY + ["n_workers=2", f"data_dir={tiny_data}"]
+    fresh = subprocess.run([sys.executable, "train.py"] + overrides + [f"output_dir={tmp_path / 'fresh'}"], cwd=sweep.ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    answers = []  # the fork server's: the run must not have been left to a subprocess
+    start = sweep._ForkServer.start
+    monkeypatch.setattr(sweep._ForkServer, "start", lambda server, *args: answers.append(start(server, *args)) or answers[-1])
+    assert [o.status for o in sweep.launch([sweep.Run("forked", "train.py", overrides)], str(tmp_path))] == ["done"]
+    assert len(answers) == 1 and answers[0] is not None
+    assert comparable(tmp_path / "forked") == comparable(tmp_path / "fresh")
 
 
 @pytest.mark.parametrize("study", [deep_learning, non_iid, warm_start, resnet20])
@@ -164,6 +230,19 @@ def test_quick_studies_write_outside_the_tracked_tree():
         assert full == os.path.join(sweep.RESULTS, name)  # the committed study results stay where they are
 
 
+# The study scripts run as their command lines would, one after another in one interpreter:
+# nine interpreters would import torch nine times.
+STUDY_SCRIPTS = """import runpy, sys
+for path in sys.argv[1:]:
+    sys.argv = [path, "--quick", "--report-only"]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exit:  # the training studies exit with their status
+        if exit.code not in (0, None):
+            raise
+"""
+
+
 def test_quick_studies_leave_git_status_unchanged():
     """Every study's --quick report (written where its --quick runs go) changes nothing git sees."""
     import subprocess as sp
@@ -175,10 +254,10 @@ def test_quick_studies_leave_git_status_unchanged():
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
     before = status()
-    for study in (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20):
-        result = sp.run([sys.executable, study.__file__, "--quick", "--report-only"], cwd=sweep.ROOT, capture_output=True,
-                        text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stdout + result.stderr
+    studies = (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20)
+    result = sp.run([sys.executable, "-c", STUDY_SCRIPTS] + [study.__file__ for study in studies], cwd=sweep.ROOT,
+                    capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
     assert status() == before
 
 
