@@ -132,7 +132,7 @@ class GossipAlgorithm:
     # hands back, as across processes (the tests compare the two).
     in_process_mixing = True
     # Methods with fused kernels (kernels.py) run a round whose messages all stay in this process
-    # as two of them on a CUDA device; False (settable per instance): the plain torch path.
+    # in two passes over the model on a CUDA device; False (settable per instance): the torch path.
     fused_kernels = True
 
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
@@ -168,13 +168,14 @@ class GossipAlgorithm:
         message of the round stays in this process (and in_process_mixing); else None."""
         return self.comm.senders_in_process(graph) if self.in_process_mixing else None
 
-    def _kernel_layout(self, params, senders) -> kernels.Layout | None:
+    def _kernel_layout(self, senders, params, *states) -> kernels.Layout | None:
         """The flat layout the fused kernels use for `params`, when this round runs them: every
-        message in the process (`senders`), on a device they run on, at most kernels.MAX_ROWS rows."""
-        if senders is None or not self.fused_kernels or not kernels.available(params[0]) or params[0].shape[0] > kernels.MAX_ROWS:
+        message in the process (`senders`), parameters and states where they run (float32 on a
+        GPU), at most kernels.MAX_ROWS rows."""
+        if senders is None or not self.fused_kernels or params[0].shape[0] > kernels.MAX_ROWS or not kernels.available(params, *states):
             return None
         layout = self._layout
-        if layout is None or layout.key() != (params[0].shape[0], tuple(p[0].numel() for p in params)):
+        if layout is None or layout.key() != (params[0].shape[0], tuple(math.prod(p.shape[1:]) for p in params)):
             layout = self._layout = kernels.Layout(params)
         return layout
 
@@ -559,19 +560,17 @@ class CompressedGossip(GossipAlgorithm):
         """A `[L, L]`: A[i, k] = self_weight_i [k = i] + sum_h incoming[i, h] [senders[h] = k]."""
         return torch.diag(self_weight).index_add_(1, senders, edges.incoming)
 
-    def _fused_sign_and_norm(self, params, graph):
+    def _fused_sign_and_norm(self, senders, params, *states):
         """The flat layout when this round runs the fused sign-and-norm kernels, else None."""
-        if type(self.compressor) is not SignAndNorm:
-            return None
-        return self._kernel_layout(params, self._senders_in_process(graph))
+        return self._kernel_layout(senders, params, *states) if type(self.compressor) is SignAndNorm else None
 
-    def _compress_and_exchange(self, graph, edges, tensors, self_weight):
-        """Send q_i = C(tensors_i) to the neighbours of `graph`. Returns q `[L, ...]` as each worker
-        reconstructs it, and (A, rows): an `[L, R]` matrix and per tensor `[R, ...]` rows with
-        A @ rows = self_weight_i q_i + sum_{j in N(i)} w_ij q_j for every local worker i."""
+    def _compress_and_exchange(self, graph, edges, senders, tensors, self_weight):
+        """Send q_i = C(tensors_i) to the neighbours of `graph` (`senders`: _senders_in_process(graph)).
+        Returns q `[L, ...]` as each worker reconstructs it, and (A, rows): an `[L, R]` matrix and per
+        tensor `[R, ...]` rows with A @ rows = self_weight_i q_i + sum_{j in N(i)} w_ij q_j for every
+        local worker i."""
         payload = self.compressor.compress(tensors, self.randomness)
         received = self.comm.exchange(graph, payload, per="worker")
-        senders = self._senders_in_process(graph)
         if senders is not None:
             own = self.compressor.reconstruct(tensors, payload)
             return own, (self._mixing_matrix(edges, senders, self_weight), own)
@@ -625,17 +624,18 @@ class ChocoGossip(CompressedGossip):
         self._ensure_state(params)
         edges = self.comm.half_edges(graph)
         x_hats, ss = self.state["x_hat"], self.state["s"]
-        layout = self._fused_sign_and_norm(params, graph)
-        if layout is not None:  # the same round in two kernels (kernels.py)
-            (x, copied), (x_hat, _), (s, _) = kernels.flat(params), kernels.flat(x_hats), kernels.flat(ss)
+        senders = self._senders_in_process(graph)
+        layout = self._fused_sign_and_norm(senders, params, x_hats, ss)
+        if layout is not None:  # the same round in two passes (kernels.py)
+            buffers = kernels.flat_buffers(params, x_hats, ss)
+            (x, _), (x_hat, _), (s, _) = buffers
             payload = kernels.sign_and_norm(layout, x, x_hat, -1)  # q_i = C(x_i - x_hat_i)
             self.comm.exchange(graph, payload, per="worker")
-            mixing = self._mixing_matrix(edges, self._senders_in_process(graph), edges.weight_self)
+            mixing = self._mixing_matrix(edges, senders, edges.weight_self)
             kernels.choco_update(layout, x, x_hat, s, payload[1], mixing, self.diffusion_rate)
-            if copied:
-                kernels.write_back(params, x)
+            kernels.write_back((params, x_hats, ss), buffers)
             return
-        q, mixing = self._compress_and_exchange(graph, edges, torch._foreach_sub(params, x_hats), edges.weight_self)
+        q, mixing = self._compress_and_exchange(graph, edges, senders, torch._foreach_sub(params, x_hats), edges.weight_self)
         torch._foreach_add_(x_hats, q)  # x_hat_i += q_i
         self._add_mixed_(ss, mixing)  # s_i += sum_{j in N(i) + i} w_ij q_j
         torch._foreach_add_(params, torch._foreach_sub(ss, x_hats), alpha=self.diffusion_rate)  # x_i += gamma (s_i - x_hat_i)
@@ -655,18 +655,19 @@ class DeepSqueezeGossip(CompressedGossip):
         self._ensure_state(params)
         edges = self.comm.half_edges(graph)
         deltas = self.state["delta"]
-        layout = self._fused_sign_and_norm(params, graph)
-        if layout is not None:  # the same round in two kernels (kernels.py)
-            (x, copied), (delta, _) = kernels.flat(params), kernels.flat(deltas)
+        senders = self._senders_in_process(graph)
+        layout = self._fused_sign_and_norm(senders, params, deltas)
+        if layout is not None:  # the same round in two passes (kernels.py)
+            buffers = kernels.flat_buffers(params, deltas)
+            (x, _), (delta, _) = buffers
             payload = kernels.sign_and_norm(layout, x, delta, +1)  # c_i = C(x_i + delta_i)
             self.comm.exchange(graph, payload, per="worker")
-            mixing = self._mixing_matrix(edges, self._senders_in_process(graph), edges.weight_self - 1)
+            mixing = self._mixing_matrix(edges, senders, edges.weight_self - 1)
             kernels.deepsqueeze_update(layout, x, delta, payload[1], mixing, self.diffusion_rate)
-            if copied:
-                kernels.write_back(params, x)
+            kernels.write_back((params, deltas), buffers)
             return
         torch._foreach_add_(deltas, params)  # v_i = x_i + delta_i, in delta's buffer
-        c, mixing = self._compress_and_exchange(graph, edges, deltas, edges.weight_self - 1)
+        c, mixing = self._compress_and_exchange(graph, edges, senders, deltas, edges.weight_self - 1)
         self._add_mixed_(params, mixing, alpha=self.diffusion_rate)  # x_i += gamma (sum_j w_ij c_j - (1 - w_ii) c_i)
         torch._foreach_sub_(deltas, c)  # delta_i = v_i - c_i
 
@@ -700,15 +701,15 @@ class MoniquaGossip(GossipAlgorithm):
         edges = self.comm.half_edges(graph)
         rows = params[0].shape[0]
         senders = self._senders_in_process(graph)
-        layout = self._kernel_layout(params, senders)
-        if layout is not None:  # the same round in two kernels (kernels.py)
-            x, copied = kernels.flat(params)
+        layout = self._kernel_layout(senders, params)
+        if layout is not None:  # the same round in two passes (kernels.py)
+            buffers = kernels.flat_buffers(params)
+            x = buffers[0][0]
             codes = kernels.moniqua_codes(layout, x, self.randomness.uniform((layout.width,)), self.B, self.delta)
             self.comm.exchange(graph, [kernels.pack_bits(codes, 2)], per="worker")
             first_edge = torch.searchsorted(edges.local_sender, torch.arange(rows + 1, device=x.device))  # worker i: its half-edges
             kernels.moniqua_update(layout, x, codes, senders, edges.weight_in, first_edge, self.B, self.delta, self.diffusion_rate)
-            if copied:
-                kernels.write_back(params, x)
+            kernels.write_back((params,), buffers)
             return
         x = torch.cat([p.reshape(rows, -1) for p in params], dim=1)
         noise = self.randomness.uniform((x.shape[1],))

@@ -31,6 +31,8 @@ import os
 import numpy as np
 import torch
 
+from powergossip.models.stacked import in_one_buffer
+
 try:  # CUDA machines have Triton with torch; the CPU build has not, and needs none of this
     import triton
     import triton.language as tl
@@ -39,10 +41,15 @@ except ImportError:
     triton = None
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """Whether the fused kernels run on `tensor`'s device: CUDA with Triton, or Triton's CPU interpreter."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (tensor.is_cuda or interpreted) and triton is not None and tensor.dtype == torch.float32
+# Triton's own switch, read when it compiles the kernels below: on, they run on CPU tensors (slowly).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(*stack_lists: list[torch.Tensor]) -> bool:
+    """Whether the fused kernels run on these stacks: all float32, on a CUDA device with Triton
+    (or on any device under Triton's CPU interpreter)."""
+    tensors = [t for stacks in stack_lists for t in stacks]
+    return triton is not None and all(t.dtype == torch.float32 and (t.is_cuda or INTERPRETED) for t in tensors)
 
 
 # --- the flat layout ------------------------------------------------------------------------
@@ -95,18 +102,21 @@ def views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def zeros_in_one_buffer(like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zero stacks shaped like `like`, back to back in one flat buffer (state the kernels read in place)."""
-    return views(like[0].new_zeros(sum(t.numel() for t in like)), like)
+    """Zero stacks shaped like `like` (dtype and device included), in one buffer as
+    `models.stacked.in_one_buffer` puts them (state the kernels update in place)."""
+    return in_one_buffer([torch.zeros_like(t) for t in like])
 
 
-def in_one_buffer(stacks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of the stacks, back to back in one flat buffer."""
-    return views(torch.cat([t.reshape(-1) for t in stacks]), stacks)
+def flat_buffers(*stack_lists: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` of each list of stacks; `write_back` puts what changed in copies back."""
+    return [flat(stacks) for stacks in stack_lists]
 
 
-def write_back(stacks: list[torch.Tensor], buffer: torch.Tensor) -> None:
-    """Copy a flat buffer that `flat` gathered back into its stacks."""
-    torch._foreach_copy_(stacks, views(buffer, stacks))
+def write_back(stack_lists, buffers) -> None:
+    """Copy the buffers that `flat_buffers` had to gather back into their stacks."""
+    for stacks, (buffer, copied) in zip(stack_lists, buffers):
+        if copied:
+            torch._foreach_copy_(stacks, views(buffer, stacks))
 
 
 if triton is not None:  # the kernels; their launchers follow
@@ -120,7 +130,7 @@ if triton is not None:  # the kernels; their launchers follow
 
     @triton.jit
     def signs_and_partial_sums_kernel(a, b, b_sign: tl.constexpr, signs, partials, block_tensor, block_column, bases, lengths,
-                               columns, L, width, num_blocks, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                      columns, L, width, num_blocks, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """v = a + b_sign * b over one column block of every row: v >= 0 as bytes at the worker's
         concatenated position, and sum |v| per row into partials[row, block]."""
         pid = tl.program_id(0)
@@ -166,7 +176,7 @@ if triton is not None:  # the kernels; their launchers follow
 
     @triton.jit
     def choco_update_kernel(x, x_hat, s, scales, mixing, gamma, block_tensor, block_column, bases, lengths, L, num_tensors,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                            ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """Koloskova et al. 2019, Algorithm 1 (the s_i form) with q_i = C(x_i - x_hat_i):
         x_hat_i += q_i; s_i += sum_j A_ij q_j; x_i += gamma (s_i - x_hat_i)."""
         pid = tl.program_id(0)
@@ -184,7 +194,7 @@ if triton is not None:  # the kernels; their launchers follow
 
     @triton.jit
     def deepsqueeze_update_kernel(x, delta, scales, mixing, gamma, block_tensor, block_column, bases, lengths, L, num_tensors,
-                           ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """Tang et al. 2019 with error feedback: v_i = x_i + delta_i, c_i = C(v_i);
         x_i += gamma sum_j A_ij c_j (A_ii = w_ii - 1); delta_i = v_i - c_i."""
         pid = tl.program_id(0)
@@ -197,7 +207,7 @@ if triton is not None:  # the kernels; their launchers follow
         tl.store(x + at, xs + gamma * tl.dot(A, c, input_precision="ieee"), mask=inside)
         tl.store(delta + at, v - c, mask=inside)
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         @triton.jit
         def _fmod(x, a):
             return x % a  # the interpreter's float % is numpy's fmod
@@ -215,7 +225,7 @@ if triton is not None:  # the kernels; their launchers follow
 
     @triton.jit
     def moniqua_codes_kernel(x, noise, codes, inverse_B, inverse_delta, block_tensor, block_column, bases, lengths, columns, L,
-                      width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                             width, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """Lu & De Sa 2020, 2-bit Moniqua: code = floor((mod(x / B, 1) + 1/2) / delta + u) in 0..3,
         written at the worker's concatenated position (division as torch does it by a scalar:
         a product with the float reciprocal)."""
@@ -230,7 +240,7 @@ if triton is not None:  # the kernels; their launchers follow
 
     @triton.jit
     def moniqua_update_kernel(x, codes, senders, weights, first_edge, B, delta, gamma, block_tensor, block_column, bases, lengths,
-                       columns, L, width, BLOCK: tl.constexpr):
+                              columns, L, width, BLOCK: tl.constexpr):
         """x_i += gamma sum_{j in N(i)} w_ij (mod(q_j B - x_i, B) - e_i), q = code delta - 1/2,
         e_i = q_i B - mod(x_i, B); each row i in place (the neighbours' codes, not their x, are read)."""
         pid = tl.program_id(0)
@@ -242,7 +252,8 @@ if triton is not None:  # the kernels; their launchers follow
         for i in range(L):
             at = base + i * n + cols
             xs = tl.load(x + at, mask=inside, other=0.0)
-            q_own = tl.load(codes + i * width + column + cols, mask=inside, other=0).to(tl.float32) * delta - 0.5
+            row = tl.zeros([1], dtype=tl.int64) + i  # 64-bit: (L - 1) * width can pass 2**31
+            q_own = tl.load(codes + row * width + column + cols, mask=inside, other=0).to(tl.float32) * delta - 0.5
             error = q_own * B - _modulo(xs, B)
             total = tl.zeros((BLOCK,), dtype=tl.float32)
             for h in range(tl.load(first_edge + i), tl.load(first_edge + i + 1)):
@@ -263,6 +274,8 @@ def _blocks(layout: Layout) -> tuple:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """`compressors.pack_bits` in one kernel: the same bytes."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
     rows, width = codes.shape
     num_bytes = -(-width * bits // 8)
     packed = torch.empty((rows, num_bytes), dtype=torch.uint8, device=codes.device)
@@ -286,12 +299,14 @@ def sign_and_norm(layout: Layout, a: torch.Tensor, b: torch.Tensor, b_sign: int)
 
 
 def choco_update(layout: Layout, x, x_hat, s, scales, mixing, gamma: float) -> None:
+    """Choco's state update in place (flat x, x_hat, s) from the payload's scales and the `[L, L]` mixing matrix."""
     choco_update_kernel[(layout.num_blocks,)](
         x, x_hat, s, scales, mixing.contiguous(), gamma, *_blocks(layout), layout.rows, len(layout.sizes),
         ROWS=layout.padded_rows, BLOCK=layout.block, **_options(num_warps=8))  # three states' tiles: 4 warps spill (H200: 4x slower)
 
 
 def deepsqueeze_update(layout: Layout, x, delta, scales, mixing, gamma: float) -> None:
+    """DeepSqueeze's update of flat x and delta in place from the payload's scales and the `[L, L]` mixing matrix."""
     deepsqueeze_update_kernel[(layout.num_blocks,)](
         x, delta, scales, mixing.contiguous(), gamma, *_blocks(layout), layout.rows, len(layout.sizes),
         ROWS=layout.padded_rows, BLOCK=layout.block, **_options())
@@ -308,6 +323,8 @@ def moniqua_codes(layout: Layout, x, noise, B: float, delta: float) -> torch.Ten
 
 
 def moniqua_update(layout: Layout, x, codes, senders, weights, first_edge, B: float, delta: float, gamma: float) -> None:
+    """Moniqua's update of flat x in place: worker i sums over half-edges first_edge[i]..first_edge[i+1]-1,
+    each with the codes of worker senders[h] and the weight weights[h]."""
     moniqua_update_kernel[(layout.num_blocks,)](
         x, codes, senders, weights, first_edge, B, delta, gamma, *_blocks(layout), layout.columns, layout.rows,
         layout.width, BLOCK=layout.block, **_options())

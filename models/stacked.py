@@ -45,6 +45,15 @@ def _owner(module: nn.Module, dotted_name: str) -> tuple[nn.Module, str]:
     return module, attribute
 
 
+def in_one_buffer(stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the stacks back to back in one flat buffer, when they share a dtype and device
+    (else one copy each): kernels that walk the buffer reach every stack from one launch."""
+    if len({(t.dtype, t.device) for t in stacks}) > 1:
+        return [t.clone() for t in stacks]
+    buffer = torch.cat([t.reshape(-1) for t in stacks])
+    return [part.view(t.shape) for t, part in zip(stacks, buffer.split([t.numel() for t in stacks]))]
+
+
 class StackedReplicas:
     """`params[k]`, `grads[k]`: `[L, *shape]` float32 stacks in `parameter_names` order;
     `buffers[k]`: `[L, *shape]` stacks in `buffer_names` order; `replicas[l]`: the modules."""
@@ -60,10 +69,7 @@ class StackedReplicas:
         self.parameter_names = list(unique)
         self.buffer_names = [name for name, _ in template.named_buffers()]
         stack = lambda t: t.detach().unsqueeze(0).repeat((num_replicas,) + (1,) * t.dim()).contiguous()
-        # The parameter stacks back to back in one buffer: fused gossip kernels read them in place.
-        stacks = [stack(p).float() for p in unique.values()]
-        buffer = torch.cat([s.reshape(-1) for s in stacks])
-        self.params = [part.view(s.shape) for s, part in zip(stacks, buffer.split([s.numel() for s in stacks]))]
+        self.params = in_one_buffer([stack(p).float() for p in unique.values()])  # fused gossip kernels read them in place
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.buffers = [stack(b) for _, b in template.named_buffers()]
         index_of_tensor = {id(p): k for k, p in enumerate(unique.values())}
