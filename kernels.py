@@ -104,7 +104,9 @@ def views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
 def zeros_in_one_buffer(like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Zero stacks shaped like `like` (dtype and device included), in one buffer as
     `models.stacked.in_one_buffer` puts them (state the kernels update in place)."""
-    return in_one_buffer([torch.zeros_like(t) for t in like])
+    if len({(t.dtype, t.device) for t in like}) > 1:
+        return [torch.zeros_like(t) for t in like]
+    return views(like[0].new_zeros(sum(t.numel() for t in like)), like)  # (no zeroed copies to gather first)
 
 
 def flat_buffers(*stack_lists: list[torch.Tensor]) -> list[torch.Tensor]:
