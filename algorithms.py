@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from powergossip import compressors, kernels, registries, topologies
+from powergossip.models.stacked import in_one_buffer, zeros_in_one_buffer
 from powergossip.compressors import Compressor, SignAndNorm, WorkerRandom, matrix_shape, pack_bits, unpack_bits, worth_compressing
 
 # Purposes that keep the random streams of different uses apart (see WorkerRandom).
@@ -175,7 +176,7 @@ class GossipAlgorithm:
         if senders is None or not self.fused_kernels or params[0].shape[0] > kernels.MAX_ROWS or not kernels.available(params, *states):
             return None
         layout = self._layout
-        if layout is None or layout.key() != (params[0].shape[0], tuple(math.prod(p.shape[1:]) for p in params)):
+        if layout is None or layout.shapes != [p.shape for p in params]:
             layout = self._layout = kernels.Layout(params)
         return layout
 
@@ -553,7 +554,7 @@ class CompressedGossip(GossipAlgorithm):
 
     def _ensure_state(self, params):
         if self.state is None:  # each state in one buffer, which the fused kernels update in place
-            self.state = {name: kernels.zeros_in_one_buffer(params) for name in self.state_names}
+            self.state = {name: zeros_in_one_buffer(params) for name in self.state_names}
 
     @staticmethod
     def _mixing_matrix(edges, senders, self_weight) -> torch.Tensor:
@@ -600,7 +601,7 @@ class CompressedGossip(GossipAlgorithm):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if all(name in state for name in self.state_names):
-            self.state = {name: kernels.in_one_buffer([t.to(self.comm.device) for t in state[name]]) for name in self.state_names}
+            self.state = {name: in_one_buffer([t.to(self.comm.device) for t in state[name]]) for name in self.state_names}
         if self.randomness is not None:
             self.randomness.load_state_dict(state["randomness"])
 
@@ -707,8 +708,7 @@ class MoniquaGossip(GossipAlgorithm):
             x = buffers[0][0]
             codes = kernels.moniqua_codes(layout, x, self.randomness.uniform((layout.width,)), self.B, self.delta)
             self.comm.exchange(graph, [kernels.pack_bits(codes, 2)], per="worker")
-            first_edge = torch.searchsorted(edges.local_sender, torch.arange(rows + 1, device=x.device))  # worker i: its half-edges
-            kernels.moniqua_update(layout, x, codes, senders, edges.weight_in, first_edge, self.B, self.delta, self.diffusion_rate)
+            kernels.moniqua_update(layout, x, codes, senders, edges.weight_in, edges.first_edge, self.B, self.delta, self.diffusion_rate)
             kernels.write_back((params,), buffers)
             return
         x = torch.cat([p.reshape(rows, -1) for p in params], dim=1)

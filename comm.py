@@ -304,6 +304,7 @@ class HalfEdges:
         self.slot = as_long(slots)
         self.max_degree = int(degrees.max(initial=0))
         self.same_degree = bool(len(degrees)) and int(degrees.min()) == self.max_degree  # slot layout = half-edge order
+        self.first_edge = as_long(np.concatenate([[0], np.cumsum(degrees)]))  # local worker l: half-edges first_edge[l] .. [l + 1] - 1
         # incoming[l, h] = w_ij on worker l's own half-edges: incoming @ messages = sum_j w_ij m_j.
         self.incoming = torch.zeros((num_local, self.num), dtype=torch.float32, device=device)
         self.incoming[self.local_sender, torch.arange(self.num, device=device)] = self.weight_in

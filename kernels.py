@@ -31,7 +31,7 @@ import os
 import numpy as np
 import torch
 
-from powergossip.models.stacked import in_one_buffer
+from powergossip.models.stacked import views
 
 try:  # CUDA machines have Triton with torch; the CPU build has not, and needs none of this
     import triton
@@ -63,6 +63,7 @@ class Layout:
     and the column blocks the kernels work on (a block never straddles two tensors)."""
 
     def __init__(self, stacks: list[torch.Tensor]):
+        self.shapes = [t.shape for t in stacks]  # what it was built for
         self.rows = stacks[0].shape[0]
         self.padded_rows = max(16, 1 << (self.rows - 1).bit_length())  # tl.dot wants >= 16 rows
         self.block = max(32, TILE_ENTRIES // self.padded_rows)  # columns per block
@@ -79,34 +80,17 @@ class Layout:
         self.bases, self.lengths, self.columns = as_device(bases), as_device(sizes), as_device(columns)
         self.block_tensor, self.block_column, self.first_block = as_device(block_tensor), as_device(block_column), as_device(first_block)
 
-    def key(self) -> tuple:
-        return self.rows, tuple(self.sizes.tolist())
-
 
 def flat(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """The stacks as one flat tensor-major buffer, and whether it is a copy (to write back with
-    `write_back`): no copy when they already lie back to back in one float32 storage."""
+    `write_back`): no copy when they already lie back to back in one storage."""
     first = stacks[0]
     offset = first.storage_offset()
     for t in stacks:
-        if not (t.is_contiguous() and t.dtype == torch.float32 and t.storage_offset() == offset
-                and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
+        if not (t.is_contiguous() and t.storage_offset() == offset and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
             return torch.cat([s.reshape(-1) for s in stacks]), True
         offset += t.numel()
     return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset()), False
-
-
-def views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A flat tensor-major buffer seen as stacks of the shapes of `like`."""
-    return [part.view(t.shape) for t, part in zip(like, buffer.split([t.numel() for t in like]))]
-
-
-def zeros_in_one_buffer(like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zero stacks shaped like `like` (dtype and device included), in one buffer as
-    `models.stacked.in_one_buffer` puts them (state the kernels update in place)."""
-    if len({(t.dtype, t.device) for t in like}) > 1:
-        return [torch.zeros_like(t) for t in like]
-    return views(like[0].new_zeros(sum(t.numel() for t in like)), like)  # (no zeroed copies to gather first)
 
 
 def flat_buffers(*stack_lists: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -172,6 +156,11 @@ if triton is not None:  # the kernels; their launchers follow
         tl.store(means + rows * num_tensors + k, total / tl.load(lengths + k).to(tl.float32), mask=rows < L)
 
     @triton.jit
+    def _mixing_tile(mixing, rows, L):
+        """The `[L, L]` mixing matrix in a tile of ROWS x ROWS, zero outside."""
+        return tl.load(mixing + rows[:, None] * L + rows[None, :], mask=(rows[:, None] < L) & (rows[None, :] < L), other=0.0)
+
+    @triton.jit
     def _sign_times_scale(v, scales, k, rows, L, num_tensors, inside):
         scale = tl.load(scales + rows * num_tensors + k, mask=rows < L, other=0.0)[:, None]
         return tl.where(inside, tl.where(v >= 0, scale, -scale), 0.0)
@@ -187,7 +176,7 @@ if triton is not None:  # the kernels; their launchers follow
         xs = tl.load(x + at, mask=inside, other=0.0)
         x_hats = tl.load(x_hat + at, mask=inside, other=0.0)
         q = _sign_times_scale(xs - x_hats, scales, k, rows, L, num_tensors, inside)
-        A = tl.load(mixing + rows[:, None] * L + rows[None, :], mask=(rows[:, None] < L) & (rows[None, :] < L), other=0.0)
+        A = _mixing_tile(mixing, rows, L)
         x_hats = x_hats + q
         ss = tl.load(s + at, mask=inside, other=0.0) + tl.dot(A, q, input_precision="ieee")
         tl.store(x_hat + at, x_hats, mask=inside)
@@ -205,7 +194,7 @@ if triton is not None:  # the kernels; their launchers follow
         xs = tl.load(x + at, mask=inside, other=0.0)
         v = xs + tl.load(delta + at, mask=inside, other=0.0)
         c = _sign_times_scale(v, scales, k, rows, L, num_tensors, inside)
-        A = tl.load(mixing + rows[:, None] * L + rows[None, :], mask=(rows[:, None] < L) & (rows[None, :] < L), other=0.0)
+        A = _mixing_tile(mixing, rows, L)
         tl.store(x + at, xs + gamma * tl.dot(A, c, input_precision="ieee"), mask=inside)
         tl.store(delta + at, v - c, mask=inside)
 
@@ -325,8 +314,8 @@ def moniqua_codes(layout: Layout, x, noise, B: float, delta: float) -> torch.Ten
 
 
 def moniqua_update(layout: Layout, x, codes, senders, weights, first_edge, B: float, delta: float, gamma: float) -> None:
-    """Moniqua's update of flat x in place: worker i sums over half-edges first_edge[i]..first_edge[i+1]-1,
-    each with the codes of worker senders[h] and the weight weights[h]."""
+    """Moniqua's update of flat x in place: worker i sums over half-edges first_edge[i]..first_edge[i+1]-1
+    (comm.HalfEdges.first_edge), each with the codes of worker senders[h] and the weight weights[h]."""
     moniqua_update_kernel[(layout.num_blocks,)](
         x, codes, senders, weights, first_edge, B, delta, gamma, *_blocks(layout), layout.columns, layout.rows,
         layout.width, BLOCK=layout.block, **_options())

@@ -45,13 +45,25 @@ def _owner(module: nn.Module, dotted_name: str) -> tuple[nn.Module, str]:
     return module, attribute
 
 
+def views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat buffer seen as stacks of the shapes of `like`, back to back."""
+    return [part.view(t.shape) for t, part in zip(like, buffer.split([t.numel() for t in like]))]
+
+
 def in_one_buffer(stacks: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of the stacks back to back in one flat buffer, when they share a dtype and device
     (else one copy each): kernels that walk the buffer reach every stack from one launch."""
     if len({(t.dtype, t.device) for t in stacks}) > 1:
         return [t.clone() for t in stacks]
-    buffer = torch.cat([t.reshape(-1) for t in stacks])
-    return [part.view(t.shape) for t, part in zip(stacks, buffer.split([t.numel() for t in stacks]))]
+    return views(torch.cat([t.reshape(-1) for t in stacks]), stacks)
+
+
+def zeros_in_one_buffer(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero stacks shaped like `like` (dtype and device included), held as `in_one_buffer` holds
+    copies, without zeroed copies to gather first."""
+    if len({(t.dtype, t.device) for t in like}) > 1:
+        return [torch.zeros_like(t) for t in like]
+    return views(like[0].new_zeros(sum(t.numel() for t in like)), like)
 
 
 class StackedReplicas:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from powergossip import algorithms, compressors, kernels
+from powergossip.models import stacked
 from tests.test_in_process_mixing import Recorded
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +32,7 @@ CASES = [("ring", 16, True), ("ring", 16, False), ("torus", 16, True), ("star", 
 def start(n_workers: int, one_buffer: bool) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(99)
     stacks = [0.3 * torch.randn((n_workers,) + shape, generator=generator).to(DEVICE) for shape in SHAPES]  # within Moniqua's theta
-    return kernels.in_one_buffer(stacks) if one_buffer else stacks  # as models.stacked.StackedReplicas holds them
+    return stacked.in_one_buffer(stacks) if one_buffer else stacks  # as models.stacked.StackedReplicas holds them
 
 
 def spread(params) -> float:
@@ -98,8 +99,8 @@ def test_packing_in_one_kernel_gives_the_same_bytes(bits):
 def test_states_keep_each_parameters_dtype_and_other_dtypes_take_the_torch_path():
     """One buffer per state only where the stacks share a dtype; the kernels run on float32 only."""
     mixed = [torch.zeros(4, 3), torch.zeros(4, 2, dtype=torch.float64)]
-    assert [t.dtype for t in kernels.zeros_in_one_buffer(mixed)] == [torch.float32, torch.float64]
-    assert [t.dtype for t in kernels.in_one_buffer(mixed)] == [torch.float32, torch.float64]
-    same = kernels.in_one_buffer([torch.ones(4, 3), torch.full((4, 2), 2.0)])
+    assert [t.dtype for t in stacked.zeros_in_one_buffer(mixed)] == [torch.float32, torch.float64]
+    assert [t.dtype for t in stacked.in_one_buffer(mixed)] == [torch.float32, torch.float64]
+    same = stacked.in_one_buffer([torch.ones(4, 3), torch.full((4, 2), 2.0)])
     assert not kernels.flat(same)[1] and same[1].tolist() == [[2.0, 2.0]] * 4
     assert not kernels.available([torch.zeros(2, dtype=torch.float64, device=DEVICE)])
