@@ -328,6 +328,7 @@ class PowerGossip(GossipAlgorithm):
         # Rounds' rows: (on the host, on the device, whether they are every pool row in order), kept for
         # the ROWS_KEPT latest distinct ones (every phase of a periodic graph such as one_peer_hypercube)
         self._rows: dict[tuple[bytes, int], tuple[np.ndarray, torch.Tensor, bool]] = {}
+        self._matrices = None  # the fused kernels' kernels.MatrixLayout, once they ran
 
     # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
@@ -336,8 +337,8 @@ class PowerGossip(GossipAlgorithm):
         self.q = [torch.zeros((0, len(indices), n, r), device=self.comm.device) for indices, m, n, r in self.groups]
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
-            self.p = [p.to(self.comm.device) for p in pending["p"]]
-            self.q = [q.to(self.comm.device) for q in pending["q"]]
+            self.p = [p.to(self.comm.device, copy=True) for p in pending["p"]]  # the loaded dict stays as it was
+            self.q = [q.to(self.comm.device, copy=True) for q in pending["q"]]
             self.generators = [None if saved is None else torch.Generator(device="cpu") for saved in pending["generators"]]
             for generator, saved in zip(self.generators, pending["generators"]):
                 if saved is not None:
@@ -417,6 +418,7 @@ class PowerGossip(GossipAlgorithm):
         graph = self.next_graph()
         if self.groups is None:  # the first step sees the stacks: check their layout once
             check_layout(self.comm, params)
+        if self.groups is None or self._pending_state is not None:  # also a state loaded after steps
             self._init_state(params)
         edges = self.comm.half_edges(graph)
         rows_on_host, rows, every_row = self._rows_of_round(edges, self.round - 1)
@@ -455,6 +457,13 @@ class PowerGossip(GossipAlgorithm):
         if not self.warm_start:
             generators = [self.generators[row] for row in rows]
             (p if left else q)[:] = self._draw(generators, (lambda m, n, r: (m, r)) if left else (lambda m, n, r: (n, r)))
+        # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
+        sign = torch.where(edges.is_lower, 1.0, -1.0)
+        weight_of_edge = self.diffusion_rate * edges.weight_in * sign
+        fused = self._fused_layout(params, edges)
+        if fused is not None:
+            self._fused_half_step(fused, graph, edges, p, q, sign, weight_of_edge, left)
+            return
         starts = p if left else q
         for start in starts:
             if self.round_weights:
@@ -472,10 +481,7 @@ class PowerGossip(GossipAlgorithm):
             products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
         received = self.comm.exchange(graph, products, per="half_edge")
 
-        # The smaller id adds gamma w_ij P Q^T, the larger one subtracts it.
-        sign = torch.where(edges.is_lower, 1.0, -1.0)
-        weight_of_edge = (self.diffusion_rate * edges.weight_in * sign).view(-1, 1, 1, 1)
-        sign = sign.view(-1, 1, 1, 1)
+        weight_of_edge, sign = weight_of_edge.view(-1, 1, 1, 1), sign.view(-1, 1, 1, 1)
         results = q if left else p
         for g, (indices, m, n, r) in enumerate(self.groups):
             # Both ends store the same product of D = X_max - X_min: the smaller id theirs - mine,
@@ -486,6 +492,37 @@ class PowerGossip(GossipAlgorithm):
             q_slots = to_worker_slots(edges, q[g])
             for position, k in enumerate(indices):
                 matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
+
+    def _fused_layout(self, params, edges) -> tuple[kernels.MatrixLayout, torch.Tensor] | None:
+        """The kernels' layout of the matrices and the parameters' storage as one flat tensor, when
+        this half-step runs the fused kernels: float32 parameters in one storage on a GPU
+        (models.stacked.StackedReplicas keeps them so), factors the kernels hold; else None."""
+        if not self.fused_kernels or self.round_weights or not edges.num or not kernels.available(params, self.p, self.q):
+            return None
+        storage = kernels.in_one_storage(params)
+        if storage is None:
+            return None
+        x, offsets = storage
+        layout = self._matrices
+        if layout is None or layout.matrices != [(offsets[i], m, n, r) for indices, m, n, r in self.groups for i in indices]:
+            layout = self._matrices = kernels.MatrixLayout(self.groups, offsets, x.device)
+        return (layout, x) if kernels.fits(layout, edges.max_degree) else None
+
+    def _fused_half_step(self, fused, graph, edges, p, q, sign, weight_of_edge, left: bool) -> None:
+        """_half_step in a few launches over all matrices (kernels.py): the factors of every group
+        side by side in one flat row per half-edge, one message of them per half-edge (the same
+        bytes as one per group)."""
+        layout, x = fused
+        starts, results = (p, q) if left else (q, p)
+        flat_starts = torch.cat([start.reshape(start.shape[0], -1) for start in starts], dim=1)
+        kernels.orthogonalize_(layout, flat_starts, left)
+        products = kernels.factor_products(layout, x, flat_starts, edges.first_edge, edges.max_degree, left)
+        received, = self.comm.exchange(graph, [products], per="half_edge")
+        flat_results = received.sub_(products).mul_(sign.view(-1, 1))  # both ends store the same product of D
+        flat_p, flat_q = (flat_starts, flat_results) if left else (flat_results, flat_starts)
+        kernels.low_rank_update(layout, x, flat_p, flat_q, weight_of_edge, edges.first_edge)
+        for pools, flat in ((starts, flat_starts), (results, flat_results)):
+            pools[:] = [part.view(pool.shape) for pool, part in zip(pools, flat.split([pool[0].numel() for pool in pools], dim=1))]
 
 
 class PushSum(SimpleGossip):
@@ -736,6 +773,15 @@ class MoniquaGossip(GossipAlgorithm):
         self.randomness.load_state_dict(state["randomness"])
 
 
+def _switch_of_both(name: str) -> property:
+    """A switch of GossipAlgorithm (fused_kernels, in_process_mixing) that, set on a method made of
+    two, reaches both."""
+    def set_both(self, on: bool) -> None:
+        setattr(self.compressed, name, on)
+        setattr(self.uncompressed, name, on)
+    return property(lambda self: getattr(self.compressed, name), set_both)
+
+
 class OnlyOnLargeParameters(GossipAlgorithm):
     """The compressed method on tensors with ndim > 1 (per worker), uncompressed gossip
     on 1-D tensors (biases, batch norm), as in the paper's experiments.
@@ -753,6 +799,9 @@ class OnlyOnLargeParameters(GossipAlgorithm):
             raise ValueError("min_compression_rate needs the compressor's rank")
         self.compressed, self.uncompressed = compressed, uncompressed
         self.min_compression_rate, self.rank = min_compression_rate, rank
+
+    fused_kernels = _switch_of_both("fused_kernels")
+    in_process_mixing = _switch_of_both("in_process_mixing")
 
     def is_compressed(self, x: torch.Tensor) -> bool:
         if x.dim() <= 2:  # [L, n]: a 1-D parameter
@@ -847,7 +896,7 @@ class PowerSGD(GossipAlgorithm):
             check_layout(self.comm, grads)
             self._init_state(grads)
         if self._pending is not None:
-            self.q = [q.to(self.comm.device, self.dtype) for q in self._pending["q"]]
+            self.q = [q.to(self.comm.device, self.dtype, copy=True) for q in self._pending["q"]]
             self.memory = [e.to(self.comm.device).clone() for e in self._pending["memory"]]
             self._pending = None
         compressing = self.round >= self.start_compressing_after_num_steps  # round: the steps done

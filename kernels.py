@@ -105,6 +105,65 @@ def write_back(stack_lists, buffers) -> None:
             torch._foreach_copy_(stacks, views(buffer, stacks))
 
 
+def in_one_storage(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+    """A flat tensor over the stretch of storage that holds all the stacks, and each stack's offset
+    in it, when they are contiguous and share one storage (the parameters of
+    `models.stacked.StackedReplicas`, also a subset of them); else None."""
+    storage = stacks[0].untyped_storage().data_ptr()
+    if not all(t.is_contiguous() and t.untyped_storage().data_ptr() == storage for t in stacks):
+        return None
+    low = min(t.storage_offset() for t in stacks)
+    high = max(t.storage_offset() + t.numel() for t in stacks)
+    return stacks[0].as_strided((high - low,), (1,), low), [t.storage_offset() - low for t in stacks]
+
+
+MAX_FACTOR_LENGTH = 16384  # PowerGossip's factor columns a program orthogonalizes in registers; beyond, torch
+MAX_FACTOR_COLUMNS = 16  # half-edges x rank of one worker the kernels hold side by side; beyond, torch
+
+
+class MatrixLayout:
+    """PowerGossip's matrices `[L, m_k, n_k]` (its groups' order: group by group, each group's
+    matrices in turn) for the kernels that treat all of them in one launch: where each lies in
+    the parameters' storage (`in_one_storage`), where its factors lie in a half-edge's flat row
+    of P `[H, sum_k m_k r_k]` and Q `[H, sum_k n_k r_k]` (entry (i, c) of matrix k at
+    offset_k + i r_k + c: the groups' pools `[H, G, m, r]` concatenated), and the tiles of each
+    kernel (a tile never straddles two matrices)."""
+
+    # Tile shapes, measured on an H200 with ResNet-18's matrices (benchmarks/README.md): 3.1 to 3.5 TB/s
+    COLUMNS = 256  # columns of a program of X^T P (it sums over all rows of them)
+    ROWS = 8  # rows of a program of X Q (it sums over all columns of them)
+    UPDATE = (8, 256)  # rows x columns of a program of the update
+    ENTRIES = 4096  # products (entries x factor columns) a program of X^T P or X Q sums per step, in registers
+
+    def __init__(self, groups, offsets: list[int], device):
+        matrices = [(offsets[index], m, n, r) for indices, m, n, r in groups for index in indices]
+        base, m, n, r = (np.array(column, dtype=np.int64) for column in zip(*matrices))
+        self.matrices = matrices  # what it was built for: (offset, m, n, r) of each matrix
+        self.p_width, self.q_width = int((m * r).sum()), int((n * r).sum())
+        self.max_length = int(max(m.max(), n.max()))
+        self.factor_block = {True: 1 << (int(m.max()) - 1).bit_length(), False: 1 << (int(n.max()) - 1).bit_length()}  # left: P
+        self.max_rank = int(r.max())
+        self.rank_columns = 1 << (self.max_rank - 1).bit_length()  # a power of two, as Triton's tiles want
+        as_device = lambda values: torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device)
+        self.base, self.m, self.n, self.r = (as_device(v) for v in (base, m, n, r))
+        self.p_offset = as_device(np.concatenate([[0], np.cumsum(m * r)[:-1]]))
+        self.q_offset = as_device(np.concatenate([[0], np.cumsum(n * r)[:-1]]))
+        self.num_matrices = len(matrices)
+        # Tiles (matrix, first row, first column): over columns for X^T P, over rows for X Q, over both for the update
+        self.column_tiles = self._tiles(m, n, m.max(), self.COLUMNS, as_device)
+        self.row_tiles = self._tiles(m, n, self.ROWS, n.max(), as_device)
+        self.update_tiles = self._tiles(m, n, *self.UPDATE, as_device)
+
+    @staticmethod
+    def _tiles(m, n, rows, columns, as_device):
+        """(matrix, first row, first column) of every tile of `rows` x `columns`, matrix by matrix."""
+        firsts = [np.stack(np.meshgrid(np.arange(0, m_k, rows), np.arange(0, n_k, columns), indexing="ij")).reshape(2, -1)
+                  for m_k, n_k in zip(m, n)]
+        matrix = np.repeat(np.arange(len(firsts)), [f.shape[1] for f in firsts])
+        first_row, first_column = np.concatenate(firsts, axis=1)
+        return as_device(matrix), as_device(first_row), as_device(first_column)
+
+
 if triton is not None:  # the kernels; their launchers follow
     @triton.jit
     def _block_of(pid, block_tensor, block_column, bases, lengths, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -254,6 +313,96 @@ if triton is not None:  # the kernels; their launchers follow
             tl.store(x + at, xs + gamma * total, mask=inside)
 
 
+    @triton.jit
+    def _factors(pool, width, first, count, r, offset, at, inside, E: tl.constexpr):
+        """A worker's half-edges first .. first + count - 1, their factor entries at positions `at`
+        of one matrix (entry (i, c) at offset + i r + c of a half-edge's row of `pool`), side by
+        side: `[len(at), E]`, column e = half-edge first + e // r, column e % r; zero past count r."""
+        e = tl.arange(0, E)
+        edge = (first + e // r).to(tl.int64)
+        used = inside[:, None] & (e[None, :] < count * r)
+        return tl.load(pool + edge[None, :] * width + offset + at[:, None] * r + (e % r)[None, :], mask=used, other=0.0)
+
+    @triton.jit
+    def factor_products_kernel(x, factors, products, bases, ms, ns, rs, factor_offsets, product_offsets, tile_matrix,
+                               tile_row, tile_column, first_edge, factor_width, product_width,
+                               TRANSPOSED: tl.constexpr, E: tl.constexpr, KEPT: tl.constexpr, SUMMED: tl.constexpr):
+        """Vogels et al. 2020, Algorithm 1, "send X_i^T P_ij" (TRANSPOSED) or "send X_i Q_ij": one
+        tile of one matrix of worker program_id(1), times each of its half-edges' factors, summed
+        over the matrix's whole other dimension."""
+        tile, worker = tl.program_id(0), tl.program_id(1)
+        k = tl.load(tile_matrix + tile)
+        m, n, r = tl.load(ms + k), tl.load(ns + k), tl.load(rs + k)
+        first = tl.load(first_edge + worker)
+        count = tl.load(first_edge + worker + 1) - first
+        base = tl.load(bases + k) + worker * m * n
+        factor_offset, product_offset = tl.load(factor_offsets + k), tl.load(product_offsets + k)
+        kept = (tl.load(tile_column + tile) if TRANSPOSED else tl.load(tile_row + tile)) + tl.arange(0, KEPT)
+        kept_inside = kept < (n if TRANSPOSED else m)
+        summed_length = m if TRANSPOSED else n
+        # Products summed entry by entry over the loop and across the tile once at the end (a few
+        # factor columns: matrix-multiply units, whose tiles want 16 columns or more, would idle)
+        if TRANSPOSED:
+            partial = tl.zeros((SUMMED, KEPT, E), dtype=tl.float32)
+        else:
+            partial = tl.zeros((KEPT, SUMMED, E), dtype=tl.float32)
+        for start in range(0, summed_length, SUMMED):
+            summed = start + tl.arange(0, SUMMED)
+            summed_inside = summed < summed_length
+            factor = _factors(factors, factor_width, first, count, r, factor_offset, summed, summed_inside, E)
+            if TRANSPOSED:  # X[summed rows, kept columns]^T @ P
+                xs = tl.load(x + base + summed[:, None] * n + kept[None, :], mask=summed_inside[:, None] & kept_inside[None, :], other=0.0)
+                partial += xs[:, :, None] * factor[:, None, :]
+            else:  # X[kept rows, summed columns] @ Q
+                xs = tl.load(x + base + kept[:, None] * n + summed[None, :], mask=kept_inside[:, None] & summed_inside[None, :], other=0.0)
+                partial += xs[:, :, None] * factor[None, :, :]
+        total = tl.sum(partial, axis=0 if TRANSPOSED else 1)
+        e = tl.arange(0, E)
+        edge = (first + e // r).to(tl.int64)
+        tl.store(products + edge[None, :] * product_width + product_offset + kept[:, None] * r + (e % r)[None, :], total,
+                 mask=kept_inside[:, None] & (e[None, :] < count * r))
+
+    @triton.jit
+    def low_rank_update_kernel(x, p, q, weights, bases, ms, ns, rs, p_offsets, q_offsets, tile_matrix, tile_row, tile_column,
+                               first_edge, p_width, q_width, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+        """Vogels et al. 2020, Algorithm 1, the update X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T on one
+        tile of one matrix of worker program_id(1) (weights[h]: the signed gamma w_ij of half-edge h)."""
+        tile, worker = tl.program_id(0), tl.program_id(1)
+        k = tl.load(tile_matrix + tile)
+        m, n, r = tl.load(ms + k), tl.load(ns + k), tl.load(rs + k)
+        first = tl.load(first_edge + worker)
+        rows = tl.load(tile_row + tile) + tl.arange(0, ROWS)
+        columns = tl.load(tile_column + tile) + tl.arange(0, COLUMNS)
+        rows_inside, columns_inside = rows < m, columns < n
+        p_at, q_at = p + tl.load(p_offsets + k) + rows * r, q + tl.load(q_offsets + k) + columns * r
+        total = tl.zeros((ROWS, COLUMNS), dtype=tl.float32)
+        for e in range(0, (tl.load(first_edge + worker + 1) - first) * r):  # each half-edge's columns in turn
+            edge, c = first + e // r, e % r
+            weighted_p = tl.load(weights + edge) * tl.load(p_at + edge * p_width + c, mask=rows_inside, other=0.0)
+            total += weighted_p[:, None] * tl.load(q_at + edge * q_width + c, mask=columns_inside, other=0.0)[None, :]
+        at = tl.load(bases + k) + worker * m * n + rows[:, None] * n + columns[None, :]
+        inside = rows_inside[:, None] & columns_inside[None, :]
+        tl.store(x + at, tl.load(x + at, mask=inside, other=0.0) + total, mask=inside)
+
+    @triton.jit
+    def orthogonalize_kernel(factors, offsets, lengths, rs, width, eps, R: tl.constexpr, BLOCK: tl.constexpr):
+        """algorithms.orthogonalize_ (Gram-Schmidt, in float32) on the factor of matrix
+        program_id(0) in the row of half-edge program_id(1), held in registers."""
+        k, edge = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        length, r = tl.load(lengths + k), tl.load(rs + k)
+        i, c = tl.arange(0, BLOCK), tl.arange(0, R)
+        inside = (i[:, None] < length) & (c[None, :] < r)
+        at = factors + edge * width + tl.load(offsets + k) + i[:, None] * r + c[None, :]
+        columns = tl.load(at, mask=inside, other=0.0)
+        for column in tl.static_range(R):
+            this = tl.sum(tl.where(c[None, :] == column, columns, 0.0), axis=1)
+            this = this / (tl.sqrt(tl.sum(this * this)) + eps)
+            projections = tl.sum(this[:, None] * columns, axis=0)
+            columns = tl.where(c[None, :] > column, columns - projections[None, :] * this[:, None], columns)
+            columns = tl.where(c[None, :] == column, this[:, None], columns)
+        tl.store(at, columns, mask=inside)
+
+
 def _options(num_warps: int = 4) -> dict:
     """Launch options: exact float rounding (no fused multiply-adds the plain torch path does not make)."""
     return dict(enable_fp_fusion=False, num_warps=num_warps)
@@ -319,3 +468,47 @@ def moniqua_update(layout: Layout, x, codes, senders, weights, first_edge, B: fl
     moniqua_update_kernel[(layout.num_blocks,)](
         x, codes, senders, weights, first_edge, B, delta, gamma, *_blocks(layout), layout.columns, layout.rows,
         layout.width, BLOCK=layout.block, **_options())
+
+
+def _factor_columns(layout: MatrixLayout, max_degree: int) -> int:
+    """Columns E of the `[entries, E]` tiles that hold a worker's half-edges' factors side by side."""
+    return 1 << (max_degree * layout.max_rank - 1).bit_length()
+
+
+def fits(layout: MatrixLayout, max_degree: int) -> bool:
+    """Whether the PowerGossip kernels hold this layout's factors and a worker's half-edges."""
+    return layout.max_length <= MAX_FACTOR_LENGTH and _factor_columns(layout, max_degree) <= MAX_FACTOR_COLUMNS
+
+
+def orthogonalize_(layout: MatrixLayout, factors: torch.Tensor, left: bool, eps: float = 1e-8) -> None:
+    """algorithms.orthogonalize_ on every matrix's factor in every row of flat P (left) or Q."""
+    lengths, offsets, width = (layout.m, layout.p_offset, layout.p_width) if left else (layout.n, layout.q_offset, layout.q_width)
+    orthogonalize_kernel[(layout.num_matrices, factors.shape[0])](
+        factors, offsets, lengths, layout.r, width, eps, R=layout.rank_columns, BLOCK=layout.factor_block[left],
+        **_options(num_warps=8))
+
+
+def factor_products(layout: MatrixLayout, x: torch.Tensor, factors: torch.Tensor, first_edge: torch.Tensor,
+                    max_degree: int, left: bool) -> torch.Tensor:
+    """`[H, q_width]` X_i^T P_h (left: `factors` is flat P) or `[H, p_width]` X_i Q_h for every
+    half-edge h of worker i and every matrix, from `x` (in_one_storage of the parameters)."""
+    num_workers = first_edge.shape[0] - 1
+    widths, offsets = (layout.p_width, layout.q_width), (layout.p_offset, layout.q_offset)
+    factor, product = (0, 1) if left else (1, 0)
+    products = torch.empty((factors.shape[0], widths[product]), dtype=torch.float32, device=factors.device)
+    tiles, kept = (layout.column_tiles, layout.COLUMNS) if left else (layout.row_tiles, layout.ROWS)
+    columns = _factor_columns(layout, max_degree)
+    factor_products_kernel[(tiles[0].shape[0], num_workers)](
+        x, factors, products, layout.base, layout.m, layout.n, layout.r, offsets[factor], offsets[product], *tiles,
+        first_edge, widths[factor], widths[product], TRANSPOSED=left, E=columns, KEPT=kept,
+        SUMMED=max(1, layout.ENTRIES // (kept * columns)), **_options())
+    return products
+
+
+def low_rank_update(layout: MatrixLayout, x: torch.Tensor, p: torch.Tensor, q: torch.Tensor, weights: torch.Tensor,
+                    first_edge: torch.Tensor) -> None:
+    """X_i += sum_h weights[h] P_h Q_h^T over worker i's half-edges, for every matrix, in place in `x`."""
+    num_workers = first_edge.shape[0] - 1
+    low_rank_update_kernel[(layout.update_tiles[0].shape[0], num_workers)](
+        x, p, q, weights, layout.base, layout.m, layout.n, layout.r, layout.p_offset, layout.q_offset, *layout.update_tiles,
+        first_edge, layout.p_width, layout.q_width, ROWS=layout.UPDATE[0], COLUMNS=layout.UPDATE[1], **_options())

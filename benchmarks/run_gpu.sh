@@ -5,7 +5,7 @@ OUT=${1:?give a folder for the results}; shift
 mkdir -p "$OUT"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # when run as root
 OPTIMIZERS=no-gossip,power-gossip,power-gossip-2,dpsgd,choco
-EVERY_METHOD=$OPTIMIZERS,choco-unfused,choco-exchanged,deepsqueeze,deepsqueeze-unfused,moniqua,moniqua-unfused
+EVERY_METHOD=$OPTIMIZERS,power-gossip-unfused,power-gossip-2-unfused,choco-unfused,choco-exchanged,deepsqueeze,deepsqueeze-unfused,moniqua,moniqua-unfused
 
 simulation() {  # 16 workers in one process against the single-model ceiling; every method in the fast layout
   for arch in resnet20 resnet18; do

@@ -45,8 +45,8 @@ GOSSIP = {  # name: (registered method, hyper-parameters[, attributes set after 
 }
 # Each method with fused kernels (kernels.py, on a GPU) also without them: the plain torch round
 UNFUSED = dict(fused_kernels=False)
-GOSSIP |= {"choco-unfused": CHOCO + (UNFUSED,), "deepsqueeze-unfused": GOSSIP["deepsqueeze"] + (UNFUSED,),
-           "moniqua-unfused": GOSSIP["moniqua"] + (UNFUSED,)}
+GOSSIP |= {f"{name}-unfused": GOSSIP[name] + (UNFUSED,) for name in ("power-gossip", "power-gossip-2", "deepsqueeze", "moniqua")}
+GOSSIP["choco-unfused"] = CHOCO + (UNFUSED,)
 
 
 def build_gossip(name: str, comm, topology):

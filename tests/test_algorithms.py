@@ -287,10 +287,17 @@ def test_state_dict_resumes_exactly(spec):
     loaded_and_saved.load_state_dict(saved_state)
     resumed = algorithm_runs.SPECS[spec](comm, topology)
     resumed.load_state_dict(loaded_and_saved.state_dict())
+    stepped = algorithm_runs.SPECS[spec](comm, topology)  # one that has run steps of its own first takes it too
+    other_params = [x.clone() for x in saved_params]
+    for _ in range(2):
+        stepped.step(other_params)
+    stepped.load_state_dict(saved_state)
+    other_params = [x.clone() for x in saved_params]
     for _ in range(3):
         resumed.step(saved_params)
-    for got, want in zip(saved_params, params):
-        assert torch.equal(got, want)
+        stepped.step(other_params)
+    for got, again, want in zip(saved_params, other_params, params):
+        assert torch.equal(got, want) and torch.equal(again, want)
 
 
 def test_bad_input_is_refused():

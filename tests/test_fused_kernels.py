@@ -1,14 +1,16 @@
 """Choco and DeepSqueeze with sign-and-norm, and Moniqua, run a round whose messages stay in the
 process as two fused passes (kernels.py) on a GPU. Against the plain torch path, from the same
 state, every step sends the same sign bits or codes and the same number of bytes, and the
-per-tensor scales and every state agree to float32 rounding.
+per-tensor scales and every state agree to float32 rounding. PowerGossip's half-steps run over
+all matrices in a few launches: the same bytes, and messages and states equal to float32 rounding.
 
 Runs on a CUDA GPU with Triton; on CPU only under Triton's interpreter (TRITON_INTERPRET=1 set
 before the run and Triton importable), which CI has not: there it skips."""
 import pytest
 import torch
 
-from powergossip import algorithms, compressors, kernels
+from powergossip import algorithms, compressors, kernels, topologies
+from powergossip import comm as comm_module
 from powergossip.models import stacked
 from tests.test_in_process_mixing import Recorded
 
@@ -104,3 +106,70 @@ def test_states_keep_each_parameters_dtype_and_other_dtypes_take_the_torch_path(
     same = stacked.in_one_buffer([torch.ones(4, 3), torch.full((4, 2), 2.0)])
     assert not kernels.flat(same)[1] and same[1].tolist() == [[2.0, 2.0]] * 4
     assert not kernels.available([torch.zeros(2, dtype=torch.float64, device=DEVICE)])
+
+
+# Matrices with rows and columns below, at and past a 64-wide tile, a 1 x 1 and a 3 x 1, and
+# vectors (exact gossip beside PowerGossip); one buffer for all, as StackedReplicas holds them.
+POWER_SHAPES = [(70, 3, 5, 5), (24,), (130, 40), (5, 200), (1, 1), (3, 1), (70, 3, 5, 5), (10,)]
+# (graph, workers, rank, iterations, warm start): degrees 2, 4 and 1 to 15; padded rows; a graph
+# that changes every round; random matchings, whose edges come back at either parity of their
+# power iteration (half-steps on a part of the round's edges).
+POWER_CASES = [("ring", 16, 1, 1, True), ("torus", 16, 2, 2, True), ("star", 16, 1, 1, True), ("ring", 6, 3, 2, False),
+               ("one_peer_hypercube", 16, 1, 1, True), ("random_matching", 8, 1, 2, True)]
+
+
+def power_gossip(comm, topology, rank, iterations, warm_start):
+    return algorithms.build("power-gossip", comm, topology, rank=rank, num_iterations=iterations, warm_start=warm_start,
+                            diffusion_rate=0.7, seed=3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("graph, n_workers, rank, iterations, warm_start", POWER_CASES, ids=[c[0] for c in POWER_CASES])
+def test_power_gossip_sends_the_same_bytes_and_agrees_to_rounding(graph, n_workers, rank, iterations, warm_start):
+    make = lambda comm, topology: power_gossip(comm, topology, rank, iterations, warm_start)
+    fused = Recorded(make, graph, True, DEVICE, fused_kernels=True, n_workers=n_workers)
+    plain = Recorded(make, graph, True, DEVICE, fused_kernels=False, n_workers=n_workers)
+    assert not plain.algorithm.compressed.fused_kernels  # the switch on the method reaches the PowerGossip it holds
+    generator = torch.Generator().manual_seed(7)
+    first = stacked.in_one_buffer([torch.randn((n_workers,) + shape, generator=generator).to(DEVICE) for shape in POWER_SHAPES])
+    x = stacked.in_one_buffer(first)  # a copy, in one buffer as the kernels want
+    atol = 1e-5 * spread(x)
+    for _ in range(5):  # the first step sends nothing (nobody has moved yet)
+        plain.algorithm.load_state_dict(fused.algorithm.state_dict())
+        y = [t.clone() for t in x]
+        sent_before = len(fused.sent)
+        fused.algorithm.step(x)
+        plain.algorithm.step(y)
+        # The fused path sends a half-step's products of every group in one message per half-edge
+        mine = [torch.cat([p.reshape(p.shape[0], -1) for p in payloads], dim=1) for payloads in fused.sent[sent_before:]]
+        theirs = [torch.cat([p.reshape(p.shape[0], -1) for p in payloads], dim=1) for payloads in plain.sent[sent_before:]]
+        assert [p.shape for p in mine] == [p.shape for p in theirs]
+        for a, b in zip(mine, theirs):  # sums of up to 200 products of entries in another order
+            torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=0)
+        for a, b in zip(x, y):
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+        mine, theirs = fused.algorithm.state_dict()["compressed"], plain.algorithm.state_dict()["compressed"]
+        for a, b in zip(mine.get("p", []) + mine.get("q", []), theirs.get("p", []) + theirs.get("q", [])):
+            torch.testing.assert_close(a, b, atol=1e-5 * max(b.abs().max().item(), 1.0), rtol=0)
+    assert (fused.comm.bytes_sent == plain.comm.bytes_sent).all()
+    assert (fused.comm.messages_sent == plain.comm.messages_sent).all()
+    assert fused.algorithm.compressed._matrices is not None and plain.algorithm.compressed._matrices is None
+    moved = max((a - b).abs().max().item() for a, b in zip(x, first))
+    assert moved > 100 * atol
+
+
+@needs_kernels
+def test_power_gossip_takes_the_torch_path_for_parameters_in_several_storages():
+    comm = comm_module.Communicator(6, DEVICE)
+    method = power_gossip(comm, topologies.build("ring", 6), 1, 1, True)
+    params = [torch.randn(6, 4, 3, device=DEVICE), torch.randn(6, 5, 2, device=DEVICE)]
+    for _ in range(3):
+        method.step(params)
+    assert method.compressed._matrices is None
+
+
+def test_one_storage_finds_a_subset_of_one_buffer_and_refuses_separate_tensors():
+    stacks = stacked.in_one_buffer([torch.zeros(4, 3), torch.zeros(4, 2), torch.zeros(4, 5, 2)])
+    flat, offsets = kernels.in_one_storage([stacks[2], stacks[0]])
+    assert offsets == [20, 0] and flat.numel() == 60 and flat.data_ptr() == stacks[0].data_ptr()
+    assert kernels.in_one_storage([torch.zeros(4, 3), torch.zeros(4, 2)]) is None
