@@ -82,6 +82,7 @@ config = dict(
     dtype="float32",  # float32, or bfloat16 (autocast for compute; parameters stay float32)
     stacked_compute="loop",  # local workers' forward/backward: loop (one replica after the other), vmap (batched; image models) or graph (CUDA graph of the loop; image models on a GPU)
     graph_streams=8,  # stacked_compute=graph: CUDA streams the local workers are spread over (they run side by side)
+    compile_replicas=False,  # stacked_compute=graph: each replica's forward compiled by torch.compile (a minute or two first)
     data_dir=None,  # folder with the data set's files (null: the default places)
     augment=None,  # random crop + flip (null: on for CIFAR-10 only)
     gradient_clipping=None,  # clip each worker's gradient norm (the LSTM: 0.4)
@@ -102,7 +103,7 @@ output_dir = None  # where results go; None: a new folder runs/<date>-<time>-<op
 # What a resumed run may change; every other key defines the run and must stay as it was.
 MAY_CHANGE_ON_RESUME = (
     "num_epochs", "learning_rate", "lr_schedule_milestones", "distributed_lr_warmup_epoch", "distributed_lr_warmup_factor",
-    "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "data_dir",
+    "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "compile_replicas", "data_dir",
     "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
     "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
     "network_latency_s", "network_bandwidth_bits_per_s",
@@ -152,7 +153,8 @@ def main():
                             image_size=dataset.image_size or 32, vocab_size=len(dataset.vocab) if dataset.vocab else None)
     workers = StackedReplicas(template, comm.num_local, comm.device, compute=cfg["stacked_compute"],
                               autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None,
-                              graph_streams=cfg["graph_streams"], language_model=dataset.is_language_model)
+                              graph_streams=cfg["graph_streams"], language_model=dataset.is_language_model,
+                              compile_replicas=cfg["compile_replicas"])
     decays = optimizer.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     gossip = build_gossip(cfg, comm, topology)

@@ -26,9 +26,14 @@ many() {  # 2,048 images a step as 64 workers x 32 and 256 x 8, ResNet-20, bf16 
       --steps 10 --json "$OUT/many_${1}x${2}_one_peer_hypercube.json" | tee "$OUT/many_${1}x${2}_one_peer_hypercube.log"
   done
 }
-candidates() {  # ResNet-18 near the ceiling: cuDNN's own algorithm search
+candidates() {  # ResNet-18 near the ceiling: cuDNN's algorithm search, compiled replicas, grouped convolutions
   python benchmarks/simulation_efficiency.py --architectures resnet18 --optimizers no-gossip,power-gossip --computes graph \
     --graph-streams 8 --dtypes bfloat16 --cudnn-benchmark --json "$OUT/candidate_cudnn_benchmark.json" | tee "$OUT/candidate_cudnn_benchmark.log"
+  python benchmarks/replica_candidates.py --architecture resnet18 --json "$OUT/replica_candidates.json" | tee "$OUT/replica_candidates.log"
+  for arch in resnet18 resnet20; do  # the one kept: compile_replicas (graph-compiled) against the graph layout
+    python benchmarks/simulation_efficiency.py --architectures $arch --computes graph,graph-compiled --graph-streams 8 \
+      --dtypes bfloat16 --optimizers $OPTIMIZERS --json "$OUT/compiled_${arch}.json" | tee "$OUT/compiled_${arch}.log"
+  done
 }
 gossip() {  # each algorithm's gossip step alone, timed with a synchronization
   python benchmarks/gossip_cost.py --device cuda --n-workers 16 --json "$OUT/gossip_cost.json" | tee "$OUT/gossip_cost.log"

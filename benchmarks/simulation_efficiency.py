@@ -113,13 +113,15 @@ def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
 
 def simulation(architecture, n_workers, batch, optimizer, dtype, compute, streams, device, steps,
                topology="ring") -> tuple[float, float]:
-    """train.py's step over n_workers stacked replicas in one process, gossip included."""
+    """train.py's step over n_workers stacked replicas in one process, gossip included
+    (compute "graph-compiled": the graph layout with compile_replicas)."""
     leftover = start_row(device)
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
     template = models.build(architecture)
-    workers = StackedReplicas(template, comm.num_local, comm.device, compute=compute, graph_streams=streams,
-                              autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+    workers = StackedReplicas(template, comm.num_local, comm.device, compute=compute.removesuffix("-compiled"),
+                              graph_streams=streams, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
+                              compile_replicas=compute == "graph-compiled")
     gossip = build_gossip(optimizer, comm, topologies.build(topology, n_workers))
     momenta = [torch.zeros_like(p) for p in workers.params]
     decays = weight_decays(template, workers.parameter_names, 1e-4)
@@ -145,7 +147,7 @@ def main():
                         help=f"from {', '.join(GOSSIP)}; no-gossip first gives each the time its gossip adds")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--computes", default="loop,vmap,graph", help="train.py's stacked_compute values to compare "
-                        "(graph: CUDA only, skipped elsewhere)")
+                        "(graph: CUDA only, skipped elsewhere; graph-compiled: graph with compile_replicas)")
     parser.add_argument("--graph-streams", default="4", help="graph_streams values to compare (stacked_compute=graph)")
     parser.add_argument("--topology", default="ring", help="the gossip graph (topologies.build's names)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each shape first")
@@ -173,12 +175,12 @@ def main():
         say(f"\n{architecture}: ceiling {top:,.0f} images/s (peak {top_memory:.1f} GB)")
         say(f"{'optimizer':14s} {'compute':10s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'gossip':>7s} {'peak GB':>8s}")
         layouts = [(compute, streams) for compute in args.computes.split(",")
-                   for streams in ([int(s) for s in args.graph_streams.split(",")] if compute == "graph" else [1])]
+                   for streams in ([int(s) for s in args.graph_streams.split(",")] if compute.startswith("graph") else [1])]
         for compute, streams in layouts:
             for dtype in args.dtypes.split(","):
-                if (compute == "vmap" and dtype != "float32") or (compute == "graph" and device.type != "cuda"):
+                if (compute == "vmap" and dtype != "float32") or (compute.startswith("graph") and device.type != "cuda"):
                     continue  # train.py refuses these (see stacked_compute)
-                label = f"graph/{streams}" if compute == "graph" else compute
+                label = {"graph": f"graph/{streams}", "graph-compiled": f"graph/{streams}+c"}.get(compute, compute)
                 baseline = float("nan")  # the no-gossip rate of this layout, when measured first
                 for optimizer in args.optimizers.split(","):
                     try:
@@ -192,7 +194,7 @@ def main():
                     overhead = baseline / rate - 1  # time the gossip adds to the step without it
                     say(f"{optimizer:14s} {label:10s} {dtype:9s} {rate:10,.0f} {rate / top:7.3f} {overhead:7.1%} {memory:8.1f}")
                     rows.append({"architecture": architecture, "optimizer": optimizer, "compute": compute, "dtype": dtype,
-                                 "graph_streams": streams if compute == "graph" else None,
+                                 "graph_streams": streams if compute.startswith("graph") else None,
                                  "images_per_s": rate, "ceiling_images_per_s": top, "ratio": rate / top,
                                  "gossip_overhead": overhead, "peak_gb": memory, "ceiling_peak_gb": top_memory})
     if args.json and context.rank == 0:

@@ -71,9 +71,13 @@ class StackedReplicas:
     `buffers[k]`: `[L, *shape]` stacks in `buffer_names` order; `replicas[l]`: the modules."""
 
     def __init__(self, template: nn.Module, num_replicas: int, device: torch.device, compute: str = "loop",
-                 autocast_dtype: torch.dtype | None = None, graph_streams: int = 8, language_model: bool = False):
+                 autocast_dtype: torch.dtype | None = None, graph_streams: int = 8, language_model: bool = False,
+                 compile_replicas: bool = False):
         if compute not in COMPUTES:
             raise ValueError(f"compute={compute!r} is not one of {', '.join(COMPUTES)}")
+        if compile_replicas and compute != "graph":
+            raise ValueError(f"compile_replicas compiles each replica's forward for the CUDA graph of compute='graph', "
+                             f"not compute={compute!r}")
         self.compute, self.autocast_dtype, self.graph_streams = compute, autocast_dtype, graph_streams
         self.language_model = language_model
         template = template.to(device)
@@ -100,6 +104,8 @@ class StackedReplicas:
             for name, buffer_stack in zip(self.buffer_names, self.buffers):
                 module, attribute = _owner(replica, name)
                 module._buffers[attribute] = buffer_stack[row]
+            if compile_replicas:  # Inductor's fused kernels, recorded into the graph with the rest
+                replica.forward = torch.compile(replica.forward)
             self.replicas.append(replica)
         self.template = template
         self._vmapped = None

@@ -8,7 +8,7 @@ import pytest
 from tests.launch import ROOT
 
 
-@pytest.mark.parametrize("script", ["benchmarks/gossip_cost.py", "benchmarks/simulation_efficiency.py"])
+@pytest.mark.parametrize("script", ["benchmarks/gossip_cost.py", "benchmarks/simulation_efficiency.py", "benchmarks/replica_candidates.py"])
 def test_benchmark_quick_mode_runs(script, tmp_path):
     result = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--json", str(tmp_path / "out.json")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -185,6 +185,7 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"stacked_compute": "graph", "device": "cuda", "task": "wikitext2", "task_architecture": "lstm"}, "image task"),
     ({"stacked_compute": "graph", "device": "cuda", "graph_streams": 0}, "graph_streams must be >= 1"),
     ({"local_steps": 0}, "local_steps must be >= 1"),
+    ({"compile_replicas": True}, "compile_replicas=true .* set stacked_compute=graph"),
     ({"optimizer": "power-gossip", "topology": "one_peer_exponential", "n_workers": 8},
      "PowerGossip needs a symmetric topology at every round.*Graphs that would do: .*one_peer_hypercube"),
     ({"optimizer": "dpsgd", "topology": "one_peer_hypercube", "n_workers": 6}, "power of two, got 6"),
