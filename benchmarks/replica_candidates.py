@@ -15,26 +15,14 @@ measured alone against what it would replace, side by side in one run.
 import argparse
 import os
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import models  # noqa: E402
-from benchmarks.timing import run_description, synchronize, write_json  # noqa: E402
+from benchmarks.timing import run_description, seconds_per_call, write_json  # noqa: E402
 from powergossip.models.stacked import StackedReplicas, loss_and_correct  # noqa: E402
-
-
-def seconds_per_call(function, device, repetitions: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        function()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repetitions):
-        function()
-    synchronize(device)
-    return (time.perf_counter() - started) / repetitions
 
 
 def training_step(model, x, y, dtype):

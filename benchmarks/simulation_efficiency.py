@@ -18,7 +18,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import algorithms, models, topologies  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
-from benchmarks.timing import run_description, synchronize, write_json  # noqa: E402
+from benchmarks.timing import run_description, seconds_per_call, write_json  # noqa: E402
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
 from powergossip.optimizer import nesterov_sgd_step, weight_decays  # noqa: E402
 
@@ -61,14 +60,7 @@ def build_gossip(name: str, comm, topology):
 
 
 def images_per_second(step, images_per_step, device, steps, warmup=3) -> float:
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return images_per_step * steps / (time.perf_counter() - started)
+    return images_per_step / seconds_per_call(step, device, steps, warmup)
 
 
 def start_row(device) -> float:

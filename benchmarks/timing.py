@@ -2,6 +2,7 @@
 import datetime
 import json
 import os
+import time
 
 import torch
 
@@ -10,6 +11,19 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that host clocks measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def seconds_per_call(function, device: torch.device, repetitions: int, warmup: int = 3) -> float:
+    """Mean seconds of `function()` over `repetitions` calls after `warmup` untimed ones, the
+    device's queue drained before and after."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repetitions):
+        function()
+    synchronize(device)
+    return (time.perf_counter() - started) / repetitions
 
 
 def run_description(device: torch.device) -> dict:
