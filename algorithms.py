@@ -132,8 +132,9 @@ class GossipAlgorithm:
     # all stay in this process; False (settable per instance): always use what the exchange
     # hands back, as across processes (the tests compare the two).
     in_process_mixing = True
-    # Methods with fused kernels (kernels.py) run a round whose messages all stay in this process
-    # in two passes over the model on a CUDA device; False (settable per instance): the torch path.
+    # Methods with fused kernels (kernels.py) run their round in a few passes over the model on a
+    # CUDA device (Choco, DeepSqueeze and Moniqua when the round's messages all stay in this process;
+    # PowerGossip's half-steps also across processes); False (settable per instance): the torch path.
     fused_kernels = True
 
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
@@ -328,7 +329,7 @@ class PowerGossip(GossipAlgorithm):
         # Rounds' rows: (on the host, on the device, whether they are every pool row in order), kept for
         # the ROWS_KEPT latest distinct ones (every phase of a periodic graph such as one_peer_hypercube)
         self._rows: dict[tuple[bytes, int], tuple[np.ndarray, torch.Tensor, bool]] = {}
-        self._matrices = None  # the fused kernels' kernels.MatrixLayout, once they ran
+        self._matrix_layout = None  # the fused kernels' kernels.MatrixLayout, once built
 
     # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
@@ -412,6 +413,9 @@ class PowerGossip(GossipAlgorithm):
         self.iteration = state["iteration"]
         if "p" in state:
             self._pending_state = state
+        else:  # saved before the first step: the next step starts afresh, as in a new instance
+            self.groups, self.p, self.q, self.generators = None, None, None, []
+            self.half_steps, self.edge_rows, self._rows = np.zeros(0, dtype=np.int64), EdgeRows(self.edge_rows.memory), {}
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, params):
@@ -496,16 +500,17 @@ class PowerGossip(GossipAlgorithm):
     def _fused_layout(self, params, edges) -> tuple[kernels.MatrixLayout, torch.Tensor] | None:
         """The kernels' layout of the matrices and the parameters' storage as one flat tensor, when
         this half-step runs the fused kernels: float32 parameters in one storage on a GPU
-        (models.stacked.StackedReplicas keeps them so), factors the kernels hold; else None."""
+        (models.stacked.StackedReplicas keeps them so), factors the kernels hold; else None. The
+        sign variant (round_weights) keeps the torch path: its start vectors are not orthonormalized."""
         if not self.fused_kernels or self.round_weights or not edges.num or not kernels.available(params, self.p, self.q):
             return None
         storage = kernels.in_one_storage(params)
         if storage is None:
             return None
         x, offsets = storage
-        layout = self._matrices
+        layout = self._matrix_layout
         if layout is None or layout.matrices != [(offsets[i], m, n, r) for indices, m, n, r in self.groups for i in indices]:
-            layout = self._matrices = kernels.MatrixLayout(self.groups, offsets, x.device)
+            layout = self._matrix_layout = kernels.MatrixLayout(self.groups, offsets, x.device)
         return (layout, x) if kernels.fits(layout, edges.max_degree) else None
 
     def _fused_half_step(self, fused, graph, edges, p, q, sign, weight_of_edge, left: bool) -> None:
@@ -521,8 +526,10 @@ class PowerGossip(GossipAlgorithm):
         flat_results = received.sub_(products).mul_(sign.view(-1, 1))  # both ends store the same product of D
         flat_p, flat_q = (flat_starts, flat_results) if left else (flat_results, flat_starts)
         kernels.low_rank_update(layout, x, flat_p, flat_q, weight_of_edge, edges.first_edge)
+        # The pools become views of the flat rows, group by group (the torch path takes them as they are)
         for pools, flat in ((starts, flat_starts), (results, flat_results)):
-            pools[:] = [part.view(pool.shape) for pool, part in zip(pools, flat.split([pool[0].numel() for pool in pools], dim=1))]
+            widths = [math.prod(pool.shape[1:]) for pool in pools]
+            pools[:] = [part.view(pool.shape) for pool, part in zip(pools, flat.split(widths, dim=1))]
 
 
 class PushSum(SimpleGossip):
@@ -775,11 +782,11 @@ class MoniquaGossip(GossipAlgorithm):
 
 def _switch_of_both(name: str) -> property:
     """A switch of GossipAlgorithm (fused_kernels, in_process_mixing) that, set on a method made of
-    two, reaches both."""
+    two, reaches both; read, it is on when it is on in either."""
     def set_both(self, on: bool) -> None:
         setattr(self.compressed, name, on)
         setattr(self.uncompressed, name, on)
-    return property(lambda self: getattr(self.compressed, name), set_both)
+    return property(lambda self: getattr(self.compressed, name) or getattr(self.uncompressed, name), set_both)
 
 
 class OnlyOnLargeParameters(GossipAlgorithm):
@@ -936,6 +943,8 @@ class PowerSGD(GossipAlgorithm):
         super().load_state_dict(state)
         self.generator.set_state(state["generator"])
         self._pending = state if "q" in state else None
+        if self._pending is None:  # saved before the first step: the next step draws Q afresh, as a new instance
+            self.groups = None
 
 
 # --- the registry: methods by name ---------------------------------------------------------------

@@ -200,8 +200,8 @@ def checked_training(cfg: dict, defaults: dict) -> dict:
         raise ConfigError("stacked_compute=graph records a CUDA graph of image models: it needs a GPU (device=cuda) "
                           "and an image task; use stacked_compute=loop otherwise")
     if cfg["compile_replicas"] and cfg["stacked_compute"] != "graph":
-        raise ConfigError(f"compile_replicas=true compiles each replica's forward for the CUDA graph of stacked_compute=graph; "
-                          f"set stacked_compute=graph (on a GPU) or compile_replicas=false")
+        raise ConfigError("compile_replicas=true compiles each replica's forward for the CUDA graph of stacked_compute=graph; "
+                          "set stacked_compute=graph (on a GPU) or compile_replicas=false")
     positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size", "local_steps"]
     for key in positive:
         if cfg[key] < 1:

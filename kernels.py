@@ -9,10 +9,14 @@ message (a byte per sign or 2-bit code, at its place in the worker's concatenate
 per-block sums of |value|; two small kernels then pack the bytes as `compressors.pack_bits`
 does and sum the blocks per tensor), the second reads the states once, applies the paper's
 update for all L workers of a column block at a time (the neighbours' sum is an `[L, L]`
-matrix product in registers) and writes them back in place.
+matrix product in registers) and writes them back in place. PowerGossip's half-step (a
+product of every worker's matrices with its half-edges' factors, then a low-rank update of
+each matrix) is a few launches over all matrices at once instead of a few per matrix
+(`MatrixLayout`); its messages still go through `comm.exchange`, so it runs across processes
+too.
 
-What goes on the wire is unchanged: the same packed bits from the same values, in the
-same payload tensors (`comm.exchange` counts them), so the CPU, the plain-torch GPU path and
+What goes on the wire is unchanged: the same packed bits from the same values (PowerGossip:
+the same floats, one message of all groups instead of one per group), in the same payload tensors (`comm.exchange` counts them), so the CPU, the plain-torch GPU path and
 this one send the same number of bytes. The sign bits and Moniqua's codes are those of
 the plain-torch path bit for bit; the per-tensor scale of sign-and-norm and the state
 updates are sums taken in another order, equal to float rounding
@@ -21,7 +25,8 @@ updates are sums taken in another order, equal to float rounding
 The kernels work on flat tensor-major buffers: tensor k's `[L, n_k]` stack occupies
 `L * n_k` consecutive floats (what `torch.cat([t.reshape(-1) for t in stacks])` gives, and
 how `models.stacked.StackedReplicas` allocates its parameters, so that no copy is needed).
-Used by algorithms.py when the tensors are on a CUDA device and Triton imports (or under
+PowerGossip's matrices are a subset of those stacks, with vectors between them
+(`in_one_storage`: their offsets in the stretch of storage that holds them all). Used by algorithms.py when the tensors are on a CUDA device and Triton imports (or under
 Triton's CPU interpreter, TRITON_INTERPRET=1, which the tests use on CPU).
 """
 from __future__ import annotations
@@ -109,6 +114,8 @@ def in_one_storage(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]
     """A flat tensor over the stretch of storage that holds all the stacks, and each stack's offset
     in it, when they are contiguous and share one storage (the parameters of
     `models.stacked.StackedReplicas`, also a subset of them); else None."""
+    if not stacks:
+        return None
     storage = stacks[0].untyped_storage().data_ptr()
     if not all(t.is_contiguous() and t.untyped_storage().data_ptr() == storage for t in stacks):
         return None
@@ -117,7 +124,7 @@ def in_one_storage(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]
     return stacks[0].as_strided((high - low,), (1,), low), [t.storage_offset() - low for t in stacks]
 
 
-MAX_FACTOR_LENGTH = 16384  # PowerGossip's factor columns a program orthogonalizes in registers; beyond, torch
+MAX_FACTOR_ENTRIES = 16384  # entries of a factor (padded length x padded rank) a program orthogonalizes in registers; beyond, torch
 MAX_FACTOR_COLUMNS = 16  # half-edges x rank of one worker the kernels hold side by side; beyond, torch
 
 
@@ -140,8 +147,7 @@ class MatrixLayout:
         base, m, n, r = (np.array(column, dtype=np.int64) for column in zip(*matrices))
         self.matrices = matrices  # what it was built for: (offset, m, n, r) of each matrix
         self.p_width, self.q_width = int((m * r).sum()), int((n * r).sum())
-        self.max_length = int(max(m.max(), n.max()))
-        self.factor_block = {True: 1 << (int(m.max()) - 1).bit_length(), False: 1 << (int(n.max()) - 1).bit_length()}  # left: P
+        self.p_block, self.q_block = (1 << (int(lengths.max()) - 1).bit_length() for lengths in (m, n))  # Triton wants powers of two
         self.max_rank = int(r.max())
         self.rank_columns = 1 << (self.max_rank - 1).bit_length()  # a power of two, as Triton's tiles want
         as_device = lambda values: torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device)
@@ -387,8 +393,8 @@ if triton is not None:  # the kernels; their launchers follow
     @triton.jit
     def orthogonalize_kernel(factors, offsets, lengths, rs, width, eps, R: tl.constexpr, BLOCK: tl.constexpr):
         """algorithms.orthogonalize_ (Gram-Schmidt, in float32) on the factor of matrix
-        program_id(0) in the row of half-edge program_id(1), held in registers."""
-        k, edge = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        program_id(1) in the row of half-edge program_id(0), held in registers."""
+        edge, k = tl.program_id(0).to(tl.int64), tl.program_id(1)
         length, r = tl.load(lengths + k), tl.load(rs + k)
         i, c = tl.arange(0, BLOCK), tl.arange(0, R)
         inside = (i[:, None] < length) & (c[None, :] < r)
@@ -477,15 +483,18 @@ def _factor_columns(layout: MatrixLayout, max_degree: int) -> int:
 
 def fits(layout: MatrixLayout, max_degree: int) -> bool:
     """Whether the PowerGossip kernels hold this layout's factors and a worker's half-edges."""
-    return layout.max_length <= MAX_FACTOR_LENGTH and _factor_columns(layout, max_degree) <= MAX_FACTOR_COLUMNS
+    return (max(layout.p_block, layout.q_block) * layout.rank_columns <= MAX_FACTOR_ENTRIES
+            and _factor_columns(layout, max_degree) <= MAX_FACTOR_COLUMNS)
 
 
 def orthogonalize_(layout: MatrixLayout, factors: torch.Tensor, left: bool, eps: float = 1e-8) -> None:
     """algorithms.orthogonalize_ on every matrix's factor in every row of flat P (left) or Q."""
-    lengths, offsets, width = (layout.m, layout.p_offset, layout.p_width) if left else (layout.n, layout.q_offset, layout.q_width)
-    orthogonalize_kernel[(layout.num_matrices, factors.shape[0])](
-        factors, offsets, lengths, layout.r, width, eps, R=layout.rank_columns, BLOCK=layout.factor_block[left],
-        **_options(num_warps=8))
+    if left:
+        lengths, offsets, width, block = layout.m, layout.p_offset, layout.p_width, layout.p_block
+    else:
+        lengths, offsets, width, block = layout.n, layout.q_offset, layout.q_width, layout.q_block
+    orthogonalize_kernel[(factors.shape[0], layout.num_matrices)](
+        factors, offsets, lengths, layout.r, width, eps, R=layout.rank_columns, BLOCK=block, **_options(num_warps=8))
 
 
 def factor_products(layout: MatrixLayout, x: torch.Tensor, factors: torch.Tensor, first_edge: torch.Tensor,
@@ -493,14 +502,14 @@ def factor_products(layout: MatrixLayout, x: torch.Tensor, factors: torch.Tensor
     """`[H, q_width]` X_i^T P_h (left: `factors` is flat P) or `[H, p_width]` X_i Q_h for every
     half-edge h of worker i and every matrix, from `x` (in_one_storage of the parameters)."""
     num_workers = first_edge.shape[0] - 1
-    widths, offsets = (layout.p_width, layout.q_width), (layout.p_offset, layout.q_offset)
-    factor, product = (0, 1) if left else (1, 0)
-    products = torch.empty((factors.shape[0], widths[product]), dtype=torch.float32, device=factors.device)
+    p, q = (layout.p_offset, layout.p_width), (layout.q_offset, layout.q_width)
+    (factor_offset, factor_width), (product_offset, product_width) = (p, q) if left else (q, p)
+    products = torch.empty((factors.shape[0], product_width), dtype=torch.float32, device=factors.device)
     tiles, kept = (layout.column_tiles, layout.COLUMNS) if left else (layout.row_tiles, layout.ROWS)
     columns = _factor_columns(layout, max_degree)
     factor_products_kernel[(tiles[0].shape[0], num_workers)](
-        x, factors, products, layout.base, layout.m, layout.n, layout.r, offsets[factor], offsets[product], *tiles,
-        first_edge, widths[factor], widths[product], TRANSPOSED=left, E=columns, KEPT=kept,
+        x, factors, products, layout.base, layout.m, layout.n, layout.r, factor_offset, product_offset, *tiles,
+        first_edge, factor_width, product_width, TRANSPOSED=left, E=columns, KEPT=kept,
         SUMMED=max(1, layout.ENTRIES // (kept * columns)), **_options())
     return products
 

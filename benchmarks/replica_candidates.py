@@ -39,14 +39,10 @@ def compile_rows(architecture, n_workers, batch_size, device, dtype, repetitions
     """The workers' forward/backward in the graph layout (train.py's, `streams` streams) with eager
     replicas and with each replica's forward compiled, and the ceiling eager and compiled."""
     rows = []
-    torch._dynamo.config.cache_size_limit = max(64, 2 * n_workers)  # the replicas share code, not parameters
     for compiled in (False, True):
         torch.manual_seed(0)
         workers = StackedReplicas(models.build(architecture), n_workers, device, compute="graph", graph_streams=streams,
-                                  autocast_dtype=dtype)
-        if compiled:
-            for replica in workers.replicas:
-                replica.forward = torch.compile(replica.forward)
+                                  autocast_dtype=dtype, compile_replicas=compiled)
         x = torch.randn(n_workers, batch_size, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (n_workers, batch_size), device=device)
         seconds = seconds_per_call(lambda: workers.gradients(x, y), device, repetitions)

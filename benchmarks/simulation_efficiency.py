@@ -44,8 +44,7 @@ GOSSIP = {  # name: (registered method, hyper-parameters[, attributes set after 
 }
 # Each method with fused kernels (kernels.py, on a GPU) also without them: the plain torch round
 UNFUSED = dict(fused_kernels=False)
-GOSSIP |= {f"{name}-unfused": GOSSIP[name] + (UNFUSED,) for name in ("power-gossip", "power-gossip-2", "deepsqueeze", "moniqua")}
-GOSSIP["choco-unfused"] = CHOCO + (UNFUSED,)
+GOSSIP |= {f"{name}-unfused": GOSSIP[name] + (UNFUSED,) for name in ("power-gossip", "power-gossip-2", "choco", "deepsqueeze", "moniqua")}
 
 
 def build_gossip(name: str, comm, topology):

@@ -300,6 +300,27 @@ def test_state_dict_resumes_exactly(spec):
         assert torch.equal(got, want) and torch.equal(again, want)
 
 
+@pytest.mark.parametrize("make", [algorithm_runs.SPECS["power"],
+                                  lambda c, t: algorithms.PowerSGD(c, t, rank=2, min_compression_rate=1.0)],
+                         ids=["power-gossip", "powersgd"])
+def test_a_state_saved_before_the_first_step_restarts_a_method_that_has_stepped(make):
+    comm = comm_module.Communicator(4, "cpu")
+    topology = topologies.build("ring", 4)
+    fresh = make(comm, topology)
+    saved = fresh.state_dict()  # before any step: no factors yet
+    stepped = make(comm, topology)
+    elsewhere = [x.clone() for x in algorithm_runs.initial_state("power", 4)]
+    for _ in range(3):
+        stepped.step([x * 2 for x in elsewhere])
+    stepped.load_state_dict(saved)
+    start = algorithm_runs.initial_state("power", 4)
+    mine, theirs = [x.clone() for x in start], [x.clone() for x in start]
+    for _ in range(3):
+        fresh.step(mine)
+        stepped.step(theirs)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs)) and not torch.equal(mine[0], start[0])
+
+
 def test_bad_input_is_refused():
     comm = comm_module.Communicator(4, "cpu")
     ring = topologies.build("ring", 4)

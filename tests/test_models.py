@@ -240,3 +240,10 @@ def test_no_torchvision_import():
     pattern = re.compile(r"^\s*(import|from)\s+torchvision", re.MULTILINE)
     for path in files:
         assert not pattern.search(path.read_text()), path
+
+
+def test_compile_replicas_needs_the_graph_layout():
+    from powergossip.models.stacked import StackedReplicas
+
+    with pytest.raises(ValueError, match="compile_replicas compiles each replica's forward for the CUDA graph"):
+        StackedReplicas(models.build("small_cnn"), 2, torch.device("cpu"), "loop", compile_replicas=True)
