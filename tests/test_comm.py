@@ -124,7 +124,7 @@ def test_single_host_run_listens_on_loopback_only(launch):
     else:  # as a user types it: mpirun -np 2 python script.py
         import subprocess
         mpirun = comm_module.mpirun_command(2)[0]
-        env = comm_module.mpirun_environment() | {"OMP_NUM_THREADS": "1"}
+        env = comm_module.mpirun_environment()
         result = subprocess.run([mpirun, "--oversubscribe", "-np", "2", sys.executable, "tests/listening_sockets.py"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr

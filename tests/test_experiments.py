@@ -15,9 +15,6 @@ from tests.test_data import fake_fmnist
 from tests.test_train import comparable
 from powergossip import figures
 
-# A study's subprocess trains on one thread: on a busy 2-core machine two threads that wait on each
-# other made a tiny run many times slower, and at this size a second thread gains nothing.
-ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
         "checkpoint_every=0", "device=cpu"]
 
@@ -123,7 +120,7 @@ def test_a_forked_run_writes_the_metrics_of_a_fresh_one(tmp_path, tiny_data, mon
 def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, study):
     overrides = TINY + [f"data_dir={tiny_data}"]
     result = subprocess.run([sys.executable, study.__file__, "--quick", "--output", str(tmp_path)] + overrides,
-                            capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     expected = len(study.study_runs(True, []))
     assert len(list((tmp_path / "runs").glob("*/DONE"))) == expected
@@ -135,7 +132,7 @@ def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, stud
 def test_power_iterations_study_runs_a_part_of_its_grid_at_tiny_scale(tmp_path, tiny_data):
     overrides = TINY + [f"data_dir={tiny_data}"]
     result = subprocess.run([sys.executable, power_iterations.__file__, "--quick", "--iterations", "1,2", "--ranks", "1,2",
-                             "--output", str(tmp_path)] + overrides, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+                             "--output", str(tmp_path)] + overrides, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.parent.name for p in (tmp_path / "runs").glob("*/DONE")) == [
         "rank1_iterations1", "rank1_iterations2", "rank2_iterations1", "rank2_iterations2"]
@@ -259,14 +256,14 @@ def test_quick_studies_leave_git_status_unchanged():
     before = status()
     studies = (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20)
     result = sp.run([sys.executable, "-c", STUDY_SCRIPTS] + [study.__file__ for study in studies], cwd=sweep.ROOT,
-                    capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+                    capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert status() == before
 
 
 def test_topology_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):
     result = subprocess.run([sys.executable, topology_study.__file__, "--quick", "--output", str(tmp_path)] + TINY
-                            + [f"data_dir={tiny_data}", "matrix_size=6"], capture_output=True, text=True, timeout=900, env=ONE_THREAD)
+                            + [f"data_dir={tiny_data}", "matrix_size=6"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     runs = topology_study.consensus_runs(True, []) + topology_study.training_runs(True, [])
     assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(runs) == 22 + 5
@@ -290,7 +287,7 @@ def test_topology_study_sends_each_part_its_own_overrides():
 
 def test_spectral_gap_study_fits_rates_and_slopes_at_tiny_scale(tmp_path):
     result = subprocess.run([sys.executable, spectral_gap.__file__, "--quick", "--output", str(tmp_path)], capture_output=True,
-                            text=True, timeout=600, env=ONE_THREAD)
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(spectral_gap.study_runs(True, [])) == 5 + 5 + 3
     rates = {(row["method"], row["graph"]): row for row in csv.DictReader(open(tmp_path / "rates.csv"))}
