@@ -34,6 +34,21 @@ def records(folder):
             if not r["name"].startswith("time_")]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+    """records_of(num_epochs): the records of an uninterrupted run of settings(tiny_data, num_epochs=...),
+    which the resumed runs below must equal; each length is run once for the module."""
+    done = {}
+
+    def records_of(num_epochs):
+        if num_epochs not in done:
+            folder = tmp_path_factory.mktemp(f"uninterrupted_{num_epochs}_epochs")
+            run(str(folder), settings(tiny_data, num_epochs=num_epochs))
+            done[num_epochs] = records(folder)
+        return done[num_epochs]
+    return records_of
+
+
 def contents(folder):
     """Every file under `folder` with its bytes (to show that nothing changed)."""
     found = {}
@@ -145,8 +160,7 @@ def test_a_stored_config_given_to_a_new_run_replaces_nothing(tmp_path, tiny_data
     assert contents(tmp_path / "a") == before
 
 
-def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_data):
-    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=2))
+def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_data, uninterrupted):
     run(str(tmp_path / "parts"), settings(tiny_data))
     path = tmp_path / "parts" / "checkpoints" / "rank0.pt"
     old = torch.load(path, weights_only=True)
@@ -154,7 +168,7 @@ def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_
     torch.save(old, path)
     with pytest.warns(UserWarning, match="older version"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2) + ["resume=true"])
-    assert records(tmp_path / "parts") == records(tmp_path / "full")
+    assert records(tmp_path / "parts") == uninterrupted(2)
 
 
 def test_checkpoints_without_the_elapsed_time_still_load(tmp_path, tiny_data):
@@ -203,13 +217,12 @@ def damage(path, how):
 
 
 @pytest.mark.parametrize("how", ["flipped", "truncated", "empty"])
-def test_a_damaged_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data, how):
-    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=3))
+def test_a_damaged_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data, uninterrupted, how):
     run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2))  # rank0.pt: epoch 2; rank0.previous.pt: epoch 1
     damage(tmp_path / "parts" / "checkpoints" / "rank0.pt", how)
     with pytest.warns(UserWarning, match=r"resuming from the end of epoch 1, the newest save intact.*rank0\.pt"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=3) + ["resume=true"])
-    assert records(tmp_path / "parts") == records(tmp_path / "full")
+    assert records(tmp_path / "parts") == uninterrupted(3)
     folder = tmp_path / "parts" / "checkpoints"
     assert (folder / "rank0.pt.set-aside").exists()  # the damaged file, kept aside
     assert runs.read_verified(str(folder / "rank0.previous.pt"))["epoch"] == 2  # later saves keep a good one before them
@@ -350,14 +363,13 @@ def test_a_checkpoint_of_another_run_copied_in_is_refused(tmp_path, tiny_data):
         run(str(tmp_path / "mine"), settings(tiny_data, num_epochs=3, seed=2) + ["resume=true"])
 
 
-def test_a_metrics_line_cut_by_a_crash_is_left_out_on_resume(tmp_path, tiny_data):
-    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=2))
+def test_a_metrics_line_cut_by_a_crash_is_left_out_on_resume(tmp_path, tiny_data, uninterrupted):
     run(str(tmp_path / "parts"), settings(tiny_data))
     with open(tmp_path / "parts" / "metrics.jsonl", "a") as f:
         f.write('{"name": "lo')  # killed while writing a record
     with pytest.warns(UserWarning, match="cut short"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2) + ["resume=true"])
-    assert records(tmp_path / "parts") == records(tmp_path / "full")
+    assert records(tmp_path / "parts") == uninterrupted(2)
 
 
 def test_resume_into_a_folder_that_does_not_exist_creates_nothing(tmp_path, tiny_data):
