@@ -113,7 +113,7 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
     os.makedirs(folder, exist_ok=True)
     rows, settings = [], []
     for data_type in sorted({o.run.labels["data"] for o in outcomes}):
-        figure = Figure(figsize=(7, 5))
+        figure = Figure(figsize=(7, 5), layout="tight")
         axis = figure.subplots()
         algorithms = [a for a in gossip_run.ALGORITHMS if any(o.run.labels == {"algorithm": a, "data": data_type} for o in outcomes)]
         for algorithm in algorithms:

@@ -16,6 +16,7 @@ kills the runs still going and exits. A forked run goes on as a fresh interprete
 runpy runs the entrypoint as __main__, and an exception, sys.exit or the end of the script
 ends the process through the interpreter's own exit (traceback, status, atexit, flushing).
 """
+import gc
 import json
 import os
 import runpy
@@ -67,6 +68,10 @@ def serve() -> dict:
             elif not single_threaded():
                 answer("unsafe")
             else:
+                # The objects made so far (the imports) out of the collector's reach: a run's exit
+                # otherwise touches every one of them, copying the pages it shares with this process
+                # (a forked run's exit took 1.1 s, 0.4 s with them frozen).
+                gc.freeze()
                 pid = os.fork()
                 if pid == 0:
                     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -80,7 +80,7 @@ def report(runs_folder: str, folder: str) -> list[list]:
         + [f"run's projected time (s), {name}" for name in NETWORKS] \
         + [f"projected time to {TARGET_ACCURACY:.0%} (s), {name}" for name in NETWORKS] + ["final accuracy"]
     rows = []
-    figure = Figure(figsize=(12, 5))
+    figure = Figure(figsize=(12, 5), layout="tight")
     axes = figure.subplots(1, len(NETWORKS), sharey=True)
     for index, method in enumerate(methods):
         mine = [o for o in outcomes if o.run.labels["method"] == method]

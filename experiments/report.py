@@ -111,7 +111,7 @@ def final_against_megabytes(rows: list[dict], folder: str, line_key: str, point_
     """`final_<metric>_vs_mb.png`: each setting's final test metric (mean over seeds, the
     standard deviation as error bar) against its MB per worker per epoch; settings that
     share `line_key` joined by a line, each point named by its `point_key`."""
-    figure = Figure(figsize=(7, 5))
+    figure = Figure(figsize=(7, 5), layout="tight")
     axis = figure.subplots()
     for line_value in dict.fromkeys(row[line_key] for row in rows):
         points = [row for row in rows if row[line_key] == line_value and row["seeds"]]
@@ -131,7 +131,7 @@ def final_against_megabytes(rows: list[dict], folder: str, line_key: str, point_
 
 
 def _figure(outcomes, curves, folder, title, label_keys, metric) -> None:
-    figure = Figure(figsize=(12, 4.5))
+    figure = Figure(figsize=(12, 4.5), layout="tight")
     by_epoch, by_megabytes = figure.subplots(1, 2)
     for labels, indices in settings_of(outcomes, label_keys):
         seeds = [curves[i] for i in indices if curves[i]]

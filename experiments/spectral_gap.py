@@ -160,7 +160,7 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> tuple[list[list
             if math.isfinite(rate):
                 points[measure][method].setdefault(seed, []).append((gap, rate, graph))
     slopes = []
-    figure = Figure(figsize=(13, 5.5))
+    figure = Figure(figsize=(13, 5.5), layout="tight")
     for axis, (measure, by_method) in zip(figure.subplots(1, len(MEASURES), sharey=True), points.items()):
         for method, by_seed in by_method.items():
             # A slope per seed and subset of graphs, and how many graphs it rests on (the most of any seed)

@@ -1,7 +1,7 @@
 """Exchange known messages along every half-edge and report what arrived where.
 
-`python tests/exchange_runs.py TOPOLOGY N_WORKERS OUT_DIR` (under mpirun or not) writes
-`OUT_DIR/rank{r}.json`: for each local half-edge, who it is, what arrived on it, and the
+`python tests/exchange_runs.py TOPOLOGIES N_WORKERS OUT_DIR` (under mpirun or not; a comma-separated
+list of graphs) writes `OUT_DIR/TOPOLOGY/rank{r}.json`: for each local half-edge, who it is, what arrived on it, and the
 bytes and messages each local worker is counted for.
 """
 import json
@@ -37,9 +37,10 @@ def run(topology_name: str, n_workers: int) -> dict:
 
 
 if __name__ == "__main__":
-    topology_name, n_workers, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    result = run(topology_name, n_workers)
-    rank = comm_module.init_distributed("cpu").rank
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
+    topology_names, n_workers, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    for topology_name in topology_names.split(","):
+        result = run(topology_name, n_workers)
+        rank = comm_module.init_distributed("cpu").rank
+        os.makedirs(os.path.join(out_dir, topology_name), exist_ok=True)
+        with open(os.path.join(out_dir, topology_name, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)

@@ -14,7 +14,6 @@ def run_mpi(num_processes: int, args: list[str], timeout: float = 120, check: bo
     command = comm.mpirun_command(num_processes) + [sys.executable] + args
     env = comm.mpirun_environment()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")

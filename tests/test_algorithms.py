@@ -70,12 +70,9 @@ def collect(folder):
 
 
 @pytest.mark.parametrize("num_processes,n_workers", [(4, 4), (2, 8)])
-def test_mpirun_matches_dense_reference_and_one_process(tmp_path, num_processes, n_workers):
-    specs = sorted(algorithm_runs.SPECS)
-    topology_names = ["ring", "torus"]
-    run_mpi(num_processes, ["tests/algorithm_runs.py", ",".join(specs), ",".join(topology_names), str(n_workers),
-                            str(STEPS), str(tmp_path)], timeout=300)
-    assert_layouts_agree(tmp_path, [(spec, name) for spec in specs for name in topology_names], n_workers)
+def test_mpirun_matches_dense_reference_and_one_process(mpirun_runs, num_processes, n_workers):
+    runs = [(spec, name) for spec in sorted(algorithm_runs.SPECS) for name in ["ring", "torus"]]
+    assert_layouts_agree(mpirun_runs(num_processes, n_workers), runs, n_workers)
 
 
 # --- graphs over time: every method on every graph it takes --------------------------------
@@ -105,11 +102,30 @@ def test_one_process_matches_dense_reference_on_graphs_over_time(spec, topology_
     assert_matches_reference(spec, topology_name, 8, result["params"])
 
 
-def test_mpirun_matches_dense_reference_on_graphs_over_time(tmp_path):
-    specs = sorted({spec for spec, _ in ACCEPTED})
-    run_mpi(2, ["tests/algorithm_runs.py", ",".join(specs), ",".join(GRAPHS_OVER_TIME), "8", str(STEPS), str(tmp_path)],
-            timeout=300)
-    assert_layouts_agree(tmp_path, ACCEPTED, 8)
+# Graphs that each mpirun layout (processes, workers) runs every method on: the 2 x 8 layout also
+# takes the graphs over time, one launch for both tests that use it.
+LAUNCHED_GRAPHS = {(4, 4): ["ring", "torus"], (2, 8): ["torus"] + GRAPHS_OVER_TIME}
+
+
+@pytest.fixture(scope="module")
+def mpirun_runs(tmp_path_factory):
+    """folder(processes, workers): where one mpirun of that layout wrote SPEC-GRAPH/rank{r}.pt for
+    every method and each graph of LAUNCHED_GRAPHS it takes; launched when a test first asks."""
+    folders = {}
+
+    def folder(num_processes, n_workers):
+        if (num_processes, n_workers) not in folders:
+            launched = tmp_path_factory.mktemp(f"mpirun_{num_processes}x{n_workers}")
+            run_mpi(num_processes, ["tests/algorithm_runs.py", ",".join(sorted(algorithm_runs.SPECS)),
+                                    ",".join(LAUNCHED_GRAPHS[num_processes, n_workers]), str(n_workers), str(STEPS),
+                                    str(launched)], timeout=300)
+            folders[num_processes, n_workers] = launched
+        return folders[num_processes, n_workers]
+    return folder
+
+
+def test_mpirun_matches_dense_reference_on_graphs_over_time(mpirun_runs):
+    assert_layouts_agree(mpirun_runs(2, 8), ACCEPTED, 8)
 
 
 def assert_layouts_agree(folder, runs, n_workers):

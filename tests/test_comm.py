@@ -43,10 +43,25 @@ def test_exchange_in_one_process(topology_name, n_workers):
     check_exchange([exchange_runs.run(topology_name, n_workers)], topology_name, n_workers)
 
 
-@pytest.mark.parametrize("num_processes,n_workers,topology_name", [(4, 4, "ring"), (2, 4, "ring"), (2, 4, "fully_connected"), (3, 6, "star")])
-def test_exchange_under_mpirun(tmp_path, num_processes, n_workers, topology_name):
-    run_mpi(num_processes, ["tests/exchange_runs.py", topology_name, str(n_workers), str(tmp_path)])
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(num_processes)]
+EXCHANGE_LAYOUTS = {(4, 4): ["ring"], (2, 4): ["ring", "fully_connected"], (3, 6): ["star"]}  # (processes, workers): graphs
+
+
+@pytest.fixture(scope="module")
+def mpirun_exchanges(tmp_path_factory):
+    """One mpirun per layout, exchanging on each of its graphs; the results of `processes`
+    processes and `workers` workers are in FOLDER/{processes}x{workers}/GRAPH."""
+    folder = tmp_path_factory.mktemp("exchanges")
+    for (num_processes, n_workers), topology_names in EXCHANGE_LAYOUTS.items():
+        run_mpi(num_processes, ["tests/exchange_runs.py", ",".join(topology_names), str(n_workers),
+                                str(folder / f"{num_processes}x{n_workers}")])
+    return folder
+
+
+@pytest.mark.parametrize("num_processes,n_workers,topology_name",
+                         [(p, n, name) for (p, n), names in EXCHANGE_LAYOUTS.items() for name in names])
+def test_exchange_under_mpirun(mpirun_exchanges, num_processes, n_workers, topology_name):
+    folder = mpirun_exchanges / f"{num_processes}x{n_workers}" / topology_name
+    results = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(num_processes)]
     check_exchange(results, topology_name, n_workers)
 
 
@@ -109,7 +124,7 @@ def test_single_host_run_listens_on_loopback_only(launch):
     else:  # as a user types it: mpirun -np 2 python script.py
         import subprocess
         mpirun = comm_module.mpirun_command(2)[0]
-        env = comm_module.mpirun_environment() | {"OMP_NUM_THREADS": "1"}
+        env = comm_module.mpirun_environment()
         result = subprocess.run([mpirun, "--oversubscribe", "-np", "2", sys.executable, "tests/listening_sockets.py"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr

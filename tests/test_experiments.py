@@ -256,7 +256,7 @@ def test_quick_studies_leave_git_status_unchanged():
     before = status()
     studies = (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20)
     result = sp.run([sys.executable, "-c", STUDY_SCRIPTS] + [study.__file__ for study in studies], cwd=sweep.ROOT,
-                    capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                    capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert status() == before
 
@@ -287,7 +287,7 @@ def test_topology_study_sends_each_part_its_own_overrides():
 
 def test_spectral_gap_study_fits_rates_and_slopes_at_tiny_scale(tmp_path):
     result = subprocess.run([sys.executable, spectral_gap.__file__, "--quick", "--output", str(tmp_path)], capture_output=True,
-                            text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(spectral_gap.study_runs(True, [])) == 5 + 5 + 3
     rates = {(row["method"], row["graph"]): row for row in csv.DictReader(open(tmp_path / "rates.csv"))}

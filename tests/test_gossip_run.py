@@ -17,15 +17,6 @@ SMALL = {"matrix_size": 10, "num_steps": 60}  # every algorithm on an 8-ring in 
 NARROW_GRID = {"hyperparameter_num_samples": 3, "theta_num_samples": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a small CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_main(tmp_path, log_metric=None, log_info=None, **overrides):
     """gossip_run.main() in this process, as a caller would use it; returns the metric records."""
     saved = (gossip_run.config, gossip_run.output_dir, gossip_run.log_metric, gossip_run.log_info)

@@ -83,7 +83,6 @@ def test_the_readme_training_loops_run_under_mpirun_and_torchrun(tmp_path, headi
     env = installed_environment()
     if env is None:
         pytest.skip("powergossip is not installed here (the README's set-up command installs it)")
-    env = env | {"OMP_NUM_THREADS": "1"}
     under_torchrun = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "4", "my_train.py"], cwd=tmp_path,
                                     env=env, capture_output=True, text=True, timeout=300)
     assert under_torchrun.returncode == 0, under_torchrun.stderr

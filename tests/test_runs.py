@@ -34,6 +34,21 @@ def records(folder):
             if not r["name"].startswith("time_")]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+    """records_of(num_epochs): the records of an uninterrupted run of settings(tiny_data, num_epochs=...),
+    which the resumed runs below must equal; each length is run once for the module."""
+    done = {}
+
+    def records_of(num_epochs):
+        if num_epochs not in done:
+            folder = tmp_path_factory.mktemp(f"uninterrupted_{num_epochs}_epochs")
+            run(str(folder), settings(tiny_data, num_epochs=num_epochs))
+            done[num_epochs] = records(folder)
+        return done[num_epochs]
+    return records_of
+
+
 def contents(folder):
     """Every file under `folder` with its bytes (to show that nothing changed)."""
     found = {}
@@ -145,8 +160,7 @@ def test_a_stored_config_given_to_a_new_run_replaces_nothing(tmp_path, tiny_data
     assert contents(tmp_path / "a") == before
 
 
-def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_data):
-    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=2))
+def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_data, uninterrupted):
     run(str(tmp_path / "parts"), settings(tiny_data))
     path = tmp_path / "parts" / "checkpoints" / "rank0.pt"
     old = torch.load(path, weights_only=True)
@@ -154,7 +168,7 @@ def test_checkpoints_of_older_versions_still_load_with_a_warning(tmp_path, tiny_
     torch.save(old, path)
     with pytest.warns(UserWarning, match="older version"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2) + ["resume=true"])
-    assert records(tmp_path / "parts") == records(tmp_path / "full")
+    assert records(tmp_path / "parts") == uninterrupted(2)
 
 
 def test_checkpoints_without_the_elapsed_time_still_load(tmp_path, tiny_data):
@@ -203,13 +217,12 @@ def damage(path, how):
 
 
 @pytest.mark.parametrize("how", ["flipped", "truncated", "empty"])
-def test_a_damaged_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data, how):
-    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=3))
+def test_a_damaged_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data, uninterrupted, how):
     run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2))  # rank0.pt: epoch 2; rank0.previous.pt: epoch 1
     damage(tmp_path / "parts" / "checkpoints" / "rank0.pt", how)
     with pytest.warns(UserWarning, match=r"resuming from the end of epoch 1, the newest save intact.*rank0\.pt"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=3) + ["resume=true"])
-    assert records(tmp_path / "parts") == records(tmp_path / "full")
+    assert records(tmp_path / "parts") == uninterrupted(3)
     folder = tmp_path / "parts" / "checkpoints"
     assert (folder / "rank0.pt.set-aside").exists()  # the damaged file, kept aside
     assert runs.read_verified(str(folder / "rank0.previous.pt"))["epoch"] == 2  # later saves keep a good one before them
@@ -266,43 +279,56 @@ def test_scientific_notation_is_a_number_on_the_command_line_and_in_yaml(tmp_pat
 
 
 # --- under mpirun: agreement between processes, exact resume after SIGTERM -----------------------------
-def test_mpirun_resume_is_exact_after_a_sigterm_mid_epoch(tmp_path, tiny_data):
-    overrides = settings(tiny_data, num_epochs=2) + ["optimizer=choco", "optimizer_compressor=qsgd", "optimizer_diffusion_rate=0.3"]
-    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"full": overrides})], timeout=300)
-    stopped = run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"parts": overrides}), "--sigterm-at=0.6"],
+def choco_qsgd(tiny_data):
+    return settings(tiny_data, num_epochs=2) + ["optimizer=choco", "optimizer_compressor=qsgd", "optimizer_diffusion_rate=0.3"]
+
+
+@pytest.fixture(scope="module")
+def first_mpirun_runs(tmp_path_factory, tiny_data):
+    """The uninterrupted runs the tests below start from, in one 2-process mpirun (one start of
+    the interpreters, not three); each test works in its own folders of this one."""
+    folder = tmp_path_factory.mktemp("mpirun")
+    runs_json = {"sigterm_full": choco_qsgd(tiny_data), "missing_rank": settings(tiny_data, num_epochs=2),
+                 "newest_full": settings(tiny_data, num_epochs=3), "newest": settings(tiny_data, num_epochs=2)}
+    run_mpi(2, ["tests/train_runs.py", str(folder), json.dumps(runs_json)], timeout=600)
+    return folder
+
+
+def test_mpirun_resume_is_exact_after_a_sigterm_mid_epoch(first_mpirun_runs, tiny_data):
+    folder, overrides = first_mpirun_runs, choco_qsgd(tiny_data)
+    stopped = run_mpi(2, ["tests/train_runs.py", str(folder), json.dumps({"sigterm_parts": overrides}), "--sigterm-at=0.6"],
                       timeout=300, check=False)
     assert stopped.returncode != 0 and "stopped by a signal at epoch 2 step" in stopped.stdout, stopped.stdout + stopped.stderr
     for rank in (0, 1):
-        assert torch.load(tmp_path / "parts" / "checkpoints" / f"rank{rank}.pt", weights_only=True)["step_in_epoch"] > 0
-    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"parts": overrides + ["resume=true"]})], timeout=300)
-    assert records(tmp_path / "parts") == records(tmp_path / "full")
+        assert torch.load(folder / "sigterm_parts" / "checkpoints" / f"rank{rank}.pt", weights_only=True)["step_in_epoch"] > 0
+    run_mpi(2, ["tests/train_runs.py", str(folder), json.dumps({"sigterm_parts": overrides + ["resume=true"]})], timeout=300)
+    assert records(folder / "sigterm_parts") == records(folder / "sigterm_full")
 
 
-def test_mpirun_refuses_a_missing_rank_file_with_one_message(tmp_path, tiny_data):
-    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"run": settings(tiny_data, num_epochs=2)})], timeout=300)
-    os.remove(tmp_path / "run" / "checkpoints" / "rank0.pt")
-    before = contents(tmp_path / "run")
-    result = run_mpi(2, ["tests/train_runs.py", str(tmp_path),
-                         json.dumps({"run": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300, check=False)
+def test_mpirun_refuses_a_missing_rank_file_with_one_message(first_mpirun_runs, tiny_data):
+    folder = first_mpirun_runs
+    os.remove(folder / "missing_rank" / "checkpoints" / "rank0.pt")
+    before = contents(folder / "missing_rank")
+    result = run_mpi(2, ["tests/train_runs.py", str(folder),
+                         json.dumps({"missing_rank": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     for rank in (0, 1):
         assert f"configuration error (process {rank}): cannot resume" in result.stderr, result.stderr
     assert "process 0: no checkpoint file" in result.stderr
     assert "SIGABRT" not in result.stderr and "Traceback" not in result.stderr
-    assert contents(tmp_path / "run") == before
+    assert contents(folder / "missing_rank") == before
 
 
-def test_mpirun_resumes_from_the_newest_save_every_process_has(tmp_path, tiny_data):
+def test_mpirun_resumes_from_the_newest_save_every_process_has(first_mpirun_runs, tiny_data):
     """A crash in the middle of a save can leave one process a save ahead of another: all
     continue from the save they share, exactly."""
-    runs_json = {"full": settings(tiny_data, num_epochs=3), "run": settings(tiny_data, num_epochs=2)}
-    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps(runs_json)], timeout=300)
-    folder = tmp_path / "run" / "checkpoints"
-    os.replace(folder / "rank1.previous.pt", folder / "rank1.pt")  # rank 1 one save behind rank 0
-    result = run_mpi(2, ["tests/train_runs.py", str(tmp_path),
-                         json.dumps({"run": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300)
+    folder = first_mpirun_runs
+    checkpoints = folder / "newest" / "checkpoints"
+    os.replace(checkpoints / "rank1.previous.pt", checkpoints / "rank1.pt")  # rank 1 one save behind rank 0
+    result = run_mpi(2, ["tests/train_runs.py", str(folder),
+                         json.dumps({"newest": settings(tiny_data, num_epochs=3) + ["resume=true"]})], timeout=300)
     assert "resuming from the end of epoch 1, the newest save intact on every process" in result.stderr
-    assert records(tmp_path / "run") == records(tmp_path / "full")
+    assert records(folder / "newest") == records(folder / "newest_full")
 
 
 # --- more ways to mix runs ------------------------------------------------------------------------
@@ -337,14 +363,13 @@ def test_a_checkpoint_of_another_run_copied_in_is_refused(tmp_path, tiny_data):
         run(str(tmp_path / "mine"), settings(tiny_data, num_epochs=3, seed=2) + ["resume=true"])
 
 
-def test_a_metrics_line_cut_by_a_crash_is_left_out_on_resume(tmp_path, tiny_data):
-    run(str(tmp_path / "full"), settings(tiny_data, num_epochs=2))
+def test_a_metrics_line_cut_by_a_crash_is_left_out_on_resume(tmp_path, tiny_data, uninterrupted):
     run(str(tmp_path / "parts"), settings(tiny_data))
     with open(tmp_path / "parts" / "metrics.jsonl", "a") as f:
         f.write('{"name": "lo')  # killed while writing a record
     with pytest.warns(UserWarning, match="cut short"):
         run(str(tmp_path / "parts"), settings(tiny_data, num_epochs=2) + ["resume=true"])
-    assert records(tmp_path / "parts") == records(tmp_path / "full")
+    assert records(tmp_path / "parts") == uninterrupted(2)
 
 
 def test_resume_into_a_folder_that_does_not_exist_creates_nothing(tmp_path, tiny_data):

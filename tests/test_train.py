@@ -76,14 +76,29 @@ def test_every_optimizer_trains_under_mpirun(tmp_path, tiny_data):
         assert math.isfinite(final(tmp_path / name, "loss", "test_avg")["value"])
 
 
-@pytest.mark.parametrize("optimizer", ["dpsgd", "power-gossip", "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2",
-                                       "push-sum topology=one_peer_exponential local_steps=2",
-                                       "power-gossip topology=random_matching"])
-def test_one_process_and_mpirun_give_the_same_metrics(tmp_path, tiny_data, optimizer):
-    overrides = common(tiny_data) + f"optimizer={optimizer}".split()
-    run(str(tmp_path / "single"), overrides)
-    run_mpi(4, ["tests/train_runs.py", str(tmp_path), json.dumps({"mpi": overrides})], timeout=300)
-    single, mpi = runs.read_metrics(str(tmp_path / "single")), runs.read_metrics(str(tmp_path / "mpi"))
+LAYOUT_RUNS = ["dpsgd", "power-gossip", "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2",
+               "push-sum topology=one_peer_exponential local_steps=2", "power-gossip topology=random_matching"]
+
+
+def layout_overrides(tiny_data, optimizer):
+    return common(tiny_data) + f"optimizer={optimizer}".split()
+
+
+@pytest.fixture(scope="module")
+def mpirun_layout_runs(tmp_path_factory, tiny_data):
+    """Every LAYOUT_RUNS case under one 4-process mpirun (one start of four interpreters, not five):
+    run number i writes to FOLDER/i."""
+    folder = tmp_path_factory.mktemp("mpirun_layouts")
+    runs_json = {str(i): layout_overrides(tiny_data, optimizer) for i, optimizer in enumerate(LAYOUT_RUNS)}
+    run_mpi(4, ["tests/train_runs.py", str(folder), json.dumps(runs_json)], timeout=600)
+    return folder
+
+
+@pytest.mark.parametrize("optimizer", LAYOUT_RUNS)
+def test_one_process_and_mpirun_give_the_same_metrics(tmp_path, tiny_data, mpirun_layout_runs, optimizer):
+    run(str(tmp_path / "single"), layout_overrides(tiny_data, optimizer))
+    mpi_folder = mpirun_layout_runs / str(LAYOUT_RUNS.index(optimizer))
+    single, mpi = runs.read_metrics(str(tmp_path / "single")), runs.read_metrics(str(mpi_folder))
     single = [r for r in single if not r["name"].startswith("time_")]
     mpi = [r for r in mpi if not r["name"].startswith("time_")]
     assert [(r["name"], r["epoch"], r["tags"]) for r in single] == [(r["name"], r["epoch"], r["tags"]) for r in mpi]
@@ -317,7 +332,7 @@ def test_a_run_logging_to_a_file_prints_epochs_and_draws_its_curves(tmp_path, ti
     folder = tmp_path / "run"
     with open(tmp_path / "log.txt", "w") as log:
         subprocess.run([sys.executable, "train.py", *common(tiny_data), f"output_dir={folder}"], cwd=ROOT, stdout=log,
-                       stderr=subprocess.STDOUT, timeout=300, check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                       stderr=subprocess.STDOUT, timeout=300, check=True)
     text = (tmp_path / "log.txt").read_text()
     assert re.findall(r"^epoch (\d+/\d+): ", text, flags=re.MULTILINE) == ["1/2", "2/2"], text
     assert f"figure {folder / 'curves.png'}" in text
