@@ -19,7 +19,7 @@ many() {  # 2,048 images a step as 64 workers x 32 and 256 x 8, ResNet-20, bf16 
   for shape in "64 32" "256 8"; do
     set -- $shape
     python benchmarks/simulation_efficiency.py --architectures resnet20 --n-workers $1 --batch-size $2 --topology ring \
-      --optimizers no-gossip,power-gossip,dpsgd --computes graph --graph-streams 8,32 --dtypes bfloat16 --steps 10 \
+      --optimizers no-gossip,power-gossip,dpsgd --computes graph,graph-compiled --graph-streams 8,32 --dtypes bfloat16 --steps 10 \
       --json "$OUT/many_${1}x${2}_ring.json" | tee "$OUT/many_${1}x${2}_ring.log"
     python benchmarks/simulation_efficiency.py --architectures resnet20 --n-workers $1 --batch-size $2 --no-ceiling \
       --topology one_peer_hypercube --optimizers power-gossip,dpsgd --computes graph --graph-streams 8 --dtypes bfloat16 \
