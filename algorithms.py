@@ -319,21 +319,27 @@ class PowerGossip(GossipAlgorithm):
         if edge_memory is None:
             edge_memory = topology.period - 1 if topology.period else self.DEFAULT_EDGE_MEMORY
         self.iteration = 0  # runs on across steps (the sign of the next power-iteration half-step)
+        self.edge_memory = edge_memory
+        self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
+        self._start_afresh()
+
+    # -- state ------------------------------------------------------------------------------
+    def _start_afresh(self) -> None:
+        """No per-edge state yet: the next step sees the stacks and starts every edge anew."""
         self.groups = None  # [(param indices, m, n, r)]: same-shape matrices are batched
-        self.edge_rows = EdgeRows(edge_memory)
+        self.edge_rows = EdgeRows(self.edge_memory)
         # Per-edge state, one row per EdgeRows row: P `[rows, G, m, r]` and Q `[rows, G, n, r]` per group,
         # the edge's generator and how many power-iteration half-steps it has done (its next one's parity).
         self.p, self.q, self.generators = None, None, []
         self.half_steps = np.zeros(0, dtype=np.int64)
-        self._pending_state = None  # a loaded state waits for the first step, which knows the shapes
         # Rounds' rows: (on the host, on the device, whether they are every pool row in order), kept for
         # the ROWS_KEPT latest distinct ones (every phase of a periodic graph such as one_peer_hypercube)
         self._rows: dict[tuple[bytes, int], tuple[np.ndarray, torch.Tensor, bool]] = {}
-        self._matrix_layout = None  # the fused kernels' kernels.MatrixLayout, once built
+        self._matrix_layout = None  # the fused kernels' kernels.MatrixLayout of the groups, once built
 
-    # -- state ------------------------------------------------------------------------------
     def _init_state(self, params):
         self.groups = matrix_groups(params, self.rank)
+        self._matrix_layout = None  # built for the groups of the first fused half-step
         self.p = [torch.zeros((0, len(indices), m, r), device=self.comm.device) for indices, m, n, r in self.groups]
         self.q = [torch.zeros((0, len(indices), n, r), device=self.comm.device) for indices, m, n, r in self.groups]
         pending, self._pending_state = self._pending_state, None
@@ -411,11 +417,9 @@ class PowerGossip(GossipAlgorithm):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.iteration = state["iteration"]
-        if "p" in state:
-            self._pending_state = state
-        else:  # saved before the first step: the next step starts afresh, as in a new instance
-            self.groups, self.p, self.q, self.generators = None, None, None, []
-            self.half_steps, self.edge_rows, self._rows = np.zeros(0, dtype=np.int64), EdgeRows(self.edge_rows.memory), {}
+        self._pending_state = state if "p" in state else None
+        if self._pending_state is None:  # saved before the first step: the next step starts afresh, as in a new instance
+            self._start_afresh()
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, params):
@@ -509,7 +513,7 @@ class PowerGossip(GossipAlgorithm):
             return None
         x, offsets = storage
         layout = self._matrix_layout
-        if layout is None or layout.matrices != [(offsets[i], m, n, r) for indices, m, n, r in self.groups for i in indices]:
+        if layout is None or layout.offsets != offsets:  # the groups are the layout's; the stacks may have moved
             layout = self._matrix_layout = kernels.MatrixLayout(self.groups, offsets, x.device)
         return (layout, x) if kernels.fits(layout, edges.max_degree) else None
 
@@ -609,6 +613,17 @@ class CompressedGossip(GossipAlgorithm):
         """The flat layout when this round runs the fused sign-and-norm kernels, else None."""
         return self._kernel_layout(senders, params, *states) if type(self.compressor) is SignAndNorm else None
 
+    def _fused_round(self, graph, edges, senders, layout, params, states, b_sign: int, self_weight, update) -> None:
+        """A sign-and-norm round in two passes (kernels.py): the payload C(x_i + b_sign states[0]_i)
+        from one pass, sent as the torch path sends it, then `update` (a kernels launcher) of x and
+        the states in place with the scales and the `[L, L]` mixing matrix of `self_weight`."""
+        buffers = kernels.flat_buffers(params, *states)
+        x, *flat_states = (buffer for buffer, _ in buffers)
+        payload = kernels.sign_and_norm(layout, x, flat_states[0], b_sign)
+        self.comm.exchange(graph, payload, per="worker")
+        update(layout, x, *flat_states, payload[1], self._mixing_matrix(edges, senders, self_weight), self.diffusion_rate)
+        kernels.write_back((params, *states), buffers)
+
     def _compress_and_exchange(self, graph, edges, senders, tensors, self_weight):
         """Send q_i = C(tensors_i) to the neighbours of `graph` (`senders`: _senders_in_process(graph)).
         Returns q `[L, ...]` as each worker reconstructs it, and (A, rows): an `[L, R]` matrix and per
@@ -671,14 +686,8 @@ class ChocoGossip(CompressedGossip):
         x_hats, ss = self.state["x_hat"], self.state["s"]
         senders = self._senders_in_process(graph)
         layout = self._fused_sign_and_norm(senders, params, x_hats, ss)
-        if layout is not None:  # the same round in two passes (kernels.py)
-            buffers = kernels.flat_buffers(params, x_hats, ss)
-            (x, _), (x_hat, _), (s, _) = buffers
-            payload = kernels.sign_and_norm(layout, x, x_hat, -1)  # q_i = C(x_i - x_hat_i)
-            self.comm.exchange(graph, payload, per="worker")
-            mixing = self._mixing_matrix(edges, senders, edges.weight_self)
-            kernels.choco_update(layout, x, x_hat, s, payload[1], mixing, self.diffusion_rate)
-            kernels.write_back((params, x_hats, ss), buffers)
+        if layout is not None:  # q_i = C(x_i - x_hat_i), then the updates below in one pass
+            self._fused_round(graph, edges, senders, layout, params, (x_hats, ss), -1, edges.weight_self, kernels.choco_update)
             return
         q, mixing = self._compress_and_exchange(graph, edges, senders, torch._foreach_sub(params, x_hats), edges.weight_self)
         torch._foreach_add_(x_hats, q)  # x_hat_i += q_i
@@ -702,14 +711,9 @@ class DeepSqueezeGossip(CompressedGossip):
         deltas = self.state["delta"]
         senders = self._senders_in_process(graph)
         layout = self._fused_sign_and_norm(senders, params, deltas)
-        if layout is not None:  # the same round in two passes (kernels.py)
-            buffers = kernels.flat_buffers(params, deltas)
-            (x, _), (delta, _) = buffers
-            payload = kernels.sign_and_norm(layout, x, delta, +1)  # c_i = C(x_i + delta_i)
-            self.comm.exchange(graph, payload, per="worker")
-            mixing = self._mixing_matrix(edges, senders, edges.weight_self - 1)
-            kernels.deepsqueeze_update(layout, x, delta, payload[1], mixing, self.diffusion_rate)
-            kernels.write_back((params, deltas), buffers)
+        if layout is not None:  # c_i = C(x_i + delta_i), then the updates below in one pass
+            self._fused_round(graph, edges, senders, layout, params, (deltas,), +1, edges.weight_self - 1,
+                              kernels.deepsqueeze_update)
             return
         torch._foreach_add_(deltas, params)  # v_i = x_i + delta_i, in delta's buffer
         c, mixing = self._compress_and_exchange(graph, edges, senders, deltas, edges.weight_self - 1)

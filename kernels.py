@@ -62,6 +62,16 @@ MAX_ROWS = 64  # column-block kernels hold all L rows of a block; beyond this, t
 TILE_ENTRIES = 4096  # rows x columns a program holds (its registers): the column block is this / rows
 
 
+def _starts(sizes) -> np.ndarray:
+    """Where each of consecutive pieces of these sizes starts (int64)."""
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)[:-1]])
+
+
+def _on_device(values, device) -> torch.Tensor:
+    """Indices or offsets computed on the host, as an int64 tensor on `device` (once per layout)."""
+    return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device)
+
+
 class Layout:
     """Where each stack `[L, *shape_k]` lies in a flat tensor-major buffer, where its columns
     lie in a worker's concatenated row (`compressors` orders per-worker payloads that way),
@@ -74,40 +84,16 @@ class Layout:
         self.block = max(32, TILE_ENTRIES // self.padded_rows)  # columns per block
         sizes = np.array([t[0].numel() for t in stacks], dtype=np.int64)
         self.sizes, self.width = sizes, int(sizes.sum())
-        bases = np.concatenate([[0], np.cumsum(sizes * self.rows)[:-1]])  # flat offset of each stack
-        columns = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # offset in a worker's concatenated row
+        bases = _starts(sizes * self.rows)  # flat offset of each stack
+        columns = _starts(sizes)  # offset in a worker's concatenated row
         blocks = -(-sizes // self.block)
         self.num_blocks = int(blocks.sum())
         first_block = np.concatenate([[0], np.cumsum(blocks)])
         block_tensor = np.repeat(np.arange(len(stacks)), blocks)
         block_column = (np.arange(self.num_blocks) - first_block[block_tensor]) * self.block
-        as_device = lambda values: torch.as_tensor(values, dtype=torch.int64).to(stacks[0].device)
+        as_device = lambda values: _on_device(values, stacks[0].device)
         self.bases, self.lengths, self.columns = as_device(bases), as_device(sizes), as_device(columns)
         self.block_tensor, self.block_column, self.first_block = as_device(block_tensor), as_device(block_column), as_device(first_block)
-
-
-def flat(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """The stacks as one flat tensor-major buffer, and whether it is a copy (to write back with
-    `write_back`): no copy when they already lie back to back in one storage."""
-    first = stacks[0]
-    offset = first.storage_offset()
-    for t in stacks:
-        if not (t.is_contiguous() and t.storage_offset() == offset and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()):
-            return torch.cat([s.reshape(-1) for s in stacks]), True
-        offset += t.numel()
-    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset()), False
-
-
-def flat_buffers(*stack_lists: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`flat` of each list of stacks; `write_back` puts what changed in copies back."""
-    return [flat(stacks) for stacks in stack_lists]
-
-
-def write_back(stack_lists, buffers) -> None:
-    """Copy the buffers that `flat_buffers` had to gather back into their stacks."""
-    for stacks, (buffer, copied) in zip(stack_lists, buffers):
-        if copied:
-            torch._foreach_copy_(stacks, views(buffer, stacks))
 
 
 def in_one_storage(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
@@ -122,6 +108,27 @@ def in_one_storage(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]
     low = min(t.storage_offset() for t in stacks)
     high = max(t.storage_offset() + t.numel() for t in stacks)
     return stacks[0].as_strided((high - low,), (1,), low), [t.storage_offset() - low for t in stacks]
+
+
+def flat(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """The stacks as one flat tensor-major buffer, and whether it is a copy (to write back with
+    `write_back`): no copy when they already lie back to back in one storage."""
+    storage = in_one_storage(stacks)
+    if storage is not None and storage[1] == _starts([t.numel() for t in stacks]).tolist():  # back to back, in order
+        return storage[0], False
+    return torch.cat([s.reshape(-1) for s in stacks]), True
+
+
+def flat_buffers(*stack_lists: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`flat` of each list of stacks; `write_back` puts what changed in copies back."""
+    return [flat(stacks) for stacks in stack_lists]
+
+
+def write_back(stack_lists, buffers) -> None:
+    """Copy the buffers that `flat_buffers` had to gather back into their stacks."""
+    for stacks, (buffer, copied) in zip(stack_lists, buffers):
+        if copied:
+            torch._foreach_copy_(stacks, views(buffer, stacks))
 
 
 MAX_FACTOR_ENTRIES = 16384  # entries of a factor (padded length x padded rank) a program orthogonalizes in registers; beyond, torch
@@ -143,17 +150,16 @@ class MatrixLayout:
     ENTRIES = 4096  # products (entries x factor columns) a program of X^T P or X Q sums per step, in registers
 
     def __init__(self, groups, offsets: list[int], device):
+        self.offsets = offsets  # what it was built for: in_one_storage's offsets of the stacks
         matrices = [(offsets[index], m, n, r) for indices, m, n, r in groups for index in indices]
         base, m, n, r = (np.array(column, dtype=np.int64) for column in zip(*matrices))
-        self.matrices = matrices  # what it was built for: (offset, m, n, r) of each matrix
         self.p_width, self.q_width = int((m * r).sum()), int((n * r).sum())
         self.p_block, self.q_block = (1 << (int(lengths.max()) - 1).bit_length() for lengths in (m, n))  # Triton wants powers of two
         self.max_rank = int(r.max())
         self.rank_columns = 1 << (self.max_rank - 1).bit_length()  # a power of two, as Triton's tiles want
-        as_device = lambda values: torch.as_tensor(np.asarray(values, dtype=np.int64)).to(device)
+        as_device = lambda values: _on_device(values, device)
         self.base, self.m, self.n, self.r = (as_device(v) for v in (base, m, n, r))
-        self.p_offset = as_device(np.concatenate([[0], np.cumsum(m * r)[:-1]]))
-        self.q_offset = as_device(np.concatenate([[0], np.cumsum(n * r)[:-1]]))
+        self.p_offset, self.q_offset = as_device(_starts(m * r)), as_device(_starts(n * r))
         self.num_matrices = len(matrices)
         # Tiles (matrix, first row, first column): over columns for X^T P, over rows for X Q, over both for the update
         self.column_tiles = self._tiles(m, n, m.max(), self.COLUMNS, as_device)
