@@ -592,6 +592,7 @@ class CompressedGossip(GossipAlgorithm):
     the wire and the byte counts stay those of a run across processes)."""
 
     state_names: tuple[str, ...] = ()
+    own_weight_offset = 0.0  # the worker's own message enters its mix with weight w_ii + this
 
     def __init__(self, comm, topology, compressor: Compressor, diffusion_rate: float = 1.0, seed: int = 0):
         super().__init__(comm, topology, diffusion_rate)
@@ -599,46 +600,52 @@ class CompressedGossip(GossipAlgorithm):
         self.randomness = WorkerRandom(seed, comm.local_workers, comm.device, COMPRESSOR_STREAM) \
             if compressor.needs_randomness else None
         self.state = None  # name -> list of [L, ...] tensors, created at the first step
+        self._mixing = None  # (a round's HalfEdges, its [L, L] mixing matrix): a fixed graph's is built once
 
     def _ensure_state(self, params):
         if self.state is None:  # each state in one buffer, which the fused kernels update in place
             self.state = {name: zeros_in_one_buffer(params) for name in self.state_names}
 
-    @staticmethod
-    def _mixing_matrix(edges, senders, self_weight) -> torch.Tensor:
-        """A `[L, L]`: A[i, k] = self_weight_i [k = i] + sum_h incoming[i, h] [senders[h] = k]."""
-        return torch.diag(self_weight).index_add_(1, senders, edges.incoming)
+    def _own_weights(self, edges) -> torch.Tensor:
+        return edges.weight_self + self.own_weight_offset
+
+    def _mixing_matrix(self, edges, senders) -> torch.Tensor:
+        """A `[L, L]`: A[i, k] = (w_ii + own_weight_offset) [k = i] + sum_h incoming[i, h] [senders[h] = k],
+        for the round's `edges` (comm keeps one HalfEdges per graph, so a fixed graph's is reused)."""
+        if self._mixing is None or self._mixing[0] is not edges:
+            self._mixing = (edges, torch.diag(self._own_weights(edges)).index_add_(1, senders, edges.incoming))
+        return self._mixing[1]
 
     def _fused_sign_and_norm(self, senders, params, *states):
         """The flat layout when this round runs the fused sign-and-norm kernels, else None."""
         return self._kernel_layout(senders, params, *states) if type(self.compressor) is SignAndNorm else None
 
-    def _fused_round(self, graph, edges, senders, layout, params, states, b_sign: int, self_weight, update) -> None:
+    def _fused_round(self, graph, edges, senders, layout, params, states, b_sign: int, update) -> None:
         """A sign-and-norm round in two passes (kernels.py): the payload C(x_i + b_sign states[0]_i)
         from one pass, sent as the torch path sends it, then `update` (a kernels launcher) of x and
-        the states in place with the scales and the `[L, L]` mixing matrix of `self_weight`."""
+        the states in place with the scales and the `[L, L]` mixing matrix."""
         buffers = kernels.flat_buffers(params, *states)
         x, *flat_states = (buffer for buffer, _ in buffers)
         payload = kernels.sign_and_norm(layout, x, flat_states[0], b_sign)
         self.comm.exchange(graph, payload, per="worker")
-        update(layout, x, *flat_states, payload[1], self._mixing_matrix(edges, senders, self_weight), self.diffusion_rate)
+        update(layout, x, *flat_states, payload[1], self._mixing_matrix(edges, senders), self.diffusion_rate)
         kernels.write_back((params, *states), buffers)
 
-    def _compress_and_exchange(self, graph, edges, senders, tensors, self_weight):
+    def _compress_and_exchange(self, graph, edges, senders, tensors):
         """Send q_i = C(tensors_i) to the neighbours of `graph` (`senders`: _senders_in_process(graph)).
         Returns q `[L, ...]` as each worker reconstructs it, and (A, rows): an `[L, R]` matrix and per
-        tensor `[R, ...]` rows with A @ rows = self_weight_i q_i + sum_{j in N(i)} w_ij q_j for every
-        local worker i."""
+        tensor `[R, ...]` rows with A @ rows = (w_ii + own_weight_offset) q_i + sum_{j in N(i)} w_ij q_j
+        for every local worker i."""
         payload = self.compressor.compress(tensors, self.randomness)
         received = self.comm.exchange(graph, payload, per="worker")
         if senders is not None:
             own = self.compressor.reconstruct(tensors, payload)
-            return own, (self._mixing_matrix(edges, senders, self_weight), own)
-        # The own and the received payloads decompressed together, A = [diag(self_weight) | incoming]
+            return own, (self._mixing_matrix(edges, senders), own)
+        # The own and the received payloads decompressed together, A = [diag(own weights) | incoming]
         shapes = [t.shape[1:] for t in tensors]
         values = self.compressor.decompress([torch.cat(pair) for pair in zip(payload, received)], shapes)
         own = [v[:self.comm.num_local] for v in values]
-        return own, (torch.cat([torch.diag(self_weight), edges.incoming], dim=1), values)
+        return own, (torch.cat([torch.diag(self._own_weights(edges)), edges.incoming], dim=1), values)
 
     @staticmethod
     def _add_mixed_(out: list[torch.Tensor], mixing: tuple, alpha: float = 1.0) -> None:
@@ -687,9 +694,9 @@ class ChocoGossip(CompressedGossip):
         senders = self._senders_in_process(graph)
         layout = self._fused_sign_and_norm(senders, params, x_hats, ss)
         if layout is not None:  # q_i = C(x_i - x_hat_i), then the updates below in one pass
-            self._fused_round(graph, edges, senders, layout, params, (x_hats, ss), -1, edges.weight_self, kernels.choco_update)
+            self._fused_round(graph, edges, senders, layout, params, (x_hats, ss), -1, kernels.choco_update)
             return
-        q, mixing = self._compress_and_exchange(graph, edges, senders, torch._foreach_sub(params, x_hats), edges.weight_self)
+        q, mixing = self._compress_and_exchange(graph, edges, senders, torch._foreach_sub(params, x_hats))
         torch._foreach_add_(x_hats, q)  # x_hat_i += q_i
         self._add_mixed_(ss, mixing)  # s_i += sum_{j in N(i) + i} w_ij q_j
         torch._foreach_add_(params, torch._foreach_sub(ss, x_hats), alpha=self.diffusion_rate)  # x_i += gamma (s_i - x_hat_i)
@@ -701,6 +708,7 @@ class DeepSqueezeGossip(CompressedGossip):
     x_i += -gamma (1 - w_ii) c_i + gamma sum_{j in N(i)} w_ij c_j."""
 
     state_names = ("delta",)
+    own_weight_offset = -1.0  # -(1 - w_ii) c_i
 
     def step(self, params):
         graph = self.next_graph()
@@ -712,11 +720,10 @@ class DeepSqueezeGossip(CompressedGossip):
         senders = self._senders_in_process(graph)
         layout = self._fused_sign_and_norm(senders, params, deltas)
         if layout is not None:  # c_i = C(x_i + delta_i), then the updates below in one pass
-            self._fused_round(graph, edges, senders, layout, params, (deltas,), +1, edges.weight_self - 1,
-                              kernels.deepsqueeze_update)
+            self._fused_round(graph, edges, senders, layout, params, (deltas,), +1, kernels.deepsqueeze_update)
             return
         torch._foreach_add_(deltas, params)  # v_i = x_i + delta_i, in delta's buffer
-        c, mixing = self._compress_and_exchange(graph, edges, senders, deltas, edges.weight_self - 1)
+        c, mixing = self._compress_and_exchange(graph, edges, senders, deltas)
         self._add_mixed_(params, mixing, alpha=self.diffusion_rate)  # x_i += gamma (sum_j w_ij c_j - (1 - w_ii) c_i)
         torch._foreach_sub_(deltas, c)  # delta_i = v_i - c_i
 

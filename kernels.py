@@ -15,19 +15,21 @@ each matrix) is a few launches over all matrices at once instead of a few per ma
 (`MatrixLayout`); its messages still go through `comm.exchange`, so it runs across processes
 too.
 
-What goes on the wire is unchanged: the same packed bits from the same values (PowerGossip:
-the same floats, one message of all groups instead of one per group), in the same payload tensors (`comm.exchange` counts them), so the CPU, the plain-torch GPU path and
-this one send the same number of bytes. The sign bits and Moniqua's codes are those of
-the plain-torch path bit for bit; the per-tensor scale of sign-and-norm and the state
-updates are sums taken in another order, equal to float rounding
-(tests/test_fused_kernels.py compares the two paths on a GPU).
+What goes on the wire is unchanged: the same packed bits from the same values, in the same
+payload tensors (`comm.exchange` counts them), so the CPU, the plain-torch GPU path and this
+one send the same number of bytes (PowerGossip: the same floats, one message of all groups
+instead of one per group). The sign bits and Moniqua's codes are those of the plain-torch
+path bit for bit; the per-tensor scale of sign-and-norm, PowerGossip's products and the state
+updates are sums taken in another order, equal to float rounding (tests/test_fused_kernels.py
+compares the two paths on a GPU).
 
 The kernels work on flat tensor-major buffers: tensor k's `[L, n_k]` stack occupies
 `L * n_k` consecutive floats (what `torch.cat([t.reshape(-1) for t in stacks])` gives, and
 how `models.stacked.StackedReplicas` allocates its parameters, so that no copy is needed).
 PowerGossip's matrices are a subset of those stacks, with vectors between them
-(`in_one_storage`: their offsets in the stretch of storage that holds them all). Used by algorithms.py when the tensors are on a CUDA device and Triton imports (or under
-Triton's CPU interpreter, TRITON_INTERPRET=1, which the tests use on CPU).
+(`in_one_storage`: their offsets in the stretch of storage that holds them all). Used by
+algorithms.py when the tensors are on a CUDA device and Triton imports (or under Triton's
+CPU interpreter, TRITON_INTERPRET=1, which the tests use on CPU).
 """
 from __future__ import annotations
 
