@@ -1,29 +1,11 @@
-"""PowerGossip: decentralized deep learning with compressed gossip.
+"""The project is described in pyproject.toml. This file exists only so that a pip older than
+21.3, which runs `setup.py develop` for `pip install -e .` (and would put the repository root,
+with its `data`, `models` and `train`, on every import path), stops with what to do instead."""
+import sys
 
-`pip install -e .` puts one name on the import path, `powergossip`, through which the
-repository's modules are importable from anywhere (`powergossip.algorithms`,
-`powergossip.train`, ...; see powergossip/__init__.py). Generic names such as `data`
-or `models` stay free for a user's own project.
-"""
 from setuptools import setup
 
-setup(
-    name="powergossip",
-    version="0.1.0",
-    description="Decentralized deep learning with compressed communication (PowerGossip, Choco, DeepSqueeze, Moniqua, D-PSGD)",
-    license="MIT",
-    python_requires=">=3.11",
-    packages=["powergossip"],
-    install_requires=[
-        "torch>=2.1",
-        "numpy",
-        "pyyaml",
-        "tensorboard",
-        "networkx",
-        "matplotlib",
-        "tqdm",
-        "pytest",
-        "mpi4py",
-    ],
-    extras_require={"vision": ["torchvision"]},
-)
+if "develop" in sys.argv[1:]:
+    sys.exit("powergossip: an editable install needs pip >= 21.3 (PEP 660); "
+             "upgrade it with `python -m pip install --upgrade pip`, then `pip install -e .` again")
+setup()

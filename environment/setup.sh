@@ -33,7 +33,7 @@ else
 fi
 
 # 3. The project itself (editable) with its remaining dependencies.
-pip_install -e .
+pip_install -e ".[test]"
 
 # 4. The embedded data set: Debian's Fashion-MNIST.
 FMNIST=/usr/share/datasets/fashion-mnist

@@ -1,22 +1,14 @@
-"""PowerGossip under one import name, without generic names on anyone's import path.
+"""PowerGossip: decentralized deep learning with compressed gossip.
 
-The code lives at the repository root (train.py, gossip_run.py, algorithms.py,
-compressors.py, comm.py, topologies.py, configuration.py, runs.py, models/, data/), where
-`python train.py` and `import train` work as in the original project. This package
-adds that root to its own search path, so the same files are also
-`powergossip.algorithms`, `powergossip.train`, `powergossip.models`, ... from any
-folder once the project is installed (`pip install -e .`, the README's set-up):
-installing puts only the name `powergossip` on the import path, so a user's own
-`data/` or `models/` package stays theirs. Inside the project every module imports
-its siblings through this package, so each is loaded once.
+The implementation is this package; `pip install .` (or `-e .`) puts only the name
+`powergossip` on the import path. In a checkout, the repository root also holds the
+original project's files (`train.py`, `gossip_run.py`, `algorithms.py`, `compressors.py`,
+`topologies.py`, `models/`, `data/`): each is this package's module under a second
+name, the same object (`import train` is `powergossip.train`), never a copy.
 """
-import os
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-if not os.path.isfile(os.path.join(_ROOT, "algorithms.py")):
-    raise ImportError(f"powergossip is used from its repository (no algorithms.py in {_ROOT}): "
-                      f"install it with `pip install -e <the repository>`")
-__path__.append(_ROOT)
+import importlib
+import pkgutil
+import sys
 
 _API = {  # the public names, each loaded on first use: `import powergossip` stays cheap
     "register_algorithm": "powergossip.algorithms",
@@ -30,11 +22,20 @@ _API = {  # the public names, each loaded on first use: `import powergossip` sta
 
 def __getattr__(name: str):
     if name in _API:
-        import importlib
-
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'powergossip' has no attribute {name!r}")
 
 
 def __dir__():
     return sorted(list(globals()) + list(_API))
+
+
+def alias_root_module(name: str):
+    """Make the repository root's `name` (`train`, `models`, ...) this package's module of that
+    name, itself: a root file calls this instead of holding code, so there is one module object.
+    For a package, its submodules get the second name too (`import models.resnet`)."""
+    module = importlib.import_module(f"powergossip.{name}")
+    sys.modules[name] = module
+    for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+        sys.modules[f"{name}.{info.name}"] = importlib.import_module(f"powergossip.{name}.{info.name}")
+    return module

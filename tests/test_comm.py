@@ -104,7 +104,7 @@ def test_workers_must_divide_over_processes():
 
 
 def test_n_workers_not_divisible_under_mpirun_is_a_clear_error():
-    result = run_mpi(2, ["-c", "import comm; comm.Communicator(3, 'cpu')"], check=False, timeout=60)
+    result = run_mpi(2, ["-c", "from powergossip import comm; comm.Communicator(3, 'cpu')"], check=False, timeout=60)
     assert result.returncode != 0
     assert "not divisible by the number of processes (2)" in result.stderr
 

@@ -1,0 +1,423 @@
+"""Consensus experiments: how fast do the workers of a graph agree, per bit sent?
+
+Every worker i starts from its own tensor x_i (a random matrix, an image, ...) and
+only gossips: no gradients. We record the consensus error
+
+    error = mean over workers of ||x_i - mean(x)||^2
+
+against the bits each worker has sent, for one algorithm and a sweep over its
+diffusion rate gamma (and Moniqua's theta), as in the PowerGossip paper's
+consensus figures (Vogels, Karimireddy, Jaggi 2020, "Consensus experiments").
+
+    python gossip_run.py algorithm=power_gossip topology=ring n_workers=8 num_steps=1000 optimizer_rank=2
+    mpirun -np 8 python gossip_run.py algorithm=power_gossip n_workers=8 num_steps=1000  # same numbers
+    python gossip_run.py my_sweep.yaml algorithm=sign_choco output_dir=runs/sign_choco
+
+or from Python: `import gossip_run; gossip_run.config["algorithm"] = "moniqua";
+gossip_run.output_dir = "..."; gossip_run.log_metric = my_logger; gossip_run.main()`.
+
+Output (written by worker 0's process): `output_dir/config.yaml`, the figure
+`output_dir/error_vs_bits.png` (error relative to its start against bits sent per
+worker, every setting of a sweep, the best one bold) and `output_dir/metrics.jsonl`,
+one JSON object per line,
+
+    {"name": "error", "step": k, "value": float, "bits": float, "messages": float,
+     "tags": {"algorithm": str, "diffusion_rate": float, "theta": float or null}}
+
+- "error": the consensus error above. Logged at steps 0..10, every 10th step up to
+  100, every 100th step after, and at the last step.
+- "error_to_initial_mean": mean over workers of ||x_i - mean(x_0)||^2, the original
+  code's definition (it differs from "error" for methods that do not preserve the
+  average, like Moniqua and DeepSqueeze). Same steps.
+- "bits" / "messages": sent per worker (mean over workers), cumulative since the
+  start of this setting. Measurement traffic is not counted.
+- "diverged": one record when a setting is stopped (see below); "value" is the
+  error that triggered it.
+- "final_error": one record per setting, at the step where it ended: the error at
+  `num_steps`, or `inf` when the setting diverged (so that the best setting is the
+  one with the smallest final error).
+A value that is not finite is written as JSON `NaN` / `Infinity` (Python's json).
+
+Divergence: at every logged step k >= 1, a setting whose error is not finite or is
+larger than its error at step 0 is stopped; its "error" records up to and including
+step k are written, then "diverged" (step k) and "final_error" (step k, inf). The
+sweep goes on with the next setting.
+
+Sweep: `optimizer_diffusion_rate` = a number (or a list of numbers) runs just those.
+Left at null, methods registered with needs_tuning=False (uncompressed gossip, the
+PowerGossip variants) use gamma = 1, and the other methods sweep
+`hyperparameter_num_samples` values spaced log-uniformly in [hyperparameter_range_min,
+hyperparameter_range_max]. Moniqua also sweeps theta the same way (`theta_*` keys)
+unless `optimizer_theta` is given; other
+methods ignore theta (their tag is null). Every setting starts from the same
+initial state with a fresh algorithm and zeroed byte counters.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from powergossip import algorithms
+from powergossip import comm as comm_module
+from powergossip import compressors
+from powergossip import configuration
+from powergossip import runs
+from powergossip import topologies
+
+config = {
+    "seed": 42,  # initial state (identical in every launch layout) and the algorithms' shared randomness
+    "algorithm": "power_gossip",  # one of ALGORITHMS below, or any registered method (algorithms.register_algorithm)
+    "topology": "ring",  # a topologies.NAMES entry, "file:PATH" or "schedule:FILE"; each method says which graphs it takes (README)
+    "n_workers": 8,  # workers (graph nodes), >= 2; a multiple of the number of processes
+    "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
+    "data_type": "random",  # random | offset | sparse | log-normal | images | file (see initial_state)
+    "data_path": None,  # data_type=file: a .npy array of shape [n_workers, ...]; worker i starts from entry i
+    "data_dir": None,  # data_type=images: folder with Fashion-MNIST (None: /usr/share/datasets/fashion-mnist)
+    "num_steps": 5000,  # gossip steps per setting
+    # The methods' hyper-parameters, named as in train.py (docs/configuration.md; older names such as
+    # compression_rank, keep_ratio, diffusion_rate and theta are read as these).
+    "optimizer_rank": 1,  # PowerGossip rank, SVD rank, and top-k's rank-matched keep_ratio
+    "optimizer_num_iterations": 1,  # PowerGossip power-iteration rounds per step
+    "optimizer_warm_start": True,  # PowerGossip: continue the power iteration across steps (power_gossip_random*: off)
+    "optimizer_round_weights": False,  # PowerGossip sign variant (power_gossip*_signs: on)
+    "optimizer_edge_memory": None,  # PowerGossip on graphs over time: rounds an absent edge keeps its state (None: the period; 0: afresh)
+    "optimizer_compressor": "sign-and-norm",  # algorithm=choco or deepsqueeze: the compressor (the *_choco names fix it)
+    "optimizer_keep_ratio": None,  # top-k: fraction of entries kept, in (0, 1]; None: rank-matched to optimizer_rank
+    "optimizer_qsgd_levels": 16,  # QSGD: quantization levels s
+    "optimizer_diffusion_rate": None,  # gamma: a number or a list; None: 1 for methods that need no tuning, else the grid
+    "hyperparameter_num_samples": 20,  # size of the log-uniform gamma grid (when optimizer_diffusion_rate is None)
+    "hyperparameter_range_min": 1e-4,  # smallest gamma of the grid
+    "hyperparameter_range_max": 1.308,  # largest gamma of the grid
+    "optimizer_theta": None,  # moniqua: a number or a list of numbers; None: the theta grid (ignored by other methods)
+    "theta_num_samples": 20,  # size of Moniqua's log-uniform theta grid
+    "theta_range_min": 0.1,  # smallest theta of the grid
+    "theta_range_max": 10.0,  # largest theta of the grid
+    "device": "cpu",  # "cpu", "cuda" (one GPU per process under mpirun) or "cuda:K"
+    "overwrite": False,  # replace the results of another run in output_dir (without it, such a folder is refused)
+}
+DEFAULTS = dict(config)  # types and known keys, for checking overrides
+
+# The consensus study's names (the original code's): a registered method with some of its
+# hyper-parameters fixed. Any other registered method runs under its own name.
+PRESETS = {
+    "uncompressed": ("dpsgd", {}),
+    "power_gossip": ("power-gossip", {}),
+    "power_gossip_random": ("power-gossip", {"warm_start": False}),
+    "power_gossip_signs": ("power-gossip", {"round_weights": True}),
+    "power_gossip_random_signs": ("power-gossip", {"warm_start": False, "round_weights": True}),
+    "sign_choco": ("choco", {"compressor": "sign-and-norm"}),
+    "topk_choco": ("choco", {"compressor": "top-k"}),
+    "svd_choco": ("choco", {"compressor": "svd"}),
+    "qsgd_choco": ("choco", {"compressor": "qsgd"}),
+    "fp_choco": ("choco", {"compressor": "identity"}),
+    "sign_deepsqueeze": ("deepsqueeze", {"compressor": "sign-and-norm"}),
+    "moniqua": ("moniqua", {}),
+}
+ALGORITHMS = tuple(PRESETS)
+UNTUNED = tuple(name for name, (method, _) in PRESETS.items() if not algorithms.METHODS[method].needs_tuning)
+DATA_TYPES = ("random", "offset", "sparse", "log-normal", "images", "file")
+
+# Hooks a caller may replace (as in the original code).
+output_dir = None  # where results go; None: a new folder runs/<date>-<time>-<algorithm>
+
+
+def log_metric(name: str, values: dict, tags: dict) -> None:
+    """Called on worker 0's process for every metric record (metrics.jsonl is written anyway).
+    `values` holds "step", "value", "bits", "messages"."""
+
+
+def log_info(info_dict: dict) -> None:
+    """Called on worker 0's process with run information ({"state.progress": fraction})."""
+
+
+def main():
+    """Runs every setting; returns the folder the results went to."""
+    cfg = check(config)  # a checked copy, every key by its own name
+    comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
+    folder = runs.claim_output_dir(output_dir, cfg["algorithm"], False, cfg["overwrite"], comm, time.time(),
+                                   can_resume=False)
+    is_writer = comm.rank == 0
+    topology = build_topology(cfg)
+    state = initial_state(cfg)  # all workers, identical in every process
+    initial_mean = state.double().mean(dim=0).to(comm.device)
+    x0 = state[comm.first_worker:comm.first_worker + comm.num_local].to(comm.device).contiguous()
+    del state
+
+    settings = [(gamma, theta) for gamma in diffusion_rates(cfg) for theta in thetas(cfg)]
+    metrics = None
+    if is_writer:
+        runs.write_config(folder, cfg)
+        metrics = runs.MetricsFile(folder)
+        log_info({"state.progress": 0.0})
+
+    def record(name, step, value, bits, messages, tags):
+        if is_writer:
+            values = {"step": step, "value": float(value), "bits": float(bits), "messages": float(messages)}
+            metrics.write({"name": name, **values, "tags": tags})
+            log_metric(name, values, tags)
+
+    outcomes = []  # (final error, setting text) of every setting, for the best one
+    for number, (gamma, theta) in enumerate(settings):
+        start_time = time.time()
+        tags = {"algorithm": cfg["algorithm"], "diffusion_rate": gamma, "theta": theta}
+        x = x0.clone()
+        algorithm = build_algorithm(cfg, comm, topology, gamma, theta)
+        comm.bytes_sent[:] = 0
+        comm.messages_sent[:] = 0
+
+        initial_error = None
+        diverged = False
+        for step in range(0, cfg["num_steps"] + 1):
+            if step > 0:
+                algorithm.step([x])
+            if not is_logged(step, cfg["num_steps"]):
+                continue
+            error, error_to_initial_mean, bits, messages = measure(comm, x, initial_mean)
+            record("error", step, error, bits, messages, tags)
+            record("error_to_initial_mean", step, error_to_initial_mean, bits, messages, tags)
+            if step == 0:
+                initial_error = error
+            elif not math.isfinite(error) or error > initial_error:
+                diverged = True  # every process sees the same all-reduced error, so all stop here
+                record("diverged", step, error, bits, messages, tags)
+                break
+        final_error = math.inf if diverged else error
+        record("final_error", step, final_error, bits, messages, tags)
+
+        if is_writer:
+            setting = f"{cfg['algorithm']} gamma={gamma:.4g}" + ("" if theta is None else f" theta={theta:.4g}")
+            outcome = f"diverged at step {step} (error {error:.4g})" if diverged else \
+                f"final error {error:.4g} = {error / initial_error:.3g} x the initial {initial_error:.4g}"
+            print(f"{setting}: {outcome}, {bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
+            outcomes.append((final_error, initial_error, setting))
+            log_info({"state.progress": (number + 1) / len(settings)})
+    if is_writer:
+        metrics.close()
+        if len(outcomes) > 1:
+            best, initial, setting = min(outcomes, key=lambda outcome: outcome[0])
+            print(f"best of {len(outcomes)} settings: {setting}" + (f", final error {best:.4g} = {best / initial:.3g} x the "
+                  f"initial" if math.isfinite(best) else ": every setting diverged"), flush=True)
+        from powergossip import figures  # here: only the process that draws pays for matplotlib
+
+        title = f"{cfg['algorithm']}, {cfg['n_workers']}-worker {cfg['topology']}, {cfg['data_type']} data"
+        figure = figures.save(figures.consensus_figure(runs.read_metrics(folder), title), os.path.join(folder, "error_vs_bits.png"))
+        print(f"results in {folder}, figure {figure}", flush=True)
+    runs.release_output_dir(folder)
+    return folder
+
+
+def is_logged(step: int, num_steps: int) -> bool:
+    """Steps 0..10, every 10th up to 100, every 100th after, and the last."""
+    return step <= 10 or (step <= 100 and step % 10 == 0) or step % 100 == 0 or step == num_steps
+
+
+def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, float, float, float]:
+    """(error, error to the initial mean, bits, messages), each a mean over all workers.
+    Collective: every process must call it. Its own traffic is not counted."""
+    x64 = x.double()
+    mean = comm.all_reduce_mean([x64], count=False)[0]
+    local = torch.stack([(x64 - mean).square().sum(), (x64 - initial_mean).square().sum()]).cpu().numpy()
+    counters = np.array([comm.bytes_sent.sum(), comm.messages_sent.sum()], dtype=np.float64)
+    totals = comm.sum_over_processes(np.concatenate([local, counters])) / comm.n_workers
+    error, error_to_initial_mean, bytes_sent, messages = (float(v) for v in totals)
+    return error, error_to_initial_mean, 8 * bytes_sent, messages
+
+
+# --- what a setting runs ------------------------------------------------------------------------
+def diffusion_rates(config) -> list[float]:
+    if config["optimizer_diffusion_rate"] is not None:
+        return [float(v) for v in _as_list(config["optimizer_diffusion_rate"])]
+    if not algorithms.METHODS[resolve(config["algorithm"])[0]].needs_tuning:
+        return [1.0]
+    return _log_grid(config["hyperparameter_range_min"], config["hyperparameter_range_max"],
+                     config["hyperparameter_num_samples"])
+
+
+def thetas(config) -> list[float | None]:
+    if resolve(config["algorithm"])[0] != "moniqua":
+        return [None]
+    if config["optimizer_theta"] is not None:
+        return [float(v) for v in _as_list(config["optimizer_theta"])]
+    return _log_grid(config["theta_range_min"], config["theta_range_max"], config["theta_num_samples"])
+
+
+def _log_grid(low: float, high: float, num: int) -> list[float]:
+    return [float(v) for v in np.exp(np.linspace(np.log(low), np.log(high), num))]
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_topology(config):
+    return topologies.build(config["topology"], config["n_workers"])
+
+
+def resolve(name: str) -> tuple[str, dict]:
+    """(registered method, fixed hyper-parameters) of an `algorithm` value; ValueError if unknown."""
+    preset = name.strip().lower().replace("-", "_")
+    if preset in PRESETS:
+        return PRESETS[preset]
+    try:
+        return algorithms.registered_name(name), {}
+    except ValueError:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}, or a registered method: "
+                         f"{', '.join(algorithms.METHODS)}") from None
+
+
+def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
+    method, fixed = resolve(config["algorithm"])
+    hyper = configuration.method_hyperparameters(config) | {"diffusion_rate": gamma, "theta": theta}
+    return algorithms.build(method, comm, topology, **hyper | fixed)
+
+
+# --- initial state --------------------------------------------------------------------------------
+def initial_state(config) -> torch.Tensor:
+    """All workers' starting tensors `[n_workers, *shape]` float32 on the CPU, drawn from a
+    generator seeded with `seed`, so every process of every launch layout builds the same.
+
+    random: N(0, 1) entries. offset: N(0, 1) + worker index. sparse: zeros except entry
+    [worker index] of the flattened matrix = 1. log-normal: exp(N(0, 1)). images: distinct
+    Fashion-MNIST training images (28 x 28, pixels in [0, 1]) picked by a seeded permutation.
+    file: entry i of the .npy array at data_path."""
+    n, size = config["n_workers"], config["matrix_size"]
+    generator = torch.Generator().manual_seed(config["seed"])
+    data_type = config["data_type"]
+    if data_type == "random":
+        return torch.randn((n, size, size), generator=generator)
+    if data_type == "offset":
+        return torch.randn((n, size, size), generator=generator) + torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    if data_type == "sparse":
+        state = torch.zeros((n, size * size))
+        state[torch.arange(n), torch.arange(n)] = 1.0
+        return state.view(n, size, size)
+    if data_type == "log-normal":
+        return torch.randn((n, size, size), generator=generator).exp()
+    if data_type == "images":
+        from powergossip import data
+
+        images = data.load("fashion_mnist", data_dir=config["data_dir"]).train_x
+        if images.shape[0] < n:
+            raise configuration.ConfigError(f"data_type=images: {n} workers but only {images.shape[0]} images")
+        chosen = torch.randperm(images.shape[0], generator=generator)[:n]
+        return images[chosen, 0].float() / 255
+    if data_type == "file":
+        return torch.from_numpy(np.ascontiguousarray(np.load(config["data_path"]), dtype=np.float32))
+    raise configuration.ConfigError(f"unknown data_type {data_type!r}")
+
+
+# --- checks (each process on its own, before any communication) ------------------------------------
+def check(config) -> dict:
+    """A checked copy of `config` with every key by its own name (aliases renamed); raises
+    configuration.ConfigError (a ValueError) naming the key for anything that cannot work."""
+    config = configuration.with_canonical_keys(DEFAULTS, config)
+    configuration.check_config(DEFAULTS, config)
+    error = configuration.ConfigError
+    for key, default in DEFAULTS.items():
+        if default is not None and config.get(key) is None:
+            raise error(f"{key} must not be null (expected a {type(default).__name__} like {default!r})")
+
+    def require(condition, message):
+        if not condition:
+            raise error(message)
+
+    def positive_numbers(key):
+        for value in _as_list(config[key]):
+            require(configuration.is_number(value) and value > 0, f"{key} must be a positive number (or a list of them), got {config[key]!r}")
+        require(len(_as_list(config[key])) > 0, f"{key} must not be an empty list")
+
+    name = config["algorithm"]
+    try:
+        method, fixed = resolve(name)
+    except ValueError as problem:
+        raise error(str(problem)) from None
+    require(config["data_type"] in DATA_TYPES,
+            f"unknown data_type {config['data_type']!r}; valid: {', '.join(DATA_TYPES)}")
+    for key in ("n_workers", "matrix_size", "hyperparameter_num_samples", "theta_num_samples"):
+        require(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
+    require(config["n_workers"] >= 2, f"n_workers must be >= 2 (one worker has nothing to agree on), got {config['n_workers']}")
+    require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
+    require(algorithms.METHODS[method].acts_on == "parameters",
+            f"algorithm={name} acts on gradients; consensus experiments have none")
+    try:
+        config["optimizer_compressor"] = compressors.registered_name(config["optimizer_compressor"])
+    except ValueError as problem:
+        raise configuration.method_problem(problem) from None
+    for key, value in fixed.items():
+        given = config[f"optimizer_{key}"]
+        require(given in (value, DEFAULTS[f"optimizer_{key}"]),
+                f"algorithm={name} fixes optimizer_{key}={value!r}, got {given!r}; use algorithm={method} to choose it")
+    for prefix in ("hyperparameter", "theta"):
+        low, high = config[f"{prefix}_range_min"], config[f"{prefix}_range_max"]
+        require(0 < low <= high, f"{prefix}_range_min and _max must satisfy 0 < min <= max, got {low} and {high}")
+    if config["optimizer_diffusion_rate"] is not None:
+        positive_numbers("optimizer_diffusion_rate")
+    if config["optimizer_theta"] is not None:
+        positive_numbers("optimizer_theta")
+
+    try:
+        topology = build_topology(config)
+    except (ValueError, OSError) as problem:
+        raise error(f"topology: {problem}") from None
+    for gamma in diffusion_rates(config):  # the method's own checks, for every setting of the sweep
+        for theta in thetas(config):
+            try:
+                algorithms.check(method, topology, **configuration.method_hyperparameters(config) | fixed
+                                 | {"diffusion_rate": gamma, "theta": theta})
+            except ValueError as problem:
+                raise configuration.method_problem(problem) from None
+
+    device = config["device"]
+    require(device in ("cpu", "cuda", "auto") or device.startswith("cuda:"),
+            f"device must be 'cpu', 'cuda', 'cuda:K' or 'auto', got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(),
+            f"device={device!r} but torch sees no GPU; use device=cpu")
+
+    data_type = config["data_type"]
+    if data_type == "sparse":
+        require(config["matrix_size"] ** 2 >= config["n_workers"],
+                f"data_type=sparse puts worker i's 1 at flat entry i: needs matrix_size^2 >= n_workers "
+                f"({config['matrix_size']}^2 < {config['n_workers']})")
+    if data_type == "images":
+        from powergossip.data import fashion_mnist
+
+        try:
+            fashion_mnist.find_files(config["data_dir"])
+        except FileNotFoundError as problem:
+            raise error(f"data_type=images: {problem}") from None
+    if data_type == "file":
+        path = config["data_path"]
+        require(isinstance(path, str) and path, f"data_type=file needs data_path=<a .npy file>, got {path!r}")
+        require(os.path.isfile(path), f"data_path {path!r} does not exist")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as problem:
+            raise error(f"data_path {path!r} is not a readable .npy array: {problem}") from None
+        require(isinstance(array, np.ndarray), f"data_path {path!r} must hold one .npy array (not an .npz archive)")
+        require(array.ndim >= 1 and array.shape[0] == config["n_workers"],
+                f"data_path {path!r} holds an array of shape {tuple(array.shape)}; data_type=file needs shape "
+                f"[n_workers, ...] = [{config['n_workers']}, ...] (worker i starts from entry i)")
+        require(np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_,
+                f"data_path {path!r} holds {array.dtype} values; expected numbers")
+    return config
+
+
+def command_line(arguments: list[str] | None = None) -> None:
+    """`python gossip_run.py [file.yaml] key=value ...` (also `python -m powergossip.gossip_run`): the
+    arguments into this module's `config` and `output_dir`, checked, then `main()`; a
+    configuration problem ends the program with its message and exit status 2."""
+    global config, output_dir
+    arguments = sys.argv[1:] if arguments is None else arguments
+    config, output_dir = configuration.command_line_or_exit("gossip_run.py", config, output_dir, arguments, check)
+    configuration.run_or_exit("gossip_run.py", main)
+
+
+if __name__ == "__main__":  # `python -m powergossip.gossip_run`: run the package's module, not this second copy
+    from powergossip.gossip_run import command_line as _command_line
+
+    _command_line()

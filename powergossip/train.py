@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Decentralized deep learning: every worker trains its own replica on its own shard
+and gossips with its neighbours (Vogels, Karimireddy, Jaggi 2020, "Deep learning experiments").
+
+    python train.py                                   # all workers simulated in one process
+    mpirun -np 4 python train.py                      # one worker per process
+    python train.py experiments/configs/train/cifar10_resnet20_ring8/power_gossip_1_iteration.yaml data_dir=~/data output_dir=runs/pg
+
+or from Python, as in the original code:
+
+    import train
+    train.config["n_workers"] = 4
+    train.output_dir = "runs/mine"
+    train.log_metric = my_function      # (name, values, tags)
+    train.main()
+
+The loop is D-PSGD with overlap (Lian et al. 2017, as the paper runs it): gradient
+at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-reduce and
+push-sum: local step, then gossip; PowerSGD: the average of the gradients, then the
+local step). local_steps=H gossips every H-th step only. Records go to
+`output_dir/metrics.jsonl` (one JSON object each: name, epoch, value, bits, messages,
+tags; see metrics.py), to TensorBoard and through `log_metric`; the run ends with the
+figure `output_dir/curves.png`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+
+import torch
+
+from powergossip import algorithms
+from powergossip import comm as comm_module
+from powergossip import data
+from powergossip import metrics
+from powergossip import models
+from powergossip import optimizer
+from powergossip import configuration
+from powergossip import runs
+from powergossip import topologies
+from powergossip.models.stacked import StackedReplicas
+
+config = dict(
+    task="fashion_mnist",  # fashion_mnist (embedded), cifar10, wikitext2 or synthetic
+    task_architecture="small_cnn",  # small_cnn, resnet20, resnet18, vgg16 or lstm
+    batch_size=128,  # per worker
+    weight_decay=1e-4,  # L2 on all parameters but batch-norm ones
+    num_epochs=4,  # passes over the training set
+    learning_rate=0.05,  # base learning rate, multiplied by the schedule below
+    momentum=0.9,  # Nesterov momentum (0 = plain SGD)
+    topology="ring",  # ring, torus, ..., one_peer_exponential, one_peer_hypercube, random_matching, file:edges.txt or schedule:graphs.txt
+    lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
+    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP) or powersgd
+    optimizer_diffusion_rate=1.0,  # gamma, the consensus step
+    optimizer_rank=1,  # PowerGossip and PowerSGD rank (and SVD rank, rank-matched top-k)
+    optimizer_num_iterations=1,  # PowerGossip and PowerSGD power-iteration rounds per step
+    optimizer_min_compression_rate=2.0,  # PowerSGD: a matrix its factors compress by less is sent whole
+    optimizer_start_compressing_after_num_steps=0,  # PowerSGD: exact all-reduce for this many first steps
+    optimizer_warm_start=True,  # PowerGossip, PowerSGD: continue the power iteration across steps
+    optimizer_round_weights=False,  # PowerGossip sign variant (rank 1)
+    optimizer_edge_memory=None,  # PowerGossip, graphs over time: rounds an absent edge keeps its state (null: the period; 0: afresh)
+    optimizer_compressor="sign-and-norm",  # choco/deepsqueeze: sign-and-norm, top-k, random-k, svd, qsgd, identity
+    optimizer_keep_ratio=0.01,  # top-k / random-k fraction kept (null: rank-matched)
+    optimizer_qsgd_levels=16,  # QSGD levels
+    optimizer_theta=0.25,  # Moniqua's bound on neighbour differences
+    n_workers=4,  # workers (graph nodes); a multiple of the number of processes
+    local_steps=1,  # H: local optimizer steps per gossip round (bits per epoch fall by H)
+    distributed_lr_warmup_epoch=1,  # epochs of linear warmup of the learning-rate factor
+    distributed_lr_warmup_factor=1.0,  # factor reached at the end of the warmup (from 1)
+    use_decentralized_data=False,  # label-sorted shards instead of iid reshuffling
+    decentralized_data_shuffled_ratio=0.0,  # fraction of each sorted shard reshuffled every epoch
+    dirichlet_alpha=None,  # Dirichlet(alpha) label skew per worker (null: off)
+    seed=1,  # model init, data order, shared randomness
+    evaluate_average_model=True,  # also test the model with all workers' parameters and buffers averaged
+    evaluate_each_worker=True,  # test every worker's own model each epoch
+    spectrum_logging_params=[],  # parameter names whose neighbour differences' spectra are logged
+    spectrum_logging_epochs=[],  # epochs (1-based, at their end) to log spectra
+    spectrum_logging_worker_pairs=[],  # [[i, j], ...] worker pairs for the spectra
+    device="auto",  # auto, cpu, cuda or cuda:K
+    dtype="float32",  # float32, or bfloat16 (autocast for compute; parameters stay float32)
+    stacked_compute="loop",  # local workers' forward/backward: loop (one replica after the other), vmap (batched; image models) or graph (CUDA graph of the loop; image models on a GPU)
+    graph_streams=8,  # stacked_compute=graph: CUDA streams the local workers are spread over (they run side by side)
+    compile_replicas=False,  # stacked_compute=graph: each replica's forward compiled by torch.compile (a minute or two first)
+    data_dir=None,  # folder with the data set's files (null: the default places)
+    augment=None,  # random crop + flip (null: on for CIFAR-10 only)
+    gradient_clipping=None,  # clip each worker's gradient norm (the LSTM: 0.4)
+    bptt=30,  # language model: tokens per window
+    max_batches_per_epoch=None,  # cut epochs short (quick runs, tests)
+    max_test_examples=None,  # evaluate on the first N test examples only
+    evaluation_batch_size=1000,  # batch size of evaluation passes
+    checkpoint_every=1,  # epochs between checkpoints (0: only on SIGTERM/SIGINT)
+    network_latency_s=1e-4,  # alpha of the modelled network: seconds per message (a record, not the training)
+    network_bandwidth_bits_per_s=1e9,  # beta of the modelled network: a worker's link, bits per second (a record only)
+    max_loss_ratio=100.0,  # a worker loss above this multiple of the run's first mean loss is divergence: stop, save nothing
+    resume=False,  # continue the run in output_dir from its checkpoints
+    overwrite=False,  # replace the results of another run in output_dir (without it, such a folder is refused)
+)
+
+output_dir = None  # where results go; None: a new folder runs/<date>-<time>-<optimizer>
+
+# What a resumed run may change; every other key defines the run and must stay as it was.
+MAY_CHANGE_ON_RESUME = (
+    "num_epochs", "learning_rate", "lr_schedule_milestones", "distributed_lr_warmup_epoch", "distributed_lr_warmup_factor",
+    "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "compile_replicas", "data_dir",
+    "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
+    "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
+    "network_latency_s", "network_bandwidth_bits_per_s",
+)
+
+
+def log_metric(name, values, tags):
+    """Called for every record (also written to metrics.jsonl and TensorBoard); replace freely."""
+
+
+def log_info(info_dict):
+    """Called with progress information ({"state.progress": fraction}); replace freely."""
+
+
+def log_runtime(label, mean, std, instances):
+    """Called per timer at the end of every epoch (seconds); replace freely."""
+
+
+def main():
+    cfg = validated(config)
+    started = time.time()
+    comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
+    is_root = comm.rank == 0
+    if is_root:
+        print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
+              f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
+    folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
+    checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm)
+    saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME) if cfg["resume"] else None
+    if saved is not None and (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0):
+        if is_root:
+            print(f"nothing to do: the run in {folder} has done {saved['epoch']} epochs and num_epochs={cfg['num_epochs']}; "
+                  f"raise num_epochs to train on", flush=True)
+        runs.release_output_dir(folder)
+        return folder
+    run_id = saved["run"]["run_id"] if saved is not None and "run" in saved else comm.gather_objects(uuid.uuid4().hex[:12])[0]
+    topology = topologies.build(cfg["topology"], cfg["n_workers"])
+
+    # Data, partitioned over all workers; this process loads its local block.
+    dataset = data.load(cfg["task"], cfg["data_dir"], comm.device)
+    loader = build_loader(cfg, dataset, comm)
+    batches_per_epoch = len(loader) if cfg["max_batches_per_epoch"] is None else min(len(loader), cfg["max_batches_per_epoch"])
+
+    # Every worker starts from the same initialization (as in the paper).
+    torch.manual_seed(cfg["seed"])
+    template = models.build(cfg["task_architecture"], in_channels=dataset.in_channels, num_classes=dataset.num_classes,
+                            image_size=dataset.image_size or 32, vocab_size=len(dataset.vocab) if dataset.vocab else None)
+    workers = StackedReplicas(template, comm.num_local, comm.device, compute=cfg["stacked_compute"],
+                              autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None,
+                              graph_streams=cfg["graph_streams"], language_model=dataset.is_language_model,
+                              compile_replicas=cfg["compile_replicas"])
+    decays = optimizer.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
+    momenta = [torch.zeros_like(p) for p in workers.params]
+    gossip = build_gossip(cfg, comm, topology)
+    method = algorithms.METHODS[cfg["optimizer"]]  # what it acts on, and where in the step
+    local_step_first = method.local_step_first
+    gossiped = workers.grads if method.acts_on == "gradients" else workers.params  # stacks the method changes in place
+    torch.manual_seed(cfg["seed"] * 1000 + comm.rank)  # dropout: per process
+
+    start_epoch, start_step, carried, initial_loss = 0, 0, None, None
+    if saved is not None:
+        start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
+        carried = metrics.EpochTotals.from_state(runs.restore(saved, workers, momenta, gossip, comm), comm.device)
+        initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
+        started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
+        if is_root:
+            print(f"resuming run {run_id} from {runs.position(start_epoch, start_step)} ({checkpoints.folder})", flush=True)
+        del saved
+    recorder = metrics.Recorder(comm, folder, run_id, append=start_epoch + start_step > 0, upto_epoch=start_epoch,
+                                log_metric=lambda *record: log_metric(*record))  # the hook as it is when called
+    if is_root:
+        runs.write_config(folder, cfg)
+
+    stop = runs.StopRequests()
+    timers = runs.Timers(comm.device)
+    loss_check = runs.DivergenceCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
+    progress = runs.Progress(is_root, cfg["num_epochs"], batches_per_epoch, start_epoch * batches_per_epoch + start_step, started)
+
+    def local_step(lr):
+        with timers("update"):
+            if cfg["gradient_clipping"] is not None:
+                optimizer.clip_per_worker(workers.grads, cfg["gradient_clipping"])
+            optimizer.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * gossip.step_size_scale(), cfg["momentum"], decays)
+
+    for epoch in range(start_epoch, cfg["num_epochs"]):
+        totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
+        carried = None
+        hidden = totals.hidden
+        first_step = start_step if epoch == start_epoch else 0
+        workers.train(True)
+        batches = loader.epoch_batches(epoch, first_step)
+        for step in range(first_step, batches_per_epoch):
+            with timers("batch"):
+                x, y = next(batches)
+            lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
+            # D-PSGD as the paper runs it: the gradient at x_t, gossip x_t, the local step on the
+            # gossiped parameters (all-reduce: the local step, then the average; PowerSGD: the
+            # average of the gradients, then the step).
+            with timers("forward_backward"):
+                losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
+            if local_step_first:
+                local_step(lr)
+            if (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0:  # the graph follows gossip.round
+                with timers("gossip"):
+                    gossip.step(gossiped)
+            if not local_step_first:
+                local_step(lr)
+            totals.add(losses, corrects, counts)
+            loss_check.watch(losses, epoch, step)
+            progress.step(epoch, step, loss_check.mean_loss, comm.bytes_sent)  # the previous step's loss: no wait
+            if stop.requested(comm):
+                loss_check.finish()
+                totals.hidden = hidden
+                checkpoints.save(runs.snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check, started))
+                comm.barrier()
+                if is_root:
+                    print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in {checkpoints.folder}; "
+                          f"continue with resume=true", flush=True)
+                sys.exit(128 + stop.signal_number)
+            log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
+
+        loss_check.finish()
+        with timers("evaluation"):
+            metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
+        if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
+            checkpoints.save(runs.snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check, started))
+        progress.end_of_epoch(epoch + 1, recorder)
+        for label, (mean, std, instances) in timers.summary().items():
+            log_runtime(label, mean, std, instances)
+
+    progress.close()
+    recorder.summary(cfg, time.time() - started)
+    recorder.close()
+    stop.restore()
+    log_info({"state.progress": 1.0})
+    runs.release_output_dir(folder)
+    return folder
+
+
+_DEFAULTS = dict(config)
+
+
+def validated(cfg: dict) -> dict:
+    """A checked copy of `cfg` (configuration.checked_training): every problem before any work."""
+    return configuration.checked_training(cfg, _DEFAULTS)
+
+
+def learning_rate_factor(cfg: dict, epoch: float) -> float:
+    """Linear warmup from 1 to `distributed_lr_warmup_factor` over the warmup epochs, then the
+    milestones' factors; evaluated every batch at fractional epochs (the original code's schedule)."""
+    factor = 1.0
+    if cfg["distributed_lr_warmup_epoch"] > 0:
+        factor = 1.0 + (cfg["distributed_lr_warmup_factor"] - 1.0) * min(epoch / cfg["distributed_lr_warmup_epoch"], 1.0)
+    for milestone, milestone_factor in cfg["lr_schedule_milestones"]:
+        if epoch >= milestone:
+            factor *= milestone_factor
+    return factor
+
+
+def build_loader(cfg: dict, dataset, comm):
+    if dataset.is_language_model:
+        return data.LanguageModelLoader(dataset, cfg["n_workers"], cfg["batch_size"], comm.first_worker, comm.num_local, cfg["bptt"])
+    if cfg["dirichlet_alpha"] is not None:
+        partition = data.make_partition("dirichlet", dataset.train_y, cfg["n_workers"], cfg["seed"], alpha=cfg["dirichlet_alpha"])
+    elif cfg["use_decentralized_data"]:
+        partition = data.make_partition("sorted", dataset.train_y, cfg["n_workers"], cfg["seed"],
+                                        shuffled_ratio=cfg["decentralized_data_shuffled_ratio"])
+    else:
+        partition = data.make_partition("iid", dataset.train_y, cfg["n_workers"], cfg["seed"])
+    return data.WorkerLoader(dataset, partition, cfg["batch_size"], comm.first_worker, comm.num_local, cfg["seed"], cfg["augment"])
+
+
+def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
+    """The `optimizer` key's registered method, with the `optimizer_<name>` keys as its hyper-parameters."""
+    return algorithms.build(cfg["optimizer"], comm, topology, **configuration.method_hyperparameters(cfg))
+
+
+def command_line(arguments: list[str] | None = None) -> None:
+    """`python train.py [file.yaml] key=value ...` (also `python -m powergossip.train`): the
+    arguments into this module's `config` and `output_dir`, checked, then `main()`; a
+    configuration problem ends the program with its message and exit status 2."""
+    global config, output_dir
+    arguments = sys.argv[1:] if arguments is None else arguments
+    config, output_dir = configuration.command_line_or_exit("train.py", config, output_dir, arguments, validated)
+    configuration.run_or_exit("train.py", main)
+
+
+if __name__ == "__main__":  # `python -m powergossip.train`: run the package's module, not this second copy
+    from powergossip.train import command_line as _command_line
+
+    _command_line()
