@@ -1,0 +1,273 @@
+"""Golden runs: a fixed list of tiny runs of train.py and gossip_run.py whose metrics are kept
+in tests/golden/ and compared bit for bit after a change that should not change any number.
+
+    python tests/golden_runs.py OUT                    # every case, all workers in this one process
+    mpirun -np 2 python tests/golden_runs.py OUT       # the same cases, 2 processes
+    python tests/golden_runs.py --save OUT tests/golden         # keep OUT's comparable lines as the golden files
+    python tests/golden_runs.py --compare tests/golden OUT      # list the differences (exit 1 if any)
+
+A run writes OUT/<layout>/<case>/metrics.jsonl (and the run's other files), where <layout> is
+"one-process" or "mpirun-<N>" (N processes); the golden files are
+tests/golden/<layout>/<case>.jsonl, the comparable lines only (`comparable_lines`).
+
+Only the user-facing interface is used, the one that stays when the code moves:
+`import train` / `import gossip_run` from the repository root, `module.config` (a fresh copy
+of its defaults, taken when the module is imported, updated with the case's keys),
+`module.output_dir`, then `module.main()`. All cases of a layout run in one process, one
+after the other, each from freshly seeded random generators (torch, numpy, random), on one
+thread, on the CPU, in float32. The training cases read a tiny Fashion-MNIST in the real IDX
+format that this script writes itself (no download). Layouts sum in different orders, so
+each layout has its own golden files.
+
+Set GOLDEN_EXPECT_ROOT=/path/to/checkout to have the script fail unless `powergossip`,
+`train` and `gossip_run` are imported from that checkout (an editable install of another
+checkout would otherwise win where this one is not first on sys.path).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --- the cases --------------------------------------------------------------------------------------
+N_WORKERS = 4  # divisible by 1 and 2 (the two layouts)
+FAKE_DATA = {"n_train": 128, "n_test": 48, "seed": 0}  # tiny Fashion-MNIST-shaped data (written by this script)
+
+TRAIN_COMMON = {
+    "task": "fashion_mnist", "task_architecture": "small_cnn", "n_workers": N_WORKERS, "batch_size": 8,
+    "num_epochs": 2, "max_batches_per_epoch": 2, "distributed_lr_warmup_epoch": 0, "lr_schedule_milestones": [[1, 0.5]],
+    "device": "cpu", "dtype": "float32", "stacked_compute": "loop", "seed": 3, "checkpoint_every": 0,
+    # data_dir: set at run time (the fake data's folder)
+}
+GOSSIP_COMMON = {
+    "n_workers": N_WORKERS, "matrix_size": 6, "num_steps": 20, "data_type": "random", "device": "cpu", "seed": 42,
+}
+
+# (name, entrypoint, the case's keys); names are stable: they name the golden files.
+CASES: list[tuple[str, str, dict]] = [
+    # train.py: every registered method on a ring
+    ("train-all-reduce-ring", "train", {"optimizer": "all-reduce", "topology": "ring"}),
+    ("train-dpsgd-ring", "train", {"optimizer": "dpsgd", "topology": "ring"}),
+    ("train-power-gossip-ring", "train", {"optimizer": "power-gossip", "topology": "ring", "optimizer_num_iterations": 2}),
+    ("train-choco-ring", "train", {"optimizer": "choco", "topology": "ring", "optimizer_compressor": "sign-and-norm",
+                                   "optimizer_diffusion_rate": 0.4}),
+    ("train-deepsqueeze-ring", "train", {"optimizer": "deepsqueeze", "topology": "ring", "optimizer_diffusion_rate": 0.05}),
+    ("train-moniqua-ring", "train", {"optimizer": "moniqua", "topology": "ring", "optimizer_diffusion_rate": 0.05,
+                                     "optimizer_theta": 0.5}),
+    ("train-powersgd-ring", "train", {"optimizer": "powersgd", "topology": "ring", "optimizer_rank": 2,
+                                      "optimizer_start_compressing_after_num_steps": 1}),
+    ("train-push-sum-ring", "train", {"optimizer": "push-sum", "topology": "ring"}),
+    # train.py: graphs over time
+    ("train-dpsgd-one_peer_exponential", "train", {"optimizer": "dpsgd", "topology": "one_peer_exponential"}),
+    ("train-power-gossip-random_matching", "train", {"optimizer": "power-gossip", "topology": "random_matching"}),
+    ("train-push-sum-one_peer_exponential", "train", {"optimizer": "push-sum", "topology": "one_peer_exponential",
+                                                      "local_steps": 2}),
+    # gossip_run.py: every method that gossips parameters (powersgd averages gradients: not here)
+    ("gossip-all-reduce-ring", "gossip_run", {"algorithm": "all-reduce", "topology": "ring"}),
+    ("gossip-dpsgd-ring", "gossip_run", {"algorithm": "dpsgd", "topology": "ring"}),
+    ("gossip-power-gossip-ring", "gossip_run", {"algorithm": "power-gossip", "topology": "ring", "optimizer_rank": 2}),
+    ("gossip-choco-ring", "gossip_run", {"algorithm": "choco", "topology": "ring", "optimizer_compressor": "sign-and-norm",
+                                         "optimizer_diffusion_rate": [0.05, 0.5]}),
+    ("gossip-choco-qsgd-ring", "gossip_run", {"algorithm": "choco", "topology": "ring", "optimizer_compressor": "qsgd",
+                                              "optimizer_diffusion_rate": 0.3}),
+    ("gossip-deepsqueeze-ring", "gossip_run", {"algorithm": "deepsqueeze", "topology": "ring", "optimizer_diffusion_rate": 0.2}),
+    ("gossip-moniqua-ring", "gossip_run", {"algorithm": "moniqua", "topology": "ring", "optimizer_diffusion_rate": 0.1,
+                                           "optimizer_theta": [2.0, 8.0]}),  # theta=8 diverges: the stop is recorded
+    ("gossip-push-sum-ring", "gossip_run", {"algorithm": "push-sum", "topology": "ring"}),
+    # gossip_run.py: graphs over time
+    ("gossip-dpsgd-one_peer_exponential", "gossip_run", {"algorithm": "dpsgd", "topology": "one_peer_exponential"}),
+    ("gossip-power-gossip-random_matching", "gossip_run", {"algorithm": "power-gossip", "topology": "random_matching",
+                                                           "optimizer_edge_memory": 1}),
+    ("gossip-push-sum-one_peer_exponential", "gossip_run", {"algorithm": "push-sum", "topology": "one_peer_exponential"}),
+]
+CASE_NAMES = [name for name, _, _ in CASES]
+
+
+# --- what is compared -------------------------------------------------------------------------------
+def is_wall_clock(record: dict) -> bool:
+    """A record that measures time on this machine: train.py's `time_<section>` records (split
+    "runtime"). Every other record holds no clock reading: train.py's records are name, value,
+    epoch (a count), bits, messages and tags; `communication_time_model` (split "network_model")
+    is seconds *modelled* from bits and messages, deterministic, so it stays; gossip_run.py's
+    records are name, step, value, bits, messages and tags. Nothing else is dropped."""
+    return record.get("tags", {}).get("split") == "runtime"
+
+
+def comparable_lines(path: str) -> list[str]:
+    """The lines of a metrics.jsonl (or of a golden file) without the wall-clock records, each
+    as written (no trailing newline): the text is compared, so equal means bit-identical."""
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip() and not is_wall_clock(json.loads(line))]
+
+
+def _case_file(folder: str, layout: str, case: str) -> str | None:
+    """A case's metrics in `folder`: a golden file <layout>/<case>.jsonl or a run's <layout>/<case>/metrics.jsonl."""
+    for path in (os.path.join(folder, layout, f"{case}.jsonl"), os.path.join(folder, layout, case, "metrics.jsonl")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def layouts_in(folder: str) -> list[str]:
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("_")) \
+        if os.path.isdir(folder) else []
+
+
+def compare(expected_dir: str, actual_dir: str, layouts: list[str] | None = None, cases: list[str] | None = None) -> list[str]:
+    """Differences between two result folders (golden files or run outputs, either form; see
+    `_case_file`), for every layout of `expected_dir` (or `layouts`) and every case of CASES
+    (or `cases`): a line per case that is missing or differs, naming the first differing line.
+    An empty list: identical."""
+    differences = []
+    for layout in layouts if layouts is not None else layouts_in(expected_dir):
+        for case in cases if cases is not None else CASE_NAMES:
+            want_path, got_path = _case_file(expected_dir, layout, case), _case_file(actual_dir, layout, case)
+            if want_path is None or got_path is None:
+                differences.append(f"{layout}/{case}: no metrics in {expected_dir if want_path is None else actual_dir}")
+                continue
+            want, got = comparable_lines(want_path), comparable_lines(got_path)
+            if want == got:
+                continue
+            first = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            differences.append(f"{layout}/{case}: {len(got)} comparable lines, expected {len(want)}; first difference at "
+                               f"comparable line {first + 1}:\n  expected: {want[first] if first < len(want) else '<none>'}"
+                               f"\n  actual:   {got[first] if first < len(got) else '<none>'}")
+    return differences
+
+
+def save(out_dir: str, golden_dir: str) -> list[str]:
+    """Write the comparable lines of every run in `out_dir` (every layout) to golden_dir/<layout>/<case>.jsonl."""
+    written = []
+    for layout in layouts_in(out_dir):
+        for case in CASE_NAMES:
+            source = _case_file(out_dir, layout, case)
+            if source is None:
+                raise FileNotFoundError(f"{out_dir}/{layout}/{case}/metrics.jsonl is missing")
+            os.makedirs(os.path.join(golden_dir, layout), exist_ok=True)
+            target = os.path.join(golden_dir, layout, f"{case}.jsonl")
+            with open(target, "w") as f:
+                f.writelines(line + "\n" for line in comparable_lines(source))
+            written.append(target)
+    return written
+
+
+# --- running ------------------------------------------------------------------------------------------
+_MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+_MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def layout_and_rank() -> tuple[str, int]:
+    size = next((int(os.environ[v]) for v in _MPI_SIZE_VARIABLES if v in os.environ), 1)
+    rank = next((int(os.environ[v]) for v in _MPI_RANK_VARIABLES if v in os.environ), 0)
+    return ("one-process" if size == 1 else f"mpirun-{size}"), rank
+
+
+def write_fake_fashion_mnist(folder: str, n_train: int, n_test: int, seed: int) -> str:
+    """The four Fashion-MNIST IDX files (uncompressed) with seeded uniform pixels and labels."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    os.makedirs(folder, exist_ok=True)
+    for name, array in arrays.items():
+        magic = 0x0800 + array.ndim  # unsigned bytes, ndim dimensions
+        header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+        path = os.path.join(folder, name)
+        with open(f"{path}.{os.getpid()}", "wb") as f:  # every process writes the same bytes: replaced whole
+            f.write(header + array.tobytes())
+        os.replace(f"{path}.{os.getpid()}", path)
+    return folder
+
+
+def _check_root(modules) -> None:
+    expected = os.environ.get("GOLDEN_EXPECT_ROOT")
+    if not expected:
+        return
+    expected = os.path.realpath(expected) + os.sep
+    for module in modules:
+        where = os.path.realpath(module.__file__)
+        if not where.startswith(expected):
+            raise RuntimeError(f"GOLDEN_EXPECT_ROOT={expected}: {module.__name__} was imported from {where}")
+
+
+def _reseed(seed: int = 0) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_cases(out_root: str, names: list[str] | None = None) -> str:
+    """Run the cases (all, or `names`) of this process's layout into out_root/<layout>/<case>/; returns out_root/<layout>."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported (when run as a script, it is not yet)
+    if sys.path[:1] != [ROOT]:
+        sys.path.insert(0, ROOT)  # this checkout's train.py, gossip_run.py and powergossip, before any installed one
+    import torch
+
+    torch.set_num_threads(1)
+    import powergossip
+    import gossip_run
+    import train
+
+    _check_root([powergossip, train, gossip_run])
+    defaults = {"train": copy.deepcopy(train.config), "gossip_run": copy.deepcopy(gossip_run.config)}
+    modules = {"train": train, "gossip_run": gossip_run}
+    layout, rank = layout_and_rank()
+    folder = os.path.join(out_root, layout)
+    data_dir = write_fake_fashion_mnist(os.path.join(out_root, "_data", "fashion-mnist"), **FAKE_DATA)
+    unknown = sorted(set(names or []) - set(CASE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown cases {unknown}; known: {', '.join(CASE_NAMES)}")
+    if rank == 0:
+        print(f"golden runs, layout {layout}: powergossip from {os.path.dirname(os.path.realpath(powergossip.__file__))}, "
+              f"train from {os.path.realpath(train.__file__)}, gossip_run from {os.path.realpath(gossip_run.__file__)}", flush=True)
+    for name, entrypoint, keys in CASES:
+        if names is not None and name not in names:
+            continue
+        module = modules[entrypoint]
+        config = copy.deepcopy(defaults[entrypoint])
+        config.update(copy.deepcopy(TRAIN_COMMON if entrypoint == "train" else GOSSIP_COMMON))
+        if entrypoint == "train":
+            config["data_dir"] = data_dir
+        config.update(copy.deepcopy(keys))
+        module.config = config
+        module.output_dir = os.path.join(folder, name)
+        _reseed()
+        if rank == 0:
+            print(f"=== {layout}/{name}", flush=True)
+        module.main()
+    for entrypoint, module in modules.items():  # the defaults back: an importer may go on using the modules
+        module.config = copy.deepcopy(defaults[entrypoint])
+        module.output_dir = None
+    return folder
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--save"] and len(argv) == 3:
+        for path in save(argv[1], argv[2]):
+            print(path)
+        return 0
+    if argv[:1] == ["--compare"] and len(argv) == 3:
+        differences = compare(argv[1], argv[2])
+        print("\n".join(differences) if differences else "identical")
+        return 1 if differences else 0
+    if len(argv) >= 1 and not argv[0].startswith("-"):
+        run_cases(argv[0], argv[1].split(",") if len(argv) > 1 else None)
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
