@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from powergossip import registries
+from powergossip import kernels, names
+from powergossip.errors import SettingError
 
 
 class WorkerRandom:
@@ -55,6 +56,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """`[R, N]` integer codes < 2**bits (or booleans) -> `[R, ceil(N * bits / 8)]` uint8 (bits in 1, 2, 4, 8)."""
     if bits not in (1, 2, 4, 8):
         raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
+    if codes.is_cuda and kernels.triton is not None and codes.dtype != torch.bool:
+        return kernels.pack_bits(codes, bits)  # the same bytes in one kernel
     per_byte = 8 // bits
     rows, n = codes.shape
     num_bytes = -(-n // per_byte)
@@ -187,11 +190,11 @@ class TopK(Compressor):
 
     def __init__(self, keep_ratio: float | None = None, rank: int | None = None):
         if (keep_ratio is None) == (rank is None):
-            raise ValueError("TopK takes exactly one of keep_ratio (in (0, 1]) or rank (>= 1)")
+            raise SettingError("keep_ratio", "or rank: TopK takes exactly one of keep_ratio (in (0, 1]) or rank (>= 1)")
         if keep_ratio is not None and not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+            raise SettingError("keep_ratio", f"must be in (0, 1], got {keep_ratio}")
         if rank is not None and rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise SettingError("rank", f"must be >= 1, got {rank}")
         self.keep_ratio, self.rank = keep_ratio, rank
 
     def num_kept(self, shape: torch.Size) -> int:
@@ -253,7 +256,7 @@ class SVD(Compressor):
 
     def __init__(self, rank: int = 1):
         if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise SettingError("rank", f"must be >= 1, got {rank}")
         self.rank = rank
 
     def compress(self, tensors, randomness=None):
@@ -290,7 +293,7 @@ class QSGD(Compressor):
 
     def __init__(self, levels: int = 16, rescale: bool = True):
         if levels < 1:
-            raise ValueError(f"qsgd_levels (QSGD's levels) must be >= 1, got {levels}")
+            raise SettingError("qsgd_levels", f"(QSGD's levels) must be >= 1, got {levels}")
         self.levels, self.rescale = levels, rescale
 
     def _scale(self, shape) -> float:
@@ -324,20 +327,19 @@ class QSGD(Compressor):
 # name -> factory(keep_ratio, rank, qsgd_levels) -> Compressor. A new compressor is one class
 # plus one `register_compressor` line; every entrypoint and method that takes a compressor
 # by name finds it here.
-COMPRESSORS: dict[str, Callable[..., Compressor]] = registries.COMPRESSORS
-_COMPRESSOR_ALIASES = {"sign": "sign-and-norm", "topk": "top-k", "randomk": "random-k", "fp": "identity"}
+COMPRESSORS: dict[str, Callable[..., Compressor]] = {}
 
 
 def register_compressor(name: str, factory: Callable[..., Compressor]) -> None:
     """Make `factory(keep_ratio, rank, qsgd_levels)` available as compressor `name`."""
-    COMPRESSORS[registries.canonical_name(name)] = factory
+    COMPRESSORS[names.canonical_name(name)] = factory
 
 
 def registered_name(name: str) -> str:
     """The registry key of compressor `name` (either spelling, aliases included)."""
-    key = registries.lookup(COMPRESSORS, _COMPRESSOR_ALIASES, name)
+    key = names.lookup(COMPRESSORS, names.COMPRESSOR_ALIASES, name)
     if key is None:
-        raise ValueError(f"compressor {name!r} is unknown; registered: {', '.join(COMPRESSORS)}")
+        raise SettingError("compressor", f"{name!r} is unknown; registered: {', '.join(COMPRESSORS)}")
     return key
 
 

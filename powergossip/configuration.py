@@ -22,8 +22,8 @@ import time
 
 import yaml
 
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says which key and why."""
+from powergossip import names
+from powergossip.errors import ConfigError, SettingError
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -41,48 +41,34 @@ def parse_value(text: str):
     return yaml.load(text, Loader=YamlLoader) if text.strip() else ""
 
 
-# The methods' hyper-parameters have one name in both entrypoints, `optimizer_<name>` (the
-# original train.py's keys; the registry's factories take `<name>`). Other spellings that
-# users, the original consensus code and older results use are read as these.
-ALIASES = {
-    "compression_rank": "optimizer_rank", "compression_num_iterations": "optimizer_num_iterations",
-    "keep_ratio": "optimizer_keep_ratio", "qsgd_levels": "optimizer_qsgd_levels",
-    "diffusion_rate": "optimizer_diffusion_rate", "theta": "optimizer_theta",
-    "compressor": "optimizer_compressor", "warm_start": "optimizer_warm_start", "round_weights": "optimizer_round_weights",
-    "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations", "edge_memory": "optimizer_edge_memory",
-    "min_compression_rate": "optimizer_min_compression_rate",
-    "start_compressing_after_num_steps": "optimizer_start_compressing_after_num_steps",
-}
+def setting_problem(problem: ValueError, settings: dict) -> ConfigError:
+    """A method's complaint as one about the config key of its setting: a SettingError names
+    the setting (`rank`: `optimizer_rank`); a method registered without a config raises its
+    own ValueError, read as naming a setting when its first word is one of those it was given."""
+    if isinstance(problem, SettingError):
+        return ConfigError(f"{names.setting_key(problem.setting)} {problem.reason}")
+    setting, _, reason = str(problem).partition(" ")
+    if setting in settings:
+        return ConfigError(f"{names.setting_key(setting)} {reason}")
+    return ConfigError(str(problem))
 
 
-def method_hyperparameters(config: dict) -> dict:
-    """The `optimizer_<name>` keys as the registry's vocabulary (`<name>`), and the seed."""
-    prefix = "optimizer_"
-    return {key[len(prefix):]: value for key, value in config.items() if key.startswith(prefix)} | {"seed": config["seed"]}
+def check_method(method: str, topology, settings: dict) -> None:
+    """The method's checks of its settings and of the graph (methods.check), as ConfigErrors."""
+    from powergossip import methods  # here: configuration stays light for what imports it
 
-
-def method_problem(problem: Exception) -> ConfigError:
-    """A method constructor's complaint about `<name>` as one about its key `optimizer_<name>`."""
-    names = "|".join(key[len("optimizer_"):] for key in ALIASES.values())
-    return ConfigError(re.sub(rf"^({names})\b", r"optimizer_\1", str(problem)))
-
-
-def canonical_key(key: str, defaults: dict) -> str:
-    """The key `defaults` knows for `key`, its alias, or the method key of the other
-    entrypoint (train.py's `optimizer` is gossip_run.py's `algorithm`)."""
-    if key in defaults:
-        return key
-    key = ALIASES.get(key, key)
-    swapped = {"optimizer": "algorithm", "algorithm": "optimizer"}.get(key)
-    return swapped if swapped in defaults and key not in defaults else key
+    try:
+        methods.check(method, topology, **settings)
+    except ValueError as problem:
+        raise setting_problem(problem, settings) from None
 
 
 def with_canonical_keys(defaults: dict, config: dict) -> dict:
     """A copy of `config` (edited in Python) with every alias written as its key; an alias
     set beside its key to another non-default value is an error."""
-    renamed = {key: value for key, value in config.items() if canonical_key(key, defaults) == key}
+    renamed = {key: value for key, value in config.items() if names.canonical_key(key, defaults) == key}
     for key, value in config.items():
-        name = canonical_key(key, defaults)
+        name = names.canonical_key(key, defaults)
         if name != key:
             if name in renamed and renamed[name] not in (defaults.get(name), value):
                 raise ConfigError(f"{key}={value!r} and {name}={renamed[name]!r} name the same setting; give one of them")
@@ -110,7 +96,7 @@ def apply_overrides(defaults: dict, arguments: list[str]) -> dict:
         else:
             raise ConfigError(f"cannot read argument {argument!r}: give key=value or a .yaml file")
         for key, value in updates.items():
-            key = canonical_key(key, defaults)
+            key = names.canonical_key(key, defaults)
             config[key] = check_value(defaults, key, value, source)
     return config
 
@@ -170,21 +156,22 @@ def check_value(defaults: dict, key: str, value, source: str):
     return value
 
 
-def checked_training(cfg: dict, defaults: dict) -> dict:
+def checked_training(cfg: dict, defaults: dict) -> tuple[dict, object]:
     """train.py's configuration checked: a copy, every key by its own name (aliases
-    renamed); every problem a ConfigError naming the key, raised before any work starts."""
-    from powergossip import algorithms, compressors, data, metrics, models, topologies  # here: configuration stays light
+    renamed), and the run's topology (built here, once); every problem a ConfigError naming
+    the key, raised before any work starts."""
+    from powergossip import compressors, data, methods, metrics, models, topologies  # here: configuration stays light
 
     cfg = with_canonical_keys(defaults, cfg)
     check_config(defaults, cfg)
     try:
-        cfg["optimizer"] = algorithms.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
+        cfg["optimizer"] = methods.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
     except ValueError as problem:
         raise ConfigError(f"optimizer: {problem}") from None
     try:
         cfg["optimizer_compressor"] = compressors.registered_name(cfg["optimizer_compressor"])
     except ValueError as problem:
-        raise method_problem(problem) from None
+        raise setting_problem(problem, {}) from None
     if cfg["n_workers"] < 2:
         raise ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
     choices = {"task": data.TASKS, "task_architecture": models.NAMES,
@@ -206,7 +193,7 @@ def checked_training(cfg: dict, defaults: dict) -> dict:
     for key in positive:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["local_steps"] > 1 and algorithms.METHODS[cfg["optimizer"]].acts_on == "gradients":
+    if cfg["local_steps"] > 1 and methods.METHODS[cfg["optimizer"]].acts_on == "gradients":
         raise ConfigError(f"local_steps={cfg['local_steps']}: optimizer={cfg['optimizer']} averages every step's gradients; "
                           f"local steps apply to methods that gossip parameters (use local_steps=1)")
     if not cfg["learning_rate"] > 0:
@@ -243,12 +230,12 @@ def checked_training(cfg: dict, defaults: dict) -> dict:
         data.check_data_dir(cfg["task"], cfg["data_dir"])
     except FileNotFoundError as problem:
         raise ConfigError(str(problem)) from None
-    topology = topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: ValueError now
     try:
-        algorithms.check(cfg["optimizer"], topology, **method_hyperparameters(cfg))
-    except ValueError as problem:
-        raise method_problem(problem) from None
-    return cfg
+        topology = topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: now
+    except (ValueError, OSError) as problem:
+        raise ConfigError(f"topology: {problem}") from None
+    check_method(cfg["optimizer"], topology, names.settings_of(cfg))
+    return cfg, topology
 
 
 def uses_cuda(device: str) -> bool:
@@ -257,11 +244,11 @@ def uses_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
-def command_line_or_exit(program: str, defaults: dict, output_dir: str, arguments: list[str], check) -> tuple[dict, str]:
-    """`command_line`, then `check(config)`; a problem ends the program (exit_on_config_error)."""
+def command_line_or_exit(program: str, defaults: dict, output_dir: str, arguments: list[str]) -> tuple[dict, str]:
+    """`command_line` (every key known and of its type); a problem ends the program
+    (exit_on_config_error). The rest is checked once, by the entrypoint's main()."""
     try:
         config, output_dir = command_line(defaults, output_dir, arguments)
-        check(config)
     except (ValueError, OSError) as problem:
         exit_on_config_error(program, problem)
     return config, output_dir
@@ -283,7 +270,7 @@ def exit_on_config_error(program: str, problem: Exception) -> None:
     rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK") if v in os.environ), "0")
     sys.stderr.write(f"{program}: configuration error (process {rank}): {problem}\n")
     sys.stderr.flush()
-    from powergossip.comm import launched_by_mpirun  # here: runs stays light for what imports it
+    from powergossip.comm import launched_by_mpirun  # here: configuration stays light for what imports it
 
     if launched_by_mpirun():
         from mpi4py import MPI

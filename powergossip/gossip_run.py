@@ -62,10 +62,11 @@ import time
 import numpy as np
 import torch
 
-from powergossip import algorithms
 from powergossip import comm as comm_module
 from powergossip import compressors
 from powergossip import configuration
+from powergossip import methods
+from powergossip import names
 from powergossip import runs
 from powergossip import topologies
 
@@ -102,24 +103,9 @@ config = {
 }
 DEFAULTS = dict(config)  # types and known keys, for checking overrides
 
-# The consensus study's names (the original code's): a registered method with some of its
-# hyper-parameters fixed. Any other registered method runs under its own name.
-PRESETS = {
-    "uncompressed": ("dpsgd", {}),
-    "power_gossip": ("power-gossip", {}),
-    "power_gossip_random": ("power-gossip", {"warm_start": False}),
-    "power_gossip_signs": ("power-gossip", {"round_weights": True}),
-    "power_gossip_random_signs": ("power-gossip", {"warm_start": False, "round_weights": True}),
-    "sign_choco": ("choco", {"compressor": "sign-and-norm"}),
-    "topk_choco": ("choco", {"compressor": "top-k"}),
-    "svd_choco": ("choco", {"compressor": "svd"}),
-    "qsgd_choco": ("choco", {"compressor": "qsgd"}),
-    "fp_choco": ("choco", {"compressor": "identity"}),
-    "sign_deepsqueeze": ("deepsqueeze", {"compressor": "sign-and-norm"}),
-    "moniqua": ("moniqua", {}),
-}
+PRESETS = names.PRESETS  # the consensus study's names: a registered method with some settings fixed
 ALGORITHMS = tuple(PRESETS)
-UNTUNED = tuple(name for name, (method, _) in PRESETS.items() if not algorithms.METHODS[method].needs_tuning)
+UNTUNED = tuple(name for name, (method, _) in PRESETS.items() if not methods.METHODS[method].needs_tuning)
 DATA_TYPES = ("random", "offset", "sparse", "log-normal", "images", "file")
 
 # Hooks a caller may replace (as in the original code).
@@ -137,12 +123,11 @@ def log_info(info_dict: dict) -> None:
 
 def main():
     """Runs every setting; returns the folder the results went to."""
-    cfg = check(config)  # a checked copy, every key by its own name
+    cfg, topology = checked(config)  # a checked copy, every key by its own name, and the graph
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
     folder = runs.claim_output_dir(output_dir, cfg["algorithm"], False, cfg["overwrite"], comm, time.time(),
                                    can_resume=False)
     is_writer = comm.rank == 0
-    topology = build_topology(cfg)
     state = initial_state(cfg)  # all workers, identical in every process
     initial_mean = state.double().mean(dim=0).to(comm.device)
     x0 = state[comm.first_worker:comm.first_worker + comm.num_local].to(comm.device).contiguous()
@@ -232,7 +217,7 @@ def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, f
 def diffusion_rates(config) -> list[float]:
     if config["optimizer_diffusion_rate"] is not None:
         return [float(v) for v in _as_list(config["optimizer_diffusion_rate"])]
-    if not algorithms.METHODS[resolve(config["algorithm"])[0]].needs_tuning:
+    if not methods.METHODS[resolve(config["algorithm"])[0]].needs_tuning:
         return [1.0]
     return _log_grid(config["hyperparameter_range_min"], config["hyperparameter_range_max"],
                      config["hyperparameter_num_samples"])
@@ -260,20 +245,24 @@ def build_topology(config):
 
 def resolve(name: str) -> tuple[str, dict]:
     """(registered method, fixed hyper-parameters) of an `algorithm` value; ValueError if unknown."""
-    preset = name.strip().lower().replace("-", "_")
-    if preset in PRESETS:
-        return PRESETS[preset]
+    fixed = names.preset(name)
+    if fixed is not None:
+        return fixed
     try:
-        return algorithms.registered_name(name), {}
+        return methods.registered_name(name), {}
     except ValueError:
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}, or a registered method: "
-                         f"{', '.join(algorithms.METHODS)}") from None
+                         f"{', '.join(methods.METHODS)}") from None
 
 
 def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
     method, fixed = resolve(config["algorithm"])
-    hyper = configuration.method_hyperparameters(config) | {"diffusion_rate": gamma, "theta": theta}
-    return algorithms.build(method, comm, topology, **hyper | fixed)
+    return methods.build(method, comm, topology, **setting_values(config, fixed, gamma, theta))
+
+
+def setting_values(config, fixed: dict, gamma: float, theta: float | None) -> dict:
+    """The method's settings for one setting of the sweep: the config's, the preset's fixed ones, gamma and theta."""
+    return names.settings_of(config) | {"diffusion_rate": gamma, "theta": theta} | fixed
 
 
 # --- initial state --------------------------------------------------------------------------------
@@ -313,8 +302,14 @@ def initial_state(config) -> torch.Tensor:
 
 # --- checks (each process on its own, before any communication) ------------------------------------
 def check(config) -> dict:
-    """A checked copy of `config` with every key by its own name (aliases renamed); raises
-    configuration.ConfigError (a ValueError) naming the key for anything that cannot work."""
+    """A checked copy of `config` with every key by its own name (see `checked`)."""
+    return checked(config)[0]
+
+
+def checked(config) -> tuple[dict, topologies.Topology]:
+    """A checked copy of `config` with every key by its own name (aliases renamed), and the
+    run's topology (built here, once); raises configuration.ConfigError (a ValueError)
+    naming the key for anything that cannot work."""
     config = configuration.with_canonical_keys(DEFAULTS, config)
     configuration.check_config(DEFAULTS, config)
     error = configuration.ConfigError
@@ -342,12 +337,12 @@ def check(config) -> dict:
         require(config[key] >= 1, f"{key} must be >= 1, got {config[key]}")
     require(config["n_workers"] >= 2, f"n_workers must be >= 2 (one worker has nothing to agree on), got {config['n_workers']}")
     require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
-    require(algorithms.METHODS[method].acts_on == "parameters",
+    require(methods.METHODS[method].acts_on == "parameters",
             f"algorithm={name} acts on gradients; consensus experiments have none")
     try:
         config["optimizer_compressor"] = compressors.registered_name(config["optimizer_compressor"])
     except ValueError as problem:
-        raise configuration.method_problem(problem) from None
+        raise configuration.setting_problem(problem, {}) from None
     for key, value in fixed.items():
         given = config[f"optimizer_{key}"]
         require(given in (value, DEFAULTS[f"optimizer_{key}"]),
@@ -366,11 +361,7 @@ def check(config) -> dict:
         raise error(f"topology: {problem}") from None
     for gamma in diffusion_rates(config):  # the method's own checks, for every setting of the sweep
         for theta in thetas(config):
-            try:
-                algorithms.check(method, topology, **configuration.method_hyperparameters(config) | fixed
-                                 | {"diffusion_rate": gamma, "theta": theta})
-            except ValueError as problem:
-                raise configuration.method_problem(problem) from None
+            configuration.check_method(method, topology, setting_values(config, fixed, gamma, theta))
 
     device = config["device"]
     require(device in ("cpu", "cuda", "auto") or device.startswith("cuda:"),
@@ -404,16 +395,17 @@ def check(config) -> dict:
                 f"[n_workers, ...] = [{config['n_workers']}, ...] (worker i starts from entry i)")
         require(np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_,
                 f"data_path {path!r} holds {array.dtype} values; expected numbers")
-    return config
+    return config, topology
 
 
 def command_line(arguments: list[str] | None = None) -> None:
     """`python gossip_run.py [file.yaml] key=value ...` (also `python -m powergossip.gossip_run`): the
-    arguments into this module's `config` and `output_dir`, checked, then `main()`; a
+    arguments over the defaults into this module's `config` and `output_dir` (each call starts
+    afresh, as each `python gossip_run.py` does), then `main()`, which checks them; a
     configuration problem ends the program with its message and exit status 2."""
     global config, output_dir
     arguments = sys.argv[1:] if arguments is None else arguments
-    config, output_dir = configuration.command_line_or_exit("gossip_run.py", config, output_dir, arguments, check)
+    config, output_dir = configuration.command_line_or_exit("gossip_run.py", DEFAULTS, None, arguments)
     configuration.run_or_exit("gossip_run.py", main)
 
 

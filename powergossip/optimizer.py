@@ -17,7 +17,7 @@ The order is the paper's (D-PSGD as Lian et al. 2017 run it, Vogels, Karimireddy
 the gradient is taken at x_t, the parameters are gossiped, and the wrapped optimizer
 applies that gradient to the gossiped parameters; all-reduce takes the local step first
 and then the exact average; a method that acts on gradients (PowerSGD) averages the
-gradients and the optimizer steps with that average. Every registered method works (`algorithms.METHODS`), with
+gradients and the optimizer steps with that average. Every registered method works (`methods.METHODS`), with
 its hyper-parameters as keyword arguments (the vocabulary of `register_algorithm`).
 The model's parameters are gossiped in place as `[1, *shape]` views; buffers (batch-norm
 statistics) stay local, as in train.py.
@@ -28,8 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from powergossip import algorithms, configuration, models, topologies
+from powergossip import methods, models, names, topologies
 from powergossip import comm as comm_module
+from powergossip.methods.powersgd import StackedPowerSGD
+from powergossip.methods.push_sum import PushSum
 
 
 # --- the local step over stacked workers ----------------------------------------------------------
@@ -121,15 +123,15 @@ class DecentralizedOptimizer(_OneWorkerPerProcess):
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
             raise ValueError(f"the topology has {self.topology.n_workers} workers but {world_size} processes were launched")
-        name = algorithms.registered_name(algorithm)
-        hyper = {configuration.ALIASES.get(key, key).removeprefix("optimizer_"): value for key, value in hyper.items()}
-        self.gossip = algorithms.build(name, self.comm, self.topology, strict=True, **hyper)
-        if isinstance(self.gossip, algorithms.PushSum):
+        name = methods.registered_name(algorithm)
+        settings = {names.KEY_ALIASES.get(key, key).removeprefix(names.SETTING_PREFIX): value for key, value in hyper.items()}
+        self.gossip = methods.build(name, self.comm, self.topology, strict=True, **settings)
+        if isinstance(self.gossip, PushSum):
             # SGP steps the numerator x at learning rate lr (z at lr / w); a wrapped optimizer of any
             # kind cannot be told that, so here push-sum runs where w stays 1 (train.py: any graph).
             topologies.check_requirement(self.topology, "doubly_stochastic", "push-sum in DecentralizedOptimizer")
-        self.local_step_first = algorithms.METHODS[name].local_step_first
-        self.acts_on_gradients = algorithms.METHODS[name].acts_on == "gradients"
+        self.local_step_first = methods.METHODS[name].local_step_first
+        self.acts_on_gradients = methods.METHODS[name].acts_on == "gradients"
         self.optimizer = optimizer
         self.parameters = parameters
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model
@@ -186,7 +188,7 @@ class Config(NamedTuple):
 
 
 class PowerSGD(_OneWorkerPerProcess):
-    """PowerSGD (Vogels, Karimireddy, Jaggi 2019; algorithms.PowerSGD) with the interface of its
+    """PowerSGD (Vogels, Karimireddy, Jaggi 2019; methods.powersgd.StackedPowerSGD) with the interface of its
     reference implementation, one worker per process (mpirun or torchrun):
 
         powersgd = powergossip.PowerSGD(model.parameters(), config=powergossip.Config(rank=2))
@@ -205,7 +207,7 @@ class PowerSGD(_OneWorkerPerProcess):
             raise ValueError("PowerSGD was given no parameters that require gradients")
         self.config = config
         super().__init__(self.parameters, device)
-        self.algorithm = algorithms.PowerSGD(self.comm, rank=config.rank, num_iterations=config.num_iters_per_step,
+        self.algorithm = StackedPowerSGD(self.comm, rank=config.rank, num_iterations=config.num_iters_per_step,
                                              min_compression_rate=config.min_compression_rate,
                                              start_compressing_after_num_steps=config.start_compressing_after_num_steps,
                                              warm_start=warm_start, seed=seed)

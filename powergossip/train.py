@@ -31,11 +31,12 @@ import uuid
 
 import torch
 
-from powergossip import algorithms
 from powergossip import comm as comm_module
 from powergossip import data
+from powergossip import methods
 from powergossip import metrics
 from powergossip import models
+from powergossip import names
 from powergossip import optimizer
 from powergossip import configuration
 from powergossip import runs
@@ -123,7 +124,7 @@ def log_runtime(label, mean, std, instances):
 
 
 def main():
-    cfg = validated(config)
+    cfg, topology = checked(config)
     started = time.time()
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
     is_root = comm.rank == 0
@@ -140,7 +141,6 @@ def main():
         runs.release_output_dir(folder)
         return folder
     run_id = saved["run"]["run_id"] if saved is not None and "run" in saved else comm.gather_objects(uuid.uuid4().hex[:12])[0]
-    topology = topologies.build(cfg["topology"], cfg["n_workers"])
 
     # Data, partitioned over all workers; this process loads its local block.
     dataset = data.load(cfg["task"], cfg["data_dir"], comm.device)
@@ -158,7 +158,7 @@ def main():
     decays = optimizer.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     gossip = build_gossip(cfg, comm, topology)
-    method = algorithms.METHODS[cfg["optimizer"]]  # what it acts on, and where in the step
+    method = methods.METHODS[cfg["optimizer"]]  # what it acts on, and where in the step
     local_step_first = method.local_step_first
     gossiped = workers.grads if method.acts_on == "gradients" else workers.params  # stacks the method changes in place
     torch.manual_seed(cfg["seed"] * 1000 + comm.rank)  # dropout: per process
@@ -246,9 +246,15 @@ def main():
 _DEFAULTS = dict(config)
 
 
-def validated(cfg: dict) -> dict:
-    """A checked copy of `cfg` (configuration.checked_training): every problem before any work."""
+def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
+    """A checked copy of `cfg` and the run's topology (configuration.checked_training): every
+    problem a ConfigError before any work, the topology built once."""
     return configuration.checked_training(cfg, _DEFAULTS)
+
+
+def validated(cfg: dict) -> dict:
+    """A checked copy of `cfg`, every key by its own name (see `checked`)."""
+    return checked(cfg)[0]
 
 
 def learning_rate_factor(cfg: dict, epoch: float) -> float:
@@ -276,18 +282,19 @@ def build_loader(cfg: dict, dataset, comm):
     return data.WorkerLoader(dataset, partition, cfg["batch_size"], comm.first_worker, comm.num_local, cfg["seed"], cfg["augment"])
 
 
-def build_gossip(cfg: dict, comm, topology) -> algorithms.GossipAlgorithm:
-    """The `optimizer` key's registered method, with the `optimizer_<name>` keys as its hyper-parameters."""
-    return algorithms.build(cfg["optimizer"], comm, topology, **configuration.method_hyperparameters(cfg))
+def build_gossip(cfg: dict, comm, topology) -> methods.Method:
+    """The `optimizer` key's registered method, with the `optimizer_<setting>` keys as its settings."""
+    return methods.build(cfg["optimizer"], comm, topology, **names.settings_of(cfg))
 
 
 def command_line(arguments: list[str] | None = None) -> None:
     """`python train.py [file.yaml] key=value ...` (also `python -m powergossip.train`): the
-    arguments into this module's `config` and `output_dir`, checked, then `main()`; a
+    arguments over the defaults into this module's `config` and `output_dir` (each call starts
+    afresh, as each `python train.py` does), then `main()`, which checks them; a
     configuration problem ends the program with its message and exit status 2."""
     global config, output_dir
     arguments = sys.argv[1:] if arguments is None else arguments
-    config, output_dir = configuration.command_line_or_exit("train.py", config, output_dir, arguments, validated)
+    config, output_dir = configuration.command_line_or_exit("train.py", _DEFAULTS, None, arguments)
     configuration.run_or_exit("train.py", main)
 
 

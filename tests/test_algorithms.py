@@ -317,7 +317,7 @@ def test_state_dict_resumes_exactly(spec):
 
 
 @pytest.mark.parametrize("make", [algorithm_runs.SPECS["power"],
-                                  lambda c, t: algorithms.PowerSGD(c, t, rank=2, min_compression_rate=1.0)],
+                                  lambda c, t: algorithms.StackedPowerSGD(c, t, rank=2, min_compression_rate=1.0)],
                          ids=["power-gossip", "powersgd"])
 def test_a_state_saved_before_the_first_step_restarts_a_method_that_has_stepped(make):
     comm = comm_module.Communicator(4, "cpu")

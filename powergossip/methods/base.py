@@ -1,0 +1,213 @@
+"""What every method shares: the interface (`Method`, formerly `GossipAlgorithm`), the
+typed settings every gossip method takes, and the batched operations on `[L, ...]` stacks
+and `[H, ...]` half-edge rows that the methods' rounds are written in.
+
+Every method works on a list of parameters, each stacked over this process's local workers:
+`params[k]` has shape `[L, *shape_k]`, row l belongs to worker `comm.first_worker + l`.
+`step(params)` runs one round in place: a few batched tensor ops and one `comm.exchange` per
+round. The same seed gives the same numbers whether one process hosts all workers or each
+worker has its own process.
+
+Notation: W is the mixing matrix, w_ij = W[i, j], gamma the consensus step ("diffusion
+rate"). Per-edge state is stacked over the local half-edges `[H, ...]` in
+`comm.half_edges(graph)` order. docs/algorithms.md writes out each method's update and what
+it sends, byte by byte.
+
+Graphs over time: every step is one round on the graph of that round, `topology.at(round)`
+(`next_graph`); the round counter is part of each method's state. Each method says what it
+needs of the graph (`graph_needs`: symmetric at every round, doubly stochastic, or
+column-stochastic), checked once when it is built.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from powergossip import kernels, topologies
+from powergossip.compressors import matrix_shape
+from powergossip.errors import SettingError, require  # noqa: F401 (SettingError: for the methods' modules)
+
+# Purposes that keep the random streams of different uses apart (see compressors.WorkerRandom).
+COMPRESSOR_STREAM, MONIQUA_STREAM, POWERSGD_STREAM = 1, 2, 3
+FUSED = "fused GPU kernels"  # a method's backend when its kernels run (else "torch path: <why>")
+
+
+@dataclass(kw_only=True)
+class GossipConfig:
+    """The setting every gossip method takes; each method's config adds its own fields."""
+
+    diffusion_rate: float = 1.0  # gamma, the consensus step: 1 is plain averaging; compressed methods need it smaller (tuned)
+
+    def __post_init__(self):
+        require(self.diffusion_rate > 0, "diffusion_rate", f"must be > 0, got {self.diffusion_rate}")
+
+
+def kernel_problem(*stack_lists) -> str | None:
+    """Why the fused kernels cannot run on these stacks (None: they can)."""
+    if not kernels.available(*stack_lists):
+        return "not float32 stacks on a GPU with Triton"
+    if stack_lists and stack_lists[0] and stack_lists[0][0].shape[0] > kernels.MAX_ROWS:
+        return f"more than {kernels.MAX_ROWS} local workers"
+    return None
+
+
+def edge_seed(seed: int, i: int, j: int, since: int = 0) -> int:
+    """A 63-bit seed shared by the two ends of edge {i, j}; distinct for distinct
+    (seed, min(i, j), max(i, j)) (unlike string concatenation: 1,12 vs 11,2). `since` > 0:
+    the edge's state starts at that round (a graph over time), a stream of its own."""
+    return _ordered_edge_seed(seed, min(i, j), max(i, j), since)
+
+
+@functools.lru_cache(maxsize=4096)  # the edge's other end, when in the same process, asks next (SeedSequence is slow)
+def _ordered_edge_seed(seed: int, a: int, b: int, since: int) -> int:
+    return int(np.random.SeedSequence([seed, a, b] + ([since] if since else [])).generate_state(1, np.uint64)[0] >> 1)
+
+
+def orthogonalize_(matrices: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Gram-Schmidt on the columns of a batch `[..., m, r]`, in place, in float32.
+    The eps keeps a zero column at zero instead of producing NaN."""
+    for c in range(matrices.shape[-1]):
+        column = matrices[..., c:c + 1]
+        column /= column.norm(dim=-2, keepdim=True) + eps
+        if c + 1 < matrices.shape[-1]:
+            rest = matrices[..., c + 1:]
+            rest -= (column * rest).sum(dim=-2, keepdim=True) * column
+    return matrices
+
+
+def to_worker_slots(edges, per_edge: torch.Tensor) -> torch.Tensor:
+    """`[H, ..., c]` half-edge rows -> `[L, ..., max_degree * c]`: each worker's half-edges
+    side by side in the last dimension (slot order), zeros in unused slots. With it a
+    worker's sum over its half-edges of a_h b_h^T is one matrix product A_l B_l^T."""
+    H, *middle, c = per_edge.shape
+    num_workers = edges.incoming.shape[0]
+    if edges.same_degree:  # half-edge h = l * degree + slot already: no empty slots to fill
+        slots = per_edge.reshape(num_workers, edges.max_degree, *middle, c)
+    else:
+        slots = per_edge.new_zeros((num_workers, edges.max_degree, *middle, c))
+        slots[edges.local_sender, edges.slot] = per_edge
+    return slots.movedim(1, -2).reshape(num_workers, *middle, edges.max_degree * c)
+
+
+def from_worker_slots(edges, slots: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_worker_slots: `[L, ..., max_degree * c]` -> `[H, ..., c]`."""
+    num_workers, *middle, width = slots.shape
+    by_slot = slots.reshape(num_workers, *middle, edges.max_degree, width // edges.max_degree).movedim(-2, 1)
+    return by_slot[edges.local_sender, edges.slot]
+
+
+def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`out[l] = sum over half-edges h of weights[l, h] * values[h]` for `weights` `[L, H]`
+    (nonzero on worker l's own half-edges only) and `values` `[H, ...]`: one matrix
+    product, summing each worker's half-edges in their fixed order."""
+    flat = weights.to(values.dtype) @ values.reshape(values.shape[0], -1)
+    return flat.reshape((weights.shape[0],) + tuple(values.shape[1:]))
+
+
+def matrix_view(stack: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """A `[L, ...]` parameter stack as `[L, m, n]` matrices, sharing its memory (PowerGossip
+    writes through it)."""
+    return stack.view(stack.shape[0], m, n)
+
+
+def check_layout(comm, stacks: list[torch.Tensor]) -> None:
+    """ValueError (saying what was expected and how to launch) unless every tensor is stacked
+    over this process's workers, `[L, *shape]`."""
+    for stack in stacks:
+        if stack.shape[0] != comm.num_local:
+            raise ValueError(comm.layout_problem(stack.shape[0]))
+
+
+def matrix_groups(stacks: list[torch.Tensor], rank: int, keep=lambda shape: True) -> list[tuple[list[int], int, int, int]]:
+    """[(indices, m, n, r)]: the stacks whose per-worker shape `keep` accepts, grouped by their
+    matrix view and rank (compressors.matrix_shape), so that same-shape matrices are batched."""
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for k, stack in enumerate(stacks):
+        if keep(stack.shape[1:]):
+            shapes.setdefault(matrix_shape(stack.shape[1:], rank), []).append(k)
+    return [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
+
+
+class Method:
+    """Interface of every method (gossip or not). `step(params)` runs one round in place;
+    bytes are counted by `comm`.
+
+    `graph_needs` (a key of topologies.REQUIREMENTS, or None for any graph) is what the
+    method needs of every round's graph; the constructor refuses a topology that does not
+    give it, naming the graphs that would. Methods that exchange along both directions of
+    an edge and rely on equal weights (the default) need "symmetric"."""
+
+    graph_needs: str | None = "symmetric"
+    # Methods that use _senders_in_process mix their workers' own values when a round's messages
+    # all stay in this process; False (settable per instance): always use what the exchange
+    # hands back, as across processes (the tests compare the two).
+    in_process_mixing = True
+    # Methods with fused kernels (kernels.py) run their round in a few passes over the model on a
+    # CUDA device (Choco, DeepSqueeze and Moniqua when the round's messages all stay in this process;
+    # PowerGossip's half-steps also across processes); False (settable per instance): the torch path.
+    fused_kernels = True
+
+    config_class: type | None = None  # a class whose constructor takes (comm, topology, config): its settings dataclass
+    backend: str | None = None  # FUSED or "torch path: <why>", chosen once, at the first step (_use_fused)
+
+    def __init__(self, comm, topology, diffusion_rate: float = 1.0):
+        GossipConfig(diffusion_rate=diffusion_rate)  # its check
+        if self.graph_needs is not None:
+            topologies.check_requirement(topology, self.graph_needs, type(self).__name__)
+        self.comm, self.topology, self.diffusion_rate = comm, topology, float(diffusion_rate)
+        self.round = 0  # gossip rounds done: round t gossips on topology.at(t)
+        self._layout = None  # the fused kernels' kernels.Layout of the parameters, once they ran
+
+    def step(self, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def next_graph(self):
+        """The graph of this round, topology.at(round), and one more round counted (once per step)."""
+        graph = self.topology.at(self.round)
+        self.round += 1
+        return graph
+
+    def step_size_scale(self):
+        """Factor on the local step's learning rate, per local worker or one number (push-sum: 1 / w)."""
+        return 1.0
+
+    def state_dict(self) -> dict:
+        return {"round": self.round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = state.get("round", 0)
+
+    def _senders_in_process(self, graph) -> torch.Tensor | None:
+        """Per local half-edge, the local worker whose per-worker message it receives, when every
+        message of the round stays in this process (and in_process_mixing); else None."""
+        return self.comm.senders_in_process(graph) if self.in_process_mixing else None
+
+    def _use_fused(self, why_not: str | None) -> bool:
+        """Whether this method runs its fused kernels: decided once, at its first step, from
+        `why_not` (None: they can run; else the reason for the torch path), and said in one
+        line of the run's log on process 0."""
+        if self.backend is None:
+            if not self.fused_kernels:
+                why_not = "fused_kernels=False"
+            self.backend = FUSED if why_not is None else f"torch path: {why_not}"
+            if self.comm.rank == 0 and self.comm.local_workers:
+                print(f"{type(self).__name__}: {self.backend}", flush=True)
+        return self.backend == FUSED
+
+    def _kernel_layout(self, senders, params, *states) -> kernels.Layout | None:
+        """The flat layout the fused kernels use for `params`, when this round runs them: the
+        backend is FUSED (parameters and states float32 on a GPU with Triton, at most
+        kernels.MAX_ROWS rows) and every message of the round stays in the process (`senders`)."""
+        why_not = "a round's messages leave the process" if senders is None else kernel_problem(params, *states)
+        if not self._use_fused(why_not) or senders is None:  # decided at the first step; a later round that
+            return None  # sends across processes (a graph over time) takes the torch path
+        layout = self._layout
+        if layout is None or layout.shapes != [p.shape for p in params]:
+            layout = self._layout = kernels.Layout(params)
+        return layout
+
+
+GossipAlgorithm = Method  # the name before the methods that do not gossip (all-reduce, PowerSGD) shared the base

@@ -1,0 +1,34 @@
+"""D-PSGD's gossip (Lian et al. 2017): every worker mixes its neighbours' full parameters."""
+from __future__ import annotations
+
+from powergossip.methods.base import GossipConfig, Method
+from powergossip.methods.registry import register_algorithm
+
+
+class SimpleGossip(Method):
+    """Uncompressed gossip (D-PSGD): x_i += gamma * sum_{j in N(i)} w_ij (x_j - x_i).
+    Sends the full x_i to each neighbour. Works on directed graphs too, as long as W
+    is doubly stochastic (the average is kept and reached)."""
+
+    graph_needs = "doubly_stochastic"
+    config_class = GossipConfig
+
+    def __init__(self, comm, topology, config: GossipConfig | None = None, **settings):
+        config = GossipConfig(**settings) if config is None else config
+        super().__init__(comm, topology, config.diffusion_rate)
+
+    def step(self, params):
+        graph = self.next_graph()
+        if not params:
+            return
+        edges = self.comm.half_edges(graph)
+        received = self.comm.exchange(graph, params, per="worker")
+        keep = 1 - self.diffusion_rate * (1 - edges.weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
+        for x, from_neighbors in zip(params, received):
+            # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product, in place
+            rows = x.view(x.shape[0], -1)
+            rows.mul_(keep.to(x.dtype).unsqueeze(1))
+            rows.addmm_(edges.incoming.to(x.dtype), from_neighbors.view(from_neighbors.shape[0], -1), alpha=self.diffusion_rate)
+
+
+register_algorithm("dpsgd", SimpleGossip, needs_tuning=False, config=GossipConfig)
