@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import algorithms, models, topologies  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 from benchmarks.timing import run_description, seconds_per_call, write_json  # noqa: E402
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
 from powergossip.optimizer import nesterov_sgd_step, weight_decays  # noqa: E402
@@ -151,7 +152,7 @@ def main():
         args.batch_size, args.steps, args.dtypes = 8, 2, "float32"
     args.n_workers = args.n_workers or (2 if args.quick else 16)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    context = comm_module.init_distributed(args.device)
+    context = launch.init_distributed(args.device)
     device = context.device
     say = print if context.rank == 0 else (lambda *a, **k: None)
     run = run_description(device)

@@ -13,11 +13,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 from powergossip import topologies  # noqa: E402
 
 
 def check(device: str) -> list[str]:
-    comm = comm_module.Communicator(comm_module.init_distributed(device).world_size, device)
+    comm = comm_module.Communicator(launch.init_distributed(device).world_size, device)
     n = comm.n_workers
     failures = []
     rank_tensor = torch.tensor([[float(comm.rank)]], device=comm.device)
@@ -37,7 +38,7 @@ def check(device: str) -> list[str]:
 
 
 def main():
-    context = comm_module.init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    context = launch.init_distributed("cuda" if torch.cuda.is_available() else "cpu")
     devices = ["cpu"] if context.backend != "nccl" else []  # a NCCL group moves GPU tensors only
     if torch.cuda.is_available():
         devices.append("cuda")

@@ -164,11 +164,11 @@ def loopback(folder: str, repeats: int = LOOPBACK_REPEATS) -> list[list]:
     the model's prediction with every measurement."""
     import subprocess
 
-    from powergossip import comm as comm_module
+    from powergossip import launch
 
     os.makedirs(folder, exist_ok=True)
-    command = comm_module.mpirun_command(2) + [sys.executable, os.path.abspath(__file__), "--loopback-worker", "--repeats", str(repeats), "--output", folder]
-    subprocess.run(command, cwd=sweep.ROOT, env=comm_module.mpirun_environment(), check=True, timeout=600)
+    command = launch.mpirun_command(2) + [sys.executable, os.path.abspath(__file__), "--loopback-worker", "--repeats", str(repeats), "--output", folder]
+    subprocess.run(command, cwd=sweep.ROOT, env=launch.mpirun_environment(), check=True, timeout=600)
     measured = [tuple(row) for row in np.loadtxt(os.path.join(folder, "loopback_raw.csv"), delimiter=",", ndmin=2)]
     alpha, beta = fit_alpha_beta(measured)
     rows = [[int(size), f"{seconds * 1e6:.4g}", f"{metrics.network_seconds(8 * size, 1, alpha, beta) * 1e6:.4g}",

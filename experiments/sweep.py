@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 from powergossip import runs as runs_module  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,8 +130,8 @@ def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | 
     if process is None:
         env = dict(os.environ)
         if processes and processes > 1:
-            command = comm_module.mpirun_command(processes) + command
-            env = comm_module.mpirun_environment()
+            command = launch.mpirun_command(processes) + command
+            env = launch.mpirun_environment()
         with open(log, "w") as output:  # the subprocess has its own copy
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     return process, time.time(), command

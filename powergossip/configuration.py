@@ -270,7 +270,7 @@ def exit_on_config_error(program: str, problem: Exception) -> None:
     rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK") if v in os.environ), "0")
     sys.stderr.write(f"{program}: configuration error (process {rank}): {problem}\n")
     sys.stderr.flush()
-    from powergossip.comm import launched_by_mpirun  # here: configuration stays light for what imports it
+    from powergossip.launch import launched_by_mpirun  # here: configuration stays light for what imports it
 
     if launched_by_mpirun():
         from mpi4py import MPI

@@ -476,7 +476,7 @@ def moniqua_codes(layout: Layout, x, noise, B: float, delta: float) -> torch.Ten
 
 def moniqua_update(layout: Layout, x, codes, senders, weights, first_edge, B: float, delta: float, gamma: float) -> None:
     """Moniqua's update of flat x in place: worker i sums over half-edges first_edge[i]..first_edge[i+1]-1
-    (comm.HalfEdges.first_edge), each with the codes of worker senders[h] and the weight weights[h]."""
+    (plan.HalfEdges.first_edge), each with the codes of worker senders[h] and the weight weights[h]."""
     moniqua_update_kernel[(layout.num_blocks,)](
         x, codes, senders, weights, first_edge, B, delta, gamma, *_blocks(layout), layout.columns, layout.rows,
         layout.width, BLOCK=layout.block, **_options())

@@ -30,6 +30,7 @@ import torch
 
 from powergossip import methods, models, names, topologies
 from powergossip import comm as comm_module
+from powergossip import launch
 from powergossip.methods.powersgd import StackedPowerSGD
 from powergossip.methods.push_sum import PushSum
 
@@ -77,7 +78,7 @@ class _OneWorkerPerProcess:
 
     def __init__(self, parameters: list[torch.Tensor], device):
         device = parameters[0].device if device is None else device
-        world_size = comm_module.init_distributed(str(device)).world_size
+        world_size = launch.init_distributed(str(device)).world_size
         if world_size < 2:
             raise ValueError(f"{type(self).__name__} runs one worker per process: launch several, with "
                              "`mpirun -np N python script.py` or `torchrun --nproc-per-node N script.py`")

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import algorithms  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 from powergossip import compressors  # noqa: E402
 from powergossip import topologies  # noqa: E402
 
@@ -74,7 +75,7 @@ def run(spec: str, topology_name: str, n_workers: int, steps: int):
 
 if __name__ == "__main__":
     specs, topology_names, n_workers, steps, out_dir = sys.argv[1:6]
-    rank = comm_module.init_distributed("cpu").rank
+    rank = launch.init_distributed("cpu").rank
     for spec in specs.split(","):
         for topology_name in topology_names.split(","):
             if not accepts(spec, topology_name, int(n_workers)):

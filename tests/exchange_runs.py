@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 from powergossip import topologies  # noqa: E402
 
 
@@ -40,7 +41,7 @@ if __name__ == "__main__":
     topology_names, n_workers, out_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     for topology_name in topology_names.split(","):
         result = run(topology_name, n_workers)
-        rank = comm_module.init_distributed("cpu").rank
+        rank = launch.init_distributed("cpu").rank
         os.makedirs(os.path.join(out_dir, topology_name), exist_ok=True)
         with open(os.path.join(out_dir, topology_name, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)

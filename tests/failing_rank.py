@@ -6,9 +6,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 from powergossip import topologies  # noqa: E402
 
-comm = comm_module.Communicator(comm_module.init_distributed("cpu").world_size, "cpu")
+comm = comm_module.Communicator(launch.init_distributed("cpu").world_size, "cpu")
 if comm.rank == 1:
     raise RuntimeError("worker 1 failed on purpose")
 topology = topologies.build("ring", comm.n_workers)

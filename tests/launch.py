@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from powergossip import comm
+from powergossip import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_mpi(num_processes: int, args: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     """`mpirun -np N python ARGS...` from the repository root; fails the test on a non-zero exit
     (when `check`) with everything the processes printed."""
-    command = comm.mpirun_command(num_processes) + [sys.executable] + args
-    env = comm.mpirun_environment()
+    command = launch.mpirun_command(num_processes) + [sys.executable] + args
+    env = launch.mpirun_environment()
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 
 LISTEN = "0A"  # TCP state in /proc/net/tcp*
 SIOCGIFADDR = 0x8915
@@ -81,7 +82,7 @@ def connect_outcome(address: str, port: int) -> str:
 
 
 def main():
-    comm = comm_module.Communicator(2 * comm_module.init_distributed("cpu").world_size, "cpu")
+    comm = comm_module.Communicator(2 * launch.init_distributed("cpu").world_size, "cpu")
     (mean,) = comm.all_reduce_mean([torch.ones(comm.num_local, 1)])
     assert mean.item() == 1.0
     listening = listening_addresses()

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import powergossip  # noqa: E402
-from powergossip import comm as comm_module  # noqa: E402
+from powergossip import launch  # noqa: E402
 
 STEPS, START, RANK, MIN_RATE, LR = 150, 2, 1, 2.0, 0.1
 IN, HIDDEN, CLASSES, BATCH = 20, 32, 2, 32
@@ -86,7 +86,7 @@ def ours(worker: int, seed: int):
 
 if __name__ == "__main__":
     out, seeds = sys.argv[1], json.loads(sys.argv[2])
-    worker = comm_module.init_distributed("cpu").rank
+    worker = launch.init_distributed("cpu").rank
     results = {"hook": with_hook(worker), "exact": with_hook(worker, compress=False)}
     results |= {f"ours_{seed}": ours(worker, seed) for seed in seeds}
     os.makedirs(out, exist_ok=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from powergossip import comm as comm_module
+from powergossip import launch, plan
 from powergossip import topologies
 from tests import exchange_runs
 from tests.launch import ROOT, run_mpi
@@ -115,16 +116,16 @@ def test_environment_mpi_test_passes_under_mpirun():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("launch", ["project flags", "plain mpirun"])
-def test_single_host_run_listens_on_loopback_only(launch):
+@pytest.mark.parametrize("launcher", ["project flags", "plain mpirun"])
+def test_single_host_run_listens_on_loopback_only(launcher):
     from tests import listening_sockets  # Linux only
 
-    if launch == "project flags":
+    if launcher == "project flags":
         result = run_mpi(2, ["tests/listening_sockets.py"], timeout=120)
     else:  # as a user types it: mpirun -np 2 python script.py
         import subprocess
-        mpirun = comm_module.mpirun_command(2)[0]
-        env = comm_module.mpirun_environment()
+        mpirun = launch.mpirun_command(2)[0]
+        env = launch.mpirun_environment()
         result = subprocess.run([mpirun, "--oversubscribe", "-np", "2", sys.executable, "tests/listening_sockets.py"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
@@ -148,7 +149,7 @@ def test_store_folders_of_jobs_that_were_killed_are_removed():
     stale = tempfile.mkdtemp(prefix=f"powergossip-store-{dead_pid}-")
     living = tempfile.mkdtemp(prefix=f"powergossip-store-{os.getpid()}-")  # a job still running keeps its folder
     try:
-        fresh = comm_module._private_folder()
+        fresh = launch._private_folder()
         assert not os.path.exists(stale) and os.path.isdir(living) and os.path.isdir(fresh)
         assert os.stat(fresh).st_mode & 0o777 == 0o700
     finally:
@@ -179,7 +180,7 @@ def test_routes_of_every_process_pair_each_half_edge_with_its_partner(name, n, r
         for rank in range(processes):
             L = n // processes
             stand_in = types.SimpleNamespace(device=torch.device("cpu"), n_workers=n, first_worker=rank * L, num_local=L)
-            edges = comm_module.HalfEdges(graph, rank * L, L, stand_in.device)
+            edges = plan.HalfEdges(graph, rank * L, L, stand_in.device)
             routes = comm_module._Routes(edges, stand_in)
             pairs = edges.pairs
             assert pairs == [(i, j) for i in range(rank * L, rank * L + L) for j in graph.neighbor_ranks(i)]
@@ -195,3 +196,18 @@ def test_routes_of_every_process_pair_each_half_edge_with_its_partner(name, n, r
                     continue
                 assert routes.peers[peer][0].tolist() == [h for _, _, h in sends]
                 assert routes.peers[peer][1].tolist() == receives
+
+
+def test_launch_and_plan_stand_below_the_exchange():
+    """launch.py and plan.py import no module of the package that moves messages; comm.py still
+    answers to the launch helpers' older spellings (comm.init_distributed, comm.mpirun_command, ...)."""
+    import subprocess
+
+    code = ("import sys; import powergossip.launch, powergossip.plan; "
+            "print(sorted(m for m in sys.modules if m.startswith('powergossip.')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['powergossip.launch',", "'powergossip.plan']"]
+    for name in ("init_distributed", "mpirun_command", "mpirun_environment", "launched_by_mpirun"):
+        assert getattr(comm_module, name) is getattr(launch, name)
+    assert comm_module.Communicator(4, "cpu").half_edges(topologies.build("ring", 4)).__class__ is plan.HalfEdges
