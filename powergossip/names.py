@@ -56,8 +56,8 @@ def lookup(table: dict, aliases: dict, name: str) -> str | None:
 
 
 def preset(name: str) -> tuple[str, dict] | None:
-    """(method, fixed settings) of a gossip_run.py study name, or None."""
-    return PRESETS.get(name.strip().lower().replace("-", "_"))
+    """(method, fixed settings) of a gossip_run.py study name (either spelling), or None."""
+    return _PRESETS_BY_KEY.get(canonical_name(name))
 
 
 def canonical_key(key: str, defaults: dict) -> str:
@@ -80,3 +80,6 @@ def settings_of(config: dict) -> dict:
     """A config's `optimizer_<setting>` keys as the methods' settings, and the run's seed."""
     return {key[len(SETTING_PREFIX):]: value for key, value in config.items()
             if key.startswith(SETTING_PREFIX)} | {"seed": config["seed"]}
+
+
+_PRESETS_BY_KEY = {canonical_name(name): value for name, value in PRESETS.items()}
