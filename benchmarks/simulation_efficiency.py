@@ -154,7 +154,7 @@ def main():
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     context = launch.init_distributed(args.device)
     device = context.device
-    say = print if context.rank == 0 else (lambda *a, **k: None)
+    say = print if context.process_index == 0 else (lambda *a, **k: None)
     run = run_description(device)
     say(f"{context.world_size} process(es), backend {context.backend}")
     say(f"simulation efficiency: {args.n_workers} workers x batch {args.batch_size} in one process vs one model at "
@@ -189,7 +189,7 @@ def main():
                                  "graph_streams": streams if compute.startswith("graph") else None,
                                  "images_per_s": rate, "ceiling_images_per_s": top, "ratio": rate / top,
                                  "gossip_overhead": overhead, "peak_gb": memory, "ceiling_peak_gb": top_memory})
-    if args.json and context.rank == 0:
+    if args.json and context.process_index == 0:
         write_json(args.json, run | {"n_workers": args.n_workers, "batch_size": args.batch_size, "topology": args.topology,
                                      "cudnn_benchmark": args.cudnn_benchmark, "rows": rows})
 

@@ -42,7 +42,7 @@ def main():
     devices = ["cpu"] if context.backend != "nccl" else []  # a NCCL group moves GPU tensors only
     if torch.cuda.is_available():
         devices.append("cuda")
-    print(f"rank {context.rank} of {context.world_size} (local rank {context.local_rank}), "
+    print(f"rank {context.process_index} of {context.world_size} (index {context.index_on_host} on its host), "
           f"backend {context.backend}, device {context.device}", flush=True)
     failures = []
     for device in devices:
@@ -51,7 +51,7 @@ def main():
         torch.tensor([[len(failures)]], device=context.device))
     for failure in failures:
         print("FAIL", failure, flush=True)
-    if context.rank == 0:
+    if context.process_index == 0:
         total = int(gathered.sum())
         print(f"mpi_test: {context.world_size} processes, checks on {', '.join(devices)}: "
               f"{'all passed' if total == 0 else f'{total} FAILED'}", flush=True)

@@ -50,16 +50,16 @@ class Communicator:
                 f"{context.world_size} or start {_divisors_hint(n_workers)} processes")
         self.context = context
         self.n_workers = n_workers
-        self.rank, self.world_size = context.rank, context.world_size
+        self.process_index, self.world_size = context.process_index, context.world_size
         # The process joined the job with one device; a later Communicator in the same process
         # may hold its workers elsewhere (CPU after a GPU run): its tensors live there.
         self.device = context.device if device in ("auto", str(context.device)) else \
-            pick_device(device, context.local_rank, 1)
+            pick_device(device, context.index_on_host, 1)
         if context.backend == "nccl" and self.device.type != "cuda":
             raise ValueError(f"this job's processes talk through NCCL, which moves GPU tensors only; device={device!r} "
                              f"is not a GPU")
         self.num_local = n_workers // context.world_size
-        self.first_worker = context.rank * self.num_local
+        self.first_worker = context.process_index * self.num_local
         self.local_workers = range(self.first_worker, self.first_worker + self.num_local)
         self.bytes_sent = np.zeros(self.num_local, dtype=np.int64)
         self.messages_sent = np.zeros(self.num_local, dtype=np.int64)
@@ -69,6 +69,12 @@ class Communicator:
         self._wire_device = torch.device("cpu") if staged else self.device
 
     # --- who lives where -------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This process's index under torch.distributed's name (kept for users' scripts and the
+        drop-ins; the code says `process_index`)."""
+        return self.process_index
+
     def process_of(self, worker: int) -> int:
         return worker // self.num_local
 
@@ -219,7 +225,7 @@ class Communicator:
                 f"or, for one worker per process, launch {self.n_workers} processes (mpirun -np {self.n_workers} python ...)")
 
     def gather_objects(self, value) -> list:
-        """Every process's `value` (small, picklable), in rank order, on every process: what
+        """Every process's `value` (small, picklable), in process order, on every process: what
         processes must agree on before they act (run folder, checkpoint to load)."""
         if self.world_size == 1:
             return [value]

@@ -267,8 +267,9 @@ def exit_on_config_error(program: str, problem: Exception) -> None:
     """Print a configuration problem and exit with status 2. Under mpirun every process
     fails the same way: wait (a few seconds at most) until all have printed, so that
     mpirun does not kill one before it could say why."""
-    rank = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK") if v in os.environ), "0")
-    sys.stderr.write(f"{program}: configuration error (process {rank}): {problem}\n")
+    process_index = next((os.environ[v] for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK")
+                          if v in os.environ), "0")
+    sys.stderr.write(f"{program}: configuration error (process {process_index}): {problem}\n")
     sys.stderr.flush()
     from powergossip.launch import launched_by_mpirun  # here: configuration stays light for what imports it
 

@@ -47,15 +47,21 @@ SINGLE_HOST_MPIRUN_FLAGS = ("--mca", "pml", "ob1", "--mca", "btl", "^tcp")
 
 @dataclass(frozen=True)
 class Context:
-    """Where this process stands: rank among `world_size` processes and its device."""
+    """Where this process stands: its index among `world_size` processes (torch.distributed's
+    and MPI's "rank"), its index among the processes of its host, and its device."""
 
-    rank: int
+    process_index: int
     world_size: int
-    local_rank: int
+    index_on_host: int
     device: torch.device
     backend: str | None  # None: a single process without a process group
     launcher: str  # "single", "mpi" or "env"
     host_group: object = None  # under NCCL: a Gloo group over the same processes, for small host-side sums
+
+    @property
+    def rank(self) -> int:
+        """`process_index` under torch.distributed's name (kept for users' scripts)."""
+        return self.process_index
 
 
 _context: Context | None = None
@@ -74,7 +80,7 @@ def init_distributed(device: str = "auto") -> Context:
 
     `device`: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:K". With several
     processes, NCCL is used when the device is a GPU and every process on the node
-    has a GPU to itself (device = local rank); Gloo otherwise.
+    has a GPU to itself (device = local process_index); Gloo otherwise.
     """
     global _context
     if _context is not None:
@@ -84,33 +90,33 @@ def init_distributed(device: str = "auto") -> Context:
         from mpi4py import MPI  # MPI_Init: reads the settings above
 
         world = MPI.COMM_WORLD
-        rank, world_size = world.Get_rank(), world.Get_size()
-        local_rank = world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-        local_size = world.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+        process_index, world_size = world.Get_rank(), world.Get_size()
+        index_on_host = world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        processes_on_host = world.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
         launcher = "mpi"
     elif launched_by_torchrun():
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        process_index, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        index_on_host = int(os.environ.get("LOCAL_RANK", 0))
+        processes_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         launcher = "env"
     else:
-        rank, world_size, local_rank, local_size, launcher = 0, 1, 0, 1, "single"
+        process_index, world_size, index_on_host, processes_on_host, launcher = 0, 1, 0, 1, "single"
 
-    torch_device = pick_device(device, local_rank, local_size)
+    torch_device = pick_device(device, index_on_host, processes_on_host)
     backend, host_group, store_folder = None, None, None
     if world_size > 1:
-        own_gpu = torch_device.type == "cuda" and torch.cuda.device_count() >= local_size
+        own_gpu = torch_device.type == "cuda" and torch.cuda.device_count() >= processes_on_host
         backend = "nccl" if own_gpu else "gloo"
         timeout = datetime.timedelta(seconds=TIMEOUT_SECONDS)
         if launcher == "mpi":
-            same_host = local_size == world_size and len(set(world.allgather(socket.gethostname()))) == 1
+            same_host = processes_on_host == world_size and len(set(world.allgather(socket.gethostname()))) == 1
             if same_host:
                 _use_loopback_sockets()
-                store_folder = world.bcast(_private_folder() if rank == 0 else None, root=0)
+                store_folder = world.bcast(_private_folder() if process_index == 0 else None, root=0)
                 init_method = f"file://{os.path.join(store_folder, 'store')}"
             else:
-                init_method = "tcp://" + world.bcast(_free_address() if rank == 0 else None, root=0)
-            dist.init_process_group(backend, init_method=init_method, rank=rank,
+                init_method = "tcp://" + world.bcast(_free_address() if process_index == 0 else None, root=0)
+            dist.init_process_group(backend, init_method=init_method, rank=process_index,
                                     world_size=world_size, timeout=timeout)
         else:
             if os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:  # torchrun on one host
@@ -119,10 +125,10 @@ def init_distributed(device: str = "auto") -> Context:
         atexit.register(_leave_process_group, world if store_folder else None, store_folder)
         host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
         if torch_device.type == "cpu":  # processes share the cores: don't oversubscribe them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_host))
     if launcher == "mpi":  # after init_process_group, which installs a hook of its own
         _abort_job_on_uncaught_exception(world, store_folder)
-    _context = Context(rank, world_size, local_rank, torch_device, backend, launcher, host_group)
+    _context = Context(process_index, world_size, index_on_host, torch_device, backend, launcher, host_group)
     return _context
 
 
@@ -193,13 +199,14 @@ def _loopback_interface() -> str:
     return next((name for name in names if name.startswith("lo")), "lo")
 
 
-def pick_device(device: str, local_rank: int, local_size: int) -> torch.device:
+def pick_device(device: str, index_on_host: int, processes_on_host: int) -> torch.device:
+    """The device of the process `index_on_host` on its host (device="cuda": one GPU each, round robin)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no GPU; use device=cpu")
-        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        device = f"cuda:{index_on_host % torch.cuda.device_count()}"
     torch_device = torch.device(device)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
@@ -221,8 +228,8 @@ def _abort_job_on_uncaught_exception(world, store_folder: str | None) -> None:
     """An exception on one rank would leave the others waiting forever in a receive:
     print it, then abort the whole MPI job so mpirun exits non-zero at once."""
     def hook(kind, value, tb):
-        rank = world.Get_rank()
-        sys.stderr.write(f"[rank {rank}] uncaught {kind.__name__}; aborting the MPI job\n")
+        process_index = world.Get_rank()
+        sys.stderr.write(f"[rank {process_index}] uncaught {kind.__name__}; aborting the MPI job\n")
         traceback.print_exception(kind, value, tb)
         sys.stderr.flush()
         if store_folder is not None:  # Abort skips atexit: whoever fails removes the store

@@ -122,25 +122,27 @@ class Topology:
         """W itself, read-only (copy it to modify)."""
         return self._W
 
-    def _check_rank(self, rank):
-        if not 0 <= rank < self.n_workers:
-            raise ValueError(f"worker {rank} does not exist in {self.name!r} (workers are 0..{self.n_workers - 1})")
+    def _check_worker(self, worker):
+        if not 0 <= worker < self.n_workers:
+            raise ValueError(f"worker {worker} does not exist in {self.name!r} (workers are 0..{self.n_workers - 1})")
 
-    def neighbor_ranks(self, rank):
-        """Sorted workers j != rank with W[rank, j] > 0 or W[j, rank] > 0."""
-        self._check_rank(rank)
-        return self._pairs[1][self._first_pair[rank]:self._first_pair[rank + 1]].tolist()
+    def neighbors(self, worker):
+        """Sorted workers j != worker with W[worker, j] > 0 or W[j, worker] > 0."""
+        self._check_worker(worker)
+        return self._pairs[1][self._first_pair[worker]:self._first_pair[worker + 1]].tolist()
+
+    neighbor_ranks = neighbors  # the original code's name, kept for users' scripts
 
     def half_edges_of(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(i, j) of every pair of neighbours with i in first .. first + count - 1, sorted by i then j:
-        `neighbor_ranks` of a block of workers at once, as two int64 arrays."""
+        `neighbors` of a block of workers at once, as two int64 arrays."""
         span = slice(self._first_pair[first], self._first_pair[first + count])
         return self._pairs[0][span].astype(np.int64), self._pairs[1][span].astype(np.int64)
 
     def weight(self, sender, receiver) -> float:
         """How much `receiver` weighs the message from `sender`: W[receiver, sender]."""
-        self._check_rank(sender)
-        self._check_rank(receiver)
+        self._check_worker(sender)
+        self._check_worker(receiver)
         return float(self._W[receiver, sender])
 
     def edges(self):

@@ -3,7 +3,7 @@
     dataset = data.load("cifar10", data_dir="~/data", device="cuda")
     partition = data.make_partition("iid", dataset.train_y, n_workers=8, seed=0)
     loader = data.WorkerLoader(dataset, partition, batch_size=128,
-                               first_worker=rank * L, num_local_workers=L, seed=0)
+                               first_worker=process_index * L, num_local_workers=L, seed=0)
     for step, (x, y) in enumerate(loader.epoch_batches(epoch, start_step)):
         ...  # x: float32 [L, 128, 3, 32, 32], y: int64 [L, 128]
     for x, y in data.test_batches(dataset, 1000): ...

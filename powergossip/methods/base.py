@@ -193,7 +193,7 @@ class Method:
             if not self.fused_kernels:
                 why_not = "fused_kernels=False"
             self.backend = FUSED if why_not is None else f"torch path: {why_not}"
-            if self.comm.rank == 0 and self.comm.local_workers:
+            if self.comm.process_index == 0 and self.comm.local_workers:
                 print(f"{type(self).__name__}: {self.backend}", flush=True)
         return self.backend == FUSED
 
