@@ -17,10 +17,10 @@ or from Python, as in the original code:
 The loop is D-PSGD with overlap (Lian et al. 2017, as the paper runs it): gradient
 at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-reduce and
 push-sum: local step, then gossip; PowerSGD: the average of the gradients, then the
-local step). local_steps=H gossips every H-th step only. Records go to
-`output_dir/metrics.jsonl` (one JSON object each: name, epoch, value, bits, messages,
-tags; see metrics.py), to TensorBoard and through `log_metric`; the run ends with the
-figure `output_dir/curves.png`.
+local step; step.py has this order, the drop-in optimizer's too). local_steps=H gossips
+every H-th step only. Records go to `output_dir/metrics.jsonl` (one JSON object each:
+name, epoch, value, bits, messages, tags; see metrics.py), to TensorBoard and through
+`log_metric`; the run ends with the figure `output_dir/curves.png`.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ from powergossip import comm as comm_module
 from powergossip import data
 from powergossip import metrics
 from powergossip import models
-from powergossip import optimizer
 from powergossip import configuration
 from powergossip import runs
+from powergossip import step as step_module
 from powergossip import topologies
 from powergossip.models.stacked import StackedReplicas
 
@@ -155,12 +155,9 @@ def main():
                               autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None,
                               graph_streams=cfg["graph_streams"], language_model=dataset.is_language_model,
                               compile_replicas=cfg["compile_replicas"])
-    decays = optimizer.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
+    decays = step_module.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     gossip = build_gossip(cfg, comm, topology)
-    method = algorithms.METHODS[cfg["optimizer"]]  # what it acts on, and where in the step
-    local_step_first = method.local_step_first
-    gossiped = workers.grads if method.acts_on == "gradients" else workers.params  # stacks the method changes in place
     torch.manual_seed(cfg["seed"] * 1000 + comm.rank)  # dropout: per process
 
     start_epoch, start_step, carried, initial_loss = 0, 0, None, None
@@ -185,8 +182,11 @@ def main():
     def local_step(lr):
         with timers("update"):
             if cfg["gradient_clipping"] is not None:
-                optimizer.clip_per_worker(workers.grads, cfg["gradient_clipping"])
-            optimizer.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * gossip.step_size_scale(), cfg["momentum"], decays)
+                step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
+            step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * gossip.step_size_scale(), cfg["momentum"], decays)
+
+    method_and_local_step = step_module.TrainingStep(gossip, algorithms.METHODS[cfg["optimizer"]], workers.params,
+                                                     workers.grads, timers)
 
     for epoch in range(start_epoch, cfg["num_epochs"]):
         totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
@@ -199,18 +199,13 @@ def main():
             with timers("batch"):
                 x, y = next(batches)
             lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
-            # D-PSGD as the paper runs it: the gradient at x_t, gossip x_t, the local step on the
-            # gossiped parameters (all-reduce: the local step, then the average; PowerSGD: the
-            # average of the gradients, then the step).
+            # D-PSGD as the paper runs it: the gradient at x_t, then (step.TrainingStep) gossip x_t and
+            # the local step on the gossiped parameters (all-reduce: the local step, then the average;
+            # PowerSGD: the average of the gradients, then the step).
             with timers("forward_backward"):
                 losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
-            if local_step_first:
-                local_step(lr)
-            if (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0:  # the graph follows gossip.round
-                with timers("gossip"):
-                    gossip.step(gossiped)
-            if not local_step_first:
-                local_step(lr)
+            gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows gossip.round
+            method_and_local_step(lambda: local_step(lr), gossips)
             totals.add(losses, corrects, counts)
             loss_check.watch(losses, epoch, step)
             progress.step(epoch, step, loss_check.mean_loss, comm.bytes_sent)  # the previous step's loss: no wait
