@@ -1,8 +1,9 @@
 """What runs share: the output folder (which a run claims before any work, so that it
 never overwrites another run's results unasked), the `output_dir/metrics.jsonl` writer,
 checkpoint files (written atomically, verified when read), and train.py's run
-infrastructure: timers, the divergence check, checkpoints agreed between processes,
-stop requests. Reading and checking configurations is configuration.py's.
+infrastructure: timers, the divergence check, checkpoints agreed between processes (what
+they hold is train.py's), stop requests. Reading and checking configurations is
+configuration.py's.
 """
 from __future__ import annotations
 
@@ -307,7 +308,14 @@ class DivergenceCheck:
                 f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers {comm.first_worker}.."
                 f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
                 f"max_loss_ratio={self.max_loss_ratio:g} x the first step's {self.initial_loss:.4g}); nothing was saved "
-                f"from this state. {self.checkpoints.last_good()}")
+                f"from this state. {self.last_good()}")
+
+    def last_good(self) -> str:
+        checkpoints = self.checkpoints
+        if checkpoints.last is None:
+            return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
+        return (f"The last good checkpoint ({position(*checkpoints.last)}) is kept in {checkpoints.folder}: continue it "
+                f"with resume=true and a smaller learning_rate (or start a new run with a smaller optimizer_diffusion_rate).")
 
 
 class Progress:
@@ -379,7 +387,12 @@ class Checkpoints:
     """This process's checkpoint `rank{r}.pt` and the one before it, `rank{r}.previous.pt` (kept
     so that a file damaged on disk costs one checkpoint interval, not the run). Written
     atomically with fsync, CRC-checked when read; before any process loads, all agree on
-    the save they continue from (epoch, step, run id)."""
+    the save they continue from (epoch, step, run id).
+
+    A save is a dict: the `header` (where the run is, the launch layout, the run's id and
+    configuration), which is all this class reads, and whatever the run keeps beside it
+    (train.py's `snapshot`): what torch.load(weights_only=True) reads back (tensors, numbers,
+    strings, lists, dicts, None)."""
 
     def __init__(self, folder: str, comm):
         self.folder, self.comm = folder, comm
@@ -387,17 +400,19 @@ class Checkpoints:
         self.previous = os.path.join(folder, f"rank{comm.rank}.previous.pt")
         self.last = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed
 
+    def header(self, epoch: int, step_in_epoch: int, run: dict) -> dict:
+        """What a save starts with: `epoch` whole epochs and `step_in_epoch` steps of the next done,
+        the launch layout, and `run`, a dict with the run's "run_id" and "config" (and what
+        else the run keeps there). A save of an older train.py has no "run"."""
+        return {"epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [self.comm.n_workers, self.comm.world_size],
+                "run": run}
+
     def save(self, state: dict) -> None:
+        """Writes `state` (a header and the run's own entries); a non-finite float in it is refused."""
         check_finite(state)
         os.makedirs(self.folder, exist_ok=True)
         write_atomically(self.path, state, previous=self.previous)
         self.last = (state["epoch"], state["step_in_epoch"])
-
-    def last_good(self) -> str:
-        if self.last is None:
-            return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
-        return (f"The last good checkpoint ({position(*self.last)}) is kept in {self.folder}: continue it "
-                f"with resume=true and a smaller learning_rate (or start a new run with a smaller optimizer_diffusion_rate).")
 
     def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> dict:
         """The save every process resumes from, agreed before any process loads: the newest
@@ -466,34 +481,6 @@ class Checkpoints:
                     f"{key}={cfg[key]!r} (the run has {stored[key]!r})" for key in changed)
                 + f". These define the run; only {', '.join(k for k in may_change if k not in LAUNCH_KEYS)} may change on "
                 "resume. Put them back, or start a new run in another output_dir")
-
-
-def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check, started) -> dict:
-    """What a process saves of a training run: its workers' stacks (models.stacked), their
-    momenta, the gossip state, byte counters, random states, the interrupted epoch's totals
-    and the wall time so far (`started`: when the run would have started had it never stopped)."""
-    return {
-        "epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [comm.n_workers, comm.world_size],
-        "run": {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss, "elapsed_s": time.time() - started},
-        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
-        "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
-        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
-        "partial_epoch": None if totals is None else totals.state(),
-    }
-
-
-def restore(saved, workers, momenta, gossip, comm) -> dict | None:
-    """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
-    with torch.no_grad():
-        for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
-            target.copy_(source)
-    gossip.load_state_dict(saved["gossip"])
-    comm.bytes_sent[:] = saved["bytes_sent"].numpy()
-    comm.messages_sent[:] = saved["messages_sent"].numpy()
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(saved["cuda_rng"])
-    return saved["partial_epoch"]
 
 
 def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:

@@ -163,7 +163,7 @@ def main():
     start_epoch, start_step, carried, initial_loss = 0, 0, None, None
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        carried = metrics.EpochTotals.from_state(runs.restore(saved, workers, momenta, gossip, comm), comm.device)
+        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, gossip, comm), comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
         if is_root:
@@ -212,7 +212,8 @@ def main():
             if stop.requested(comm):
                 loss_check.finish()
                 totals.hidden = hidden
-                checkpoints.save(runs.snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check, started))
+                checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg,
+                                          loss_check, started))
                 comm.barrier()
                 if is_root:
                     print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in {checkpoints.folder}; "
@@ -224,7 +225,8 @@ def main():
         with timers("evaluation"):
             metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
-            checkpoints.save(runs.snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check, started))
+            checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check,
+                                      started))
         progress.end_of_epoch(epoch + 1, recorder)
         for label, (mean, std, instances) in timers.summary().items():
             log_runtime(label, mean, std, instances)
@@ -256,6 +258,37 @@ def learning_rate_factor(cfg: dict, epoch: float) -> float:
         if epoch >= milestone:
             factor *= milestone_factor
     return factor
+
+
+# --- what a checkpoint holds (runs.Checkpoints writes it, checks it and agrees on it between processes) ----
+def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check,
+             started) -> dict:
+    """What a process saves of a training run: after the header of `checkpoints` (where the run
+    is, the layout, the run's id and configuration, its first mean loss and the wall time so
+    far; `started`: when the run would have started had it never stopped), its workers' stacks
+    (models.stacked), their momenta, the gossip state, byte counters, random states and the
+    interrupted epoch's totals."""
+    run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss, "elapsed_s": time.time() - started}
+    return checkpoints.header(epoch, step_in_epoch, run) | {
+        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
+        "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
+        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
+        "partial_epoch": None if totals is None else totals.state(),
+    }
+
+
+def restore(saved, workers, momenta, gossip, comm) -> dict | None:
+    """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
+    with torch.no_grad():
+        for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
+            target.copy_(source)
+    gossip.load_state_dict(saved["gossip"])
+    comm.bytes_sent[:] = saved["bytes_sent"].numpy()
+    comm.messages_sent[:] = saved["messages_sent"].numpy()
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"])
+    return saved["partial_epoch"]
 
 
 def build_loader(cfg: dict, dataset, comm):
