@@ -170,7 +170,7 @@ def main():
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
 
-        initial_error = None
+        divergence = runs.DivergenceCheck(max_ratio=1.0)  # an error above the one at step 0, or not finite
         diverged = False
         for step in range(0, cfg["num_steps"] + 1):
             if step > 0:
@@ -181,8 +181,8 @@ def main():
             record("error", step, error, bits, messages, tags)
             record("error_to_initial_mean", step, error_to_initial_mean, bits, messages, tags)
             if step == 0:
-                initial_error = error
-            elif not math.isfinite(error) or error > initial_error:
+                divergence.reference = initial_error = error
+            elif divergence.diverged(error):
                 diverged = True  # every process sees the same all-reduced error, so all stop here
                 record("diverged", step, error, bits, messages, tags)
                 break

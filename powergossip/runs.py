@@ -1,9 +1,9 @@
 """What runs share: the output folder (which a run claims before any work, so that it
 never overwrites another run's results unasked), the `output_dir/metrics.jsonl` writer,
-checkpoint files (written atomically, verified when read), and train.py's run
-infrastructure: timers, the divergence check, checkpoints agreed between processes (what
-they hold is train.py's), stop requests. Reading and checking configurations is
-configuration.py's.
+checkpoint files (written atomically, verified when read), the divergence check of both
+entrypoints, and train.py's run infrastructure: timers, checkpoints agreed between
+processes (what they hold is train.py's), stop requests. Reading and checking
+configurations is configuration.py's.
 """
 from __future__ import annotations
 
@@ -226,6 +226,29 @@ def read_verified(path: str) -> dict:
         raise CorruptCheckpoint(f"{path} cannot be read ({type(problem).__name__}: {problem})") from None
 
 
+# --- divergence (both entrypoints) -------------------------------------------------------------
+class DivergenceCheck:
+    """Divergence, one rule for both entrypoints: a value that is not finite or is above
+    `max_ratio` times the `reference`, the run's first value (None until it is known: then
+    only finiteness is checked). train.py: every worker's loss against max_loss_ratio times
+    the mean loss over all workers at the run's first step (LossCheck); gossip_run.py: a
+    setting's consensus error against its error at step 0 (max_ratio 1)."""
+
+    def __init__(self, max_ratio: float, reference: float | None = None):
+        self.max_ratio, self.reference = max_ratio, reference
+
+    @property
+    def bound(self) -> float:
+        return math.inf if self.reference is None else self.max_ratio * self.reference
+
+    def diverged(self, values) -> torch.Tensor:
+        """Whether any of `values` (a tensor, read where it lies without waiting for it, or a
+        number) diverged: a boolean tensor on the values' device."""
+        if not isinstance(values, torch.Tensor):
+            values = torch.tensor(values, dtype=torch.float64)
+        return ~torch.isfinite(values).all() | (values > self.bound).any()
+
+
 # --- train.py's run infrastructure ---------------------------------------------------------------
 def position(epoch: int, steps: int) -> str:
     """Where a run is after `epoch` whole epochs and `steps` steps of the next one, for
@@ -267,28 +290,24 @@ def _event() -> torch.cuda.Event:
     return event
 
 
-class DivergenceCheck:
-    """Stops the run when a worker's loss is not finite or exceeds `max_loss_ratio` times the
-    run's first mean loss (a loss of 1e23 is finite, and so is a model it saved). It reads
-    step t's verdict (and mean loss, for the progress bar) at step t+1: the verdict is copied
-    to the host without waiting, so the check never drains the GPU's queue. `finish()`
-    before anything is saved."""
+class LossCheck(DivergenceCheck):
+    """train.py's: stops the run when a worker's loss diverges (DivergenceCheck, with
+    max_ratio = max_loss_ratio; a loss of 1e23 is finite, and so is a model it saved). The
+    reference is the mean loss over all workers at the run's first step (`initial_loss`: a
+    resumed run's, kept by its checkpoints). It reads step t's verdict (and mean loss, for the
+    progress bar) at step t+1: the verdict is copied to the host without waiting, so the
+    check never drains the GPU's queue. `finish()` before anything is saved."""
 
     def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
-        self.comm, self.checkpoints, self.max_loss_ratio = comm, checkpoints, max_loss_ratio
-        self.initial_loss = initial_loss  # mean over all workers at the run's first step (kept by checkpoints)
-        self.host = torch.zeros(2, pin_memory=comm.device.type == "cuda")  # [healthy, mean loss]
+        super().__init__(max_loss_ratio, initial_loss)
+        self.comm, self.checkpoints = comm, checkpoints
+        self.host = torch.zeros(2, pin_memory=comm.device.type == "cuda")  # [diverged, mean loss]
         self.pending = None  # (losses, epoch, step, event) of the step not read yet
         self.mean_loss = float("nan")
 
-    @property
-    def bound(self) -> float:
-        return math.inf if self.initial_loss is None else self.max_loss_ratio * self.initial_loss
-
     def watch(self, losses, epoch, step):
         self.finish()
-        healthy = torch.isfinite(losses).all() & (losses <= self.bound).all()
-        self.host.copy_(torch.stack([healthy.float(), losses.mean()]), non_blocking=True)
+        self.host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
         self.pending = (losses, epoch, step, _event() if losses.is_cuda else None)
 
     def finish(self):
@@ -298,16 +317,16 @@ class DivergenceCheck:
         self.pending = None
         if event is not None:
             event.synchronize()
-        healthy, self.mean_loss = self.host.tolist()
-        if self.initial_loss is None:  # the run's first step: the same bound on every process
+        diverged, self.mean_loss = self.host.tolist()
+        if self.reference is None:  # the run's first step: the same bound on every process
             comm = self.comm
-            self.initial_loss = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
-        if not healthy:
+            self.reference = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
+        if diverged:
             comm = self.comm
             raise FloatingPointError(
                 f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers {comm.first_worker}.."
                 f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
-                f"max_loss_ratio={self.max_loss_ratio:g} x the first step's {self.initial_loss:.4g}); nothing was saved "
+                f"max_loss_ratio={self.max_ratio:g} x the first step's {self.reference:.4g}); nothing was saved "
                 f"from this state. {self.last_good()}")
 
     def last_good(self) -> str:

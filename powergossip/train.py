@@ -176,7 +176,7 @@ def main():
 
     stop = runs.StopRequests()
     timers = runs.Timers(comm.device)
-    loss_check = runs.DivergenceCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
+    loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
     progress = runs.Progress(is_root, cfg["num_epochs"], batches_per_epoch, start_epoch * batches_per_epoch + start_step, started)
 
     def local_step(lr):
@@ -268,7 +268,7 @@ def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, gossip, comm, 
     far; `started`: when the run would have started had it never stopped), its workers' stacks
     (models.stacked), their momenta, the gossip state, byte counters, random states and the
     interrupted epoch's totals."""
-    run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss, "elapsed_s": time.time() - started}
+    run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.reference, "elapsed_s": time.time() - started}
     return checkpoints.header(epoch, step_in_epoch, run) | {
         "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
