@@ -28,7 +28,7 @@ from powergossip import comm as comm_module  # noqa: E402
 from powergossip import launch  # noqa: E402
 from benchmarks.timing import run_description, seconds_per_call, write_json  # noqa: E402
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
-from powergossip.optimizer import nesterov_sgd_step, weight_decays  # noqa: E402
+from powergossip.step import nesterov_sgd_step, weight_decays  # noqa: E402
 
 CHOCO = ("choco", dict(compressor="sign-and-norm", diffusion_rate=0.45))
 GOSSIP = {  # name: (registered method, hyper-parameters[, attributes set after building]); None: no gossip (the baseline)

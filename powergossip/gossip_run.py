@@ -127,7 +127,7 @@ def main():
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
     folder = runs.claim_output_dir(output_dir, cfg["algorithm"], False, cfg["overwrite"], comm, time.time(),
                                    can_resume=False)
-    is_writer = comm.rank == 0
+    is_writer = comm.process_index == 0
     state = initial_state(cfg)  # all workers, identical in every process
     initial_mean = state.double().mean(dim=0).to(comm.device)
     x0 = state[comm.first_worker:comm.first_worker + comm.num_local].to(comm.device).contiguous()
@@ -155,7 +155,7 @@ def main():
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
 
-        initial_error = None
+        divergence = runs.DivergenceCheck(max_ratio=1.0)  # an error above the one at step 0, or not finite
         diverged = False
         for step in range(0, cfg["num_steps"] + 1):
             if step > 0:
@@ -166,8 +166,8 @@ def main():
             record("error", step, error, bits, messages, tags)
             record("error_to_initial_mean", step, error_to_initial_mean, bits, messages, tags)
             if step == 0:
-                initial_error = error
-            elif not math.isfinite(error) or error > initial_error:
+                divergence.reference = initial_error = error
+            elif divergence.diverged(error):
                 diverged = True  # every process sees the same all-reduced error, so all stop here
                 record("diverged", step, error, bits, messages, tags)
                 break

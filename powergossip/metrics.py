@@ -76,7 +76,7 @@ class Recorder:
 
     def __init__(self, comm, folder: str, run_id: str, append: bool, upto_epoch: int, log_metric):
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
-        self.is_root = comm.rank == 0
+        self.is_root = comm.process_index == 0
         self.last_test_avg = None
         self.latest: dict[tuple[str, str], float] = {}  # (name, split) -> the last record over all workers
         self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()

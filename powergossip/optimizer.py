@@ -1,6 +1,6 @@
-"""The optimizers: the local SGD step over stacked workers (train.py's), a drop-in
-decentralized optimizer for any `nn.Module` and any torch optimizer, and PowerSGD with its
-reference implementation's interface (`PowerSGD`, `Config`, `optimizer_step`).
+"""The drop-in optimizers: a decentralized optimizer for any `nn.Module` and any torch
+optimizer, and PowerSGD with its reference implementation's interface (`PowerSGD`, `Config`,
+`optimizer_step`). The local SGD step over stacked workers (train.py's) is step.py's.
 
 One worker per process (launch with `mpirun -np N` or `torchrun --nproc-per-node N`):
 
@@ -17,7 +17,8 @@ The order is the paper's (D-PSGD as Lian et al. 2017 run it, Vogels, Karimireddy
 the gradient is taken at x_t, the parameters are gossiped, and the wrapped optimizer
 applies that gradient to the gossiped parameters; all-reduce takes the local step first
 and then the exact average; a method that acts on gradients (PowerSGD) averages the
-gradients and the optimizer steps with that average. Every registered method works (`methods.METHODS`), with
+gradients and the optimizer steps with that average (step.TrainingStep, train.py's order
+too). Every registered method works (`methods.METHODS`), with
 its hyper-parameters as keyword arguments (the vocabulary of `register_algorithm`).
 The model's parameters are gossiped in place as `[1, *shape]` views; buffers (batch-norm
 statistics) stay local, as in train.py.
@@ -28,46 +29,12 @@ from typing import NamedTuple
 
 import torch
 
-from powergossip import methods, models, names, topologies
+from powergossip import methods, names, topologies
+from powergossip import step as step_module
 from powergossip import comm as comm_module
 from powergossip import launch
 from powergossip.methods.powersgd import StackedPowerSGD
 from powergossip.methods.push_sum import PushSum
-
-
-# --- the local step over stacked workers ----------------------------------------------------------
-def weight_decays(template, parameter_names, weight_decay: float) -> list[float]:
-    """Each parameter's weight decay: none for those models.no_weight_decay_parameter_names lists."""
-    no_decay = models.no_weight_decay_parameter_names(template)
-    return [0.0 if name in no_decay else weight_decay for name in parameter_names]
-
-
-def nesterov_sgd_step(params, grads, momenta, lr, momentum, decays):
-    """PyTorch's SGD with Nesterov momentum, on all workers' stacks at once:
-    d = g + wd x; m = mu m + d; x -= lr (d + mu m). One fused (foreach) kernel per
-    operation and weight-decay group instead of one per parameter. `lr` is a number, or a
-    tensor `[L]` with one learning rate per worker (push-sum's lr / w)."""
-    for wd in sorted(set(decays)):
-        group = [k for k, decay in enumerate(decays) if decay == wd]
-        x, g, m = [params[k] for k in group], [grads[k] for k in group], [momenta[k] for k in group]
-        d = torch._foreach_add(g, x, alpha=wd) if wd else g
-        if momentum:
-            torch._foreach_mul_(m, momentum)
-            torch._foreach_add_(m, d)
-            d = torch._foreach_add(d, m, alpha=momentum)
-        if isinstance(lr, torch.Tensor):
-            for x_k, d_k in zip(x, d):
-                x_k.sub_(d_k * lr.view((-1,) + (1,) * (d_k.dim() - 1)).to(d_k.dtype))
-        else:
-            torch._foreach_add_(x, d, alpha=-lr)
-
-
-def clip_per_worker(grads, max_norm: float):
-    """Each worker's gradient scaled to norm <= max_norm (torch.nn.utils.clip_grad_norm_ per worker)."""
-    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(dim=1) for g in grads))
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
 
 
 # --- drop-in optimizers for one worker per process ----------------------------------------------------
@@ -131,11 +98,11 @@ class DecentralizedOptimizer(_OneWorkerPerProcess):
             # SGP steps the numerator x at learning rate lr (z at lr / w); a wrapped optimizer of any
             # kind cannot be told that, so here push-sum runs where w stays 1 (train.py: any graph).
             topologies.check_requirement(self.topology, "doubly_stochastic", "push-sum in DecentralizedOptimizer")
-        self.local_step_first = methods.METHODS[name].local_step_first
-        self.acts_on_gradients = methods.METHODS[name].acts_on == "gradients"
         self.optimizer = optimizer
         self.parameters = parameters
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model
+        self.training_step = step_module.TrainingStep(self.gossip, methods.METHODS[name], self.params,
+                                                      lambda: _stacked_gradients(self.parameters))
 
     @property
     def param_groups(self):
@@ -147,16 +114,9 @@ class DecentralizedOptimizer(_OneWorkerPerProcess):
     @torch.no_grad()
     def step(self) -> None:
         """Gossip x_t, then the wrapped optimizer's step with the gradients taken at x_t (a
-        method that acts on gradients, such as PowerSGD: average them, then the step)."""
-        if self.acts_on_gradients:
-            self.gossip.step(_stacked_gradients(self.parameters))
-            self.optimizer.step()
-        elif self.local_step_first:
-            self.optimizer.step()
-            self.gossip.step(self.params)
-        else:
-            self.gossip.step(self.params)
-            self.optimizer.step()
+        method that acts on gradients, such as PowerSGD: average them, then the step; all-reduce
+        and push-sum: the step, then the method), as train.py's (step.TrainingStep)."""
+        self.training_step(self.optimizer.step)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's and the method's state, the byte counts, and this worker's

@@ -1,8 +1,9 @@
 """What runs share: the output folder (which a run claims before any work, so that it
 never overwrites another run's results unasked), the `output_dir/metrics.jsonl` writer,
-checkpoint files (written atomically, verified when read), and train.py's run
-infrastructure: timers, the divergence check, checkpoints agreed between processes,
-stop requests. Reading and checking configurations is configuration.py's.
+checkpoint files (written atomically, verified when read), the divergence check of both
+entrypoints, and train.py's run infrastructure: timers, checkpoints agreed between
+processes (what they hold is train.py's), stop requests. Reading and checking
+configurations is configuration.py's.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite
     folder with another run's results only with resume=true or overwrite=true (which
     deletes those results). Raises ConfigError on every process otherwise."""
     folder, problem = output_dir, None
-    if comm.rank == 0:
+    if comm.process_index == 0:
         if folder is None and resume:
             problem = "resume=true needs output_dir=<the folder of the run to continue>"
         else:
@@ -225,6 +226,29 @@ def read_verified(path: str) -> dict:
         raise CorruptCheckpoint(f"{path} cannot be read ({type(problem).__name__}: {problem})") from None
 
 
+# --- divergence (both entrypoints) -------------------------------------------------------------
+class DivergenceCheck:
+    """Divergence, one rule for both entrypoints: a value that is not finite or is above
+    `max_ratio` times the `reference`, the run's first value (None until it is known: then
+    only finiteness is checked). train.py: every worker's loss against max_loss_ratio times
+    the mean loss over all workers at the run's first step (LossCheck); gossip_run.py: a
+    setting's consensus error against its error at step 0 (max_ratio 1)."""
+
+    def __init__(self, max_ratio: float, reference: float | None = None):
+        self.max_ratio, self.reference = max_ratio, reference
+
+    @property
+    def bound(self) -> float:
+        return math.inf if self.reference is None else self.max_ratio * self.reference
+
+    def diverged(self, values) -> torch.Tensor:
+        """Whether any of `values` (a tensor, read where it lies without waiting for it, or a
+        number) diverged: a boolean tensor on the values' device."""
+        if not isinstance(values, torch.Tensor):
+            values = torch.tensor(values, dtype=torch.float64)
+        return ~torch.isfinite(values).all() | (values > self.bound).any()
+
+
 # --- train.py's run infrastructure ---------------------------------------------------------------
 def position(epoch: int, steps: int) -> str:
     """Where a run is after `epoch` whole epochs and `steps` steps of the next one, for
@@ -266,28 +290,24 @@ def _event() -> torch.cuda.Event:
     return event
 
 
-class DivergenceCheck:
-    """Stops the run when a worker's loss is not finite or exceeds `max_loss_ratio` times the
-    run's first mean loss (a loss of 1e23 is finite, and so is a model it saved). It reads
-    step t's verdict (and mean loss, for the progress bar) at step t+1: the verdict is copied
-    to the host without waiting, so the check never drains the GPU's queue. `finish()`
-    before anything is saved."""
+class LossCheck(DivergenceCheck):
+    """train.py's: stops the run when a worker's loss diverges (DivergenceCheck, with
+    max_ratio = max_loss_ratio; a loss of 1e23 is finite, and so is a model it saved). The
+    reference is the mean loss over all workers at the run's first step (`initial_loss`: a
+    resumed run's, kept by its checkpoints). It reads step t's verdict (and mean loss, for the
+    progress bar) at step t+1: the verdict is copied to the host without waiting, so the
+    check never drains the GPU's queue. `finish()` before anything is saved."""
 
     def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
-        self.comm, self.checkpoints, self.max_loss_ratio = comm, checkpoints, max_loss_ratio
-        self.initial_loss = initial_loss  # mean over all workers at the run's first step (kept by checkpoints)
-        self.host = torch.zeros(2, pin_memory=comm.device.type == "cuda")  # [healthy, mean loss]
+        super().__init__(max_loss_ratio, initial_loss)
+        self.comm, self.checkpoints = comm, checkpoints
+        self.host = torch.zeros(2, pin_memory=comm.device.type == "cuda")  # [diverged, mean loss]
         self.pending = None  # (losses, epoch, step, event) of the step not read yet
         self.mean_loss = float("nan")
 
-    @property
-    def bound(self) -> float:
-        return math.inf if self.initial_loss is None else self.max_loss_ratio * self.initial_loss
-
     def watch(self, losses, epoch, step):
         self.finish()
-        healthy = torch.isfinite(losses).all() & (losses <= self.bound).all()
-        self.host.copy_(torch.stack([healthy.float(), losses.mean()]), non_blocking=True)
+        self.host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
         self.pending = (losses, epoch, step, _event() if losses.is_cuda else None)
 
     def finish(self):
@@ -297,17 +317,24 @@ class DivergenceCheck:
         self.pending = None
         if event is not None:
             event.synchronize()
-        healthy, self.mean_loss = self.host.tolist()
-        if self.initial_loss is None:  # the run's first step: the same bound on every process
+        diverged, self.mean_loss = self.host.tolist()
+        if self.reference is None:  # the run's first step: the same bound on every process
             comm = self.comm
-            self.initial_loss = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
-        if not healthy:
+            self.reference = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
+        if diverged:
             comm = self.comm
             raise FloatingPointError(
                 f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers {comm.first_worker}.."
                 f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
-                f"max_loss_ratio={self.max_loss_ratio:g} x the first step's {self.initial_loss:.4g}); nothing was saved "
-                f"from this state. {self.checkpoints.last_good()}")
+                f"max_loss_ratio={self.max_ratio:g} x the first step's {self.reference:.4g}); nothing was saved "
+                f"from this state. {self.last_good()}")
+
+    def last_good(self) -> str:
+        checkpoints = self.checkpoints
+        if checkpoints.last is None:
+            return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
+        return (f"The last good checkpoint ({position(*checkpoints.last)}) is kept in {checkpoints.folder}: continue it "
+                f"with resume=true and a smaller learning_rate (or start a new run with a smaller optimizer_diffusion_rate).")
 
 
 class Progress:
@@ -379,25 +406,32 @@ class Checkpoints:
     """This process's checkpoint `rank{r}.pt` and the one before it, `rank{r}.previous.pt` (kept
     so that a file damaged on disk costs one checkpoint interval, not the run). Written
     atomically with fsync, CRC-checked when read; before any process loads, all agree on
-    the save they continue from (epoch, step, run id)."""
+    the save they continue from (epoch, step, run id).
+
+    A save is a dict: the `header` (where the run is, the launch layout, the run's id and
+    configuration), which is all this class reads, and whatever the run keeps beside it
+    (train.py's `snapshot`): what torch.load(weights_only=True) reads back (tensors, numbers,
+    strings, lists, dicts, None)."""
 
     def __init__(self, folder: str, comm):
         self.folder, self.comm = folder, comm
-        self.path = os.path.join(folder, f"rank{comm.rank}.pt")
-        self.previous = os.path.join(folder, f"rank{comm.rank}.previous.pt")
+        self.path = os.path.join(folder, f"rank{comm.process_index}.pt")
+        self.previous = os.path.join(folder, f"rank{comm.process_index}.previous.pt")
         self.last = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed
 
+    def header(self, epoch: int, step_in_epoch: int, run: dict) -> dict:
+        """What a save starts with: `epoch` whole epochs and `step_in_epoch` steps of the next done,
+        the launch layout, and `run`, a dict with the run's "run_id" and "config" (and what
+        else the run keeps there). A save of an older train.py has no "run"."""
+        return {"epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [self.comm.n_workers, self.comm.world_size],
+                "run": run}
+
     def save(self, state: dict) -> None:
+        """Writes `state` (a header and the run's own entries); a non-finite float in it is refused."""
         check_finite(state)
         os.makedirs(self.folder, exist_ok=True)
         write_atomically(self.path, state, previous=self.previous)
         self.last = (state["epoch"], state["step_in_epoch"])
-
-    def last_good(self) -> str:
-        if self.last is None:
-            return "No checkpoint was saved before: start again with a smaller learning_rate or optimizer_diffusion_rate."
-        return (f"The last good checkpoint ({position(*self.last)}) is kept in {self.folder}: continue it "
-                f"with resume=true and a smaller learning_rate (or start a new run with a smaller optimizer_diffusion_rate).")
 
     def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> dict:
         """The save every process resumes from, agreed before any process loads: the newest
@@ -433,11 +467,11 @@ class Checkpoints:
                 os.replace(self.path, self.path + ".set-aside")
                 os.replace(self.previous, self.path)
                 state = earlier_state
-            if self.comm.rank == 0:
+            if self.comm.process_index == 0:
                 warnings.warn(f"resuming from {position(*chosen[:2])}, the newest save intact on every process "
                               f"({where}); files that were newer or damaged are kept as rank<r>.pt.set-aside")
         if "run" not in state:
-            if self.comm.rank == 0:
+            if self.comm.process_index == 0:
                 warnings.warn(f"{self.path} was written by an older version of train.py: it has no run id and no "
                               f"configuration, so neither could be checked against this run")
         else:
@@ -466,34 +500,6 @@ class Checkpoints:
                     f"{key}={cfg[key]!r} (the run has {stored[key]!r})" for key in changed)
                 + f". These define the run; only {', '.join(k for k in may_change if k not in LAUNCH_KEYS)} may change on "
                 "resume. Put them back, or start a new run in another output_dir")
-
-
-def snapshot(epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check, started) -> dict:
-    """What a process saves of a training run: its workers' stacks (models.stacked), their
-    momenta, the gossip state, byte counters, random states, the interrupted epoch's totals
-    and the wall time so far (`started`: when the run would have started had it never stopped)."""
-    return {
-        "epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [comm.n_workers, comm.world_size],
-        "run": {"run_id": run_id, "config": cfg, "initial_loss": loss_check.initial_loss, "elapsed_s": time.time() - started},
-        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
-        "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
-        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
-        "partial_epoch": None if totals is None else totals.state(),
-    }
-
-
-def restore(saved, workers, momenta, gossip, comm) -> dict | None:
-    """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
-    with torch.no_grad():
-        for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
-            target.copy_(source)
-    gossip.load_state_dict(saved["gossip"])
-    comm.bytes_sent[:] = saved["bytes_sent"].numpy()
-    comm.messages_sent[:] = saved["messages_sent"].numpy()
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(saved["cuda_rng"])
-    return saved["partial_epoch"]
 
 
 def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:

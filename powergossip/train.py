@@ -17,10 +17,10 @@ or from Python, as in the original code:
 The loop is D-PSGD with overlap (Lian et al. 2017, as the paper runs it): gradient
 at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-reduce and
 push-sum: local step, then gossip; PowerSGD: the average of the gradients, then the
-local step). local_steps=H gossips every H-th step only. Records go to
-`output_dir/metrics.jsonl` (one JSON object each: name, epoch, value, bits, messages,
-tags; see metrics.py), to TensorBoard and through `log_metric`; the run ends with the
-figure `output_dir/curves.png`.
+local step; step.py has this order, the drop-in optimizer's too). local_steps=H gossips
+every H-th step only. Records go to `output_dir/metrics.jsonl` (one JSON object each:
+name, epoch, value, bits, messages, tags; see metrics.py), to TensorBoard and through
+`log_metric`; the run ends with the figure `output_dir/curves.png`.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ from powergossip import methods
 from powergossip import metrics
 from powergossip import models
 from powergossip import names
-from powergossip import optimizer
 from powergossip import configuration
 from powergossip import runs
+from powergossip import step as step_module
 from powergossip import topologies
 from powergossip.models.stacked import StackedReplicas
 
@@ -127,7 +127,7 @@ def main():
     cfg, topology = checked(config)
     started = time.time()
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
-    is_root = comm.rank == 0
+    is_root = comm.process_index == 0
     if is_root:
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
@@ -155,18 +155,15 @@ def main():
                               autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None,
                               graph_streams=cfg["graph_streams"], language_model=dataset.is_language_model,
                               compile_replicas=cfg["compile_replicas"])
-    decays = optimizer.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
+    decays = step_module.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     gossip = build_gossip(cfg, comm, topology)
-    method = methods.METHODS[cfg["optimizer"]]  # what it acts on, and where in the step
-    local_step_first = method.local_step_first
-    gossiped = workers.grads if method.acts_on == "gradients" else workers.params  # stacks the method changes in place
-    torch.manual_seed(cfg["seed"] * 1000 + comm.rank)  # dropout: per process
+    torch.manual_seed(cfg["seed"] * 1000 + comm.process_index)  # dropout: per process
 
     start_epoch, start_step, carried, initial_loss = 0, 0, None, None
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        carried = metrics.EpochTotals.from_state(runs.restore(saved, workers, momenta, gossip, comm), comm.device)
+        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, gossip, comm), comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
         if is_root:
@@ -179,14 +176,17 @@ def main():
 
     stop = runs.StopRequests()
     timers = runs.Timers(comm.device)
-    loss_check = runs.DivergenceCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
+    loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
     progress = runs.Progress(is_root, cfg["num_epochs"], batches_per_epoch, start_epoch * batches_per_epoch + start_step, started)
 
     def local_step(lr):
         with timers("update"):
             if cfg["gradient_clipping"] is not None:
-                optimizer.clip_per_worker(workers.grads, cfg["gradient_clipping"])
-            optimizer.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * gossip.step_size_scale(), cfg["momentum"], decays)
+                step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
+            step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * gossip.step_size_scale(), cfg["momentum"], decays)
+
+    method_and_local_step = step_module.TrainingStep(gossip, methods.METHODS[cfg["optimizer"]], workers.params,
+                                                     workers.grads, timers)
 
     for epoch in range(start_epoch, cfg["num_epochs"]):
         totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
@@ -199,25 +199,21 @@ def main():
             with timers("batch"):
                 x, y = next(batches)
             lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
-            # D-PSGD as the paper runs it: the gradient at x_t, gossip x_t, the local step on the
-            # gossiped parameters (all-reduce: the local step, then the average; PowerSGD: the
-            # average of the gradients, then the step).
+            # D-PSGD as the paper runs it: the gradient at x_t, then (step.TrainingStep) gossip x_t and
+            # the local step on the gossiped parameters (all-reduce: the local step, then the average;
+            # PowerSGD: the average of the gradients, then the step).
             with timers("forward_backward"):
                 losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
-            if local_step_first:
-                local_step(lr)
-            if (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0:  # the graph follows gossip.round
-                with timers("gossip"):
-                    gossip.step(gossiped)
-            if not local_step_first:
-                local_step(lr)
+            gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows gossip.round
+            method_and_local_step(lambda: local_step(lr), gossips)
             totals.add(losses, corrects, counts)
             loss_check.watch(losses, epoch, step)
             progress.step(epoch, step, loss_check.mean_loss, comm.bytes_sent)  # the previous step's loss: no wait
             if stop.requested(comm):
                 loss_check.finish()
                 totals.hidden = hidden
-                checkpoints.save(runs.snapshot(epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check, started))
+                checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg,
+                                          loss_check, started))
                 comm.barrier()
                 if is_root:
                     print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in {checkpoints.folder}; "
@@ -229,7 +225,8 @@ def main():
         with timers("evaluation"):
             metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
-            checkpoints.save(runs.snapshot(epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check, started))
+            checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check,
+                                      started))
         progress.end_of_epoch(epoch + 1, recorder)
         for label, (mean, std, instances) in timers.summary().items():
             log_runtime(label, mean, std, instances)
@@ -267,6 +264,37 @@ def learning_rate_factor(cfg: dict, epoch: float) -> float:
         if epoch >= milestone:
             factor *= milestone_factor
     return factor
+
+
+# --- what a checkpoint holds (runs.Checkpoints writes it, checks it and agrees on it between processes) ----
+def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check,
+             started) -> dict:
+    """What a process saves of a training run: after the header of `checkpoints` (where the run
+    is, the layout, the run's id and configuration, its first mean loss and the wall time so
+    far; `started`: when the run would have started had it never stopped), its workers' stacks
+    (models.stacked), their momenta, the gossip state, byte counters, random states and the
+    interrupted epoch's totals."""
+    run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.reference, "elapsed_s": time.time() - started}
+    return checkpoints.header(epoch, step_in_epoch, run) | {
+        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
+        "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
+        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
+        "partial_epoch": None if totals is None else totals.state(),
+    }
+
+
+def restore(saved, workers, momenta, gossip, comm) -> dict | None:
+    """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
+    with torch.no_grad():
+        for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
+            target.copy_(source)
+    gossip.load_state_dict(saved["gossip"])
+    comm.bytes_sent[:] = saved["bytes_sent"].numpy()
+    comm.messages_sent[:] = saved["messages_sent"].numpy()
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(saved["cuda_rng"])
+    return saved["partial_epoch"]
 
 
 def build_loader(cfg: dict, dataset, comm):

@@ -15,7 +15,7 @@ import torch
 
 from powergossip import models
 from powergossip.models.stacked import StackedReplicas
-from powergossip.optimizer import nesterov_sgd_step
+from powergossip.step import nesterov_sgd_step
 from tests.test_train import common, comparable, tiny_data  # noqa: F401 (fixture)
 from tests.train_runs import run
 

@@ -197,7 +197,7 @@ def test_a_diverged_state_is_not_saved_and_the_last_good_one_resumes(tmp_path, t
 
 
 def test_a_non_finite_state_is_never_written(tmp_path):
-    checkpoints = runs.Checkpoints(str(tmp_path), type("Comm", (), {"rank": 0})())
+    checkpoints = runs.Checkpoints(str(tmp_path), type("Comm", (), {"process_index": 0})())
     state = {"epoch": 1, "step_in_epoch": 0, "params": [torch.ones(3)], "momenta": [torch.tensor([1.0, float("inf")])]}
     with pytest.raises(FloatingPointError, match="not finite"):
         checkpoints.save(state)

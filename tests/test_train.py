@@ -16,7 +16,7 @@ import torch
 from powergossip import comm as comm_module
 from powergossip import figures
 from powergossip import models
-from powergossip import optimizer
+from powergossip import step as step_module
 from powergossip import configuration
 from powergossip import runs
 from powergossip import topologies
@@ -243,7 +243,7 @@ def test_nesterov_step_matches_torch_sgd():
             for i, p in enumerate(reference):
                 p.grad = g[i].clone()
             sgd.step()
-        optimizer.nesterov_sgd_step(ours, gs, momenta, 0.1, 0.9, decays)
+        step_module.nesterov_sgd_step(ours, gs, momenta, 0.1, 0.9, decays)
     for mine, reference in zip(ours, references):
         torch.testing.assert_close(mine, torch.stack([p.detach() for p in reference]))
 
@@ -400,5 +400,5 @@ def test_push_sum_steps_the_numerator():
     x, w = torch.randn(3, 4, 2), torch.tensor([0.5, 1.0, 2.0])
     g = torch.randn(3, 4, 2)
     z = x / w.view(-1, 1, 1)
-    optimizer.nesterov_sgd_step([z], [g], [torch.zeros_like(z)], 0.1 / w, 0.0, [0.0])
+    step_module.nesterov_sgd_step([z], [g], [torch.zeros_like(z)], 0.1 / w, 0.0, [0.0])
     torch.testing.assert_close(z * w.view(-1, 1, 1), x - 0.1 * g)

@@ -2,7 +2,7 @@ import sys, torch
 sys.path.insert(0, ".")
 from powergossip import models
 from powergossip.models.stacked import StackedReplicas
-from powergossip.optimizer import nesterov_sgd_step
+from powergossip.step import nesterov_sgd_step
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.deterministic = True
 rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-12)).item()

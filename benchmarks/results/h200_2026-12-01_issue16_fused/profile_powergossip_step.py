@@ -4,7 +4,7 @@ sys.path.insert(0, ".")
 from torch.profiler import profile, ProfilerActivity
 from powergossip import models, topologies, comm as comm_module
 from powergossip.models.stacked import StackedReplicas
-from powergossip.optimizer import nesterov_sgd_step, weight_decays
+from powergossip.step import nesterov_sgd_step, weight_decays
 from benchmarks.simulation_efficiency import build_gossip
 
 comm = comm_module.Communicator(16, "cuda")

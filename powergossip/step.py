@@ -1,0 +1,88 @@
+"""The training step: the order in which a method and the local optimizer step run once the
+gradient at x_t is taken, written once for train.py and the drop-in DecentralizedOptimizer,
+and the local optimizer over stacked workers that train.py steps with.
+
+The order is the paper's (D-PSGD as Lian et al. 2017 run it; Vogels, Karimireddy, Jaggi 2020,
+"Deep learning experiments"), chosen by what the method was registered with
+(algorithms.register_algorithm):
+
+- acts_on="gradients" (PowerSGD): the method on the gradient stacks (their approximate
+  average), then the local step with them;
+- local_step_first=True (all-reduce, push-sum): the local step, then the method on the
+  parameters;
+- otherwise (D-PSGD, PowerGossip, Choco, ...): the method on the parameters x_t, then the
+  local step on the gossiped parameters with the gradient taken at x_t.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from powergossip import models
+
+
+class TrainingStep:
+    """The part of a training step after the gradient at x_t: `gossip` (a method,
+    algorithms.GossipAlgorithm) and a local step, in the order of the method's registry entry
+    `entry` (its `acts_on` and `local_step_first`). The method changes in place the stacks
+    `params` (`[L, *shape]`), or, when it acts on gradients, the gradient stacks: `gradients`,
+    the stacks themselves or a function that returns them (called only for such a method).
+    `timer(label)`, when given (runs.Timers), times the method under "gossip"."""
+
+    def __init__(self, gossip, entry, params, gradients, timer=None):
+        self.gossip = gossip
+        self.on_gradients = entry.acts_on == "gradients"
+        self.local_step_first = entry.local_step_first and not self.on_gradients
+        self.params, self.gradients = params, gradients
+        self.timer = timer
+
+    def __call__(self, local_step, gossips: bool = True) -> None:
+        """`local_step()` and, when `gossips` (train.py's local_steps=H: every H-th step), the method."""
+        if self.local_step_first:
+            local_step()
+        if gossips:
+            with self.timer("gossip") if self.timer is not None else contextlib.nullcontext():
+                self.gossip.step(self._stacks())
+        if not self.local_step_first:
+            local_step()
+
+    def _stacks(self):
+        if not self.on_gradients:
+            return self.params
+        return self.gradients() if callable(self.gradients) else self.gradients
+
+
+# --- the local step over stacked workers ----------------------------------------------------------
+def weight_decays(template, parameter_names, weight_decay: float) -> list[float]:
+    """Each parameter's weight decay: none for those models.no_weight_decay_parameter_names lists."""
+    no_decay = models.no_weight_decay_parameter_names(template)
+    return [0.0 if name in no_decay else weight_decay for name in parameter_names]
+
+
+def nesterov_sgd_step(params, grads, momenta, lr, momentum, decays):
+    """PyTorch's SGD with Nesterov momentum, on all workers' stacks at once:
+    d = g + wd x; m = mu m + d; x -= lr (d + mu m). One fused (foreach) kernel per
+    operation and weight-decay group instead of one per parameter. `lr` is a number, or a
+    tensor `[L]` with one learning rate per worker (push-sum's lr / w)."""
+    for wd in sorted(set(decays)):
+        group = [k for k, decay in enumerate(decays) if decay == wd]
+        x, g, m = [params[k] for k in group], [grads[k] for k in group], [momenta[k] for k in group]
+        d = torch._foreach_add(g, x, alpha=wd) if wd else g
+        if momentum:
+            torch._foreach_mul_(m, momentum)
+            torch._foreach_add_(m, d)
+            d = torch._foreach_add(d, m, alpha=momentum)
+        if isinstance(lr, torch.Tensor):
+            for x_k, d_k in zip(x, d):
+                x_k.sub_(d_k * lr.view((-1,) + (1,) * (d_k.dim() - 1)).to(d_k.dtype))
+        else:
+            torch._foreach_add_(x, d, alpha=-lr)
+
+
+def clip_per_worker(grads, max_norm: float):
+    """Each worker's gradient scaled to norm <= max_norm (torch.nn.utils.clip_grad_norm_ per worker)."""
+    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).float().pow(2).sum(dim=1) for g in grads))
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view((-1,) + (1,) * (g.dim() - 1)))
