@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from powergossip import configuration
-from powergossip.configuration import ConfigError
+from powergossip.errors import ConfigError
 
 
 # --- the output folder -----------------------------------------------------------------------

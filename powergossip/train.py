@@ -32,6 +32,7 @@ import uuid
 import torch
 
 from powergossip import comm as comm_module
+from powergossip import compressors
 from powergossip import data
 from powergossip import methods
 from powergossip import metrics
@@ -41,6 +42,8 @@ from powergossip import configuration
 from powergossip import runs
 from powergossip import step as step_module
 from powergossip import topologies
+from powergossip.configuration import is_integer, is_number
+from powergossip.errors import ConfigError
 from powergossip.models.stacked import StackedReplicas
 
 config = dict(
@@ -244,9 +247,87 @@ _DEFAULTS = dict(config)
 
 
 def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
-    """A checked copy of `cfg` and the run's topology (configuration.checked_training): every
-    problem a ConfigError before any work, the topology built once."""
-    return configuration.checked_training(cfg, _DEFAULTS)
+    """A checked copy of `cfg`, every key by its own name (aliases renamed), and the run's
+    topology (built here, once); every problem a ConfigError naming the key, raised before
+    any work starts."""
+    cfg = configuration.with_canonical_keys(_DEFAULTS, cfg)
+    configuration.check_config(_DEFAULTS, cfg)
+    try:
+        cfg["optimizer"] = methods.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
+    except ValueError as problem:
+        raise ConfigError(f"optimizer: {problem}") from None
+    try:
+        cfg["optimizer_compressor"] = compressors.registered_name(cfg["optimizer_compressor"])
+    except ValueError as problem:
+        raise configuration.setting_problem(problem, {}) from None
+    if cfg["n_workers"] < 2:
+        raise ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
+    choices = {"task": data.TASKS, "task_architecture": models.NAMES,
+               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph")}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    if (cfg["task"] == "wikitext2") != (cfg["task_architecture"] == "lstm"):
+        raise ConfigError("task=wikitext2 goes with task_architecture=lstm, and lstm with wikitext2 only")
+    if cfg["stacked_compute"] == "vmap" and (cfg["task_architecture"] == "lstm" or cfg["dtype"] != "float32"):
+        raise ConfigError("stacked_compute=vmap runs image models in float32; use stacked_compute=loop for the LSTM or bfloat16")
+    if cfg["stacked_compute"] == "graph" and (cfg["task_architecture"] == "lstm" or not uses_cuda(cfg["device"])):
+        raise ConfigError("stacked_compute=graph records a CUDA graph of image models: it needs a GPU (device=cuda) "
+                          "and an image task; use stacked_compute=loop otherwise")
+    if cfg["compile_replicas"] and cfg["stacked_compute"] != "graph":
+        raise ConfigError("compile_replicas=true compiles each replica's forward for the CUDA graph of stacked_compute=graph; "
+                          "set stacked_compute=graph (on a GPU) or compile_replicas=false")
+    positive = ["batch_size", "num_epochs", "n_workers", "bptt", "graph_streams", "evaluation_batch_size", "local_steps"]
+    for key in positive:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["local_steps"] > 1 and methods.METHODS[cfg["optimizer"]].acts_on == "gradients":
+        raise ConfigError(f"local_steps={cfg['local_steps']}: optimizer={cfg['optimizer']} averages every step's gradients; "
+                          f"local steps apply to methods that gossip parameters (use local_steps=1)")
+    if not cfg["learning_rate"] > 0:
+        raise ConfigError(f"learning_rate must be > 0, got {cfg['learning_rate']}")
+    if not 0 <= cfg["decentralized_data_shuffled_ratio"] <= 1:
+        raise ConfigError("decentralized_data_shuffled_ratio must be in [0, 1]")
+    if cfg["dirichlet_alpha"] is not None and (cfg["use_decentralized_data"] or not cfg["dirichlet_alpha"] > 0):
+        raise ConfigError("dirichlet_alpha must be > 0 and cannot be combined with use_decentralized_data")
+    if cfg["weight_decay"] < 0 or not 0 <= cfg["momentum"] < 1:
+        raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
+    if cfg["checkpoint_every"] < 0:
+        raise ConfigError("checkpoint_every must be >= 0")
+    for key in ("max_batches_per_epoch", "max_test_examples"):
+        if cfg[key] is not None and (not is_integer(cfg[key]) or cfg[key] < 1):
+            raise ConfigError(f"{key} must be an integer >= 1 (or null for no limit), got {cfg[key]!r}")
+    for key in ("gradient_clipping", "dirichlet_alpha"):
+        if cfg[key] is not None and not (is_number(cfg[key]) and cfg[key] > 0):
+            raise ConfigError(f"{key} must be a positive number (or null: off), got {cfg[key]!r}")
+    if cfg["distributed_lr_warmup_epoch"] < 0 or not cfg["distributed_lr_warmup_factor"] > 0:
+        raise ConfigError("distributed_lr_warmup_epoch must be >= 0 and distributed_lr_warmup_factor > 0, got "
+                               f"{cfg['distributed_lr_warmup_epoch']} and {cfg['distributed_lr_warmup_factor']}")
+    if not (cfg["network_latency_s"] >= 0 and cfg["network_bandwidth_bits_per_s"] > 0):
+        raise ConfigError(f"network_latency_s must be >= 0 and network_bandwidth_bits_per_s > 0, got "
+                          f"{cfg['network_latency_s']} and {cfg['network_bandwidth_bits_per_s']}")
+    if not cfg["max_loss_ratio"] > 1:
+        raise ConfigError(f"max_loss_ratio must be > 1 (a multiple of the first step's loss), got {cfg['max_loss_ratio']}")
+    cfg["lr_schedule_milestones"] = [list(m) if isinstance(m, (list, tuple)) else [m, 0.1] for m in cfg["lr_schedule_milestones"]]
+    if any(len(m) != 2 or not is_number(m[0]) or m[0] < 0 or not is_number(m[1]) or m[1] <= 0
+           for m in cfg["lr_schedule_milestones"]):
+        raise ConfigError(f"lr_schedule_milestones holds [epoch >= 0, factor > 0] pairs or bare epochs, got "
+                               f"{cfg['lr_schedule_milestones']}")
+    metrics.check_spectrum_logging(cfg)
+    try:
+        data.check_data_dir(cfg["task"], cfg["data_dir"])
+    except FileNotFoundError as problem:
+        raise ConfigError(str(problem)) from None
+    try:
+        topology = topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: now
+    except (ValueError, OSError) as problem:
+        raise ConfigError(f"topology: {problem}") from None
+    configuration.check_method(cfg["optimizer"], topology, names.settings_of(cfg))
+    return cfg, topology
+
+
+def uses_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def validated(cfg: dict) -> dict:
