@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gossip_run  # noqa: E402
 import train  # noqa: E402
 from experiments import deep_learning, report, sweep  # noqa: E402
-from powergossip import configuration, figures, topologies  # noqa: E402
+from powergossip import figures, names, topologies  # noqa: E402
 
 GRAPHS = ("ring", "torus", "exponential", "directed_exponential", "one_peer_exponential", "one_peer_hypercube",
           "random_matching")
@@ -72,10 +72,10 @@ def overrides_for(defaults: dict, extra: list[str]) -> list[str]:
     """The `key=value` overrides that an entrypoint with these defaults knows (the study's extra
     arguments go to both parts: data_dir to training, matrix_size to consensus); YAML files go to both."""
     unknown = [item for item in extra if "=" in item and all(
-        configuration.canonical_key(item.split("=", 1)[0], d) not in d for d in (gossip_run.DEFAULTS, train._DEFAULTS))]
+        names.canonical_key(item.split("=", 1)[0], d) not in d for d in (gossip_run.DEFAULTS, train._DEFAULTS))]
     if unknown:
         raise SystemExit(f"neither gossip_run.py nor train.py knows {', '.join(unknown)}")
-    return [item for item in extra if "=" not in item or configuration.canonical_key(item.split("=", 1)[0], defaults) in defaults]
+    return [item for item in extra if "=" not in item or names.canonical_key(item.split("=", 1)[0], defaults) in defaults]
 
 
 def consensus_runs(quick: bool, extra: list[str]) -> list[sweep.Run]:
