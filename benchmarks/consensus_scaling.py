@@ -53,7 +53,7 @@ def loop_seconds(gossip_run, comm_module, config, steps: int) -> float:
     state = gossip_run.initial_state(config)
     initial_mean = state.double().mean(dim=0)
     x = state.clone()
-    algorithm = gossip_run.build_algorithm(config, comm, topology, 0.5, None)
+    algorithm = gossip_run.build_method(config, comm, topology, 0.5, None)
     started = time.perf_counter()
     for step in range(1, steps + 1):
         algorithm.step([x])

@@ -48,7 +48,7 @@ UNFUSED = dict(fused_kernels=False)
 GOSSIP |= {f"{name}-unfused": GOSSIP[name] + (UNFUSED,) for name in ("power-gossip", "power-gossip-2", "choco", "deepsqueeze", "moniqua")}
 
 
-def build_gossip(name: str, comm, topology):
+def build_method(name: str, comm, topology):
     """GOSSIP[name] built on `topology` (None for no-gossip)."""
     if GOSSIP[name] is None:
         return None
@@ -114,7 +114,7 @@ def simulation(architecture, n_workers, batch, optimizer, dtype, compute, stream
     workers = StackedReplicas(template, comm.num_local, comm.device, compute=compute.removesuffix("-compiled"),
                               graph_streams=streams, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                               compile_replicas=compute == "graph-compiled")
-    gossip = build_gossip(optimizer, comm, topologies.build(topology, n_workers))
+    gossip = build_method(optimizer, comm, topologies.build(topology, n_workers))
     momenta = [torch.zeros_like(p) for p in workers.params]
     decays = weight_decays(template, workers.parameter_names, 1e-4)
     x = torch.randn(comm.num_local, batch, 3, 32, 32, device=comm.device)

@@ -48,7 +48,7 @@ def bytes_per_step(config_file: str, steps: int = 2 * STEPS_PER_EPOCH) -> float:
     template = models.build(cfg["task_architecture"], in_channels=3, num_classes=10, image_size=32)
     workers = StackedReplicas(template, cfg["n_workers"], torch.device("cpu"))
     comm = comm_module.Communicator(cfg["n_workers"], "cpu")
-    gossip = train.build_gossip(cfg, comm, topologies.build(cfg["topology"], cfg["n_workers"]))
+    gossip = train.build_method(cfg, comm, topologies.build(cfg["topology"], cfg["n_workers"]))
     counted_from = None
     for step in range(1 + steps):
         for x in workers.params:  # each worker's own local step

@@ -151,7 +151,7 @@ def main():
         start_time = time.time()
         tags = {"algorithm": cfg["algorithm"], "diffusion_rate": gamma, "theta": theta}
         x = x0.clone()
-        algorithm = build_algorithm(cfg, comm, topology, gamma, theta)
+        method = build_method(cfg, comm, topology, gamma, theta)
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
 
@@ -159,7 +159,7 @@ def main():
         diverged = False
         for step in range(0, cfg["num_steps"] + 1):
             if step > 0:
-                algorithm.step([x])
+                method.step([x])
             if not is_logged(step, cfg["num_steps"]):
                 continue
             error, error_to_initial_mean, bits, messages = measure(comm, x, initial_mean)
@@ -255,7 +255,7 @@ def resolve(name: str) -> tuple[str, dict]:
                          f"{', '.join(methods.METHODS)}") from None
 
 
-def build_algorithm(config, comm, topology, gamma: float, theta: float | None):
+def build_method(config, comm, topology, gamma: float, theta: float | None):
     method, fixed = resolve(config["algorithm"])
     return methods.build(method, comm, topology, **setting_values(config, fixed, gamma, theta))
 

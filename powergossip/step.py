@@ -23,15 +23,15 @@ from powergossip import models
 
 
 class TrainingStep:
-    """The part of a training step after the gradient at x_t: `gossip` (a method,
-    algorithms.GossipAlgorithm) and a local step, in the order of the method's registry entry
+    """The part of a training step after the gradient at x_t: `method` (a methods.Method)
+    and a local step, in the order of the method's registry entry
     `entry` (its `acts_on` and `local_step_first`). The method changes in place the stacks
     `params` (`[L, *shape]`), or, when it acts on gradients, the gradient stacks: `gradients`,
     the stacks themselves or a function that returns them (called only for such a method).
     `timer(label)`, when given (runs.Timers), times the method under "gossip"."""
 
-    def __init__(self, gossip, entry, params, gradients, timer=None):
-        self.gossip = gossip
+    def __init__(self, method, entry, params, gradients, timer=None):
+        self.method = method
         self.on_gradients = entry.acts_on == "gradients"
         self.local_step_first = entry.local_step_first and not self.on_gradients
         self.params, self.gradients = params, gradients
@@ -43,7 +43,7 @@ class TrainingStep:
             local_step()
         if gossips:
             with self.timer("gossip") if self.timer is not None else contextlib.nullcontext():
-                self.gossip.step(self._stacks())
+                self.method.step(self._stacks())
         if not self.local_step_first:
             local_step()
 

@@ -160,13 +160,13 @@ def main():
                               compile_replicas=cfg["compile_replicas"])
     decays = step_module.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
-    gossip = build_gossip(cfg, comm, topology)
+    method = build_method(cfg, comm, topology)
     torch.manual_seed(cfg["seed"] * 1000 + comm.process_index)  # dropout: per process
 
     start_epoch, start_step, carried, initial_loss = 0, 0, None, None
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, gossip, comm), comm.device)
+        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, method, comm), comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
         if is_root:
@@ -186,9 +186,9 @@ def main():
         with timers("update"):
             if cfg["gradient_clipping"] is not None:
                 step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
-            step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * gossip.step_size_scale(), cfg["momentum"], decays)
+            step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * method.step_size_scale(), cfg["momentum"], decays)
 
-    method_and_local_step = step_module.TrainingStep(gossip, methods.METHODS[cfg["optimizer"]], workers.params,
+    method_and_local_step = step_module.TrainingStep(method, methods.METHODS[cfg["optimizer"]], workers.params,
                                                      workers.grads, timers)
 
     for epoch in range(start_epoch, cfg["num_epochs"]):
@@ -207,7 +207,7 @@ def main():
             # PowerSGD: the average of the gradients, then the step).
             with timers("forward_backward"):
                 losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
-            gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows gossip.round
+            gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows method.round
             method_and_local_step(lambda: local_step(lr), gossips)
             totals.add(losses, corrects, counts)
             loss_check.watch(losses, epoch, step)
@@ -215,7 +215,7 @@ def main():
             if stop.requested(comm):
                 loss_check.finish()
                 totals.hidden = hidden
-                checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, gossip, comm, totals, run_id, cfg,
+                checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id, cfg,
                                           loss_check, started))
                 comm.barrier()
                 if is_root:
@@ -228,7 +228,7 @@ def main():
         with timers("evaluation"):
             metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
         if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
-            checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, gossip, comm, None, run_id, cfg, loss_check,
+            checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg, loss_check,
                                       started))
         progress.end_of_epoch(epoch + 1, recorder)
         for label, (mean, std, instances) in timers.summary().items():
@@ -348,28 +348,28 @@ def learning_rate_factor(cfg: dict, epoch: float) -> float:
 
 
 # --- what a checkpoint holds (runs.Checkpoints writes it, checks it and agrees on it between processes) ----
-def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, gossip, comm, totals, run_id, cfg, loss_check,
+def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, method, comm, totals, run_id, cfg, loss_check,
              started) -> dict:
     """What a process saves of a training run: after the header of `checkpoints` (where the run
     is, the layout, the run's id and configuration, its first mean loss and the wall time so
     far; `started`: when the run would have started had it never stopped), its workers' stacks
-    (models.stacked), their momenta, the gossip state, byte counters, random states and the
+    (models.stacked), their momenta, the method's state (under "gossip"), byte counters, random states and the
     interrupted epoch's totals."""
     run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.reference, "elapsed_s": time.time() - started}
     return checkpoints.header(epoch, step_in_epoch, run) | {
-        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": gossip.state_dict(),
+        "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": method.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
         "partial_epoch": None if totals is None else totals.state(),
     }
 
 
-def restore(saved, workers, momenta, gossip, comm) -> dict | None:
+def restore(saved, workers, momenta, method, comm) -> dict | None:
     """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
     with torch.no_grad():
         for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
             target.copy_(source)
-    gossip.load_state_dict(saved["gossip"])
+    method.load_state_dict(saved["gossip"])
     comm.bytes_sent[:] = saved["bytes_sent"].numpy()
     comm.messages_sent[:] = saved["messages_sent"].numpy()
     torch.set_rng_state(saved["rng"])
@@ -391,7 +391,7 @@ def build_loader(cfg: dict, dataset, comm):
     return data.WorkerLoader(dataset, partition, cfg["batch_size"], comm.first_worker, comm.num_local, cfg["seed"], cfg["augment"])
 
 
-def build_gossip(cfg: dict, comm, topology) -> methods.Method:
+def build_method(cfg: dict, comm, topology) -> methods.Method:
     """The `optimizer` key's registered method, with the `optimizer_<setting>` keys as its settings."""
     return methods.build(cfg["optimizer"], comm, topology, **names.settings_of(cfg))
 

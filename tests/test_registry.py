@@ -73,3 +73,11 @@ def test_a_partial_factory_gets_the_settings_its_signature_names(tmp_path):
         assert final_errors(got) == final_errors(want)
     finally:
         del methods.METHODS["half-gamma"]
+
+
+def test_method_is_read_as_each_entrypoints_key():
+    import train
+
+    assert train.validated(dict(train._DEFAULTS, method="dpsgd"))["optimizer"] == "dpsgd"
+    config = gossip_run.configuration.apply_overrides(gossip_run.DEFAULTS, ["method=moniqua", "optimizer_theta=1.0"])
+    assert gossip_run.check(config)["algorithm"] == "moniqua"

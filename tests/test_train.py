@@ -160,7 +160,7 @@ def gossip_bytes_per_step(optimizer, steps, **extra):
     torch.manual_seed(0)
     workers = StackedReplicas(models.build("resnet20"), n, torch.device("cpu"))
     cfg = train.validated(dict(DEFAULTS, optimizer=optimizer, n_workers=n, **extra))
-    gossip = train.build_gossip(cfg, comm, topologies.build("ring", n))
+    gossip = train.build_method(cfg, comm, topologies.build("ring", n))
     for _ in range(steps):
         gossip.step(workers.params)
     return comm.bytes_sent[0] * 8, workers

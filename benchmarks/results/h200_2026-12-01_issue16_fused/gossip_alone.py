@@ -3,7 +3,7 @@ import sys, time, torch
 sys.path.insert(0, ".")
 from powergossip import algorithms, kernels, models, topologies, comm as comm_module
 from powergossip.models.stacked import StackedReplicas
-from benchmarks.simulation_efficiency import build_gossip
+from benchmarks.simulation_efficiency import build_method
 
 comm = comm_module.Communicator(16, "cuda")
 workers = StackedReplicas(models.build("resnet18"), 16, comm.device, compute="loop")
@@ -13,7 +13,7 @@ with torch.no_grad():
 topology = topologies.build("ring", 16)
 
 def timed(name, steps=20):
-    gossip = build_gossip(name, comm, topology)
+    gossip = build_method(name, comm, topology)
     for _ in range(3):
         gossip.step(workers.params)
     torch.cuda.synchronize(); start = time.perf_counter()

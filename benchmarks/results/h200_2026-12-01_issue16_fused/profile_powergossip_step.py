@@ -5,7 +5,7 @@ from torch.profiler import profile, ProfilerActivity
 from powergossip import models, topologies, comm as comm_module
 from powergossip.models.stacked import StackedReplicas
 from powergossip.step import nesterov_sgd_step, weight_decays
-from benchmarks.simulation_efficiency import build_gossip
+from benchmarks.simulation_efficiency import build_method
 
 comm = comm_module.Communicator(16, "cuda")
 torch.manual_seed(0)
@@ -15,7 +15,7 @@ momenta = [torch.zeros_like(p) for p in workers.params]
 decays = weight_decays(template, workers.parameter_names, 1e-4)
 x = torch.randn(16, 128, 3, 32, 32, device="cuda"); y = torch.randint(0, 10, (16, 128), device="cuda")
 for name in ["no-gossip", "power-gossip", "power-gossip-2"]:
-    gossip = build_gossip(name, comm, topologies.build("ring", 16))
+    gossip = build_method(name, comm, topologies.build("ring", 16))
     def step():
         workers.gradients(x, y)
         if gossip is not None:
