@@ -6,6 +6,6 @@ import sys
 from setuptools import setup
 
 if "develop" in sys.argv[1:]:
-    sys.exit("powergossip: an editable install needs pip >= 21.3 (PEP 660); "
-             "upgrade it with `python -m pip install --upgrade pip`, then `pip install -e .` again")
+    sys.exit("powergossip: an editable install needs pip >= 21.3 and setuptools >= 64 (PEP 660); upgrade them with "
+             "`python -m pip install --upgrade pip setuptools`, then `pip install -e .` again")
 setup()

@@ -224,7 +224,7 @@ def diffusion_rates(config) -> list[float]:
 
 
 def thetas(config) -> list[float | None]:
-    if resolve(config["algorithm"])[0] != "moniqua":
+    if "theta" not in methods.METHODS[resolve(config["algorithm"])[0]].setting_names():  # Moniqua's, or a method of yours
         return [None]
     if config["optimizer_theta"] is not None:
         return [float(v) for v in _as_list(config["optimizer_theta"])]

@@ -28,7 +28,7 @@ The kernels work on flat tensor-major buffers: tensor k's `[L, n_k]` stack occup
 how `models.stacked.StackedReplicas` allocates its parameters, so that no copy is needed).
 PowerGossip's matrices are a subset of those stacks, with vectors between them
 (`in_one_storage`: their offsets in the stretch of storage that holds them all). Used by
-algorithms.py when the tensors are on a CUDA device and Triton imports (or under Triton's
+the methods (powergossip/methods/) and compressors.pack_bits when the tensors are on a CUDA device and Triton imports (or under Triton's
 CPU interpreter, TRITON_INTERPRET=1, which the tests use on CPU).
 """
 from __future__ import annotations
@@ -428,6 +428,7 @@ def _blocks(layout: Layout) -> tuple:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """`compressors.pack_bits` (which calls it on a GPU) in one kernel: the same bytes."""
+    codes = codes.contiguous()  # the kernel reads rows of `width` codes side by side
     rows, width = codes.shape
     num_bytes = -(-width * bits // 8)
     packed = torch.empty((rows, num_bytes), dtype=torch.uint8, device=codes.device)

@@ -9,11 +9,11 @@ pip's torch has no MPI backend, so under mpirun we only use MPI to agree on a
 rendezvous, then everyone joins `torch.distributed` with NCCL (every process has a
 GPU of its own) or Gloo (CPU tensors; GPU tensors are staged through the host).
 On one host nothing listens beyond loopback: the rendezvous is a file store in a
-private folder (mode 0700) that rank 0 makes, broadcasts and removes at exit (a TCP
+private folder (mode 0700) that process 0 makes, broadcasts and removes at exit (a TCP
 store would listen, unauthenticated, on every interface), and GLOO_SOCKET_IFNAME /
 NCCL_SOCKET_IFNAME default to the loopback interface (also under torchrun when
 LOCAL_WORLD_SIZE == WORLD_SIZE). `mpirun_command` keeps MPI's own traffic off TCP.
-Across hosts, rank 0 picks a free port and broadcasts `host:port` (a TCP store);
+Across hosts, process 0 picks a free port and broadcasts `host:port` (a TCP store);
 the interfaces are whatever the user configures.
 
 What moves messages once the job is up is comm.py's (which imports this module; this
@@ -158,7 +158,7 @@ def _keep_mpi_off_tcp_on_one_host() -> None:
 
 def _private_folder() -> str:
     """A folder only this user can enter (mkdtemp makes it 0700) for the file store, named
-    after this process. Folders of earlier jobs whose rank 0 is gone (a job killed through
+    after this process. Folders of earlier jobs whose process 0 is gone (a job killed through
     mpirun itself ends before anyone can remove its folder) are removed first."""
     for stale in glob.glob(os.path.join(tempfile.gettempdir(), "powergossip-store-*-*")):
         pid = os.path.basename(stale).split("-")[2]

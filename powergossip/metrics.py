@@ -71,7 +71,7 @@ class EpochTotals:
 
 
 class Recorder:
-    """Writes records (rank 0): metrics.jsonl, TensorBoard and the log_metric hook.
+    """Writes records (process 0): metrics.jsonl, TensorBoard and the log_metric hook.
     bits/messages are per worker (mean over workers, cumulative)."""
 
     def __init__(self, comm, folder: str, run_id: str, append: bool, upto_epoch: int, log_metric):

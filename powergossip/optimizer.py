@@ -86,13 +86,17 @@ class DecentralizedOptimizer(_OneWorkerPerProcess):
         parameters = list(dict.fromkeys(model.parameters()))  # tied parameters once
         if not parameters:
             raise ValueError("the model has no parameters to gossip")
+        name = methods.registered_name(algorithm)  # the name and the settings checked before any communication
+        settings = {names.KEY_ALIASES.get(key, key).removeprefix(names.SETTING_PREFIX): value for key, value in hyper.items()}
+        try:
+            methods.METHODS[name].settings(settings, strict=True)
+        except ValueError as problem:
+            raise ValueError(f"method {name}: {problem}") from None
         super().__init__(parameters, device)  # neighbours agree at step 0 (as in the paper)
         world_size = self.comm.n_workers
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
             raise ValueError(f"the topology has {self.topology.n_workers} workers but {world_size} processes were launched")
-        name = methods.registered_name(algorithm)
-        settings = {names.KEY_ALIASES.get(key, key).removeprefix(names.SETTING_PREFIX): value for key, value in hyper.items()}
         self.gossip = methods.build(name, self.comm, self.topology, strict=True, **settings)
         if isinstance(self.gossip, PushSum):
             # SGP steps the numerator x at learning rate lr (z at lr / w); a wrapped optimizer of any

@@ -13,7 +13,7 @@ import torch
 
 
 class HalfEdges:
-    """The local half-edges of a topology, in a fixed order, with what algorithms need.
+    """The local half-edges of a topology, in a fixed order, with what the methods need.
 
     Half-edge h is (self_worker[h] -> neighbor[h]); they are ordered by local worker,
     then by neighbour id, so per-worker sums over half-edges happen in the same order

@@ -443,7 +443,7 @@ class Checkpoints:
         not know yet take their `defaults`)."""
         state, mine = _read_checkpoint(self.path)
         latest = self.comm.gather_objects(mine)
-        where = "; ".join(f"process {rank}: {_describe(found)}" for rank, found in enumerate(latest))
+        where = "; ".join(f"process {index}: {_describe(found)}" for index, found in enumerate(latest))
         if all(found == "missing" for found in latest):
             raise ConfigError(f"resume=true but {self.folder} holds no checkpoint (none was saved yet, checkpoint_every=0 "
                               f"saves only on a signal, or the run wrote elsewhere); to start afresh instead, pass "

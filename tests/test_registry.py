@@ -81,3 +81,69 @@ def test_method_is_read_as_each_entrypoints_key():
     assert train.validated(dict(train._DEFAULTS, method="dpsgd"))["optimizer"] == "dpsgd"
     config = gossip_run.configuration.apply_overrides(gossip_run.DEFAULTS, ["method=moniqua", "optimizer_theta=1.0"])
     assert gossip_run.check(config)["algorithm"] == "moniqua"
+
+
+class KeywordGossip(algorithms.SimpleGossip):
+    """A user's subclass with a keyword constructor: its signature, not SimpleGossip's config, names its settings."""
+
+    def __init__(self, comm, topology, rank=1, diffusion_rate=1.0):
+        super().__init__(comm, topology, diffusion_rate=diffusion_rate)
+        self.factor_rank = rank
+
+
+def test_a_subclass_with_a_keyword_constructor_gets_its_signatures_settings():
+    algorithms.register_algorithm("keyword-gossip", KeywordGossip, needs_tuning=False)
+    try:
+        assert methods.METHODS["keyword-gossip"].config is None
+        comm, ring = comm_module.Communicator(4, "cpu"), topologies.build("ring", 4)
+        assert methods.build("keyword-gossip", comm, ring, rank=4, keep_ratio=0.5).factor_rank == 4
+        partial = functools.partial(KeywordGossip, diffusion_rate=0.5)
+        algorithms.register_algorithm("keyword-partial", partial, needs_tuning=False)
+        assert methods.build("keyword-partial", comm, ring, rank=3).factor_rank == 3
+    finally:
+        methods.METHODS.pop("keyword-gossip", None)
+        methods.METHODS.pop("keyword-partial", None)
+
+
+def test_a_factory_with_a_config_but_no_graph_needs_is_checked_on_the_graph_before_any_work():
+    import train
+    from powergossip.methods.compressed import CompressedConfig, with_compressor
+
+    algorithms.register_algorithm("my-choco", with_compressor(algorithms.ChocoGossip), config=CompressedConfig)
+    try:
+        with pytest.raises(errors.ConfigError, match="ChocoGossip needs"):
+            train.validated(dict(train._DEFAULTS, optimizer="my-choco", topology="one_peer_exponential"))
+    finally:
+        del methods.METHODS["my-choco"]
+
+
+def test_a_constructor_takes_a_config_or_settings_not_both():
+    comm, ring = comm_module.Communicator(4, "cpu"), topologies.build("ring", 4)
+    with pytest.raises(TypeError, match="not both"):
+        algorithms.PowerGossip(comm, ring, algorithms.PowerGossipConfig(), rank=2)
+    with pytest.raises(TypeError, match="diffusion_rate=0.5, not a positional 0.5"):
+        algorithms.SimpleGossip(comm, ring, 0.5)
+
+
+@dataclass(kw_only=True)
+class ThetaConfig(algorithms.GossipConfig):
+    theta: float  # a bound of the user's own method
+
+
+class ThetaGossip(algorithms.SimpleGossip):
+    config_class = ThetaConfig
+
+    def __init__(self, comm, topology, config: ThetaConfig):
+        super().__init__(comm, topology, diffusion_rate=config.diffusion_rate)
+
+
+def test_gossip_run_hands_theta_to_any_method_that_takes_it(tmp_path):
+    algorithms.register_algorithm("theta-gossip", ThetaGossip, needs_tuning=False)
+    try:
+        records = run_main(tmp_path / "out", algorithm="theta_gossip", optimizer_theta=[1.0, 2.0], n_workers=4,
+                           matrix_size=4, num_steps=3, topology="ring")
+        assert sorted({r["tags"]["theta"] for r in records if r["name"] == "final_error"}) == [1.0, 2.0]
+        with pytest.raises(errors.SettingError, match="theta must be given: the method has no default for it"):
+            methods.check("theta-gossip", topologies.build("ring", 4), diffusion_rate=1.0)
+    finally:
+        del methods.METHODS["theta-gossip"]

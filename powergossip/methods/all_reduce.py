@@ -15,5 +15,4 @@ class AllReduce(Method):
             x.copy_(mean.unsqueeze(0).expand_as(x))
 
 
-register_algorithm("all-reduce", lambda comm, topology: AllReduce(comm, topology), needs_tuning=False, local_step_first=True,
-                   graph_needs=AllReduce)
+register_algorithm("all-reduce", AllReduce, needs_tuning=False, local_step_first=True)

@@ -33,6 +33,7 @@ from powergossip.errors import SettingError, require  # noqa: F401 (SettingError
 # Purposes that keep the random streams of different uses apart (see compressors.WorkerRandom).
 COMPRESSOR_STREAM, MONIQUA_STREAM, POWERSGD_STREAM = 1, 2, 3
 FUSED = "fused GPU kernels"  # a method's backend when its kernels run (else "torch path: <why>")
+_ANNOUNCED: set[str] = set()  # the backend lines this process has printed
 
 
 @dataclass(kw_only=True)
@@ -43,6 +44,21 @@ class GossipConfig:
 
     def __post_init__(self):
         require(self.diffusion_rate > 0, "diffusion_rate", f"must be > 0, got {self.diffusion_rate}")
+
+
+def own_config(method_class) -> type | None:
+    """The settings dataclass `method_class` declares in its own body (not one it inherits)."""
+    return vars(method_class).get("config_class")
+
+
+def configured(config_class: type, config, settings: dict):
+    """A method's config: `config` as given, or built from keyword `settings` (never both)."""
+    if config is None:
+        return config_class(**settings)
+    if settings or not isinstance(config, config_class):
+        raise TypeError(f"give a {config_class.__name__} or its settings as keywords, not "
+                        f"{type(config).__name__ if not settings else 'both'} (e.g. diffusion_rate=0.5, not a positional 0.5)")
+    return config
 
 
 def kernel_problem(*stack_lists) -> str | None:
@@ -150,7 +166,9 @@ class Method:
     # PowerGossip's half-steps also across processes); False (settable per instance): the torch path.
     fused_kernels = True
 
-    config_class: type | None = None  # a class whose constructor takes (comm, topology, config): its settings dataclass
+    # A class whose constructor takes (comm, topology, config) declares its settings dataclass here, in
+    # its own body (a subclass with a keyword constructor does not inherit it: its signature speaks).
+    config_class: type | None = None
     backend: str | None = None  # FUSED or "torch path: <why>", chosen once, at the first step (_use_fused)
 
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
@@ -193,16 +211,19 @@ class Method:
             if not self.fused_kernels:
                 why_not = "fused_kernels=False"
             self.backend = FUSED if why_not is None else f"torch path: {why_not}"
-            if self.comm.process_index == 0 and self.comm.local_workers:
-                print(f"{type(self).__name__}: {self.backend}", flush=True)
+            line = f"{type(self).__name__}: {self.backend}"
+            if self.comm.process_index == 0 and self.comm.local_workers and line not in _ANNOUNCED:
+                _ANNOUNCED.add(line)  # once per process: a consensus sweep builds the method anew per setting
+                print(line, flush=True)
         return self.backend == FUSED
 
     def _kernel_layout(self, senders, params, *states) -> kernels.Layout | None:
         """The flat layout the fused kernels use for `params`, when this round runs them: the
         backend is FUSED (parameters and states float32 on a GPU with Triton, at most
         kernels.MAX_ROWS rows) and every message of the round stays in the process (`senders`)."""
-        why_not = "a round's messages leave the process" if senders is None else kernel_problem(params, *states)
-        if not self._use_fused(why_not) or senders is None:  # decided at the first step; a later round that
+        why_not = ("in_process_mixing=False" if not self.in_process_mixing else "a round's messages leave the process"
+                   if senders is None else kernel_problem(params, *states))
+        if not self._use_fused(why_not) or why_not is not None:  # decided at the first step; a later round that
             return None  # sends across processes (a graph over time) takes the torch path
         layout = self._layout
         if layout is None or layout.shapes != [p.shape for p in params]:

@@ -1,7 +1,7 @@
 """D-PSGD's gossip (Lian et al. 2017): every worker mixes its neighbours' full parameters."""
 from __future__ import annotations
 
-from powergossip.methods.base import GossipConfig, Method
+from powergossip.methods.base import GossipConfig, Method, configured
 from powergossip.methods.registry import register_algorithm
 
 
@@ -14,7 +14,7 @@ class SimpleGossip(Method):
     config_class = GossipConfig
 
     def __init__(self, comm, topology, config: GossipConfig | None = None, **settings):
-        config = GossipConfig(**settings) if config is None else config
+        config = configured(GossipConfig, config, settings)
         super().__init__(comm, topology, config.diffusion_rate)
 
     def step(self, params):

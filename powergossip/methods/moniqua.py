@@ -8,7 +8,7 @@ import torch
 
 from powergossip import kernels
 from powergossip.compressors import WorkerRandom, pack_bits, unpack_bits
-from powergossip.methods.base import MONIQUA_STREAM, GossipConfig, Method, require, sum_into_workers
+from powergossip.methods.base import MONIQUA_STREAM, GossipConfig, Method, configured, require, sum_into_workers
 from powergossip.methods.registry import register_algorithm
 
 
@@ -35,7 +35,7 @@ class MoniquaGossip(Method):
     delta = 1 / 3
 
     def __init__(self, comm, topology, config: MoniquaConfig | None = None, **settings):
-        config = MoniquaConfig(**settings) if config is None else config
+        config = configured(MoniquaConfig, config, settings)
         super().__init__(comm, topology, config.diffusion_rate)
         self.theta, seed = float(config.theta), config.seed
         self.B = 2 * self.theta / (1 - 2 * self.delta)

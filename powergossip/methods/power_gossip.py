@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from powergossip import kernels, topologies
-from powergossip.methods.base import (GossipConfig, Method, check_layout, edge_seed, from_worker_slots, matrix_groups,
-                                      matrix_view, orthogonalize_, require, to_worker_slots)
+from powergossip.methods.base import (FUSED, GossipConfig, Method, check_layout, configured, edge_seed, from_worker_slots,
+                                      matrix_groups, matrix_view, orthogonalize_, require, to_worker_slots)
 from powergossip.methods.dpsgd import SimpleGossip
 from powergossip.methods.large_parameters import OnlyOnLargeParameters
 from powergossip.methods.registry import register_algorithm
@@ -114,7 +114,7 @@ class PowerGossip(Method):
     ROWS_KEPT = 64  # distinct rounds' state rows kept on the device (a periodic graph's phases)
 
     def __init__(self, comm, topology, config: PowerGossipConfig | None = None, **settings):
-        config = PowerGossipConfig(**settings) if config is None else config
+        config = configured(PowerGossipConfig, config, settings)
         super().__init__(comm, topology, config.diffusion_rate)
         self.rank, self.num_iterations, self.warm_start = config.rank, config.num_iterations, config.warm_start
         self.round_weights, self.seed = config.round_weights, config.seed
@@ -308,17 +308,25 @@ class PowerGossip(Method):
         """The kernels' layout of the matrices and the parameters' storage as one flat tensor, when
         this half-step runs the fused kernels: float32 parameters in one storage on a GPU
         (models.stacked.StackedReplicas keeps them so), factors the kernels hold; else None. The
-        sign variant (round_weights) keeps the torch path: its start vectors are not orthonormalized."""
-        storage = kernels.in_one_storage(params) if kernels.available(params, self.p, self.q) else None
-        why_not = ("round_weights (the sign variant)" if self.round_weights
-                   else "not float32 stacks in one storage on a GPU with Triton" if storage is None else None)
-        if not self._use_fused(why_not) or not edges.num:
+        sign variant (round_weights) keeps the torch path: its start vectors are not orthonormalized.
+        The backend is decided (and said) at the first half-step; a later round whose degree needs
+        more factor columns than the kernels hold (a graph over time) takes the torch path."""
+        if self.backend is not None and self.backend != FUSED:
             return None
-        x, offsets = storage
-        layout = self._matrix_layout
-        if layout is None or layout.offsets != offsets:  # the groups are the layout's; the stacks may have moved
-            layout = self._matrix_layout = kernels.MatrixLayout(self.groups, offsets, x.device)
-        return (layout, x) if kernels.fits(layout, edges.max_degree) else None
+        storage = kernels.in_one_storage(params) if kernels.available(params, self.p, self.q) else None
+        layout = None
+        if storage is not None and not self.round_weights:
+            x, offsets = storage
+            layout = self._matrix_layout
+            if layout is None or layout.offsets != offsets:  # the groups are the layout's; the stacks may have moved
+                layout = self._matrix_layout = kernels.MatrixLayout(self.groups, offsets, x.device)
+        fits = layout is not None and kernels.fits(layout, edges.max_degree)
+        why_not = ("round_weights (the sign variant)" if self.round_weights
+                   else "not float32 stacks in one storage on a GPU with Triton" if storage is None
+                   else f"more than {kernels.MAX_FACTOR_COLUMNS} factor columns (rank x degree)" if not fits else None)
+        if not self._use_fused(why_not) or not fits or not edges.num:
+            return None
+        return layout, storage[0]
 
     def _fused_half_step(self, fused, graph, edges, p, q, sign, weight_of_edge, left: bool) -> None:
         """_half_step in a few launches over all matrices (kernels.py): the factors of every group

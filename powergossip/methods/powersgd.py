@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from powergossip.compressors import worth_compressing
-from powergossip.methods.base import POWERSGD_STREAM, Method, check_layout, matrix_groups, matrix_view, orthogonalize_, require
+from powergossip.methods.base import (POWERSGD_STREAM, Method, check_layout, configured, matrix_groups, matrix_view,
+                                      orthogonalize_, require)
 from powergossip.methods.registry import register_algorithm
 
 
@@ -61,7 +62,7 @@ class StackedPowerSGD(Method):
     config_class = PowerSGDConfig
 
     def __init__(self, comm, topology=None, config: PowerSGDConfig | None = None, **settings):
-        config = PowerSGDConfig(**settings) if config is None else config
+        config = configured(PowerSGDConfig, config, settings)
         super().__init__(comm, topology)
         self.rank, self.num_iterations = config.rank, config.num_iterations
         self.min_compression_rate, self.warm_start = float(config.min_compression_rate), config.warm_start

@@ -23,6 +23,7 @@ class PushSum(SimpleGossip):
     is SGP's step x_i -= lr grad f(z_i) on the numerator. Bytes: x_i and the weight, one scalar."""
 
     graph_needs = "column_stochastic"
+    config_class = GossipConfig
 
     def __init__(self, comm, topology, config: GossipConfig | None = None, **settings):
         super().__init__(comm, topology, config, **settings)

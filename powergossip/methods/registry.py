@@ -22,7 +22,7 @@ import torch
 
 from powergossip import names, topologies
 from powergossip.errors import SettingError
-from powergossip.methods.base import Method
+from powergossip.methods.base import Method, own_config
 
 ACTS_ON = ("parameters", "gradients")
 
@@ -47,7 +47,7 @@ class Registration:
             return sorted((field.name for field in dataclasses.fields(self.config)), key=lambda name: name not in own)
         built = _configured_class(self.factory)
         if built is not None:  # a partial of a Method class with a config: its fields, less those the partial fixes
-            return [f.name for f in dataclasses.fields(built.config_class) if f.name not in self.factory.keywords]
+            return [f.name for f in dataclasses.fields(own_config(built)) if f.name not in self.factory.keywords]
         parameters = inspect.signature(self.factory).parameters
         return [p for p in list(parameters)[2:] if parameters[p].kind is not parameters[p].VAR_KEYWORD]
 
@@ -69,6 +69,9 @@ class Registration:
                                  + (f"; not {', '.join(unknown)}" if unknown else "")
                                  + (f"; it needs {', '.join(missing)}" if missing else ""))
         chosen = given if self._takes_any() else {s: value for s, value in given.items() if s in takes}
+        missing = [s for s in takes if self._required(s) and s not in chosen]
+        if missing:
+            raise SettingError(missing[0], "must be given: the method has no default for it")
         return self.config(**chosen) if self.config is not None else chosen
 
     def _required(self, setting: str) -> bool:
@@ -77,7 +80,7 @@ class Registration:
             return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         built = _configured_class(self.factory)
         if built is not None:
-            return Registration(built, config=built.config_class)._required(setting)
+            return Registration(built, config=own_config(built))._required(setting)
         parameter = inspect.signature(self.factory).parameters[setting]
         return parameter.default is parameter.empty
 
@@ -90,7 +93,7 @@ def _configured_class(factory) -> type | None:
     """The Method class a functools.partial builds, when that class takes a config (its
     settings are then the config's fields); else None."""
     target = factory.func if isinstance(factory, functools.partial) else None
-    if isinstance(target, type) and issubclass(target, Method) and target.config_class is not None:
+    if isinstance(target, type) and issubclass(target, Method) and own_config(target) is not None:
         return target
     return None
 
@@ -117,7 +120,7 @@ def register_algorithm(name: str, factory: Callable[..., Method], acts_on: str =
     if config is not None and not dataclasses.is_dataclass(config):
         raise ValueError(f"config={config!r} must be a dataclass of the method's settings")
     if isinstance(factory, type) and issubclass(factory, Method):  # a Method class: its own config and graph needs
-        config = factory.config_class if config is None else config
+        config = own_config(factory) if config is None else config
         graph_needs = factory if graph_needs is None else graph_needs
     needs, user = (graph_needs.graph_needs, graph_needs.__name__) if graph_needs is not None else (None, None)
     METHODS[names.canonical_name(name)] = Registration(factory, acts_on, needs_tuning, local_step_first, config, needs, user)
@@ -154,13 +157,13 @@ class _StandIn:
 def check(name: str, topology, **settings) -> None:
     """The checks of method `name` before any work; SettingError (or, from a factory without a
     config, its own ValueError) says what is wrong. With a config: the config's checks and the
-    graph's. Without: the factory is run against a stand-in communicator (a constructor that
-    needs more of a communicator than the stand-in has is checked when the run builds it)."""
+    graph's. Otherwise (no config, or a factory whose graph needs are not known): the factory is
+    run against a stand-in communicator (a constructor that needs more of a communicator than
+    the stand-in has is checked when the run builds it)."""
     registration = METHODS[registered_name(name)]
     chosen = registration.settings(settings)
-    if registration.config is not None:
-        if registration.graph_needs is not None:
-            topologies.check_requirement(topology, registration.graph_needs, registration.graph_user)
+    if registration.config is not None and registration.graph_needs is not None:
+        topologies.check_requirement(topology, registration.graph_needs, registration.graph_user)
         return
     try:
         registration.build(_StandIn(topology.n_workers), topology, chosen)
