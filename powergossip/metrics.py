@@ -152,17 +152,28 @@ class Recorder:
 
 @torch.no_grad()
 def evaluate(model, dataset, cfg) -> tuple[float, float]:
-    """Test loss and accuracy (perplexity-ready mean loss per token for the language model)."""
+    """Test loss and accuracy (perplexity-ready mean loss per token for the language model) over
+    exactly the first min(max_test_examples, test set) examples, for any evaluation batch size:
+    images in order; the language model's predicted tokens window by window, a window's row by row."""
     model.eval()
     total_loss, correct, count = 0.0, 0.0, 0
     hidden = None
-    for x, y in data.test_batches(dataset, cfg["evaluation_batch_size"] if not dataset.is_language_model else cfg["batch_size"],
-                                  **({"bptt": cfg["bptt"]} if dataset.is_language_model else {})):
-        if cfg["max_test_examples"] is not None and count >= cfg["max_test_examples"]:
+    limit = math.inf if cfg["max_test_examples"] is None else cfg["max_test_examples"]
+    if dataset.is_language_model:
+        batches = data.test_batches(dataset, cfg["batch_size"], bptt=cfg["bptt"])
+    else:  # no batch larger than the limit: nothing beyond it is normalized or run
+        batches = data.test_batches(dataset, min(cfg["evaluation_batch_size"], limit))
+    for x, y in batches:
+        room = limit - count  # examples still to evaluate
+        if room <= 0:
             break
         if dataset.is_language_model:
             logits, hidden = model(x, hidden)
+            if y.numel() > room:  # the window's first `room` predictions
+                logits, y = logits.reshape(y.numel(), -1)[:room], y.reshape(-1)[:room]
         else:
+            if len(y) > room:
+                x, y = x[:room], y[:room]
             logits = model(x)
         loss, right = loss_and_correct(logits, y, reduction="sum")
         total_loss, correct, count = total_loss + loss.item(), correct + right.item(), count + y.numel()
