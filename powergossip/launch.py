@@ -36,8 +36,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# Seconds a collective or receive may wait before the job is declared dead.
-TIMEOUT_SECONDS = float(os.environ.get("POWERGOSSIP_TIMEOUT", "600"))
+# Seconds a collective or receive may wait before the job is declared dead (and a frozen
+# process's job ends): POWERGOSSIP_TIMEOUT, by default 5 minutes, more than the longest wait
+# of a healthy job we know (compile_replicas' first step, a minute or two; a checkpoint on slow
+# storage), less than the 10 a frozen process held a job before. README, "Runs and checkpoints".
+DEFAULT_TIMEOUT_SECONDS = 300.0
+TIMEOUT_SECONDS = float(os.environ.get("POWERGOSSIP_TIMEOUT", DEFAULT_TIMEOUT_SECONDS))
 
 _MPI_RANK_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 

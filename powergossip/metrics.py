@@ -31,6 +31,7 @@ epochs and MB sent, the spread over workers shaded.
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -85,18 +86,12 @@ class Recorder:
         # Resuming: keep the records of the epochs the checkpoint covers, drop later ones.
         kept = [r for r in runs.read_metrics(folder) if r["epoch"] <= upto_epoch] \
             if append and os.path.exists(os.path.join(folder, "metrics.jsonl")) else []
-        if os.path.exists(os.path.join(folder, "summary.json")):
-            os.remove(os.path.join(folder, "summary.json"))  # the run is not finished until it is written again
         self.file = runs.MetricsFile(folder)
         for record in kept:
             self.file.write(record)
             if record["name"] == "accuracy" and record["tags"].get("split") == "test_avg":
                 self.last_test_avg = record["value"]
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"))
-        except ImportError:
-            self.tensorboard = None
+        self.tensorboard = _tensorboard(folder, kept if append else None)
 
     def count_traffic(self):
         """Bits and messages sent per worker so far (mean over workers); collective."""
@@ -112,10 +107,8 @@ class Recorder:
             self.latest[name, tags["split"]] = float(value)
         values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
         self.file.write({"name": name, **values, "tags": tags})
-        if self.tensorboard is not None and "worker" not in tags:
-            tag = "/".join([name] + [str(v) for v in tags.values()])
-            self.tensorboard.add_scalar(tag, value, epoch)
-            self.tensorboard.add_scalar(f"by_kB_sent/{tag}", value, round(self.bits / 8e3))  # the paper's x-axis
+        if self.tensorboard is not None:
+            _to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
         self.log_metric(name, values, tags)
 
     def epoch_line(self, epoch: int, num_epochs: int) -> str:
@@ -150,19 +143,58 @@ class Recorder:
                 self.tensorboard.close()
 
 
+def _tensorboard(folder: str, kept: list[dict] | None):
+    """A TensorBoard writer into `folder/tensorboard` (None without the tensorboard package).
+    A resumed run (`kept`: the records metrics.jsonl keeps) rewrites TensorBoard's records
+    from them and then removes the earlier event files, which may hold epochs after the
+    checkpoint that a stopped launch wrote: every epoch is shown once."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    earlier = glob.glob(os.path.join(folder, "tensorboard", "events.out.tfevents.*")) if kept is not None else []
+    writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+    for record in kept or []:
+        _to_tensorboard(writer, record)
+    writer.flush()  # the records are in the new file before the old files go
+    for path in earlier:
+        os.remove(path)
+    return writer
+
+
+def _to_tensorboard(writer, record: dict) -> None:
+    """A record without a "worker" tag, against the epoch and against the kB sent per worker."""
+    if "worker" in record["tags"]:
+        return
+    tag = "/".join([record["name"]] + [str(v) for v in record["tags"].values()])
+    writer.add_scalar(tag, record["value"], int(record["epoch"]))
+    writer.add_scalar(f"by_kB_sent/{tag}", record["value"], round(record["bits"] / 8e3))  # the paper's x-axis
+
+
 @torch.no_grad()
 def evaluate(model, dataset, cfg) -> tuple[float, float]:
-    """Test loss and accuracy (perplexity-ready mean loss per token for the language model)."""
+    """Test loss and accuracy (perplexity-ready mean loss per token for the language model) over
+    exactly the first min(max_test_examples, test set) examples, for any evaluation batch size:
+    images in order; the language model's predicted tokens window by window, a window's row by row."""
     model.eval()
     total_loss, correct, count = 0.0, 0.0, 0
     hidden = None
-    for x, y in data.test_batches(dataset, cfg["evaluation_batch_size"] if not dataset.is_language_model else cfg["batch_size"],
-                                  **({"bptt": cfg["bptt"]} if dataset.is_language_model else {})):
-        if cfg["max_test_examples"] is not None and count >= cfg["max_test_examples"]:
+    limit = math.inf if cfg["max_test_examples"] is None else cfg["max_test_examples"]
+    if dataset.is_language_model:
+        batches = data.test_batches(dataset, cfg["batch_size"], bptt=cfg["bptt"])
+    else:  # no batch larger than the limit: nothing beyond it is normalized or run
+        batches = data.test_batches(dataset, min(cfg["evaluation_batch_size"], limit))
+    for x, y in batches:
+        room = limit - count  # examples still to evaluate
+        if room <= 0:
             break
         if dataset.is_language_model:
             logits, hidden = model(x, hidden)
+            if y.numel() > room:  # the window's first `room` predictions
+                logits, y = logits.reshape(y.numel(), -1)[:room], y.reshape(-1)[:room]
         else:
+            if len(y) > room:
+                x, y = x[:room], y[:room]
             logits = model(x)
         loss, right = loss_and_correct(logits, y, reduction="sum")
         total_loss, correct, count = total_loss + loss.item(), correct + right.item(), count + y.numel()

@@ -8,6 +8,7 @@ configurations is configuration.py's.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -402,6 +403,32 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:02.0f} min"
 
 
+def fingerprint(files: dict[str, str]) -> dict[str, list]:
+    """What the files that define a run hold: label -> [size in bytes, BLAKE2b digest of the
+    bytes, the path read] for each of `files` (label -> path: train.py's graph and data files).
+    Checkpoints keep it; a resume compares sizes and digests, never paths (data_dir may move)."""
+    found = {}
+    for label, path in files.items():
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+            found[label] = [os.fstat(f.fileno()).st_size, digest, os.path.abspath(path)]
+    return found
+
+
+def fingerprint_changes(then: dict, now: dict) -> list[str]:
+    """How the files of fingerprint `now` differ from those of `then`, one phrase each."""
+    changes = []
+    for label in dict.fromkeys(list(then) + list(now)):
+        if label not in now:
+            changes.append(f"{label} ({then[label][2]} when the run started) is not read now")
+        elif label not in then:
+            changes.append(f"{label} ({now[label][2]}) was not read when the run started")
+        elif then[label][:2] != now[label][:2]:
+            changes.append(f"{label} ({now[label][2]}) holds other bytes than when the run started "
+                           f"({now[label][0]} bytes now, {then[label][0]} then)")
+    return changes
+
+
 class Checkpoints:
     """This process's checkpoint `rank{r}.pt` and the one before it, `rank{r}.previous.pt` (kept
     so that a file damaged on disk costs one checkpoint interval, not the run). Written
@@ -409,22 +436,23 @@ class Checkpoints:
     the save they continue from (epoch, step, run id).
 
     A save is a dict: the `header` (where the run is, the launch layout, the run's id and
-    configuration), which is all this class reads, and whatever the run keeps beside it
-    (train.py's `snapshot`): what torch.load(weights_only=True) reads back (tensors, numbers,
-    strings, lists, dicts, None)."""
+    configuration, the fingerprint of the files that define it), which is all this class
+    reads, and whatever the run keeps beside it (train.py's `snapshot`): what
+    torch.load(weights_only=True) reads back (tensors, numbers, strings, lists, dicts, None)."""
 
-    def __init__(self, folder: str, comm):
-        self.folder, self.comm = folder, comm
+    def __init__(self, folder: str, comm, fingerprint: dict | None = None):
+        self.folder, self.comm, self.fingerprint = folder, comm, fingerprint  # fingerprint: of the files that define the run
         self.path = os.path.join(folder, f"rank{comm.process_index}.pt")
         self.previous = os.path.join(folder, f"rank{comm.process_index}.previous.pt")
         self.last = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed
 
     def header(self, epoch: int, step_in_epoch: int, run: dict) -> dict:
         """What a save starts with: `epoch` whole epochs and `step_in_epoch` steps of the next done,
-        the launch layout, and `run`, a dict with the run's "run_id" and "config" (and what
-        else the run keeps there). A save of an older train.py has no "run"."""
+        the launch layout, `run`, a dict with the run's "run_id" and "config" (and what else
+        the run keeps there), and this run's `fingerprint`. A save of an older train.py has no
+        "run" or no "fingerprint"."""
         return {"epoch": epoch, "step_in_epoch": step_in_epoch, "layout": [self.comm.n_workers, self.comm.world_size],
-                "run": run}
+                "run": run, "fingerprint": self.fingerprint}
 
     def save(self, state: dict) -> None:
         """Writes `state` (a header and the run's own entries); a non-finite float in it is refused."""
@@ -440,7 +468,8 @@ class Checkpoints:
         ahead, costs one checkpoint interval). A missing latest file, a save of another
         layout or run, or no common save stops every process with one message. The save's
         configuration must equal `cfg` but for the keys in `may_change` (keys the run did
-        not know yet take their `defaults`)."""
+        not know yet take their `defaults`), and the files of its fingerprint must hold the
+        bytes they held then."""
         state, mine = _read_checkpoint(self.path)
         latest = self.comm.gather_objects(mine)
         where = "; ".join(f"process {index}: {_describe(found)}" for index, found in enumerate(latest))
@@ -477,8 +506,27 @@ class Checkpoints:
         else:
             stored = defaults | state["run"]["config"]
             self._check_same_run(stored, cfg, defaults, may_change)
+        self._check_same_files(state.get("fingerprint"))
         self.last = (state["epoch"], state["step_in_epoch"])
         return state
+
+    def _check_same_files(self, then: dict | None) -> None:
+        """The files that define the run (`fingerprint`) hold what they held when the run
+        started, on every process; a save written before fingerprints is taken with a warning."""
+        if self.fingerprint is None:
+            return
+        changes = self.comm.gather_objects(None if then is None else fingerprint_changes(then, self.fingerprint))
+        if None in changes and self.comm.process_index == 0:
+            warnings.warn(f"{self.path} was written by an older version of train.py: it has no fingerprint of the files "
+                          f"that define the run ({', '.join(self.fingerprint) or 'none'}), so they could not be checked")
+        for process, changed in enumerate(changes):
+            if changed:
+                run_folder = os.path.dirname(self.folder)
+                raise ConfigError(
+                    "resume=true but the files that define the run changed since it started"
+                    + (f" (process {process})" if self.comm.world_size > 1 else "") + ": " + "; ".join(changed)
+                    + f". A resumed run reads the same graph and data; put the files back, pass overwrite=true to start "
+                    f"afresh (it deletes the results in {run_folder}), or start a new run in another output_dir")
 
     def _check_same_run(self, stored: dict, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> None:
         """The save belongs to the run in this folder (its config.yaml) and to the run asked for."""

@@ -634,12 +634,11 @@ def from_schedule(path, n_workers):
     or `file:PATH` (an edge list, PATH relative to the schedule's folder; a worker may have
     no edge that round); '#' starts a comment, blank lines are skipped. The graphs together
     must connect the workers. A line that cannot be read is named by its number."""
-    folder = os.path.dirname(os.fspath(path))
     graphs = []
-    for line_number, text in _lines_of(path):
+    for line_number, text, edge_list in _schedule_lines(path):
         try:
-            if text.startswith("file:"):
-                graph = from_edge_list(os.path.join(folder, text[len("file:"):]), n_workers, connected=False)
+            if edge_list is not None:
+                graph = from_edge_list(edge_list, n_workers, connected=False)
             elif text.startswith("schedule:"):
                 raise ValueError("a schedule lists static graphs, not another schedule")
             else:
@@ -653,6 +652,27 @@ def from_schedule(path, n_workers):
     if not graphs:
         raise ValueError(f"schedule {path} lists no graph; write one topology name or file:PATH per line")
     return TimeVarying(n_workers, f"schedule {os.path.basename(os.fspath(path))}", graphs.__getitem__, period=len(graphs))
+
+
+def _schedule_lines(path):
+    """(line number, text, the edge list's path for a `file:PATH` line, else None) of a
+    schedule's lines; PATH is relative to the schedule's folder."""
+    folder = os.path.dirname(os.fspath(path))
+    for line_number, text in _lines_of(path):
+        yield line_number, text, os.path.join(folder, text[len("file:"):]) if text.startswith("file:") else None
+
+
+def files_read(name) -> dict[str, str]:
+    """The files `build(name, ...)` reads, each under a label that names it: an edge list
+    (`file:PATH`), a schedule and the edge lists it lists (`schedule:FILE`); none for a graph
+    built from its name or given as an object. A run's fingerprint hashes them (runs.fingerprint)."""
+    if not isinstance(name, str) or not name.startswith(("file:", "schedule:")):
+        return {}
+    if name.startswith("file:"):
+        return {f"edge list {name[len('file:'):]}": name[len("file:"):]}
+    path = name[len("schedule:"):]
+    listed = {f"edge list {edge_list}": edge_list for _, _, edge_list in _schedule_lines(path) if edge_list is not None}
+    return {f"schedule {path}": path} | listed
 
 
 def from_callable(graph_of_round, n_workers, period=None, name=None):

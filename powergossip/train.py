@@ -92,7 +92,7 @@ config = dict(
     gradient_clipping=None,  # clip each worker's gradient norm (the LSTM: 0.4)
     bptt=30,  # language model: tokens per window
     max_batches_per_epoch=None,  # cut epochs short (quick runs, tests)
-    max_test_examples=None,  # evaluate on the first N test examples only
+    max_test_examples=None,  # evaluate on exactly the first N test examples (predicted tokens for the language model)
     evaluation_batch_size=1000,  # batch size of evaluation passes
     checkpoint_every=1,  # epochs between checkpoints (0: only on SIGTERM/SIGINT)
     network_latency_s=1e-4,  # alpha of the modelled network: seconds per message (a record, not the training)
@@ -129,13 +129,14 @@ def log_runtime(label, mean, std, instances):
 def main():
     cfg, topology = checked(config)
     started = time.time()
+    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"]))
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
     is_root = comm.process_index == 0
     if is_root:
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
-    checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm)
+    checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
     saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME) if cfg["resume"] else None
     if saved is not None and (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0):
         if is_root:

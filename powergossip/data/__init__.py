@@ -28,6 +28,7 @@ any process layout, and a resumed run needs only epoch and step.
 torchvision is never imported, except lazily by `load("cifar10", download=True)`.
 """
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -56,7 +57,7 @@ _OPTIONS = {
 }
 
 __all__ = [
-    "TASKS", "SCHEMES", "Dataset", "load", "check_data_dir", "test_batches", "WorkerLoader", "LanguageModelLoader",
+    "TASKS", "SCHEMES", "Dataset", "load", "files", "check_data_dir", "test_batches", "WorkerLoader", "LanguageModelLoader",
     "Partition", "IIDPartition", "SortedPartition", "DirichletPartition", "make_partition",
     "random_crop_flip", "draw_crop_flip",
 ]
@@ -76,6 +77,25 @@ def check_data_dir(task: str, data_dir: str | None, download: bool = False) -> N
         return
     reader = {"fashion_mnist": fashion_mnist, "cifar10": cifar10, "wikitext2": wikitext2}[task]
     require_folder(data_dir, reader.DEFAULT_DIR, reader.HOW_TO_GET)
+
+
+def files(task: str, data_dir: str | None = None) -> dict[str, str]:
+    """The files ``load(task, data_dir)`` reads, each under a label that does not depend on
+    where they are (``"fashion_mnist file t10k-images-idx3-ubyte.gz"``): a run's fingerprint
+    hashes them, so data_dir may move but not to other data. None for "synthetic"; none
+    for CIFAR-10 files not found (``load`` says what is missing); FileNotFoundError as
+    ``load``'s for the other tasks."""
+    if task == "fashion_mnist":
+        paths = list(fashion_mnist.find_files(data_dir).values())
+    elif task == "cifar10":
+        folder = cifar10.find_folder(data_dir)
+        paths = [] if folder is None else [os.path.join(folder, name) for name in cifar10.TRAIN_FILES + cifar10.TEST_FILES]
+    elif task == "wikitext2":
+        folder = wikitext2.find_folder(data_dir)
+        paths = [os.path.join(folder, f"wiki.{split}.tokens") for split in wikitext2.SPLITS]
+    else:
+        paths = []
+    return {f"{task} file {os.path.basename(path)}": path for path in paths}
 
 
 def load(task: str, data_dir: str | None = None, device: str | torch.device = "cpu", **options) -> Dataset:

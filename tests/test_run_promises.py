@@ -1,0 +1,98 @@
+"""What a run promises beyond its numbers (issue 26): a resume continues the run that started,
+on the same graph and data files, or is refused; max_test_examples evaluates exactly that many
+examples; a failed resume leaves a finished run's summary.json; TensorBoard shows each epoch
+once after a resume; a frozen process ends its job after POWERGOSSIP_TIMEOUT, whose default
+the README states."""
+import json
+import os
+import re
+import shutil
+import time
+from unittest import mock
+
+import pytest
+import torch
+
+from powergossip import data, launch, metrics, models
+from powergossip.errors import ConfigError
+from tests.launch import ROOT, run_mpi
+from tests.test_data import fake_fmnist
+from tests.test_runs import contents, settings, tiny_data  # noqa: F401 (tiny_data: a fixture)
+from tests.train_runs import run
+
+
+def test_resume_refuses_changed_graph_or_data_files_but_follows_moved_data(tmp_path, tiny_data):
+    (tmp_path / "half.txt").write_text("0 1\n2 3\n")
+    (tmp_path / "graphs.txt").write_text("file:half.txt\nring\n")
+    topology = f"topology=schedule:{tmp_path / 'graphs.txt'}"
+    out = str(tmp_path / "run")
+    run(out, settings(tiny_data) + [topology])
+    moved = shutil.copytree(tiny_data, tmp_path / "moved")  # data_dir may change, to the same data
+    run(out, settings(str(moved), num_epochs=2) + [topology, "resume=true"])
+
+    (tmp_path / "half.txt").write_text("0 2\n1 3\n")  # the schedule's edge list, edited between launches
+    before = contents(out)
+    with pytest.raises(ConfigError, match=r"edge list \S*half.txt \(\S*half.txt\) holds other bytes.*overwrite=true"):
+        run(out, settings(str(moved), num_epochs=3) + [topology, "resume=true"])
+    (tmp_path / "half.txt").write_text("0 1\n2 3\n")
+    other = tmp_path / "other"
+    fake_fmnist(other, n_train=512, n_test=64, seed=1)  # same names, other bytes
+    with pytest.raises(ConfigError, match=r"fashion_mnist file train-images-idx3-ubyte.gz \(\S*other\S*\) holds other"):
+        run(out, settings(str(other), num_epochs=3) + [topology, "resume=true"])
+    assert contents(out) == before
+
+
+def test_max_test_examples_is_exact_for_any_evaluation_batch_size():
+    dataset = data.load("synthetic", num_train=8, num_test=400, in_channels=1, image_size=28, seed=0)
+    torch.manual_seed(0)
+    model = models.build("small_cnn", in_channels=1, num_classes=10, image_size=28)
+
+    def evaluated(max_test_examples, batch):
+        return metrics.evaluate(model, dataset, {"max_test_examples": max_test_examples, "evaluation_batch_size": batch})
+
+    first_200, everything = evaluated(200, 200), evaluated(None, 1000)
+    assert everything[1] != first_200[1]  # the limit matters here
+    assert evaluated(200, 1000)[1] == first_200[1]
+    assert evaluated(200, 64)[1] == first_200[1]  # 64 + 64 + 64 + 8
+    assert evaluated(200, 10**9)[1] == first_200[1]
+    assert evaluated(5000, 300) == pytest.approx(everything)  # a limit beyond the test set: all of it
+
+
+def test_a_resume_that_fails_keeps_the_finished_runs_summary(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data))
+    summary = (tmp_path / "summary.json").read_bytes()
+    with pytest.raises(FloatingPointError, match="max_loss_ratio"):
+        run(str(tmp_path), settings(tiny_data, num_epochs=2, learning_rate=1e6) + ["resume=true"])
+    assert (tmp_path / "summary.json").read_bytes() == summary
+
+
+def tensorboard_steps(folder, tag):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for name in sorted(os.listdir(folder)):
+        for event in EventFileLoader(os.path.join(folder, name)).Load():
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
+
+def test_tensorboard_shows_each_epoch_once_after_a_resume(tmp_path, tiny_data):
+    # The last save is at epoch 2, epoch 3 is recorded: as a launch stopped after recording epoch 3.
+    run(str(tmp_path), settings(tiny_data, num_epochs=3, checkpoint_every=2, evaluate_each_worker=False))
+    run(str(tmp_path), settings(tiny_data, num_epochs=3, checkpoint_every=2, evaluate_each_worker=False) + ["resume=true"])
+    assert tensorboard_steps(tmp_path / "tensorboard", "accuracy/test_avg") == [1, 2, 3]
+    kB = [round(r["bits"] / 8e3) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+          if r["name"] == "accuracy" and r["tags"] == {"split": "test_avg"}]
+    assert tensorboard_steps(tmp_path / "tensorboard", "by_kB_sent/accuracy/test_avg") == kB
+
+
+def test_a_frozen_process_ends_its_job_after_the_documented_timeout(tmp_path):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        stated = re.search(r"`POWERGOSSIP_TIMEOUT` \(seconds; default (\d+)\)", f.read())
+    assert stated and float(stated.group(1)) == launch.DEFAULT_TIMEOUT_SECONDS
+    started = time.monotonic()
+    with mock.patch.dict(os.environ, {"POWERGOSSIP_TIMEOUT": "3"}):  # run_mpi hands os.environ on
+        result = run_mpi(2, ["tests/failing_rank.py", "freeze"], timeout=90, check=False)
+    assert result.returncode != 0 and "Timed out" in result.stderr
+    assert time.monotonic() - started < 45
+    assert "unreachable" not in result.stdout
