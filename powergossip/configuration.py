@@ -41,6 +41,26 @@ def parse_value(text: str):
     return yaml.load(text, Loader=YamlLoader) if text.strip() else ""
 
 
+def yaml_problem(problem: yaml.YAMLError) -> str:
+    """A YAML syntax error in one line: what PyYAML found wrong, and where."""
+    what = ", ".join(part for part in (getattr(problem, "context", None), getattr(problem, "problem", None)) if part)
+    mark = getattr(problem, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return (what or str(problem).splitlines()[0]) + where
+
+
+def read_yaml(path: str):
+    """The YAML document in the file at `path` (None when it is empty); ConfigError naming
+    the file and where its syntax breaks, for one that is not YAML text."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=YamlLoader)
+    except yaml.YAMLError as problem:
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(problem)}") from None
+    except UnicodeDecodeError as problem:
+        raise ConfigError(f"{path} is not a YAML text file ({problem.reason} at byte {problem.start})") from None
+
+
 def setting_problem(problem: ValueError, settings: dict) -> ConfigError:
     """A method's complaint as one about the config key of its setting: a SettingError names
     the setting (`rank`: `optimizer_rank`); a method registered without a config raises its
@@ -83,13 +103,16 @@ def apply_overrides(defaults: dict, arguments: list[str]) -> dict:
     for argument in arguments:
         if "=" in argument:
             key, text = argument.split("=", 1)
-            updates = {key.strip(): parse_value(text)}
+            try:
+                updates = {key.strip(): parse_value(text)}
+            except yaml.YAMLError as problem:
+                raise ConfigError(f"{key.strip()}: the value {text!r} is not valid YAML ({yaml_problem(problem)}); "
+                                  f"quote it to give a string ({key.strip()}=\"'...'\")") from None
             source = f"argument {argument!r}"
         elif argument.endswith((".yaml", ".yml")):
             if not os.path.exists(argument):
                 raise ConfigError(f"config file {argument!r} does not exist")
-            with open(argument) as f:
-                updates = yaml.load(f, Loader=YamlLoader) or {}
+            updates = read_yaml(argument) or {}
             if not isinstance(updates, dict):
                 raise ConfigError(f"config file {argument!r} must hold a mapping of keys to values")
             source = f"file {argument!r}"
@@ -111,6 +134,30 @@ def command_line(defaults: dict, output_dir: str, arguments: list[str]) -> tuple
         else:
             rest.append(argument)
     return apply_overrides(defaults, rest), output_dir
+
+
+SEED_LIMIT = 2**32  # seeds are 0 .. SEED_LIMIT - 1: numpy's and torch's generators take every one of them
+
+
+def check_seed(seed) -> None:
+    """The `seed` key of both entrypoints: an integer in 0 .. SEED_LIMIT - 1."""
+    if not (is_integer(seed) and 0 <= seed < SEED_LIMIT):
+        raise ConfigError(f"seed must be an integer in 0..{SEED_LIMIT - 1}, got {seed!r}")
+
+
+def check_device(device: str) -> None:
+    """The `device` key of both entrypoints: cpu, auto, cuda or cuda:K, and a GPU that torch
+    sees when it names one (a problem found here, not as a traceback when the run starts)."""
+    if not (device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:[0-9]+", device)):
+        raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:K' or 'auto', got {device!r}")
+    if device.startswith("cuda"):
+        import torch  # here: configuration stays light for what imports it
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} but torch sees no GPU; use device=cpu")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r} but torch sees {torch.cuda.device_count()} GPU(s), cuda:0.."
+                              f"cuda:{torch.cuda.device_count() - 1}; use one of them or device=cuda")
 
 
 def is_number(value) -> bool:

@@ -114,8 +114,11 @@ def error_curve(records: list[dict], tags: dict) -> list[tuple[float, float]]:
 
 def plot_relative_error(axis, points: list[tuple[float, float]], **style) -> None:
     """Error / starting error against bits sent per worker, on log scales (the first
-    point, with no bits sent, has no place on a log axis; nor has an error of 0)."""
+    point, with no bits sent, has no place on a log axis; nor has an error of 0; workers
+    that agree from the start have no curve)."""
     start = points[0][1]
+    if start == 0:
+        return
     shown = [(bits, error / start) for bits, error in points if bits > 0 and error > 0]
     if shown:
         axis.plot(*zip(*shown), **style)
@@ -151,5 +154,6 @@ def consensus_figure(records: list[dict], title: str) -> Figure:
             plot_relative_error(axis, points, linewidth=1, alpha=0.7 if len(settings) > 1 else 1,
                                 color=None if few else "tab:blue", label=label)
     label_error_axes(axis, title)
-    axis.legend(fontsize=7, ncol=2)
+    if axis.get_legend_handles_labels()[0]:  # workers that agree from the start draw nothing to name
+        axis.legend(fontsize=7, ncol=2)
     return figure

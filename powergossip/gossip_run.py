@@ -41,7 +41,10 @@ A value that is not finite is written as JSON `NaN` / `Infinity` (Python's json)
 Divergence: at every logged step k >= 1, a setting whose error is not finite or is
 larger than its error at step 0 is stopped; its "error" records up to and including
 step k are written, then "diverged" (step k) and "final_error" (step k, inf). The
-sweep goes on with the next setting.
+sweep goes on with the next setting. Workers that agree at step 0 (error 0) have
+nothing to gossip: each setting ends there, with "final_error" 0 at step 0. Input
+data that cannot work (a data_path array that is complex, has empty entries, or holds
+values that are not finite in float32) is refused before any work.
 
 Sweep: `optimizer_diffusion_rate` = a number (or a list of numbers) runs just those.
 Left at null, methods registered with needs_tuning=False (uncompressed gossip, the
@@ -77,7 +80,7 @@ config = {
     "n_workers": 8,  # workers (graph nodes), >= 2; a multiple of the number of processes
     "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
     "data_type": "random",  # random | offset | sparse | log-normal | images | file (see initial_state)
-    "data_path": None,  # data_type=file: a .npy array of shape [n_workers, ...]; worker i starts from entry i
+    "data_path": None,  # data_type=file: a .npy array of real numbers, shape [n_workers, ...]; worker i starts from entry i
     "data_dir": None,  # data_type=images: folder with Fashion-MNIST (None: /usr/share/datasets/fashion-mnist)
     "num_steps": 5000,  # gossip steps per setting
     # The methods' hyper-parameters, named as in train.py (docs/configuration.md; older names such as
@@ -125,10 +128,10 @@ def main():
     """Runs every setting; returns the folder the results went to."""
     cfg, topology = checked(config)  # a checked copy, every key by its own name, and the graph
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
+    state = initial_state(cfg)  # all workers, identical in every process; input that cannot work: before the claim
     folder = runs.claim_output_dir(output_dir, cfg["algorithm"], False, cfg["overwrite"], comm, time.time(),
                                    can_resume=False)
     is_writer = comm.process_index == 0
-    state = initial_state(cfg)  # all workers, identical in every process
     initial_mean = state.double().mean(dim=0).to(comm.device)
     x0 = state[comm.first_worker:comm.first_worker + comm.num_local].to(comm.device).contiguous()
     del state
@@ -167,6 +170,8 @@ def main():
             record("error_to_initial_mean", step, error_to_initial_mean, bits, messages, tags)
             if step == 0:
                 divergence.reference = initial_error = error
+                if error == 0:
+                    break  # the workers agree already (every process sees the same all-reduced error): nothing to gossip
             elif divergence.diverged(error):
                 diverged = True  # every process sees the same all-reduced error, so all stop here
                 record("diverged", step, error, bits, messages, tags)
@@ -176,8 +181,12 @@ def main():
 
         if is_writer:
             setting = f"{cfg['algorithm']} gamma={gamma:.4g}" + ("" if theta is None else f" theta={theta:.4g}")
-            outcome = f"diverged at step {step} (error {error:.4g})" if diverged else \
-                f"final error {error:.4g} = {error / initial_error:.3g} x the initial {initial_error:.4g}"
+            if diverged:
+                outcome = f"diverged at step {step} (error {error:.4g})"
+            elif initial_error == 0:
+                outcome = "the workers agree at step 0 already (error 0): nothing to gossip"
+            else:
+                outcome = f"final error {error:.4g} = {error / initial_error:.3g} x the initial {initial_error:.4g}"
             print(f"{setting}: {outcome}, {bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
             outcomes.append((final_error, initial_error, setting))
             log_info({"state.progress": (number + 1) / len(settings)})
@@ -185,8 +194,9 @@ def main():
         metrics.close()
         if len(outcomes) > 1:
             best, initial, setting = min(outcomes, key=lambda outcome: outcome[0])
-            print(f"best of {len(outcomes)} settings: {setting}" + (f", final error {best:.4g} = {best / initial:.3g} x the "
-                  f"initial" if math.isfinite(best) else ": every setting diverged"), flush=True)
+            relative = f" = {best / initial:.3g} x the initial" if initial > 0 else ""
+            print(f"best of {len(outcomes)} settings: {setting}" + (f", final error {best:.4g}{relative}"
+                  if math.isfinite(best) else ": every setting diverged"), flush=True)
         from powergossip import figures  # here: only the process that draws pays for matplotlib
 
         title = f"{cfg['algorithm']}, {cfg['n_workers']}-worker {cfg['topology']}, {cfg['data_type']} data"
@@ -290,13 +300,25 @@ def initial_state(config) -> torch.Tensor:
     if data_type == "images":
         from powergossip import data
 
-        images = data.load("fashion_mnist", data_dir=config["data_dir"]).train_x
+        try:
+            images = data.load("fashion_mnist", data_dir=config["data_dir"]).train_x
+        except (ValueError, OSError) as problem:
+            raise configuration.ConfigError(f"data_type=images, data_dir={config['data_dir']}: {problem}") from None
         if images.shape[0] < n:
             raise configuration.ConfigError(f"data_type=images: {n} workers but only {images.shape[0]} images")
         chosen = torch.randperm(images.shape[0], generator=generator)[:n]
         return images[chosen, 0].float() / 255
     if data_type == "file":
-        return torch.from_numpy(np.ascontiguousarray(np.load(config["data_path"]), dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32's range becomes inf: refused below
+            state = torch.from_numpy(np.ascontiguousarray(np.load(config["data_path"]), dtype=np.float32))
+        finite = torch.isfinite(state).flatten(1).all(dim=1)
+        if not finite.all():
+            worker = int((~finite).nonzero()[0])
+            raise configuration.ConfigError(
+                f"data_path {config['data_path']!r}: entry {worker} (worker {worker}'s start) holds values that are not "
+                f"finite numbers in float32 (NaN, inf, or beyond +-{torch.finfo(torch.float32).max:.4g}); gossip averages "
+                f"finite numbers: fix or rescale the array")
+        return state
     raise configuration.ConfigError(f"unknown data_type {data_type!r}")
 
 
@@ -363,11 +385,8 @@ def checked(config) -> tuple[dict, topologies.Topology]:
         for theta in thetas(config):
             configuration.check_method(method, topology, setting_values(config, fixed, gamma, theta))
 
-    device = config["device"]
-    require(device in ("cpu", "cuda", "auto") or device.startswith("cuda:"),
-            f"device must be 'cpu', 'cuda', 'cuda:K' or 'auto', got {device!r}")
-    require(not device.startswith("cuda") or torch.cuda.is_available(),
-            f"device={device!r} but torch sees no GPU; use device=cpu")
+    configuration.check_device(config["device"])
+    configuration.check_seed(config["seed"])
 
     data_type = config["data_type"]
     if data_type == "sparse":
@@ -393,8 +412,12 @@ def checked(config) -> tuple[dict, topologies.Topology]:
         require(array.ndim >= 1 and array.shape[0] == config["n_workers"],
                 f"data_path {path!r} holds an array of shape {tuple(array.shape)}; data_type=file needs shape "
                 f"[n_workers, ...] = [{config['n_workers']}, ...] (worker i starts from entry i)")
-        require(np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_,
-                f"data_path {path!r} holds {array.dtype} values; expected numbers")
+        require((np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating))
+                or array.dtype == np.bool_,
+                f"data_path {path!r} holds {array.dtype} values; expected real numbers (save the real and imaginary "
+                f"parts as two entries of each worker's array, e.g. np.stack([a.real, a.imag], axis=1))")
+        require(array[0].size > 0, f"data_path {path!r} holds an array of shape {tuple(array.shape)}: each worker's "
+                f"entry is empty; data_type=file needs at least one number per worker")
     return config, topology
 
 

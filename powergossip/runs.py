@@ -51,12 +51,59 @@ def fresh_output_dir(label: str, started: float) -> str:
             folder = f"{base}-{number}"
 
 
+def resolved_output_dir(folder: str) -> str:
+    """`folder` as the system will find it once the folders it lacks are made: an absolute
+    path with every symbolic link and '..' resolved, part by part, without needing it to
+    exist (`missing/..` is the folder that holds `missing`, as it will be once `missing` is
+    made). Every check of an output folder looks at this path, never at the raw one.
+    ConfigError when a part that exists is not a folder: such a path can never be made."""
+    folder = os.fspath(folder)
+    current = os.sep if os.path.isabs(folder) else os.getcwd()
+    for part in folder.split(os.sep):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            current = os.path.realpath(current)
+        if os.path.lexists(current) and not os.path.isdir(current):
+            raise ConfigError(f"cannot write to output_dir {folder}: {current} is not a folder; choose another output_dir")
+    return current
+
+
+def stored_config_problem(folder: str) -> str | None:
+    """Why the run in `folder` cannot be resumed from its `config.yaml` (None: it can, or
+    there is none): the file must hold the mapping of keys to values that a run writes."""
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    try:
+        stored = configuration.read_yaml(path)
+    except ConfigError as problem:
+        what = str(problem)
+    else:
+        if isinstance(stored, dict):
+            return None
+        what = f"{path} is empty" if stored is None else \
+            f"{path} holds a {type(stored).__name__}, where a run writes a mapping of keys to values"
+    return (f"resume=true but {what}; put back the config.yaml the run wrote, or start afresh in another output_dir "
+            f"(or with overwrite=true, which deletes this run's results)")
+
+
 def output_dir_problem(folder: str, resume: bool, overwrite: bool, can_resume: bool = True) -> str | None:
     """Why a run may not write into `folder` (None: it may, and this process now holds the
     folder's lock): a folder holding another run's results needs resume=true (continue
-    that run) or overwrite=true (replace it); a folder another run is writing to is refused."""
+    that run) or overwrite=true (replace it); a run to resume needs the configuration it
+    wrote; a folder another run is writing to is refused. `folder` is read as
+    `resolved_output_dir` reads it."""
     if resume and overwrite:
         return "resume=true and overwrite=true contradict each other: continue the run in output_dir or replace it, not both"
+    try:
+        folder = resolved_output_dir(folder)
+    except ConfigError as problem:
+        return str(problem)
     if resume and not os.path.isdir(folder):
         return f"resume=true but output_dir {folder} does not exist"
     found = results_in(folder)
@@ -64,6 +111,10 @@ def output_dir_problem(folder: str, resume: bool, overwrite: bool, can_resume: b
         return (f"output_dir {folder} holds another run's results ({', '.join(found)}); "
                 + ("pass resume=true to continue that run, " if can_resume else "")
                 + "pass overwrite=true to replace it, or choose another output_dir")
+    if resume:
+        problem = stored_config_problem(folder)
+        if problem is not None:
+            return problem
     try:
         os.makedirs(folder, exist_ok=True)
         if not _lock(folder):
@@ -105,7 +156,8 @@ def release_output_dir(folder: str) -> None:
 def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite: bool, comm, started: float,
                      can_resume: bool = True) -> str:
     """The folder this run writes to, the same on every process (comm: a comm.Communicator),
-    settled before any work: a new runs/<date>-<time>-<label> when output_dir is None; a
+    settled before any work: a new runs/<date>-<time>-<label> when output_dir is None, else
+    output_dir resolved (`resolved_output_dir`: the path returned is the one checked); a
     folder with another run's results only with resume=true or overwrite=true (which
     deletes those results). Raises ConfigError on every process otherwise."""
     folder, problem = output_dir, None
@@ -116,7 +168,12 @@ def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite
             if folder is None:
                 folder = fresh_output_dir(label, started)
                 print(f"results go to {folder} (set output_dir to choose)", flush=True)
-            problem = output_dir_problem(folder, resume, overwrite, can_resume)
+            else:
+                try:
+                    folder = resolved_output_dir(folder)  # `missing/../run` is `run`: checked, claimed and written there
+                except ConfigError as error:
+                    problem = str(error)
+            problem = problem or output_dir_problem(folder, resume, overwrite, can_resume)
         if problem is None and overwrite:
             remove_results(folder)
     folder, problem = comm.gather_objects((folder, problem))[0]

@@ -41,6 +41,7 @@ This module depends on numpy and networkx only (matplotlib for `plot`), so that
 every layer above can import it cheaply.
 """
 import inspect
+import itertools
 import math
 import os
 
@@ -587,30 +588,80 @@ def from_digraph(graph, name=None):
     return Topology(P / P.sum(axis=0, keepdims=True), name=name)
 
 
-def from_edge_list(path, n_workers=None, connected=True):
+def from_edge_list(path, n_workers=None, connected=True, max_workers=None):
     """Read a text file with one "i j" edge per line ('#' starts a comment; blank lines are
     skipped); nodes must be 0..n-1 (0..n_workers-1 when given: then a worker may have no
-    edge). Weighted like `from_graph`."""
-    graph = networkx.Graph()
-    graph.add_nodes_from(range(n_workers or 0))
-    for line_number, text in _lines_of(path):
+    edge). Weighted like `from_graph`. With n_workers or `max_workers`, a file that names
+    more workers, or is longer than an edge list of that many workers could be
+    (`_longest_file`), is refused while it is read, before anything of size n x n exists."""
+    limit = n_workers if n_workers is not None else max_workers
+    name = f"edge list {os.path.basename(os.fspath(path))}"
+    nodes, edges = set(range(n_workers or 0)), []
+    longest = None if limit is None else _longest_file(limit)
+    for line_number, text in _lines_of(path, "one 'i j' edge per line", longest):
         try:
             i, j = (int(f) for f in text.split())
         except ValueError:
-            raise ValueError(f"{path}, line {line_number}: expected two integer node ids 'i j', got {text!r}") from None
-        graph.add_edge(i, j)
-    if graph.number_of_edges() == 0 and connected:
+            raise ValueError(f"{path}, line {line_number}: expected two integer node ids 'i j', got {_shown(text)}") from None
+        nodes.update((i, j))
+        if limit is None or len(nodes) <= limit:  # past the limit, only the count of workers is kept, for the message
+            edges.append((i, j))
+    if limit is not None and len(nodes) > limit:
+        raise ValueError(_size_mismatch(name, len(nodes), limit))
+    if not edges and connected:
         raise ValueError(f"edge-list file {path} has no edges; write one 'i j' pair per line")
-    return from_graph(graph, name=f"edge list {os.path.basename(os.fspath(path))}", connected=connected)
+    graph = networkx.Graph()
+    graph.add_nodes_from(range(n_workers or 0))
+    graph.add_edges_from(edges)
+    return from_graph(graph, name=name, connected=connected)
 
 
-def _lines_of(path):
-    """(line number, text) of a file's lines that hold something: '#' starts a comment."""
+MAX_LINE = 4096  # characters in a line of an edge list or a schedule: far more than "i j  # a comment" needs
+
+
+def _longest_file(n_workers: int) -> int:
+    """Characters an edge-list (or schedule) file for `n_workers` workers may hold: every
+    ordered pair of workers on a line of 64 characters, and at least 1 MiB."""
+    return max(1 << 20, 64 * n_workers * n_workers)
+
+
+def _lines_of(path, form: str, longest: int | None = None):
+    """(line number, text) of a file's lines that hold something: '#' starts a comment.
+    `form` says what a line should hold. A line longer than MAX_LINE characters, a file
+    longer than `longest` characters and a file that is not text are ValueErrors naming the
+    file, raised while it is read: no more than that is ever read (file:/dev/zero included)."""
     with open(path) as file:
-        for line_number, line in enumerate(file, start=1):
+        characters = 0
+        for line_number in itertools.count(1):
+            try:
+                line = file.readline(MAX_LINE + 1)
+            except UnicodeDecodeError as problem:
+                raise ValueError(f"{path} is not a text file ({problem.reason} in line {line_number}); it should hold "
+                                 f"{form}") from None
+            if not line:
+                return
+            characters += len(line)
+            if len(line.rstrip("\n")) > MAX_LINE:
+                raise ValueError(f"{path}, line {line_number} is longer than {MAX_LINE} characters (it starts "
+                                 f"{line[:12]!r}); "
+                                 f"the file should hold {form}")
+            if longest is not None and characters > longest:
+                raise ValueError(f"{path} is longer than {longest} characters, more than such a file needs for "
+                                 f"the workers it may name; it should hold {form}")
             text = line.split("#", 1)[0].strip()
             if text:
                 yield line_number, text
+
+
+def _shown(text: str, length: int = 60) -> str:
+    """`text` for a message: repr'd, cut to `length` characters (and its length said) when longer."""
+    shown = repr(text)
+    return shown if len(shown) <= length else f"{shown[:length]}... ({len(text)} characters)"
+
+
+def _size_mismatch(name: str, found: int, n_workers: int) -> str:
+    return (f"topology {name!r} has {found} workers but n_workers = {n_workers}; "
+            f"set n_workers = {found} or use a graph with {n_workers} nodes")
 
 
 def without_edges(topology, pairs):
@@ -635,7 +686,7 @@ def from_schedule(path, n_workers):
     no edge that round); '#' starts a comment, blank lines are skipped. The graphs together
     must connect the workers. A line that cannot be read is named by its number."""
     graphs = []
-    for line_number, text, edge_list in _schedule_lines(path):
+    for line_number, text, edge_list in _schedule_lines(path, n_workers):
         try:
             if edge_list is not None:
                 graph = from_edge_list(edge_list, n_workers, connected=False)
@@ -647,18 +698,20 @@ def from_schedule(path, n_workers):
                     raise ValueError(f"{text!r} changes over time itself; a schedule lists static graphs")
                 graph = build(text, n_workers)
         except (ValueError, OSError) as problem:
-            raise ValueError(f"schedule {path}, line {line_number} ({text!r}): {problem}") from None
+            raise ValueError(f"schedule {path}, line {line_number} ({_shown(text)}): {problem}") from None
         graphs.append(graph)
     if not graphs:
         raise ValueError(f"schedule {path} lists no graph; write one topology name or file:PATH per line")
     return TimeVarying(n_workers, f"schedule {os.path.basename(os.fspath(path))}", graphs.__getitem__, period=len(graphs))
 
 
-def _schedule_lines(path):
+def _schedule_lines(path, n_workers: int | None = None):
     """(line number, text, the edge list's path for a `file:PATH` line, else None) of a
-    schedule's lines; PATH is relative to the schedule's folder."""
+    schedule's lines; PATH is relative to the schedule's folder. With `n_workers`, a file
+    longer than a schedule for that many workers needs is refused while it is read."""
     folder = os.path.dirname(os.fspath(path))
-    for line_number, text in _lines_of(path):
+    longest = _longest_file(n_workers) if n_workers is not None else None
+    for line_number, text in _lines_of(path, "one topology name or file:PATH per line", longest):
         yield line_number, text, os.path.join(folder, text[len("file:"):]) if text.startswith("file:") else None
 
 
@@ -783,7 +836,7 @@ def build(name, n_workers, **options):
     if isinstance(name, networkx.Graph):
         topology = from_digraph(name) if name.is_directed() else from_graph(name)
     elif kind == "an edge-list file":
-        topology = from_edge_list(name[len("file:"):])
+        topology = from_edge_list(name[len("file:"):], max_workers=n_workers)
     elif kind == "a schedule file":
         topology = from_schedule(name[len("schedule:"):], n_workers)
     elif kind == "a callable":
@@ -805,8 +858,5 @@ def build(name, n_workers, **options):
             ) from None
         topology = builder(n_workers, **options)
     if topology.n_workers != n_workers:
-        raise ValueError(
-            f"topology {topology.name!r} has {topology.n_workers} workers but n_workers = {n_workers}; "
-            f"set n_workers = {topology.n_workers} or use a graph with {n_workers} nodes"
-        )
+        raise ValueError(_size_mismatch(topology.name, topology.n_workers, n_workers))
     return topology

@@ -135,6 +135,7 @@ def main():
     if is_root:
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
+    dataset, loader = load_data(cfg, comm)  # a data set or a batch size that cannot work: found before the claim
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
     checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
     saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME) if cfg["resume"] else None
@@ -146,9 +147,6 @@ def main():
         return folder
     run_id = saved["run"]["run_id"] if saved is not None and "run" in saved else comm.gather_objects(uuid.uuid4().hex[:12])[0]
 
-    # Data, partitioned over all workers; this process loads its local block.
-    dataset = data.load(cfg["task"], cfg["data_dir"], comm.device)
-    loader = build_loader(cfg, dataset, comm)
     batches_per_epoch = len(loader) if cfg["max_batches_per_epoch"] is None else min(len(loader), cfg["max_batches_per_epoch"])
 
     # Every worker starts from the same initialization (as in the paper).
@@ -315,6 +313,8 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError(f"lr_schedule_milestones holds [epoch >= 0, factor > 0] pairs or bare epochs, got "
                                f"{cfg['lr_schedule_milestones']}")
     metrics.check_spectrum_logging(cfg)
+    configuration.check_device(cfg["device"])
+    configuration.check_seed(cfg["seed"])
     try:
         data.check_data_dir(cfg["task"], cfg["data_dir"])
     except FileNotFoundError as problem:
@@ -377,6 +377,21 @@ def restore(saved, workers, momenta, method, comm) -> dict | None:
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state(saved["cuda_rng"])
     return saved["partial_epoch"]
+
+
+def load_data(cfg: dict, comm):
+    """(the data set on this process's device, this process's loader): the data partitioned
+    over all workers, this process's block of them. Files that cannot be read (missing,
+    truncated, not what they should hold) and a batch larger than a worker's shard are
+    ConfigErrors naming the file or the key, raised before the run claims its folder."""
+    try:
+        dataset = data.load(cfg["task"], cfg["data_dir"], comm.device)
+    except (ValueError, OSError) as problem:
+        raise ConfigError(f"task={cfg['task']}, data_dir={cfg['data_dir']}: {problem}") from None
+    try:
+        return dataset, build_loader(cfg, dataset, comm)
+    except ValueError as problem:
+        raise ConfigError(str(problem)) from None
 
 
 def build_loader(cfg: dict, dataset, comm):

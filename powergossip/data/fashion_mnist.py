@@ -13,8 +13,10 @@ not (detected from the content, not the name).
 """
 
 import gzip
+import math
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
@@ -45,43 +47,66 @@ HOW_TO_GET = (
 )
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand a byte of a gzip file into more than this many
+
+
 def read_idx(path: str, expected_magic: int | None = None) -> torch.Tensor:
     """Read one IDX file of unsigned bytes (gzipped or raw) into a uint8 tensor.
 
-    Raises ValueError (naming the file) when the content is not gzip-readable, the
-    magic number is wrong or not unsigned-byte IDX, or the data is truncated or has
-    trailing bytes.
+    The header is read first and bounds everything after it: a file whose magic number
+    or sizes are wrong, or whose sizes claim more than the file could hold (a raw file: its
+    size; a gzipped one: DEFLATE_MAX_RATIO times its size), is refused before its data is
+    read, and no more than the header's count of values is ever decompressed (a gzip bomb
+    costs what its header says, at most). Raises ValueError (naming the file) when the
+    content is not gzip-readable, the magic number is wrong or not unsigned-byte IDX, or
+    the data is truncated or has trailing bytes.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
+    with open(path, "rb") as raw:
+        file_size = os.fstat(raw.fileno()).st_size
+        gzipped = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as error:
+            return _read_idx_stream(path, stream, expected_magic, file_size, gzipped)
+        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
             raise ValueError(f"{path}: corrupt gzip data ({error}). {HOW_TO_GET}") from None
-    if len(raw) < 4:
-        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, no header). {HOW_TO_GET}")
-    (magic,) = struct.unpack(">i", raw[:4])
+
+
+def _read_idx_stream(path, stream, expected_magic, file_size, gzipped) -> torch.Tensor:
+    start = stream.read(4)
+    if len(start) < 4:
+        raise ValueError(f"{path}: truncated IDX file ({len(start)} bytes, no header). {HOW_TO_GET}")
+    (magic,) = struct.unpack(">i", start)
     if expected_magic is not None and magic != expected_magic:
         raise ValueError(
             f"{path}: bad IDX magic number {magic}, expected {expected_magic}. {HOW_TO_GET}"
         )
     if magic >> 8 != 0x08:
-        raise ValueError(f"{path}: bad IDX magic number {magic}: not an unsigned-byte IDX file")
+        raise ValueError(f"{path}: bad IDX magic number {magic}: not an unsigned-byte IDX file. {HOW_TO_GET}")
     ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes). {HOW_TO_GET}")
-    shape = struct.unpack(f">{ndim}i", raw[4:header])
-    size = int(np.prod(shape))
-    if len(raw) - header != size:
-        kind = "truncated" if len(raw) - header < size else "trailing bytes in"
+    sizes = stream.read(4 * ndim)
+    header = 4 + len(sizes)
+    if ndim == 0 or len(sizes) < 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({header} bytes). {HOW_TO_GET}")
+    shape = struct.unpack(f">{ndim}i", sizes)
+    size = math.prod(shape)
+    capacity = DEFLATE_MAX_RATIO * file_size if gzipped else file_size - header
+    if min(shape) < 0:
+        raise ValueError(f"{path}: bad IDX header: sizes {shape} must not be negative. {HOW_TO_GET}")
+    if size > capacity:
+        holds = f"a gzip file of {file_size} bytes holds at most {capacity}" if gzipped else f"file holds {capacity}"
+        raise ValueError(f"{path}: truncated IDX data: header says {shape} = {size} values, {holds}. {HOW_TO_GET}")
+    values = stream.read(size)  # never more than the header says
+    if len(values) < size:
         raise ValueError(
-            f"{path}: {kind} IDX data: header says {shape} = {size} values, "
-            f"file holds {len(raw) - header}. {HOW_TO_GET}"
+            f"{path}: truncated IDX data: header says {shape} = {size} values, file holds {len(values)}. {HOW_TO_GET}"
         )
-    array = np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(shape)
-    return torch.from_numpy(array.copy())
+    if stream.read(1):
+        raise ValueError(
+            f"{path}: trailing bytes in IDX data: header says {shape} = {size} values, file holds more. {HOW_TO_GET}"
+        )
+    return torch.from_numpy(np.frombuffer(values, dtype=np.uint8).reshape(shape).copy())
 
 
 def find_files(data_dir: str | None = None) -> dict[tuple[str, str], str]:
@@ -107,10 +132,8 @@ def find_files(data_dir: str | None = None) -> dict[tuple[str, str], str]:
         if not missing:
             return found
         status = "does not exist" if not os.path.isdir(folder) else f"lacks {', '.join(missing)}"
-        report.append(f"  {folder}: {status}")
-    raise FileNotFoundError(
-        "Fashion-MNIST not found. Looked in:\n" + "\n".join(report) + "\n" + HOW_TO_GET
-    )
+        report.append(f"{folder} {status}")
+    raise FileNotFoundError(f"Fashion-MNIST not found: {'; '.join(report)}. {HOW_TO_GET}")
 
 
 def load_fashion_mnist(data_dir: str | None = None):
@@ -131,7 +154,7 @@ def load_fashion_mnist(data_dir: str | None = None):
             )
         if labels.numel() and int(labels.max()) >= NUM_CLASSES:
             raise ValueError(
-                f"{paths[(split, 'labels')]}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}"
+                f"{paths[(split, 'labels')]}: label {int(labels.max())} outside 0..{NUM_CLASSES - 1}. {HOW_TO_GET}"
             )
         out += [images.unsqueeze(1), labels.long()]
     return tuple(out)

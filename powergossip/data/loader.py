@@ -81,7 +81,8 @@ class WorkerLoader:
             raise ValueError(
                 f"batch_size={batch_size} is larger than each worker's shard of "
                 f"{partition.shard_size} samples ({partition.num_samples} samples over "
-                f"{partition.n_workers} workers): not a single full batch per epoch"
+                f"{partition.n_workers} workers): not a single full batch per epoch; "
+                f"use batch_size <= {partition.shard_size} or fewer workers"
             )
         self.dataset = dataset
         self.partition = partition
