@@ -129,13 +129,13 @@ def log_runtime(label, mean, std, instances):
 def main():
     cfg, topology = checked(config)
     started = time.time()
-    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"]))
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
     is_root = comm.process_index == 0
     if is_root:
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
     dataset, loader = load_data(cfg, comm)  # a data set or a batch size that cannot work: found before the claim
+    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"]))
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
     checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
     saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME) if cfg["resume"] else None
