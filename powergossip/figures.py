@@ -7,7 +7,7 @@ data each worker has sent, on a log scale.
 - `consensus_figure`: gossip_run.py's `output_dir/error_vs_bits.png`, the consensus
   error relative to its start against bits sent per worker, every setting of a sweep,
   the best one marked.
-`save(figure, path)` writes either.
+`save(figure, path)` writes either (`write_png` into an open file).
 The studies in experiments/ draw their figures with the same helpers.
 
 Figures are built with matplotlib's object interface (no pyplot, no global state), so
@@ -67,8 +67,14 @@ def save(figure: Figure, path: str) -> str:
     """Writes `figure` as a PNG file at `path` (making its folder); returns `path`. The figure
     comes laid out: with fixed margins (this module's figures) or `layout="tight"` (the studies')."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path, dpi=120)
+    write_png(figure, path)
     return path
+
+
+def write_png(figure: Figure, file) -> None:
+    """`figure` as PNG into `file`, a path or an open binary file (runs.write_file's, which
+    replaces a run's figure atomically)."""
+    figure.savefig(file, format="png", dpi=120)
 
 
 def training_figure(records: list[dict], title: str) -> Figure:

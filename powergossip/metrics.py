@@ -22,6 +22,9 @@ A record is one JSON object per line of metrics.jsonl:
 - `communication_time_model` (split network_model): the seconds a worker's
   communication since the start of the run would take on a latency-bandwidth network
   (`network_seconds`, train.py's `network_*` keys), from the same bits and messages.
+- `metrics_gap` (split history): written by a resume with accept_metrics_gap=true when
+  epochs the checkpoint covers have no records (`resumed_history`); "value" counts them,
+  tags "missing_epochs" lists them, "epoch" is the checkpoint's.
 
 TensorBoard gets every record without a "worker" tag twice: tag `<name>/<tags...>`
 against the epoch, and tag `by_kB_sent/<name>/<tags...>` against the kB sent per
@@ -35,6 +38,7 @@ import glob
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -71,27 +75,76 @@ class EpochTotals:
         return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
 
 
+GAP = "metrics_gap"  # a record that marks epochs whose records were lost before a resume
+
+
+def resumed_history(comm, folder: str, epoch: int, step: int, accept_gap: bool) -> tuple[list[dict], dict | None]:
+    """What a run resumed from a checkpoint after `epoch` whole epochs (and `step` steps) keeps
+    of its metrics.jsonl, read before anything is changed: (the records of epochs 1..epoch,
+    on process 0 ([] on the others); None, or a GAP record, the same on every process). Each
+    of those epochs must have records, or be listed by an earlier GAP record: a history that
+    does not reach the checkpoint (a deleted metrics.jsonl, lost records) is a ConfigError on
+    every process naming accept_metrics_gap=true, unless `accept_gap`; then a warning says
+    which epochs are missing and the returned GAP record lists them ("value": how many,
+    "tags": {"split": "history", "missing_epochs": [...]}; Recorder adds bits and messages)."""
+    kept, missing, problem = [], [], None
+    if comm.process_index == 0:
+        path = os.path.join(folder, "metrics.jsonl")
+        exists = os.path.exists(path)
+        kept = [r for r in runs.read_metrics(path) if r["epoch"] <= epoch] if exists else []
+        covered = {int(r["epoch"]) for r in kept if r["name"] != GAP}
+        covered |= {e for r in kept if r["name"] == GAP for e in r["tags"]["missing_epochs"]}
+        missing = [e for e in range(1, epoch + 1) if e not in covered]
+        if missing:
+            lost = (f"{folder} has no metrics.jsonl" if not exists else f"{path} has no records of epochs {_ranges(missing)}")
+            if accept_gap:
+                warnings.warn(f"{lost}; going on as accept_metrics_gap=true asks: a {GAP!r} record in metrics.jsonl "
+                              f"lists the missing epochs")
+            else:
+                problem = (f"resume=true but {lost}, while the checkpoint continues from {runs.position(epoch, step)}: "
+                           f"the run's history does not reach its checkpoint. Put the records back, or pass "
+                           f"accept_metrics_gap=true to go on without them (the gap is recorded in metrics.jsonl)")
+    missing, problem = comm.gather_objects((missing, problem))[0]
+    if problem is not None:
+        raise configuration.ConfigError(problem)
+    gap = {"name": GAP, "value": float(len(missing)), "epoch": float(epoch), "tags": {"split": "history", "missing_epochs": missing}}
+    return kept, gap if missing else None
+
+
+def _ranges(numbers: list[int]) -> str:
+    """'1-3, 7' for [1, 2, 3, 7] (sorted)."""
+    groups = []
+    for number in numbers:
+        if groups and number == groups[-1][1] + 1:
+            groups[-1][1] = number
+        else:
+            groups.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in groups)
+
+
 class Recorder:
     """Writes records (process 0): metrics.jsonl, TensorBoard and the log_metric hook.
-    bits/messages are per worker (mean over workers, cumulative)."""
+    bits/messages are per worker (mean over workers, cumulative). metrics.jsonl starts with
+    `history` (a resumed run's records, `resumed_history`) and `gap` (when not None: its
+    GAP record, with the bits and messages restored from the checkpoint), which replace
+    the file in one atomic step."""
 
-    def __init__(self, comm, folder: str, run_id: str, append: bool, upto_epoch: int, log_metric):
+    def __init__(self, comm, folder: str, run_id: str, history: list[dict], gap: dict | None, log_metric):
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.is_root = comm.process_index == 0
         self.last_test_avg = None
         self.latest: dict[tuple[str, str], float] = {}  # (name, split) -> the last record over all workers
         self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()
+        if gap is not None:
+            self.count_traffic()
+            history = history + [gap | {"bits": float(self.bits), "messages": float(self.messages)}]
         if not self.is_root:
             return
-        # Resuming: keep the records of the epochs the checkpoint covers, drop later ones.
-        kept = [r for r in runs.read_metrics(folder) if r["epoch"] <= upto_epoch] \
-            if append and os.path.exists(os.path.join(folder, "metrics.jsonl")) else []
-        self.file = runs.MetricsFile(folder)
-        for record in kept:
-            self.file.write(record)
+        self.file = runs.MetricsFile(folder, history)  # summary.json stays until this run writes its own
+        for record in history:
             if record["name"] == "accuracy" and record["tags"].get("split") == "test_avg":
                 self.last_test_avg = record["value"]
-        self.tensorboard = _tensorboard(folder, kept if append else None)
+        self.tensorboard = _tensorboard(folder, history if history or gap is not None else None)  # a resume: rewritten
 
     def count_traffic(self):
         """Bits and messages sent per worker so far (mean over workers); collective."""
@@ -129,10 +182,12 @@ class Recorder:
         from powergossip import figures  # here: only the process that draws pays for matplotlib
 
         run = f"{cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} {cfg['task_architecture']}"
-        figure = figures.save(figures.training_figure(runs.read_metrics(self.folder), run), os.path.join(self.folder, "curves.png"))
-        with open(os.path.join(self.folder, "summary.json"), "w") as f:
-            json.dump({"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
-                       "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id}, f)
+        figure = os.path.join(self.folder, "curves.png")
+        drawn = figures.training_figure(runs.read_metrics(self.folder), run)
+        runs.write_file(figure, lambda f: figures.write_png(drawn, f), binary=True)
+        summary = {"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
+                   "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id}
+        runs.write_file(os.path.join(self.folder, "summary.json"), lambda f: json.dump(summary, f))
         print(f"\nsummary: {run}: averaged-model test accuracy {accuracy}; {mb_per_epoch:.3f} MB sent per worker per "
               f"epoch; wall time {wall_time:.1f} s; results in {self.folder}, figure {figure}", flush=True)
 

@@ -1,6 +1,8 @@
 """What runs share: the output folder (which a run claims before any work, so that it
-never overwrites another run's results unasked), the `output_dir/metrics.jsonl` writer,
-checkpoint files (written atomically, verified when read), the divergence check of both
+never overwrites another run's results unasked), results files written atomically (a file
+is replaced whole or not at all; `after_results_write` is called after every write), the
+`output_dir/metrics.jsonl` writer, checkpoint files (written atomically, verified and
+checked when read), the divergence check of both
 entrypoints, and train.py's run infrastructure: timers, checkpoints agreed between
 processes (what they hold is train.py's), stop requests. Reading and checking
 configurations is configuration.py's.
@@ -191,27 +193,63 @@ def remove_results(folder: str) -> None:
 
 # Instructions to one launch, not part of a run: a config.yaml given to a new run must
 # not make it continue or replace anything.
-LAUNCH_KEYS = ("resume", "overwrite")
+LAUNCH_KEYS = ("resume", "overwrite", "accept_metrics_gap")
+
+
+def after_results_write(path: str) -> None:
+    """Called after every write to a run's results (a file replaced or removed, a record
+    appended to metrics.jsonl, a checkpoint saved), with the file's path. Does nothing: a
+    test replaces it to stop a run after its k-th write, as a kill at that moment would."""
+
+
+def write_file(path: str, write, binary: bool = False, before_replace=None) -> None:
+    """Replaces `path` atomically with what `write(file)` writes: into `path.tmp`, flushed and
+    fsynced, then (after `before_replace()`, when given) renamed over `path`, and the rename
+    made durable. At every moment `path` is the old file or the new one, whole; an error
+    while writing leaves `path` as it was."""
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    if before_replace is not None:
+        before_replace()
+    os.replace(temporary, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
+    after_results_write(path)
 
 
 def write_config(output_dir: str, config: dict) -> None:
     """`output_dir/config.yaml`: the run's configuration, which reproduces it when given back."""
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump({key: value for key, value in config.items() if key not in LAUNCH_KEYS}, f, sort_keys=False)
+    kept = {key: value for key, value in config.items() if key not in LAUNCH_KEYS}
+    write_file(os.path.join(output_dir, "config.yaml"), lambda f: yaml.safe_dump(kept, f, sort_keys=False))
 
 
 class MetricsFile:
-    """Writes one JSON object per metric record to `output_dir/metrics.jsonl` (a new file)."""
+    """`output_dir/metrics.jsonl`, one JSON object per metric record: it starts as a file
+    holding `records` (a resumed run's history; none for a new run), which replaces any
+    older file in one atomic step, then each record is appended and flushed."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, records: list[dict] = ()):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self._file = open(self.path, "w")
+        write_file(self.path, lambda f: f.writelines(json.dumps(record) + "\n" for record in records))
+        self._file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        after_results_write(self.path)
 
     def close(self) -> None:
         self._file.close()
@@ -243,28 +281,19 @@ class CorruptCheckpoint(Exception):
 
 
 def write_atomically(path: str, state: dict, previous: str | None = None) -> None:
-    """torch.save to a temporary file, fsync, then rename over `path`, after the old file was
-    linked as `previous` (when given): at every moment `path` is a whole file, old or new."""
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if previous is not None and os.path.exists(path):
-        try:
-            os.link(path, previous + ".tmp")
-        except FileExistsError:
-            os.remove(previous + ".tmp")
-            os.link(path, previous + ".tmp")
-        except OSError:  # a file system without hard links
-            shutil.copyfile(path, previous + ".tmp")
-        os.replace(previous + ".tmp", previous)
-    os.replace(temporary, path)
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    """torch.save `state` to `path` with `write_file`, after the old file was linked as
+    `previous` (when given): at every moment `path` is a whole file, old or new."""
+    def keep_previous():
+        if previous is not None and os.path.exists(path):
+            try:
+                os.link(path, previous + ".tmp")
+            except FileExistsError:
+                os.remove(previous + ".tmp")
+                os.link(path, previous + ".tmp")
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, previous + ".tmp")
+            os.replace(previous + ".tmp", previous)
+    write_file(path, lambda f: torch.save(state, f), binary=True, before_replace=keep_previous)
 
 
 def read_verified(path: str) -> dict:
@@ -489,12 +518,14 @@ def fingerprint_changes(then: dict, now: dict) -> list[str]:
 class Checkpoints:
     """This process's checkpoint `rank{r}.pt` and the one before it, `rank{r}.previous.pt` (kept
     so that a file damaged on disk costs one checkpoint interval, not the run). Written
-    atomically with fsync, CRC-checked when read; before any process loads, all agree on
-    the save they continue from (epoch, step, run id).
+    atomically with fsync, CRC-checked and its contents checked when read (a malformed
+    save counts as damaged); before any process loads, all agree on the save they continue
+    from (epoch, step, run id).
 
     A save is a dict: the `header` (where the run is, the launch layout, the run's id and
     configuration, the fingerprint of the files that define it), which is all this class
-    reads, and whatever the run keeps beside it (train.py's `snapshot`): what
+    reads (of the rest it checks only that every tensor is finite; `agreed`'s `check` is the
+    run's), and whatever the run keeps beside it (train.py's `snapshot`): what
     torch.load(weights_only=True) reads back (tensors, numbers, strings, lists, dicts, None)."""
 
     def __init__(self, folder: str, comm, fingerprint: dict | None = None):
@@ -518,16 +549,29 @@ class Checkpoints:
         write_atomically(self.path, state, previous=self.previous)
         self.last = (state["epoch"], state["step_in_epoch"])
 
-    def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> dict:
+    def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...], check=None) -> dict:
         """The save every process resumes from, agreed before any process loads: the newest
         one that each process holds intact, in its latest file or in the one before (a file
         damaged on disk, or a crash in the middle of a save that left one process a save
-        ahead, costs one checkpoint interval). A missing latest file, a save of another
+        ahead, costs one checkpoint interval). A file whose header is malformed
+        (`header_problem`), that holds a value that is not finite, or that `check(state)`
+        finds unusable (the run's own entries: it returns what is wrong, or None) counts as
+        damaged; `check` sees only saves of this run's configuration and layout (the others
+        are refused below, naming what differs). A missing latest file, a save of another
         layout or run, or no common save stops every process with one message. The save's
         configuration must equal `cfg` but for the keys in `may_change` (keys the run did
         not know yet take their `defaults`), and the files of its fingerprint must hold the
         bytes they held then."""
-        state, mine = _read_checkpoint(self.path)
+        layout = [self.comm.n_workers, self.comm.world_size]
+
+        def problem(state):
+            found = header_problem(state)
+            if found is None and check is not None and list(state["layout"]) == layout and (
+                    "run" not in state or not _differences(defaults | state["run"]["config"], cfg, defaults, may_change)):
+                found = check(state)
+            return found
+
+        state, mine = _read_checkpoint(self.path, problem)
         latest = self.comm.gather_objects(mine)
         where = "; ".join(f"process {index}: {_describe(found)}" for index, found in enumerate(latest))
         if all(found == "missing" for found in latest):
@@ -542,7 +586,7 @@ class Checkpoints:
             raise ConfigError(f"cannot resume from {self.folder}: every process needs its own file, but {where}; "
                               f"restore the missing files")
         if not (all(isinstance(found, tuple) for found in latest) and len(set(latest)) == 1):
-            earlier_state, earlier = _read_checkpoint(self.previous)
+            earlier_state, earlier = _read_checkpoint(self.previous, problem)
             both = self.comm.gather_objects((mine, earlier))
             common = set.intersection(*({found for found in pair if isinstance(found, tuple)} for pair in both))
             if not common:
@@ -588,7 +632,7 @@ class Checkpoints:
     def _check_same_run(self, stored: dict, cfg: dict, defaults: dict, may_change: tuple[str, ...]) -> None:
         """The save belongs to the run in this folder (its config.yaml) and to the run asked for."""
         def differences(a, b):
-            return [key for key in b if key not in may_change and a.get(key, defaults[key]) != b[key]]
+            return _differences(a, b, defaults, may_change)
 
         folder_config = os.path.join(os.path.dirname(self.folder), "config.yaml")
         if os.path.exists(folder_config):
@@ -607,15 +651,95 @@ class Checkpoints:
                 "resume. Put them back, or start a new run in another output_dir")
 
 
-def _read_checkpoint(path: str) -> tuple[dict | None, tuple | str]:
-    """(state, (epoch, step, run id)) or (None, "missing" / what is wrong with the file)."""
+def _differences(a: dict, b: dict, defaults: dict, may_change: tuple[str, ...]) -> list[str]:
+    """The keys of configuration `b` that `a` (keys it lacks: their `defaults`) has otherwise, but for `may_change`."""
+    return [key for key in b if key not in may_change and a.get(key, defaults[key]) != b[key]]
+
+
+def _read_checkpoint(path: str, problem) -> tuple[dict | None, tuple | str]:
+    """(state, (epoch, step, run id, layout)) or (None, "missing" / what is wrong with the
+    file: damaged, or what `problem(state)` finds)."""
     if not os.path.exists(path):
         return None, "missing"
     try:
         state = read_verified(path)
-    except CorruptCheckpoint as problem:
-        return None, str(problem)
+    except CorruptCheckpoint as damaged:
+        return None, str(damaged)
+    found = problem(state)
+    if found is not None:
+        return None, f"{path} is not a usable checkpoint: {found}"
     return state, (state["epoch"], state["step_in_epoch"], state.get("run", {}).get("run_id"), tuple(state["layout"]))
+
+
+def header_problem(state) -> str | None:
+    """What makes a loaded save unusable for any run (None: nothing): not a dict, a header
+    (Checkpoints.header) without its entries or with a value of the wrong type or range,
+    or a value anywhere in it that is not finite (a save with NaN is never a good one)."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a dict"
+    for key in ("epoch", "step_in_epoch"):
+        if key not in state:
+            return f"it has no {key}"
+        if not (configuration.is_integer(state[key]) and state[key] >= 0):
+            return f"its {key} is {state[key]!r:.60}, not an integer >= 0"
+    layout = state.get("layout")
+    if not (isinstance(layout, (list, tuple)) and len(layout) == 2
+            and all(configuration.is_integer(count) and count >= 1 for count in layout)):
+        return f"its layout is {layout!r:.60}, not [workers, processes]"
+    if "run" in state:
+        run = state["run"]
+        if not (isinstance(run, dict) and isinstance(run.get("run_id"), str) and isinstance(run.get("config"), dict)):
+            return "its run entry has no run_id or no config"
+        for key in ("initial_loss", "elapsed_s"):
+            if run.get(key) is not None and not configuration.is_number(run[key]):
+                return f"its run's {key} is {run[key]!r:.60}, not a finite number"
+    if not _finite(state):
+        return "some of its tensors are not finite (NaN or infinite)"
+    return None
+
+
+def mismatch(value, template, where: str = "", lenient: bool = False) -> str | None:
+    """Where `value` (a loaded save, or part of one) does not have the form of `template`
+    (what this run saves): a dict with every key of the template's (with `lenient`: those
+    it has), lists of the same length, tensors of the same shape and dtype, numbers, strings
+    and bools where the template has them; a None in the template takes anything. None: no
+    mismatch; otherwise what differs, named by its place (`params[3]`)."""
+    name = where or "the save"
+    if template is None:
+        return None
+    if isinstance(template, dict):
+        if not isinstance(value, dict):
+            return f"{name} is of type {type(value).__name__}, not a dict"
+        for key, entry in template.items():
+            if key not in value:
+                if lenient:
+                    continue
+                return f"{name} has no {key!r}"
+            found = mismatch(value[key], entry, f"{where}.{key}" if where else key, lenient)
+            if found is not None:
+                return found
+        return None
+    if isinstance(template, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(template):
+            found = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else f"of type {type(value).__name__}"
+            return f"{name} is {found}, where this run has a list of {len(template)}"
+        for index, (item, entry) in enumerate(zip(value, template)):
+            found = mismatch(item, entry, f"{name}[{index}]", lenient)
+            if found is not None:
+                return found
+        return None
+    if isinstance(template, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
+            return f"{name} is of type {type(value).__name__}, not a tensor"
+        if value.shape != template.shape or value.dtype != template.dtype:
+            return (f"{name} is a {value.dtype} tensor of shape {list(value.shape)}, where this run has "
+                    f"{template.dtype} {list(template.shape)}")
+        return None
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    kind = next((kinds[k] for k in kinds if isinstance(template, k)), (type(template),))
+    if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(template, bool)):
+        return f"{name} is {value!r:.60}, not of type {type(template).__name__}"
+    return None
 
 
 def _describe(found) -> str:
@@ -624,8 +748,8 @@ def _describe(found) -> str:
     return f"{position(found[0], found[1])} of run {found[2]}"
 
 
-def check_finite(state: dict) -> None:
-    """Refuse to save a state with a non-finite parameter, buffer or optimizer value."""
+def _finite(state) -> bool:
+    """Whether every float tensor in `state` (dicts, lists, tuples of them) is finite."""
     def tensors(value):
         if isinstance(value, torch.Tensor):
             yield value
@@ -636,7 +760,12 @@ def check_finite(state: dict) -> None:
             for v in value:
                 yield from tensors(v)
     floats = [t for t in tensors(state) if t.is_floating_point()]
-    if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+    return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+
+
+def check_finite(state: dict) -> None:
+    """Refuse to save a state with a non-finite parameter, buffer or optimizer value."""
+    if not _finite(state):
         raise FloatingPointError(f"not saving {position(state['epoch'], state['step_in_epoch'])}: some parameters or "
                                  f"optimizer values are not finite")
 

@@ -24,6 +24,7 @@ name, epoch, value, bits, messages, tags; see metrics.py), to TensorBoard and th
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -99,6 +100,7 @@ config = dict(
     network_bandwidth_bits_per_s=1e9,  # beta of the modelled network: a worker's link, bits per second (a record only)
     max_loss_ratio=100.0,  # a worker loss above this multiple of the run's first mean loss is divergence: stop, save nothing
     resume=False,  # continue the run in output_dir from its checkpoints
+    accept_metrics_gap=False,  # resume although metrics.jsonl lacks epochs the checkpoint covers (recorded as a metrics_gap record)
     overwrite=False,  # replace the results of another run in output_dir (without it, such a folder is refused)
 )
 
@@ -110,7 +112,7 @@ MAY_CHANGE_ON_RESUME = (
     "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "compile_replicas", "data_dir",
     "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
     "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
-    "network_latency_s", "network_bandwidth_bits_per_s",
+    "network_latency_s", "network_bandwidth_bits_per_s", "accept_metrics_gap",
 )
 
 
@@ -138,14 +140,6 @@ def main():
     fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"]))
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
     checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
-    saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME) if cfg["resume"] else None
-    if saved is not None and (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0):
-        if is_root:
-            print(f"nothing to do: the run in {folder} has done {saved['epoch']} epochs and num_epochs={cfg['num_epochs']}; "
-                  f"raise num_epochs to train on", flush=True)
-        runs.release_output_dir(folder)
-        return folder
-    run_id = saved["run"]["run_id"] if saved is not None and "run" in saved else comm.gather_objects(uuid.uuid4().hex[:12])[0]
 
     batches_per_epoch = len(loader) if cfg["max_batches_per_epoch"] is None else min(len(loader), cfg["max_batches_per_epoch"])
 
@@ -160,18 +154,36 @@ def main():
     decays = step_module.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     method = build_method(cfg, comm, topology)
+
+    saved = None
+    if cfg["resume"]:  # a save whose form is not this run's (run_state) counts as damaged
+        expected = run_state(workers, momenta, method, comm, metrics.EpochTotals.zeros(comm.num_local, comm.device))
+        saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME,
+                                   check=lambda state: saved_state_problem(state, expected, batches_per_epoch))
+        del expected
+        at_end = (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0)
+        # A run stopped after its last checkpoint but before its summary goes on to write it.
+        if at_end and (comm.gather_objects(finished(folder, saved["epoch"]))[0]
+                       or (saved["epoch"], saved["step_in_epoch"]) > (cfg["num_epochs"], 0)):
+            if is_root:
+                print(f"nothing to do: the run in {folder} has done {saved['epoch']} epochs and num_epochs="
+                      f"{cfg['num_epochs']}; raise num_epochs to train on", flush=True)
+            runs.release_output_dir(folder)
+            return folder
+    run_id = saved["run"]["run_id"] if saved is not None and "run" in saved else comm.gather_objects(uuid.uuid4().hex[:12])[0]
     torch.manual_seed(cfg["seed"] * 1000 + comm.process_index)  # dropout: per process
 
-    start_epoch, start_step, carried, initial_loss = 0, 0, None, None
+    start_epoch, start_step, carried, initial_loss, history, gap = 0, 0, None, None, [], None
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
         carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, method, comm), comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
+        history, gap = metrics.resumed_history(comm, folder, start_epoch, start_step, cfg["accept_metrics_gap"])
         if is_root:
             print(f"resuming run {run_id} from {runs.position(start_epoch, start_step)} ({checkpoints.folder})", flush=True)
         del saved
-    recorder = metrics.Recorder(comm, folder, run_id, append=start_epoch + start_step > 0, upto_epoch=start_epoch,
+    recorder = metrics.Recorder(comm, folder, run_id, history, gap,
                                 log_metric=lambda *record: log_metric(*record))  # the hook as it is when called
     if is_root:
         runs.write_config(folder, cfg)
@@ -353,16 +365,38 @@ def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, method, comm, 
              started) -> dict:
     """What a process saves of a training run: after the header of `checkpoints` (where the run
     is, the layout, the run's id and configuration, its first mean loss and the wall time so
-    far; `started`: when the run would have started had it never stopped), its workers' stacks
-    (models.stacked), their momenta, the method's state (under "gossip"), byte counters, random states and the
-    interrupted epoch's totals."""
+    far; `started`: when the run would have started had it never stopped), its `run_state`."""
     run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.reference, "elapsed_s": time.time() - started}
-    return checkpoints.header(epoch, step_in_epoch, run) | {
+    return checkpoints.header(epoch, step_in_epoch, run) | run_state(workers, momenta, method, comm, totals)
+
+
+def run_state(workers, momenta, method, comm, totals) -> dict:
+    """The run's own entries of a save: its workers' stacks (models.stacked), their momenta, the
+    method's state (under "gossip"), byte counters, random states and the interrupted epoch's
+    totals (None at the end of an epoch)."""
+    return {
         "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": method.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
         "partial_epoch": None if totals is None else totals.state(),
     }
+
+
+def saved_state_problem(state: dict, expected: dict, batches_per_epoch: int) -> str | None:
+    """What makes a save (its header already checked by runs.header_problem) unusable for this
+    run, before anything is restored from it (None: nothing): a step past the end of an
+    epoch, interrupted-epoch totals that do not go with the step, or entries not of the form
+    `expected` (this run's fresh `run_state`, with the totals of an epoch) has: missing, of
+    another type, a tensor of another shape or dtype (runs.mismatch). The method's state is
+    compared by the entries a fresh method has and the save holds (older saves lack some);
+    the CUDA random state may come from another device."""
+    step, partial = state["step_in_epoch"], state.get("partial_epoch")
+    if step > batches_per_epoch:
+        return f"its step_in_epoch={step} is past the end of an epoch ({batches_per_epoch} steps)"
+    if (partial is None) != (step == 0):
+        return f"its partial_epoch ({'none' if partial is None else 'totals'}) does not go with step_in_epoch={step}"
+    own = expected | {"gossip": None, "cuda_rng": None, "partial_epoch": None if partial is None else expected["partial_epoch"]}
+    return runs.mismatch(state, own) or runs.mismatch(state["gossip"], expected["gossip"], "gossip", lenient=True)
 
 
 def restore(saved, workers, momenta, method, comm) -> dict | None:
@@ -392,6 +426,16 @@ def load_data(cfg: dict, comm):
         return dataset, build_loader(cfg, dataset, comm)
     except ValueError as problem:
         raise ConfigError(str(problem)) from None
+
+
+def finished(folder: str, epochs: int) -> bool:
+    """Whether the run in `folder` wrote its summary after `epochs` epochs (summary.json marks
+    a finished run; one of an earlier, shorter run does not count)."""
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            return json.load(f).get("epochs") == epochs
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def build_loader(cfg: dict, dataset, comm):

@@ -3,13 +3,20 @@
 Each test reproduces one way a user could lose or mix results and asserts the new
 behaviour (an error that names the problem, an intact earlier run, an exact resume).
 """
+import itertools
 import json
+import multiprocessing
 import os
+import shutil
+import signal
+import time
+import traceback
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 
-from powergossip import configuration, runs
+from powergossip import configuration, figures, runs
 import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
@@ -385,3 +392,167 @@ def test_gossip_run_refuses_a_used_folder_without_suggesting_resume(tmp_path):
     with pytest.raises(configuration.ConfigError, match="holds another run's results") as refused:
         run_main(tmp_path, num_steps=5)
     assert "resume" not in str(refused.value)
+
+
+# --- a resume keeps the run's history (issue 26): a kill at any write, a malformed checkpoint, a lost metrics.jsonl ---
+def small(tiny_data, **extra):
+    """settings() with one step per epoch and no per-worker evaluation: a run of ~20 records an epoch."""
+    return settings(tiny_data, **({"max_batches_per_epoch": 1, "evaluate_each_worker": False, "n_workers": 2, "max_test_examples": 16, "evaluation_batch_size": 16} | extra))
+
+
+def draw_blank_figures(patch):
+    """curves.png from a blank 1 x 1 inch figure: drawing the real one is most of a small run's
+    time, and these tests are about the files, which are written as ever."""
+    patch.setattr(figures, "training_figure", lambda records, title: Figure(figsize=(1, 1)))
+
+
+@pytest.fixture
+def blank_figures(monkeypatch):
+    draw_blank_figures(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory, tiny_data):
+    """{n: the folder of a finished run of small(num_epochs=n)} for n = 1, 2; tests copy them, never change them."""
+    folders = {}
+    with pytest.MonkeyPatch.context() as patch:
+        draw_blank_figures(patch)
+        for num_epochs in (1, 2):
+            folders[num_epochs] = tmp_path_factory.mktemp(f"small_{num_epochs}_epochs")
+            run(str(folders[num_epochs]), small(tiny_data, num_epochs=num_epochs))
+    return folders
+
+
+def copy_of(folder, to):
+    shutil.copytree(folder, to)
+    return to
+
+
+KILLED = 113  # the exit status of a child stopped by killed_after
+
+
+def killed_after(writes: int, action, timeout: float = 60) -> int:
+    """Runs `action` in a forked child that ends at once (os._exit: no cleanup, as SIGKILL) right
+    after its `writes`-th write of a results file (runs.after_results_write); returns the child's
+    exit status: KILLED, or 0 when it made fewer writes and finished."""
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            count = itertools.count(1)
+            runs.after_results_write = lambda path: os._exit(KILLED) if next(count) == writes else None
+            action()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            raise TimeoutError(f"the resume to be killed after write {writes} ran past {timeout} s")
+        time.sleep(0.005)
+
+
+def resume_killed_after(writes: int, base, folder, resume: list[str], expected: list, accuracy: float) -> None:
+    """Copies the run in `base` to `folder`, resumes it with the overrides `resume` killed after
+    its `writes`-th write (killed_after), checks that every record of `base` is still there, then
+    resumes it normally and checks its records and accuracy against `expected` and `accuracy`."""
+    history = (base / "metrics.jsonl").read_text()
+    copy_of(base, folder)
+    assert killed_after(writes, lambda: run(str(folder), resume)) == KILLED, f"write {writes}: not killed"
+    assert (folder / "metrics.jsonl").read_text().startswith(history), f"killed after write {writes}: records lost"
+    run(str(folder), resume)
+    assert records(folder) == expected, f"killed after write {writes}: other records after the resume"
+    with open(folder / "summary.json") as f:
+        assert json.load(f)["test_avg_accuracy"] == accuracy, f"killed after write {writes}: another summary"
+
+
+def test_a_resume_killed_after_any_write_keeps_every_record(tmp_path, tiny_data, small_runs, blank_figures, monkeypatch):
+    """Issue 26, defect 1: a resume killed right after its k-th write of a results file (metrics.jsonl
+    rewritten or a record appended, config.yaml, the checkpoint, curves.png, summary.json), for every k, leaves every record of the run it continues, and a normal resume
+    then gives the records and summary of the uninterrupted run. A history that does not reach
+    the checkpoint is refused, not continued."""
+    resume = small(tiny_data, num_epochs=2) + ["resume=true"]
+    expected = records(small_runs[2])
+    with open(small_runs[2] / "summary.json") as f:
+        accuracy = json.load(f)["test_avg_accuracy"]
+    writes = []
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "after_results_write", writes.append)
+        run(str(copy_of(small_runs[1], tmp_path / "counted")), resume)
+    assert len(writes) >= 20 and records(tmp_path / "counted") == expected  # every record is a write, and the files
+    # Every k, two at a time: each in a worker forked from this process (its state, the blank figures). SIGTERM, by
+    # which the pool ends its workers, ends them (a run of an earlier test that raised may have left train.py's handler).
+    with multiprocessing.get_context("fork").Pool(2, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
+        pool.starmap_async(resume_killed_after, [
+            (k, small_runs[1], tmp_path / f"killed_after_{k}", resume, expected, accuracy) for k in range(1, len(writes) + 1)
+        ]).get(timeout=300)
+    # The history an older version left after such a kill (epoch 1 of 2) is noticed, and nothing changes.
+    folder = copy_of(small_runs[2], tmp_path / "cut")
+    (folder / "metrics.jsonl").write_text((small_runs[1] / "metrics.jsonl").read_text())
+    before = contents(folder)
+    with pytest.raises(configuration.ConfigError, match=r"has no records of epochs 2, while the checkpoint continues "
+                                                        r"from the end of epoch 2.*accept_metrics_gap=true"):
+        run(str(folder), small(tiny_data, num_epochs=3) + ["resume=true"])
+    assert contents(folder) == before
+
+
+MALFORMED = {  # how a checkpoint that is intact on disk may still be unusable, and what the warning says
+    "no epoch": (lambda state: state.pop("epoch"), "it has no epoch"),
+    "no step_in_epoch": (lambda state: state.pop("step_in_epoch"), "it has no step_in_epoch"),
+    "epoch as text": (lambda state: state.update(epoch="2"), "its epoch is '2', not an integer >= 0"),
+    "negative epoch": (lambda state: state.update(epoch=-3), "its epoch is -3"),
+    "a step past the epoch": (lambda state: state.update(step_in_epoch=5, partial_epoch=None), "its step_in_epoch=5 is past"),
+    "a broadcastable parameter": (lambda state: state["params"].__setitem__(0, state["params"][0][:, :1].clone()),
+                                  r"params\[0\] is a torch.float32 tensor of shape \[2, 1, "),
+    "params not a list": (lambda state: state.update(params=7), "params is of type int, where this run has a list of 8"),
+    "a NaN momentum": (lambda state: state["momenta"][0].view(-1).__setitem__(0, float("nan")), "some of its tensors are not finite"),
+    "gossip of the wrong type": (lambda state: state.update(gossip=[0]), "gossip is of type list, not a dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_data, small_runs, blank_figures, case):
+    """Issue 26, defect 6: a checkpoint that is intact on disk but malformed (header, types,
+    shapes, epoch, step, a value that is not finite) is set aside as a damaged one, before
+    anything is changed, and the run resumes exactly from the save before."""
+    malform, reason = MALFORMED[case]
+    folder = copy_of(small_runs[2], tmp_path / "run")  # rank0.pt: epoch 2; rank0.previous.pt: epoch 1
+    state = torch.load(folder / "checkpoints" / "rank0.pt", weights_only=True)
+    malform(state)
+    torch.save(state, folder / "checkpoints" / "rank0.pt")
+    with pytest.warns(UserWarning, match=r"resuming from the end of epoch 1, the newest save intact on every process "
+                                         rf"\(process 0: \S*rank0\.pt is not a usable checkpoint: {reason}"):
+        run(str(folder), small(tiny_data, num_epochs=2) + ["resume=true"])
+    assert records(folder) == records(small_runs[2])
+    assert (folder / "checkpoints" / "rank0.pt.set-aside").exists()
+
+
+def test_a_lost_metrics_file_is_refused_unless_the_gap_is_accepted_and_recorded(tmp_path, tiny_data, small_runs,
+                                                                                  blank_figures):
+    """Issue 26, defect 7: resuming a run whose metrics.jsonl was deleted stops with one message
+    naming accept_metrics_gap=true, changing nothing; with it, the run goes on with a warning and
+    a metrics_gap record that lists the lost epochs, which later resumes accept."""
+    folder = copy_of(small_runs[1], tmp_path / "run")
+    os.remove(folder / "metrics.jsonl")
+    before = contents(folder)
+    with pytest.raises(configuration.ConfigError, match="has no metrics.jsonl, while the checkpoint continues from the "
+                                                        "end of epoch 1.*pass accept_metrics_gap=true"):
+        run(str(folder), small(tiny_data, num_epochs=2) + ["resume=true"])
+    assert contents(folder) == before
+    with pytest.warns(UserWarning, match="has no metrics.jsonl; going on as accept_metrics_gap=true asks"):
+        run(str(folder), small(tiny_data, num_epochs=2) + ["resume=true", "accept_metrics_gap=true"])
+    gap, *rest = runs.read_metrics(str(folder))
+    assert (gap["name"], gap["epoch"], gap["value"], gap["tags"]) == ("metrics_gap", 1.0, 1.0,
+                                                                      {"split": "history", "missing_epochs": [1]})
+    assert gap["bits"] == next(r["bits"] for r in runs.read_metrics(str(small_runs[1])) if r["epoch"] == 1.0) > 0
+    assert records(folder)[1:] == [r for r in records(small_runs[2]) if r[1] == 2.0]
+    assert "accept_metrics_gap" not in (folder / "config.yaml").read_text()  # an instruction to one launch
+    run(str(folder), small(tiny_data, num_epochs=3) + ["resume=true"])  # the recorded gap is part of the history
+    assert runs.read_metrics(str(folder))[0] == gap and {r[1] for r in records(folder)} == {1.0, 2.0, 3.0}
