@@ -91,11 +91,15 @@ def resumed_history(comm, folder: str, epoch: int, step: int, accept_gap: bool) 
     if comm.process_index == 0:
         path = os.path.join(folder, "metrics.jsonl")
         exists = os.path.exists(path)
-        kept = [r for r in runs.read_metrics(path) if r["epoch"] <= epoch] if exists else []
+        try:
+            kept = [r for r in runs.read_metrics(path) if r["epoch"] <= epoch] if exists else []
+        except ValueError as bad:  # a line that is not a record: say which, change nothing
+            kept, exists = [], True
+            problem = f"resume=true but {bad}: repair or remove that line, then resume again"
         covered = {int(r["epoch"]) for r in kept if r["name"] != GAP}
         covered |= {e for r in kept if r["name"] == GAP for e in r["tags"]["missing_epochs"]}
         missing = [e for e in range(1, epoch + 1) if e not in covered]
-        if missing:
+        if missing and problem is None:
             lost = (f"{folder} has no metrics.jsonl" if not exists else f"{path} has no records of epochs {_ranges(missing)}")
             if accept_gap:
                 warnings.warn(f"{lost}; going on as accept_metrics_gap=true asks: a {GAP!r} record in metrics.jsonl "

@@ -216,6 +216,18 @@ def test_a_stored_config_that_is_not_a_mapping_stops_resume_in_one_line(tmp_path
     assert contents(folder) == before
 
 
+def test_a_bad_metrics_line_stops_resume_in_one_line(tmp_path_factory, tiny_data, monkeypatch, capsys):
+    folder = tmp_path_factory.mktemp("finished")
+    run(str(folder), small_run(tiny_data))
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write("garbage{\n")
+    before = contents(folder)
+    line = exits_with_one_line(monkeypatch, capsys, train,
+                               small_run(tiny_data, num_epochs=2) + ["resume=true", f"output_dir={folder}"])
+    assert "is not a JSON record" in line and "repair or remove that line" in line
+    assert contents(folder) == before
+
+
 # --- defect 10 (part): a gzip bomb in data_dir ----------------------------------------------------------
 def test_a_gzip_bomb_is_refused_from_its_header_under_a_memory_limit(tmp_path):
     member = gzip.compress(bytes(16 << 20), compresslevel=1)  # 16 MB of zeros in ~16 KB
