@@ -8,7 +8,7 @@ Values are parsed as YAML (`lr=0.1`, `lr=1e-3`, `warm_start=false`,
 keys, wrong types and numbers that are not finite are errors that name the key and
 what was expected. Each entrypoint checks the rest of its configuration itself
 (train.checked, gossip_run.checked); a problem ends the program with exit status 2
-and one line that says what to change (`command_line_or_exit`, `run_or_exit`).
+and one line that says what to change (`run_command_line`, `run_or_exit`).
 docs/configuration.md tables the methods' settings and the older names read as them.
 """
 from __future__ import annotations
@@ -94,6 +94,22 @@ def with_canonical_keys(defaults: dict, config: dict) -> dict:
                 raise ConfigError(f"{key}={value!r} and {name}={renamed[name]!r} name the same setting; give one of them")
             renamed[name] = value
     return renamed
+
+
+def with_checked_keys(defaults: dict, config: dict) -> dict:
+    """What both entrypoints check first: a copy of `config` with every key by its own name
+    (with_canonical_keys), known and of its default's type (check_config), and the compressor
+    by its registry key, so that config.yaml holds one spelling and resume compares names."""
+    from powergossip import compressors  # here: configuration stays light for what imports it
+
+    config = with_canonical_keys(defaults, config)
+    check_config(defaults, config)
+    if isinstance(config.get("optimizer_compressor"), str):
+        try:
+            config["optimizer_compressor"] = compressors.registered_name(config["optimizer_compressor"])
+        except ValueError as problem:
+            raise setting_problem(problem, {}) from None
+    return config
 
 
 def apply_overrides(defaults: dict, arguments: list[str]) -> dict:
@@ -203,14 +219,17 @@ def check_value(defaults: dict, key: str, value, source: str):
     return value
 
 
-def command_line_or_exit(program: str, defaults: dict, output_dir: str, arguments: list[str]) -> tuple[dict, str]:
-    """`command_line` (every key known and of its type); a problem ends the program
-    (exit_on_config_error). The rest is checked once, by the entrypoint's main()."""
+def run_command_line(entrypoint, program: str, defaults: dict, arguments: list[str] | None) -> None:
+    """`python <program> [file.yaml] key=value ...` for an entrypoint module: the arguments
+    (sys.argv's when None) over `defaults` into its `config` and `output_dir` (each call starts
+    afresh, as each launch does), then its `main()`, which checks them. A problem ends the
+    program with one line and exit status 2 (exit_on_config_error)."""
     try:
-        config, output_dir = command_line(defaults, output_dir, arguments)
+        config, folder = command_line(defaults, None, sys.argv[1:] if arguments is None else arguments)
     except (ValueError, OSError) as problem:
         exit_on_config_error(program, problem)
-    return config, output_dir
+    entrypoint.config, entrypoint.output_dir = config, folder
+    run_or_exit(program, entrypoint.main)
 
 
 def run_or_exit(program: str, main) -> None:

@@ -66,7 +66,6 @@ import numpy as np
 import torch
 
 from powergossip import comm as comm_module
-from powergossip import compressors
 from powergossip import configuration
 from powergossip import methods
 from powergossip import names
@@ -332,8 +331,7 @@ def checked(config) -> tuple[dict, topologies.Topology]:
     """A checked copy of `config` with every key by its own name (aliases renamed), and the
     run's topology (built here, once); raises configuration.ConfigError (a ValueError)
     naming the key for anything that cannot work."""
-    config = configuration.with_canonical_keys(DEFAULTS, config)
-    configuration.check_config(DEFAULTS, config)
+    config = configuration.with_checked_keys(DEFAULTS, config)
     error = configuration.ConfigError
     for key, default in DEFAULTS.items():
         if default is not None and config.get(key) is None:
@@ -361,10 +359,6 @@ def checked(config) -> tuple[dict, topologies.Topology]:
     require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
     require(methods.METHODS[method].acts_on == "parameters",
             f"algorithm={name} acts on gradients; consensus experiments have none")
-    try:
-        config["optimizer_compressor"] = compressors.registered_name(config["optimizer_compressor"])
-    except ValueError as problem:
-        raise configuration.setting_problem(problem, {}) from None
     for key, value in fixed.items():
         given = config[f"optimizer_{key}"]
         require(given in (value, DEFAULTS[f"optimizer_{key}"]),
@@ -422,14 +416,9 @@ def checked(config) -> tuple[dict, topologies.Topology]:
 
 
 def command_line(arguments: list[str] | None = None) -> None:
-    """`python gossip_run.py [file.yaml] key=value ...` (also `python -m powergossip.gossip_run`): the
-    arguments over the defaults into this module's `config` and `output_dir` (each call starts
-    afresh, as each `python gossip_run.py` does), then `main()`, which checks them; a
-    configuration problem ends the program with its message and exit status 2."""
-    global config, output_dir
-    arguments = sys.argv[1:] if arguments is None else arguments
-    config, output_dir = configuration.command_line_or_exit("gossip_run.py", DEFAULTS, None, arguments)
-    configuration.run_or_exit("gossip_run.py", main)
+    """`python gossip_run.py [file.yaml] key=value ...` (also `python -m powergossip.gossip_run`):
+    configuration.run_command_line on this module."""
+    configuration.run_command_line(sys.modules[__name__], "gossip_run.py", DEFAULTS, arguments)
 
 
 if __name__ == "__main__":  # `python -m powergossip.gossip_run`: run the package's module, not this second copy

@@ -33,7 +33,6 @@ import uuid
 import torch
 
 from powergossip import comm as comm_module
-from powergossip import compressors
 from powergossip import data
 from powergossip import methods
 from powergossip import metrics
@@ -261,16 +260,11 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
     """A checked copy of `cfg`, every key by its own name (aliases renamed), and the run's
     topology (built here, once); every problem a ConfigError naming the key, raised before
     any work starts."""
-    cfg = configuration.with_canonical_keys(_DEFAULTS, cfg)
-    configuration.check_config(_DEFAULTS, cfg)
+    cfg = configuration.with_checked_keys(_DEFAULTS, cfg)
     try:
         cfg["optimizer"] = methods.registered_name(cfg["optimizer"])  # one spelling, also in config.yaml
     except ValueError as problem:
         raise ConfigError(f"optimizer: {problem}") from None
-    try:
-        cfg["optimizer_compressor"] = compressors.registered_name(cfg["optimizer_compressor"])
-    except ValueError as problem:
-        raise configuration.setting_problem(problem, {}) from None
     if cfg["n_workers"] < 2:
         raise ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
     choices = {"task": data.TASKS, "task_architecture": models.NAMES,
@@ -457,14 +451,9 @@ def build_method(cfg: dict, comm, topology) -> methods.Method:
 
 
 def command_line(arguments: list[str] | None = None) -> None:
-    """`python train.py [file.yaml] key=value ...` (also `python -m powergossip.train`): the
-    arguments over the defaults into this module's `config` and `output_dir` (each call starts
-    afresh, as each `python train.py` does), then `main()`, which checks them; a
-    configuration problem ends the program with its message and exit status 2."""
-    global config, output_dir
-    arguments = sys.argv[1:] if arguments is None else arguments
-    config, output_dir = configuration.command_line_or_exit("train.py", _DEFAULTS, None, arguments)
-    configuration.run_or_exit("train.py", main)
+    """`python train.py [file.yaml] key=value ...` (also `python -m powergossip.train`):
+    configuration.run_command_line on this module."""
+    configuration.run_command_line(sys.modules[__name__], "train.py", _DEFAULTS, arguments)
 
 
 if __name__ == "__main__":  # `python -m powergossip.train`: run the package's module, not this second copy

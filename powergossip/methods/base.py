@@ -217,10 +217,16 @@ class Method:
                 print(line, flush=True)
         return self.backend == FUSED
 
+    def _on_torch_path(self) -> bool:
+        """The backend is decided, and it is torch: a round need not ask again."""
+        return self.backend is not None and self.backend != FUSED
+
     def _kernel_layout(self, senders, params, *states) -> kernels.Layout | None:
         """The flat layout the fused kernels use for `params`, when this round runs them: the
         backend is FUSED (parameters and states float32 on a GPU with Triton, at most
         kernels.MAX_ROWS rows) and every message of the round stays in the process (`senders`)."""
+        if self._on_torch_path():
+            return None
         why_not = ("in_process_mixing=False" if not self.in_process_mixing else "a round's messages leave the process"
                    if senders is None else kernel_problem(params, *states))
         if not self._use_fused(why_not) or why_not is not None:  # decided at the first step; a later round that

@@ -86,6 +86,8 @@ class CompressedGossip(Method):
 
     def _fused_sign_and_norm(self, senders, params, *states):
         """The flat layout when this round runs the fused sign-and-norm kernels, else None."""
+        if self._on_torch_path():
+            return None
         if type(self.compressor) is not SignAndNorm:
             self._use_fused(f"no fused kernel for the {type(self.compressor).__name__} compressor")
             return None

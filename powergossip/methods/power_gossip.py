@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from powergossip import kernels, topologies
-from powergossip.methods.base import (FUSED, GossipConfig, Method, check_layout, configured, edge_seed, from_worker_slots,
+from powergossip.methods.base import (GossipConfig, Method, check_layout, configured, edge_seed, from_worker_slots,
                                       matrix_groups, matrix_view, orthogonalize_, require, to_worker_slots)
 from powergossip.methods.dpsgd import SimpleGossip
 from powergossip.methods.large_parameters import OnlyOnLargeParameters
@@ -311,7 +311,7 @@ class PowerGossip(Method):
         sign variant (round_weights) keeps the torch path: its start vectors are not orthonormalized.
         The backend is decided (and said) at the first half-step; a later round whose degree needs
         more factor columns than the kernels hold (a graph over time) takes the torch path."""
-        if self.backend is not None and self.backend != FUSED:
+        if self._on_torch_path():
             return None
         storage = kernels.in_one_storage(params) if kernels.available(params, self.p, self.q) else None
         layout = None
