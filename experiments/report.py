@@ -19,21 +19,23 @@ from experiments import sweep
 from powergossip import figures
 
 
-def study_main(description: str, name: str, study_runs, title: str, label_keys: list[str], notes: str = "") -> None:
+def study_main(description: str, name: str, study_runs, title: str, label_keys: list[str], notes: str = "",
+               extra_columns: dict | None = None) -> None:
     """A training study's command line: `study_runs(quick, overrides, seeds)` launched (or
     only collected), the report written, its table printed; exits 1 if a run failed."""
     args = sweep.study_arguments(description, seeds=True).parse_args()
-    outcomes, _ = run_study(args, name, study_runs(args.quick, args.overrides, args.seeds), title, label_keys, notes)
+    outcomes, _ = run_study(args, name, study_runs(args.quick, args.overrides, args.seeds), title, label_keys, notes,
+                            extra_columns)
     sys.exit(exit_status(outcomes))
 
 
 def run_study(args, name: str, runs: list[sweep.Run], title: str, label_keys: list[str],
-              notes: str = "") -> tuple[list[sweep.Outcome], list[dict]]:
+              notes: str = "", extra_columns: dict | None = None) -> tuple[list[sweep.Outcome], list[dict]]:
     """Launch a study's runs (or only collect them) in its folder, write its report there and
     print its table; (outcomes, the report's rows)."""
     folder = sweep.study_folder(args, name)
     outcomes = sweep.launch_or_collect(args, runs, folder)
-    rows = write_report(outcomes, folder, title, label_keys, notes=notes)
+    rows = write_report(outcomes, folder, title, label_keys, notes=notes, extra_columns=extra_columns)
     with open(os.path.join(folder, "table.md")) as f:
         print(f.read(), end="")
     return outcomes, rows
@@ -91,15 +93,18 @@ def mean_and_spread(row: dict, metric: str = "accuracy") -> str:
 
 
 def write_report(outcomes: list[sweep.Outcome], folder: str, title: str, label_keys: list[str], notes: str = "",
-                 metric: str = "accuracy") -> list[dict]:
-    """table.md / table.csv (one row per setting, mean ± standard deviation over seeds) and
-    two figures (test metric vs epochs, vs MB sent; the seeds' range shaded) in `folder`."""
+                 metric: str = "accuracy", extra_columns: dict | None = None) -> list[dict]:
+    """table.md / table.csv (one row per setting, mean ± standard deviation over seeds, then
+    `extra_columns`: header -> function of the row giving its cell) and two figures (test
+    metric vs epochs, vs MB sent; the seeds' range shaded) in `folder`."""
     curves = [figures.curve(sweep.metrics(outcome), metric, "test_avg") for outcome in outcomes]
     rows = summarize(outcomes, curves, label_keys)
+    extra_columns = extra_columns or {}
     header = label_keys + [f"test {metric} (averaged model), mean ± std over seeds", "seeds", "MB sent / worker / epoch",
-                           "epochs", "status"]
+                           "epochs", "status"] + list(extra_columns)
     table = [[row.get(key, "") for key in label_keys]
              + [mean_and_spread(row, metric), row["seeds"], f"{row['mb_per_epoch']:.3f}", f"{row['epochs']:g}", row["status"]]
+             + [cell(row) for cell in extra_columns.values()]
              for row in rows]
     sweep.write_table(folder, "table", header, table, notes=f"{title}\n\n{notes}".strip())
     _figure(outcomes, curves, folder, title, label_keys, metric)
