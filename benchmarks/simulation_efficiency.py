@@ -10,6 +10,7 @@ simulation / ceiling. Peak GPU memory is reported for each, counted from the row
     python benchmarks/simulation_efficiency.py                         # ResNet-20, 16 workers
     python benchmarks/simulation_efficiency.py --architectures resnet20,resnet18 --optimizers power-gossip,dpsgd,choco
     python benchmarks/simulation_efficiency.py --quick                 # reduced run for CPU (CI)
+    python benchmarks/simulation_efficiency.py --n-workers 8 --image-shape 1,28,28   # Fashion-MNIST's images (train.py's)
     mpirun -np 16 python benchmarks/simulation_efficiency.py --no-ceiling --dtypes float32   # processes sharing a GPU
 """
 from __future__ import annotations
@@ -84,13 +85,18 @@ def peak_memory_gb(device, leftover_gb: float) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 - leftover_gb if device.type == "cuda" else float("nan")
 
 
-def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
+def build_model(architecture, image_shape):
+    """The model train.py builds for images of `image_shape` (channels, height, width)."""
+    return models.build(architecture, in_channels=image_shape[0], image_size=image_shape[1])
+
+
+def ceiling(architecture, batch, device, steps, image_shape=(3, 32, 32)) -> tuple[float, float]:
     """One model at the combined batch, bf16 autocast, channels_last, SGD; no communication."""
     leftover = start_row(device)
     torch.manual_seed(0)
-    model = models.build(architecture).to(device, memory_format=torch.channels_last)
+    model = build_model(architecture, image_shape).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, *image_shape, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step():
@@ -104,20 +110,20 @@ def ceiling(architecture, batch, device, steps) -> tuple[float, float]:
 
 
 def simulation(architecture, n_workers, batch, optimizer, dtype, compute, streams, device, steps,
-               topology="ring") -> tuple[float, float]:
+               topology="ring", image_shape=(3, 32, 32)) -> tuple[float, float]:
     """train.py's step over n_workers stacked replicas in one process, gossip included
     (compute "graph-compiled": the graph layout with compile_replicas)."""
     leftover = start_row(device)
     comm = comm_module.Communicator(n_workers, device)
     torch.manual_seed(0)
-    template = models.build(architecture)
+    template = build_model(architecture, image_shape)
     workers = StackedReplicas(template, comm.num_local, comm.device, compute=compute.removesuffix("-compiled"),
                               graph_streams=streams, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                               compile_replicas=compute == "graph-compiled")
     gossip = build_method(optimizer, comm, topologies.build(topology, n_workers))
     momenta = [torch.zeros_like(p) for p in workers.params]
     decays = weight_decays(template, workers.parameter_names, 1e-4)
-    x = torch.randn(comm.num_local, batch, 3, 32, 32, device=comm.device)
+    x = torch.randn(comm.num_local, batch, *image_shape, device=comm.device)
     y = torch.randint(0, 10, (comm.num_local, batch), device=comm.device)
 
     def step():  # train.py's step: the gradient at x_t, the gossip, the local step
@@ -144,6 +150,8 @@ def main():
     parser.add_argument("--topology", default="ring", help="the gossip graph (topologies.build's names)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each shape first")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--image-shape", type=lambda text: tuple(int(n) for n in text.split(",")), default=(3, 32, 32),
+                        help="channels,height,width of the images (default CIFAR's 3,32,32; Fashion-MNIST's 1,28,28)")
     parser.add_argument("--quick", action="store_true", help="CPU: ResNet-20, 2 workers (or --n-workers) x 8 images, 2 steps")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the single-model ceiling (under mpirun)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -158,12 +166,12 @@ def main():
     run = run_description(device)
     say(f"{context.world_size} process(es), backend {context.backend}")
     say(f"simulation efficiency: {args.n_workers} workers x batch {args.batch_size} in one process vs one model at "
-        f"batch {args.n_workers * args.batch_size} (bf16, channels_last); {args.topology}"
+        f"batch {args.n_workers * args.batch_size} (bf16, channels_last); images {args.image_shape}; {args.topology}"
         f"{'; cudnn.benchmark' if args.cudnn_benchmark else ''}; {run['device']}; torch {run['torch']}; {run['date']}")
     rows = []
     for architecture in args.architectures.split(","):
         top, top_memory = (float("nan"), float("nan")) if args.no_ceiling else \
-            ceiling(architecture, args.n_workers * args.batch_size, device, args.steps)
+            ceiling(architecture, args.n_workers * args.batch_size, device, args.steps, args.image_shape)
         say(f"\n{architecture}: ceiling {top:,.0f} images/s (peak {top_memory:.1f} GB)")
         say(f"{'optimizer':14s} {'compute':10s} {'dtype':9s} {'images/s':>10s} {'ratio':>7s} {'gossip':>7s} {'peak GB':>8s}")
         layouts = [(compute, streams) for compute in args.computes.split(",")
@@ -177,7 +185,7 @@ def main():
                 for optimizer in args.optimizers.split(","):
                     try:
                         rate, memory = simulation(architecture, args.n_workers, args.batch_size, optimizer, dtype, compute,
-                                                  streams, device, args.steps, args.topology)
+                                                  streams, device, args.steps, args.topology, args.image_shape)
                     except RuntimeError as failure:  # report and go on (e.g. a dtype a kernel lacks)
                         say(f"{optimizer:14s} {label:10s} {dtype:9s} failed: {str(failure).splitlines()[0][:80]}")
                         continue
@@ -191,6 +199,7 @@ def main():
                                  "gossip_overhead": overhead, "peak_gb": memory, "ceiling_peak_gb": top_memory})
     if args.json and context.process_index == 0:
         write_json(args.json, run | {"n_workers": args.n_workers, "batch_size": args.batch_size, "topology": args.topology,
+                                     "image_shape": list(args.image_shape),
                                      "cudnn_benchmark": args.cudnn_benchmark, "rows": rows})
 
 

@@ -210,13 +210,20 @@ def _arguments(run: Run, extra: list[str] | None) -> list[str]:
     return [run.entrypoint] + run.overrides + (extra or [])
 
 
+def _defining(arguments: list[str]) -> list[str]:
+    """The arguments that decide a run's results: all but where its data set lies (`data_dir`),
+    so that runs done on another machine count as done."""
+    return [argument for argument in arguments if not argument.startswith("data_dir=")]
+
+
 def _done_with_other_arguments(run: Run, run_folder: str, extra: list[str] | None) -> bool:
     path = os.path.join(run_folder, "DONE")
     if not os.path.exists(path):
         return False
     with open(path) as f:
         text = f.read()
-    return bool(text) and json.loads(text) != _arguments(run, extra)  # an empty DONE: written before this check existed
+    # an empty DONE: written before this check existed
+    return bool(text) and _defining(json.loads(text)) != _defining(_arguments(run, extra))
 
 
 def _continue_or_replace(run_folder: str) -> list[str]:

@@ -1,5 +1,6 @@
 """Sweep scripts end to end at a tiny scale: launching, skipping, surviving failures, reports."""
 import csv
+import json
 import os
 import re
 import subprocess
@@ -8,8 +9,8 @@ import time
 
 import pytest
 
-from experiments import (consensus, deep_learning, no_tuning, non_iid, paper_bytes, paper_configs, power_iterations, report,
-                         resnet20, spectral_gap, sweep, warm_start)
+from experiments import (consensus, deep_learning, full_budget, no_tuning, non_iid, paper_bytes, paper_configs, power_iterations,
+                         report, resnet20, spectral_gap, sweep, warm_start)
 from experiments import topologies as topology_study
 from tests.test_data import fake_fmnist
 from tests.test_train import comparable
@@ -51,6 +52,9 @@ def test_launch_skips_finished_runs_and_survives_failures(tmp_path, tiny_data):
     seeded = sweep.Run("good", "train.py", good.overrides + ["seed=7"], good.labels)  # the same run name, other settings
     with pytest.raises(SystemExit, match="good were done before with other arguments"):
         sweep.launch([bad, seeded], str(tmp_path))
+    # Where the data lies does not define a run: done elsewhere with the same data, it counts as done.
+    moved = sweep.Run("good", "train.py", [o.replace(tiny_data, "/elsewhere") for o in good.overrides], good.labels)
+    assert [o.status for o in sweep.launch([moved], str(tmp_path))] == ["skipped"]
 
 
 ENTRYPOINT = """import atexit, os, sys, time
@@ -221,7 +225,7 @@ def test_quick_studies_write_outside_the_tracked_tree():
         pytest.skip("not a git checkout")
     for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid"), (power_iterations, "power_iterations"),
                         (warm_start, "warm_start"), (topology_study, "topologies"), (spectral_gap, "spectral_gap"),
-                        (no_tuning, "no_tuning"), (resnet20, "resnet20")):
+                        (no_tuning, "no_tuning"), (resnet20, "resnet20"), (full_budget, "full_budget")):
         args = sweep.study_arguments("").parse_args(["--quick"])
         folder = sweep.study_folder(args, name)
         ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
@@ -254,7 +258,8 @@ def test_quick_studies_leave_git_status_unchanged():
     if sp.run(["git", "rev-parse"], cwd=sweep.ROOT, capture_output=True, timeout=60).returncode != 0:
         pytest.skip("not a git checkout")
     before = status()
-    studies = (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20)
+    studies = (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20,
+               full_budget)
     result = sp.run([sys.executable, "-c", STUDY_SCRIPTS] + [study.__file__ for study in studies], cwd=sweep.ROOT,
                     capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -314,3 +319,35 @@ def test_spectral_gap_rate_fit_recovers_a_known_contraction():
     assert spectral_gap.rate_to_target(points)[1] is None
     assert spectral_gap.slope([(0.01, 0.002), (0.1, 0.02), (1.0, 0.2)]) == pytest.approx(1.0)
     assert spectral_gap.slope([(0.01, 1e-4), (0.1, 1e-2)]) == pytest.approx(2.0)
+
+
+def test_full_budget_runs_the_papers_files_seed_by_seed():
+    """Study 12: every method's run reads the paper's file first (so the study's task and
+    layout override it), the 8-ring has all eight methods and the 16-ring three, and every
+    method's seed 1 comes before any seed 2."""
+    runs = full_budget.study_runs(False, [])
+    assert len(runs) == 2 * (8 + 3) and [r.labels["seed"] for r in runs] == [1] * 11 + [2] * 11
+    for run in runs:
+        assert os.path.exists(os.path.join(sweep.ROOT, run.overrides[0])) and not os.path.isabs(run.overrides[0])
+        assert run.overrides.index("task=fashion_mnist") > 0 and "num_epochs=2" not in run.overrides
+    assert {r.labels["method"] for r in runs if r.labels["graph"] == "16-worker ring"} == {
+        "All-reduce", "PowerGossip (1 iteration)", "PowerGossip (2 iterations)"}
+    for run in full_budget.study_runs(True, []):  # --quick: 4 workers on the CPU, whichever graph the part names
+        assert run.overrides.index("n_workers=4") > max(run.overrides.index(f"n_workers={n}") for n in (8, 16)
+                                                        if f"n_workers={n}" in run.overrides)
+
+
+def test_full_budget_committed_runs_count_as_done_here():
+    """The committed 300-epoch runs were launched with this study's arguments (their data
+    elsewhere): a launch here skips them rather than refusing or repeating them."""
+    folder = os.path.join(sweep.RESULTS, "full_budget", "runs")
+    committed = {name for name in os.listdir(folder) if os.path.exists(os.path.join(folder, name, "DONE"))} \
+        if os.path.isdir(folder) else set()
+    if not committed:
+        pytest.skip("no committed runs")
+    runs = {run.name: run for run in full_budget.study_runs(False, ["data_dir=/any/where"], seeds=[1, 2, 3])}
+    assert committed <= set(runs)
+    for name in committed:
+        assert not sweep._done_with_other_arguments(runs[name], os.path.join(folder, name), None), name
+        summary = json.load(open(os.path.join(folder, name, "summary.json")))
+        assert summary["epochs"] == 300 and 0.5 < summary["test_avg_accuracy"] <= 1
