@@ -172,11 +172,11 @@ class Communicator:
         """Exact average over all workers of each `[L, ...]` stack; returns `[...]` tensors.
 
         Counted (when `count`) as the all-reduce baseline of the paper's byte counts: each worker
-        sends its buffer once per call.
+        sends its buffer once per call; a job of one worker sends nothing (its average is itself).
         """
         if not stacks:
             return []
-        if count:
+        if count and self.n_workers > 1:
             self.bytes_sent += sum(_row_bytes(s) for s in stacks)
             self.messages_sent += 1
         sums = [s.sum(dim=0, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32) for s in stacks]

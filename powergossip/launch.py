@@ -4,6 +4,9 @@ Launch layouts (all give the same numbers):
     python X.py                          one process, no process group, L = n_workers
     mpirun -np N python X.py             rank/size from mpi4py, L = n_workers / N
     torchrun --nproc-per-node N X.py     env:// rendezvous
+A script that made the default process group itself (`dist.init_process_group`, as every
+torchrun or DDP script does) is joined in that group: it is used as it is and left to its
+owner at exit.
 
 pip's torch has no MPI backend, so under mpirun we only use MPI to agree on a
 rendezvous, then everyone joins `torch.distributed` with NCCL (every process has a
@@ -58,8 +61,8 @@ class Context:
     world_size: int
     index_on_host: int
     device: torch.device
-    backend: str | None  # None: a single process without a process group
-    launcher: str  # "single", "mpi" or "env"
+    backend: str | None  # None: a single process without a process group; else dist.get_backend()'s name
+    launcher: str  # "single", "mpi", "env", or "existing" (the script made the group)
     host_group: object = None  # under NCCL: a Gloo group over the same processes, for small host-side sums
 
     @property
@@ -69,6 +72,7 @@ class Context:
 
 
 _context: Context | None = None
+_joined_group = None  # the script's default group that _context joined (launcher "existing")
 
 
 def launched_by_mpirun() -> bool:
@@ -82,13 +86,24 @@ def launched_by_torchrun() -> bool:
 def init_distributed(device: str = "auto") -> Context:
     """Join the job's process group once (idempotent) and return this process's Context.
 
-    `device`: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:K". With several
-    processes, NCCL is used when the device is a GPU and every process on the node
-    has a GPU to itself (device = local process_index); Gloo otherwise.
+    `device`: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:K". When the script
+    already made the default process group, that group is the job's (_join_existing_group).
+    Otherwise, with several processes, NCCL is used when the device is a GPU and every process
+    on the node has a GPU to itself (device = local process_index); Gloo otherwise; the group
+    is left at exit.
     """
-    global _context
-    if _context is not None:
-        return _context
+    global _context, _joined_group
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    stands = _context is not None and (_context.launcher in ("mpi", "env")  # our own group, until exit
+                                       or group is (_joined_group if _context.launcher == "existing" else None))
+    if not stands:  # the first call; or the script made (or remade) its group after an earlier Context
+        _context = _join_existing_group(device) if group is not None else _start(device)
+        _joined_group = group
+    return _context
+
+
+def _start(device: str) -> Context:
+    """Start the process group of a job launched by mpirun or torchrun (none for one process)."""
     if launched_by_mpirun():
         _keep_mpi_off_tcp_on_one_host()
         from mpi4py import MPI  # MPI_Init: reads the settings above
@@ -132,8 +147,24 @@ def init_distributed(device: str = "auto") -> Context:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes_on_host))
     if launcher == "mpi":  # after init_process_group, which installs a hook of its own
         _abort_job_on_uncaught_exception(world, store_folder)
-    _context = Context(process_index, world_size, index_on_host, torch_device, backend, launcher, host_group)
-    return _context
+    return Context(process_index, world_size, index_on_host, torch_device, backend, launcher, host_group)
+
+
+def _join_existing_group(device: str) -> Context:
+    """The Context of a process in a default process group that its script made: rank, size
+    and backend are the group's; the process's index on its host is the launcher's (torchrun's
+    LOCAL_RANK, OpenMPI's local rank), which picks its GPU as for our own launches. Nothing is
+    registered for exit (the group is its owner's to destroy), and thread counts stay the
+    script's. A backend that moves no CPU tensors (NCCL alone) gets a Gloo group beside it for
+    the host-side sums; dist.new_group is collective, so every process must get here, as every
+    process builds the drop-in optimizer."""
+    process_index, world_size = dist.get_rank(), dist.get_world_size()
+    index_on_host = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", process_index)))
+    processes_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world_size)))
+    backend = str(dist.get_backend())
+    host_group = dist.new_group(backend="gloo") if backend == "nccl" and world_size > 1 else None
+    return Context(process_index, world_size, index_on_host, pick_device(device, index_on_host, processes_on_host),
+                   backend, "existing", host_group)
 
 
 def _leave_process_group(world=None, store_folder: str | None = None) -> None:

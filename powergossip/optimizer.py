@@ -2,7 +2,9 @@
 optimizer, and PowerSGD with its reference implementation's interface (`PowerSGD`, `Config`,
 `optimizer_step`). The local SGD step over stacked workers (train.py's) is step.py's.
 
-One worker per process (launch with `mpirun -np N` or `torchrun --nproc-per-node N`):
+One worker per process (launch with `mpirun -np N` or `torchrun --nproc-per-node N`; a script
+that made its own default process group first is joined in it, and a plain `python` process is
+a graph of one worker that sends nothing, for debugging the loop):
 
     model = MyModel()
     gossip = powergossip.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
@@ -25,7 +27,7 @@ statistics) stay local, as in train.py.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -39,16 +41,15 @@ from powergossip.methods.push_sum import PushSum
 
 # --- drop-in optimizers for one worker per process ----------------------------------------------------
 class _OneWorkerPerProcess:
-    """What both drop-ins share: a Communicator with one worker per launched process (at least
-    two), every worker starting from worker 0's `parameters` (as in the paper), and this
-    worker's byte and message counts, which their state_dict carries."""
+    """What both drop-ins share: a Communicator with one worker per process of the job (the
+    script's own default process group when it made one, else the launch's, launch.py; one
+    process alone is a job of one worker, whose graph has no edge), every worker starting from
+    worker 0's `parameters` (as in the paper), and this worker's byte and message counts,
+    which their state_dict carries."""
 
     def __init__(self, parameters: list[torch.Tensor], device):
         device = parameters[0].device if device is None else device
         world_size = launch.init_distributed(str(device)).world_size
-        if world_size < 2:
-            raise ValueError(f"{type(self).__name__} runs one worker per process: launch several, with "
-                             "`mpirun -np N python script.py` or `torchrun --nproc-per-node N script.py`")
         self.comm = comm_module.Communicator(world_size, device)
         with torch.no_grad():
             self.comm.broadcast_from_worker0([p.data.unsqueeze(0) for p in parameters])
@@ -76,10 +77,17 @@ def _stacked_gradients(parameters) -> list[torch.Tensor]:
     return [p.grad.unsqueeze(0) for p in trained]
 
 
-class DecentralizedOptimizer(_OneWorkerPerProcess):
+class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
     """Wraps `optimizer` (any torch optimizer, any parameter groups) so that `step()` also
     gossips `model`'s parameters with this worker's neighbours in `topology` (a name of
-    topologies.build, or a Topology). Workers start from worker 0's parameters."""
+    topologies.build, or a Topology). Workers start from worker 0's parameters.
+
+    It is a torch.optim.Optimizer: `param_groups`, `state` and `defaults` are the wrapped
+    optimizer's own objects, so LR schedulers set the learning rate it steps with, and
+    torch.amp.GradScaler hands its scale to `step` (see there)."""
+
+    # GradScaler passes its scale and found_inf to step() instead of skipping it (see step)
+    _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, algorithm: str = "power-gossip",
                  topology="ring", device: str | torch.device | None = None, **hyper):
@@ -92,49 +100,128 @@ class DecentralizedOptimizer(_OneWorkerPerProcess):
             methods.METHODS[name].settings(settings, strict=True)
         except ValueError as problem:
             raise ValueError(f"method {name}: {problem}") from None
+        self.optimizer = optimizer
+        # torch.optim.Optimizer's hooks and step wrapper, without parameter groups of its own
+        # (its __init__ would make some; they are the wrapped optimizer's, see param_groups)
+        torch.optim.Optimizer.__setstate__(self, {})
         super().__init__(parameters, device)  # neighbours agree at step 0 (as in the paper)
         world_size = self.comm.n_workers
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
-            raise ValueError(f"the topology has {self.topology.n_workers} workers but {world_size} processes were launched")
+            raise ValueError(f"the topology has {self.topology.n_workers} workers but the job has {world_size} processes")
         self.gossip = methods.build(name, self.comm, self.topology, strict=True, **settings)
         if isinstance(self.gossip, PushSum):
             # SGP steps the numerator x at learning rate lr (z at lr / w); a wrapped optimizer of any
             # kind cannot be told that, so here push-sum runs where w stays 1 (train.py: any graph).
             topologies.check_requirement(self.topology, "doubly_stochastic", "push-sum in DecentralizedOptimizer")
-        self.optimizer = optimizer
         self.parameters = parameters
         self.params = [p.data.unsqueeze(0) for p in parameters]  # [1, *shape] views: gossip edits the model
         self.training_step = step_module.TrainingStep(self.gossip, methods.METHODS[name], self.params,
                                                       lambda: _stacked_gradients(self.parameters))
 
+    # The wrapped optimizer's own objects (an LR scheduler's change of group["lr"] is the one it steps with)
     @property
-    def param_groups(self):
+    def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state) -> None:
+        self.optimizer.state = state
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the wrapped optimizer, when every parameter in it is one of the model's
+        (all of them are gossiped from the start: unfreezing layers for fine-tuning works);
+        refused otherwise, since the gossip is set up over the model's parameters."""
+        if isinstance(param_group, dict) and not isinstance(param_group["params"], (torch.Tensor, set)):
+            param_group["params"] = list(param_group["params"])  # iterated twice: here and by the optimizer
+        params = param_group["params"] if isinstance(param_group, dict) else []  # torch's checks say the rest
+        tensors = [params] if isinstance(params, torch.Tensor) else [p[1] if isinstance(p, tuple) else p for p in params]
+        gossiped = {id(p) for p in self.parameters}
+        if not all(id(p) in gossiped for p in tensors):
+            raise ValueError("DecentralizedOptimizer.add_param_group: the gossip is set up over the model's parameters "
+                             "when it is built, and this group holds parameters the model does not have; add them "
+                             "to the model and build a new DecentralizedOptimizer (its load_state_dict takes the state)")
+        self.optimizer.add_param_group(param_group)
+
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Gossip x_t, then the wrapped optimizer's step with the gradients taken at x_t (a
         method that acts on gradients, such as PowerSGD: average them, then the step; all-reduce
-        and push-sum: the step, then the method), as train.py's (step.TrainingStep)."""
-        self.training_step(self.optimizer.step)
+        and push-sum: the step, then the method), as train.py's (step.TrainingStep). Returns what
+        `closure` returns: it is evaluated once, first, for the gradient at x_t; the wrapped
+        optimizer steps without it.
+
+        Under torch.amp.GradScaler, which sets `grad_scale` and `found_inf` here before the call,
+        the gradients are unscaled first. Where they are not finite, this worker's gossip still
+        runs (its neighbours wait for it; skipping the call, as GradScaler does for other
+        optimizers, would leave them waiting), its gradients count as zero and its local step is
+        skipped; a method that acts on gradients still steps every worker with the same average."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        finite = self._unscale_gradients()
+        self.training_step(self.optimizer.step if finite or self.training_step.on_gradients else lambda: None)
+        return loss
+
+    def _unscale_gradients(self) -> bool:
+        """Unscale the gradients of the wrapped optimizer's groups (those GradScaler checks) by its
+        `grad_scale`, through the reciprocal computed in float64 as GradScaler.unscale_ does, and
+        zero them where it found an inf or NaN: False then. True without a GradScaler."""
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        gradients = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if scale is not None:
+            inverse = scale.double().reciprocal().float()
+            for gradient in gradients:
+                gradient.mul_(inverse.to(gradient.device))
+        if found_inf is None or not found_inf.item():
+            return True
+        for gradient in gradients:
+            gradient.zero_()
+        return False
 
     def state_dict(self) -> dict:
-        """The wrapped optimizer's and the method's state, the byte counts, and this worker's
-        parameters (a new DecentralizedOptimizer starts every worker from worker 0's)."""
-        return {"optimizer": self.optimizer.state_dict(), "gossip": self.gossip.state_dict(),
-                "parameters": [p[0].clone() for p in self.params]} | self._counters()
+        """The wrapped optimizer's state_dict (its "state" and "param_groups", as any torch
+        optimizer's) with the method's state, the byte counts, and this worker's parameters (a
+        new DecentralizedOptimizer starts every worker from worker 0's)."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = self.optimizer.state_dict() | {"gossip": self.gossip.state_dict(),
+                                               "parameters": [p[0].clone() for p in self.params]} | self._counters()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            state = hook(self, state) or state
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a state_dict of this class, also one saved before it was a torch optimizer
+        (the wrapped optimizer's state under "optimizer")."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state = hook(self, state) or state
         with torch.no_grad():
             for target, saved in zip(self.params, state["parameters"]):
                 target[0].copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
+        own = ("gossip", "parameters", "bytes_sent", "messages_sent")
+        self.optimizer.load_state_dict(state["optimizer"] if "optimizer" in state else
+                                       {key: value for key, value in state.items() if key not in own})
         self.gossip.load_state_dict(state["gossip"])
         self._load_counters(state)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
 
 class Config(NamedTuple):

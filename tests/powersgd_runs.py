@@ -5,9 +5,9 @@ project's `powergossip.PowerSGD` with `optimizer_step`, on the same small model 
 
 writes OUT/rank<r>.pt: per step, the loss of this worker's batch and the number of entries
 each side sent in that step (the hook: its own count of what it compressed and sent whole;
-ours: bytes_sent / 4), for the hook, for DDP's exact average ("exact"), and for our
-PowerSGD with each seed of SEEDS (the seed draws Q's first value; nothing else differs
-between those runs).
+ours: bytes_sent / 4, and our final parameters), for the hook, for DDP's exact average
+("exact"), and for our PowerSGD with each seed of SEEDS (the seed draws Q's first value;
+nothing else differs between those runs).
 """
 import json
 import os
@@ -81,7 +81,7 @@ def ours(worker: int, seed: int):
         powergossip.optimizer_step(optimizer, powersgd)
         losses.append(loss.item())
         sent.append((powersgd.bytes_sent - before) // 4)
-    return losses, sent
+    return losses, sent, torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
 if __name__ == "__main__":

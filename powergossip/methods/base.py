@@ -21,6 +21,7 @@ column-stochastic), checked once when it is built.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +120,7 @@ def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     """`out[l] = sum over half-edges h of weights[l, h] * values[h]` for `weights` `[L, H]`
     (nonzero on worker l's own half-edges only) and `values` `[H, ...]`: one matrix
     product, summing each worker's half-edges in their fixed order."""
-    flat = weights.to(values.dtype) @ values.reshape(values.shape[0], -1)
+    flat = weights.to(values.dtype) @ values.reshape(values.shape[0], math.prod(values.shape[1:]))  # also for H = 0
     return flat.reshape((weights.shape[0],) + tuple(values.shape[1:]))
 
 

@@ -28,7 +28,7 @@ class SimpleGossip(Method):
             # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product, in place
             rows = x.view(x.shape[0], -1)
             rows.mul_(keep.to(x.dtype).unsqueeze(1))
-            rows.addmm_(edges.incoming.to(x.dtype), from_neighbors.view(from_neighbors.shape[0], -1), alpha=self.diffusion_rate)
+            rows.addmm_(edges.incoming.to(x.dtype), from_neighbors.view(len(from_neighbors), rows.shape[1]), alpha=self.diffusion_rate)
 
 
 register_algorithm("dpsgd", SimpleGossip, needs_tuning=False, config=GossipConfig)

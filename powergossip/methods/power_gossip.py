@@ -237,15 +237,15 @@ class PowerGossip(Method):
         p, q = (self.p, self.q) if every_row else ([pool[rows] for pool in self.p], [pool[rows] for pool in self.q])
         half_steps = self.half_steps[rows_on_host]
         for k in range(self.num_iterations):
-            if self.iteration + k == 0:
-                break  # nobody has moved yet, so there is no disagreement to send
+            if self.iteration + k == 0 or not edges.num:
+                break  # nobody has moved yet, so there is no disagreement to send; or no edge here this round
             # Each edge alternates its own half-steps (even: orthonormalize P, send X^T P, store
             # Q = D^T P; odd: the roles swapped), so an edge that comes back continues its power
             # iteration. All edges of a static graph (or of one_peer_hypercube's round) agree; a
             # round whose edges do not gossips the even ones, then the odd ones.
             for left in (True, False):
                 chosen = np.flatnonzero((half_steps + k) % 2 == (0 if left else 1))
-                if len(chosen) == edges.num and (left or edges.num):
+                if len(chosen) == edges.num:
                     self._half_step(params, graph, edges, rows_on_host, p, q, left)
                 elif len(chosen):
                     part = topologies.without_edges(graph, [(edges.self_worker_list[h], edges.neighbor_list[h])
