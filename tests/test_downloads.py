@@ -201,3 +201,18 @@ def test_download_settings_that_cannot_work_are_refused_before_any_work(tmp_path
             train.validated(dict(train._DEFAULTS, data_dir=str(tmp_path / "not_yet"), **settings))
     assert not (tmp_path / "not_yet").exists()
     assert train.validated(dict(train._DEFAULTS, task="cifar10", data_dir=str(tmp_path / "not_yet"), download=True))
+
+
+def test_an_archive_already_in_data_dir_is_checked_and_used_or_left_alone(tmp_path, server, cifar_archive, monkeypatch):
+    """An archive the user put there (or a download that was not extracted): no request is made."""
+    archive = cifar_archive[0]
+    monkeypatch.setattr(cifar10, "URL", server.url("/cifar-10-python.tar.gz"))  # nothing served there
+    monkeypatch.setattr(cifar10, "MD5", hashlib.new("md5", archive).hexdigest())
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(archive[:-1] + b"!")
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz is already there but is not the archive expected: its md5 "
+                                         r"is [0-9a-f]{32}, CIFAR-10's MD5 is [0-9a-f]{32}; move it aside"):
+        data.download("cifar10", str(tmp_path))
+    assert (tmp_path / "cifar-10-python.tar.gz").read_bytes() == archive[:-1] + b"!"  # left as it was
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(archive)
+    data.download("cifar10", str(tmp_path))
+    assert server.requests == [] and cifar10.find_folder(str(tmp_path)) is not None
