@@ -7,7 +7,9 @@ A study script lists its runs (name, entrypoint, `key=value` overrides) and call
 records the run's arguments) is skipped, and a sweep whose runs were done before with
 other arguments is refused before it launches anything; one that was stopped midway continues from its checkpoints (`resume=true`)
 or, without any, starts again (`overwrite=true`); a run that fails gets a `FAILED` file
-with the end of its output and the sweep goes on. Progress is one line per run.
+with the end of its output and the sweep goes on. Progress is one line per run. Runs start
+in the folder the sweep was started from, so that relative paths (a run folder, `data_dir`,
+a plug-in file: `plugins=[my_gossip.py]`) mean there what they mean to the caller.
 
 Single-process runs are forked from one interpreter that has imported torch and the library
 (experiments/fork_server.py, one per launch): at small scales importing torch takes longer
@@ -133,7 +135,7 @@ def _start(run: Run, run_folder: str, processes: int | None, extra: list[str] | 
             command = launch.mpirun_command(processes) + command
             env = launch.mpirun_environment()
         with open(log, "w") as output:  # the subprocess has its own copy
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     return process, time.time(), command
 
 
@@ -142,7 +144,7 @@ class _ForkServer:
     imported torch and the library already, and reports how the runs end."""
 
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "fork_server.py")], cwd=ROOT,
+        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "experiments", "fork_server.py")],
                                         env=dict(os.environ), stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         self.returncodes: dict[int, int] = {}  # pid -> exit status of the runs that ended
 

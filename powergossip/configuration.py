@@ -22,7 +22,7 @@ import time
 
 import yaml
 
-from powergossip import names
+from powergossip import names, plugins
 from powergossip.errors import ConfigError, SettingError
 
 
@@ -98,12 +98,15 @@ def with_canonical_keys(defaults: dict, config: dict) -> dict:
 
 def with_checked_keys(defaults: dict, config: dict) -> dict:
     """What both entrypoints check first: a copy of `config` with every key by its own name
-    (with_canonical_keys), known and of its default's type (check_config), and the compressor
-    by its registry key, so that config.yaml holds one spelling and resume compares names."""
+    (with_canonical_keys), known and of its default's type (check_config), its plug-ins
+    imported (plugins.load: what they register is named in the rest of it), and the
+    compressor by its registry key, so that config.yaml holds one spelling and resume
+    compares names."""
     from powergossip import compressors  # here: configuration stays light for what imports it
 
     config = with_canonical_keys(defaults, config)
     check_config(defaults, config)
+    plugins.load(config.get("plugins", []))
     if isinstance(config.get("optimizer_compressor"), str):
         try:
             config["optimizer_compressor"] = compressors.registered_name(config["optimizer_compressor"])

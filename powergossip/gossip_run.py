@@ -75,6 +75,7 @@ from powergossip import topologies
 config = {
     "seed": 42,  # initial state (identical in every launch layout) and the algorithms' shared randomness
     "algorithm": "power_gossip",  # one of ALGORITHMS below, or any registered method (algorithms.register_algorithm)
+    "plugins": [],  # your modules, imported first (their code runs): module names or paths of .py files that register methods
     "topology": "ring",  # a topologies.NAMES entry, "file:PATH" or "schedule:FILE"; each method says which graphs it takes (README)
     "n_workers": 8,  # workers (graph nodes), >= 2; a multiple of the number of processes
     "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)

@@ -38,6 +38,7 @@ from powergossip import methods
 from powergossip import metrics
 from powergossip import models
 from powergossip import names
+from powergossip import plugins
 from powergossip import configuration
 from powergossip import runs
 from powergossip import step as step_module
@@ -57,6 +58,7 @@ config = dict(
     topology="ring",  # ring, torus, ..., one_peer_exponential, one_peer_hypercube, random_matching, file:edges.txt or schedule:graphs.txt
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
     optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP) or powersgd
+    plugins=[],  # your modules, imported first (their code runs): module names or paths of .py files that register methods
     optimizer_diffusion_rate=1.0,  # gamma, the consensus step
     optimizer_rank=1,  # PowerGossip and PowerSGD rank (and SVD rank, rank-matched top-k)
     optimizer_num_iterations=1,  # PowerGossip and PowerSGD power-iteration rounds per step
@@ -88,6 +90,9 @@ config = dict(
     graph_streams=8,  # stacked_compute=graph: CUDA streams the local workers are spread over (they run side by side)
     compile_replicas=False,  # stacked_compute=graph: each replica's forward compiled by torch.compile (a minute or two first)
     data_dir=None,  # folder with the data set's files (null: the default places)
+    download=False,  # fetch cifar10 (or wikitext2, from download_url) into data_dir when its files are not there
+    download_url=None,  # where download fetches the archive from (cifar10: a mirror, else its home page; wikitext2: required)
+    download_sha256=None,  # SHA-256 (hex) the archive must have before it is extracted (wikitext2: required; cifar10: else its MD5)
     augment=None,  # random crop + flip (null: on for CIFAR-10 only)
     gradient_clipping=None,  # clip each worker's gradient norm (the LSTM: 0.4)
     bptt=30,  # language model: tokens per window
@@ -109,6 +114,7 @@ output_dir = None  # where results go; None: a new folder runs/<date>-<time>-<op
 MAY_CHANGE_ON_RESUME = (
     "num_epochs", "learning_rate", "lr_schedule_milestones", "distributed_lr_warmup_epoch", "distributed_lr_warmup_factor",
     "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "compile_replicas", "data_dir",
+    "download", "download_url", "download_sha256",
     "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
     "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
     "network_latency_s", "network_bandwidth_bits_per_s", "accept_metrics_gap",
@@ -136,7 +142,8 @@ def main():
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
     dataset, loader = load_data(cfg, comm)  # a data set or a batch size that cannot work: found before the claim
-    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"]))
+    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"])
+                                   | plugins.files(cfg["plugins"]))
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
     checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
 
@@ -322,8 +329,9 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
     configuration.check_device(cfg["device"])
     configuration.check_seed(cfg["seed"])
     try:
-        data.check_data_dir(cfg["task"], cfg["data_dir"])
-    except FileNotFoundError as problem:
+        data.check_download(cfg["task"], cfg["download"], cfg["download_url"], cfg["download_sha256"])
+        data.check_data_dir(cfg["task"], cfg["data_dir"], cfg["download"])
+    except (ValueError, FileNotFoundError) as problem:
         raise ConfigError(str(problem)) from None
     try:
         topology = topologies.build(cfg["topology"], cfg["n_workers"])  # a size the graph cannot have: now
@@ -409,10 +417,13 @@ def restore(saved, workers, momenta, method, comm) -> dict | None:
 
 def load_data(cfg: dict, comm):
     """(the data set on this process's device, this process's loader): the data partitioned
-    over all workers, this process's block of them. Files that cannot be read (missing,
+    over all workers, this process's block of them, fetched first with `download=true`
+    where its files are not there. A download that fails and files that cannot be read (missing,
     truncated, not what they should hold) and a batch larger than a worker's shard are
     ConfigErrors naming the file or the key, raised before the run claims its folder."""
     try:
+        if cfg["download"]:  # one process of a launch fetches what is missing, the others wait for it (data.download)
+            data.download(cfg["task"], cfg["data_dir"], cfg["download_url"], cfg["download_sha256"])
         dataset = data.load(cfg["task"], cfg["data_dir"], comm.device)
     except (ValueError, OSError) as problem:
         raise ConfigError(f"task={cfg['task']}, data_dir={cfg['data_dir']}: {problem}") from None

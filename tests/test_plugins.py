@@ -2,6 +2,7 @@
 in both entrypoints; `powergossip` is one import name that leaves a user's own packages alone."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import pytest
 
 import gossip_run
 import train
-from powergossip import algorithms, configuration, topologies
-from tests.launch import ROOT, installed_environment
+from experiments import sweep
+from powergossip import algorithms, configuration, plugins, runs, topologies
+from tests.launch import ROOT, installed_environment, run_mpi
 from tests.test_gossip_run import run_main
 from tests.test_runs import records, settings, tiny_data  # noqa: F401 (fixture)
 from tests.train_runs import run
@@ -173,3 +175,115 @@ def test_compressor_and_study_names_read_dashes_and_underscores_alike(tmp_path):
     assert config["optimizer_compressor"] == "top-k"
     with pytest.raises(configuration.ConfigError, match="n_workers must be >= 2"):
         train.validated(dict(train._DEFAULTS, n_workers=1))
+
+
+# --- plug-ins named by the configuration's `plugins` key --------------------------------------------
+PLUGIN = """import os
+from powergossip import algorithms
+
+
+class HalfStepGossip(algorithms.GossipAlgorithm):
+    def step(self, params):
+        graph = self.next_graph()
+        edges = self.comm.half_edges(graph)
+        received = self.comm.exchange(graph, params, per="worker")
+        for x, x_j in zip(params, received):
+            weight = (1 - edges.weight_self).view(-1, *[1] * (x.dim() - 1))
+            x += self.diffusion_rate / 2 * (algorithms.sum_into_workers(edges.incoming, x_j) - weight * x)
+
+
+with open(os.path.splitext(__file__)[0] + ".imports", "a") as f:
+    f.write(f"{os.getpid()}\\n")
+algorithms.register_algorithm(METHOD, HalfStepGossip, needs_tuning=False)
+"""
+
+
+def plugin_source(method: str) -> str:
+    """A user's plug-in file: a method (HalfStepGossip's) registered as `method`; each import
+    appends a line to the file's `.imports` neighbour (evidence of which processes imported it)."""
+    return PLUGIN.replace("METHOD", repr(method))
+
+
+@pytest.fixture
+def plugin_file(tmp_path_factory):
+    """plugin_file(stem, method): a plug-in file outside the repository; what it registered and
+    its module are gone after the test (an in-process run imports it into this process)."""
+    made = []
+
+    def make(stem: str, method: str):
+        path = tmp_path_factory.mktemp("user_code") / f"{stem}.py"
+        path.write_text(plugin_source(method))
+        made.append((stem, method))
+        return path
+    yield make
+    for stem, method in made:
+        sys.modules.pop(stem, None)
+        algorithms.METHODS.pop(method, None)
+
+
+def test_a_plugin_file_named_on_the_command_line_runs_through_train_under_mpirun(tmp_path, tiny_data, plugin_file):  # noqa: F811
+    plugin = plugin_file("my_gossip_mpi", "my-gossip")
+    arguments = settings(tiny_data, n_workers=2, max_batches_per_epoch=1, max_test_examples=16, evaluate_each_worker=False)
+    run_mpi(2, ["train.py", f"plugins=[{plugin}]", "optimizer=my_gossip", f"output_dir={tmp_path / 'run'}"] + arguments,
+            timeout=180)
+    assert len(plugin.with_suffix(".imports").read_text().split()) == 2  # each process imported it, then checked its config
+    stored = configuration.apply_overrides(train._DEFAULTS, [str(tmp_path / "run" / "config.yaml")])
+    assert (stored["plugins"], stored["optimizer"]) == ([str(plugin)], "my-gossip")
+    assert [r for r in records(tmp_path / "run") if r[0] == "accuracy"]
+
+
+def test_a_sweep_runs_gossip_run_with_a_plugin_named_by_a_relative_path(tmp_path, monkeypatch, plugin_file):
+    """The study scripts pass their overrides to every run; runs start where the sweep did, so a
+    relative path (the plug-in's, the output folder's) means what it means to the caller."""
+    plugin = plugin_file("my_consensus_gossip", "my-consensus-gossip")
+    monkeypatch.chdir(plugin.parent)
+    run = sweep.Run("mine", "gossip_run.py", [f"plugins=[{plugin.name}]", "algorithm=my_consensus_gossip", "n_workers=4",
+                                              "matrix_size=4", "num_steps=5"])
+    assert [o.status for o in sweep.launch([run], "study")] == ["done"]
+    errors = [r for r in runs.read_metrics(str(plugin.parent / "study" / "mine")) if r["name"] == "error"]
+    assert errors[-1]["step"] == 5 and errors[-1]["value"] < errors[0]["value"]
+    assert errors[0]["tags"]["algorithm"] == "my_consensus_gossip"
+
+
+def test_a_resume_with_a_changed_plugin_file_is_refused(tmp_path, tiny_data, plugin_file):  # noqa: F811
+    plugin = plugin_file("my_resumed_gossip", "my-resumed-gossip")
+    out = str(tmp_path / "run")
+    arguments = settings(tiny_data, optimizer="my-resumed-gossip", plugins=[str(plugin)], max_batches_per_epoch=1,
+                         evaluate_each_worker=False)
+    run(out, arguments)
+    run(out, arguments + ["num_epochs=2", "resume=true"])  # the same file: the run goes on
+    plugin.write_text(plugin.read_text() + "# edited\n")
+    with pytest.raises(configuration.ConfigError, match=r"^resume=true but the files that define the run changed since "
+                                                        r"it started: plugins \S*my_resumed_gossip.py \(\S*\) holds other "
+                                                        r"bytes than when the run started"):
+        run(out, arguments + ["num_epochs=3", "resume=true"])
+    with pytest.raises(configuration.ConfigError, match=r"changed configuration: .*plugins=\[\] \(the run has \['\S*my_resumed_gossip.py'\]\)"):
+        run(out, settings(tiny_data, optimizer="dpsgd", max_batches_per_epoch=1, evaluate_each_worker=False,
+                          num_epochs=3, resume=True))
+
+
+def test_a_plugin_named_as_a_module_is_imported_once_and_its_file_defines_the_run(monkeypatch, plugin_file):
+    plugin = plugin_file("my_module_gossip", "my-module-gossip")
+    monkeypatch.syspath_prepend(str(plugin.parent))  # importable: on the path, as an installed module is
+    cfg = train.validated(dict(train._DEFAULTS, plugins=["my_module_gossip"], optimizer="my_module_gossip"))
+    assert cfg["optimizer"] == "my-module-gossip"
+    assert gossip_run.check(dict(gossip_run.DEFAULTS, plugins=["my_module_gossip"], algorithm="my-module-gossip"))
+    assert len(plugin.with_suffix(".imports").read_text().split()) == 1  # checked twice, imported once
+    assert plugins.files(cfg["plugins"]) == {"plugins my_module_gossip": str(plugin)}
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("{folder}/broken.py", r"plugins: \S*broken.py failed to import: ZeroDivisionError: division by zero \(\S*broken.py, "
+                           r"line 2\)"),
+    ("{folder}/missing.py", r"plugins: \S*missing.py is not a file"),
+    ("no_such_plugin_module", r"plugins: cannot import no_such_plugin_module: no module named 'no_such_plugin_module'; "
+                              r"give the path of its .py file"),
+])
+def test_a_plugin_that_cannot_be_imported_stops_the_command_line_in_one_line(tmp_path, capsys, entry, message):
+    (tmp_path / "broken.py").write_text("import os\nprint(1 / 0)\n")
+    with pytest.raises(SystemExit) as exit_status:
+        gossip_run.command_line([f"plugins=[{entry.format(folder=tmp_path)}]", f"output_dir={tmp_path / 'out'}"])
+    assert exit_status.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"gossip_run.py: configuration error \(process 0\): " + message + ".*", lines[0])
+    assert not (tmp_path / "out").exists() and "broken" not in sys.modules

@@ -11,6 +11,13 @@
 Before any work, ``data.check_data_dir(task, data_dir)`` refuses a data_dir
 that is not a folder (None means the default places), reading nothing.
 
+Downloads (no torchvision): ``data.download("cifar10", data_dir)`` fetches CIFAR-10's
+archive, checks its MD5 and extracts it, unless the files are there;
+``data.download("wikitext2", data_dir, url, sha256)`` does the same with an archive of
+WikiText-2's files the user names (its original one is no longer served). How a
+download is made safe to interrupt and to run from every process of a launch:
+downloads.py.
+
 Language model:
     dataset = data.load("wikitext2", data_dir)
     loader = data.LanguageModelLoader(dataset, n_workers=16, batch_size=64, bptt=30)
@@ -25,10 +32,12 @@ Language model:
 Everything random is a pure function of (seed, epoch, step) drawn for all workers
 and sliced (see `data.seeding`): the same seed gives worker i the same batches in
 any process layout, and a resumed run needs only epoch and step.
-torchvision is never imported, except lazily by `load("cifar10", download=True)`.
+torchvision is never imported.
 """
 
 import os
+import re
+import urllib.parse
 from collections.abc import Iterator
 
 import torch
@@ -57,26 +66,68 @@ _OPTIONS = {
 }
 
 __all__ = [
-    "TASKS", "SCHEMES", "Dataset", "load", "files", "check_data_dir", "test_batches", "WorkerLoader", "LanguageModelLoader",
+    "TASKS", "SCHEMES", "Dataset", "load", "download", "check_download", "files", "check_data_dir", "test_batches",
+    "WorkerLoader", "LanguageModelLoader",
     "Partition", "IIDPartition", "SortedPartition", "DirichletPartition", "make_partition",
     "random_crop_flip", "draw_crop_flip",
 ]
 
 
-def check_data_dir(task: str, data_dir: str | None, download: bool = False) -> None:
-    """Fail now where ``load(task, data_dir, download=download)`` would fail before
-    reading a file: ValueError for an unknown task, FileNotFoundError for a
-    ``data_dir`` that is given but is not a folder. Reads nothing.
+DOWNLOADS = ("cifar10", "wikitext2")  # the tasks ``download`` fetches
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
-    None means the task's default places; "synthetic" ignores data_dir, and
-    cifar10 with ``download`` creates it.
+
+def check_data_dir(task: str, data_dir: str | None, download: bool = False) -> None:
+    """Fail now where ``load(task, data_dir)`` would fail before reading a file (after
+    ``download``, when it is asked for): ValueError for an unknown task,
+    FileNotFoundError for a ``data_dir`` that is given but is not a folder. Reads nothing.
+
+    None means the task's default places; "synthetic" ignores data_dir, and a download
+    creates it.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if task == "synthetic" or (task == "cifar10" and download):
+    if task == "synthetic" or (task in DOWNLOADS and download):
         return
     reader = {"fashion_mnist": fashion_mnist, "cifar10": cifar10, "wikitext2": wikitext2}[task]
     require_folder(data_dir, reader.DEFAULT_DIR, reader.HOW_TO_GET)
+
+
+def check_download(task: str, download: bool, url: str | None, sha256: str | None) -> None:
+    """ValueError naming the key, before any work, for download settings that cannot work:
+    a download of a task that has none, WikiText-2 without ``url`` and ``sha256`` (CIFAR-10
+    has its own URL and MD5; a mirror of the same archive passes that MD5), a URL that is
+    not http(s), a SHA-256 that is not 64 hex digits, or either of them without
+    ``download``."""
+    if not download:
+        if url is not None or sha256 is not None:
+            raise ValueError("download_url and download_sha256 are read with download=true only; add it or drop them")
+        return
+    if task not in DOWNLOADS:
+        raise ValueError(f"download=true fetches {' or '.join(DOWNLOADS)}; task={task} has nothing to download "
+                         f"(fashion_mnist comes with Debian's dataset-fashion-mnist package)")
+    if task == "wikitext2" and (url is None or sha256 is None):
+        raise ValueError("download=true for task=wikitext2 needs download_url=<URL of an archive of wiki.train.tokens, "
+                         "wiki.valid.tokens, wiki.test.tokens> and download_sha256=<its SHA-256>: the original archive "
+                         "is no longer served")
+    if url is not None and not (isinstance(url, str) and urllib.parse.urlparse(url).scheme in ("http", "https")):
+        raise ValueError(f"download_url must be an http:// or https:// URL, got {url!r}")
+    if sha256 is not None and not (isinstance(sha256, str) and SHA256.fullmatch(sha256.lower())):
+        raise ValueError(f"download_sha256 must be a SHA-256 digest, 64 hex digits (quoted where YAML would read a "
+                         f"number: download_sha256=\"'...'\"), got {sha256!r}")
+
+
+def download(task: str, data_dir: str | None = None, url: str | None = None, sha256: str | None = None) -> None:
+    """Fetch the data set of ``task`` into ``data_dir`` unless its files are there: CIFAR-10's
+    own archive (or, with ``url``, a mirror's), WikiText-2 from ``url``; checked against
+    ``sha256`` when given, CIFAR-10's MD5 otherwise (``check_download``'s ValueError for
+    settings that cannot work; downloads.py for the rest)."""
+    check_download(task, True, url, sha256)
+    sha256 = None if sha256 is None else sha256.lower()
+    if task == "cifar10":
+        cifar10.fetch(data_dir, url, sha256)
+    else:
+        wikitext2.fetch(data_dir, url, sha256)
 
 
 def files(task: str, data_dir: str | None = None) -> dict[str, str]:
@@ -104,7 +155,7 @@ def load(task: str, data_dir: str | None = None, device: str | torch.device = "c
     task: one of TASKS. data_dir: where the files are (see each reader; None:
     its default places; one that is not a folder is an error, see
     ``check_data_dir``; ignored by "synthetic"). options: ``download``
-    (cifar10, needs torchvision), or ``num_train, num_test, in_channels,
+    (cifar10: ``download("cifar10", data_dir)`` first), or ``num_train, num_test, in_channels,
     image_size, num_classes, seed`` (synthetic).
     """
     check_data_dir(task, data_dir, options.get("download", False))

@@ -8,7 +8,8 @@ row-major plane), ``b"labels"`` (10000 ints in 0..9), ``b"batch_label"`` and
 
 The unpickler builds only dicts, lists, ints, bytes and numpy arrays: a file that
 asks for anything else (which is how a pickle runs code) is refused, not run.
-torchvision is imported only when a download is asked for.
+`fetch` downloads the archive from the data set's home page (or a mirror) and
+extracts it (downloads.py beside this file); no torchvision.
 """
 
 import os
@@ -16,6 +17,8 @@ import pickle
 
 import numpy as np
 import torch
+
+from .downloads import fetch_and_extract
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -28,10 +31,15 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 NUM_CLASSES = 10
 
+# The python version's archive and its MD5, as the data set's home page
+# (https://www.cs.toronto.edu/~kriz/cifar.html) and torchvision give them.
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+
 HOW_TO_GET = (
-    "Get the python version from https://www.cs.toronto.edu/~kriz/cifar.html "
-    "(cifar-10-python.tar.gz) and extract it into data_dir (giving "
-    f"data_dir/{FOLDER}/), or pass download=True with torchvision installed."
+    "Pass download=true to fetch the python version (cifar-10-python.tar.gz, from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html) into data_dir, or get it yourself and "
+    f"extract it into data_dir (giving data_dir/{FOLDER}/)."
 )
 
 
@@ -99,17 +107,13 @@ def read_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
-def _download(data_dir: str) -> None:
-    try:
-        import torchvision  # lazy: it does not import with every torch build
-    except Exception as error:  # ImportError, or a broken install raising anything
-        raise FileNotFoundError(
-            f"CIFAR-10 not found in {_candidates(data_dir)} and download=True needs "
-            f"torchvision, which does not import here ({error!r}). {HOW_TO_GET}"
-        ) from None
-    os.makedirs(data_dir, exist_ok=True)
-    for train in (True, False):
-        torchvision.datasets.CIFAR10(root=data_dir, train=train, download=True)
+def fetch(data_dir: str | None = None, url: str | None = None, sha256: str | None = None) -> None:
+    """Fetch and extract the archive into ``data_dir`` (default ``./data``) unless the
+    files are there: from the data set's home page, or from ``url`` (a mirror); checked
+    against ``sha256`` when given, else against the archive's MD5."""
+    checksum, name = (("sha256", sha256), "download_sha256") if sha256 is not None else (("md5", MD5), "CIFAR-10's MD5")
+    fetch_and_extract(URL if url is None else url, DEFAULT_DIR if data_dir is None else data_dir, checksum,
+                      lambda folder: find_folder(folder) is not None, name)
 
 
 def load_cifar10(data_dir: str | None = None, download: bool = False):
@@ -118,13 +122,12 @@ def load_cifar10(data_dir: str | None = None, download: bool = False):
 
     ``data_dir`` may be the folder ``cifar-10-batches-py`` itself or its parent
     (default ``./data``). If the files are missing and ``download`` is True,
-    torchvision downloads them into ``data_dir``; otherwise FileNotFoundError.
+    ``fetch`` downloads them into ``data_dir``; otherwise FileNotFoundError.
     """
     data_dir = DEFAULT_DIR if data_dir is None else data_dir
+    if download:
+        fetch(data_dir)
     folder = find_folder(data_dir)
-    if folder is None and download:
-        _download(data_dir)
-        folder = find_folder(data_dir)
     if folder is None:
         looked = ", ".join(_candidates(data_dir))
         raise FileNotFoundError(

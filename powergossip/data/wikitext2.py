@@ -8,11 +8,16 @@ WikiText-2's training text already contains; it is appended if absent).
 
 (The PowerGossip code tokenized with spaCy and lower-cased; the raw WikiText-2
 files are already tokenized, so whitespace splitting is the standard choice.)
+
+WikiText-2's original archive is no longer served: ``fetch`` takes the URL of an
+archive of the files and its SHA-256 from the user.
 """
 
 import os
 
 import torch
+
+from .downloads import fetch_and_extract
 
 SPLITS = ("train", "valid", "test")
 FOLDER = "wikitext-2"
@@ -21,10 +26,10 @@ EOS = "<eos>"
 UNK = "<unk>"
 
 HOW_TO_GET = (
-    "Get WikiText-2 (word level, wikitext-2-v1.zip from "
-    "https://s3.amazonaws.com/research.metamind.io/wikitext/) and pass "
-    "data_dir=<folder holding wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens> "
-    f"(or its parent, with the files in {FOLDER}/)."
+    "Get WikiText-2 (word level; its original archive, wikitext-2-v1.zip, is no longer "
+    "served) and pass data_dir=<folder holding wiki.train.tokens, wiki.valid.tokens, "
+    f"wiki.test.tokens> (or its parent, with the files in {FOLDER}/), or fetch an archive "
+    "of them with download=true download_url=<its URL> download_sha256=<its SHA-256>."
 )
 
 
@@ -40,6 +45,23 @@ def find_folder(data_dir: str | None = None) -> str:
         f"WikiText-2 not found: looked for wiki.train.tokens, wiki.valid.tokens, "
         f"wiki.test.tokens in {', '.join(candidates)}. {HOW_TO_GET}"
     )
+
+
+def holds_files(folder: str) -> bool:
+    """Whether ``find_folder(folder)`` finds the three files."""
+    try:
+        find_folder(folder)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def fetch(data_dir: str | None, url: str, sha256: str) -> None:
+    """Fetch the archive (zip or tar) at ``url``, check its SHA-256 and extract it into
+    ``data_dir`` (default ``./data``), unless the files are there (downloads.py beside this
+    file). The archive must hold the three files at its top or in ``wikitext-2/``."""
+    fetch_and_extract(url, DEFAULT_DIR if data_dir is None else data_dir, ("sha256", sha256), holds_files,
+                      "download_sha256")
 
 
 def tokenize(path: str) -> list[str]:
