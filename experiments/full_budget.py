@@ -35,7 +35,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report, sweep  # noqa: E402
 
-PAPER_CONFIGS = os.path.join("experiments", "configs", "train", "cifar10_resnet20_ring8")  # runs start in the repository's root
+PAPER_CONFIGS = os.path.join(sweep.ROOT, "experiments", "configs", "train", "cifar10_resnet20_ring8")
 # name -> (label, the paper's file, the paper's CIFAR-10 result: test accuracy, MB per worker per epoch)
 METHODS = {
     "all_reduce": ("All-reduce", "all_reduce.yaml", "not in its table (Choco paper: 92.64%)"),

@@ -208,8 +208,16 @@ class _Forked:
 
 
 def _arguments(run: Run, extra: list[str] | None) -> list[str]:
-    """What defines a run of a sweep: its entrypoint and arguments."""
-    return [run.entrypoint] + run.overrides + (extra or [])
+    """What defines a run of a sweep: its entrypoint and arguments, a configuration file inside
+    the repository named relative to it (so the record reads the same in any checkout)."""
+    return [run.entrypoint] + [_in_repository(argument) for argument in run.overrides + (extra or [])]
+
+
+def _in_repository(argument: str) -> str:
+    """A file argument given by its absolute path inside the repository: the path relative to it."""
+    if "=" in argument or not os.path.isabs(argument) or os.path.commonpath([argument, ROOT]) != ROOT:
+        return argument
+    return os.path.relpath(argument, ROOT)
 
 
 def _defining(arguments: list[str]) -> list[str]:
