@@ -28,7 +28,6 @@ import math
 import os
 import sys
 
-import matplotlib
 import torch
 from matplotlib.figure import Figure
 
@@ -128,8 +127,9 @@ def write_results(outcomes: list[sweep.Outcome], folder: str) -> list[list]:
             rows.append([data_type, algorithm] + ["not reached" if math.isinf(b) else f"{b:.4g}" for b in (reach, original)]
                         + [f"{points[-1][1] / start:.3g}", f"{points[-1][0]:.4g}"])
             settings.append([data_type, algorithm, tags.get("diffusion_rate"), tags.get("theta")])
-            color = matplotlib.colormaps["tab20"](gossip_run.ALGORITHMS.index(algorithm) / len(gossip_run.ALGORITHMS))
-            figures.plot_relative_error(axis, points, label=algorithm, color=color, linestyle="--" if "power" in algorithm else "-")
+            # A style of its own per algorithm, the same in every figure: the PowerGossip variants' curves coincide.
+            style = figures.distinct_styles(len(gossip_run.ALGORITHMS))[gossip_run.ALGORITHMS.index(algorithm)]
+            figures.plot_relative_error(axis, points, label=algorithm, linewidth=1.2, **style)
         figures.label_error_axes(axis, f"consensus, 8-worker ring, {data_type} data (best setting per method)")
         axis.axhline(TARGET, color="gray", linewidth=0.5)
         axis.legend(fontsize=7, ncol=2)

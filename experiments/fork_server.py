@@ -33,7 +33,7 @@ from powergossip import (algorithms, comm, compressors, configuration, data, fig
 from powergossip.models import stacked  # noqa: E402, F401
 
 try:
-    from torch.utils import tensorboard  # noqa: F401  (train.py's metrics write there where it is installed: seconds to import)
+    from torch.utils import tensorboard  # noqa: F401  (both entrypoints' records go there where it is installed: seconds to import)
 except ImportError:
     pass
 

@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from powergossip import launch  # noqa: E402
 from powergossip import runs as runs_module  # noqa: E402
+from powergossip.summary import markdown_table  # noqa: E402,F401  (the studies' tables: sweep.markdown_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -304,12 +305,6 @@ def metrics(outcome: Outcome) -> list[dict]:
     """The run's metric records ([] for a failed run)."""
     path = os.path.join(outcome.folder, "metrics.jsonl")
     return runs_module.read_metrics(path) if outcome.status != "failed" and os.path.exists(path) else []
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def write_table(folder: str, name: str, header: list[str], rows: list[list], notes: str = "") -> None:

@@ -5,10 +5,11 @@ data each worker has sent, on a log scale.
 - `training_figure`: train.py's `output_dir/curves.png`, test accuracy and training
   loss against epochs and against MB sent per worker, the spread over workers shaded.
 - `consensus_figure`: gossip_run.py's `output_dir/error_vs_bits.png`, the consensus
-  error relative to its start against bits sent per worker, every setting of a sweep,
-  the best one marked.
-`save(figure, path)` writes either (`write_png` into an open file).
-The studies in experiments/ draw their figures with the same helpers.
+  error relative to its start against bits sent per worker, every setting of a sweep
+  named (in the legend, or by a colour bar of gamma), the best one marked.
+`save(figure, path)` writes either (`write_png` into an open file). `distinct_styles`
+keeps curves that overlap apart. The studies in experiments/ and
+`python -m powergossip.plot` draw their figures with the same helpers.
 
 Figures are built with matplotlib's object interface (no pyplot, no global state), so
 drawing one never changes the backend or the figures of the program that trains.
@@ -18,6 +19,9 @@ from __future__ import annotations
 import math
 import os
 
+import matplotlib
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
@@ -26,6 +30,9 @@ MEGABYTE_BITS = 8e6
 # a tight layout measures every label before drawing, a third of the time to draw a run's figure.
 TRAINING_MARGINS = dict(left=0.075, right=0.985, bottom=0.07, top=0.945, wspace=0.17, hspace=0.18)
 CONSENSUS_MARGINS = dict(left=0.15, right=0.975, bottom=0.12, top=0.93)
+FEW_SETTINGS = 10  # consensus_figure: a legend entry per setting up to this many; beyond, a colour bar of gamma
+LINE_STYLES = ("-", "--", "-.", ":")  # distinct_styles'
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
 
 
 def curve(records: list[dict], name: str, split: str) -> list[tuple[float, float, float]]:
@@ -56,11 +63,16 @@ def label_epoch_and_megabyte_axes(by_epoch, by_megabytes, ylabel: str, xscale: s
     """The pair of panels every training figure has: a metric against epochs, and against MB sent."""
     by_epoch.set(xlabel="epoch", ylabel=ylabel)
     by_megabytes.set(xlabel="MB sent per worker", ylabel=ylabel, xscale=xscale)
-    if xscale == "log":  # plain numbers ("2", "0.5", "3e+04") instead of 2 x 10^0
-        by_megabytes.xaxis.set_major_formatter(LogFormatter())
-        by_megabytes.xaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
+    if xscale == "log":
+        plain_log_ticks(by_megabytes.xaxis)
     for axis in (by_epoch, by_megabytes):
         axis.grid(alpha=0.3)
+
+
+def plain_log_ticks(axis) -> None:
+    """A log-scale axis's ticks as plain numbers ("2", "0.5", "3e+04") instead of 2 x 10^0."""
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
 
 
 def save(figure: Figure, path: str) -> str:
@@ -136,8 +148,11 @@ def label_error_axes(axis, title: str) -> None:
 
 
 def consensus_figure(records: list[dict], title: str) -> Figure:
-    """gossip_run's figure: every setting's error against bits, the best one (lowest final
-    error) drawn bold and named in the legend."""
+    """gossip_run's figure: every setting's error against bits, each curve named. Up to
+    FEW_SETTINGS settings: a legend entry each, each in a style of its own (distinct_styles).
+    More (a sweep's grid): the colour gives gamma on a log scale, read off a colour bar, and
+    where theta varies too, a line style and marker per theta, named in the legend. The best
+    setting (lowest final error) is drawn bold in black, on top, and named in the legend."""
     best = best_setting(records)
     figure = Figure(figsize=(7, 5))
     axis = figure.subplots(gridspec_kw=CONSENSUS_MARGINS)
@@ -145,21 +160,46 @@ def consensus_figure(records: list[dict], title: str) -> Figure:
     for r in records:
         if r["name"] == "final_error" and r["tags"] not in settings:
             settings.append(r["tags"])
-    few = len(settings) <= 10  # a legend entry per setting; more would hide the curves
-    label_others = "other settings"
-    for tags in settings:
-        points = error_curve(records, tags)
-        if not points:
-            continue
-        setting = f"gamma={tags['diffusion_rate']:.4g}" + ("" if tags.get("theta") is None else f" theta={tags['theta']:.4g}")
-        if tags == best and len(settings) > 1:
-            plot_relative_error(axis, points, color="black", linewidth=2.5, label=f"best: {setting}", zorder=3)
-        else:
-            label = setting if few else label_others
-            label_others = "_nolegend_"  # matplotlib leaves such labels out of the legend
-            plot_relative_error(axis, points, linewidth=1, alpha=0.7 if len(settings) > 1 else 1,
-                                color=None if few else "tab:blue", label=label)
+    curves = [(tags, error_curve(records, tags)) for tags in settings]
+    others = [(tags, points) for tags, points in curves if points and not (tags == best and len(settings) > 1)]
+    if len(settings) <= FEW_SETTINGS:
+        for (tags, points), style in zip(others, distinct_styles(len(others))):
+            plot_relative_error(axis, points, label=setting_name(tags), linewidth=1, **style)
+    else:
+        gammas = sorted({tags["diffusion_rate"] for tags in settings})
+        thetas = sorted({tags["theta"] for tags in settings if tags.get("theta") is not None})
+        colours = ScalarMappable(LogNorm(gammas[0], gammas[-1]), "viridis") if len(gammas) > 1 else None
+        shapes = dict(zip(thetas, distinct_styles(len(thetas)))) if len(thetas) > 1 else {}
+        for tags, points in others:
+            shape = {key: value for key, value in shapes.get(tags.get("theta"), {}).items() if key != "color"}
+            colour = "tab:blue" if colours is None else colours.to_rgba(tags["diffusion_rate"])
+            plot_relative_error(axis, points, linewidth=1, **shape | {"color": colour, "alpha": 0.8})
+        if colours is not None:
+            figure.colorbar(colours, ax=axis, label="gamma (optimizer_diffusion_rate)")
+        for theta, shape in shapes.items():  # legend entries only: the line style and marker of each theta
+            axis.plot([], [], **shape | {"color": "gray", "label": f"theta={theta:.4g}"})
+    best_points = next((points for tags, points in curves if tags == best), [])
+    if len(settings) > 1 and best_points:
+        plot_relative_error(axis, best_points, color="black", linewidth=2.5, label=f"best: {setting_name(best)}", zorder=3)
     label_error_axes(axis, title)
     if axis.get_legend_handles_labels()[0]:  # workers that agree from the start draw nothing to name
         axis.legend(fontsize=7, ncol=2)
     return figure
+
+
+def setting_name(tags: dict) -> str:
+    """'gamma=0.2' or 'gamma=0.2 theta=1.5': a gossip_run setting, from its records' tags."""
+    return f"gamma={tags['diffusion_rate']:.4g}" + ("" if tags.get("theta") is None else f" theta={tags['theta']:.4g}")
+
+
+def distinct_styles(count: int) -> list[dict]:
+    """`count` matplotlib line styles that keep curves apart where they overlap: each its own
+    colour (tab10; tab20's beyond 10), line style and marker, the markers spaced along the line
+    from a start that shifts from curve to curve (curves that coincide still show every
+    marker), the lines a little transparent."""
+    if count <= 10:
+        colours = matplotlib.colormaps["tab10"].colors
+    else:  # tab20's dark colours, then the light ones: neighbours in the list differ in hue
+        colours = matplotlib.colormaps["tab20"].colors[0::2] + matplotlib.colormaps["tab20"].colors[1::2]
+    return [dict(color=colours[i % len(colours)], linestyle=LINE_STYLES[i % len(LINE_STYLES)], marker=MARKERS[i % len(MARKERS)],
+                 markevery=(0.1 * i / count, 0.1), markersize=4, alpha=0.85) for i in range(count)]

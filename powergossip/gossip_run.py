@@ -18,8 +18,12 @@ gossip_run.output_dir = "..."; gossip_run.log_metric = my_logger; gossip_run.mai
 
 Output (written by worker 0's process): `output_dir/config.yaml`, the figure
 `output_dir/error_vs_bits.png` (error relative to its start against bits sent per
-worker, every setting of a sweep, the best one bold) and `output_dir/metrics.jsonl`,
-one JSON object per line,
+worker, every setting of a sweep, the best one bold), `output_dir/tensorboard/` (every
+record against the step and the kB sent per worker, as train.py's; none without the
+tensorboard package), `output_dir/summary.json`, written last (the best setting, the
+one with the lowest final error: "best_setting", "final_error", "initial_error",
+"diffusion_rate", "theta", its last "step" and "mb_per_worker" sent by then; "settings",
+"num_steps", "wall_time_s") and `output_dir/metrics.jsonl`, one JSON object per line,
 
     {"name": "error", "step": k, "value": float, "bits": float, "messages": float,
      "tags": {"algorithm": str, "diffusion_rate": float, "theta": float or null}}
@@ -137,19 +141,23 @@ def main():
     del state
 
     settings = [(gamma, theta) for gamma in diffusion_rates(cfg) for theta in thetas(cfg)]
-    metrics = None
+    metrics = tensorboard = None
+    started = time.time()
     if is_writer:
         runs.write_config(folder, cfg)
         metrics = runs.MetricsFile(folder)
+        tensorboard = runs.tensorboard_writer(folder)  # None without the tensorboard package
         log_info({"state.progress": 0.0})
 
     def record(name, step, value, bits, messages, tags):
         if is_writer:
             values = {"step": step, "value": float(value), "bits": float(bits), "messages": float(messages)}
             metrics.write({"name": name, **values, "tags": tags})
+            if tensorboard is not None:
+                runs.to_tensorboard(tensorboard, {"name": name, **values, "tags": tags})
             log_metric(name, values, tags)
 
-    outcomes = []  # (final error, setting text) of every setting, for the best one
+    outcomes = []  # every setting's end, for the best one and summary.json
     for number, (gamma, theta) in enumerate(settings):
         start_time = time.time()
         tags = {"algorithm": cfg["algorithm"], "diffusion_rate": gamma, "theta": theta}
@@ -188,20 +196,26 @@ def main():
             else:
                 outcome = f"final error {error:.4g} = {error / initial_error:.3g} x the initial {initial_error:.4g}"
             print(f"{setting}: {outcome}, {bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
-            outcomes.append((final_error, initial_error, setting))
+            outcomes.append({"best_setting": setting, "final_error": final_error, "initial_error": initial_error,
+                             "diffusion_rate": gamma, "theta": theta, "step": step, "mb_per_worker": bits / 8e6})
             log_info({"state.progress": (number + 1) / len(settings)})
     if is_writer:
         metrics.close()
+        if tensorboard is not None:
+            tensorboard.close()
+        summary = min(outcomes, key=lambda outcome: outcome["final_error"])
         if len(outcomes) > 1:
-            best, initial, setting = min(outcomes, key=lambda outcome: outcome[0])
+            best, initial = summary["final_error"], summary["initial_error"]
             relative = f" = {best / initial:.3g} x the initial" if initial > 0 else ""
-            print(f"best of {len(outcomes)} settings: {setting}" + (f", final error {best:.4g}{relative}"
+            print(f"best of {len(outcomes)} settings: {summary['best_setting']}" + (f", final error {best:.4g}{relative}"
                   if math.isfinite(best) else ": every setting diverged"), flush=True)
         from powergossip import figures  # here: only the process that draws pays for matplotlib
 
         title = f"{cfg['algorithm']}, {cfg['n_workers']}-worker {cfg['topology']}, {cfg['data_type']} data"
         figure = figures.save(figures.consensus_figure(runs.read_metrics(folder), title), os.path.join(folder, "error_vs_bits.png"))
         print(f"results in {folder}, figure {figure}", flush=True)
+        runs.write_summary(folder, summary | {"settings": len(outcomes), "num_steps": cfg["num_steps"],
+                                              "wall_time_s": time.time() - started})
     runs.release_output_dir(folder)
     return folder
 

@@ -26,16 +26,14 @@ A record is one JSON object per line of metrics.jsonl:
   epochs the checkpoint covers have no records (`resumed_history`); "value" counts them,
   tags "missing_epochs" lists them, "epoch" is the checkpoint's.
 
-TensorBoard gets every record without a "worker" tag twice: tag `<name>/<tags...>`
-against the epoch, and tag `by_kB_sent/<name>/<tags...>` against the kB sent per
-worker (TensorBoard's steps are integers: kB keep small runs apart). At the end of a
+TensorBoard gets every record without a "worker" tag twice (runs.to_tensorboard): tag
+`<name>/<tags...>` against the epoch, and tag `by_kB_sent/<name>/<tags...>` against the kB
+sent per worker (TensorBoard's steps are integers: kB keep small runs apart). At the end of a
 run, `output_dir/curves.png` (figures.training_figure) plots the curves against
 epochs and MB sent, the spread over workers shaded.
 """
 from __future__ import annotations
 
-import glob
-import json
 import math
 import os
 import warnings
@@ -148,7 +146,7 @@ class Recorder:
         for record in history:
             if record["name"] == "accuracy" and record["tags"].get("split") == "test_avg":
                 self.last_test_avg = record["value"]
-        self.tensorboard = _tensorboard(folder, history if history or gap is not None else None)  # a resume: rewritten
+        self.tensorboard = runs.tensorboard_writer(folder, history if history or gap is not None else None)  # a resume: rewritten
 
     def count_traffic(self):
         """Bits and messages sent per worker so far (mean over workers); collective."""
@@ -165,7 +163,7 @@ class Recorder:
         values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
         self.file.write({"name": name, **values, "tags": tags})
         if self.tensorboard is not None:
-            _to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
+            runs.to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
         self.log_metric(name, values, tags)
 
     def epoch_line(self, epoch: int, num_epochs: int) -> str:
@@ -174,7 +172,7 @@ class Recorder:
             value = self.latest.get((name, split))
             return "n/a" if value is None else format(value, form)
         return (f"epoch {epoch}/{num_epochs}: train loss {shown('loss', 'train', '.4f')}, averaged-model test accuracy "
-                f"{shown('accuracy', 'test_avg', '.2%')}, {self.bits / 8e6:.3f} MB sent per worker")
+                f"{shown('accuracy', 'test_avg', '.2%')}, {runs.megabytes(self.bits / 8)} MB sent per worker")
 
     def summary(self, cfg, wall_time):
         """summary.json (which marks the run as finished), curves.png and the summary line."""
@@ -191,7 +189,7 @@ class Recorder:
         runs.write_file(figure, lambda f: figures.write_png(drawn, f), binary=True)
         summary = {"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
                    "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id}
-        runs.write_file(os.path.join(self.folder, "summary.json"), lambda f: json.dump(summary, f))
+        runs.write_summary(self.folder, summary)
         print(f"\nsummary: {run}: averaged-model test accuracy {accuracy}; {mb_per_epoch:.3f} MB sent per worker per "
               f"epoch; wall time {wall_time:.1f} s; results in {self.folder}, figure {figure}", flush=True)
 
@@ -200,34 +198,6 @@ class Recorder:
             self.file.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
-
-
-def _tensorboard(folder: str, kept: list[dict] | None):
-    """A TensorBoard writer into `folder/tensorboard` (None without the tensorboard package).
-    A resumed run (`kept`: the records metrics.jsonl keeps) rewrites TensorBoard's records
-    from them and then removes the earlier event files, which may hold epochs after the
-    checkpoint that a stopped launch wrote: every epoch is shown once."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    earlier = glob.glob(os.path.join(folder, "tensorboard", "events.out.tfevents.*")) if kept is not None else []
-    writer = SummaryWriter(os.path.join(folder, "tensorboard"))
-    for record in kept or []:
-        _to_tensorboard(writer, record)
-    writer.flush()  # the records are in the new file before the old files go
-    for path in earlier:
-        os.remove(path)
-    return writer
-
-
-def _to_tensorboard(writer, record: dict) -> None:
-    """A record without a "worker" tag, against the epoch and against the kB sent per worker."""
-    if "worker" in record["tags"]:
-        return
-    tag = "/".join([record["name"]] + [str(v) for v in record["tags"].values()])
-    writer.add_scalar(tag, record["value"], int(record["epoch"]))
-    writer.add_scalar(f"by_kB_sent/{tag}", record["value"], round(record["bits"] / 8e3))  # the paper's x-axis
 
 
 @torch.no_grad()

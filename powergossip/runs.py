@@ -1,15 +1,17 @@
 """What runs share: the output folder (which a run claims before any work, so that it
 never overwrites another run's results unasked), results files written atomically (a file
 is replaced whole or not at all; `after_results_write` is called after every write), the
-`output_dir/metrics.jsonl` writer, checkpoint files (written atomically, verified and
-checked when read), the divergence check of both
-entrypoints, and train.py's run infrastructure: timers, checkpoints agreed between
-processes (what they hold is train.py's), stop requests. Reading and checking
+`output_dir/metrics.jsonl` writer and reader, the TensorBoard writer and `summary.json`
+of both entrypoints, checkpoint files (written atomically, verified and checked when
+read), the divergence check of both entrypoints, and train.py's run infrastructure:
+timers, checkpoints agreed between processes (what they hold is train.py's), progress,
+stop requests. Reading and checking
 configurations is configuration.py's.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -275,6 +277,53 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
+def record_position(record: dict) -> float:
+    """Where a record stands in its run: the epoch of a train.py record, the step of a gossip_run.py one."""
+    return record["epoch"] if "epoch" in record else record["step"]
+
+
+def record_tag(record: dict) -> str:
+    """A record's name and tag values, `/`-joined (null values left out): `accuracy/test_avg`,
+    `consensus_distance/params_only`, `error/sign_choco/0.2`. TensorBoard's tag for it, and how
+    `python -m powergossip.plot --metric` names a curve."""
+    return "/".join([record["name"]] + [str(value) for value in record["tags"].values() if value is not None])
+
+
+def tensorboard_writer(folder: str, kept: list[dict] | None = None):
+    """A TensorBoard writer into `folder/tensorboard` (None without the tensorboard package).
+    A resumed run (`kept`: the records metrics.jsonl keeps) rewrites TensorBoard's records
+    from them and then removes the earlier event files, which may hold epochs after the
+    checkpoint that a stopped launch wrote: every epoch is shown once."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    earlier = glob.glob(os.path.join(folder, "tensorboard", "events.out.tfevents.*")) if kept is not None else []
+    writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+    for record in kept or []:
+        to_tensorboard(writer, record)
+    writer.flush()  # the records are in the new file before the old files go
+    for path in earlier:
+        os.remove(path)
+    return writer
+
+
+def to_tensorboard(writer, record: dict) -> None:
+    """A record without a "worker" tag, tagged `record_tag`, against its epoch (train.py) or step
+    (gossip_run.py) and, under `by_kB_sent/`, against the kB sent per worker."""
+    if "worker" in record["tags"]:
+        return
+    tag = record_tag(record)
+    writer.add_scalar(tag, record["value"], int(record_position(record)))
+    writer.add_scalar(f"by_kB_sent/{tag}", record["value"], round(record["bits"] / 8e3))  # the paper's x-axis
+
+
+def write_summary(folder: str, summary: dict) -> None:
+    """`folder/summary.json`, replaced atomically: a finished run's final numbers (written last, it
+    marks the run as finished)."""
+    write_file(os.path.join(folder, "summary.json"), lambda f: json.dump(summary, f))
+
+
 # --- checkpoint files --------------------------------------------------------------------------
 class CorruptCheckpoint(Exception):
     """A checkpoint file that cannot be trusted (truncated, empty, bytes changed)."""
@@ -424,13 +473,20 @@ class LossCheck(DivergenceCheck):
                 f"with resume=true and a smaller learning_rate (or start a new run with a smaller optimizer_diffusion_rate).")
 
 
+def megabytes(bytes_sent: float) -> str:
+    """Bytes as progress shows them, in every line and in the bar: MB (10^6 bytes), three decimals."""
+    return f"{bytes_sent / 1e6:.3f}"
+
+
 class Progress:
     """What the first process shows while a run trains (the others show nothing). In a
-    terminal, a tqdm bar with the loss and MB sent once a loss is known (never nan).
-    Otherwise (a log file, mpirun, CI): a line at the end of every epoch and, inside
-    long epochs, a line every `interval` seconds of wall time. `started` is when the run
-    began (earlier launches of a resumed run included); `terminal` and `clock` are there
-    for tests."""
+    terminal, a tqdm bar of the steps with the latest mean loss (once one is known: never
+    nan), the last epoch's averaged-model test accuracy (once evaluated) and the MB sent per
+    worker so far, the mean over all workers as in the epoch lines; all three are set at
+    every step, so that each of tqdm's refreshes shows them up to date. Otherwise (a log
+    file, mpirun, CI): a line at the end of every epoch and, inside long epochs, a line
+    every `interval` seconds of wall time. `started` is when the run began (earlier launches
+    of a resumed run included); `terminal` and `clock` are there for tests."""
 
     interval = 60.0  # seconds between lines inside an epoch when there is no terminal
 
@@ -439,34 +495,50 @@ class Progress:
         self.is_root, self.num_epochs, self.steps_per_epoch = is_root, num_epochs, steps_per_epoch
         self.done, self.started, self.clock = steps_done, started, clock
         self.last_line = clock()
+        self.loss, self.accuracy, self.bytes_per_worker = math.nan, None, 0.0
         self.bar = None
         if is_root and (sys.stderr.isatty() if terminal is None else terminal):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=num_epochs * steps_per_epoch, initial=steps_done, unit="step", dynamic_ncols=True)
+            # No rate: the numbers after it fit an 80-column terminal (tqdm cuts what does not).
+            self.bar = tqdm(total=num_epochs * steps_per_epoch, initial=steps_done, unit="step", dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
-    def step(self, epoch: int, step: int, mean_loss: float, bytes_sent) -> None:
+    def step(self, epoch: int, step: int, mean_loss: float, bytes_per_worker: float) -> None:
         """Step `step` of epoch `epoch` (both from 0) is done; `mean_loss`: the latest known
-        mean loss of this process's workers (nan before the first); `bytes_sent`: per local worker."""
+        mean loss of this process's workers (nan before the first); `bytes_per_worker`: the
+        bytes sent so far per worker, the mean over all workers (StopRequests.requested's)."""
         self.done += 1
         if not self.is_root:
             return
-        known = math.isfinite(mean_loss)
+        self.loss, self.bytes_per_worker = mean_loss, bytes_per_worker
         if self.bar is not None:
-            self.bar.update(1)
-            if step % 10 == 0 and known:
-                self.bar.set_postfix(loss=f"{mean_loss:.3f}", MB_sent=f"{bytes_sent[0] / 1e6:.1f}")
+            self.bar.set_postfix_str(self.postfix(), refresh=False)
+            self.bar.update(1)  # tqdm redraws at most every mininterval (0.1 s), with the postfix just set
         elif self.clock() - self.last_line >= self.interval and step + 1 < self.steps_per_epoch:
             self.last_line = self.clock()
-            loss = f"{mean_loss:.4f}" if known else "not known yet"
+            loss = f"{mean_loss:.4f}" if math.isfinite(mean_loss) else "not known yet"
             print(f"epoch {epoch + 1}/{self.num_epochs} step {step + 1}/{self.steps_per_epoch}: recent train loss {loss}, "
-                  f"worker 0 sent {bytes_sent[0] / 1e6:.3f} MB, {self.times()}", flush=True)
+                  f"{megabytes(bytes_per_worker)} MB sent per worker, {self.times()}", flush=True)
 
     def end_of_epoch(self, epoch: int, recorder) -> None:
-        """Epoch `epoch` (from 1) is done and recorded (a metrics.Recorder): its line, when there is no bar."""
+        """Epoch `epoch` (from 1) is done and recorded (a metrics.Recorder): its line, or, in the
+        bar, its test accuracy and the MB of its line."""
         self.last_line = self.clock()
-        if self.is_root and self.bar is None:
+        if not self.is_root:
+            return
+        if self.bar is None:
             print(f"{recorder.epoch_line(epoch, self.num_epochs)}, {self.times()}", flush=True)
+        else:
+            self.accuracy, self.bytes_per_worker = recorder.last_test_avg, recorder.bits / 8
+            self.bar.set_postfix_str(self.postfix())  # redrawn now: evaluation took a while
+
+    def postfix(self) -> str:
+        """The bar's numbers: `loss=0.512, test_acc=87.50%, MB/worker=0.654` (loss and
+        accuracy once known)."""
+        shown = [f"loss={self.loss:.3f}"] if math.isfinite(self.loss) else []
+        shown += [] if self.accuracy is None else [f"test_acc={self.accuracy:.2%}"]
+        return ", ".join(shown + [f"MB/worker={megabytes(self.bytes_per_worker)}"])
 
     def times(self) -> str:
         """Wall time so far and an estimate of the rest, from the fraction of all steps done."""
@@ -776,6 +848,7 @@ class StopRequests:
 
     def __init__(self):
         self.signal_number = 0
+        self.bytes_per_worker = 0.0  # bytes sent so far, mean over all workers, as of the last check
         self.previous = {number: signal.signal(number, self._handler) for number in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self) -> None:
@@ -787,9 +860,12 @@ class StopRequests:
         self.signal_number = number
 
     def requested(self, comm) -> bool:
-        if comm.world_size == 1:
-            return self.signal_number != 0
-        flags = comm.sum_over_processes(np.array([float(self.signal_number)]))
-        if flags[0] and not self.signal_number:
+        """Whether a signal reached any process. Collective: every process calls it after each
+        step. The all-reduce that spreads the flag also sums the bytes the workers have sent
+        (comm.bytes_sent), so `bytes_per_worker`, what the progress bar shows, costs no
+        second one."""
+        totals = comm.sum_over_processes(np.array([float(self.signal_number), float(comm.bytes_sent.sum())]))
+        self.bytes_per_worker = totals[1] / comm.n_workers
+        if totals[0] and not self.signal_number:
             self.signal_number = signal.SIGTERM
-        return bool(flags[0])
+        return bool(totals[0])

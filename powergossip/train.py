@@ -228,8 +228,9 @@ def main():
             method_and_local_step(lambda: local_step(lr), gossips)
             totals.add(losses, corrects, counts)
             loss_check.watch(losses, epoch, step)
-            progress.step(epoch, step, loss_check.mean_loss, comm.bytes_sent)  # the previous step's loss: no wait
-            if stop.requested(comm):
+            stopping = stop.requested(comm)
+            progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
+            if stopping:
                 loss_check.finish()
                 totals.hidden = hidden
                 checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id, cfg,

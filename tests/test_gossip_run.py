@@ -3,6 +3,7 @@ import json
 import math
 import os
 import runpy
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -326,3 +327,57 @@ def test_a_sweep_draws_every_setting_and_marks_the_best(tmp_path, capsys):
     legend = [text.get_text() for text in axis.get_legend().get_texts()]
     assert sorted(legend) == sorted([f"best: gamma={best:.4g}"] + [f"gamma={g:.4g}" for g in finals if g != best])
     assert (axis.get_xscale(), axis.get_yscale()) == ("log", "log")
+    drawn = [line for line in axis.get_lines() if len(line.get_xdata())]
+    assert len({(str(line.get_color()), line.get_linestyle(), line.get_marker()) for line in drawn}) == len(drawn)
+
+
+def test_a_large_sweep_names_every_curve_by_colour_and_style():
+    """More settings than legend entries: a curve's colour is its gamma on a colour bar, its line
+    style and marker its theta (named in the legend), the best one in black, named."""
+    gammas, thetas = [0.01 * 2 ** k for k in range(6)], [0.5, 2.0]
+    records = []
+    for gamma in gammas:
+        for theta in thetas:
+            tags = {"algorithm": "moniqua", "diffusion_rate": gamma, "theta": theta}
+            errors = [10.0 * (1 - gamma / (1 + theta)) ** step for step in range(6)]
+            records += [{"name": "error", "step": step, "value": error, "bits": 64.0 * step, "messages": 2.0 * step,
+                         "tags": tags} for step, error in enumerate(errors)]
+            records.append({"name": "final_error", "step": 5, "value": errors[-1], "bits": 320.0, "messages": 10.0, "tags": tags})
+    figure = figures.consensus_figure(records, "title")
+    axis, colour_bar = figure.axes
+    assert colour_bar.get_ylabel() == "gamma (optimizer_diffusion_rate)"
+    assert colour_bar.get_ylim() == pytest.approx((gammas[0], gammas[-1]))
+    legend = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert legend == ["theta=0.5", "theta=2", f"best: gamma={gammas[-1]:.4g} theta=0.5"]
+    drawn = [line for line in axis.get_lines() if len(line.get_xdata())]
+    assert len(drawn) == 12 and drawn[-1].get_color() == "black"
+    colours = {tuple(line.get_color()) for line in drawn[:-1]}
+    shapes = {(line.get_linestyle(), line.get_marker()) for line in drawn[:-1]}
+    assert len(colours) == len(gammas) and len(shapes) == len(thetas)
+
+
+def test_a_run_writes_its_summary_and_tensorboard(tmp_path):
+    records = run_main(tmp_path, algorithm="sign_choco", optimizer_diffusion_rate=[50.0, 0.05, 0.2], **SMALL)
+    best = min(named(records, "final_error"), key=lambda r: r["value"])
+    gamma = best["tags"]["diffusion_rate"]
+    with open(tmp_path / "summary.json") as f:
+        summary = json.load(f)
+    assert summary == {"best_setting": f"sign_choco gamma={gamma:.4g}", "final_error": best["value"],
+                       "initial_error": named(records, "error", diffusion_rate=gamma)[0]["value"], "diffusion_rate": gamma,
+                       "theta": None, "step": 60, "mb_per_worker": best["bits"] / 8e6, "settings": 3, "num_steps": 60,
+                       "wall_time_s": summary["wall_time_s"]}
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    curve = named(records, "error", diffusion_rate=gamma)
+    assert [(e.step, e.value) for e in events.Scalars(f"error/sign_choco/{gamma}")] == \
+        [(r["step"], pytest.approx(r["value"])) for r in curve]
+    assert [e.step for e in events.Scalars(f"by_kB_sent/error/sign_choco/{gamma}")] == [round(r["bits"] / 8e3) for r in curve]
+
+
+def test_without_tensorboard_a_run_writes_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it raises ImportError, as when absent
+    run_main(tmp_path, algorithm="uncompressed", **SMALL)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "config.yaml", "error_vs_bits.png", "metrics.jsonl", "summary.json"]

@@ -1,4 +1,5 @@
 """train.py end to end on tiny data in the real Fashion-MNIST format."""
+import io
 import json
 import math
 import os
@@ -303,8 +304,9 @@ def test_without_a_terminal_every_epoch_prints_a_line(tmp_path, tiny_data, capsy
     assert [line.split(":")[0] for line in lines] == [
         "epoch 1/2 step 1/4", "epoch 1/2 step 2/4", "epoch 1/2 step 3/4", "epoch 1/2",
         "epoch 2/2 step 1/4", "epoch 2/2 step 2/4", "epoch 2/2 step 3/4", "epoch 2/2"]
-    final_accuracy = final(tmp_path, "accuracy", "test_avg")["value"]
-    assert f"averaged-model test accuracy {final_accuracy:.2%}" in lines[-1] and "MB sent per worker" in lines[-1]
+    last = final(tmp_path, "accuracy", "test_avg")
+    assert f"averaged-model test accuracy {last['value']:.2%}" in lines[-1]
+    assert f", {last['bits'] / 8e6:.3f} MB sent per worker" in lines[-1]  # the mean over workers, as recorded
     assert "recent train loss not known yet" in lines[0]  # the first step's loss is read one step late
     assert "nan" not in "".join(lines)
 
@@ -318,12 +320,50 @@ def test_the_line_inside_an_epoch_follows_the_clock(capsys):
     for step in range(10):
         now[0] += 25.0  # a step every 25 s: a line once 60 s have passed since the last one
         for shown in (progress, silent):
-            shown.step(0, step, 1.0, np.array([2e6]))
+            shown.step(0, step, 1.0, 2e6)
     assert capsys.readouterr().out.splitlines() == [
-        "epoch 1/1 step 3/10: recent train loss 1.0000, worker 0 sent 2.000 MB, 75 s elapsed, about 3 min left",
-        "epoch 1/1 step 6/10: recent train loss 1.0000, worker 0 sent 2.000 MB, 2 min elapsed, about 100 s left",
-        "epoch 1/1 step 9/10: recent train loss 1.0000, worker 0 sent 2.000 MB, 4 min elapsed, about 25 s left",
+        "epoch 1/1 step 3/10: recent train loss 1.0000, 2.000 MB sent per worker, 75 s elapsed, about 3 min left",
+        "epoch 1/1 step 6/10: recent train loss 1.0000, 2.000 MB sent per worker, 2 min elapsed, about 100 s left",
+        "epoch 1/1 step 9/10: recent train loss 1.0000, 2.000 MB sent per worker, 4 min elapsed, about 25 s left",
     ]  # not after the last step: the epoch's own line follows it
+
+
+class FakeTerminal(io.StringIO):
+    """What a run writes to stderr in a terminal: tqdm draws its bar there."""
+
+    def isatty(self):
+        return True
+
+
+def test_in_a_terminal_the_bar_shows_the_last_test_accuracy_and_the_mb_of_the_epoch_line(tmp_path, tiny_data, monkeypatch):
+    """The bar's numbers are up to date at every redraw: after each epoch its averaged-model test
+    accuracy and the MB sent per worker that the epoch's line shows (the mean over workers), and
+    at the end the last ones, as summary.json has them; never worker 0's figure of a step before."""
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run(str(tmp_path), common(tiny_data, n_workers=2, max_batches_per_epoch=3))
+    monkeypatch.undo()
+    drawn = [text.strip() for text in terminal.getvalue().split("\r") if text.strip()]
+    ends = [(r["value"], r["bits"]) for r in runs.read_metrics(str(tmp_path))
+            if r["name"] == "accuracy" and r["tags"] == {"split": "test_avg"}]
+    for epoch, (accuracy, bits) in enumerate(ends, start=1):
+        after = [text for text in drawn if f" {3 * epoch}/6 " in text][-1]  # drawn once the epoch was recorded
+        assert after.endswith(f"test_acc={accuracy:.2%}, MB/worker={bits / 8e6:.3f}]"), (after, ends)
+    assert drawn[-1].endswith(f"test_acc={ends[-1][0]:.2%}, MB/worker={ends[-1][1] / 8e6:.3f}]"), drawn[-1]
+    assert "loss=" in drawn[-1] and "nan" not in terminal.getvalue()
+
+
+def test_the_bar_shows_the_mean_over_workers_of_the_bytes_sent():
+    comm = comm_module.Communicator(4, "cpu")
+    comm.bytes_sent[:] = [1_000_000, 3_000_000, 0, 0]  # a star's centre sends more than its leaves
+    stop = runs.StopRequests()
+    try:
+        assert not stop.requested(comm)
+    finally:
+        stop.restore()
+    progress = runs.Progress(True, num_epochs=1, steps_per_epoch=10, steps_done=0, started=0.0, terminal=False)
+    progress.step(0, 0, 2.5, stop.bytes_per_worker)
+    assert progress.postfix() == "loss=2.500, MB/worker=1.000"
 
 
 def test_a_run_logging_to_a_file_prints_epochs_and_draws_its_curves(tmp_path, tiny_data):
