@@ -48,7 +48,9 @@ step k are written, then "diverged" (step k) and "final_error" (step k, inf). Th
 sweep goes on with the next setting. Workers that agree at step 0 (error 0) have
 nothing to gossip: each setting ends there, with "final_error" 0 at step 0. Input
 data that cannot work (a data_path array that is complex, has empty entries, or holds
-values that are not finite in float32) is refused before any work.
+values that are not finite in float32) is refused before any work, and so is a run whose
+estimated memory exceeds what the process may allocate (check_memory). A data_path array
+is read a block at a time; each process keeps its own workers' rows, in float32.
 
 Sweep: `optimizer_diffusion_rate` = a number (or a list of numbers) runs just those.
 Left at null, methods registered with needs_tuning=False (uncompressed gossip, the
@@ -63,6 +65,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import time
 
@@ -132,15 +135,15 @@ def main():
     """Runs every setting; returns the folder the results went to."""
     cfg, topology = checked(config)  # a checked copy, every key by its own name, and the graph
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
-    state = initial_state(cfg)  # all workers, identical in every process; input that cannot work: before the claim
+    settings = [(gamma, theta) for gamma in diffusion_rates(cfg) for theta in thetas(cfg)]
+    check_memory(cfg, comm, topology, len(settings))  # a run that cannot fit: one line, before anything is read
+    # This process's workers' starts and the mean of all of them; input that cannot work: before the claim
+    x0, initial_mean = starting_point(cfg, comm.local_workers)
+    x0, initial_mean = x0.to(comm.device), initial_mean.to(comm.device)
     folder = runs.claim_output_dir(output_dir, cfg["algorithm"], False, cfg["overwrite"], comm, time.time(),
                                    can_resume=False)
     is_writer = comm.process_index == 0
-    initial_mean = state.double().mean(dim=0).to(comm.device)
-    x0 = state[comm.first_worker:comm.first_worker + comm.num_local].to(comm.device).contiguous()
-    del state
 
-    settings = [(gamma, theta) for gamma in diffusion_rates(cfg) for theta in thetas(cfg)]
     metrics = tensorboard = None
     started = time.time()
     if is_writer:
@@ -161,7 +164,7 @@ def main():
     for number, (gamma, theta) in enumerate(settings):
         start_time = time.time()
         tags = {"algorithm": cfg["algorithm"], "diffusion_rate": gamma, "theta": theta}
-        x = x0.clone()
+        x = x0 if number == len(settings) - 1 else x0.clone()  # the last setting needs no copy of the start
         method = build_method(cfg, comm, topology, gamma, theta)
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
@@ -225,12 +228,24 @@ def is_logged(step: int, num_steps: int) -> bool:
     return step <= 10 or (step <= 100 and step % 10 == 0) or step % 100 == 0 or step == num_steps
 
 
+MEASURED_AT_ONCE = 1 << 20  # float64 numbers `measure` holds at once (8 MB): a large state is measured in column blocks
+
+
 def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, float, float, float]:
     """(error, error to the initial mean, bits, messages), each a mean over all workers.
-    Collective: every process must call it. Its own traffic is not counted."""
-    x64 = x.double()
-    mean = comm.all_reduce_mean([x64], count=False)[0]
-    local = torch.stack([(x64 - mean).square().sum(), (x64 - initial_mean).square().sum()]).cpu().numpy()
+    Collective: every process must call it (the same blocks everywhere, one all-reduce each).
+    Its own traffic is not counted. In float64, a block of columns at a time, so that it
+    needs two blocks of MEASURED_AT_ONCE numbers beside the state, not copies of it."""
+    rows, flat_mean = x.reshape(x.shape[0], -1), initial_mean.reshape(-1)
+    width = max(1, MEASURED_AT_ONCE // rows.shape[0])
+    local = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for start in range(0, rows.shape[1], width):
+        x64 = rows[:, start:start + width].double()
+        mean = comm.all_reduce_mean([x64], count=False)[0]
+        difference = x64 - mean
+        local[0] += difference.square_().sum()
+        local[1] += torch.sub(x64, flat_mean[start:start + width], out=difference).square_().sum()
+    local = local.cpu().numpy()
     counters = np.array([comm.bytes_sent.sum(), comm.messages_sent.sum()], dtype=np.float64)
     totals = comm.sum_over_processes(np.concatenate([local, counters])) / comm.n_workers
     error, error_to_initial_mean, bytes_sent, messages = (float(v) for v in totals)
@@ -297,7 +312,7 @@ def initial_state(config) -> torch.Tensor:
     random: N(0, 1) entries. offset: N(0, 1) + worker index. sparse: zeros except entry
     [worker index] of the flattened matrix = 1. log-normal: exp(N(0, 1)). images: distinct
     Fashion-MNIST training images (28 x 28, pixels in [0, 1]) picked by a seeded permutation.
-    file: entry i of the .npy array at data_path."""
+    file: entry i of the .npy array at data_path (`starting_point` reads it)."""
     n, size = config["n_workers"], config["matrix_size"]
     generator = torch.Generator().manual_seed(config["seed"])
     data_type = config["data_type"]
@@ -323,17 +338,107 @@ def initial_state(config) -> torch.Tensor:
         chosen = torch.randperm(images.shape[0], generator=generator)[:n]
         return images[chosen, 0].float() / 255
     if data_type == "file":
+        return starting_point(config, range(n))[0]
+    raise configuration.ConfigError(f"unknown data_type {data_type!r}")
+
+
+READ_AT_ONCE = 1 << 24  # bytes of a start converted to float32 at once (16 MB, or one worker's entry)
+
+
+def starting_point(config, workers: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the starting tensors of `workers`, `[len(workers), *shape]` float32 on the CPU; the mean
+    of all workers' starts, `[*shape]` float64, summed worker after worker), the same in every
+    process of every launch layout (`initial_state`). A data_path array is read a block of
+    READ_AT_ONCE bytes (as float32) at a time (`row_blocks`), converted to float32 and checked
+    (values that are not finite in float32 are an input error naming the entry), and its
+    workers' rows are copied out: it is never held whole, in its own dtype or in float32."""
+    if config["data_type"] == "file":
+        n, entry = state_shape(config)
+        blocks = row_blocks(config["data_path"], max(1, READ_AT_ONCE // max(1, math.prod(entry) * 4)))
+    else:
+        state = initial_state(config).numpy()
+        n, entry, blocks = state.shape[0], state.shape[1:], [(0, state)]
+    mine = np.empty((len(workers),) + tuple(entry), dtype=np.float32)
+    total = np.zeros(entry, dtype=np.float64)
+    for first, rows in blocks:
         with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32's range becomes inf: refused below
-            state = torch.from_numpy(np.ascontiguousarray(np.load(config["data_path"]), dtype=np.float32))
-        finite = torch.isfinite(state).flatten(1).all(dim=1)
+            rows = np.asarray(rows, dtype=np.float32)
+        finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
         if not finite.all():
-            worker = int((~finite).nonzero()[0])
+            worker = first + int(np.argmin(finite))
             raise configuration.ConfigError(
                 f"data_path {config['data_path']!r}: entry {worker} (worker {worker}'s start) holds values that are not "
-                f"finite numbers in float32 (NaN, inf, or beyond +-{torch.finfo(torch.float32).max:.4g}); gossip averages "
+                f"finite numbers in float32 (NaN, inf, or beyond +-{np.finfo(np.float32).max:.4g}); gossip averages "
                 f"finite numbers: fix or rescale the array")
-        return state
-    raise configuration.ConfigError(f"unknown data_type {data_type!r}")
+        for row in rows:
+            total += row
+        low, high = max(first, workers.start), min(first + len(rows), workers.stop)
+        if low < high:
+            mine[low - workers.start:high - workers.start] = rows[low - first:high - first]
+    total /= n
+    return torch.from_numpy(mine), torch.from_numpy(total)
+
+
+def row_blocks(path: str, rows: int):
+    """(first row, the next `rows` rows) of the .npy array at `path`, block after block, in the
+    file's dtype: each block read from the file on its own (a Fortran-ordered array, whose rows
+    are not contiguous in the file, from a mapping of it), so that one block is held at a time."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if fortran_order and len(shape) > 1:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        for first in range(0, shape[0], rows):
+            yield first, array[first:first + rows]
+        return
+    entry = math.prod(shape[1:])
+    for first in range(0, shape[0], rows):
+        count = min(rows, shape[0] - first)
+        block = np.fromfile(path, dtype=dtype, count=count * entry, offset=offset + first * entry * dtype.itemsize)
+        yield first, block.reshape((count,) + tuple(shape[1:]))
+
+
+def check_memory(config, comm, topology, num_settings: int) -> None:
+    """Refuses (ConfigError, on every process) a run whose estimated memory exceeds what this
+    process can have (runs.available_memory, the machine's split between its processes of the
+    run), before anything is read. The estimate, per process: its workers' starts in float32
+    times the copies the run keeps (the start, and a working copy when a sweep has more than
+    one setting) and the copies the method holds in a round (Method.working_copies at the
+    graph's most half-edges per worker), plus the float64 mean of one worker's start and what
+    reading and measuring hold at once (on a GPU, the host holds the starts and the mean only)."""
+    workers, entry = state_shape(config)
+    mine = comm.num_local * math.prod(entry) * 4
+    reading = 3 * READ_AT_ONCE if config["data_type"] == "file" else workers * math.prod(entry) * 4
+    needed = mine + 8 * math.prod(entry) + reading
+    if comm.device.type == "cpu":
+        method = build_method(config, comm, topology, *next(zip(diffusion_rates(config), thetas(config))))
+        degree = max(comm.half_edges(topology.at(t)).num for t in topologies.rounds_to_check(topology)) / comm.num_local
+        copies = (1 if num_settings > 1 else 0) + method.working_copies(degree, [entry])
+        needed += mine * copies + 3 * 8 * MEASURED_AT_ONCE
+    host = socket.gethostname()
+    available, source = runs.available_memory(sharing=comm.gather_objects(host).count(host))
+    problem = None
+    if needed > available:
+        what = f"data_path {config['data_path']!r}" if config["data_type"] == "file" else f"data_type={config['data_type']}"
+        problem = (f"{what}: the run needs about {needed / 1e9:.3g} GB of memory in this process ({comm.num_local} "
+                   f"workers of {list(entry)} float32 numbers, algorithm={config['algorithm']}), but "
+                   f"{available / 1e9:.3g} GB are available ({source}); use a smaller array, or spread the "
+                   f"workers over more machines (mpirun)")
+    problems = [found for found in comm.gather_objects(problem) if found is not None]
+    if problems:
+        raise configuration.ConfigError(problems[0])
+
+
+def state_shape(config) -> tuple[int, tuple[int, ...]]:
+    """(workers, the shape of one worker's start) of the data_type, without building the start."""
+    n, size = config["n_workers"], config["matrix_size"]
+    if config["data_type"] == "file":
+        return n, tuple(np.load(config["data_path"], mmap_mode="r", allow_pickle=False).shape[1:])
+    if config["data_type"] == "images":
+        return n, (28, 28)
+    return n, (size, size)
 
 
 # --- checks (each process on its own, before any communication) ------------------------------------

@@ -3,9 +3,9 @@ never overwrites another run's results unasked), results files written atomicall
 is replaced whole or not at all; `after_results_write` is called after every write), the
 `output_dir/metrics.jsonl` writer and reader, the TensorBoard writer and `summary.json`
 of both entrypoints, checkpoint files (written atomically, verified and checked when
-read), the divergence check of both entrypoints, and train.py's run infrastructure:
-timers, checkpoints agreed between processes (what they hold is train.py's), progress,
-stop requests. Reading and checking
+read), the divergence check of both entrypoints, the memory a process may still allocate,
+and train.py's run infrastructure: timers, checkpoints agreed between processes (what they
+hold is train.py's), progress, stop requests. Reading and checking
 configurations is configuration.py's.
 """
 from __future__ import annotations
@@ -163,7 +163,9 @@ def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite
     settled before any work: a new runs/<date>-<time>-<label> when output_dir is None, else
     output_dir resolved (`resolved_output_dir`: the path returned is the one checked); a
     folder with another run's results only with resume=true or overwrite=true (which
-    deletes those results). Raises ConfigError on every process otherwise."""
+    deletes those results). The temporary files of writes a killed run left
+    (`interrupted_writes`) are removed once the folder is claimed. Raises ConfigError on
+    every process otherwise."""
     folder, problem = output_dir, None
     if comm.process_index == 0:
         if folder is None and resume:
@@ -180,6 +182,9 @@ def claim_output_dir(output_dir: str | None, label: str, resume: bool, overwrite
             problem = problem or output_dir_problem(folder, resume, overwrite, can_resume)
         if problem is None and overwrite:
             remove_results(folder)
+        if problem is None:  # this process holds the folder's lock: no write of another run is under way
+            for path in interrupted_writes(folder):
+                os.remove(path)
     folder, problem = comm.gather_objects((folder, problem))[0]
     if problem is not None:
         raise ConfigError(problem)
@@ -193,6 +198,17 @@ def remove_results(folder: str) -> None:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
+def interrupted_writes(folder: str) -> list[str]:
+    """The temporary files (`write_file`'s `<name>.tmp`) that writes stopped by a kill left in
+    the run folder `folder`, beside its results and in its checkpoints/. Nothing reads them and
+    they are no results; a run that claims the folder removes them."""
+    found = [os.path.join(folder, name + TEMPORARY) for name in RESULTS]
+    checkpoints = os.path.join(folder, "checkpoints")
+    if os.path.isdir(checkpoints):
+        found += [os.path.join(checkpoints, name) for name in os.listdir(checkpoints) if name.endswith(TEMPORARY)]
+    return [path for path in found if os.path.isfile(path)]
+
+
 # Instructions to one launch, not part of a run: a config.yaml given to a new run must
 # not make it continue or replace anything.
 LAUNCH_KEYS = ("resume", "overwrite", "accept_metrics_gap")
@@ -204,12 +220,15 @@ def after_results_write(path: str) -> None:
     test replaces it to stop a run after its k-th write, as a kill at that moment would."""
 
 
+TEMPORARY = ".tmp"  # the suffix of a file being written (write_file)
+
+
 def write_file(path: str, write, binary: bool = False, before_replace=None) -> None:
     """Replaces `path` atomically with what `write(file)` writes: into `path.tmp`, flushed and
     fsynced, then (after `before_replace()`, when given) renamed over `path`, and the rename
     made durable. At every moment `path` is the old file or the new one, whole; an error
     while writing leaves `path` as it was."""
-    temporary = path + ".tmp"
+    temporary = path + TEMPORARY
     try:
         with open(temporary, "wb" if binary else "w") as f:
             write(f)
@@ -335,13 +354,13 @@ def write_atomically(path: str, state: dict, previous: str | None = None) -> Non
     def keep_previous():
         if previous is not None and os.path.exists(path):
             try:
-                os.link(path, previous + ".tmp")
+                os.link(path, previous + TEMPORARY)
             except FileExistsError:
-                os.remove(previous + ".tmp")
-                os.link(path, previous + ".tmp")
+                os.remove(previous + TEMPORARY)
+                os.link(path, previous + TEMPORARY)
             except OSError:  # a file system without hard links
-                shutil.copyfile(path, previous + ".tmp")
-            os.replace(previous + ".tmp", previous)
+                shutil.copyfile(path, previous + TEMPORARY)
+            os.replace(previous + TEMPORARY, previous)
     write_file(path, lambda f: torch.save(state, f), binary=True, before_replace=keep_previous)
 
 
@@ -360,6 +379,39 @@ def read_verified(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as problem:  # torch.load's many ways of failing on bad input
         raise CorruptCheckpoint(f"{path} cannot be read ({type(problem).__name__}: {problem})") from None
+
+
+# --- memory ----------------------------------------------------------------------------------
+def available_memory(sharing: int = 1) -> tuple[int, str]:
+    """(bytes this process may still allocate, where that bound comes from): the smallest of the
+    machine's available memory (MemAvailable of /proc/meminfo, else the free pages) and the
+    cgroup's (memory.max less memory.current, cgroup v2), each split between `sharing` processes
+    of this machine, and this process's address-space limit (ulimit -v, RLIMIT_AS) less what it
+    maps already. For a check before a run's big allocations."""
+    import resource
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            kilobytes = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        found.append((kilobytes * 1024 // sharing, "MemAvailable in /proc/meminfo"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        with contextlib.suppress(ValueError, OSError):
+            found.append((os.sysconf("SC_AVPHYS_PAGES") * page // sharing, "the free memory pages"))
+    with contextlib.suppress(OSError, ValueError):
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            text = limit.read().strip()
+            if text != "max":
+                found.append((max(0, int(text) - int(used.read())) // sharing, "the cgroup's memory.max"))
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * page
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            found.append((max(0, soft - mapped), f"the address-space limit (ulimit -v) less the {mapped / 1e9:.3g} GB "
+                                                 f"this process maps"))
+    return min(found) if found else (sys.maxsize, "no limit known")
 
 
 # --- divergence (both entrypoints) -------------------------------------------------------------
@@ -772,10 +824,13 @@ def header_problem(state) -> str | None:
 
 def mismatch(value, template, where: str = "", lenient: bool = False) -> str | None:
     """Where `value` (a loaded save, or part of one) does not have the form of `template`
-    (what this run saves): a dict with every key of the template's (with `lenient`: those
-    it has), lists of the same length, tensors of the same shape and dtype, numbers, strings
-    and bools where the template has them; a None in the template takes anything. None: no
-    mismatch; otherwise what differs, named by its place (`params[3]`)."""
+    (what this run saves): a dict with every key of the template's, lists of the same length,
+    tensors of the same shape and dtype, numbers, strings and bools where the template has
+    them; a None in the template takes anything. With `lenient` (a method's state, of which
+    older saves hold less and whose per-edge stacks grow as a run goes): the keys the value
+    has, and an empty list or a tensor without rows in the template takes any number of
+    them (the tensor's rows of its shape and dtype). None: no mismatch; otherwise what
+    differs, named by its place (`params[3]`)."""
     name = where or "the save"
     if template is None:
         return None
@@ -792,6 +847,8 @@ def mismatch(value, template, where: str = "", lenient: bool = False) -> str | N
                 return found
         return None
     if isinstance(template, (list, tuple)):
+        if lenient and not template and isinstance(value, (list, tuple)):
+            return None
         if not isinstance(value, (list, tuple)) or len(value) != len(template):
             found = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else f"of type {type(value).__name__}"
             return f"{name} is {found}, where this run has a list of {len(template)}"
@@ -803,9 +860,12 @@ def mismatch(value, template, where: str = "", lenient: bool = False) -> str | N
     if isinstance(template, torch.Tensor):
         if not isinstance(value, torch.Tensor):
             return f"{name} is of type {type(value).__name__}, not a tensor"
-        if value.shape != template.shape or value.dtype != template.dtype:
+        grows = lenient and template.dim() > 0 and template.shape[0] == 0
+        if (value.shape[1:] if grows else value.shape) != (template.shape[1:] if grows else template.shape) \
+                or value.dim() != template.dim() or value.dtype != template.dtype:
+            wanted = ", ".join(["any"] * grows + [str(size) for size in template.shape[grows:]])
             return (f"{name} is a {value.dtype} tensor of shape {list(value.shape)}, where this run has "
-                    f"{template.dtype} {list(template.shape)}")
+                    f"{template.dtype} [{wanted}]")
         return None
     kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
     kind = next((kinds[k] for k in kinds if isinstance(template, k)), (type(template),))
@@ -844,15 +904,21 @@ def check_finite(state: dict) -> None:
 
 class StopRequests:
     """SIGTERM / SIGINT set a flag; every process checks it after each step and all stop
-    at the same step (one tiny all-reduce when there are several processes)."""
+    at the same step (one tiny all-reduce when there are several processes). A context:
+    its handlers are installed on entering and the ones before put back on leaving, however
+    the run ends (finished, stopped, raised), so that a script goes on after train.main()
+    with its own."""
 
     def __init__(self):
         self.signal_number = 0
         self.bytes_per_worker = 0.0  # bytes sent so far, mean over all workers, as of the last check
-        self.previous = {number: signal.signal(number, self._handler) for number in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {}
 
-    def restore(self) -> None:
-        """The handlers as they were before the run (a script goes on after train.main())."""
+    def __enter__(self) -> "StopRequests":
+        self.previous = {number: signal.signal(number, self._handler) for number in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exception) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
 

@@ -163,10 +163,12 @@ def main():
 
     saved = None
     if cfg["resume"]:  # a save whose form is not this run's (run_state) counts as damaged
-        expected = run_state(workers, momenta, method, comm, metrics.EpochTotals.zeros(comm.num_local, comm.device))
+        shaped = build_method(cfg, comm, topology)
+        shaped.prepare(workers.params)  # its state as the stacks shape it (gradients have the parameters' shapes)
+        expected = run_state(workers, momenta, shaped, comm, metrics.EpochTotals.zeros(comm.num_local, comm.device))
         saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME,
                                    check=lambda state: saved_state_problem(state, expected, batches_per_epoch))
-        del expected
+        del expected, shaped
         at_end = (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0)
         # A run stopped after its last checkpoint but before its summary goes on to write it.
         if at_end and (comm.gather_objects(finished(folder, saved["epoch"]))[0]
@@ -194,68 +196,69 @@ def main():
     if is_root:
         runs.write_config(folder, cfg)
 
-    stop = runs.StopRequests()
-    timers = runs.Timers(comm.device)
-    loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
-    progress = runs.Progress(is_root, cfg["num_epochs"], batches_per_epoch, start_epoch * batches_per_epoch + start_step, started)
+    with runs.StopRequests() as stop:  # the handlers before the run come back however it ends
+        timers = runs.Timers(comm.device)
+        loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
+        progress = runs.Progress(is_root, cfg["num_epochs"], batches_per_epoch, start_epoch * batches_per_epoch + start_step,
+                                 started)
 
-    def local_step(lr):
-        with timers("update"):
-            if cfg["gradient_clipping"] is not None:
-                step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
-            step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * method.step_size_scale(), cfg["momentum"], decays)
+        def local_step(lr):
+            with timers("update"):
+                if cfg["gradient_clipping"] is not None:
+                    step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
+                step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * method.step_size_scale(),
+                                              cfg["momentum"], decays)
 
-    method_and_local_step = step_module.TrainingStep(method, methods.METHODS[cfg["optimizer"]], workers.params,
-                                                     workers.grads, timers)
+        method_and_local_step = step_module.TrainingStep(method, methods.METHODS[cfg["optimizer"]], workers.params,
+                                                         workers.grads, timers)
 
-    for epoch in range(start_epoch, cfg["num_epochs"]):
-        totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
-        carried = None
-        hidden = totals.hidden
-        first_step = start_step if epoch == start_epoch else 0
-        workers.train(True)
-        batches = loader.epoch_batches(epoch, first_step)
-        for step in range(first_step, batches_per_epoch):
-            with timers("batch"):
-                x, y = next(batches)
-            lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
-            # D-PSGD as the paper runs it: the gradient at x_t, then (step.TrainingStep) gossip x_t and
-            # the local step on the gossiped parameters (all-reduce: the local step, then the average;
-            # PowerSGD: the average of the gradients, then the step).
-            with timers("forward_backward"):
-                losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
-            gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows method.round
-            method_and_local_step(lambda: local_step(lr), gossips)
-            totals.add(losses, corrects, counts)
-            loss_check.watch(losses, epoch, step)
-            stopping = stop.requested(comm)
-            progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
-            if stopping:
-                loss_check.finish()
-                totals.hidden = hidden
-                checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id, cfg,
+        for epoch in range(start_epoch, cfg["num_epochs"]):
+            totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
+            carried = None
+            hidden = totals.hidden
+            first_step = start_step if epoch == start_epoch else 0
+            workers.train(True)
+            batches = loader.epoch_batches(epoch, first_step)
+            for step in range(first_step, batches_per_epoch):
+                with timers("batch"):
+                    x, y = next(batches)
+                lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
+                # D-PSGD as the paper runs it: the gradient at x_t, then (step.TrainingStep) gossip x_t and
+                # the local step on the gossiped parameters (all-reduce: the local step, then the average;
+                # PowerSGD: the average of the gradients, then the step).
+                with timers("forward_backward"):
+                    losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
+                gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows method.round
+                method_and_local_step(lambda: local_step(lr), gossips)
+                totals.add(losses, corrects, counts)
+                loss_check.watch(losses, epoch, step)
+                stopping = stop.requested(comm)
+                progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
+                if stopping:
+                    loss_check.finish()
+                    totals.hidden = hidden
+                    checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id,
+                                              cfg, loss_check, started))
+                    comm.barrier()
+                    if is_root:
+                        print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in "
+                              f"{checkpoints.folder}; continue with resume=true", flush=True)
+                    sys.exit(128 + stop.signal_number)
+                log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
+
+            loss_check.finish()
+            with timers("evaluation"):
+                metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
+            if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
+                checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg,
                                           loss_check, started))
-                comm.barrier()
-                if is_root:
-                    print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in {checkpoints.folder}; "
-                          f"continue with resume=true", flush=True)
-                sys.exit(128 + stop.signal_number)
-            log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
+            progress.end_of_epoch(epoch + 1, recorder)
+            for label, (mean, std, instances) in timers.summary().items():
+                log_runtime(label, mean, std, instances)
 
-        loss_check.finish()
-        with timers("evaluation"):
-            metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
-        if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
-            checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg, loss_check,
-                                      started))
-        progress.end_of_epoch(epoch + 1, recorder)
-        for label, (mean, std, instances) in timers.summary().items():
-            log_runtime(label, mean, std, instances)
-
-    progress.close()
-    recorder.summary(cfg, time.time() - started)
-    recorder.close()
-    stop.restore()
+        progress.close()
+        recorder.summary(cfg, time.time() - started)
+        recorder.close()
     log_info({"state.progress": 1.0})
     runs.release_output_dir(folder)
     return folder
@@ -389,17 +392,20 @@ def saved_state_problem(state: dict, expected: dict, batches_per_epoch: int) -> 
     """What makes a save (its header already checked by runs.header_problem) unusable for this
     run, before anything is restored from it (None: nothing): a step past the end of an
     epoch, interrupted-epoch totals that do not go with the step, or entries not of the form
-    `expected` (this run's fresh `run_state`, with the totals of an epoch) has: missing, of
-    another type, a tensor of another shape or dtype (runs.mismatch). The method's state is
-    compared by the entries a fresh method has and the save holds (older saves lack some);
-    the CUDA random state may come from another device."""
+    `expected` (this run's fresh `run_state`, with the totals of an epoch and a method whose
+    state the stacks shaped, Method.prepare) has: missing, of another type, a tensor of
+    another shape or dtype (runs.mismatch), which makes it a save of another run. The
+    method's state is compared by the entries both have (older saves lack some), its
+    per-edge stacks by the form of their rows; the CUDA random state may come from another
+    device."""
     step, partial = state["step_in_epoch"], state.get("partial_epoch")
     if step > batches_per_epoch:
         return f"its step_in_epoch={step} is past the end of an epoch ({batches_per_epoch} steps)"
     if (partial is None) != (step == 0):
         return f"its partial_epoch ({'none' if partial is None else 'totals'}) does not go with step_in_epoch={step}"
     own = expected | {"gossip": None, "cuda_rng": None, "partial_epoch": None if partial is None else expected["partial_epoch"]}
-    return runs.mismatch(state, own) or runs.mismatch(state["gossip"], expected["gossip"], "gossip", lenient=True)
+    found = runs.mismatch(state, own) or runs.mismatch(state["gossip"], expected["gossip"], "gossip", lenient=True)
+    return None if found is None else f"{found}: it belongs to another run (another model or method setting)"
 
 
 def restore(saved, workers, momenta, method, comm) -> dict | None:

@@ -1,4 +1,5 @@
-"""Paths and inputs that cannot work (issue 26, defects 2, 3, 8, 9 and the gzip bomb of 10).
+"""Paths and inputs that cannot work (issue 26, defects 2, 3, 8, 9, and the gzip bomb and the large
+.npy start of 10).
 
 Each is refused before any work, with one line that names the key or file and the fix
 (exit status 2 on the command line), and no output folder is claimed for it; a path that
@@ -20,7 +21,7 @@ import torch
 
 import gossip_run
 import train
-from powergossip import configuration, topologies
+from powergossip import configuration, runs, topologies
 from tests.launch import ROOT
 from tests.test_data import fake_fmnist, idx_bytes
 from tests.test_gossip_run import named, run_main
@@ -238,3 +239,45 @@ def test_a_gzip_bomb_is_refused_from_its_header_under_a_memory_limit(tmp_path):
         "fashion_mnist.read_idx", [(str(tmp_path / name), 2051) for name in ("zeros.gz", "claims.gz")])
     assert "zeros.gz: bad IDX magic number 0, expected 2051" in zeros
     assert "claims.gz: truncated IDX data: header says (1000000000, 28, 28)" in claims and "holds at most" in claims
+
+
+# --- defect 10 (last part): gossip_run's data_path array, read in blocks, its memory estimated first ----
+def test_a_data_path_array_runs_in_a_few_times_its_size_and_one_that_cannot_fit_is_refused(tmp_path):
+    """A 64 MB float32 start (4 workers of 2048 x 2048) under an address-space limit of 5x its
+    size above what the process maps once warmed up: the run (PowerGossip) finishes, where
+    the old peak (about 9x: the array loaded, a float64 copy for the mean, float64 copies to
+    measure) ran out. At 2x, below the run's estimate, it is refused before any work, in one
+    line naming the file, the estimate and the limit, and claims no folder."""
+    start = tmp_path / "start.npy"
+    np.save(start, np.random.default_rng(0).standard_normal((4, 2048, 2048), dtype=np.float32))
+    code = f"""
+        import json, os, resource, sys
+        import torch
+        torch.set_num_threads(1)
+        import gossip_run
+        from powergossip import figures  # drawn at the end of a run: imported before the limit
+        arguments = ["n_workers=4", "algorithm=power_gossip", "num_steps=3"]
+        gossip_run.command_line(arguments + ["matrix_size=5", "output_dir={tmp_path}/warm"])  # imports, allocator
+        codes = []
+        for budget in (2, 5):
+            mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (mapped + budget * {start.stat().st_size}, resource.RLIM_INFINITY))
+            try:
+                gossip_run.command_line(arguments + ["data_type=file", "data_path={start}", f"output_dir={tmp_path}/x{{budget}}"])
+                codes.append(0)
+            except SystemExit as stop:
+                codes.append(stop.code)
+        print(json.dumps(codes))
+        """
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               MALLOC_MMAP_THRESHOLD_="131072")  # large buffers mapped and unmapped: the address space follows them
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [2, 0]
+    refusal = [line for line in result.stderr.splitlines() if "configuration error" in line]
+    assert len(refusal) == 1 and re.search(rf"data_path '{start}': the run needs about 0\.\d+ GB .* but 0\.1\d* GB are "
+                                           r"available \(the address-space limit \(ulimit -v\)", refusal[0]), refusal
+    assert not (tmp_path / "x2").exists()
+    errors = [r["value"] for r in runs.read_metrics(str(tmp_path / "x5")) if r["name"] == "error"]
+    assert len(errors) == 4 and errors[-1] < errors[0]

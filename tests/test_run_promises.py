@@ -2,21 +2,25 @@
 on the same graph and data files, or is refused; max_test_examples evaluates exactly that many
 examples; a failed resume leaves a finished run's summary.json; TensorBoard shows each epoch
 once after a resume; a frozen process ends its job after POWERGOSSIP_TIMEOUT, whose default
-the README states."""
+the README states; the temporary files of interrupted writes are removed when a run claims
+the folder; train.main() puts back the caller's signal handlers however it ends."""
 import json
 import os
 import re
 import shutil
+import signal
 import time
 from unittest import mock
 
 import pytest
 import torch
 
+import train
 from powergossip import data, launch, metrics, models
 from powergossip.errors import ConfigError
 from tests.launch import ROOT, run_mpi
 from tests.test_data import fake_fmnist
+from tests.test_gossip_run import run_main
 from tests.test_runs import contents, settings, tiny_data  # noqa: F401 (tiny_data: a fixture)
 from tests.train_runs import run
 
@@ -96,3 +100,48 @@ def test_a_frozen_process_ends_its_job_after_the_documented_timeout(tmp_path):
     assert result.returncode != 0 and "Timed out" in result.stderr
     assert time.monotonic() - started < 45
     assert "unreachable" not in result.stdout
+
+
+def test_overwrite_and_resume_clear_the_temporary_files_of_interrupted_writes(tmp_path, tiny_data):
+    run(str(tmp_path), settings(tiny_data))
+    (tmp_path / "notes.txt").write_text("mine")
+    leftovers = ["config.yaml.tmp", "metrics.jsonl.tmp", "summary.json.tmp", "curves.png.tmp",
+                 "checkpoints/rank0.pt.tmp", "checkpoints/rank0.previous.pt.tmp"]  # as a kill inside write_file leaves them
+
+    def leave_them():
+        for name in leftovers:
+            (tmp_path / name).write_bytes(b"half a write")
+
+    def temporary_files():
+        return sorted(name for name in contents(tmp_path) if name.endswith(".tmp"))
+
+    leave_them()
+    run(str(tmp_path), settings(tiny_data) + ["resume=true"])  # a finished run: nothing to do, nothing rewritten
+    assert temporary_files() == [] and (tmp_path / "summary.json").exists()
+    leave_them()
+    run_main(tmp_path, n_workers=4, matrix_size=5, num_steps=3, overwrite=True)  # writes no summary, no checkpoints
+    assert temporary_files() == [] and (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == [".lock", "config.yaml", "error_vs_bits.png", "metrics.jsonl", "notes.txt"]
+
+
+def test_train_main_puts_back_the_callers_signal_handlers_however_it_ends(tmp_path, tiny_data, monkeypatch):
+    def mine(number, frame):
+        raise AssertionError("the run's own handler should have taken the signal")
+
+    def handlers():
+        return [signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)]
+
+    before = handlers()
+    try:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, mine)
+        with pytest.raises(FloatingPointError, match="max_loss_ratio"):  # diverges mid-run
+            run(str(tmp_path / "diverged"), settings(tiny_data, learning_rate=1e6))
+        assert handlers() == [mine, mine]
+        monkeypatch.setattr(train, "log_info", lambda info: os.kill(os.getpid(), signal.SIGTERM))
+        with pytest.raises(SystemExit) as stopped:  # stopped by a signal after its first step, with a checkpoint
+            run(str(tmp_path / "stopped"), settings(tiny_data))
+        assert stopped.value.code == 128 + signal.SIGTERM and handlers() == [mine, mine]
+    finally:
+        for number, handler in zip((signal.SIGTERM, signal.SIGINT), before):
+            signal.signal(number, handler)

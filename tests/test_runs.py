@@ -514,6 +514,9 @@ MALFORMED = {  # how a checkpoint that is intact on disk may still be unusable, 
     "params not a list": (lambda state: state.update(params=7), "params is of type int, where this run has a list of 8"),
     "a NaN momentum": (lambda state: state["momenta"][0].view(-1).__setitem__(0, float("nan")), "some of its tensors are not finite"),
     "gossip of the wrong type": (lambda state: state.update(gossip=[0]), "gossip is of type list, not a dict"),
+    "PowerGossip's P of another rank": (lambda state: state["gossip"]["compressed"]["p"].__setitem__(0, torch.zeros(2, 1, 32, 2)),
+                                        r"gossip.compressed.p\[0\] is a torch.float32 tensor of shape \[2, 1, 32, 2\], where "
+                                        r"this run has torch.float32 \[any, 1, 32, 1\]: it belongs to another run"),
 }
 
 
@@ -532,6 +535,49 @@ def test_a_malformed_checkpoint_falls_back_to_the_save_before(tmp_path, tiny_dat
         run(str(folder), small(tiny_data, num_epochs=2) + ["resume=true"])
     assert records(folder) == records(small_runs[2])
     assert (folder / "checkpoints" / "rank0.pt.set-aside").exists()
+
+
+def test_a_method_state_of_other_shapes_is_refused_before_it_is_loaded(tmp_path, tiny_data, small_runs, blank_figures):
+    """Issue 26: PowerGossip's warm-start P and Q of a rank-2 run, under the keys of this rank-1
+    run's save (and its only one): the resume stops with one line naming the tensor, both shapes
+    and another run, and changes nothing."""
+    folder = copy_of(small_runs[1], tmp_path / "run")  # one save: rank0.pt, nothing before it
+    state = torch.load(folder / "checkpoints" / "rank0.pt", weights_only=True)
+    for factors in (state["gossip"]["compressed"]["p"], state["gossip"]["compressed"]["q"]):
+        factors[:] = [torch.cat([f, f], dim=-1) for f in factors]
+    torch.save(state, folder / "checkpoints" / "rank0.pt")
+    before = contents(folder)
+    with pytest.raises(configuration.ConfigError, match=r"no save is intact on every process \(process 0: \S*rank0.pt is "
+                       r"not a usable checkpoint: gossip.compressed.p\[0\] is a torch.float32 tensor of shape \[2, 1, 32, 2\], "
+                       r"where this run has torch.float32 \[any, 1, 32, 1\]: it belongs to another run"):
+        run(str(folder), small(tiny_data, num_epochs=2) + ["resume=true"])
+    assert contents(folder) == before
+
+
+@pytest.mark.parametrize("name", ["dpsgd", "power-gossip", "choco", "deepsqueeze", "moniqua", "push-sum", "all-reduce",
+                                  "powersgd"])
+def test_a_prepared_method_has_the_form_of_a_save_and_finds_other_shapes(name):
+    """Method.prepare builds the state the stacks shape, without a round: a save after rounds
+    has its form (runs.mismatch, as a resume compares them), and one made for wider matrices
+    does not, for every method whose state the matrices shape."""
+    from powergossip import comm as comm_module, topologies
+
+    comm = comm_module.Communicator(4, "cpu")
+    cfg = train.validated(dict(train.config, optimizer=name, optimizer_diffusion_rate=0.5, n_workers=4, device="cpu"))
+    topology = topologies.build("ring", 4)
+    torch.manual_seed(0)
+    stepped = train.build_method(cfg, comm, topology)
+    for _ in range(3):
+        stepped.step([torch.randn(4, 6, 5), torch.randn(4, 7)])
+    saved = stepped.state_dict()
+    shaped = train.build_method(cfg, comm, topology)
+    shaped.prepare([torch.zeros(4, 6, 5), torch.zeros(4, 7)])
+    assert runs.mismatch(saved, shaped.state_dict(), lenient=True) is None
+    if name in ("power-gossip", "choco", "deepsqueeze", "powersgd"):  # a state whose shape the matrices' width sets
+        wide = train.build_method(cfg, comm, topology)
+        for _ in range(3):
+            wide.step([torch.randn(4, 6, 9), torch.randn(4, 7)])
+        assert "where this run has" in runs.mismatch(wide.state_dict(), shaped.state_dict(), lenient=True)
 
 
 def test_a_lost_metrics_file_is_refused_unless_the_gap_is_accepted_and_recorded(tmp_path, tiny_data, small_runs,

@@ -193,6 +193,20 @@ class Method:
         """Factor on the local step's learning rate, per local worker or one number (push-sum: 1 / w)."""
         return 1.0
 
+    def prepare(self, stacks: list[torch.Tensor]) -> None:
+        """Builds the state that depends on the stacks it acts on (`[L, *shape]`), as its first
+        round does, without sending anything. After it, state_dict() has the form a save of a
+        run on such stacks has: a resume checks a loaded state against it (train.py). A method
+        whose state does not depend on the stacks has nothing to build."""
+
+    def working_copies(self, degree: float, shapes: list[tuple[int, ...]]) -> float:
+        """About how many tensors the size of its workers' parameters (each worker's of `shapes`)
+        this method holds beside them during a round, with `degree` half-edges per local worker:
+        its state, what the round receives and its update's temporaries (measured on the CPU's
+        torch path). A run budgets memory with it before any work (gossip_run.check_memory). A
+        method that does not say is budgeted a full message from every neighbour and one copy more."""
+        return degree + 1.0
+
     def state_dict(self) -> dict:
         return {"round": self.round}
 

@@ -61,12 +61,15 @@ class CompressedGossip(Method):
         self.state = None  # name -> list of [L, ...] tensors, created at the first step
         self._mixing = None  # (a round's HalfEdges, its [L, L] mixing matrix): a fixed graph's is built once
 
+    def prepare(self, params):
+        if self.state is None and params:  # each state in one buffer, which the fused kernels update in place
+            self.state = {name: zeros_in_one_buffer(params) for name in self.state_names}
+
     def step(self, params):
         graph = self.next_graph()
         if not params:
             return
-        if self.state is None:  # each state in one buffer, which the fused kernels update in place
-            self.state = {name: zeros_in_one_buffer(params) for name in self.state_names}
+        self.prepare(params)
         edges = self.comm.half_edges(graph)
         self._round(graph, edges, self._senders_in_process(graph), params, *(self.state[name] for name in self.state_names))
 
@@ -128,6 +131,11 @@ class CompressedGossip(Method):
         A, rows = mixing
         for o, r in zip(out, rows):
             o.view(o.shape[0], -1).add_(A.to(o.dtype) @ r.reshape(r.shape[0], -1).to(o.dtype), alpha=alpha)
+
+    def working_copies(self, degree, shapes):
+        # Its states, the difference it compresses, the reconstruction and the mixed sum; across processes
+        # also every received payload decompressed
+        return 2.0 * len(self.state_names) + 2.0 + (degree + 1.0 if self.comm.world_size > 1 else 0.0)
 
     def state_dict(self):
         state = super().state_dict()

@@ -2,6 +2,8 @@
 paper's experiments: biases and batch norm are gossiped exactly)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from powergossip.compressors import worth_compressing
@@ -39,15 +41,33 @@ class OnlyOnLargeParameters(Method):
     in_process_mixing = _switch_of_both("in_process_mixing")
 
     def is_compressed(self, x: torch.Tensor) -> bool:
-        if x.dim() <= 2:  # [L, n]: a 1-D parameter
+        return self.compresses(x.shape[1:])
+
+    def compresses(self, shape) -> bool:
+        """Whether a worker's parameter of `shape` goes to the compressed method."""
+        if len(shape) <= 1:  # a 1-D parameter
             return False
-        return self.min_compression_rate is None or worth_compressing(x.shape[1:], self.rank, self.min_compression_rate)
+        return self.min_compression_rate is None or worth_compressing(shape, self.rank, self.min_compression_rate)
+
+    def _split(self, params) -> tuple[list, list]:
+        return [x for x in params if self.is_compressed(x)], [x for x in params if not self.is_compressed(x)]
+
+    def prepare(self, params):
+        compressed, uncompressed = self._split(params)
+        self.compressed.prepare(compressed)
+        self.uncompressed.prepare(uncompressed)
 
     def step(self, params):
-        compressed = [x for x in params if self.is_compressed(x)]
-        uncompressed = [x for x in params if not self.is_compressed(x)]
+        compressed, uncompressed = self._split(params)
         self.compressed.step(compressed)
         self.uncompressed.step(uncompressed)
+
+    def working_copies(self, degree, shapes):
+        """Each method's copies of its own parameters, weighed by their sizes."""
+        parts = [[s for s in shapes if self.compresses(s) == compressed] for compressed in (True, False)]
+        size = lambda some: sum(math.prod(s) for s in some)
+        return sum(size(part) * method.working_copies(degree, part) for part, method in
+                   zip(parts, (self.compressed, self.uncompressed)) if part) / max(1, size(shapes))
 
     def state_dict(self):
         return {"compressed": self.compressed.state_dict(), "uncompressed": self.uncompressed.state_dict()}

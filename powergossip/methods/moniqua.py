@@ -79,6 +79,9 @@ class MoniquaGossip(Method):
         for p, part in zip(params, x.split([p[0].numel() for p in params], dim=1)):
             p.copy_(part.reshape(p.shape))
 
+    def working_copies(self, degree, shapes):
+        return 6.0 * degree + 6.0  # the concatenated x, its codes, errors and modulo terms; per half-edge copies of them
+
     def state_dict(self):
         return super().state_dict() | {"randomness": self.randomness.state_dict()}
 

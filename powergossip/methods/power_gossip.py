@@ -207,6 +207,9 @@ class PowerGossip(Method):
         draws = draws.to(self.comm.device)
         return [part.reshape((draws.shape[0],) + s) for part, s in zip(draws.split(sizes, dim=1), shapes)]
 
+    def working_copies(self, degree, shapes):
+        return 1.0  # P, Q and the products are low rank: small beside the matrices
+
     def state_dict(self):
         if self._pending_state is not None:  # loaded and not yet put back: it is still the state
             return dict(self._pending_state)
@@ -225,12 +228,16 @@ class PowerGossip(Method):
             self._start_afresh()
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self, params):
-        graph = self.next_graph()
+    def prepare(self, params):
+        """The groups and empty per-edge pools (rows are added as edges appear), or a loaded state put back."""
         if self.groups is None:  # the first step sees the stacks: check their layout once
             check_layout(self.comm, params)
         if self.groups is None or self._pending_state is not None:  # also a state loaded after steps
             self._init_state(params)
+
+    def step(self, params):
+        graph = self.next_graph()
+        self.prepare(params)
         edges = self.comm.half_edges(graph)
         rows_on_host, rows, every_row = self._rows_of_round(edges, self.round - 1)
         # This round's edges' P and Q: the pools themselves when the round holds every row in order

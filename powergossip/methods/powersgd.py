@@ -87,11 +87,14 @@ class StackedPowerSGD(Method):
         return [torch.randn((len(indices), n, r), generator=self.generator).to(self.comm.device, self.dtype)
                 for indices, m, n, r in self.groups]
 
-    @torch.no_grad()
-    def step(self, grads: list[torch.Tensor]) -> None:
+    def prepare(self, grads):
         if self.groups is None:
             check_layout(self.comm, grads)
             self._init_state(grads)
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.prepare(grads)
         if self._pending is not None:
             self.q = [q.to(self.comm.device, self.dtype, copy=True) for q in self._pending["q"]]
             self.memory = [e.to(self.comm.device).clone() for e in self._pending["memory"]]

@@ -29,12 +29,15 @@ class PushSum(SimpleGossip):
         super().__init__(comm, topology, config, **settings)
         self.weight = None  # w_i per local worker `[L]`, in the parameters' dtype (from the first step)
 
+    def prepare(self, params):
+        if self.weight is None and params:
+            self.weight = torch.ones(params[0].shape[0], dtype=params[0].dtype, device=params[0].device)
+
     def step(self, params):
         if not params:
             self.next_graph()
             return
-        if self.weight is None:
-            self.weight = torch.ones(params[0].shape[0], dtype=params[0].dtype, device=params[0].device)
+        self.prepare(params)
         per_worker = lambda x: self.weight.view((-1,) + (1,) * (x.dim() - 1))
         numerators = [x * per_worker(x) for x in params]
         weight = self.weight.unsqueeze(1).clone()
