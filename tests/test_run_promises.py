@@ -119,9 +119,11 @@ def test_overwrite_and_resume_clear_the_temporary_files_of_interrupted_writes(tm
     run(str(tmp_path), settings(tiny_data) + ["resume=true"])  # a finished run: nothing to do, nothing rewritten
     assert temporary_files() == [] and (tmp_path / "summary.json").exists()
     leave_them()
-    run_main(tmp_path, n_workers=4, matrix_size=5, num_steps=3, overwrite=True)  # writes no summary, no checkpoints
+    run_main(tmp_path, n_workers=4, matrix_size=5, num_steps=3, overwrite=True)  # gossip_run: no checkpoints
     assert temporary_files() == [] and (tmp_path / "notes.txt").read_text() == "mine"
-    assert sorted(os.listdir(tmp_path)) == [".lock", "config.yaml", "error_vs_bits.png", "metrics.jsonl", "notes.txt"]
+    assert sorted(set(os.listdir(tmp_path)) - {"tensorboard"}) == [  # the user's notes kept, the train run's files gone
+        ".lock", "config.yaml", "error_vs_bits.png", "metrics.jsonl", "notes.txt", "summary.json"]
+    assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_train_main_puts_back_the_callers_signal_handlers_however_it_ends(tmp_path, tiny_data, monkeypatch):
