@@ -479,6 +479,8 @@ def checked(config) -> tuple[dict, topologies.Topology]:
     require(config["num_steps"] >= 0, f"num_steps must be >= 0, got {config['num_steps']}")
     require(methods.METHODS[method].acts_on == "parameters",
             f"algorithm={name} acts on gradients; consensus experiments have none")
+    require(method != "relay-sum", f"algorithm={name} relays models that start equal (x^0 fills in until messages arrive); "
+                                   "from unequal starts it reaches a consensus that is not their average: train with it (train.py)")
     for key, value in fixed.items():
         given = config[f"optimizer_{key}"]
         require(given in (value, DEFAULTS[f"optimizer_{key}"]),

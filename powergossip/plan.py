@@ -39,6 +39,8 @@ class HalfEdges:
         self.weight_in = torch.tensor(W[senders, neighbors], dtype=torch.float32, device=device)
         local = np.arange(first_worker, first_worker + num_local)
         self.weight_self = torch.tensor(W[local, local], dtype=torch.float32, device=device)
+        self._weights = {torch.float32: None}  # dtype -> (weight_self, incoming) in it; float32: the attributes
+        self._float64_weights = (W[local, local], W[senders, neighbors])
         self.sends = W[neighbors, senders] > 0  # numpy booleans, one per half-edge
         self.receives = W[senders, neighbors] > 0
         self.is_lower = self.self_worker < self.neighbor  # this end holds the smaller worker id
@@ -53,3 +55,17 @@ class HalfEdges:
         # incoming[l, h] = w_ij on worker l's own half-edges: incoming @ messages = sum_j w_ij m_j.
         self.incoming = torch.zeros((num_local, self.num), dtype=torch.float32, device=device)
         self.incoming[self.local_sender, torch.arange(self.num, device=device)] = self.weight_in
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight_self `[L]`, incoming `[L, H]`) in `dtype`, rounded once from W's float64 values
+        (float32: the attributes themselves; float64 parameters mix with W's exact weights, so
+        that its rows and columns still sum to 1 to float64 precision)."""
+        if dtype == torch.float32:
+            return self.weight_self, self.incoming
+        if dtype not in self._weights:
+            own, weight_in = self._float64_weights
+            incoming = torch.zeros(self.incoming.shape, dtype=dtype, device=self.incoming.device)
+            incoming[self.local_sender, torch.arange(self.num, device=incoming.device)] = \
+                torch.tensor(weight_in, dtype=dtype, device=incoming.device)
+            self._weights[dtype] = (torch.tensor(own, dtype=dtype, device=incoming.device), incoming)
+        return self._weights[dtype]

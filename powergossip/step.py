@@ -36,10 +36,14 @@ class TrainingStep:
         self.local_step_first = entry.local_step_first and not self.on_gradients
         self.params, self.gradients = params, gradients
         self.timer = timer
+        self.started = False  # method.start(params) called, before the first local step
 
     def __call__(self, local_step, gossips: bool = True) -> None:
         """`local_step()` and, when `gossips` (train.py's local_steps=H: every H-th step), the method."""
         if self.local_step_first:
+            if not self.started and hasattr(self.method, "start"):  # a user's method need not subclass Method
+                self.method.start(self._stacks())  # x^0, for methods that form u^t = x^{t+1/2} - x^t
+            self.started = True
             local_step()
         if gossips:
             with self.timer("gossip") if self.timer is not None else contextlib.nullcontext():

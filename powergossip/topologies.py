@@ -494,6 +494,55 @@ def star(n):
     return from_graph(graph, name=f"{n}-star")
 
 
+def chain(n):
+    """A path 0 - 1 - ... - n-1 (a tree of diameter n - 1), Metropolis-Hastings weights."""
+    n = _check_size(n, "chain")
+    return from_graph(networkx.path_graph(n), name=f"{n}-chain", layout="circular")
+
+
+def _heap_tree(order):
+    """The binary tree on the workers `order` laid out as a heap: order[p]'s children are
+    order[2p + 1] and order[2p + 2]. Its inner nodes are order[0 .. n // 2 - 1]."""
+    return networkx.Graph([(order[(p - 1) // 2], order[p]) for p in range(1, len(order))])
+
+
+def binary_tree(n):
+    """A binary tree with worker 0 at the root and worker p's children 2p + 1 and 2p + 2
+    (depth log2(n)), Metropolis-Hastings weights."""
+    n = _check_size(n, "binary_tree")
+    graph = _heap_tree(list(range(n)))
+    graph.add_nodes_from(range(n))
+    return from_graph(graph, name=f"{n}-binary-tree")
+
+
+class TwoTrees(Topology):
+    """Two spanning trees over the same workers (`trees`, two Topology objects), as RelaySum
+    relays over them (Vogels et al. 2021, "multi-topology" relaying): each tree carries half of
+    the entries. Its own W (Metropolis-Hastings weights on the union of the trees' edges) serves
+    plots and the communication plan; methods that mix with one W refuse it
+    (`requirement_problem`): it is two graphs, not one mixing matrix."""
+
+    def __init__(self, trees, name):
+        union = networkx.compose(*(networkx.Graph(tree.edges()) for tree in trees))
+        union.add_nodes_from(range(trees[0].n_workers))
+        super().__init__(_metropolis_hastings_weights(_adjacency(union, name)), name=name)
+        self.trees = tuple(trees)
+
+
+def double_binary_trees(n):
+    """Two binary trees laid out as heaps (`binary_tree`), the first over workers 0, 1, ..,
+    n-1 and the second over n-1, n-2, .., 0: the first's inner nodes are 0 .. n//2 - 1, the
+    second's n-1 down to n - n//2, so every worker is a leaf of at least one tree (the
+    double binary trees of NCCL and of RelaySum's multi-topology relaying)."""
+    n = _check_size(n, "double_binary_trees")
+    trees = []
+    for order in (list(range(n)), list(range(n - 1, -1, -1))):
+        graph = _heap_tree(order)
+        graph.add_nodes_from(range(n))
+        trees.append(from_graph(graph, name=f"{n}-binary-tree over {'0..' if order[0] == 0 else f'{n - 1}..0'}"))
+    return TwoTrees(trees, name=f"{n}-double-binary-trees")
+
+
 def _powers_of_two_below(n):
     """2^k for every k with 2^k < n: the exponential graphs' shifts (k = 0..log2(n)-1 for n a power of 2)."""
     return [2**k for k in range((n - 1).bit_length())]
@@ -756,7 +805,9 @@ REQUIREMENTS = {
                          "edges are fine)",
     "column_stochastic": "a column-stochastic topology at every round (what each worker sends sums to 1) whose "
                          "rounds together are strongly connected",
+    "tree": "a fixed spanning tree (n - 1 edges that connect the workers) or two of them (double_binary_trees)",
 }
+TWO_GRAPHS = "is two trees (two graphs), not one mixing matrix"  # why methods that mix with W refuse TwoTrees
 
 
 def requirement_problem(topology, need: str) -> str | None:
@@ -765,6 +816,10 @@ def requirement_problem(topology, need: str) -> str | None:
         raise ValueError(f"unknown graph requirement {need!r}; one of {', '.join(REQUIREMENTS)}")
     if need == "fixed_symmetric" and topology.period != 1:
         return f"{topology.name} changes from round to round"
+    if need == "tree":
+        return _tree_problem(topology)
+    if hasattr(topology, "trees"):
+        return f"{topology.name} {TWO_GRAPHS}"
     union = np.eye(topology.n_workers, dtype=bool)
     for t in rounds_to_check(topology):
         graph = topology.at(t)
@@ -779,13 +834,24 @@ def requirement_problem(topology, need: str) -> str | None:
     return None
 
 
+def _tree_problem(topology) -> str | None:
+    """Why `topology` is not one fixed spanning tree or a TwoTrees, or None."""
+    if not topology.is_static:
+        return f"{topology.name} changes from round to round"
+    for tree in getattr(topology, "trees", (topology,)):
+        if len(tree.edges()) != tree.n_workers - 1:  # connected (Topology checks it) with n - 1 edges: a tree
+            return f"{tree.name} has {len(tree.edges())} edges, not n - 1 = {tree.n_workers - 1}: it is not a tree"
+    return None
+
+
 def check_requirement(topology, need: str, who: str) -> None:
     """ValueError naming what `who` needs, why `topology` does not give it and which graphs would."""
     problem = requirement_problem(topology, need)
     if problem is not None:
-        names = [name for name in NAMES if (need not in ("symmetric", "fixed_symmetric") or name not in _DIRECTED)
-                 and (need != "fixed_symmetric" or name in _STATIC)]
-        forms = "file:PATH" + (", schedule:FILE of those" if need != "fixed_symmetric" else "") \
+        names = list(_TREES) if need == "tree" else \
+            [name for name in NAMES if (need not in ("symmetric", "fixed_symmetric") or name not in _DIRECTED)
+             and (need != "fixed_symmetric" or name in _STATIC) and name != "double_binary_trees"]
+        forms = "file:PATH" + ("" if need in ("tree", "fixed_symmetric") else ", schedule:FILE of those") \
             + (", from_digraph (Python)" if need == "column_stochastic" else "")
         raise ValueError(f"{who} needs {REQUIREMENTS[need]}; {problem}. Graphs that would do: {', '.join(names)}, {forms}")
 
@@ -807,11 +873,15 @@ _BUILDERS = {
     "one_peer_exponential": one_peer_exponential,
     "one_peer_hypercube": one_peer_hypercube,
     "random_matching": random_matching,
+    "chain": chain,
+    "binary_tree": binary_tree,
+    "double_binary_trees": double_binary_trees,
 }
 NAMES = tuple(_BUILDERS)
 _TIME_VARYING = ("one_peer_exponential", "one_peer_hypercube", "random_matching")
 _STATIC = tuple(name for name in NAMES if name not in _TIME_VARYING)
 _DIRECTED = ("unidirectional_ring", "directed_exponential", "one_peer_exponential")
+_TREES = ("chain", "binary_tree", "double_binary_trees", "star")
 
 
 def build(name, n_workers, **options):

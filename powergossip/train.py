@@ -57,7 +57,7 @@ config = dict(
     momentum=0.9,  # Nesterov momentum (0 = plain SGD)
     topology="ring",  # ring, torus, ..., one_peer_exponential, one_peer_hypercube, random_matching, file:edges.txt or schedule:graphs.txt
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
-    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP) or powersgd
+    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP), powersgd, relay-sum, d2 or gradient-tracking
     plugins=[],  # your modules, imported first (their code runs): module names or paths of .py files that register methods
     optimizer_diffusion_rate=1.0,  # gamma, the consensus step
     optimizer_rank=1,  # PowerGossip and PowerSGD rank (and SVD rank, rank-matched top-k)

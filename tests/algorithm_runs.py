@@ -32,7 +32,14 @@ SPECS = {
     "moniqua": lambda c, t: algorithms.MoniquaGossip(c, t, theta=4.0, diffusion_rate=0.3, seed=5),
     "power_afresh": lambda c, t: algorithms.PowerGossip(c, t, rank=1, edge_memory=0, seed=3),
     "push_sum": lambda c, t: algorithms.PushSum(c, t, diffusion_rate=0.8),
+    "relay_sum": lambda c, t: algorithms.RelaySum(c, t),
+    "d2": lambda c, t: algorithms.D2(c, t, diffusion_rate=0.5),
+    "gradient_tracking": lambda c, t: algorithms.GradientTracking(c, t),
 }
+# Methods that correct for the workers' different data: run with a local step first,
+# x <- x - LEARNING_RATE (x - b_i) (the gradient of |x - b_i|^2 / 2, b_i each worker's own).
+LOCAL_STEP_FIRST = ("relay_sum", "d2", "gradient_tracking")
+LEARNING_RATE = 0.1
 
 
 def graph(name: str, n_workers: int):
@@ -63,11 +70,23 @@ def initial_state(spec: str, n_workers: int) -> list[torch.Tensor]:
             torch.randn(n_workers, 3, 2, 2, generator=generator)]
 
 
+def targets(spec: str, n_workers: int) -> list[torch.Tensor]:
+    """b_i of the local step of the LOCAL_STEP_FIRST methods: shaped as initial_state."""
+    generator = torch.Generator().manual_seed(99)
+    return [torch.randn(x.shape, generator=generator) for x in initial_state(spec, n_workers)]
+
+
 def run(spec: str, topology_name: str, n_workers: int, steps: int):
     comm = comm_module.Communicator(n_workers, "cpu")
     algorithm = SPECS[spec](comm, graph(topology_name, n_workers))
-    params = [x[comm.first_worker:comm.first_worker + comm.num_local].clone() for x in initial_state(spec, n_workers)]
+    local = slice(comm.first_worker, comm.first_worker + comm.num_local)
+    params = [x[local].clone() for x in initial_state(spec, n_workers)]
+    aims = [b[local] for b in targets(spec, n_workers)]
+    algorithm.start(params)  # x^0, before the first local step (as step.TrainingStep does)
     for _ in range(steps):
+        if spec in LOCAL_STEP_FIRST:
+            for x, b in zip(params, aims):
+                x.sub_(LEARNING_RATE * (x - b))
         algorithm.step(params)
     return {"first_worker": comm.first_worker, "params": params,
             "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy())}

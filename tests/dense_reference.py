@@ -191,3 +191,62 @@ def powersgd(gradient_steps, q0, num_iterations, start_compressing_after_num_ste
             averaged.append(update.reshape(G.shape[1:]))
         updates.append(averaged)
     return updates
+
+
+def tree_distances(tree) -> list[list[int]]:
+    """d(i, k): hops between workers i and k on a tree Topology."""
+    import networkx
+    graph = networkx.Graph(tree.edges())
+    graph.add_nodes_from(range(tree.n_workers))
+    lengths = dict(networkx.all_pairs_shortest_path_length(graph))
+    return [[lengths[i][k] for k in range(tree.n_workers)] for i in range(tree.n_workers)]
+
+
+def relay_sum(topology, Xs, steps, local_step):
+    """RelaySum as the delayed average it computes: with Z_s = local_step(X_s) (x^{s+1/2}),
+    x_i^{t+1} = (1/n) sum_k Z_{t - max(d(i, k) - 1, 0)}[k], where a round before 0 stands for
+    worker i's own x^0 (the fill-in). On two trees, tree k gives the entries k::2 of each flat parameter."""
+    trees = getattr(topology, "trees", (topology,))
+    distances = [tree_distances(tree) for tree in trees]
+    n = Xs[0].shape[0]
+    history, X0s = [], [X.clone() for X in Xs]
+    for t in range(steps):
+        history.append(local_step(Xs))
+        new = []
+        for k_param, X in enumerate(Xs):
+            flat = torch.zeros_like(X).reshape(n, -1)
+            for tree, d in enumerate(distances):
+                entries = slice(tree, None, len(trees))
+                for i in range(n):
+                    for k in range(n):
+                        s = t - max(d[i][k] - 1, 0)
+                        term = history[s][k_param][k] if s >= 0 else X0s[k_param][i]
+                        flat[i, entries] += term.reshape(-1)[entries] / n
+            new.append(flat.reshape(X.shape))
+        Xs = new
+    return Xs
+
+
+def d2(W, Xs, steps, gradient, learning_rate):
+    """Tang et al. 2018: X_1 = W (X_0 - lr G_0), X_{t+1} = W (2 X_t - X_{t-1} - lr (G_t - G_{t-1}))."""
+    previous, previous_gradient = None, None
+    for t in range(steps):
+        G = gradient(Xs)
+        if previous is None:
+            new = [mix(W, X - learning_rate * g) for X, g in zip(Xs, G)]
+        else:
+            new = [mix(W, 2 * X - P - learning_rate * (g - h)) for X, P, g, h in zip(Xs, previous, G, previous_gradient)]
+        previous, previous_gradient, Xs = Xs, G, new
+    return Xs
+
+
+def gradient_tracking(W, Xs, steps, gradient, learning_rate):
+    """x^{t+1} = W_t (x^t - lr y^t), y^{t+1} = W_t y^t + g^{t+1} - g^t, y^0 = g^0 (adapt then combine)."""
+    G = gradient(Xs)
+    Y = G
+    for t in range(steps):
+        Xs = [mix(at(W, t), X - learning_rate * y) for X, y in zip(Xs, Y)]
+        new_G = gradient(Xs)
+        Y = [mix(at(W, t), y) + g_new - g for y, g_new, g in zip(Y, new_G, G)]
+        G = new_G
+    return Xs

@@ -3,6 +3,7 @@ import glob
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,17 @@ def reference(spec, W, X0s, steps):
         return dense_reference.deep_squeeze(W, X0s, 0.2, compressors.SignAndNorm(), steps)
     if spec == "moniqua":
         return dense_reference.moniqua(W, X0s, 0.3, 4.0, steps, seed=5)
+    n = X0s[0].shape[0]
+    targets = algorithm_runs.targets(spec, n)
+    lr = algorithm_runs.LEARNING_RATE
+    gradient = lambda Xs: [X - B for X, B in zip(Xs, targets)]
+    if spec == "relay_sum":
+        return dense_reference.relay_sum(W, X0s, steps, lambda Xs: [X - lr * g for X, g in zip(Xs, gradient(Xs))])
+    halved = (np.eye(n) + dense_reference.at(W, 0)) / 2
+    if spec == "d2":  # diffusion rate 1/2: (I + W) / 2
+        return dense_reference.d2(halved, X0s, steps, gradient, lr)
+    if spec == "gradient_tracking":
+        return dense_reference.gradient_tracking(W, X0s, steps, gradient, lr)
     raise KeyError(spec)
 
 
@@ -56,8 +68,12 @@ def assert_matches_reference(spec, topology_name, n_workers, params_of_all_worke
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("topology_name", ["ring", "torus", "star"])
-@pytest.mark.parametrize("spec", sorted(algorithm_runs.SPECS))
+TREES = ["chain", "binary_tree", "double_binary_trees"]  # RelaySum's graphs (and star)
+
+
+@pytest.mark.parametrize("spec,topology_name", [(spec, name) for spec in sorted(algorithm_runs.SPECS)
+                                                for name in ["ring", "torus", "star"] + (TREES if spec == "relay_sum" else [])
+                                                if algorithm_runs.accepts(spec, name, 6)])
 def test_one_process_matches_dense_reference(spec, topology_name):
     result = algorithm_runs.run(spec, topology_name, 6, STEPS)
     assert_matches_reference(spec, topology_name, 6, result["params"])
@@ -71,7 +87,8 @@ def collect(folder):
 
 @pytest.mark.parametrize("num_processes,n_workers", [(4, 4), (2, 8)])
 def test_mpirun_matches_dense_reference_and_one_process(mpirun_runs, num_processes, n_workers):
-    runs = [(spec, name) for spec in sorted(algorithm_runs.SPECS) for name in ["ring", "torus"]]
+    runs = [(spec, name) for spec in sorted(algorithm_runs.SPECS) for name in LAUNCHED_GRAPHS[num_processes, n_workers]
+            if name not in GRAPHS_OVER_TIME[1:] and algorithm_runs.accepts(spec, name, n_workers)]
     assert_layouts_agree(mpirun_runs(num_processes, n_workers), runs, n_workers)
 
 
@@ -90,8 +107,12 @@ def test_every_method_takes_the_graphs_it_declares():
             assert taken == set(GRAPHS_OVER_TIME)
         elif spec == "simple":
             assert taken == set(GRAPHS_OVER_TIME) - {"chorded_ring"}
-        elif spec.startswith("choco"):  # its s_i = sum_j w_ij x_hat_j needs the same W every round
+        elif spec.startswith("choco") or spec == "d2":  # its s_i = sum_j w_ij x_hat_j needs the same W every round
             assert taken == {"ring"}, spec
+        elif spec == "relay_sum":
+            assert taken == set(), spec  # trees only
+        elif spec == "gradient_tracking":
+            assert taken == set(GRAPHS_OVER_TIME) - {"chorded_ring"}
         else:
             assert taken == symmetric, spec
 
@@ -104,7 +125,7 @@ def test_one_process_matches_dense_reference_on_graphs_over_time(spec, topology_
 
 # Graphs that each mpirun layout (processes, workers) runs every method on: the 2 x 8 layout also
 # takes the graphs over time, one launch for both tests that use it.
-LAUNCHED_GRAPHS = {(4, 4): ["ring", "torus"], (2, 8): ["torus"] + GRAPHS_OVER_TIME}
+LAUNCHED_GRAPHS = {(4, 4): ["ring", "torus", "chain", "double_binary_trees"], (2, 8): ["torus"] + GRAPHS_OVER_TIME}
 
 
 @pytest.fixture(scope="module")
@@ -200,14 +221,15 @@ def test_moniqua_with_large_theta_tracks_gossip_in_expectation():
     torch.testing.assert_close(moniqua[0].mean(dim=1), gossip[0][:, 0], atol=5 * noise_scale / math.sqrt(entries), rtol=0)
 
 
-@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua", "deep_squeeze_sign"}))
+@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua", "deep_squeeze_sign"}
+                                         - set(algorithm_runs.LOCAL_STEP_FIRST)))
 def test_average_is_preserved(spec):
     result = algorithm_runs.run(spec, "ring", 8, 20)
     for x, x0 in zip(result["params"], algorithm_runs.initial_state(spec, 8)):
         torch.testing.assert_close(x.mean(0), x0.mean(0), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua"}))
+@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua"} - set(algorithm_runs.LOCAL_STEP_FIRST)))
 def test_consensus_error_decreases(spec):
     start = consensus_error(algorithm_runs.initial_state(spec, 8))
     end = consensus_error(algorithm_runs.run(spec, "ring", 8, 30)["params"])

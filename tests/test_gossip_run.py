@@ -178,6 +178,15 @@ def test_images_data_type(tmp_path):
     assert named(records, "error")[-1]["value"] < named(records, "error")[0]["value"]
 
 
+@pytest.mark.parametrize("algorithm,rate", [("d2", 0.5), ("gradient-tracking", 1.0)])
+def test_d2_and_gradient_tracking_average_without_gradients(tmp_path, algorithm, rate):
+    """With no local step (u = 0) they are averaging: to the workers' mean, which they keep."""
+    records = run_main(tmp_path, algorithm=algorithm, topology="ring", n_workers=8, data_type="random",
+                       optimizer_diffusion_rate=rate, **SMALL)
+    start = named(records, "error_to_initial_mean")[0]["value"]
+    assert named(records, "error_to_initial_mean")[-1]["value"] < 1e-3 * start
+
+
 # --- bad input -------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
     ({"algorithm": "power_gosip"}, "unknown algorithm 'power_gosip'"),
@@ -197,6 +206,9 @@ def test_images_data_type(tmp_path):
     ({"num_steps": None}, "num_steps must not be null"),
     ({"n_workers": 1}, "n_workers must be >= 2"),
     ({"theta": []}, "optimizer_theta must not be an empty list"),
+    ({"algorithm": "relay-sum", "topology": "chain"}, "algorithm=relay-sum relays models that start equal"),
+    ({"algorithm": "d2"}, "optimizer_diffusion_rate must leave the mixing matrix's smallest eigenvalue above -1/3"),
+    ({"algorithm": "gradient-tracking", "topology": "double_binary_trees"}, "not one mixing matrix"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, overrides, message):
     with pytest.raises(configuration.ConfigError, match=message):

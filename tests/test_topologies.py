@@ -23,6 +23,9 @@ CASES = [
     ("watts_strogatz", range(3, 18)),
     ("social_network", [32]),
     ("directed_exponential", SIZES),
+    ("chain", SIZES),
+    ("binary_tree", SIZES),
+    ("double_binary_trees", SIZES),
 ]
 TIME_VARYING = [("one_peer_exponential", SIZES), ("one_peer_hypercube", [1, 2, 4, 8, 16, 32]), ("random_matching", SIZES)]
 DIRECTED = ("unidirectional_ring", "directed_exponential")
@@ -510,9 +513,25 @@ def test_from_digraph_gives_push_sum_weights():
 def test_requirement_message_names_the_graphs_that_would_do():
     with pytest.raises(ValueError, match=r"PowerGossip needs a symmetric topology at every round.*8-one-peer-exponential "
                                          r"is not symmetric at round 0. Graphs that would do: ring, torus,.* one_peer_hypercube, "
-                                         r"random_matching, file:PATH"):
+                                         r"random_matching, chain, binary_tree, file:PATH"):
         topologies.check_requirement(build("one_peer_exponential", 8), "symmetric", "PowerGossip")
     topologies.check_requirement(build("one_peer_exponential", 8), "doubly_stochastic", "SimpleGossip")
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 16, 17])
+def test_trees(n):
+    """chain and binary_tree are spanning trees (depth log2 n for the binary tree); the double
+    binary trees are two, and every worker is a leaf (degree <= 1) of at least one of them."""
+    for name in ("chain", "binary_tree"):
+        tree = build(name, n)
+        assert len(tree.edges()) == n - 1 and topologies.requirement_problem(tree, "tree") is None
+    assert max(networkx.shortest_path_length(support_graph(build("binary_tree", n).diffusion_matrix), 0).values()) \
+        == (n.bit_length() - 1)
+    double = build("double_binary_trees", n)
+    assert topologies.requirement_problem(double, "tree") is None
+    assert all(len(tree.edges()) == n - 1 and tree.n_workers == n for tree in double.trees)
+    assert all(min(len(tree.neighbors(i)) for tree in double.trees) <= 1 for i in range(n))
+    assert "not one mixing matrix" in topologies.requirement_problem(double, "doubly_stochastic")
 
 
 def test_rounds_of_256_workers_are_cheap_to_plan():

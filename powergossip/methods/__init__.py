@@ -11,6 +11,9 @@
 | `moniqua` | moniqua |
 | `push_sum` | push-sum (Stochastic Gradient Push's gossip) |
 | `powersgd` | powersgd: compressed all-reduce of gradients |
+| `relay_sum` | relay-sum: RelaySum on trees |
+| `corrected` | what D² and gradient tracking share (x^{t+1} = W(x^{t+1/2} + c^t)) |
+| `d2`, `gradient_tracking` | d2 (exact diffusion), gradient-tracking |
 
 `base` holds the interface (`Method`) and the batched helpers; `registry` the registry.
 Importing this package registers every built-in method.
@@ -24,5 +27,8 @@ from powergossip.methods import deepsqueeze  # noqa: F401
 from powergossip.methods import moniqua  # noqa: F401
 from powergossip.methods import powersgd  # noqa: F401
 from powergossip.methods import push_sum  # noqa: F401
+from powergossip.methods import relay_sum  # noqa: F401
+from powergossip.methods import d2  # noqa: F401
+from powergossip.methods import gradient_tracking  # noqa: F401
 from powergossip.methods.base import GossipConfig, Method  # noqa: F401
 from powergossip.methods.registry import METHODS, Registration, build, check, register_algorithm, registered_name  # noqa: F401

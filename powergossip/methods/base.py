@@ -189,6 +189,12 @@ class Method:
         self.round += 1
         return graph
 
+    def start(self, params: list[torch.Tensor]) -> None:
+        """x^0: the parameters before the first local step, for a method registered to take the
+        local step first that needs them (RelaySum's fill-in, the x^t of D² and gradient
+        tracking's u^t). TrainingStep calls it once, before its first local step; a method whose
+        state was loaded from a checkpoint keeps that state. Default: nothing."""
+
     def step_size_scale(self):
         """Factor on the local step's learning rate, per local worker or one number (push-sum: 1 / w)."""
         return 1.0

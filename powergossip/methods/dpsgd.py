@@ -1,6 +1,8 @@
 """D-PSGD's gossip (Lian et al. 2017): every worker mixes its neighbours' full parameters."""
 from __future__ import annotations
 
+import torch
+
 from powergossip.methods.base import GossipConfig, Method, configured
 from powergossip.methods.registry import register_algorithm
 
@@ -23,12 +25,13 @@ class SimpleGossip(Method):
             return
         edges = self.comm.half_edges(graph)
         received = self.comm.exchange(graph, params, per="worker")
-        keep = 1 - self.diffusion_rate * (1 - edges.weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
         for x, from_neighbors in zip(params, received):
+            weight_self, incoming = edges.weights(x.dtype if x.is_floating_point() else torch.float32)
+            keep = 1 - self.diffusion_rate * (1 - weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
             # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product, in place
             rows = x.view(x.shape[0], -1)
             rows.mul_(keep.to(x.dtype).unsqueeze(1))
-            rows.addmm_(edges.incoming.to(x.dtype), from_neighbors.view(len(from_neighbors), rows.shape[1]), alpha=self.diffusion_rate)
+            rows.addmm_(incoming.to(x.dtype), from_neighbors.view(len(from_neighbors), rows.shape[1]), alpha=self.diffusion_rate)
 
 
 register_algorithm("dpsgd", SimpleGossip, needs_tuning=False, config=GossipConfig)

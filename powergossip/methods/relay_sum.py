@@ -1,0 +1,91 @@
+"""RelaySum (Vogels, He, Koloskova, Karimireddy, Lin, Stich, Jaggi, NeurIPS 2021, "RelaySum for
+decentralized deep learning on heterogeneous data", arXiv 2110.04175): on a spanning tree
+every worker relays sums of its subtrees' models, so each worker averages all of them."""
+from __future__ import annotations
+
+import torch
+
+from powergossip.methods.base import Method, sum_into_workers
+from powergossip.methods.registry import register_algorithm
+
+
+class RelaySum(Method):
+    """RelaySum on a tree (or on TwoTrees, topologies.double_binary_trees), after the local step.
+
+    Worker i holds x_i^{t+1/2}. To every tree neighbour j it sends
+
+        m_{i->j}^t = x_i^{t+1/2} + sum_{k in N(i) \\ {j}} m_{k->i}^{t-1},
+        c_{i->j}^t = 1 + sum_{k in N(i) \\ {j}} c_{k->i}^{t-1}       (m = c = 0 before round 0),
+
+    and then x_i^{t+1} = (1/n) [x_i^{t+1/2} + sum_j m_{j->i}^t + (n - 1 - sum_j c_{j->i}^t) x^0]:
+    worker k's term is its x_k^{t'+1/2} of d(i, k) - 1 rounds ago, x^0 standing in until it
+    arrives (x^0: `start`, else the parameters of the first round). On TwoTrees the first tree
+    relays the even flat indices of every parameter, the second the odd ones.
+
+    Bytes per tree neighbour and step: the tree's share of the entries, plus one int32 count
+    per tree. State: x^0, the last messages and counts received on every half-edge."""
+
+    graph_needs = "tree"
+
+    def __init__(self, comm, topology):
+        super().__init__(comm, topology)
+        self.trees = getattr(topology, "trees", (topology,))
+        self.initial = None  # x^0 per parameter, [L, *shape]
+        self.messages = None  # per tree, per parameter: [H, share] the last m_{j->i} received
+        self.counts = None  # per tree: [H] int32, the last c_{j->i} received
+
+    def start(self, params):
+        if self.initial is None:
+            self.initial = [x.detach().clone() for x in params]
+
+    def _shares(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each tree's entries of a `[L, *shape]` stack, as `[L, share]` views."""
+        flat = x.view(x.shape[0], -1)
+        return [flat[:, k::len(self.trees)] for k in range(len(self.trees))]
+
+    def step(self, params):
+        self.next_graph()
+        if not params:
+            return
+        self.start(params)
+        n, rows, device = self.comm.n_workers, params[0].shape[0], params[0].device
+        if self.messages is None:
+            self.messages, self.counts = [], []
+            for k, tree in enumerate(self.trees):
+                edges = self.comm.half_edges(tree)
+                self.messages.append([x.new_zeros((edges.num, self._shares(x)[k].shape[1])) for x in params])
+                self.counts.append(torch.zeros(edges.num, dtype=torch.int32, device=device))
+        for k, tree in enumerate(self.trees):
+            edges = self.comm.half_edges(tree)
+            own = torch.zeros((rows, edges.num), dtype=params[0].dtype, device=device)
+            own[edges.local_sender, torch.arange(edges.num, device=device)] = 1  # worker l's half-edges
+            sender = edges.local_sender
+            shares = [self._shares(x)[k] for x in params]
+            # m_{i->j} = x_i + (all i received) - (what i received from j); c likewise, in int32
+            outgoing = [x[sender] + sum_into_workers(own, m)[sender] - m for x, m in zip(shares, self.messages[k])]
+            received_counts = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
+            outgoing_counts = 1 + received_counts[sender] - self.counts[k]
+            *self.messages[k], self.counts[k] = self.comm.exchange(tree, outgoing + [outgoing_counts])
+            arrived = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
+            missing = (n - 1 - arrived).to(params[0].dtype).unsqueeze(1)
+            for x, x0, m in zip(shares, self.initial, self.messages[k]):
+                x.copy_((x + sum_into_workers(own, m) + missing * self._shares(x0)[k]) / n)
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.initial is not None:
+            state["initial"] = [x.clone() for x in self.initial]
+        if self.messages is not None:
+            state["messages"] = [[m.clone() for m in tree] for tree in self.messages]
+            state["counts"] = [c.clone() for c in self.counts]
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        device = self.comm.device
+        self.initial = [x.to(device) for x in state["initial"]] if "initial" in state else None
+        self.messages = [[m.to(device) for m in tree] for tree in state["messages"]] if "messages" in state else None
+        self.counts = [c.to(device) for c in state["counts"]] if "counts" in state else None
+
+
+register_algorithm("relay-sum", RelaySum, needs_tuning=False, local_step_first=True)
