@@ -77,7 +77,8 @@ config = dict(
     distributed_lr_warmup_factor=1.0,  # factor reached at the end of the warmup (from 1)
     use_decentralized_data=False,  # label-sorted shards instead of iid reshuffling
     decentralized_data_shuffled_ratio=0.0,  # fraction of each sorted shard reshuffled every epoch
-    dirichlet_alpha=None,  # Dirichlet(alpha) label skew per worker (null: off)
+    dirichlet_alpha=None,  # Dirichlet(alpha) label skew (null: off)
+    dirichlet_split="per_worker",  # per_worker (each worker's class mix ~ Dirichlet, equal shards) or per_class (each class over the workers ~ Dirichlet, unequal shards cycled through)
     seed=1,  # model init, data order, shared randomness
     evaluate_average_model=True,  # also test the model with all workers' parameters and buffers averaged
     evaluate_each_worker=True,  # test every worker's own model each epoch
@@ -275,7 +276,8 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
     if cfg["n_workers"] < 2:
         raise ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
     choices = {"task": data.TASKS, "task_architecture": models.NAMES,
-               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph")}
+               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph"),
+               "dirichlet_split": ("per_worker", "per_class")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -302,6 +304,8 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError("decentralized_data_shuffled_ratio must be in [0, 1]")
     if cfg["dirichlet_alpha"] is not None and (cfg["use_decentralized_data"] or not cfg["dirichlet_alpha"] > 0):
         raise ConfigError("dirichlet_alpha must be > 0 and cannot be combined with use_decentralized_data")
+    if cfg["dirichlet_split"] == "per_class" and cfg["dirichlet_alpha"] is None:
+        raise ConfigError("dirichlet_split=per_class divides each class in Dirichlet(alpha) proportions: set dirichlet_alpha")
     if cfg["weight_decay"] < 0 or not 0 <= cfg["momentum"] < 1:
         raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
     if cfg["checkpoint_every"] < 0:
@@ -447,7 +451,8 @@ def build_loader(cfg: dict, dataset, comm):
     if dataset.is_language_model:
         return data.LanguageModelLoader(dataset, cfg["n_workers"], cfg["batch_size"], comm.first_worker, comm.num_local, cfg["bptt"])
     if cfg["dirichlet_alpha"] is not None:
-        partition = data.make_partition("dirichlet", dataset.train_y, cfg["n_workers"], cfg["seed"], alpha=cfg["dirichlet_alpha"])
+        scheme = "dirichlet_per_class" if cfg["dirichlet_split"] == "per_class" else "dirichlet"
+        partition = data.make_partition(scheme, dataset.train_y, cfg["n_workers"], cfg["seed"], alpha=cfg["dirichlet_alpha"])
     elif cfg["use_decentralized_data"]:
         partition = data.make_partition("sorted", dataset.train_y, cfg["n_workers"], cfg["seed"],
                                         shuffled_ratio=cfg["decentralized_data_shuffled_ratio"])

@@ -76,7 +76,7 @@ def test_every_optimizer_trains_under_mpirun(tmp_path, tiny_data):
         assert math.isfinite(final(tmp_path / name, "loss", "test_avg")["value"])
 
 
-LAYOUT_RUNS = ["dpsgd", "power-gossip", "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2",
+LAYOUT_RUNS = ["dpsgd", "dpsgd dirichlet_split=per_class dirichlet_alpha=0.1", "power-gossip", "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2",
                "push-sum topology=one_peer_exponential local_steps=2", "power-gossip topology=random_matching"]
 
 
@@ -204,6 +204,8 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"optimizer": "power-gossip", "topology": "one_peer_exponential", "n_workers": 8},
      "PowerGossip needs a symmetric topology at every round.*Graphs that would do: .*one_peer_hypercube"),
     ({"optimizer": "dpsgd", "topology": "one_peer_hypercube", "n_workers": 6}, "power of two, got 6"),
+    ({"dirichlet_split": "per_class"}, "dirichlet_split=per_class .*: set dirichlet_alpha"),
+    ({"dirichlet_split": "by_class", "dirichlet_alpha": 0.1}, "dirichlet_split='by_class' is not one of per_worker, per_class"),
 ])
 def test_bad_configs_fail_before_training(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -307,6 +309,16 @@ def test_without_a_terminal_every_epoch_prints_a_line(tmp_path, tiny_data, capsy
     assert f"averaged-model test accuracy {final_accuracy:.2%}" in lines[-1] and "MB sent per worker" in lines[-1]
     assert "recent train loss not known yet" in lines[0]  # the first step's loss is read one step late
     assert "nan" not in "".join(lines)
+
+
+def test_the_worst_worker_is_recorded_and_shown_next_to_the_mean_and_averaged_model(tmp_path, tiny_data, capsys):
+    run(str(tmp_path), common(tiny_data, num_epochs=1, dirichlet_alpha=0.1, dirichlet_split="per_class") + ["optimizer=dpsgd"])
+    workers = [final(tmp_path, "accuracy", "test", worker)["value"] for worker in range(4)]
+    worst = final(tmp_path, "accuracy", "test_worst")
+    assert worst["value"] == min(workers) and worst["epoch"] == 1.0 and "worker" not in worst["tags"]
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1:"))
+    mean = final(tmp_path, "accuracy", "test")["value"]
+    assert f"(workers: mean {mean:.2%}, worst {min(workers):.2%})" in line
 
 
 def test_the_line_inside_an_epoch_follows_the_clock(capsys):
