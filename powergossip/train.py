@@ -55,6 +55,7 @@ config = dict(
     num_epochs=4,  # passes over the training set
     learning_rate=0.05,  # base learning rate, multiplied by the schedule below
     momentum=0.9,  # Nesterov momentum (0 = plain SGD)
+    momentum_type="local",  # local (each worker's gradients) or quasi-global (Lin et al. 2021: the buffer follows the model's change over the gossip too; no extra bytes)
     topology="ring",  # ring, torus, ..., one_peer_exponential, one_peer_hypercube, random_matching, file:edges.txt or schedule:graphs.txt
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
     optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP) or powersgd
@@ -204,10 +205,13 @@ def main():
         with timers("update"):
             if cfg["gradient_clipping"] is not None:
                 step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
-            step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * method.step_size_scale(), cfg["momentum"], decays)
+            step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * method.step_size_scale(), cfg["momentum"], decays,
+                                          keep_momenta=quasi_global is not None)
 
     method_and_local_step = step_module.TrainingStep(method, methods.METHODS[cfg["optimizer"]], workers.params,
                                                      workers.grads, timers)
+    quasi_global = (step_module.QuasiGlobalMomentum(workers.params, momenta, cfg["momentum"])
+                    if cfg["momentum_type"] == "quasi-global" else None)
 
     for epoch in range(start_epoch, cfg["num_epochs"]):
         totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
@@ -226,7 +230,10 @@ def main():
             with timers("forward_backward"):
                 losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
             gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows method.round
-            method_and_local_step(lambda: local_step(lr), gossips)
+            if quasi_global is None:
+                method_and_local_step(lambda: local_step(lr), gossips)
+            else:  # the buffer's update needs x_t and x_{t+1} around the method and the local step
+                quasi_global(lambda: method_and_local_step(lambda: local_step(lr), gossips), lr * method.step_size_scale())
             totals.add(losses, corrects, counts)
             loss_check.watch(losses, epoch, step)
             progress.step(epoch, step, loss_check.mean_loss, comm.bytes_sent)  # the previous step's loss: no wait
@@ -277,7 +284,7 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
     choices = {"task": data.TASKS, "task_architecture": models.NAMES,
                "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph"),
-               "dirichlet_split": ("per_worker", "per_class")}
+               "dirichlet_split": ("per_worker", "per_class"), "momentum_type": ("local", "quasi-global")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -308,6 +315,8 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError("dirichlet_split=per_class divides each class in Dirichlet(alpha) proportions: set dirichlet_alpha")
     if cfg["weight_decay"] < 0 or not 0 <= cfg["momentum"] < 1:
         raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
+    if cfg["momentum_type"] == "quasi-global" and not cfg["momentum"] > 0:
+        raise ConfigError("momentum_type=quasi-global needs momentum > 0 (with 0 it is plain SGD)")
     if cfg["checkpoint_every"] < 0:
         raise ConfigError("checkpoint_every must be >= 0")
     for key in ("max_batches_per_epoch", "max_test_examples"):

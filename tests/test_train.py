@@ -120,6 +120,25 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, tiny_data):
     assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
 
 
+def test_quasi_global_momentum_resumes_exactly_and_changes_the_run(tmp_path, tiny_data):
+    overrides = common(tiny_data, num_epochs=2) + ["optimizer=power-gossip", "momentum_type=quasi-global"]
+    run(str(tmp_path / "full"), overrides)
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=1) + overrides[-2:])
+    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")  # the checkpoint's momenta are m-hat
+    run(str(tmp_path / "local"), common(tiny_data, num_epochs=2) + ["optimizer=power-gossip"])
+    local, quasi_global = comparable(tmp_path / "local"), comparable(tmp_path / "full")
+    assert [r[4] for r in local] == [r[4] for r in quasi_global]  # the same bits
+    assert [r[3] for r in local] != [r[3] for r in quasi_global]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_RUNS))
+def test_quasi_global_momentum_trains_with_every_optimizer(tmp_path, tiny_data, name):
+    run(str(tmp_path), common(tiny_data, num_epochs=1, max_batches_per_epoch=2, evaluate_each_worker=False)
+        + OPTIMIZER_RUNS[name] + ["momentum_type=quasi-global"])
+    assert math.isfinite(final(tmp_path, "loss", "test_avg")["value"])
+
+
 def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkeypatch, capsys):
     overrides = common(tiny_data, num_epochs=2) + ["optimizer=choco", "optimizer_compressor=qsgd", "optimizer_diffusion_rate=0.3"]
     run(str(tmp_path / "full"), overrides)
@@ -204,6 +223,8 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"optimizer": "power-gossip", "topology": "one_peer_exponential", "n_workers": 8},
      "PowerGossip needs a symmetric topology at every round.*Graphs that would do: .*one_peer_hypercube"),
     ({"optimizer": "dpsgd", "topology": "one_peer_hypercube", "n_workers": 6}, "power of two, got 6"),
+    ({"momentum_type": "global"}, "momentum_type='global' is not one of local, quasi-global"),
+    ({"momentum_type": "quasi-global", "momentum": 0}, "momentum_type=quasi-global needs momentum > 0"),
     ({"dirichlet_split": "per_class"}, "dirichlet_split=per_class .*: set dirichlet_alpha"),
     ({"dirichlet_split": "by_class", "dirichlet_alpha": 0.1}, "dirichlet_split='by_class' is not one of per_worker, per_class"),
 ])
