@@ -111,8 +111,16 @@ class QuasiGlobalMomentum:
     def __call__(self, training_step, lr) -> None:
         """`training_step()` (the method and the local step with learning rate `lr`: a number
         or a tensor `[L]`), then the update of m-hat."""
-        start = [x.clone() for x in self.params]
+        start = self.start()
         training_step()
+        self.update(start, lr)
+
+    def start(self) -> list[torch.Tensor]:
+        """x^t: a copy of the parameters before the step."""
+        return [x.clone() for x in self.params]
+
+    def update(self, start, lr) -> None:
+        """m-hat <- mu m-hat + (1 - mu) (x^t - x^{t+1}) / lr, x^t being `start`."""
         change = torch._foreach_sub(start, self.params)  # x^t - x^{t+1}
         if isinstance(lr, torch.Tensor):
             for c in change:
