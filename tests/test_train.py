@@ -132,10 +132,14 @@ def test_quasi_global_momentum_resumes_exactly_and_changes_the_run(tmp_path, tin
     assert [r[3] for r in local] != [r[3] for r in quasi_global]
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZER_RUNS))
-def test_quasi_global_momentum_trains_with_every_optimizer(tmp_path, tiny_data, name):
+QUASI_GLOBAL_RUNS = {name: OPTIMIZER_RUNS[name] for name in ("choco", "deepsqueeze", "moniqua", "powersgd")} | {
+    "push-sum": ["optimizer=push-sum", "topology=one_peer_exponential"]}  # dpsgd, all-reduce, power-gossip: tested above
+
+
+@pytest.mark.parametrize("name", sorted(QUASI_GLOBAL_RUNS))
+def test_quasi_global_momentum_trains_with_the_other_methods(tmp_path, tiny_data, name):
     run(str(tmp_path), common(tiny_data, num_epochs=1, max_batches_per_epoch=2, evaluate_each_worker=False)
-        + OPTIMIZER_RUNS[name] + ["momentum_type=quasi-global"])
+        + QUASI_GLOBAL_RUNS[name] + ["momentum_type=quasi-global"])
     assert math.isfinite(final(tmp_path, "loss", "test_avg")["value"])
 
 
