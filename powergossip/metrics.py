@@ -14,8 +14,9 @@ A record is one JSON object per line of metrics.jsonl:
 - "bits" / "messages": sent per worker so far (mean over workers, cumulative), so any
   metric can be plotted against communication, the paper's x-axis.
 - "tags": "split" (train, test: each worker's own model, test_avg: the averaged
-  model, runtime) and "worker" for a worker's own record; records without "worker"
-  are means over workers.
+  model, test_worst: the lowest of the workers' own test accuracies, runtime) and
+  "worker" for a worker's own record; records without "worker" are means over workers
+  (test_worst: their minimum).
 - `time_<section>` records (split runtime) are cumulative: the seconds spent in that
   section since this launch began (a resumed run counts from its resume). The step's
   compute is `time_batch`, `time_forward_backward` and `time_update`.
@@ -171,8 +172,10 @@ class Recorder:
         def shown(name, split, form):
             value = self.latest.get((name, split))
             return "n/a" if value is None else format(value, form)
+        workers = "" if ("accuracy", "test_worst") not in self.latest else (
+            f" (workers: mean {shown('accuracy', 'test', '.2%')}, worst {shown('accuracy', 'test_worst', '.2%')})")
         return (f"epoch {epoch}/{num_epochs}: train loss {shown('loss', 'train', '.4f')}, averaged-model test accuracy "
-                f"{shown('accuracy', 'test_avg', '.2%')}, {runs.megabytes(self.bits / 8)} MB sent per worker")
+                f"{shown('accuracy', 'test_avg', '.2%')}{workers}, {runs.megabytes(self.bits / 8)} MB sent per worker")
 
     def summary(self, cfg, wall_time):
         """summary.json (which marks the run as finished), curves.png and the summary line."""
@@ -263,6 +266,7 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
             recorder.record("accuracy", e, accuracy, {"split": "test", "worker": worker})
         recorder.record("loss", e, test[:, 0].mean().item(), {"split": "test"})
         recorder.record("accuracy", e, test[:, 1].mean().item(), {"split": "test"})
+        recorder.record("accuracy", e, test[:, 1].min().item(), {"split": "test_worst"})  # the RelaySGD paper's measure
 
     mean_params = comm.all_reduce_mean(workers.params, count=False)
     float_buffers = workers.float_buffer_indices()

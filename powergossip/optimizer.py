@@ -84,16 +84,23 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
 
     It is a torch.optim.Optimizer: `param_groups`, `state` and `defaults` are the wrapped
     optimizer's own objects, so LR schedulers set the learning rate it steps with, and
-    torch.amp.GradScaler hands its scale to `step` (see there)."""
+    torch.amp.GradScaler hands its scale to `step` (see there).
+
+    `momentum_type="quasi-global"` (Lin, Karimireddy, Stich, Jaggi 2021; step.QuasiGlobalMomentum)
+    turns a wrapped torch.optim.SGD's momentum buffer into quasi-global momentum: the SGD
+    steps with it unchanged and, after the method, it becomes mu m + (1 - mu) (x_t - x_{t+1}) / lr
+    (each group's momentum and learning rate); other optimizers are refused when it is built."""
 
     # GradScaler passes its scale and found_inf to step() instead of skipping it (see step)
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, algorithm: str = "power-gossip",
-                 topology="ring", device: str | torch.device | None = None, **hyper):
+                 topology="ring", device: str | torch.device | None = None, momentum_type: str = "local", **hyper):
         parameters = list(dict.fromkeys(model.parameters()))  # tied parameters once
         if not parameters:
             raise ValueError("the model has no parameters to gossip")
+        check_momentum_type(momentum_type, optimizer)
+        self.momentum_type = momentum_type
         name = methods.registered_name(algorithm)  # the name and the settings checked before any communication
         settings = {names.KEY_ALIASES.get(key, key).removeprefix(names.SETTING_PREFIX): value for key, value in hyper.items()}
         try:
@@ -176,8 +183,31 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         finite = self._unscale_gradients()
-        self.training_step(self.optimizer.step if finite or self.training_step.on_gradients else lambda: None)
+        local_step = self.optimizer.step if finite or self.training_step.on_gradients else lambda: None
+        if self.momentum_type == "quasi-global":
+            self._quasi_global_step(local_step)
+        else:
+            self.training_step(local_step)
         return loss
+
+    def _quasi_global_step(self, local_step) -> None:
+        """The training step with quasi-global momentum (step.QuasiGlobalMomentum): the wrapped
+        SGD steps with its momentum buffer m-hat, whose update in its step is undone, and then
+        each group's m-hat <- mu m-hat + (1 - mu) (x^t - x^{t+1}) / lr, with the group's momentum
+        and learning rate (the buffers stay the SGD's "momentum_buffer": its state_dict has them)."""
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            for p in params:
+                if self.optimizer.state[p].get("momentum_buffer") is None:
+                    self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)  # SGD's first step: mu 0 + d
+            buffers = [self.optimizer.state[p]["momentum_buffer"] for p in params]
+            momentum = step_module.QuasiGlobalMomentum([p.data for p in params], buffers, group["momentum"])
+            groups.append((momentum, [b.clone() for b in buffers], momentum.start(), group["lr"]))
+        self.training_step(local_step)
+        for momentum, saved, start, lr in groups:
+            torch._foreach_copy_(momentum.momenta, saved)
+            momentum.update(start, lr)
 
     def _unscale_gradients(self) -> bool:
         """Unscale the gradients of the wrapped optimizer's groups (those GradScaler checks) by its
@@ -222,6 +252,18 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
         self._load_counters(state)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def check_momentum_type(momentum_type: str, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError, before any work, unless `momentum_type` is "local" or "quasi-global" with a
+    torch.optim.SGD whose every group has momentum > 0 (quasi-global momentum replaces that
+    momentum buffer; other optimizers have none)."""
+    if momentum_type not in ("local", "quasi-global"):
+        raise ValueError(f"momentum_type={momentum_type!r} is not one of local, quasi-global")
+    if momentum_type == "quasi-global" and not (isinstance(optimizer, torch.optim.SGD)
+                                                and all(group["momentum"] > 0 for group in optimizer.param_groups)):
+        raise ValueError(f"momentum_type='quasi-global' replaces the momentum buffer of a wrapped torch.optim.SGD with "
+                         f"momentum > 0 in every group; got {type(optimizer).__name__} (use momentum_type='local')")
 
 
 class Config(NamedTuple):

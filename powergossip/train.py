@@ -55,6 +55,7 @@ config = dict(
     num_epochs=4,  # passes over the training set
     learning_rate=0.05,  # base learning rate, multiplied by the schedule below
     momentum=0.9,  # Nesterov momentum (0 = plain SGD)
+    momentum_type="local",  # local (each worker's gradients) or quasi-global (Lin et al. 2021: the buffer follows the model's change over the gossip too; no extra bytes)
     topology="ring",  # ring, torus, ..., one_peer_exponential, one_peer_hypercube, random_matching, file:edges.txt or schedule:graphs.txt
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
     optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP), powersgd, relay-sum, d2 or gradient-tracking
@@ -77,7 +78,8 @@ config = dict(
     distributed_lr_warmup_factor=1.0,  # factor reached at the end of the warmup (from 1)
     use_decentralized_data=False,  # label-sorted shards instead of iid reshuffling
     decentralized_data_shuffled_ratio=0.0,  # fraction of each sorted shard reshuffled every epoch
-    dirichlet_alpha=None,  # Dirichlet(alpha) label skew per worker (null: off)
+    dirichlet_alpha=None,  # Dirichlet(alpha) label skew (null: off)
+    dirichlet_split="per_worker",  # per_worker (each worker's class mix ~ Dirichlet, equal shards) or per_class (each class over the workers ~ Dirichlet, unequal shards cycled through)
     seed=1,  # model init, data order, shared randomness
     evaluate_average_model=True,  # also test the model with all workers' parameters and buffers averaged
     evaluate_each_worker=True,  # test every worker's own model each epoch
@@ -207,10 +209,12 @@ def main():
                 if cfg["gradient_clipping"] is not None:
                     step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
                 step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * method.step_size_scale(),
-                                              cfg["momentum"], decays)
+                                              cfg["momentum"], decays, keep_momenta=quasi_global is not None)
 
         method_and_local_step = step_module.TrainingStep(method, methods.METHODS[cfg["optimizer"]], workers.params,
                                                          workers.grads, timers)
+        quasi_global = (step_module.QuasiGlobalMomentum(workers.params, momenta, cfg["momentum"])
+                        if cfg["momentum_type"] == "quasi-global" else None)
 
         for epoch in range(start_epoch, cfg["num_epochs"]):
             totals = carried if carried is not None else metrics.EpochTotals.zeros(comm.num_local, comm.device)
@@ -229,7 +233,10 @@ def main():
                 with timers("forward_backward"):
                     losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
                 gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows method.round
-                method_and_local_step(lambda: local_step(lr), gossips)
+                if quasi_global is None:
+                    method_and_local_step(lambda: local_step(lr), gossips)
+                else:  # the buffer's update needs x_t and x_{t+1} around the method and the local step
+                    quasi_global(lambda: method_and_local_step(lambda: local_step(lr), gossips), lr * method.step_size_scale())
                 totals.add(losses, corrects, counts)
                 loss_check.watch(losses, epoch, step)
                 stopping = stop.requested(comm)
@@ -279,7 +286,8 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
     if cfg["n_workers"] < 2:
         raise ConfigError(f"n_workers must be >= 2 (one worker has no one to gossip with), got {cfg['n_workers']}")
     choices = {"task": data.TASKS, "task_architecture": models.NAMES,
-               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph")}
+               "dtype": ("float32", "bfloat16"), "stacked_compute": ("loop", "vmap", "graph"),
+               "dirichlet_split": ("per_worker", "per_class"), "momentum_type": ("local", "quasi-global")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -306,8 +314,12 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError("decentralized_data_shuffled_ratio must be in [0, 1]")
     if cfg["dirichlet_alpha"] is not None and (cfg["use_decentralized_data"] or not cfg["dirichlet_alpha"] > 0):
         raise ConfigError("dirichlet_alpha must be > 0 and cannot be combined with use_decentralized_data")
+    if cfg["dirichlet_split"] == "per_class" and cfg["dirichlet_alpha"] is None:
+        raise ConfigError("dirichlet_split=per_class divides each class in Dirichlet(alpha) proportions: set dirichlet_alpha")
     if cfg["weight_decay"] < 0 or not 0 <= cfg["momentum"] < 1:
         raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
+    if cfg["momentum_type"] == "quasi-global" and not cfg["momentum"] > 0:
+        raise ConfigError("momentum_type=quasi-global needs momentum > 0 (with 0 it is plain SGD)")
     if cfg["checkpoint_every"] < 0:
         raise ConfigError("checkpoint_every must be >= 0")
     for key in ("max_batches_per_epoch", "max_test_examples"):
@@ -454,7 +466,8 @@ def build_loader(cfg: dict, dataset, comm):
     if dataset.is_language_model:
         return data.LanguageModelLoader(dataset, cfg["n_workers"], cfg["batch_size"], comm.first_worker, comm.num_local, cfg["bptt"])
     if cfg["dirichlet_alpha"] is not None:
-        partition = data.make_partition("dirichlet", dataset.train_y, cfg["n_workers"], cfg["seed"], alpha=cfg["dirichlet_alpha"])
+        scheme = "dirichlet_per_class" if cfg["dirichlet_split"] == "per_class" else "dirichlet"
+        partition = data.make_partition(scheme, dataset.train_y, cfg["n_workers"], cfg["seed"], alpha=cfg["dirichlet_alpha"])
     elif cfg["use_decentralized_data"]:
         partition = data.make_partition("sorted", dataset.train_y, cfg["n_workers"], cfg["seed"],
                                         shuffled_ratio=cfg["decentralized_data_shuffled_ratio"])

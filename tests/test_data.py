@@ -431,6 +431,50 @@ def test_dirichlet_alpha_controls_skew():
         assert torch.bincount(labels[row], minlength=10).tolist() == skewed.class_counts[w].tolist()
 
 
+def test_per_class_dirichlet_split_divides_every_class_by_its_proportions():
+    labels = balanced_labels(per_class=50)[:497]  # classes of unequal sizes
+    split = data.make_partition("dirichlet_per_class", labels, n_workers=12, seed=4, alpha=0.3)
+    flat = torch.cat(split.shards)
+    assert sorted(flat.tolist()) == list(range(497))  # every example in exactly one shard
+    assert split.shard_sizes.tolist() == [len(shard) for shard in split.shards] and len(set(split.shard_sizes.tolist())) > 1
+    assert split.shard_size == 497 // 12 and min(split.shard_sizes) >= 1
+    class_sizes = torch.bincount(labels, minlength=10)
+    groups = [range(0, 6), range(6, 12)]  # 12 workers, 10 classes: two groups of at most 10
+    for w, shard in enumerate(split.shards):
+        assert torch.bincount(labels[shard], minlength=10).tolist() == split.class_counts[w].tolist()
+    for k in range(10):
+        for group in groups:
+            share = int(split.class_counts[list(group), k].sum())
+            assert abs(share - class_sizes[k] / 2) <= 1  # each group gets its part of the class
+            assert split.proportions[k, list(group)].sum() == pytest.approx(1.0)
+            for w in group:  # largest-remainder rounding of the class's Dirichlet proportions
+                assert abs(split.class_counts[w, k] - split.proportions[k, w] * share) < 1
+    again = data.make_partition("dirichlet_per_class", labels, n_workers=12, seed=4, alpha=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(split.shards, again.shards))
+    other = data.make_partition("dirichlet_per_class", labels, n_workers=12, seed=5, alpha=0.3)
+    assert not all(torch.equal(a, b) for a, b in zip(split.shards, other.shards))
+    skewed = data.make_partition("dirichlet_per_class", balanced_labels(per_class=500), n_workers=10, seed=0, alpha=0.01)
+    assert (skewed.class_counts.max(axis=1) / skewed.shard_sizes.numpy() > 0.9).mean() > 0.7  # about one class each
+
+
+def test_per_class_shards_are_cycled_through_and_reshuffled_each_pass(tiny):
+    split = data.make_partition("dirichlet_per_class", tiny.train_y, n_workers=4, seed=11, alpha=0.2)
+    assert split.shard_sizes.tolist() == [59, 80, 60, 4]  # worker 3's shard is smaller than a batch: cycled within one
+    loader = data.WorkerLoader(tiny, split, batch_size=8, seed=7, augment=False)
+    assert len(loader) == (203 // 4) // 8 == 6  # the mean shard size over the batch
+    epochs = [split.epoch_indices(epoch, 6, 8) for epoch in range(6)]
+    assert all(e.shape == (4, 48) for e in epochs)
+    assert torch.equal(torch.stack([y for _, y in loader.epoch_batches(1)], 1).flatten(1), tiny.train_y[epochs[1]])
+    stream = torch.cat(epochs, dim=1)  # each worker's visits over 6 epochs, in order
+    for w, shard in enumerate(split.shards):
+        size = len(shard)
+        passes = [stream[w, p * size:(p + 1) * size] for p in range(stream.shape[1] // size)]
+        assert all(sorted(p.tolist()) == sorted(shard.tolist()) for p in passes)  # each pass: the shard once
+        if size > 3:
+            assert not torch.equal(passes[0], passes[1])  # reshuffled when used up
+    assert torch.equal(split.epoch_indices(3, 6, 8), epochs[3])  # a pure function of (seed, worker, pass)
+
+
 def test_partition_validation():
     labels = balanced_labels()
     with pytest.raises(ValueError, match="alpha must be a positive"):
@@ -445,7 +489,7 @@ def test_partition_validation():
         data.make_partition("iid", labels, 1001)
     with pytest.raises(ValueError, match="n_workers must be a positive integer"):
         data.make_partition("iid", labels, 0)
-    with pytest.raises(ValueError, match="unknown partition scheme 'random'; choose one of iid, sorted, dirichlet"):
+    with pytest.raises(ValueError, match="unknown partition scheme 'random'; choose one of iid, sorted, dirichlet, dirichlet_per_class"):
         data.make_partition("random", labels, 4)
 
 
@@ -470,7 +514,7 @@ def test_loader_shapes_and_content(tiny):
         assert torch.allclose(x, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["iid", "sorted", "dirichlet"])
+@pytest.mark.parametrize("scheme", ["iid", "sorted", "dirichlet", "dirichlet_per_class"])
 def test_loader_layout_independent_with_augmentation(tiny, scheme):
     partition = data.make_partition(scheme, tiny.train_y, n_workers=4, seed=2, shuffled_ratio=0.2, alpha=0.5)
     whole = data.WorkerLoader(tiny, partition, batch_size=8, first_worker=0, num_local_workers=4, seed=7, augment=True)

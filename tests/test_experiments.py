@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from experiments import (consensus, deep_learning, full_budget, no_tuning, non_iid, paper_bytes, paper_configs, power_iterations,
-                         report, resnet20, spectral_gap, sweep, warm_start)
+from experiments import (consensus, deep_learning, full_budget, heterogeneous, no_tuning, non_iid, paper_bytes, paper_configs,
+                         power_iterations, report, resnet20, spectral_gap, sweep, warm_start)
 from experiments import topologies as topology_study
 from tests.test_data import fake_fmnist
 from tests.test_train import comparable
@@ -120,9 +120,9 @@ def test_a_forked_run_writes_the_metrics_of_a_fresh_one(tmp_path, tiny_data, mon
     assert comparable(tmp_path / "forked") == comparable(tmp_path / "fresh")
 
 
-@pytest.mark.parametrize("study", [deep_learning, non_iid, warm_start, resnet20])
+@pytest.mark.parametrize("study", [deep_learning, non_iid, warm_start, resnet20, heterogeneous])
 def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, study):
-    overrides = TINY + [f"data_dir={tiny_data}"]
+    overrides = TINY + [f"data_dir={tiny_data}"] + (["evaluate_each_worker=true"] if study is heterogeneous else [])
     result = subprocess.run([sys.executable, study.__file__, "--quick", "--output", str(tmp_path)] + overrides,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -131,6 +131,29 @@ def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, stud
     table = (tmp_path / "table.csv").read_text().splitlines()
     assert len(table) == expected + 1
     assert os.path.exists(tmp_path / "test_accuracy.png")
+    if study is heterogeneous:  # the worst worker's accuracy beside the averaged model's, and MB per worker
+        with open(tmp_path / "table.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert all(row["worst-worker test accuracy, mean ± std over seeds"].endswith("%") for row in rows)
+        assert all(float(row["MB sent / worker / epoch"]) >= 0 for row in rows)
+
+
+def test_heterogeneous_study_defines_the_issues_grid():
+    """Study 13: 16 workers, batch 32, per-class Dirichlet alpha 0.1 and 0.01, 20 epochs, seeds 1 and 2;
+    all-reduce on the 3-point learning-rate grid, every other method at the chosen point."""
+    full = heterogeneous.study_runs(False, [])
+    per_seed_and_alpha = len(heterogeneous.METHODS) + 2
+    assert len(full) == 2 * 2 * per_seed_and_alpha and len({r.name for r in full}) == len(full)
+    assert {r.labels["seed"] for r in full} == {1, 2} and {r.labels["alpha"] for r in full} == {0.1, 0.01}
+    for run in full:
+        for setting in ("n_workers=16", "batch_size=32", "num_epochs=20", "dirichlet_split=per_class", "task_architecture=small_cnn"):
+            assert setting in run.overrides
+    rates = {r.labels["learning rate"] for r in full if r.labels["method"] == "All-reduce"}
+    assert rates == set(heterogeneous.LEARNING_RATES) and heterogeneous.LEARNING_RATE in rates
+    assert {r.labels["learning rate"] for r in full if r.labels["method"] != "All-reduce"} == {heterogeneous.LEARNING_RATE}
+    from powergossip import configuration, train
+    for run in full[:per_seed_and_alpha]:  # every method's settings pass train.py's checks (D² on a 16-ring: (I+W)/2)
+        train.checked(configuration.apply_overrides(train.config, [o for o in run.overrides if not o.endswith(".yaml")]))
 
 
 def test_power_iterations_study_runs_a_part_of_its_grid_at_tiny_scale(tmp_path, tiny_data):
@@ -225,7 +248,8 @@ def test_quick_studies_write_outside_the_tracked_tree():
         pytest.skip("not a git checkout")
     for study, name in ((deep_learning, "deep_learning"), (non_iid, "non_iid"), (power_iterations, "power_iterations"),
                         (warm_start, "warm_start"), (topology_study, "topologies"), (spectral_gap, "spectral_gap"),
-                        (no_tuning, "no_tuning"), (resnet20, "resnet20"), (full_budget, "full_budget")):
+                        (no_tuning, "no_tuning"), (resnet20, "resnet20"), (full_budget, "full_budget"),
+                        (heterogeneous, "heterogeneous")):
         args = sweep.study_arguments("").parse_args(["--quick"])
         folder = sweep.study_folder(args, name)
         ignored = sp.run(["git", "check-ignore", "-q", os.path.join(folder, "table.md")], cwd=sweep.ROOT, timeout=60)
@@ -259,7 +283,7 @@ def test_quick_studies_leave_git_status_unchanged():
         pytest.skip("not a git checkout")
     before = status()
     studies = (consensus, deep_learning, non_iid, power_iterations, warm_start, topology_study, spectral_gap, no_tuning, resnet20,
-               full_budget)
+               full_budget, heterogeneous)
     result = sp.run([sys.executable, "-c", STUDY_SCRIPTS] + [study.__file__ for study in studies], cwd=sweep.ROOT,
                     capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

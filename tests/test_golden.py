@@ -5,7 +5,8 @@ in both launch layouts: all workers in one process, and `mpirun -np 2`. Wall-clo
 (split "runtime") are left out of the comparison (golden_runs.comparable_lines).
 
 The golden files were recorded from commit 34e016f (before the code moved into the
-powergossip package) with
+powergossip package); the train.py cases have since gained one record per epoch, the worst
+worker's test accuracy (split test_worst), every other line unchanged. They are made with
 
     python tests/golden_runs.py OUT
     mpirun -np 2 python tests/golden_runs.py OUT

@@ -1,6 +1,7 @@
 """The drop-in optimizer under mpirun (one worker per process) with a model the project did
 not write: the same numbers as the stacked single-process path, the registered method's
 bytes, and workers that agree once only gossip runs."""
+import copy
 import json
 import re
 
@@ -144,3 +145,59 @@ def test_the_drop_in_runs_push_sum_only_where_its_weight_stays_one():
     refused = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
     assert len(refused) == 3 and all("doubly stochastic" in line and "Graphs that would do" in line for line in refused)
     assert result.stdout.count("BUILT PushSum") == 3
+
+
+def quasi_global_drop_in(model, **sgd):
+    import powergossip
+
+    return powergossip.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), **sgd), model, algorithm="dpsgd",
+                                              momentum_type="quasi-global")
+
+
+def test_quasi_global_momentum_in_the_drop_in_follows_its_formula_and_resumes_exactly():
+    """One process is a graph of one worker (the method leaves x as it is): x_{t+1} = x_t - lr (d + mu (mu m + d)),
+    d = g + wd x_t (the wrapped SGD's Nesterov step with the buffer m unchanged), then
+    m <- mu m + (1 - mu) (x_t - x_{t+1}) / lr, kept as the SGD's momentum buffer."""
+    lr, mu, wd = 0.1, 0.9, 0.01
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+    m = torch.zeros_like(x)
+    gossip = quasi_global_drop_in(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd)
+    inputs, targets = torch.randn(5, 3), torch.randn(5, 2)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+        optimizer.step()
+        return gradient
+
+    for t in range(3):
+        if t == 2:
+            saved = copy.deepcopy({"model": model.state_dict(), "optimizer": gossip.state_dict()})  # as torch.save would
+        d = step(model, gossip) + wd * x
+        x_next = x - lr * (d + mu * (mu * m + d))
+        m = mu * m + (1 - mu) * (x - x_next) / lr
+        x = x_next
+        torch.testing.assert_close(torch.cat([p.detach().flatten() for p in model.parameters()]), x)
+        torch.testing.assert_close(torch.cat([gossip.state[p]["momentum_buffer"].flatten() for p in model.parameters()]), m)
+    resumed = torch.nn.Linear(3, 2)
+    resumed.load_state_dict(saved["model"])
+    again = quasi_global_drop_in(resumed, lr=lr, momentum=mu, nesterov=True, weight_decay=wd)
+    again.load_state_dict(saved["optimizer"])
+    step(resumed, again)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), model.parameters()))
+    assert gossip.bytes_sent == 0
+
+
+@pytest.mark.parametrize("optimizer,match", [
+    (lambda params: torch.optim.AdamW(params, lr=1e-3), "got AdamW"),
+    (lambda params: torch.optim.SGD(params, lr=0.1), "momentum > 0 in every group; got SGD"),
+])
+def test_quasi_global_momentum_refuses_an_optimizer_without_a_momentum_buffer(optimizer, match):
+    import powergossip
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=match):
+        powergossip.DecentralizedOptimizer(optimizer(model.parameters()), model, algorithm="dpsgd", momentum_type="quasi-global")

@@ -77,7 +77,7 @@ def test_every_optimizer_trains_under_mpirun(tmp_path, tiny_data):
         assert math.isfinite(final(tmp_path / name, "loss", "test_avg")["value"])
 
 
-LAYOUT_RUNS = ["dpsgd", "power-gossip", "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2",
+LAYOUT_RUNS = ["dpsgd", "dpsgd dirichlet_split=per_class dirichlet_alpha=0.1", "power-gossip", "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2",
                "push-sum topology=one_peer_exponential local_steps=2", "power-gossip topology=random_matching"]
 
 
@@ -119,6 +119,29 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, tiny_data):
     run(str(tmp_path / "parts"), common(tiny_data, num_epochs=1) + ["optimizer=power-gossip"])
     run(str(tmp_path / "parts"), overrides + ["resume=true"])
     assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
+
+
+def test_quasi_global_momentum_resumes_exactly_and_changes_the_run(tmp_path, tiny_data):
+    overrides = common(tiny_data, num_epochs=2) + ["optimizer=power-gossip", "momentum_type=quasi-global"]
+    run(str(tmp_path / "full"), overrides)
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=1) + overrides[-2:])
+    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")  # the checkpoint's momenta are m-hat
+    run(str(tmp_path / "local"), common(tiny_data, num_epochs=2) + ["optimizer=power-gossip"])
+    local, quasi_global = comparable(tmp_path / "local"), comparable(tmp_path / "full")
+    assert [r[4] for r in local] == [r[4] for r in quasi_global]  # the same bits
+    assert [r[3] for r in local] != [r[3] for r in quasi_global]
+
+
+QUASI_GLOBAL_RUNS = {name: OPTIMIZER_RUNS[name] for name in ("choco", "deepsqueeze", "moniqua", "powersgd")} | {
+    "push-sum": ["optimizer=push-sum", "topology=one_peer_exponential"]}  # dpsgd, all-reduce, power-gossip: tested above
+
+
+@pytest.mark.parametrize("name", sorted(QUASI_GLOBAL_RUNS))
+def test_quasi_global_momentum_trains_with_the_other_methods(tmp_path, tiny_data, name):
+    run(str(tmp_path), common(tiny_data, num_epochs=1, max_batches_per_epoch=2, evaluate_each_worker=False)
+        + QUASI_GLOBAL_RUNS[name] + ["momentum_type=quasi-global"])
+    assert math.isfinite(final(tmp_path, "loss", "test_avg")["value"])
 
 
 def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkeypatch, capsys):
@@ -205,6 +228,10 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"optimizer": "power-gossip", "topology": "one_peer_exponential", "n_workers": 8},
      "PowerGossip needs a symmetric topology at every round.*Graphs that would do: .*one_peer_hypercube"),
     ({"optimizer": "dpsgd", "topology": "one_peer_hypercube", "n_workers": 6}, "power of two, got 6"),
+    ({"momentum_type": "global"}, "momentum_type='global' is not one of local, quasi-global"),
+    ({"momentum_type": "quasi-global", "momentum": 0}, "momentum_type=quasi-global needs momentum > 0"),
+    ({"dirichlet_split": "per_class"}, "dirichlet_split=per_class .*: set dirichlet_alpha"),
+    ({"dirichlet_split": "by_class", "dirichlet_alpha": 0.1}, "dirichlet_split='by_class' is not one of per_worker, per_class"),
 ])
 def test_bad_configs_fail_before_training(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -309,6 +336,16 @@ def test_without_a_terminal_every_epoch_prints_a_line(tmp_path, tiny_data, capsy
     assert f", {last['bits'] / 8e6:.3f} MB sent per worker" in lines[-1]  # the mean over workers, as recorded
     assert "recent train loss not known yet" in lines[0]  # the first step's loss is read one step late
     assert "nan" not in "".join(lines)
+
+
+def test_the_worst_worker_is_recorded_and_shown_next_to_the_mean_and_averaged_model(tmp_path, tiny_data, capsys):
+    run(str(tmp_path), common(tiny_data, num_epochs=1, dirichlet_alpha=0.1, dirichlet_split="per_class") + ["optimizer=dpsgd"])
+    workers = [final(tmp_path, "accuracy", "test", worker)["value"] for worker in range(4)]
+    worst = final(tmp_path, "accuracy", "test_worst")
+    assert worst["value"] == min(workers) and worst["epoch"] == 1.0 and "worker" not in worst["tags"]
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1:"))
+    mean = final(tmp_path, "accuracy", "test")["value"]
+    assert f"(workers: mean {mean:.2%}, worst {min(workers):.2%})" in line
 
 
 def test_the_line_inside_an_epoch_follows_the_clock(capsys):

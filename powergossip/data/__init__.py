@@ -49,6 +49,7 @@ from .loader import LanguageModelLoader, WorkerLoader
 from .partition import (
     SCHEMES,
     DirichletPartition,
+    PerClassDirichletPartition,
     IIDPartition,
     Partition,
     SortedPartition,
@@ -68,7 +69,7 @@ _OPTIONS = {
 __all__ = [
     "TASKS", "SCHEMES", "Dataset", "load", "download", "check_download", "files", "check_data_dir", "test_batches",
     "WorkerLoader", "LanguageModelLoader",
-    "Partition", "IIDPartition", "SortedPartition", "DirichletPartition", "make_partition",
+    "Partition", "IIDPartition", "SortedPartition", "DirichletPartition", "PerClassDirichletPartition", "make_partition",
     "random_crop_flip", "draw_crop_flip",
 ]
 

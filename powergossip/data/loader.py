@@ -53,7 +53,8 @@ class WorkerLoader:
             None -> ``dataset.default_augment`` (True for CIFAR-10).
 
     ``num_batches_per_epoch = shard_size // batch_size`` (the last partial batch
-    is dropped). ``epoch_batches(epoch, start_step)`` yields
+    is dropped; with shards of unequal sizes, ``shard_size`` is their mean and each
+    worker cycles through its own shard, ``Partition.epoch_indices``). ``epoch_batches(epoch, start_step)`` yields
     ``(x float32 [L, B, C, H, W] normalized, y int64 [L, B])`` on the device.
     """
 
@@ -107,7 +108,7 @@ class WorkerLoader:
         _check_start(start_step, self.num_batches_per_epoch)
         device = self.dataset.device
         num_steps, batch = self.num_batches_per_epoch, self.batch_size
-        indices = self._local(self.partition.worker_indices(epoch)).to(device)  # [L, shard]
+        indices = self._local(self.partition.epoch_indices(epoch, num_steps, batch)).to(device)  # [L, steps * B]
         if self.augment:
             offsets, flips = draw_crop_flip(self.seed, epoch, self.n_workers, num_steps, batch, self.padding)
             offsets, flips = self._local(offsets).to(device), self._local(flips).to(device)

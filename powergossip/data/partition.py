@@ -38,6 +38,11 @@ Schemes (``make_partition(scheme, ...)``):
   sample goes to two workers. The shards are fixed; only their order is
   reshuffled every epoch. Large alpha -> near-uniform class mix; small alpha ->
   each worker dominated by few classes (workers served last take what is left).
+- ``"dirichlet_per_class"``: each class's examples divided over the workers in
+  Dirichlet(alpha) proportions, so shards have unequal sizes (the split of the
+  RelaySGD and quasi-global-momentum experiments; ``PerClassDirichletPartition``).
+  Every example is in exactly one shard; a worker's shard is cycled through,
+  reshuffled each time it is used up (``epoch_indices``).
 """
 
 import math
@@ -47,15 +52,17 @@ import torch
 
 from .seeding import (
     STREAM_DIRICHLET_ASSIGN,
+    STREAM_CYCLE,
     STREAM_DIRICHLET_PRIOR,
     STREAM_IID,
+    STREAM_PER_CLASS,
     STREAM_SORTED,
     STREAM_WITHIN_SHARD,
     numpy_generator,
     torch_generator,
 )
 
-SCHEMES = ("iid", "sorted", "dirichlet")
+SCHEMES = ("iid", "sorted", "dirichlet", "dirichlet_per_class")
 
 
 def _shuffle_rows(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -86,6 +93,12 @@ class Partition:
         """LongTensor ``[n_workers, shard_size]`` (CPU): row w = worker w's samples for
         ``epoch``, in visiting order. Deterministic given (seed, epoch)."""
         raise NotImplementedError
+
+    def epoch_indices(self, epoch: int, num_steps: int, batch_size: int) -> torch.Tensor:
+        """LongTensor ``[n_workers, num_steps * batch_size]`` (CPU): the samples each worker
+        visits in ``epoch`` of ``num_steps`` batches, in order (here the first of its shard's
+        ``worker_indices(epoch)``)."""
+        return self.worker_indices(epoch)[:, : num_steps * batch_size]
 
     def __repr__(self):
         return (f"{type(self).__name__}(num_samples={self.num_samples}, n_workers={self.n_workers}, "
@@ -137,6 +150,15 @@ class SortedPartition(Partition):
         return _shuffle_rows(shards, g)
 
 
+def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integers proportional to ``weights`` (summing to 1) that sum exactly to ``total``."""
+    want = weights * total
+    counts = np.floor(want).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(-(want - counts), kind="stable")[:short]] += 1
+    return counts
+
+
 class DirichletPartition(Partition):
     """Fixed shards with Dirichlet(alpha) class proportions per worker, exact
     equal sizes (see module docstring for the assignment scheme)."""
@@ -160,12 +182,7 @@ class DirichletPartition(Partition):
         counts = np.zeros((n, num_classes), dtype=np.int64)
         for w in rng.permutation(n):
             p = proportions[w]
-            want = p * s
-            c = np.floor(want).astype(np.int64)
-            short = s - int(c.sum())
-            if short > 0:  # largest remainder rounding
-                c[np.argsort(-(want - c), kind="stable")[:short]] += 1
-            c = np.minimum(c, remaining)
+            c = np.minimum(_largest_remainder(p, s), remaining)
             deficit = s - int(c.sum())
             while deficit > 0:
                 available = remaining - c
@@ -195,6 +212,99 @@ class DirichletPartition(Partition):
         return _shuffle_rows(self._base, torch_generator(self.seed, STREAM_WITHIN_SHARD, epoch))
 
 
+class PerClassDirichletPartition(Partition):
+    """Each class divided over the workers in Dirichlet(alpha) proportions: fixed shards of
+    unequal sizes holding every example once (Hsu, Qi, Brown 2019's per-class split, as the
+    RelaySGD, arXiv 2110.04175, and quasi-global momentum, arXiv 2102.04761, experiments use it).
+
+    The draw, from the seed alone (every layout gets the same shards): the workers form
+    ``ceil(n_workers / K)`` consecutive groups of near-equal size, at most K each (K = max
+    label + 1), and each class's examples (a random permutation) are dealt to the groups in
+    proportion to their sizes, so that with a small alpha, where a class goes almost whole to
+    one worker, every worker can still get a class. Within a group, class by class, the
+    proportions q ~ Dirichlet(alpha 1_g) over its g workers, with no share for a worker already
+    holding its group's mean shard size (unless every worker does; renormalized), are rounded
+    to counts by largest remainder. A draw that leaves a worker without an example is redrawn
+    (the attempt number is a key of the draw), at most MAX_ATTEMPTS times, then refused.
+
+    ``shard_sizes`` [n_workers], ``class_counts`` [n_workers, K] and ``proportions``
+    [K, n_workers] (each class's share of its group's part, zero outside the group) describe
+    the draw; ``shard_size`` is the mean shard size (rounded down), which sets the epoch length.
+    """
+
+    MAX_ATTEMPTS = 100
+
+    def __init__(self, labels: torch.Tensor, n_workers: int, alpha: float = 1.0, seed: int = 0):
+        labels = _check_labels(labels)
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"dirichlet alpha must be a positive finite number, got {alpha}")
+        super().__init__(len(labels), n_workers, seed)
+        self.alpha = float(alpha)
+        labels_np = labels.numpy()
+        num_classes = int(labels_np.max()) + 1
+        for attempt in range(self.MAX_ATTEMPTS):
+            shards, counts, proportions = self._draw(labels_np, num_classes, attempt)
+            if counts.sum(axis=1).min() > 0:
+                break
+        else:
+            raise ValueError(f"dirichlet_alpha={alpha}: {self.MAX_ATTEMPTS} per-class draws over {n_workers} workers "
+                             f"each left a worker without an example; use a larger dirichlet_alpha or fewer workers")
+        self.class_counts, self.proportions = counts, proportions
+        self.shards = [torch.from_numpy(shard).long() for shard in shards]
+        self.shard_sizes = torch.tensor([len(shard) for shard in shards])
+
+    def _draw(self, labels_np: np.ndarray, num_classes: int, attempt: int):
+        n = self.n_workers
+        rng = numpy_generator(self.seed, STREAM_PER_CLASS, attempt)
+        num_groups = -(-n // num_classes)
+        bounds = [round(g * n / num_groups) for g in range(num_groups + 1)]
+        groups = [np.arange(bounds[g], bounds[g + 1]) for g in range(num_groups)]
+        sizes = np.array([len(group) for group in groups], dtype=np.float64)
+        members = [rng.permutation(np.flatnonzero(labels_np == k)) for k in range(num_classes)]
+        shares = np.stack([_largest_remainder(sizes / n, len(members[k])) for k in range(num_classes)])  # [K, groups]
+        counts = np.zeros((n, num_classes), dtype=np.int64)
+        proportions = np.zeros((num_classes, n))
+        parts = [[] for _ in range(n)]
+        for g, group in enumerate(groups):
+            mean = shares[:, g].sum() / len(group)
+            for k in range(num_classes):
+                q = rng.dirichlet(np.full(len(group), self.alpha))
+                q = np.nan_to_num(q, nan=0.0)
+                open_ = counts[group].sum(axis=1) < mean
+                if (q * open_).sum() > 0:  # workers at their group's mean take no more
+                    q = q * open_
+                q = q / q.sum() if q.sum() > 0 else np.full(len(group), 1.0 / len(group))
+                proportions[k, group] = q
+                taken = _largest_remainder(q, int(shares[k, g]))
+                start = int(shares[k, :g].sum())
+                for w, c in zip(group, taken):
+                    parts[w].append(members[k][start : start + c])
+                    start += c
+                counts[group, k] = taken
+        return [np.concatenate(p) for p in parts], counts, proportions
+
+    def worker_indices(self, epoch: int) -> torch.Tensor:
+        raise TypeError("the per-class Dirichlet shards have unequal sizes: use epoch_indices")
+
+    def epoch_indices(self, epoch: int, num_steps: int, batch_size: int) -> torch.Tensor:
+        """Each worker goes on through its own shard where the last epoch stopped: its
+        positions ``epoch * num_steps * batch_size + j`` of an endless stream in which pass p
+        over the shard is a permutation drawn from (seed, worker, p), so a shard smaller than
+        a batch is cycled through within one batch."""
+        length = num_steps * batch_size
+        rows = []
+        for w, shard in enumerate(self.shards):
+            positions = torch.arange(epoch * length, (epoch + 1) * length)
+            passes, offsets = positions // len(shard), positions % len(shard)
+            row = torch.empty(length, dtype=torch.long)
+            for p in range(int(passes[0]), int(passes[-1]) + 1):
+                order = shard[torch.randperm(len(shard), generator=torch_generator(self.seed, STREAM_CYCLE, w, p))]
+                mask = passes == p
+                row[mask] = order[offsets[mask]]
+            rows.append(row)
+        return torch.stack(rows)
+
+
 def make_partition(
     scheme: str,
     labels: torch.Tensor,
@@ -205,11 +315,13 @@ def make_partition(
 ) -> Partition:
     """Build a partition by name. ``labels``: the training labels (1-D; for a
     language model, pass any tensor of length N with scheme "iid").
-    ``shuffled_ratio`` is used by "sorted" only, ``alpha`` by "dirichlet" only."""
+    ``shuffled_ratio`` is used by "sorted" only, ``alpha`` by the Dirichlet schemes only."""
     if scheme == "iid":
         return IIDPartition(len(labels), n_workers, seed)
     if scheme == "sorted":
         return SortedPartition(labels, n_workers, shuffled_ratio, seed)
     if scheme == "dirichlet":
         return DirichletPartition(labels, n_workers, alpha, seed)
+    if scheme == "dirichlet_per_class":
+        return PerClassDirichletPartition(labels, n_workers, alpha, seed)
     raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")

@@ -22,6 +22,8 @@ STREAM_DIRICHLET_ASSIGN = 4
 STREAM_WITHIN_SHARD = 5
 STREAM_AUGMENT = 6
 STREAM_SYNTHETIC = 7
+STREAM_PER_CLASS = 8
+STREAM_CYCLE = 9
 
 
 def _entropy(seed: int, keys: tuple[int, ...]) -> list[int]:
