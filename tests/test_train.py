@@ -393,11 +393,8 @@ def test_in_a_terminal_the_bar_shows_the_last_test_accuracy_and_the_mb_of_the_ep
 def test_the_bar_shows_the_mean_over_workers_of_the_bytes_sent():
     comm = comm_module.Communicator(4, "cpu")
     comm.bytes_sent[:] = [1_000_000, 3_000_000, 0, 0]  # a star's centre sends more than its leaves
-    stop = runs.StopRequests()
-    try:
+    with runs.StopRequests() as stop:
         assert not stop.requested(comm)
-    finally:
-        stop.restore()
     progress = runs.Progress(True, num_epochs=1, steps_per_epoch=10, steps_done=0, started=0.0, terminal=False)
     progress.step(0, 0, 2.5, stop.bytes_per_worker)
     assert progress.postfix() == "loss=2.500, MB/worker=1.000"
