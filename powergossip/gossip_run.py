@@ -228,7 +228,7 @@ def is_logged(step: int, num_steps: int) -> bool:
     return step <= 10 or (step <= 100 and step % 10 == 0) or step % 100 == 0 or step == num_steps
 
 
-MEASURED_AT_ONCE = 1 << 20  # float64 numbers `measure` holds at once (8 MB): a large state is measured in column blocks
+MEASURED_AT_ONCE = 1 << 22  # float64 numbers `measure` holds at once (32 MB): a large state is measured in column blocks
 
 
 def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, float, float, float]:
