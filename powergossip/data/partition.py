@@ -159,18 +159,23 @@ def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
+def _dirichlet_labels(labels: torch.Tensor, alpha: float) -> tuple[np.ndarray, int]:
+    """A Dirichlet split's labels as numpy and their number of classes; alpha checked."""
+    labels = _check_labels(labels)
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"dirichlet alpha must be a positive finite number, got {alpha}")
+    labels_np = labels.numpy()
+    return labels_np, int(labels_np.max()) + 1
+
+
 class DirichletPartition(Partition):
     """Fixed shards with Dirichlet(alpha) class proportions per worker, exact
     equal sizes (see module docstring for the assignment scheme)."""
 
     def __init__(self, labels: torch.Tensor, n_workers: int, alpha: float = 1.0, seed: int = 0):
-        labels = _check_labels(labels)
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"dirichlet alpha must be a positive finite number, got {alpha}")
-        super().__init__(len(labels), n_workers, seed)
+        labels_np, num_classes = _dirichlet_labels(labels, alpha)
+        super().__init__(len(labels_np), n_workers, seed)
         self.alpha = float(alpha)
-        labels_np = labels.numpy()
-        num_classes = int(labels_np.max()) + 1
         n, s = self.n_workers, self.shard_size
 
         rng = numpy_generator(self.seed, STREAM_DIRICHLET_PRIOR)
@@ -235,13 +240,9 @@ class PerClassDirichletPartition(Partition):
     MAX_ATTEMPTS = 100
 
     def __init__(self, labels: torch.Tensor, n_workers: int, alpha: float = 1.0, seed: int = 0):
-        labels = _check_labels(labels)
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"dirichlet alpha must be a positive finite number, got {alpha}")
-        super().__init__(len(labels), n_workers, seed)
+        labels_np, num_classes = _dirichlet_labels(labels, alpha)
+        super().__init__(len(labels_np), n_workers, seed)
         self.alpha = float(alpha)
-        labels_np = labels.numpy()
-        num_classes = int(labels_np.max()) + 1
         for attempt in range(self.MAX_ATTEMPTS):
             shards, counts, proportions = self._draw(labels_np, num_classes, attempt)
             if counts.sum(axis=1).min() > 0:
