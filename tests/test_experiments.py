@@ -153,7 +153,7 @@ def test_heterogeneous_study_defines_the_issues_grid():
     assert {r.labels["learning rate"] for r in full if r.labels["method"] != "All-reduce"} == {heterogeneous.LEARNING_RATE}
     from powergossip import configuration, train
     for run in full[:per_seed_and_alpha]:  # every method's settings pass train.py's checks (D² on a 16-ring: (I+W)/2)
-        train.checked(configuration.apply_overrides(train.config, [o for o in run.overrides if not o.endswith(".yaml")]))
+        train.checked(configuration.apply_overrides(train._DEFAULTS, [o for o in run.overrides if not o.endswith(".yaml")]))
 
 
 def test_power_iterations_study_runs_a_part_of_its_grid_at_tiny_scale(tmp_path, tiny_data):
