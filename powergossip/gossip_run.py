@@ -212,12 +212,14 @@ def is_logged(step: int, num_steps: int) -> bool:
 
 def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, float, float, float]:
     """(error, error to the initial mean, bits, messages), each a mean over all workers.
-    Collective: every process must call it. Its own traffic is not counted."""
+    Collective: every process must call it. Its own traffic is not counted. Each worker's
+    terms are gathered and added in worker order: the same bits in every layout."""
     x64 = x.double()
     mean = comm.all_reduce_mean([x64], count=False)[0]
-    local = torch.stack([(x64 - mean).square().sum(), (x64 - initial_mean).square().sum()]).cpu().numpy()
-    counters = np.array([comm.bytes_sent.sum(), comm.messages_sent.sum()], dtype=np.float64)
-    totals = comm.sum_over_processes(np.concatenate([local, counters])) / comm.n_workers
+    per_worker = torch.stack([(x64 - mean).square().reshape(len(x64), -1).sum(dim=1),
+                              (x64 - initial_mean).square().reshape(len(x64), -1).sum(dim=1),
+                              torch.from_numpy(comm.bytes_sent).to(x64), torch.from_numpy(comm.messages_sent).to(x64)], dim=1)
+    totals = comm.all_gather_workers(per_worker).sum(dim=0) / comm.n_workers
     error, error_to_initial_mean, bytes_sent, messages = (float(v) for v in totals)
     return error, error_to_initial_mean, 8 * bytes_sent, messages
 

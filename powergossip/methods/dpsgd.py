@@ -1,7 +1,7 @@
 """D-PSGD's gossip (Lian et al. 2017): every worker mixes its neighbours' full parameters."""
 from __future__ import annotations
 
-from powergossip.methods.base import GossipConfig, Method, configured
+from powergossip.methods.base import GossipConfig, Method, configured, sum_into_workers
 from powergossip.methods.registry import register_algorithm
 
 
@@ -25,10 +25,11 @@ class SimpleGossip(Method):
         received = self.comm.exchange(graph, params, per="worker")
         keep = 1 - self.diffusion_rate * (1 - edges.weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
         for x, from_neighbors in zip(params, received):
-            # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product, in place
-            rows = x.view(x.shape[0], -1)
-            rows.mul_(keep.to(x.dtype).unsqueeze(1))
-            rows.addmm_(edges.incoming.to(x.dtype), from_neighbors.view(len(from_neighbors), rows.shape[1]), alpha=self.diffusion_rate)
+            # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product. Not addmm_: with
+            # one worker per process (one row, BLAS's gemv) it adds x inside the product, in another
+            # order than with several rows, and the layouts' numbers would part.
+            x.mul_(keep.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1)))
+            x.add_(sum_into_workers(edges.incoming, from_neighbors), alpha=self.diffusion_rate)
 
 
 register_algorithm("dpsgd", SimpleGossip, needs_tuning=False, config=GossipConfig)
