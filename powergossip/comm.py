@@ -171,6 +171,9 @@ class Communicator:
     def all_reduce_mean(self, stacks: list[torch.Tensor], count: bool = True) -> list[torch.Tensor]:
         """Exact average over all workers of each `[L, ...]` stack; returns `[...]` tensors.
 
+        On the CPU the sum adds the workers in their order (`_sum_in_worker_order`), the same
+        float additions in every layout, so every layout gets the same bits; on a GPU, one sum
+        per process and then the backend's all-reduce (the layouts agree to float rounding).
         Counted (when `count`) as the all-reduce baseline of the paper's byte counts: each worker
         sends its buffer once per call; a job of one worker sends nothing (its average is itself).
         """
@@ -179,10 +182,38 @@ class Communicator:
         if count and self.n_workers > 1:
             self.bytes_sent += sum(_row_bytes(s) for s in stacks)
             self.messages_sent += 1
-        sums = [s.sum(dim=0, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32) for s in stacks]
-        if self.world_size > 1:
-            sums = self._all_reduce_sum(sums)
+        if self.device.type == "cpu":
+            sums = self._sum_in_worker_order(stacks)
+        else:
+            sums = [s.sum(dim=0, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32) for s in stacks]
+            if self.world_size > 1:
+                sums = self._all_reduce_sum(sums)
         return [total.div(self.n_workers).to(s.dtype) for total, s in zip(sums, stacks)]
+
+    def _sum_in_worker_order(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """x_0 + x_1 + ... + x_{n-1} for each `[L, ...]` stack, added in that order in every layout.
+        Float addition is not associative: a sum over the stack and a sum of the processes'
+        partial sums group the terms differently. Across processes, each process adds up its
+        1/P of the entries: an all-to-all brings it every worker's rows of that part (in worker
+        order) and an all-gather shares the parts, about the bytes of a ring all-reduce."""
+        accumulate = torch.float64 if any(s.dtype == torch.float64 for s in stacks) else torch.float32
+        rows = torch.cat([s.reshape(self.num_local, -1).to(accumulate) for s in stacks], dim=1)  # [L, N]
+        size = rows.shape[1]
+        if self.world_size > 1:
+            part = max(1, -(-size // self.world_size))
+            padded = torch.nn.functional.pad(rows, (0, part * self.world_size - size))
+            outgoing = padded.view(self.num_local, self.world_size, part).transpose(0, 1).contiguous()  # [P, L, part]
+            rows = torch.empty_like(outgoing)  # process p's workers' rows of this process's part: worker order
+            dist.all_to_all_single(rows, outgoing)
+            rows = rows.view(self.n_workers, part)
+        total = rows[0].clone()
+        for row in rows[1:]:
+            total += row
+        if self.world_size > 1:
+            parts = [torch.empty_like(total) for _ in range(self.world_size)]
+            dist.all_gather(parts, total)
+            total = torch.cat(parts)[:size]
+        return [part.view(s.shape[1:]) for part, s in zip(total.split([s[0].numel() for s in stacks]), stacks)]
 
     def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = torch.cat([t.reshape(-1) for t in tensors]).to(self._wire_device)

@@ -235,19 +235,21 @@ def measure(comm, x: torch.Tensor, initial_mean: torch.Tensor) -> tuple[float, f
     """(error, error to the initial mean, bits, messages), each a mean over all workers.
     Collective: every process must call it (the same blocks everywhere, one all-reduce each).
     Its own traffic is not counted. In float64, a block of columns at a time, so that it
-    needs two blocks of MEASURED_AT_ONCE numbers beside the state, not copies of it."""
+    needs two blocks of MEASURED_AT_ONCE numbers beside the state, not copies of it; the
+    blocks depend on n_workers only, each worker's terms are added block after block and the
+    workers' sums gathered and added in worker order: the same bits in every layout."""
     rows, flat_mean = x.reshape(x.shape[0], -1), initial_mean.reshape(-1)
-    width = max(1, MEASURED_AT_ONCE // rows.shape[0])
-    local = torch.zeros(2, dtype=torch.float64, device=x.device)
+    width = max(1, MEASURED_AT_ONCE // comm.n_workers)
+    squares = torch.zeros(rows.shape[0], 2, dtype=torch.float64, device=x.device)  # per worker
     for start in range(0, rows.shape[1], width):
         x64 = rows[:, start:start + width].double()
         mean = comm.all_reduce_mean([x64], count=False)[0]
         difference = x64 - mean
-        local[0] += difference.square_().sum()
-        local[1] += torch.sub(x64, flat_mean[start:start + width], out=difference).square_().sum()
-    local = local.cpu().numpy()
-    counters = np.array([comm.bytes_sent.sum(), comm.messages_sent.sum()], dtype=np.float64)
-    totals = comm.sum_over_processes(np.concatenate([local, counters])) / comm.n_workers
+        squares[:, 0] += difference.square_().sum(dim=1)
+        squares[:, 1] += torch.sub(x64, flat_mean[start:start + width], out=difference).square_().sum(dim=1)
+    per_worker = torch.cat([squares, torch.from_numpy(comm.bytes_sent).to(squares).unsqueeze(1),
+                            torch.from_numpy(comm.messages_sent).to(squares).unsqueeze(1)], dim=1)
+    totals = comm.all_gather_workers(per_worker).sum(dim=0) / comm.n_workers
     error, error_to_initial_mean, bytes_sent, messages = (float(v) for v in totals)
     return error, error_to_initial_mean, 8 * bytes_sent, messages
 

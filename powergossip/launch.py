@@ -1,6 +1,6 @@
 """Launch and rendezvous: how the processes of a job find each other, before any exchange.
 
-Launch layouts (all give the same numbers):
+Launch layouts (the same bits on a CPU with one thread per process: the README's layout contract):
     python X.py                          one process, no process group, L = n_workers
     mpirun -np N python X.py             rank/size from mpi4py, L = n_workers / N
     torchrun --nproc-per-node N X.py     env:// rendezvous

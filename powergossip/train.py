@@ -87,6 +87,7 @@ config = dict(
     spectrum_logging_epochs=[],  # epochs (1-based, at their end) to log spectra
     spectrum_logging_worker_pairs=[],  # [[i, j], ...] worker pairs for the spectra
     device="auto",  # auto, cpu, cuda or cuda:K
+    cpu_threads=None,  # CPU threads of each process (null: torch's default in one process, the cores shared under mpirun); 1: the same bits in every layout (README)
     dtype="float32",  # float32, or bfloat16 (autocast for compute; parameters stay float32)
     stacked_compute="loop",  # local workers' forward/backward: loop (one replica after the other), vmap (batched; image models) or graph (CUDA graph of the loop; image models on a GPU)
     graph_streams=8,  # stacked_compute=graph: CUDA streams the local workers are spread over (they run side by side)
@@ -115,8 +116,8 @@ output_dir = None  # where results go; None: a new folder runs/<date>-<time>-<op
 # What a resumed run may change; every other key defines the run and must stay as it was.
 MAY_CHANGE_ON_RESUME = (
     "num_epochs", "learning_rate", "lr_schedule_milestones", "distributed_lr_warmup_epoch", "distributed_lr_warmup_factor",
-    "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "dtype", "stacked_compute", "graph_streams", "compile_replicas", "data_dir",
-    "download", "download_url", "download_sha256",
+    "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "cpu_threads", "dtype", "stacked_compute", "graph_streams",
+    "compile_replicas", "data_dir", "download", "download_url", "download_sha256",
     "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
     "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
     "network_latency_s", "network_bandwidth_bits_per_s", "accept_metrics_gap",
@@ -139,10 +140,13 @@ def main():
     cfg, topology = checked(config)
     started = time.time()
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
+    if cfg["cpu_threads"] is not None:  # the same count in every process: the layouts compute the same bits
+        torch.set_num_threads(cfg["cpu_threads"])
     is_root = comm.process_index == 0
     if is_root:
+        threads = f" ({torch.get_num_threads()} CPU thread(s) per process)" if comm.device.type == "cpu" else ""
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
-              f"{comm.context.backend or 'none (one process)'}; device {comm.device}", flush=True)
+              f"{comm.context.backend or 'none (one process)'}; device {comm.device}{threads}", flush=True)
     dataset, loader = load_data(cfg, comm)  # a data set or a batch size that cannot work: found before the claim
     fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"])
                                    | plugins.files(cfg["plugins"]))
@@ -322,6 +326,8 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError("momentum_type=quasi-global needs momentum > 0 (with 0 it is plain SGD)")
     if cfg["checkpoint_every"] < 0:
         raise ConfigError("checkpoint_every must be >= 0")
+    if cfg["cpu_threads"] is not None and (not is_integer(cfg["cpu_threads"]) or cfg["cpu_threads"] < 1):
+        raise ConfigError(f"cpu_threads must be an integer >= 1 (or null: the launch's choice), got {cfg['cpu_threads']!r}")
     for key in ("max_batches_per_epoch", "max_test_examples"):
         if cfg[key] is not None and (not is_integer(cfg[key]) or cfg[key] < 1):
             raise ConfigError(f"{key} must be an integer >= 1 (or null for no limit), got {cfg[key]!r}")

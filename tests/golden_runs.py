@@ -16,8 +16,9 @@ of its defaults, taken when the module is imported, updated with the case's keys
 `module.output_dir`, then `module.main()`. All cases of a layout run in one process, one
 after the other, each from freshly seeded random generators (torch, numpy, random), on one
 thread, on the CPU, in float32. The training cases read a tiny Fashion-MNIST in the real IDX
-format that this script writes itself (no download). Layouts sum in different orders, so
-each layout has its own golden files.
+format that this script writes itself (no download). Every layout writes the same records (the
+README's layout contract); each layout keeps its own golden files, so that a change that parts
+the layouts shows which one moved.
 
 Set GOLDEN_EXPECT_ROOT=/path/to/checkout to have the script fail unless `powergossip`,
 `train` and `gossip_run` are imported from that checkout (an editable install of another

@@ -2,11 +2,12 @@
 every registered method on a ring, D-PSGD, PowerGossip and push-sum also on graphs over time)
 must write exactly, bit for bit, the metrics recorded in tests/golden/<layout>/<case>.jsonl,
 in both launch layouts: all workers in one process, and `mpirun -np 2`. Wall-clock records
-(split "runtime") are left out of the comparison (golden_runs.comparable_lines).
+(split "runtime") are left out of the comparison (golden_runs.comparable_lines). The two
+layouts' files are the same (the README's layout contract: one thread per process, the same bits).
 
-The golden files were recorded from commit 34e016f (before the code moved into the
-powergossip package); the train.py cases have since gained one record per epoch, the worst
-worker's test accuracy (split test_worst), every other line unchanged. They are made with
+The golden files were recorded first from commit 34e016f (before the code moved into the
+powergossip package), and again when the layouts came to sum in the same order (issue 27) and
+the train.py cases gained the worst worker's test accuracy (split test_worst), with
 
     python tests/golden_runs.py OUT
     mpirun -np 2 python tests/golden_runs.py OUT
@@ -65,5 +66,12 @@ def test_metrics_equal_the_golden_files(golden_out, case):
     layout, out = golden_out
     differences = golden_runs.compare(GOLDEN, out, layouts=[layout], cases=[case])
     assert not differences, (
-        f"{layout}/{case} no longer writes the recorded metrics (tests/golden/{layout}/{case}.jsonl, recorded from "
-        f"commit 34e016f); the run is in {out}/{layout}/{case}:\n" + "\n".join(differences))
+        f"{layout}/{case} no longer writes the recorded metrics (tests/golden/{layout}/{case}.jsonl, see this module's "
+        f"docstring); the run is in {out}/{layout}/{case}:\n" + "\n".join(differences))
+
+
+def test_both_layouts_hold_the_same_records():
+    """What one process writes is what two processes write, bit for bit, for every case."""
+    for case in golden_runs.CASE_NAMES:
+        one, two = (golden_runs.comparable_lines(os.path.join(GOLDEN, layout, f"{case}.jsonl")) for layout in LAYOUTS)
+        assert one == two, f"tests/golden/*/{case}.jsonl: the layouts' records part"

@@ -5,8 +5,10 @@ and `[H, ...]` half-edge rows that the methods' rounds are written in.
 Every method works on a list of parameters, each stacked over this process's local workers:
 `params[k]` has shape `[L, *shape_k]`, row l belongs to worker `comm.first_worker + l`.
 `step(params)` runs one round in place: a few batched tensor ops and one `comm.exchange` per
-round. The same seed gives the same numbers whether one process hosts all workers or each
-worker has its own process.
+round. The same seed gives the same bits whether one process hosts all workers or each
+worker has its own process, on a CPU with one thread per process (the README's layout
+contract): sums over workers and a worker's products are written so that they do not depend
+on how many workers its process holds (`sum_into_workers`, `matmul_per_worker`).
 
 Notation: W is the mixing matrix, w_ij = W[i, j], gamma the consensus step ("diffusion
 rate"). Per-edge state is stacked over the local half-edges `[H, ...]` in
@@ -122,6 +124,27 @@ def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     product, summing each worker's half-edges in their fixed order."""
     flat = weights.to(values.dtype) @ values.reshape(values.shape[0], math.prod(values.shape[1:]))  # also for H = 0
     return flat.reshape((weights.shape[0],) + tuple(values.shape[1:]))
+
+
+def matmul_per_worker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a[l] @ b[l] for every worker l of stacks `[L, ...]` of matrices (or of batches of them).
+    On the CPU one product per worker, so that a worker's product does not depend on how many
+    workers its process holds: BLAS computes a batch of one matrix (a matrix-vector product at
+    rank 1) in another order than a batch of several, and the layouts' numbers would part. One
+    batched product on other devices."""
+    if a.device.type != "cpu":
+        return torch.matmul(a, b)
+    return torch.stack([torch.matmul(a_l, b_l) for a_l, b_l in zip(a, b)])
+
+
+def add_matmul_per_worker_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out[l] += a[l] @ b[l] for every worker l of `[L, m, n]` stacks, in place (as
+    matmul_per_worker: per worker on the CPU; one baddbmm_ elsewhere)."""
+    if out.device.type != "cpu":
+        out.baddbmm_(a, b)
+        return
+    for out_l, a_l, b_l in zip(out, a, b):
+        out_l.add_(a_l @ b_l)
 
 
 def matrix_view(stack: torch.Tensor, m: int, n: int) -> torch.Tensor:

@@ -26,9 +26,9 @@ class ChocoGossip(CompressedGossip):
         if layout is not None:  # q_i = C(x_i - x_hat_i), then the updates below in one pass
             self._fused_round(graph, edges, senders, layout, params, (x_hats, ss), -1, kernels.choco_update)
             return
-        q, mixing = self._compress_and_exchange(graph, edges, senders, torch._foreach_sub(params, x_hats))
+        q, mixed = self._compress_and_exchange(graph, edges, senders, torch._foreach_sub(params, x_hats))
         torch._foreach_add_(x_hats, q)  # x_hat_i += q_i
-        self._add_mixed_(ss, mixing)  # s_i += sum_{j in N(i) + i} w_ij q_j
+        torch._foreach_add_(ss, mixed)  # s_i += sum_{j in N(i) + i} w_ij q_j
         torch._foreach_add_(params, torch._foreach_sub(ss, x_hats), alpha=self.diffusion_rate)  # x_i += gamma (s_i - x_hat_i)
 
 

@@ -46,9 +46,10 @@ class CompressedGossip(Method):
 
     When every neighbour of the round lives in this process, a received payload is bit for
     bit its sender's own, so its decompression is the sender's own reconstruction: the
-    neighbours' sum is an [L, L] matrix times the own reconstructions, and the received
-    `[H, ...]` copies are never decompressed (the payload still goes through comm.exchange:
-    the wire and the byte counts stay those of a run across processes)."""
+    neighbours' sum is taken from the own reconstructions (on a GPU an [L, L] matrix times
+    them; on the CPU in each worker's order, as across processes), and the received `[H, ...]`
+    copies are never decompressed (the payload still goes through comm.exchange: the wire and
+    the byte counts stay those of a run across processes)."""
 
     state_names: tuple[str, ...] = ()
     own_weight_offset = 0.0  # the worker's own message enters its mix with weight w_ii + this
@@ -109,28 +110,44 @@ class CompressedGossip(Method):
 
     def _compress_and_exchange(self, graph, edges, senders, tensors):
         """Send q_i = C(tensors_i) to the neighbours of `graph` (`senders`: _senders_in_process(graph)).
-        Returns q `[L, ...]` as each worker reconstructs it, and (A, rows): an `[L, R]` matrix and per
-        tensor `[R, ...]` rows with A @ rows = (w_ii + own_weight_offset) q_i + sum_{j in N(i)} w_ij q_j
-        for every local worker i."""
+        Returns q `[L, ...]` as each worker reconstructs it, and per tensor its mix `[L, ...]`:
+        (w_ii + own_weight_offset) q_i + sum_{j in N(i)} w_ij q_j for every local worker i. When
+        every message stays in the process nothing is decoded: the neighbours' q_j are the workers'
+        own reconstructions. On a GPU the mix is one matrix product per tensor; on the CPU each
+        worker's terms are added in their fixed order (`_mix_in_order`), the same bits in every layout."""
         payload = self.compressor.compress(tensors, self.randomness)
         received = self.comm.exchange(graph, payload, per="worker")
+        on_cpu = tensors[0].device.type == "cpu"
         if senders is not None:
             own = self.compressor.reconstruct(tensors, payload)
-            return own, (self._mixing_matrix(edges, senders), own)
-        # The own and the received payloads decompressed together, A = [diag(own weights) | incoming]
-        shapes = [t.shape[1:] for t in tensors]
-        values = self.compressor.decompress([torch.cat(pair) for pair in zip(payload, received)], shapes)
+            if not on_cpu:
+                return own, self._mix(self._mixing_matrix(edges, senders), own)
+            return own, self._mix_in_order(edges, own, own, senders)
+        # the own and the received payloads decompressed together
+        values = self.compressor.decompress([torch.cat(pair) for pair in zip(payload, received)], [t.shape[1:] for t in tensors])
         own = [v[:self.comm.num_local] for v in values]
-        return own, (torch.cat([torch.diag(self._own_weights(edges)), edges.incoming], dim=1), values)
+        if not on_cpu:
+            return own, self._mix(torch.cat([torch.diag(self._own_weights(edges)), edges.incoming], dim=1), values)
+        return own, self._mix_in_order(edges, own, values, self.comm.num_local + torch.arange(edges.num, device=edges.slot.device))
 
     @staticmethod
-    def _add_mixed_(out: list[torch.Tensor], mixing: tuple, alpha: float = 1.0) -> None:
-        """out[k] += alpha A @ rows[k] for (A, rows) = `mixing`: one matrix product per tensor.
-        Not addmm_: with one worker per process (A of one row, BLAS's gemv) it adds out inside the
-        product, in another order than with several rows, and the layouts' numbers would part."""
-        A, rows = mixing
-        for o, r in zip(out, rows):
-            o.view(o.shape[0], -1).add_(A.to(o.dtype) @ r.reshape(r.shape[0], -1).to(o.dtype), alpha=alpha)
+    def _mix(A: torch.Tensor, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A @ rows[k] for each tensor (A `[L, R]`, rows[k] `[R, ...]`): one matrix product per tensor."""
+        return [(A.to(r.dtype) @ r.reshape(r.shape[0], -1)).view((A.shape[0],) + tuple(r.shape[1:])) for r in rows]
+
+    def _mix_in_order(self, edges, own, sources, source_rows) -> list[torch.Tensor]:
+        """(w_ii + own_weight_offset) own_i + sum over worker i's half-edges h, in their order, of
+        w_h q_h, where q_h is row source_rows[h] of each tensor's `sources`: the own term, then per
+        slot (a worker's first, second, ... half-edge) one product and one sum, each its own
+        elementwise pass, so a worker's terms meet in the same order and roundings in every layout."""
+        shaped = lambda weights, t: weights.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
+        mixed = [o * shaped(self._own_weights(edges), o) for o in own]
+        for slot in range(edges.max_degree):
+            half_edges = torch.nonzero(edges.slot == slot).flatten()
+            workers, weights, rows = edges.local_sender[half_edges], edges.weight_in[half_edges], source_rows[half_edges]
+            for m, source in zip(mixed, sources):
+                m.index_add_(0, workers, source[rows] * shaped(weights, source))
+        return mixed
 
     def working_copies(self, degree, shapes):
         # Its states, the difference it compresses, the reconstruction and the mixed sum; across processes

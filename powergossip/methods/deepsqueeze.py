@@ -22,8 +22,8 @@ class DeepSqueezeGossip(CompressedGossip):
             self._fused_round(graph, edges, senders, layout, params, (deltas,), +1, kernels.deepsqueeze_update)
             return
         torch._foreach_add_(deltas, params)  # v_i = x_i + delta_i, in delta's buffer
-        c, mixing = self._compress_and_exchange(graph, edges, senders, deltas)
-        self._add_mixed_(params, mixing, alpha=self.diffusion_rate)  # x_i += gamma (sum_j w_ij c_j - (1 - w_ii) c_i)
+        c, mixed = self._compress_and_exchange(graph, edges, senders, deltas)
+        torch._foreach_add_(params, mixed, alpha=self.diffusion_rate)  # x_i += gamma (sum_j w_ij c_j - (1 - w_ii) c_i)
         torch._foreach_sub_(deltas, c)  # delta_i = v_i - c_i
 
 

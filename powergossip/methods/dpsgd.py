@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from powergossip.methods.base import GossipConfig, Method, configured
+from powergossip.methods.base import GossipConfig, Method, configured, sum_into_workers
 from powergossip.methods.registry import register_algorithm
 
 
@@ -28,10 +28,11 @@ class SimpleGossip(Method):
         for x, from_neighbors in zip(params, received):
             weight_self, incoming = edges.weights(x.dtype if x.is_floating_point() else torch.float32)
             keep = 1 - self.diffusion_rate * (1 - weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
-            # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product, in place
-            rows = x.view(x.shape[0], -1)
-            rows.mul_(keep.to(x.dtype).unsqueeze(1))
-            rows.addmm_(incoming.to(x.dtype), from_neighbors.view(len(from_neighbors), rows.shape[1]), alpha=self.diffusion_rate)
+            # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product. Not addmm_: with
+            # one worker per process (one row, BLAS's gemv) it adds x inside the product, in another
+            # order than with several rows, and the layouts' numbers would part.
+            x.mul_(keep.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1)))
+            x.add_(sum_into_workers(incoming, from_neighbors), alpha=self.diffusion_rate)
 
 
 register_algorithm("dpsgd", SimpleGossip, needs_tuning=False, config=GossipConfig)

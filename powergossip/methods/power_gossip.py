@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from powergossip import kernels, topologies
-from powergossip.methods.base import (GossipConfig, Method, check_layout, configured, edge_seed, from_worker_slots,
-                                      matrix_groups, matrix_view, orthogonalize_, require, to_worker_slots)
+from powergossip.methods.base import (GossipConfig, Method, add_matmul_per_worker_, check_layout, configured, edge_seed,
+                                      from_worker_slots, matmul_per_worker, matrix_groups, matrix_view, orthogonalize_,
+                                      require, to_worker_slots)
 from powergossip.methods.dpsgd import SimpleGossip
 from powergossip.methods.large_parameters import OnlyOnLargeParameters
 from powergossip.methods.registry import register_algorithm
@@ -294,8 +295,8 @@ class PowerGossip(Method):
         products = []
         for (indices, m, n, r), start in zip(self.groups, starts):
             start_slots = to_worker_slots(edges, start)  # [L, G, m or n, degree r]
-            per_matrix = [torch.bmm(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
-                                    start_slots[:, position]) for position, k in enumerate(indices)]
+            per_matrix = [matmul_per_worker(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
+                                            start_slots[:, position]) for position, k in enumerate(indices)]
             products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
         received = self.comm.exchange(graph, products, per="half_edge")
 
@@ -305,11 +306,11 @@ class PowerGossip(Method):
             # Both ends store the same product of D = X_max - X_min: the smaller id theirs - mine,
             # the larger mine - theirs, which is exactly -(theirs - mine).
             results[g] = (received[g] - products[g]).mul_(sign)
-            # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one in-place matrix product per matrix
+            # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one matrix product per matrix (and worker, on the CPU)
             weighted_p = to_worker_slots(edges, p[g] * weight_of_edge)
             q_slots = to_worker_slots(edges, q[g])
             for position, k in enumerate(indices):
-                matrix_view(params[k], m, n).baddbmm_(weighted_p[:, position], q_slots[:, position].transpose(1, 2))
+                add_matmul_per_worker_(matrix_view(params[k], m, n), weighted_p[:, position], q_slots[:, position].transpose(1, 2))
 
     def _fused_layout(self, params, edges) -> tuple[kernels.MatrixLayout, torch.Tensor] | None:
         """The kernels' layout of the matrices and the parameters' storage as one flat tensor, when

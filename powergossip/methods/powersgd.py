@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from powergossip.compressors import worth_compressing
-from powergossip.methods.base import (POWERSGD_STREAM, Method, check_layout, configured, matrix_groups, matrix_view,
-                                      orthogonalize_, require)
+from powergossip.methods.base import (POWERSGD_STREAM, Method, check_layout, configured, matmul_per_worker, matrix_groups,
+                                      matrix_view, orthogonalize_, require)
 from powergossip.methods.registry import register_algorithm
 
 
@@ -114,10 +114,11 @@ class StackedPowerSGD(Method):
         for _ in range(self.num_iterations):
             for q in self.q:
                 orthogonalize_(q)
-            ps = self.comm.all_reduce_mean([torch.matmul(M, q) for M, q in zip(ms, self.q)])  # [G, m, r]
+            ps = self.comm.all_reduce_mean([matmul_per_worker(M, q.expand(len(M), *q.shape)) for M, q in zip(ms, self.q)])  # [G, m, r]
             for p in ps:
                 orthogonalize_(p)
-            self.q = self.comm.all_reduce_mean([torch.matmul(M.transpose(-1, -2), p) for M, p in zip(ms, ps)])
+            self.q = self.comm.all_reduce_mean([matmul_per_worker(M.transpose(-1, -2), p.expand(len(M), *p.shape))
+                                                for M, p in zip(ms, ps)])
         for (indices, m, n, r), M, p, q in zip(self.groups, ms, ps, self.q):
             update = torch.matmul(p, q.transpose(-1, -2))  # [G, m, n], the same on every worker
             for position, k in enumerate(indices):
