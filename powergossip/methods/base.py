@@ -126,25 +126,34 @@ def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tenso
     return flat.reshape((weights.shape[0],) + tuple(values.shape[1:]))
 
 
-def matmul_per_worker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul_per_worker(a: torch.Tensor, b: torch.Tensor, widths: list[int] | None = None) -> torch.Tensor:
     """a[l] @ b[l] for every worker l of stacks `[L, ...]` of matrices (or of batches of them).
     On the CPU one product per worker, so that a worker's product does not depend on how many
     workers its process holds: BLAS computes a batch of one matrix (a matrix-vector product at
-    rank 1) in another order than a batch of several, and the layouts' numbers would part. One
-    batched product on other devices."""
+    rank 1) in another order than a batch of several, and the layouts' numbers would part; with
+    `widths`, worker l's product takes only b[l]'s first widths[l] columns (its own half-edges'
+    slots: the columns after them are zero), so that it does not depend on its process's other
+    workers' degrees either. One batched product on other devices."""
     if a.device.type != "cpu":
         return torch.matmul(a, b)
-    return torch.stack([torch.matmul(a_l, b_l) for a_l, b_l in zip(a, b)])
+    if widths is None:
+        return torch.stack([torch.matmul(a_l, b_l) for a_l, b_l in zip(a, b)])
+    out = a.new_zeros(a.shape[:-1] + b.shape[-1:])
+    for out_l, a_l, b_l, width in zip(out, a, b, widths):
+        out_l[..., :width] = torch.matmul(a_l, b_l[..., :width])
+    return out
 
 
-def add_matmul_per_worker_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def add_matmul_per_worker_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, widths: list[int] | None = None) -> None:
     """out[l] += a[l] @ b[l] for every worker l of `[L, m, n]` stacks, in place (as
-    matmul_per_worker: per worker on the CPU; one baddbmm_ elsewhere)."""
+    matmul_per_worker: per worker on the CPU, over a[l]'s first widths[l] columns and b[l]'s
+    first widths[l] rows when given; one baddbmm_ elsewhere)."""
     if out.device.type != "cpu":
         out.baddbmm_(a, b)
         return
-    for out_l, a_l, b_l in zip(out, a, b):
-        out_l.add_(a_l @ b_l)
+    for l, (out_l, a_l, b_l) in enumerate(zip(out, a, b)):
+        width = a_l.shape[-1] if widths is None else widths[l]
+        out_l.add_(a_l[..., :width] @ b_l[:width])
 
 
 def matrix_view(stack: torch.Tensor, m: int, n: int) -> torch.Tensor:
