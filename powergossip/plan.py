@@ -39,7 +39,7 @@ class HalfEdges:
         self.weight_in = torch.tensor(W[senders, neighbors], dtype=torch.float32, device=device)
         local = np.arange(first_worker, first_worker + num_local)
         self.weight_self = torch.tensor(W[local, local], dtype=torch.float32, device=device)
-        self._weights = {torch.float32: None}  # dtype -> (weight_self, incoming) in it; float32: the attributes
+        self._weights = {}  # dtype other than float32 -> (weight_self, incoming) in it
         self._float64_weights = (W[local, local], W[senders, neighbors])
         self.sends = W[neighbors, senders] > 0  # numpy booleans, one per half-edge
         self.receives = W[senders, neighbors] > 0
@@ -47,14 +47,20 @@ class HalfEdges:
         # slot[h]: the position of half-edge h among its worker's half-edges (a worker's
         # half-edges side by side in `[L, max_degree, ...]`, unused slots left empty).
         degrees = np.bincount(senders - first_worker, minlength=num_local)
+        self.degrees = degrees.tolist()  # half-edges of each local worker, on the host
         slots = np.arange(self.num) - np.repeat(np.cumsum(degrees) - degrees, degrees)
         self.slot = as_long(slots)
         self.max_degree = int(degrees.max(initial=0))
         self.same_degree = bool(len(degrees)) and int(degrees.min()) == self.max_degree  # slot layout = half-edge order
         self.first_edge = as_long(np.concatenate([[0], np.cumsum(degrees)]))  # local worker l: half-edges first_edge[l] .. [l + 1] - 1
         # incoming[l, h] = w_ij on worker l's own half-edges: incoming @ messages = sum_j w_ij m_j.
-        self.incoming = torch.zeros((num_local, self.num), dtype=torch.float32, device=device)
-        self.incoming[self.local_sender, torch.arange(self.num, device=device)] = self.weight_in
+        self.incoming = self._incoming(self.weight_in)
+
+    def _incoming(self, weight_in: torch.Tensor) -> torch.Tensor:
+        """`[L, H]`: weight_in[h] at (local sender of h, h), zeros elsewhere, in weight_in's dtype."""
+        incoming = weight_in.new_zeros((len(self.degrees), self.num))
+        incoming[self.local_sender, torch.arange(self.num, device=incoming.device)] = weight_in
+        return incoming
 
     def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight_self `[L]`, incoming `[L, H]`) in `dtype`, rounded once from W's float64 values
@@ -64,8 +70,7 @@ class HalfEdges:
             return self.weight_self, self.incoming
         if dtype not in self._weights:
             own, weight_in = self._float64_weights
-            incoming = torch.zeros(self.incoming.shape, dtype=dtype, device=self.incoming.device)
-            incoming[self.local_sender, torch.arange(self.num, device=incoming.device)] = \
-                torch.tensor(weight_in, dtype=dtype, device=incoming.device)
-            self._weights[dtype] = (torch.tensor(own, dtype=dtype, device=incoming.device), incoming)
+            device = self.incoming.device
+            self._weights[dtype] = (torch.tensor(own, dtype=dtype, device=device),
+                                    self._incoming(torch.tensor(weight_in, dtype=dtype, device=device)))
         return self._weights[dtype]

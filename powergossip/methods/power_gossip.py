@@ -292,11 +292,10 @@ class PowerGossip(Method):
 
         # X^T P (or X Q) for every half-edge: each worker multiplies its X once by its
         # half-edges' factors side by side (to_worker_slots).
-        degrees = torch.bincount(edges.local_sender.cpu(), minlength=len(params[0])).tolist() if params else []
         products = []
         for (indices, m, n, r), start in zip(self.groups, starts):
             start_slots = to_worker_slots(edges, start)  # [L, G, m or n, degree r]
-            widths = [degree * r for degree in degrees]  # each worker's own slots (its process's others' may be wider)
+            widths = [degree * r for degree in edges.degrees]  # each worker's own slots (its process's others' may be wider)
             per_matrix = [matmul_per_worker(matrix_view(params[k], m, n).transpose(1, 2) if left else matrix_view(params[k], m, n),
                                             start_slots[:, position], widths) for position, k in enumerate(indices)]
             products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
@@ -311,7 +310,7 @@ class PowerGossip(Method):
             # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one matrix product per matrix (and worker, on the CPU)
             weighted_p = to_worker_slots(edges, p[g] * weight_of_edge)
             q_slots = to_worker_slots(edges, q[g])
-            widths = [degree * r for degree in degrees]
+            widths = [degree * r for degree in edges.degrees]
             for position, k in enumerate(indices):
                 add_matmul_per_worker_(matrix_view(params[k], m, n), weighted_p[:, position], q_slots[:, position].transpose(1, 2),
                                        widths)

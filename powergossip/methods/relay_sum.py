@@ -33,15 +33,15 @@ class RelaySum(Method):
         self.initial = None  # x^0 per parameter, [L, *shape]
         self.messages = None  # per tree, per parameter: [H, share] the last m_{j->i} received
         self.counts = None  # per tree: [H] int32, the last c_{j->i} received
+        self.own = {}  # tree index -> [L, H] ones at (worker l, each of l's half-edges): per-worker sums
 
     def start(self, params):
         if self.initial is None:
             self.initial = [x.detach().clone() for x in params]
 
-    def _shares(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each tree's entries of a `[L, *shape]` stack, as `[L, share]` views."""
-        flat = x.view(x.shape[0], -1)
-        return [flat[:, k::len(self.trees)] for k in range(len(self.trees))]
+    def _share(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Tree k's entries of a `[L, *shape]` stack, as a `[L, share]` view."""
+        return x.view(x.shape[0], -1)[:, k::len(self.trees)]
 
     def step(self, params):
         self.next_graph()
@@ -53,14 +53,15 @@ class RelaySum(Method):
             self.messages, self.counts = [], []
             for k, tree in enumerate(self.trees):
                 edges = self.comm.half_edges(tree)
-                self.messages.append([x.new_zeros((edges.num, self._shares(x)[k].shape[1])) for x in params])
+                self.messages.append([x.new_zeros((edges.num, self._share(x, k).shape[1])) for x in params])
                 self.counts.append(torch.zeros(edges.num, dtype=torch.int32, device=device))
         for k, tree in enumerate(self.trees):
             edges = self.comm.half_edges(tree)
-            own = torch.zeros((rows, edges.num), dtype=params[0].dtype, device=device)
-            own[edges.local_sender, torch.arange(edges.num, device=device)] = 1  # worker l's half-edges
-            sender = edges.local_sender
-            shares = [self._shares(x)[k] for x in params]
+            if k not in self.own:  # the trees are fixed graphs: their half-edges never change
+                self.own[k] = torch.zeros((rows, edges.num), dtype=params[0].dtype, device=device)
+                self.own[k][edges.local_sender, torch.arange(edges.num, device=device)] = 1
+            own, sender = self.own[k], edges.local_sender
+            shares = [self._share(x, k) for x in params]
             # m_{i->j} = x_i + (all i received) - (what i received from j); c likewise, in int32
             outgoing = [x[sender] + sum_into_workers(own, m)[sender] - m for x, m in zip(shares, self.messages[k])]
             received_counts = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
@@ -69,7 +70,7 @@ class RelaySum(Method):
             arrived = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
             missing = (n - 1 - arrived).to(params[0].dtype).unsqueeze(1)
             for x, x0, m in zip(shares, self.initial, self.messages[k]):
-                x.copy_((x + sum_into_workers(own, m) + missing * self._shares(x0)[k]) / n)
+                x.copy_((x + sum_into_workers(own, m) + missing * self._share(x0, k)) / n)
 
     def state_dict(self):
         state = super().state_dict()
