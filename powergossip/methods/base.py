@@ -136,8 +136,7 @@ def matmul_per_worker(a: torch.Tensor, b: torch.Tensor, widths: list[int] | None
     workers' degrees either. One batched product on other devices."""
     if a.device.type != "cpu":
         return torch.matmul(a, b)
-    if widths is None:
-        return torch.stack([torch.matmul(a_l, b_l) for a_l, b_l in zip(a, b)])
+    widths = [b.shape[-1]] * len(a) if widths is None else widths
     out = a.new_zeros(a.shape[:-1] + b.shape[-1:])
     for out_l, a_l, b_l, width in zip(out, a, b, widths):
         out_l[..., :width] = torch.matmul(a_l, b_l[..., :width])
