@@ -209,7 +209,7 @@ def evaluate(model, dataset, cfg) -> tuple[float, float]:
     exactly the first min(max_test_examples, test set) examples, for any evaluation batch size:
     images in order; the language model's predicted tokens window by window, a window's row by row."""
     model.eval()
-    total_loss, correct, count = 0.0, 0.0, 0
+    sums, count = None, 0  # [loss, correct] in float64 on the model's device: one host sync per evaluation
     hidden = None
     limit = math.inf if cfg["max_test_examples"] is None else cfg["max_test_examples"]
     if dataset.is_language_model:
@@ -229,8 +229,10 @@ def evaluate(model, dataset, cfg) -> tuple[float, float]:
                 x, y = x[:room], y[:room]
             logits = model(x)
         loss, right = loss_and_correct(logits, y, reduction="sum")
-        total_loss, correct, count = total_loss + loss.item(), correct + right.item(), count + y.numel()
+        batch = torch.stack([loss.double(), right.double()])  # float32 loss and integer count, exact in float64
+        sums, count = batch if sums is None else sums + batch, count + y.numel()  # batch by batch, in order
     model.train()
+    total_loss, correct = sums.tolist()
     return total_loss / count, correct / count
 
 
