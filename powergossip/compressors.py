@@ -24,6 +24,7 @@ import torch
 
 from powergossip import kernels, names
 from powergossip.errors import SettingError
+from powergossip.per_worker import matmul_per_worker, svd_per_worker
 
 
 class WorkerRandom:
@@ -263,7 +264,7 @@ class SVD(Compressor):
         factors = []
         for t in tensors:
             m, n, r = matrix_shape(t.shape[1:], self.rank)
-            u, s, vh = torch.linalg.svd(t.reshape(t.shape[0], m, n).float(), full_matrices=False)
+            u, s, vh = svd_per_worker(t.reshape(t.shape[0], m, n).float())
             factors += [(u[:, :, :r] * s[:, None, :r]).reshape(t.shape[0], -1), vh[:, :r, :].transpose(1, 2).reshape(t.shape[0], -1)]
         return [torch.cat(factors, dim=1)]
 
@@ -275,7 +276,7 @@ class SVD(Compressor):
             us = flat[:, cursor:cursor + m * r].reshape(rows, m, r)
             v = flat[:, cursor + m * r:cursor + (m + n) * r].reshape(rows, n, r)
             cursor += (m + n) * r
-            out.append(torch.bmm(us, v.transpose(1, 2)).reshape((rows,) + tuple(s)))
+            out.append(matmul_per_worker(us, v.transpose(1, 2)).reshape((rows,) + tuple(s)))
         return out
 
 

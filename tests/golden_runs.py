@@ -5,6 +5,8 @@ in tests/golden/ and compared bit for bit after a change that should not change 
     mpirun -np 2 python tests/golden_runs.py OUT       # the same cases, 2 processes
     python tests/golden_runs.py --save OUT tests/golden         # keep OUT's comparable lines as the golden files
     python tests/golden_runs.py --compare tests/golden OUT      # list the differences (exit 1 if any)
+    python tests/golden_runs.py --compare tests/golden OUT 1e-4 # the same, values within a relative tolerance
+    python tests/golden_runs.py --arithmetic                    # this machine's arithmetic fingerprint
 
 A run writes OUT/<layout>/<case>/metrics.jsonl (and the run's other files), where <layout> is
 "one-process" or "mpirun-<N>" (N processes); the golden files are
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import sys
@@ -118,11 +121,31 @@ def layouts_in(folder: str) -> list[str]:
         if os.path.isdir(folder) else []
 
 
-def compare(expected_dir: str, actual_dir: str, layouts: list[str] | None = None, cases: list[str] | None = None) -> list[str]:
+def _close(want: str, got: str, first_values: dict, relative_tolerance: float) -> bool:
+    """Two records alike but for their value, which is within `relative_tolerance` of the larger
+    of the expected value and the first value of its series (same name and tags; gossip_run's
+    final_error is the last of its error series): float32
+    round-off scaled by where the series started, not by a value that has gone to zero. A value
+    that is not a finite number must be the same."""
+    want, got = json.loads(want), json.loads(got)
+    a, b = want.pop("value", None), got.pop("value", None)
+    if want != got:
+        return False
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b)):
+        return a == b or (a != a and b != b)  # NaN is NaN
+    name = want.get("name", "").removeprefix("final_")  # gossip_run's final_error ends the error series
+    series = json.dumps([name, want.get("tags")], sort_keys=True)
+    scale = max(abs(a), abs(first_values.setdefault(series, a)))
+    return abs(a - b) <= relative_tolerance * scale
+
+
+def compare(expected_dir: str, actual_dir: str, layouts: list[str] | None = None, cases: list[str] | None = None,
+            relative_tolerance: float | None = None) -> list[str]:
     """Differences between two result folders (golden files or run outputs, either form; see
     `_case_file`), for every layout of `expected_dir` (or `layouts`) and every case of CASES
     (or `cases`): a line per case that is missing or differs, naming the first differing line.
-    An empty list: identical."""
+    An empty list: identical, bit for bit; with `relative_tolerance`, every record the same but
+    for values within that tolerance (`_close`: for a machine whose arithmetic differs)."""
     differences = []
     for layout in layouts if layouts is not None else layouts_in(expected_dir):
         for case in cases if cases is not None else CASE_NAMES:
@@ -133,7 +156,12 @@ def compare(expected_dir: str, actual_dir: str, layouts: list[str] | None = None
             want, got = comparable_lines(want_path), comparable_lines(got_path)
             if want == got:
                 continue
-            first = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            first_values = {}
+            same = (lambda a, b: a == b) if relative_tolerance is None else \
+                (lambda a, b: _close(a, b, first_values, relative_tolerance))
+            first = next((k for k, (a, b) in enumerate(zip(want, got)) if not same(a, b)), min(len(want), len(got)))
+            if first == len(want) == len(got):
+                continue
             differences.append(f"{layout}/{case}: {len(got)} comparable lines, expected {len(want)}; first difference at "
                                f"comparable line {first + 1}:\n  expected: {want[first] if first < len(want) else '<none>'}"
                                f"\n  actual:   {got[first] if first < len(got) else '<none>'}")
@@ -141,8 +169,15 @@ def compare(expected_dir: str, actual_dir: str, layouts: list[str] | None = None
 
 
 def save(out_dir: str, golden_dir: str) -> list[str]:
-    """Write the comparable lines of every run in `out_dir` (every layout) to golden_dir/<layout>/<case>.jsonl."""
-    written = []
+    """Write the comparable lines of every run in `out_dir` (every layout) to golden_dir/<layout>/<case>.jsonl,
+    and the machine's arithmetic that the runs recorded (`this_machine`) to golden_dir/ARITHMETIC.json."""
+    machines = {json.dumps(recorded_arithmetic(os.path.join(out_dir, layout)), sort_keys=True) for layout in layouts_in(out_dir)}
+    if len(machines) != 1 or machines == {"{}"}:
+        raise ValueError(f"{out_dir}: the layouts were not run on one machine (or not by run_cases): {sorted(machines)}")
+    os.makedirs(golden_dir, exist_ok=True)
+    with open(os.path.join(golden_dir, ARITHMETIC_FILE), "w") as f:
+        f.write(json.dumps(json.loads(machines.pop()), indent=1) + "\n")
+    written = [os.path.join(golden_dir, ARITHMETIC_FILE)]
     for layout in layouts_in(out_dir):
         for case in CASE_NAMES:
             source = _case_file(out_dir, layout, case)
@@ -154,6 +189,75 @@ def save(out_dir: str, golden_dir: str) -> list[str]:
                 f.writelines(line + "\n" for line in comparable_lines(source))
             written.append(target)
     return written
+
+
+# --- this machine's arithmetic -----------------------------------------------------------------------
+ARITHMETIC_FILE = "ARITHMETIC.json"  # in the golden folder: the fingerprint of the machine that recorded the files
+RELATIVE_TOLERANCE = 1e-5  # where this machine's arithmetic differs (see compare)
+
+
+def arithmetic_fingerprint() -> str:
+    """A hash of the bits that this machine and torch build give for the kinds of operation the
+    golden runs use, on one thread: convolution and linear layers forward and backward,
+    cross-entropy, matrix products, reductions, QR, elementwise updates in float32 and float64.
+    The same float operations differ in their last bits from one CPU to another (vector width:
+    AVX2 or AVX-512, fused multiply-adds, the BLAS and oneDNN kernels chosen for the CPU) and
+    from one torch release to another: two machines with one fingerprint compute the cases bit
+    for bit alike. Nothing of the project is used, so a change to the project cannot change it."""
+    import hashlib
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    x, y = rand(8, 1, 28, 28), torch.randint(0, 10, (8,), generator=g)
+    w1, w2, w3 = (rand(*shape).requires_grad_() for shape in [(16, 1, 5, 5), (32, 16, 5, 5), (10, 512)])
+    hidden = F.max_pool2d(F.relu(F.conv2d(F.max_pool2d(F.relu(F.conv2d(x, w1)), 2), w2)), 2)
+    logits = F.linear(hidden.flatten(1), w3)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    results = [hidden, logits, loss, w1.grad, w2.grad, w3.grad]
+    for dtype in (torch.float32, torch.float64):
+        a, b, c = rand(1003, dtype=dtype), rand(1003, dtype=dtype), rand(1003, dtype=dtype)
+        rows = rand(4, 1000, dtype=dtype)
+        results += [torch.bmm(rand(4, 6, 6, dtype=dtype), rand(4, 6, 2, dtype=dtype)),
+                    rand(37, 129, dtype=dtype) @ rand(129, 11, dtype=dtype), torch.linalg.qr(rand(30, 3, dtype=dtype))[0],
+                    torch.linalg.svd(rand(3, 9, 5, dtype=dtype), full_matrices=False)[0].abs(),
+                    rows.sum(1), rows.sum(), rows.mean(0), rows.pow(2).sum(1), torch.linalg.vector_norm(rows, dim=1),
+                    torch.dot(a, b), a.cumsum(0), a.add(b, alpha=-0.0731), a.addcmul(b, c, value=0.3), a.lerp(b, 0.37),
+                    torch.exp(a), torch.log(a.abs() + 1), torch.tanh(a), a / (b.abs() + 0.5), a.abs().sqrt(),
+                    a.abs().pow(1.5), torch.round(a * 3.7), torch.log_softmax(rand(7, 10, dtype=dtype), dim=1),
+                    F.batch_norm(rand(8, 4, 5, 5, dtype=dtype), None, None, training=True)]
+    digest = hashlib.blake2b(torch.__version__.encode(), digest_size=8)
+    for result in results:
+        digest.update(result.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def recorded_arithmetic(golden_dir: str) -> dict:
+    """A folder's ARITHMETIC.json (the golden folder's, or a layout's in a run's output): the
+    fingerprint, CPU and torch of the machine that computed its records; {} if there is none."""
+    path = os.path.join(golden_dir, ARITHMETIC_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def this_machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
+        if os.path.isfile("/proc/cpuinfo") else platform.processor()
+    return {"fingerprint": arithmetic_fingerprint(), "cpu": cpu, "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # --- running ------------------------------------------------------------------------------------------
@@ -233,6 +337,10 @@ def run_cases(out_root: str, names: list[str] | None = None) -> str:
     if rank == 0:
         print(f"golden runs, layout {layout}: powergossip from {os.path.dirname(os.path.realpath(powergossip.__file__))}, "
               f"train from {os.path.realpath(train.__file__)}, gossip_run from {os.path.realpath(gossip_run.__file__)}", flush=True)
+    if rank == 0:  # the machine that computes these records (compare: bit for bit only on the same arithmetic)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ARITHMETIC_FILE), "w") as f:
+            json.dump(this_machine(), f)
     for name, entrypoint, keys in CASES:
         if names is not None and name not in names:
             continue
@@ -259,10 +367,13 @@ def main(argv: list[str]) -> int:
         for path in save(argv[1], argv[2]):
             print(path)
         return 0
-    if argv[:1] == ["--compare"] and len(argv) == 3:
-        differences = compare(argv[1], argv[2])
+    if argv[:1] == ["--compare"] and len(argv) in (3, 4):
+        differences = compare(argv[1], argv[2], relative_tolerance=float(argv[3]) if len(argv) == 4 else None)
         print("\n".join(differences) if differences else "identical")
         return 1 if differences else 0
+    if argv == ["--arithmetic"]:
+        print(json.dumps(this_machine()))
+        return 0
     if len(argv) >= 1 and not argv[0].startswith("-"):
         run_cases(argv[0], argv[1].split(",") if len(argv) > 1 else None)
         return 0

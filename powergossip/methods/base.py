@@ -8,7 +8,7 @@ Every method works on a list of parameters, each stacked over this process's loc
 round. The same seed gives the same bits whether one process hosts all workers or each
 worker has its own process, on a CPU with one thread per process (the README's layout
 contract): sums over workers and a worker's products are written so that they do not depend
-on how many workers its process holds (`sum_into_workers`, `matmul_per_worker`).
+on how many workers its process holds (powergossip/per_worker.py).
 
 Notation: W is the mixing matrix, w_ij = W[i, j], gamma the consensus step ("diffusion
 rate"). Per-edge state is stacked over the local half-edges `[H, ...]` in
@@ -23,7 +23,6 @@ column-stochastic), checked once when it is built.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 from powergossip import kernels, topologies
 from powergossip.compressors import matrix_shape
 from powergossip.errors import SettingError, require  # noqa: F401 (SettingError: for the methods' modules)
+from powergossip.per_worker import add_matmul_per_worker_, matmul_per_worker, sum_into_workers  # noqa: F401 (the methods' helpers)
 
 # Purposes that keep the random streams of different uses apart (see compressors.WorkerRandom).
 COMPRESSOR_STREAM, MONIQUA_STREAM, POWERSGD_STREAM = 1, 2, 3
@@ -116,43 +116,6 @@ def from_worker_slots(edges, slots: torch.Tensor) -> torch.Tensor:
     num_workers, *middle, width = slots.shape
     by_slot = slots.reshape(num_workers, *middle, edges.max_degree, width // edges.max_degree).movedim(-2, 1)
     return by_slot[edges.local_sender, edges.slot]
-
-
-def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`out[l] = sum over half-edges h of weights[l, h] * values[h]` for `weights` `[L, H]`
-    (nonzero on worker l's own half-edges only) and `values` `[H, ...]`: one matrix
-    product, summing each worker's half-edges in their fixed order."""
-    flat = weights.to(values.dtype) @ values.reshape(values.shape[0], math.prod(values.shape[1:]))  # also for H = 0
-    return flat.reshape((weights.shape[0],) + tuple(values.shape[1:]))
-
-
-def matmul_per_worker(a: torch.Tensor, b: torch.Tensor, widths: list[int] | None = None) -> torch.Tensor:
-    """a[l] @ b[l] for every worker l of stacks `[L, ...]` of matrices (or of batches of them).
-    On the CPU one product per worker, so that a worker's product does not depend on how many
-    workers its process holds: BLAS computes a batch of one matrix (a matrix-vector product at
-    rank 1) in another order than a batch of several, and the layouts' numbers would part; with
-    `widths`, worker l's product takes only b[l]'s first widths[l] columns (its own half-edges'
-    slots: the columns after them are zero), so that it does not depend on its process's other
-    workers' degrees either. One batched product on other devices."""
-    if a.device.type != "cpu":
-        return torch.matmul(a, b)
-    widths = [b.shape[-1]] * len(a) if widths is None else widths
-    out = a.new_zeros(a.shape[:-1] + b.shape[-1:])
-    for out_l, a_l, b_l, width in zip(out, a, b, widths):
-        out_l[..., :width] = torch.matmul(a_l, b_l[..., :width])
-    return out
-
-
-def add_matmul_per_worker_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, widths: list[int] | None = None) -> None:
-    """out[l] += a[l] @ b[l] for every worker l of `[L, m, n]` stacks, in place (as
-    matmul_per_worker: per worker on the CPU, over a[l]'s first widths[l] columns and b[l]'s
-    first widths[l] rows when given; one baddbmm_ elsewhere)."""
-    if out.device.type != "cpu":
-        out.baddbmm_(a, b)
-        return
-    for l, (out_l, a_l, b_l) in enumerate(zip(out, a, b)):
-        width = a_l.shape[-1] if widths is None else widths[l]
-        out_l.add_(a_l[..., :width] @ b_l[:width])
 
 
 def matrix_view(stack: torch.Tensor, m: int, n: int) -> torch.Tensor:
