@@ -4,8 +4,9 @@ proportions (dirichlet_split=per_class, alpha 0.1 and 0.01), 20 epochs, seeds 1 
 all-reduce, D-PSGD on a ring with and without quasi-global momentum (QGM, Lin et al. 2021),
 Stochastic Gradient Push on the time-varying exponential graph, PowerGossip and Choco with
 and without QGM; D² (ring, (I + W) / 2), gradient tracking (ring) and RelaySum (chain,
-double binary trees) join where those methods are registered. The learning rate is tuned
-for all-reduce on a 3-point grid (all-reduce runs at every point) and used by all.
+double binary trees). The learning rate is tuned for all-reduce on a 3-point grid (all-reduce
+runs at every point first) and used by all; a method that diverges with it (train.py's loss
+check) runs again at the next smaller point, and the table shows both rows.
 
     python experiments/heterogeneous.py --quick      # 2-core CPU: 4 workers, alpha 0.1, one seed, 3 settings
     python experiments/heterogeneous.py              # full (meant for a GPU)
@@ -28,8 +29,8 @@ from powergossip import runs as powergossip_runs  # noqa: E402
 
 ALPHAS = (0.1, 0.01)
 FULL_SEEDS = (1, 2)
-LEARNING_RATES = (0.01, 0.03, 0.1)  # the grid all-reduce is tuned on
-LEARNING_RATE = 0.03  # the grid's point every method uses: the middle one until the full form's all-reduce runs pick
+LEARNING_RATES = (0.01, 0.03, 0.1)  # the grid all-reduce is tuned on; a method that diverges takes the next smaller point
+QUICK_LEARNING_RATE = 0.03  # --quick tunes nothing
 QGM = ["momentum_type=quasi-global"]
 
 # method -> (label, overrides)
@@ -65,22 +66,76 @@ PUBLISHED = ("Published trend (RelaySGD paper, Table 2; CIFAR-10, VGG-11 without
 QUICK_METHODS = ("all_reduce", "dpsgd_qgm", "power_gossip_qgm")
 
 
-def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None) -> list[sweep.Run]:
-    """Every (method, alpha, seed) at the chosen learning rate, and all-reduce at every point
-    of the grid; --quick: QUICK_METHODS at the chosen learning rate, alpha 0.1, one seed."""
+def one_run(name: str, alpha: float, lr: float, seed: int, quick: bool, extra: list[str]) -> sweep.Run:
+    label, overrides = METHODS[name]
+    arguments = COMMON + [f"seed={seed}", f"dirichlet_alpha={alpha}", f"learning_rate={lr}"] + \
+        (QUICK if quick else FULL) + overrides + extra
+    return sweep.Run(sweep.seeded_name(f"{name}_alpha{alpha}_lr{lr}", seed), "train.py", arguments,
+                     {"method": label, "alpha": alpha, "learning rate": lr, "seed": seed})
+
+
+def settings(quick: bool, seeds: list[int] | None = None):
+    """(alpha, seed) pairs of the study, seed-major."""
+    return [(alpha, seed) for seed in sweep.study_seeds(quick, seeds or (None if quick else list(FULL_SEEDS)))
+            for alpha in (ALPHAS[:1] if quick else ALPHAS)]
+
+
+def tuning_runs(extra: list[str], seeds: list[int] | None = None) -> list[sweep.Run]:
+    """Phase 1: all-reduce at every point of the grid, for every alpha and seed."""
+    return [one_run("all_reduce", alpha, lr, seed, False, extra) for alpha, seed in settings(False, seeds) for lr in LEARNING_RATES]
+
+
+def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None, learning_rate: float | None = None) -> list[sweep.Run]:
+    """Phase 2: every other method at the chosen learning rate, for every alpha and seed, after
+    the tuning runs (--quick: QUICK_METHODS at QUICK_LEARNING_RATE, alpha 0.1, one seed)."""
+    if quick:
+        return [one_run(name, alpha, QUICK_LEARNING_RATE, seed, True, extra) for alpha, seed in settings(True, seeds)
+                for name in QUICK_METHODS]
+    if learning_rate not in LEARNING_RATES:
+        raise ValueError(f"the learning rate must be a point of the grid {LEARNING_RATES}, got {learning_rate}")
+    return tuning_runs(extra, seeds) + [one_run(name, alpha, learning_rate, seed, False, extra) for alpha, seed in settings(False, seeds)
+                                        for name in METHODS if name != "all_reduce"]
+
+
+def final_test_accuracy(outcome: sweep.Outcome) -> float | None:
+    """The averaged model's test accuracy at the run's last epoch (None: no finished run)."""
+    if report.run_status(outcome) != "done":
+        return None
+    points = figures.curve(sweep.metrics(outcome), "accuracy", "test_avg")
+    return points[-1][1] if points else None
+
+
+def chosen_learning_rate(outcomes: list[sweep.Outcome]) -> tuple[float, str]:
+    """The grid point where all-reduce's final test accuracy, averaged over every alpha and
+    seed, is highest (a point with a run that diverged or is missing cannot be chosen), and a
+    sentence that says so with each point's mean."""
+    means = {}
+    for lr in LEARNING_RATES:
+        finals = [final_test_accuracy(o) for o in outcomes if o.run.labels["method"] == METHODS["all_reduce"][0]
+                  and o.run.labels["learning rate"] == lr]
+        if finals and all(value is not None for value in finals):
+            means[lr] = statistics.mean(finals)
+    if not means:
+        raise SystemExit("heterogeneous: no learning rate of the grid has all its all-reduce runs finished; "
+                         "launch the study (without --report-only) to make them")
+    best = max(means, key=means.get)
+    points = ", ".join(f"{lr}: {100 * means[lr]:.2f}%" if lr in means else f"{lr}: not every run finished" for lr in LEARNING_RATES)
+    return best, (f"Learning rate {best}, chosen on all-reduce's final test accuracy (averaged model, mean over alphas "
+                  f"and seeds) at each point of the grid: {points}.")
+
+
+def smaller_rate_runs(outcomes: list[sweep.Outcome], extra: list[str]) -> list[sweep.Run]:
+    """For every (method, alpha) with a run that diverged: all its seeds again at the next
+    smaller point of the grid (none below the grid's smallest)."""
+    by_label = {label: name for name, (label, _) in METHODS.items()}
+    diverged = {(o.run.labels["method"], o.run.labels["alpha"], o.run.labels["learning rate"]) for o in outcomes
+                if report.run_status(o) == "diverged" and o.run.labels["method"] != METHODS["all_reduce"][0]}
     runs = []
-    for seed in sweep.study_seeds(quick, seeds or (None if quick else list(FULL_SEEDS))):
-        for alpha in ALPHAS[:1] if quick else ALPHAS:
-            for name, (label, overrides) in METHODS.items():
-                if quick and name not in QUICK_METHODS:
-                    continue
-                rates = LEARNING_RATES if name == "all_reduce" and not quick else (LEARNING_RATE,)
-                for lr in rates:
-                    run = f"{name}_alpha{alpha}_lr{lr}"
-                    arguments = COMMON + [f"seed={seed}", f"dirichlet_alpha={alpha}", f"learning_rate={lr}"] + \
-                        (QUICK if quick else FULL) + overrides + extra
-                    runs.append(sweep.Run(sweep.seeded_name(run, seed), "train.py", arguments,
-                                          {"method": label, "alpha": alpha, "learning rate": lr, "seed": seed}))
+    for label, alpha, lr in sorted(diverged, key=str):
+        smaller = [point for point in LEARNING_RATES if point < lr]
+        if smaller:
+            seeds = sorted({o.run.labels["seed"] for o in outcomes if o.run.labels["method"] == label and o.run.labels["alpha"] == alpha})
+            runs += [one_run(by_label[label], alpha, smaller[-1], seed, False, extra) for seed in seeds]
     return runs
 
 
@@ -103,10 +158,25 @@ def worst_worker_cells(runs: list[sweep.Run], folder: str):
 
 def main():
     args = sweep.study_arguments(__doc__, seeds=True).parse_args()
-    runs = study_runs(args.quick, args.overrides, args.seeds)
     folder = sweep.study_folder(args, "heterogeneous")
+    notes = PUBLISHED
+    if args.quick:
+        runs = study_runs(True, args.overrides, args.seeds)
+    else:  # tune all-reduce, run every method at its best point, and a diverged method again one point lower
+        learning_rate, tuned = chosen_learning_rate(sweep.launch_or_collect(args, tuning_runs(args.overrides, args.seeds), folder))
+        runs = study_runs(False, args.overrides, args.seeds, learning_rate)
+        while True:
+            retries = [run for run in smaller_rate_runs(sweep.launch_or_collect(args, runs, folder), args.overrides)
+                       if run.name not in {r.name for r in runs}]
+            if not retries:
+                break
+            runs += retries
+        lowered = sorted({f"{r.labels['method']} at alpha {r.labels['alpha']}" for r in runs if r.labels["method"] != METHODS["all_reduce"][0]
+                          and r.labels["learning rate"] < learning_rate})
+        notes = " ".join([tuned, f"Diverged at that rate and run again one point lower (both rows in the table): {', '.join(lowered)}."
+                          if lowered else "No method diverged at that rate.", PUBLISHED])
     outcomes, _ = report.run_study(args, "heterogeneous", runs, "Fashion-MNIST, per-class Dirichlet split, 16 workers", LABELS,
-                                   PUBLISHED, {"worst-worker test accuracy, mean ± std over seeds": worst_worker_cells(runs, folder)})
+                                   notes, {"worst-worker test accuracy, mean ± std over seeds": worst_worker_cells(runs, folder)})
     sys.exit(report.exit_status(outcomes))
 
 

@@ -140,20 +140,59 @@ def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, stud
 
 def test_heterogeneous_study_defines_the_issues_grid():
     """Study 13: 16 workers, batch 32, per-class Dirichlet alpha 0.1 and 0.01, 20 epochs, seeds 1 and 2;
-    all-reduce on the 3-point learning-rate grid, every other method at the chosen point."""
-    full = heterogeneous.study_runs(False, [])
+    all-reduce on the 3-point learning-rate grid first, every other method at the chosen point."""
+    tuning = heterogeneous.tuning_runs([])
+    assert len(tuning) == 2 * 2 * 3 and {r.labels["learning rate"] for r in tuning} == set(heterogeneous.LEARNING_RATES)
+    full = heterogeneous.study_runs(False, [], learning_rate=0.1)
     per_seed_and_alpha = len(heterogeneous.METHODS) + 2
     assert len(full) == 2 * 2 * per_seed_and_alpha and len({r.name for r in full}) == len(full)
+    assert full[:len(tuning)] == tuning
     assert {r.labels["seed"] for r in full} == {1, 2} and {r.labels["alpha"] for r in full} == {0.1, 0.01}
     for run in full:
         for setting in ("n_workers=16", "batch_size=32", "num_epochs=20", "dirichlet_split=per_class", "task_architecture=small_cnn"):
             assert setting in run.overrides
-    rates = {r.labels["learning rate"] for r in full if r.labels["method"] == "All-reduce"}
-    assert rates == set(heterogeneous.LEARNING_RATES) and heterogeneous.LEARNING_RATE in rates
-    assert {r.labels["learning rate"] for r in full if r.labels["method"] != "All-reduce"} == {heterogeneous.LEARNING_RATE}
+    assert {r.labels["learning rate"] for r in full if r.labels["method"] != "All-reduce"} == {0.1}
+    with pytest.raises(ValueError, match="grid"):
+        heterogeneous.study_runs(False, [], learning_rate=0.05)
     from powergossip import configuration, train
-    for run in full[:per_seed_and_alpha]:  # every method's settings pass train.py's checks (D² on a 16-ring: (I+W)/2)
+    for run in full[len(tuning) - 3:len(tuning) + per_seed_and_alpha - 3]:  # every method passes train.py's checks (D²: (I+W)/2)
         train.checked(configuration.apply_overrides(train._DEFAULTS, [o for o in run.overrides if not o.endswith(".yaml")]))
+
+
+def _finished(folder, run: sweep.Run, accuracy: float | None) -> sweep.Outcome:
+    """An outcome as a launch leaves it: a run that ended with this test accuracy, or (None) one
+    that train.py's loss check stopped."""
+    path = folder / run.name
+    path.mkdir(parents=True)
+    if accuracy is None:
+        (path / "FAILED").write_text("FloatingPointError: worker 3's loss is nan\n")
+        return sweep.Outcome(run, str(path), "failed")
+    record = {"name": "accuracy", "value": accuracy, "epoch": 20.0, "bits": 0.0, "messages": 0.0, "tags": {"split": "test_avg"}}
+    (path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    return sweep.Outcome(run, str(path), "done")
+
+
+def test_heterogeneous_study_picks_all_reduces_best_rate_and_lowers_it_for_a_method_that_diverges(tmp_path):
+    accuracy = {0.01: 0.70, 0.03: 0.80, 0.1: 0.75}  # by learning rate; alpha 0.01 runs 0.1 points lower
+    outcomes = [_finished(tmp_path, run, accuracy[run.labels["learning rate"]] - (0.1 if run.labels["alpha"] == 0.01 else 0))
+                for run in heterogeneous.tuning_runs([])]
+    rate, sentence = heterogeneous.chosen_learning_rate(outcomes)
+    assert rate == 0.03 and "0.01: 65.00%, 0.03: 75.00%, 0.1: 70.00%" in sentence
+    # a point where one all-reduce run diverged cannot be chosen
+    outcomes[1] = _finished(tmp_path / "again", outcomes[1].run, None)
+    assert outcomes[1].run.labels["learning rate"] == 0.03
+    assert heterogeneous.chosen_learning_rate(outcomes)[0] == 0.1
+
+    runs = heterogeneous.study_runs(False, [], learning_rate=0.03)
+    d2 = [r for r in runs if r.labels["method"].startswith("D²")]
+    others = [r for r in runs[len(outcomes):] if r not in d2]
+    method_outcomes = [_finished(tmp_path / "methods", r, None if r.labels["alpha"] == 0.01 and r.labels["seed"] == 2 else 0.8)
+                       for r in d2] + [_finished(tmp_path / "methods", r, 0.8) for r in others[:5]]
+    retries = heterogeneous.smaller_rate_runs(method_outcomes, [])
+    assert [(r.labels["method"], r.labels["alpha"], r.labels["learning rate"], r.labels["seed"]) for r in retries] == [
+        ("D² (ring, (I+W)/2)", 0.01, 0.01, 1), ("D² (ring, (I+W)/2)", 0.01, 0.01, 2)]  # every seed, one point lower
+    lowest = [_finished(tmp_path / "lowest", r, None) for r in retries]
+    assert heterogeneous.smaller_rate_runs(lowest, []) == []  # nothing below the grid
 
 
 def test_power_iterations_study_runs_a_part_of_its_grid_at_tiny_scale(tmp_path, tiny_data):
