@@ -15,22 +15,25 @@ import torch
 def sum_into_workers(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`out[l] = sum over half-edges h of weights[l, h] * values[h]` for `weights` `[L, H]`
     (nonzero on worker l's own half-edges only, as a plan's `incoming`) and `values` `[H, ...]`.
-    On the CPU each product, then each worker's sum over its half-edges in their fixed order,
-    one correctly rounded operation at a time: the same bits in every layout and on every CPU
-    (a BLAS product of [L, H] by [H, n] sums in an order that depends on L and on the CPU's
-    kernels, and the layouts' numbers would part). One matrix product elsewhere."""
+    On the CPU, slot by slot (a worker's first half-edge, then its second, ...): each worker's
+    sum starts at zero and adds its terms in their fixed order, one product and one addition
+    at a time, so a worker gets the same bits in every layout and on every CPU (a BLAS product
+    of [L, H] by [H, n] sums in an order that depends on L and on the CPU's kernels, and the
+    layouts' numbers would part). A half-edge of weight 0 (one a directed graph does not use)
+    is left out there: a NaN or inf it carries does not reach the sum, as it does in the one
+    matrix product that other devices run."""
     shape = (weights.shape[0],) + tuple(values.shape[1:])
     if values.device.type != "cpu":
         return (weights.to(values.dtype) @ values.reshape(values.shape[0], math.prod(values.shape[1:]))).reshape(shape)
     worker, edge = weights.nonzero(as_tuple=True)  # row by row, each row's half-edges in order
-    terms = values[edge] * weights[worker, edge].to(values.dtype).view((-1,) + (1,) * (values.dim() - 1))
     degrees = torch.bincount(worker, minlength=weights.shape[0])
     slot = torch.arange(len(edge)) - torch.repeat_interleave(torch.cumsum(degrees, 0) - degrees, degrees)
-    slots = terms.new_zeros((int(degrees.max()) if len(edge) else 0,) + shape)  # zeros in unused slots: + 0 changes no sum
-    slots[slot, worker] = terms
-    out = slots[0].clone() if len(slots) else values.new_zeros(shape)
-    for term in slots[1:]:
-        out += term
+    out = values.new_zeros(shape)
+    for k in range(int(degrees.max()) if len(edge) else 0):
+        in_slot = slot == k  # at most one half-edge of each worker
+        rows, edges = worker[in_slot], edge[in_slot]
+        term = values[edges].mul_(weights[rows, edges].to(values.dtype).view((-1,) + (1,) * (values.dim() - 1)))
+        out.index_add_(0, rows, term)
     return out
 
 

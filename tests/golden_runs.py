@@ -122,21 +122,22 @@ def layouts_in(folder: str) -> list[str]:
 
 
 def _close(want: str, got: str, first_values: dict, relative_tolerance: float) -> bool:
-    """Two records alike but for their value, which is within `relative_tolerance` of the larger
-    of the expected value and the first value of its series (same name and tags; gossip_run's
-    final_error is the last of its error series): float32
-    round-off scaled by where the series started, not by a value that has gone to zero. A value
-    that is not a finite number must be the same."""
+    """Two records alike but for their value, which differs by at most `relative_tolerance` of
+    the larger of the two values, plus FLOOR_TOLERANCE of the first value of its series (same
+    name and tags; gossip_run's final_error is the last of its error series): float32
+    round-off, with room for a value that has decayed to near zero from where it started, but
+    not for a change of a late value of a decaying curve. A value that is not a finite number
+    must be the same."""
     want, got = json.loads(want), json.loads(got)
     a, b = want.pop("value", None), got.pop("value", None)
     if want != got:
         return False
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b)):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b)):
         return a == b or (a != a and b != b)  # NaN is NaN
-    name = want.get("name", "").removeprefix("final_")  # gossip_run's final_error ends the error series
+    name = want.get("name", "").removeprefix("final_")
     series = json.dumps([name, want.get("tags")], sort_keys=True)
-    scale = max(abs(a), abs(first_values.setdefault(series, a)))
-    return abs(a - b) <= relative_tolerance * scale
+    start = abs(first_values.setdefault(series, a))
+    return abs(a - b) <= relative_tolerance * max(abs(a), abs(b)) + FLOOR_TOLERANCE * start
 
 
 def compare(expected_dir: str, actual_dir: str, layouts: list[str] | None = None, cases: list[str] | None = None,
@@ -193,7 +194,8 @@ def save(out_dir: str, golden_dir: str) -> list[str]:
 
 # --- this machine's arithmetic -----------------------------------------------------------------------
 ARITHMETIC_FILE = "ARITHMETIC.json"  # in the golden folder: the fingerprint of the machine that recorded the files
-RELATIVE_TOLERANCE = 1e-5  # where this machine's arithmetic differs (see compare)
+RELATIVE_TOLERANCE = 1e-5  # where this machine's arithmetic differs (see compare): of the value itself
+FLOOR_TOLERANCE = 1e-8  # ... plus this much of its series' first value (a curve that decays to round-off)
 
 
 def arithmetic_fingerprint() -> str:
@@ -204,12 +206,20 @@ def arithmetic_fingerprint() -> str:
     AVX2 or AVX-512, fused multiply-adds, the BLAS and oneDNN kernels chosen for the CPU) and
     from one torch release to another: two machines with one fingerprint compute the cases bit
     for bit alike. Nothing of the project is used, so a change to the project cannot change it."""
-    import hashlib
-
     import torch
     import torch.nn.functional as F
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _fingerprint_on_one_thread(torch, F)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fingerprint_on_one_thread(torch, F) -> str:
+    import hashlib
+
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, dtype=torch.float32):
@@ -254,8 +264,10 @@ def this_machine() -> dict:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) \
-        if os.path.isfile("/proc/cpuinfo") else platform.processor()
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     return {"fingerprint": arithmetic_fingerprint(), "cpu": cpu, "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 

@@ -204,8 +204,9 @@ class Method:
         this method holds beside them during a round, with `degree` half-edges per local worker:
         its state, what the round receives and its update's temporaries (measured on the CPU's
         torch path). A run budgets memory with it before any work (gossip_run.check_memory). A
-        method that does not say is budgeted a full message from every neighbour and one copy more."""
-        return degree + 1.0
+        method that does not say is budgeted a full message from every neighbour and two copies
+        more (per_worker.sum_into_workers' sum and the one slot's terms it adds)."""
+        return degree + 2.0
 
     def state_dict(self) -> dict:
         return {"round": self.round}

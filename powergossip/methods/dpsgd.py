@@ -28,9 +28,8 @@ class SimpleGossip(Method):
         for x, from_neighbors in zip(params, received):
             weight_self, incoming = edges.weights(x.dtype if x.is_floating_point() else torch.float32)
             keep = 1 - self.diffusion_rate * (1 - weight_self)  # 1 - gamma sum_{j in N(i)} w_ij
-            # x = keep x + gamma sum_j w_ij x_j: one scaling and one matrix product. Not addmm_: with
-            # one worker per process (one row, BLAS's gemv) it adds x inside the product, in another
-            # order than with several rows, and the layouts' numbers would part.
+            # x = keep x + gamma sum_j w_ij x_j: one scaling, then the neighbours' sum added (not one
+            # fused product with x inside: its order would depend on the workers beside it).
             x.mul_(keep.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1)))
             x.add_(sum_into_workers(incoming, from_neighbors), alpha=self.diffusion_rate)
 
