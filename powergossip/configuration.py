@@ -83,6 +83,19 @@ def check_method(method: str, topology, settings: dict) -> None:
         raise setting_problem(problem, settings) from None
 
 
+def with_faults(config: dict, method: str, topology):
+    """The run's topology with its faults (faults.apply), after faults.check on the fault-free
+    one, as ConfigErrors naming the key."""
+    from powergossip import faults, methods
+
+    try:
+        settings = faults.settings_of(config)
+        faults.check(settings, method, methods.METHODS[method].graph_needs, topology)
+        return faults.apply(settings, topology, config["seed"])
+    except ValueError as problem:
+        raise ConfigError(str(problem)) from None
+
+
 def with_canonical_keys(defaults: dict, config: dict) -> dict:
     """A copy of `config` (edited in Python) with every alias written as its key; an alias
     set beside its key to another non-default value is an error."""

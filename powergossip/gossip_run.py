@@ -85,6 +85,9 @@ config = {
     "plugins": [],  # your modules, imported first (their code runs): module names or paths of .py files that register methods
     "topology": "ring",  # a topologies.NAMES entry, "file:PATH" or "schedule:FILE"; each method says which graphs it takes (README)
     "n_workers": 8,  # workers (graph nodes), >= 2; a multiple of the number of processes
+    "link_failure_probability": 0.0,  # each round, each edge is down (both ways) with this probability (powergossip/faults.py)
+    "offline_probability": 0.0,  # each round, each worker is away (sends and receives nothing) with this probability
+    "churn": None,  # a file of "worker leave_round return_round" lines: a trace of absences to replay
     "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
     "data_type": "random",  # random | offset | sparse | log-normal | images | file (see initial_state)
     "data_path": None,  # data_type=file: a .npy array of real numbers, shape [n_workers, ...]; worker i starts from entry i
@@ -502,6 +505,7 @@ def checked(config) -> tuple[dict, topologies.Topology]:
     for gamma in diffusion_rates(config):  # the method's own checks, for every setting of the sweep
         for theta in thetas(config):
             configuration.check_method(method, topology, setting_values(config, fixed, gamma, theta))
+    topology = configuration.with_faults(config, method, topology)
 
     configuration.check_device(config["device"])
     configuration.check_seed(config["seed"])

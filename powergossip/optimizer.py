@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from powergossip import methods, names, topologies
+from powergossip import faults, methods, names, topologies
 from powergossip import step as step_module
 from powergossip import comm as comm_module
 from powergossip import launch
@@ -89,13 +89,19 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
     `momentum_type="quasi-global"` (Lin, Karimireddy, Stich, Jaggi 2021; step.QuasiGlobalMomentum)
     turns a wrapped torch.optim.SGD's momentum buffer into quasi-global momentum: the SGD
     steps with it unchanged and, after the method, it becomes mu m + (1 - mu) (x_t - x_{t+1}) / lr
-    (each group's momentum and learning rate); other optimizers are refused when it is built."""
+    (each group's momentum and learning rate); other optimizers are refused when it is built.
+
+    `link_failure_probability`, `offline_probability` and `churn` (powergossip/faults.py, drawn
+    with `fault_seed`) make the network unreliable as in train.py: the same faults for the same
+    seed, whatever the processes, and a state_dict continues them."""
 
     # GradScaler passes its scale and found_inf to step() instead of skipping it (see step)
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, algorithm: str = "power-gossip",
-                 topology="ring", device: str | torch.device | None = None, momentum_type: str = "local", **hyper):
+                 topology="ring", device: str | torch.device | None = None, momentum_type: str = "local",
+                 link_failure_probability: float = 0.0, offline_probability: float = 0.0, churn: str | None = None,
+                 fault_seed: int = 0, **hyper):
         parameters = list(dict.fromkeys(model.parameters()))  # tied parameters once
         if not parameters:
             raise ValueError("the model has no parameters to gossip")
@@ -116,6 +122,9 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
             raise ValueError(f"the topology has {self.topology.n_workers} workers but the job has {world_size} processes")
+        fault_settings = faults.FaultSettings(link_failure_probability, offline_probability, churn)
+        faults.check(fault_settings, name, methods.METHODS[name].graph_needs, self.topology)  # on the fault-free graph
+        self.topology = faults.apply(fault_settings, self.topology, fault_seed)
         self.gossip = methods.build(name, self.comm, self.topology, strict=True, **settings)
         if isinstance(self.gossip, PushSum):
             # SGP steps the numerator x at learning rate lr (z at lr / w); a wrapped optimizer of any

@@ -34,6 +34,7 @@ import torch
 
 from powergossip import comm as comm_module
 from powergossip import data
+from powergossip import faults
 from powergossip import methods
 from powergossip import metrics
 from powergossip import models
@@ -57,6 +58,9 @@ config = dict(
     momentum=0.9,  # Nesterov momentum (0 = plain SGD)
     momentum_type="local",  # local (each worker's gradients) or quasi-global (Lin et al. 2021: the buffer follows the model's change over the gossip too; no extra bytes)
     topology="ring",  # ring, torus, ..., one_peer_exponential, one_peer_hypercube, random_matching, file:edges.txt or schedule:graphs.txt
+    link_failure_probability=0.0,  # each round, each edge is down (both ways) with this probability (powergossip/faults.py)
+    offline_probability=0.0,  # each round, each worker is away (sends and receives nothing, keeps training) with this probability
+    churn=None,  # a file of "worker leave_round return_round" lines: a trace of absences to replay
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
     optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP), powersgd, relay-sum, d2 or gradient-tracking
     plugins=[],  # your modules, imported first (their code runs): module names or paths of .py files that register methods
@@ -148,8 +152,8 @@ def main():
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}{threads}", flush=True)
     dataset, loader = load_data(cfg, comm)  # a data set or a batch size that cannot work: found before the claim
-    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | data.files(cfg["task"], cfg["data_dir"])
-                                   | plugins.files(cfg["plugins"]))
+    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | faults.files_read(cfg)
+                                   | data.files(cfg["task"], cfg["data_dir"]) | plugins.files(cfg["plugins"]))
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
     checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
 
@@ -360,7 +364,7 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
     except (ValueError, OSError) as problem:
         raise ConfigError(f"topology: {problem}") from None
     configuration.check_method(cfg["optimizer"], topology, names.settings_of(cfg))
-    return cfg, topology
+    return cfg, configuration.with_faults(cfg, cfg["optimizer"], topology)
 
 
 def uses_cuda(device: str) -> bool:

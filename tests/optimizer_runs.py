@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import powergossip  # noqa: E402
-from powergossip import algorithms, topologies  # noqa: E402
+from powergossip import algorithms, faults, topologies  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
 from powergossip.models.stacked import StackedReplicas  # noqa: E402
 
@@ -97,7 +97,9 @@ def stacked(algorithm: str, hyper: dict):
     comm = comm_module.Communicator(N_WORKERS, "cpu")
     workers = StackedReplicas(transformer_classifier(), N_WORKERS, torch.device("cpu"))
     optimizers = [torch.optim.SGD(replica.parameters(), lr=0.05, momentum=0.9) for replica in workers.replicas]
-    gossip = algorithms.build(algorithm, comm, topologies.build("ring", N_WORKERS), **hyper)
+    fault_keys = {key: hyper.pop(key) for key in faults.KEYS if key in hyper}  # as DecentralizedOptimizer takes them
+    ring = faults.apply(faults.FaultSettings(**fault_keys), topologies.build("ring", N_WORKERS), hyper.pop("fault_seed", 0))
+    gossip = algorithms.build(algorithm, comm, ring, **hyper)
     trajectory = []
     for step in range(STEPS + GOSSIP_ONLY):
         if step == STEPS:

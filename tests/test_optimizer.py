@@ -16,6 +16,7 @@ RUNS = [
     ["choco", "choco", {"compressor": "sign-and-norm", "diffusion_rate": 0.4}, "sgd"],
     ["power_gossip_adamw", "power-gossip", {"rank": 2}, "adamw"],
     ["powersgd", "powersgd", {"rank": 2, "start_compressing_after_num_steps": 2}, "sgd"],
+    ["dpsgd_faults", "dpsgd", {"link_failure_probability": 0.3, "offline_probability": 0.2, "fault_seed": 7}, "sgd"],
 ]
 
 

@@ -46,6 +46,18 @@ def test_resume_refuses_changed_graph_or_data_files_but_follows_moved_data(tmp_p
     assert contents(out) == before
 
 
+def test_resume_refuses_a_changed_churn_file(tmp_path, tiny_data):
+    (tmp_path / "churn.txt").write_text("1 2 6\n")
+    churn = [f"churn={tmp_path / 'churn.txt'}", "optimizer=dpsgd"]
+    out = str(tmp_path / "run")
+    run(out, settings(tiny_data) + churn)
+    (tmp_path / "churn.txt").write_text("1 2 7\n")
+    before = contents(out)
+    with pytest.raises(ConfigError, match=r"churn file \S*churn.txt \(\S*churn.txt\) holds other bytes"):
+        run(out, settings(tiny_data, num_epochs=2) + churn + ["resume=true"])
+    assert contents(out) == before
+
+
 def test_max_test_examples_is_exact_for_any_evaluation_batch_size():
     dataset = data.load("synthetic", num_train=8, num_test=400, in_channels=1, image_size=28, seed=0)
     torch.manual_seed(0)

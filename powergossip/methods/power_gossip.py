@@ -26,7 +26,7 @@ class PowerGossipConfig(GossipConfig):
     num_iterations: int = 1  # power-iteration rounds per step: a better approximation, more messages and bits (all on the step's graph)
     warm_start: bool = True  # continue each edge's power iteration across steps (the paper's default), or redraw from its generator
     round_weights: bool = False  # the sign variant (rank 1): start vector sign(v) / sqrt(len(v)) instead of orthonormalized
-    edge_memory: int | None = None  # graphs over time: rounds an absent edge keeps P, Q, its generator (None: the period - 1, 16 without one; 0: afresh)
+    edge_memory: int | None = None  # graphs over time: rounds an absent edge keeps P, Q, its generator (None: the period - 1, 16 without one, always for a fixed graph's edges that faults cut; 0: afresh)
     seed: int = 0  # the run's seed: the edges' shared generators
 
     def __post_init__(self):
@@ -120,8 +120,11 @@ class PowerGossip(Method):
         self.rank, self.num_iterations, self.warm_start = config.rank, config.num_iterations, config.warm_start
         self.round_weights, self.seed = config.round_weights, config.seed
         edge_memory = config.edge_memory
-        if edge_memory is None:
-            edge_memory = topology.period - 1 if topology.period else self.DEFAULT_EDGE_MEMORY
+        base = getattr(topology, "without_faults", topology)  # faults.FaultyTopology: a fault is not an absence
+        if edge_memory is None and base is not topology and base.period == 1:
+            edge_memory = None  # a fixed graph's edges, down for a while: each keeps P, Q and its generator, and goes on
+        elif edge_memory is None:
+            edge_memory = base.period - 1 if base.period else self.DEFAULT_EDGE_MEMORY
         self.iteration = 0  # runs on across steps (the sign of the next power-iteration half-step)
         self.edge_memory = edge_memory
         self._pending_state = None  # a loaded state waits for the first step, which knows the shapes

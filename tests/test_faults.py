@@ -1,0 +1,144 @@
+"""Unreliable networks (powergossip/faults.py): links that fail and workers that are away, drawn
+from keyed streams, as each round's graph; what the methods that take them keep."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from powergossip import comm as comm_module
+from powergossip import configuration, faults, methods, topologies
+from tests.launch import run_mpi
+from tests.test_gossip_run import run_main
+
+RING8 = topologies.build("ring", 8)
+
+
+def faulty(topology, seed=5, **settings):
+    return faults.apply(faults.FaultSettings(**settings), topology, seed)
+
+
+def test_draws_are_keyed_by_seed_and_round_and_happen_as_often_as_asked():
+    draws = faults.Faults(faults.FaultSettings(link_failure_probability=0.2, offline_probability=0.1), 8, seed=5)
+    down = np.stack([draws.links_down(t) for t in range(300)])
+    assert (down == down.transpose(0, 2, 1)).all() and not down[:, range(8), range(8)].any()
+    edges = np.triu_indices(8, k=1)
+    assert 0.18 < down[:, edges[0], edges[1]].mean() < 0.22  # 300 x 28 draws at p = 0.2
+    away = np.stack([draws.away(t) for t in range(300)])
+    assert 0.08 < away.mean() < 0.12
+    again = faults.Faults(draws.settings, 8, seed=5)
+    assert (again.links_down(17) == down[17]).all() and (again.away(17) == away[17]).all()  # a round's own draws
+    other = faults.Faults(draws.settings, 8, seed=6)
+    assert not all((other.links_down(t) == down[t]).all() for t in range(10))
+
+
+def test_faults_off_leave_the_topology_as_it_is():
+    assert faults.apply(faults.FaultSettings(), RING8, 1) is RING8
+
+
+def test_a_round_loses_its_failed_links_and_absent_workers_edges_and_stays_doubly_stochastic():
+    topology = faulty(RING8, link_failure_probability=0.3, offline_probability=0.2)
+    for t in range(30):
+        graph, down, away = topology.at(t), topology.faults.links_down(t), topology.faults.away(t)
+        expected = [(i, j) for i, j in RING8.edges() if not down[i, j] and not away[i] and not away[j]]
+        assert graph.edges() == expected
+        W = graph.diffusion_matrix
+        assert np.allclose(W, W.T) and np.allclose(W.sum(axis=0), 1) and np.allclose(W.sum(axis=1), 1)
+    assert topology.without_faults is RING8 and topology.period is None
+
+
+def test_a_churn_file_replays_absences_and_a_bad_line_is_named(tmp_path):
+    trace = tmp_path / "churn.txt"
+    trace.write_text("# worker leave return\n3 2 5\n\n0 4 6  # worker 0 too\n")
+    draws = faults.Faults(faults.FaultSettings(churn=str(trace)), 8, seed=1)
+    assert [np.flatnonzero(draws.away(t)).tolist() for t in range(7)] == [[], [], [3], [3], [0, 3], [0], []]
+    for line, problem in [("3 2", "three integers"), ("8 1 2", "worker 8 is not one of the 8 workers"),
+                          ("1 5 5", "leave_round < return_round"), ("a b c", "three integers")]:
+        trace.write_text(f"0 1 2\n{line}\n")
+        with pytest.raises(ValueError, match=f"line 2 .*{problem}"):
+            faults.read_churn(str(trace), 8)
+    with pytest.raises(ValueError, match="does not exist"):
+        faults.read_churn(str(tmp_path / "missing.txt"), 8)
+
+
+@pytest.mark.parametrize("setting,problem", [
+    ({"link_failure_probability": 1.0}, "link_failure_probability must be a probability in \\[0, 1\\)"),
+    ({"offline_probability": -0.1}, "offline_probability must be a probability"),
+    ({"link_failure_probability": True}, "link_failure_probability must be a probability"),
+])
+def test_impossible_settings_are_refused(setting, problem):
+    with pytest.raises(ValueError, match=problem):
+        faults.FaultSettings(**setting)
+
+
+@pytest.mark.parametrize("algorithm,topology,problem", [
+    ("choco", "ring", "choco needs a symmetric topology that stays the same every round"),
+    ("all-reduce", "ring", "all-reduce does not gossip over the graph"),
+    ("push-sum", "one_peer_exponential", "faults need a symmetric graph"),
+])
+def test_methods_without_a_rule_for_faults_refuse_them_before_any_work(tmp_path, algorithm, topology, problem):
+    with pytest.raises(configuration.ConfigError, match=f"link_failure_probability: {problem}"):
+        run_main(tmp_path, algorithm=algorithm, topology=topology, n_workers=8, matrix_size=4, num_steps=5,
+                 link_failure_probability=0.1)
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def gossip(method_name, topology, steps, **settings):
+    """`steps` rounds of a method in one process from random starts: (start, end, bytes sent)."""
+    comm = comm_module.Communicator(8, "cpu")
+    method = methods.build(method_name, comm, topology, **settings)
+    x = torch.randn(8, 6, 5, generator=torch.Generator().manual_seed(0))
+    start = x.clone()
+    method.start([x])
+    for _ in range(steps):
+        method.step([x])
+    return start, x, comm.bytes_sent.copy(), method
+
+
+@pytest.mark.parametrize("method_name,settings", [("dpsgd", {}), ("power-gossip", {"rank": 1}), ("push-sum", {}),
+                                                  ("gradient-tracking", {})])
+def test_mixing_keeps_the_average_under_link_failures_and_absences_and_still_agrees(method_name, settings):
+    topology = faulty(RING8, link_failure_probability=0.2, offline_probability=0.1)
+    start, end, sent, _ = gossip(method_name, topology, 400, **settings)
+    initial_error = (start - start.mean(0)).norm()
+    assert (end.mean(0) - start.mean(0)).norm() < 1e-5 * initial_error  # each round's W is doubly stochastic (float32)
+    assert (end - end.mean(0)).norm() < 1e-4 * initial_error  # and the workers still agree
+    *_, fault_free, _ = gossip(method_name, RING8, 400, **settings)
+    assert (sent < fault_free).all()  # what a cut link or an absent worker would have sent is not counted
+
+
+def test_dpsgd_counts_exactly_the_messages_of_each_rounds_remaining_edges():
+    topology = faulty(RING8, link_failure_probability=0.3, offline_probability=0.2)
+    *_, sent, _ = gossip("dpsgd", topology, 20)
+    degrees = sum(np.count_nonzero(topology.at(t).diffusion_matrix - np.diag(np.diag(topology.at(t).diffusion_matrix)), axis=0)
+                  for t in range(20))
+    assert (sent == degrees * 6 * 5 * 4).all()  # a float32 6 x 5 matrix to each neighbour that is there
+
+
+def test_powergossip_keeps_a_cut_edges_state_through_a_long_absence(tmp_path):
+    """A fault is not an absence for edge_memory: worker 0 away for 40 rounds (more than the 16 an
+    edge of a graph over time is kept) comes back to its edges' P, Q and generators, and both
+    ends of every edge still hold the same factors."""
+    trace = tmp_path / "churn.txt"
+    trace.write_text("0 3 43\n")
+    topology = faulty(RING8, churn=str(trace))
+    *_, method = gossip("power-gossip", topology, 44, rank=1)
+    power = method.compressed  # OnlyOnLargeParameters: PowerGossip on the matrices
+    rows = power.edge_rows.row_of
+    assert set(rows) == {(i, j) for i in range(8) for j in range(8) if RING8.diffusion_matrix[i, j] > 0 and i != j}
+    assert not power.edge_rows.free
+    for (i, j), row in rows.items():
+        other = rows[(j, i)]
+        assert all(torch.equal(p[row], p[other]) for p in power.p) and all(torch.equal(q[row], q[other]) for q in power.q)
+    assert power.half_steps[rows[(0, 1)]] < power.half_steps[rows[(3, 4)]]  # its power iteration paused while 0 was away
+
+
+def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path):
+    settings = {"algorithm": "power_gossip", "n_workers": 4, "matrix_size": 6, "num_steps": 40, "seed": 3,
+                "link_failure_probability": 0.25, "offline_probability": 0.15}
+    single = run_main(tmp_path / "single", **settings)
+    run_mpi(2, ["gossip_run.py", f"output_dir={tmp_path / 'mpi'}"] + [f"{k}={json.dumps(v)}" for k, v in settings.items()],
+            timeout=300)
+    from powergossip import runs
+    assert runs.read_metrics(str(tmp_path / "mpi")) == single
