@@ -63,6 +63,7 @@ class Communicator:
         self.local_workers = range(self.first_worker, self.first_worker + self.num_local)
         self.bytes_sent = np.zeros(self.num_local, dtype=np.int64)
         self.messages_sent = np.zeros(self.num_local, dtype=np.int64)
+        self.messages_lost = np.zeros(self.num_local, dtype=np.int64)  # sent (and counted) but lost (faults.py)
         self._plans: dict[int, tuple] = {}  # id(topology) -> (topology, HalfEdges, _Routes), latest used last
         # Gloo moves CPU tensors only: GPU tensors are staged through the host.
         staged = context.backend == "gloo" and self.device.type == "cuda"
@@ -136,6 +137,11 @@ class Communicator:
         if routes.peers:
             self._exchange_remote(routes, row_of_half_edge, payloads, received)
         return received
+
+    def count_lost(self, edges, lost: np.ndarray) -> None:
+        """Count the messages of this round's local half-edges `edges` that `lost` (booleans, one per
+        half-edge) marks lost on their way from the half-edge's worker to its neighbour."""
+        np.add.at(self.messages_lost, edges.on_host[0][lost & edges.sends] - self.first_worker, 1)
 
     def senders_in_process(self, topology) -> torch.Tensor | None:
         """When every message of `topology`'s round stays in this process: per local half-edge h,

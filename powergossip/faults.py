@@ -10,7 +10,10 @@ launch layout and after a resume (nothing is saved but the round counter the met
 - `offline_probability`: at round t, worker k is away when v(seed, t, k) < p: it sends and
   receives nothing that round and keeps taking its local steps;
 - `churn`: a file of `worker leave_round return_round` lines (the worker is away at rounds
-  leave_round <= t < return_round), a trace to replay; '#' starts a comment.
+  leave_round <= t < return_round), a trace to replay; '#' starts a comment;
+- `message_loss_probability`: at round t, the message from i to j is lost when
+  w(seed, t, i, j) < p (the two directions of an edge drawn apart): it was sent, and counts as
+  sent, but does not arrive. Each method says what it does then (`Method.arrived`).
 
 The round's graph is the fault-free one without the edges that are down or touch an absent
 worker, their weights moved to the two ends' own weights (topologies.without_edges): on a
@@ -29,8 +32,9 @@ import numpy as np
 
 from powergossip import topologies
 
-LINK_STREAM, ABSENCE_STREAM = 11, 12  # the faults' random streams (the methods' are 1, 2, 3: methods.base)
-KEYS = ("link_failure_probability", "offline_probability", "churn")  # the configuration's keys, off by default
+LINK_STREAM, ABSENCE_STREAM, LOSS_STREAM = 11, 12, 13  # the faults' random streams (the methods' are 1, 2, 3: methods.base)
+KEYS = ("link_failure_probability", "offline_probability", "churn", "message_loss_probability")  # the configuration's keys, off by default
+LOSS_RULES = ("dpsgd", "power-gossip")  # the methods with a rule for a message lost one way (docs/algorithms.md)
 # graph needs of the methods that mix with each round's W and take graphs that change: they take faults
 TAKES_FAULTS = ("symmetric", "doubly_stochastic", "column_stochastic")
 
@@ -41,9 +45,10 @@ class FaultSettings:
     link_failure_probability: float = 0.0
     offline_probability: float = 0.0
     churn: str | None = None
+    message_loss_probability: float = 0.0
 
     def __post_init__(self):
-        for key in ("link_failure_probability", "offline_probability"):
+        for key in ("link_failure_probability", "offline_probability", "message_loss_probability"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ValueError(f"{key} must be a probability in [0, 1) (1 would cut every round), got {value!r}")
@@ -52,7 +57,7 @@ class FaultSettings:
 
     @property
     def active(self) -> bool:
-        return bool(self.link_failure_probability or self.offline_probability or self.churn)
+        return bool(self.link_failure_probability or self.offline_probability or self.churn or self.message_loss_probability)
 
 
 def settings_of(config: dict) -> FaultSettings:
@@ -114,6 +119,11 @@ class Faults:
             away[worker] |= leave <= round < back
         return away
 
+    def lost(self, round: int) -> np.ndarray:
+        """`[n, n]` booleans: the message from worker i to worker j is lost at this round ([i, j])."""
+        p, n = self.settings.message_loss_probability, self.n_workers
+        return self._uniform(LOSS_STREAM, round, (n, n)) < p if p else np.zeros((n, n), dtype=bool)
+
     def graph(self, graph, round: int):
         """Round `round`'s graph: `graph` (the fault-free one) without the edges that are down or
         touch an absent worker, their weights on the diagonal."""
@@ -156,6 +166,9 @@ def check(settings: FaultSettings, method_name: str, graph_needs: str | None, to
         takes = [name for name, registration in methods.METHODS.items() if registration.graph_needs in TAKES_FAULTS]
         raise ValueError(f"{key}: {method_name} {why}, so it does not take faults yet; methods that do (on a symmetric "
                          f"graph): {', '.join(takes)}")
+    if settings.message_loss_probability and method_name not in LOSS_RULES:
+        raise ValueError(f"message_loss_probability: {method_name} has no rule yet for a message lost one way; methods "
+                         f"that have: {', '.join(LOSS_RULES)}")
     if not topology.is_symmetric:
         raise ValueError(f"{key}: faults need a symmetric graph (an edge that fails on a directed one would change its "
                          f"column sums); {topology.name} is not")

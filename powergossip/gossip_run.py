@@ -88,6 +88,7 @@ config = {
     "link_failure_probability": 0.0,  # each round, each edge is down (both ways) with this probability (powergossip/faults.py)
     "offline_probability": 0.0,  # each round, each worker is away (sends and receives nothing) with this probability
     "churn": None,  # a file of "worker leave_round return_round" lines: a trace of absences to replay
+    "message_loss_probability": 0.0,  # each round, each message (one direction of an edge) is lost with this probability
     "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
     "data_type": "random",  # random | offset | sparse | log-normal | images | file (see initial_state)
     "data_path": None,  # data_type=file: a .npy array of real numbers, shape [n_workers, ...]; worker i starts from entry i
@@ -171,6 +172,7 @@ def main():
         method = build_method(cfg, comm, topology, gamma, theta)
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
+        comm.messages_lost[:] = 0
 
         divergence = runs.DivergenceCheck(max_ratio=1.0)  # an error above the one at step 0, or not finite
         diverged = False

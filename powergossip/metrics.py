@@ -23,6 +23,8 @@ A record is one JSON object per line of metrics.jsonl:
 - `communication_time_model` (split network_model): the seconds a worker's
   communication since the start of the run would take on a latency-bandwidth network
   (`network_seconds`, train.py's `network_*` keys), from the same bits and messages.
+- `messages_lost` (split network, with message_loss_probability > 0): of the messages a worker
+  sent since the start of the run (the record's "messages"), how many were lost (faults.py).
 - `metrics_gap` (split history): written by a resume with accept_metrics_gap=true when
   epochs the checkpoint covers have no records (`resumed_history`); "value" counts them,
   tags "missing_epochs" lists them, "epoch" is the checkpoint's.
@@ -297,6 +299,9 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
         recorder.record(f"time_{label}", e, mean * instances, {"split": "runtime"})
     recorder.record("communication_time_model", e, network_seconds(recorder.bits, recorder.messages, cfg["network_latency_s"],
                                                                    cfg["network_bandwidth_bits_per_s"]), {"split": "network_model"})
+    if cfg["message_loss_probability"]:  # the same key on every process: the sum is collective
+        lost = comm.sum_over_processes(np.array([comm.messages_lost.sum()], dtype=np.float64))[0] / comm.n_workers
+        recorder.record("messages_lost", e, lost, {"split": "network"})
 
 
 def check_spectrum_logging(cfg: dict) -> None:

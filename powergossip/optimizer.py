@@ -60,10 +60,12 @@ class _OneWorkerPerProcess:
         return int(self.comm.bytes_sent[0])
 
     def _counters(self) -> dict:
-        return {"bytes_sent": int(self.comm.bytes_sent[0]), "messages_sent": int(self.comm.messages_sent[0])}
+        return {"bytes_sent": int(self.comm.bytes_sent[0]), "messages_sent": int(self.comm.messages_sent[0]),
+                "messages_lost": int(self.comm.messages_lost[0])}
 
     def _load_counters(self, state: dict) -> None:
         self.comm.bytes_sent[0], self.comm.messages_sent[0] = state["bytes_sent"], state["messages_sent"]
+        self.comm.messages_lost[0] = state.get("messages_lost", 0)  # a state from before messages could be lost: none were
 
 
 def _stacked_gradients(parameters) -> list[torch.Tensor]:
@@ -91,7 +93,8 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
     steps with it unchanged and, after the method, it becomes mu m + (1 - mu) (x_t - x_{t+1}) / lr
     (each group's momentum and learning rate); other optimizers are refused when it is built.
 
-    `link_failure_probability`, `offline_probability` and `churn` (powergossip/faults.py, drawn
+    `link_failure_probability`, `offline_probability`, `churn` and `message_loss_probability`
+    (powergossip/faults.py, drawn
     with `fault_seed`) make the network unreliable as in train.py: the same faults for the same
     seed, whatever the processes, and a state_dict continues them."""
 
@@ -101,7 +104,7 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, algorithm: str = "power-gossip",
                  topology="ring", device: str | torch.device | None = None, momentum_type: str = "local",
                  link_failure_probability: float = 0.0, offline_probability: float = 0.0, churn: str | None = None,
-                 fault_seed: int = 0, **hyper):
+                 message_loss_probability: float = 0.0, fault_seed: int = 0, **hyper):
         parameters = list(dict.fromkeys(model.parameters()))  # tied parameters once
         if not parameters:
             raise ValueError("the model has no parameters to gossip")
@@ -122,7 +125,7 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
         self.topology = topologies.build(topology, world_size) if isinstance(topology, str) else topology
         if self.topology.n_workers != world_size:
             raise ValueError(f"the topology has {self.topology.n_workers} workers but the job has {world_size} processes")
-        fault_settings = faults.FaultSettings(link_failure_probability, offline_probability, churn)
+        fault_settings = faults.FaultSettings(link_failure_probability, offline_probability, churn, message_loss_probability)
         faults.check(fault_settings, name, methods.METHODS[name].graph_needs, self.topology)  # on the fault-free graph
         self.topology = faults.apply(fault_settings, self.topology, fault_seed)
         self.gossip = methods.build(name, self.comm, self.topology, strict=True, **settings)
@@ -254,7 +257,7 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
         with torch.no_grad():
             for target, saved in zip(self.params, state["parameters"]):
                 target[0].copy_(saved)
-        own = ("gossip", "parameters", "bytes_sent", "messages_sent")
+        own = ("gossip", "parameters", "bytes_sent", "messages_sent", "messages_lost")
         self.optimizer.load_state_dict(state["optimizer"] if "optimizer" in state else
                                        {key: value for key, value in state.items() if key not in own})
         self.gossip.load_state_dict(state["gossip"])

@@ -61,6 +61,7 @@ config = dict(
     link_failure_probability=0.0,  # each round, each edge is down (both ways) with this probability (powergossip/faults.py)
     offline_probability=0.0,  # each round, each worker is away (sends and receives nothing, keeps training) with this probability
     churn=None,  # a file of "worker leave_round return_round" lines: a trace of absences to replay
+    message_loss_probability=0.0,  # each round, each message (one direction of an edge) is lost with this probability
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
     optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP), powersgd, relay-sum, d2 or gradient-tracking
     plugins=[],  # your modules, imported first (their code runs): module names or paths of .py files that register methods
@@ -405,6 +406,7 @@ def run_state(workers, momenta, method, comm, totals) -> dict:
     return {
         "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": method.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
+        "messages_lost": torch.from_numpy(comm.messages_lost.copy()),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
         "partial_epoch": None if totals is None else totals.state(),
     }
@@ -426,6 +428,8 @@ def saved_state_problem(state: dict, expected: dict, batches_per_epoch: int) -> 
     if (partial is None) != (step == 0):
         return f"its partial_epoch ({'none' if partial is None else 'totals'}) does not go with step_in_epoch={step}"
     own = expected | {"gossip": None, "cuda_rng": None, "partial_epoch": None if partial is None else expected["partial_epoch"]}
+    if "messages_lost" not in state:  # a save from before messages could be lost: none were
+        own.pop("messages_lost")
     found = runs.mismatch(state, own) or runs.mismatch(state["gossip"], expected["gossip"], "gossip", lenient=True)
     return None if found is None else f"{found}: it belongs to another run (another model or method setting)"
 
@@ -438,6 +442,7 @@ def restore(saved, workers, momenta, method, comm) -> dict | None:
     method.load_state_dict(saved["gossip"])
     comm.bytes_sent[:] = saved["bytes_sent"].numpy()
     comm.messages_sent[:] = saved["messages_sent"].numpy()
+    comm.messages_lost[:] = saved["messages_lost"].numpy() if "messages_lost" in saved else 0
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state(saved["cuda_rng"])

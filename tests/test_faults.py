@@ -134,11 +134,52 @@ def test_powergossip_keeps_a_cut_edges_state_through_a_long_absence(tmp_path):
     assert power.half_steps[rows[(0, 1)]] < power.half_steps[rows[(3, 4)]]  # its power iteration paused while 0 was away
 
 
-def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path):
-    settings = {"algorithm": "power_gossip", "n_workers": 4, "matrix_size": 6, "num_steps": 40, "seed": 3,
-                "link_failure_probability": 0.25, "offline_probability": 0.15}
+@pytest.mark.parametrize("faulty_settings", [
+    {"algorithm": "power_gossip", "link_failure_probability": 0.25, "offline_probability": 0.15},
+    {"algorithm": "dpsgd", "link_failure_probability": 0.1, "message_loss_probability": 0.2},
+    {"algorithm": "power_gossip", "message_loss_probability": 0.2}])
+def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path, faulty_settings):
+    settings = {"n_workers": 4, "matrix_size": 6, "num_steps": 40, "seed": 3} | faulty_settings
     single = run_main(tmp_path / "single", **settings)
     run_mpi(2, ["gossip_run.py", f"output_dir={tmp_path / 'mpi'}"] + [f"{k}={json.dumps(v)}" for k, v in settings.items()],
             timeout=300)
     from powergossip import runs
     assert runs.read_metrics(str(tmp_path / "mpi")) == single
+
+
+def test_dpsgd_under_one_way_loss_counts_what_was_sent_and_lost_and_its_average_drifts():
+    """A lost message was sent (counted) but does not arrive: its weight moves to the receiver's
+    own, so that round's W is not symmetric and the workers' average drifts; they still agree."""
+    topology = faulty(RING8, message_loss_probability=0.2)
+    start, end, sent, method = gossip("dpsgd", topology, 300)
+    _, _, fault_free, _ = gossip("dpsgd", RING8, 300)
+    assert (sent == fault_free).all()  # every message was sent
+    draws = np.stack([topology.faults.lost(t) for t in range(300)])
+    neighbours = (RING8.diffusion_matrix > 0) & ~np.eye(8, dtype=bool)
+    assert (method.comm.messages_lost == (draws & neighbours).sum(axis=(0, 2))).all()
+    assert 0.15 < method.comm.messages_lost.sum() / (300 * 16) < 0.25
+    initial_error = (start - start.mean(0)).norm()
+    assert (end.mean(0) - start.mean(0)).norm() > 1e-3 * initial_error  # not kept
+    assert (end - end.mean(0)).norm() < 1e-4 * initial_error  # consensus, elsewhere
+
+
+def test_powergossip_under_one_way_loss_skips_the_edge_at_both_ends_and_keeps_the_average():
+    """A PowerGossip message lost either way: both ends (told by the simulator) keep the edge's
+    old factor and leave X alone, so their factors never part and the average is kept."""
+    topology = faulty(RING8, message_loss_probability=0.2)
+    start, end, sent, method = gossip("power-gossip", topology, 400, rank=1)
+    *_, fault_free, _ = gossip("power-gossip", RING8, 400, rank=1)
+    assert (sent == fault_free).all() and 0.15 < method.comm.messages_lost.sum() / method.comm.messages_sent.sum() < 0.25
+    initial_error = (start - start.mean(0)).norm()
+    assert (end.mean(0) - start.mean(0)).norm() < 1e-5 * initial_error
+    assert (end - end.mean(0)).norm() < 1e-3 * initial_error  # slower: 36% of the edges' half-steps are skipped
+    power = method.compressed
+    rows = power.edge_rows.row_of
+    for (i, j), row in rows.items():
+        assert all(torch.equal(p[row], p[rows[(j, i)]]) for p in power.p)
+        assert all(torch.equal(q[row], q[rows[(j, i)]]) for q in power.q)
+
+
+def test_methods_without_a_rule_for_lost_messages_refuse_them(tmp_path):
+    with pytest.raises(configuration.ConfigError, match="message_loss_probability: push-sum has no rule yet"):
+        run_main(tmp_path, algorithm="push_sum", n_workers=8, matrix_size=4, num_steps=5, message_loss_probability=0.1)

@@ -183,6 +183,23 @@ class Method:
         self.round += 1
         return graph
 
+    def arrived(self, edges, both_ways: bool = False) -> torch.Tensor | None:
+        """Per local half-edge of this round's graph (the one next_graph gave last), whether the
+        message from its neighbour arrived (`both_ways`: and the one to it, which the sender
+        learns from the simulator, for a rule where both ends skip): None when no message is
+        lost (faults.py's message_loss_probability), else booleans on the device. Counts the
+        messages this process's workers sent that were lost (Communicator.messages_lost): call
+        it once per exchange."""
+        faults = getattr(self.topology, "faults", None)
+        if faults is None or not faults.settings.message_loss_probability:
+            return None
+        lost = faults.lost(self.round - 1)  # [sender, receiver]
+        senders, neighbors = edges.on_host
+        outgoing_lost = lost[senders, neighbors]
+        self.comm.count_lost(edges, outgoing_lost)
+        arrived = ~lost[neighbors, senders] & (~outgoing_lost if both_ways else True)
+        return torch.as_tensor(arrived, device=edges.incoming.device)
+
     def start(self, params: list[torch.Tensor]) -> None:
         """x^0: the parameters before the first local step, for a method registered to take the
         local step first that needs them (RelaySum's fill-in, the x^t of D² and gradient

@@ -303,13 +303,20 @@ class PowerGossip(Method):
                                             start_slots[:, position], widths) for position, k in enumerate(indices)]
             products.append(from_worker_slots(edges, torch.stack(per_matrix, dim=1)))
         received = self.comm.exchange(graph, products, per="half_edge")
+        # A message lost either way (faults.py): both ends skip the edge's half-step, keep its old
+        # factor and leave X alone, so that they never part
+        both_arrived = self.arrived(edges, both_ways=True)
+        if both_arrived is not None:
+            both_arrived = both_arrived.view(-1, 1, 1, 1)
+            weight_of_edge = weight_of_edge * both_arrived.view(-1)
 
         weight_of_edge, sign = weight_of_edge.view(-1, 1, 1, 1), sign.view(-1, 1, 1, 1)
         results = q if left else p
         for g, (indices, m, n, r) in enumerate(self.groups):
             # Both ends store the same product of D = X_max - X_min: the smaller id theirs - mine,
             # the larger mine - theirs, which is exactly -(theirs - mine).
-            results[g] = (received[g] - products[g]).mul_(sign)
+            result = (received[g] - products[g]).mul_(sign)
+            results[g] = result if both_arrived is None else torch.where(both_arrived, result, results[g])
             # X_i += sum_j (+-gamma w_ij) P_ij Q_ij^T: one matrix product per matrix (and worker, on the CPU)
             weighted_p = to_worker_slots(edges, p[g] * weight_of_edge)
             q_slots = to_worker_slots(edges, q[g])
@@ -317,6 +324,10 @@ class PowerGossip(Method):
             for position, k in enumerate(indices):
                 add_matmul_per_worker_(matrix_view(params[k], m, n), weighted_p[:, position], q_slots[:, position].transpose(1, 2),
                                        widths)
+
+    def _loses_messages(self) -> bool:
+        faults = getattr(self.topology, "faults", None)
+        return faults is not None and bool(faults.settings.message_loss_probability)
 
     def _fused_layout(self, params, edges) -> tuple[kernels.MatrixLayout, torch.Tensor] | None:
         """The kernels' layout of the matrices and the parameters' storage as one flat tensor, when
@@ -336,6 +347,7 @@ class PowerGossip(Method):
                 layout = self._matrix_layout = kernels.MatrixLayout(self.groups, offsets, x.device)
         fits = layout is not None and kernels.fits(layout, edges.max_degree)
         why_not = ("round_weights (the sign variant)" if self.round_weights
+                   else "messages lost one way (faults.py: its rule runs in torch)" if self._loses_messages()
                    else "not float32 stacks in one storage on a GPU with Triton" if storage is None
                    else f"more than {kernels.MAX_FACTOR_COLUMNS} factor columns (rank x degree)" if not fits else None)
         if not self._use_fused(why_not) or not fits or not edges.num:
