@@ -34,7 +34,7 @@ from powergossip import topologies
 
 LINK_STREAM, ABSENCE_STREAM, LOSS_STREAM = 11, 12, 13  # the faults' random streams (the methods' are 1, 2, 3: methods.base)
 KEYS = ("link_failure_probability", "offline_probability", "churn", "message_loss_probability")  # the configuration's keys, off by default
-LOSS_RULES = ("dpsgd", "power-gossip")  # the methods with a rule for a message lost one way (docs/algorithms.md)
+LOSS_RULES = ("dpsgd", "power-gossip", "push-sum")  # the methods with a rule for a message lost one way (docs/algorithms.md)
 # graph needs of the methods that mix with each round's W and take graphs that change: they take faults
 TAKES_FAULTS = ("symmetric", "doubly_stochastic", "column_stochastic")
 

@@ -137,7 +137,8 @@ def test_powergossip_keeps_a_cut_edges_state_through_a_long_absence(tmp_path):
 @pytest.mark.parametrize("faulty_settings", [
     {"algorithm": "power_gossip", "link_failure_probability": 0.25, "offline_probability": 0.15},
     {"algorithm": "dpsgd", "link_failure_probability": 0.1, "message_loss_probability": 0.2},
-    {"algorithm": "power_gossip", "message_loss_probability": 0.2}])
+    {"algorithm": "power_gossip", "message_loss_probability": 0.2},
+    {"algorithm": "push_sum", "topology": "random_matching", "message_loss_probability": 0.2, "offline_probability": 0.1}])
 def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path, faulty_settings):
     settings = {"n_workers": 4, "matrix_size": 6, "num_steps": 40, "seed": 3} | faulty_settings
     single = run_main(tmp_path / "single", **settings)
@@ -180,6 +181,20 @@ def test_powergossip_under_one_way_loss_skips_the_edge_at_both_ends_and_keeps_th
         assert all(torch.equal(q[row], q[rows[(j, i)]]) for q in power.q)
 
 
+def test_robust_push_sum_reaches_the_exact_average_under_message_loss():
+    """Running sums (Hadjicostis et al. 2016): a lost message's mass arrives with the next one
+    that gets through, so x / w reaches the starting average exactly, where mixing the rest
+    (D-PSGD's rule) drifts away from it."""
+    topology = faulty(RING8, message_loss_probability=0.1, link_failure_probability=0.1)
+    start, end, sent, method = gossip("push-sum", topology, 300)
+    initial_error = (start - start.mean(0)).norm()
+    assert (end - start.mean(0)).norm() < 1e-5 * initial_error  # every worker at the starting average
+    assert method.comm.messages_lost.sum() > 0.05 * method.comm.messages_sent.sum()
+    _, dpsgd_end, _, _ = gossip("dpsgd", topology, 300)
+    assert (dpsgd_end.mean(0) - start.mean(0)).norm() > 1e-3 * initial_error
+
+
 def test_methods_without_a_rule_for_lost_messages_refuse_them(tmp_path):
-    with pytest.raises(configuration.ConfigError, match="message_loss_probability: push-sum has no rule yet"):
-        run_main(tmp_path, algorithm="push_sum", n_workers=8, matrix_size=4, num_steps=5, message_loss_probability=0.1)
+    with pytest.raises(configuration.ConfigError, match="message_loss_probability: deepsqueeze has no rule yet"):
+        run_main(tmp_path, algorithm="deepsqueeze", n_workers=8, matrix_size=4, num_steps=5, message_loss_probability=0.1,
+                 optimizer_diffusion_rate=0.1)

@@ -81,7 +81,8 @@ LAYOUT_RUNS = ["dpsgd", "dpsgd dirichlet_split=per_class dirichlet_alpha=0.1", "
                "push-sum topology=one_peer_exponential local_steps=2", "power-gossip topology=random_matching",
                "relay-sum topology=double_binary_trees", "d2 optimizer_diffusion_rate=0.5", "gradient-tracking",
                "dpsgd link_failure_probability=0.2 offline_probability=0.2 message_loss_probability=0.1",
-               "power-gossip link_failure_probability=0.3 message_loss_probability=0.1"]
+               "power-gossip link_failure_probability=0.3 message_loss_probability=0.1",
+               "push-sum message_loss_probability=0.2"]
 
 
 def layout_overrides(tiny_data, optimizer):
@@ -119,7 +120,7 @@ def comparable(folder):
 
 @pytest.mark.parametrize("optimizer", ["power-gossip", "relay-sum topology=chain", "d2 optimizer_diffusion_rate=0.5",
                                        "gradient-tracking", "power-gossip link_failure_probability=0.3 offline_probability=0.2",
-                                       "dpsgd message_loss_probability=0.2"])
+                                       "dpsgd message_loss_probability=0.2", "push-sum message_loss_probability=0.2"])
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, tiny_data, optimizer):
     """The checkpoint holds every state a method keeps (RelaySum's x^0, messages and counts; D2's
     and gradient tracking's corrections; the round that keys the faults' draws): a resumed run

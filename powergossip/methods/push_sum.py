@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from powergossip.methods.base import GossipConfig
+from powergossip.methods.base import GossipConfig, sum_into_workers
 from powergossip.methods.dpsgd import SimpleGossip
 from powergossip.methods.registry import register_algorithm
 
@@ -28,6 +28,9 @@ class PushSum(SimpleGossip):
     def __init__(self, comm, topology, config: GossipConfig | None = None, **settings):
         super().__init__(comm, topology, config, **settings)
         self.weight = None  # w_i per local worker `[L]`, in the parameters' dtype (from the first step)
+        # with messages lost one way (_robust_step): each half-edge's running sums, one row per pair ever seen
+        self.edge_row_of: dict[tuple[int, int], int] = {}
+        self.sent_sums, self.got_sums = None, None
 
     def prepare(self, params):
         if self.weight is None and params:
@@ -41,20 +44,78 @@ class PushSum(SimpleGossip):
         per_worker = lambda x: self.weight.view((-1,) + (1,) * (x.dim() - 1))
         numerators = [x * per_worker(x) for x in params]
         weight = self.weight.unsqueeze(1).clone()
-        super().step(numerators + [weight])  # x and w mixed alike, in one message per out-neighbour
+        if self._loses_messages():
+            self._robust_step(numerators + [weight])
+        else:
+            super().step(numerators + [weight])  # x and w mixed alike, in one message per out-neighbour
         self.weight = weight[:, 0]
         for x, numerator in zip(params, numerators):
             torch.div(numerator, per_worker(x), out=x)
+
+    def _loses_messages(self) -> bool:
+        faults = getattr(self.topology, "faults", None)
+        return faults is not None and bool(faults.settings.message_loss_probability)
+
+    def _robust_step(self, values) -> None:
+        """Running-sum push-sum (Hadjicostis, Dominguez-Garcia, Charalambous, IEEE TAC 2016), for
+        messages lost one way (faults.py): for every out-edge i -> j the sender keeps the running
+        sum sigma_ij of all it has ever pushed along it, gamma w_ji v_i per round, and sends it
+        (float64: the sums grow with the rounds); the receiver keeps rho_ji, the last sum that
+        arrived from j, and adds sigma_ji - rho_ji when one does:
+
+            v_i <- (1 - gamma (1 - w_ii)) v_i + sum_{j: arrived} (sigma_ji - rho_ji),   rho_ji <- sigma_ji
+
+        so the mass of a lost message arrives with the next one that gets through, none is lost,
+        and x / w reaches the exact average. Bytes: the float64 sums, 8 bytes an entry."""
+        graph = self.next_graph()
+        edges = self.comm.half_edges(graph)
+        W = graph.diffusion_matrix
+        senders, neighbors = edges.on_host
+        rows = self._edge_rows(edges)
+        flat = [v.reshape(v.shape[0], -1).double() for v in values]
+        if self.sent_sums is None:
+            self.sent_sums = [v.new_zeros((0, v.shape[1])) for v in flat]
+            self.got_sums = [v.new_zeros((0, v.shape[1])) for v in flat]
+        grow = len(self.edge_row_of) - self.sent_sums[0].shape[0]
+        if grow > 0:
+            self.sent_sums = [torch.cat([s, s.new_zeros((grow, s.shape[1]))]) for s in self.sent_sums]
+            self.got_sums = [torch.cat([g, g.new_zeros((grow, g.shape[1]))]) for g in self.got_sums]
+        pushed = torch.as_tensor(self.diffusion_rate * W[neighbors, senders], dtype=torch.float64, device=flat[0].device)
+        for sums, v in zip(self.sent_sums, flat):
+            sums[rows] += pushed.unsqueeze(1) * v[edges.local_sender]
+        received = self.comm.exchange(graph, [sums[rows] for sums in self.sent_sums], per="half_edge")
+        arrived = self.arrived(edges)
+        own = (edges.weights(torch.float64)[1] != 0).double()  # [L, H]: 1 on each worker's half-edges
+        local = range(self.comm.first_worker, self.comm.first_worker + self.comm.num_local)
+        keep = torch.as_tensor(1 - self.diffusion_rate * (1 - W[local, local]), dtype=torch.float64, device=flat[0].device)
+        for value, v, got, sums in zip(values, flat, self.got_sums, received):
+            new_mass = torch.where(arrived.unsqueeze(1), sums - got[rows], 0)
+            got[rows] = torch.where(arrived.unsqueeze(1), sums, got[rows])
+            mixed = keep.unsqueeze(1) * v + sum_into_workers(own, new_mass)
+            value.copy_(mixed.reshape(value.shape).to(value.dtype))
+
+    def _edge_rows(self, edges) -> torch.Tensor:
+        """The rows of this round's half-edges (i -> j) in the running sums, one per pair ever seen."""
+        for pair in edges.pairs:
+            self.edge_row_of.setdefault(pair, len(self.edge_row_of))
+        return torch.as_tensor([self.edge_row_of[pair] for pair in edges.pairs], dtype=torch.long, device=self.comm.device)
 
     def step_size_scale(self):
         return 1.0 if self.weight is None else 1 / self.weight
 
     def state_dict(self):
-        return super().state_dict() | ({} if self.weight is None else {"weight": self.weight.clone()})
+        state = super().state_dict() | ({} if self.weight is None else {"weight": self.weight.clone()})
+        if self.sent_sums is not None:
+            state |= {"edge_rows": [list(pair) for pair in self.edge_row_of],
+                      "sent_sums": [s.clone() for s in self.sent_sums], "got_sums": [g.clone() for g in self.got_sums]}
+        return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.weight = state["weight"].to(self.comm.device) if "weight" in state else None
+        self.edge_row_of = {tuple(pair): row for row, pair in enumerate(state.get("edge_rows", []))}
+        self.sent_sums = [s.to(self.comm.device) for s in state["sent_sums"]] if "sent_sums" in state else None
+        self.got_sums = [g.to(self.comm.device) for g in state["got_sums"]] if "got_sums" in state else None
 
 
 register_algorithm("push-sum", PushSum, needs_tuning=False, local_step_first=True, config=GossipConfig)  # SGP: step on z_t, then mix
