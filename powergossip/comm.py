@@ -174,8 +174,10 @@ class Communicator:
                 out[recv_rows] = _from_bytes(part, shape, dtype)
 
     # --- collectives -------------------------------------------------------------------
-    def all_reduce_mean(self, stacks: list[torch.Tensor], count: bool = True) -> list[torch.Tensor]:
+    def all_reduce_mean(self, stacks: list[torch.Tensor], count: bool = True, present: np.ndarray | None = None) -> list[torch.Tensor]:
         """Exact average over all workers of each `[L, ...]` stack; returns `[...]` tensors.
+        `present` (booleans over all n workers, the same on every process): the average of
+        those only, which alone send (a round with workers away, faults.py).
 
         On the CPU the sum adds the workers in their order (`_sum_in_worker_order`), the same
         float additions in every layout, so every layout gets the same bits; on a GPU, one sum
@@ -185,16 +187,23 @@ class Communicator:
         """
         if not stacks:
             return []
-        if count and self.n_workers > 1:
-            self.bytes_sent += sum(_row_bytes(s) for s in stacks)
-            self.messages_sent += 1
+        members = self.n_workers
+        if present is not None:
+            members = int(present.sum())
+            mine = present[self.first_worker:self.first_worker + self.num_local]
+            mask = torch.as_tensor(mine, device=stacks[0].device)
+            stacks = [torch.where(mask.view((-1,) + (1,) * (s.dim() - 1)), s, 0) for s in stacks]  # +0 for those away
+        if count and members > 1:
+            sending = slice(None) if present is None else mine
+            self.bytes_sent[sending] += sum(_row_bytes(s) for s in stacks)
+            self.messages_sent[sending] += 1
         if self.device.type == "cpu":
             sums = self._sum_in_worker_order(stacks)
         else:
             sums = [s.sum(dim=0, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32) for s in stacks]
             if self.world_size > 1:
                 sums = self._all_reduce_sum(sums)
-        return [total.div(self.n_workers).to(s.dtype) for total, s in zip(sums, stacks)]
+        return [total.div(max(members, 1)).to(s.dtype) for total, s in zip(sums, stacks)]
 
     def _sum_in_worker_order(self, stacks: list[torch.Tensor]) -> list[torch.Tensor]:
         """x_0 + x_1 + ... + x_{n-1} for each `[L, ...]` stack, added in that order in every layout.

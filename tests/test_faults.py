@@ -74,7 +74,6 @@ def test_impossible_settings_are_refused(setting, problem):
 
 @pytest.mark.parametrize("algorithm,topology,problem", [
     ("choco", "ring", "choco needs a symmetric topology that stays the same every round"),
-    ("all-reduce", "ring", "all-reduce does not gossip over the graph"),
     ("push-sum", "one_peer_exponential", "faults need a symmetric graph"),
 ])
 def test_methods_without_a_rule_for_faults_refuse_them_before_any_work(tmp_path, algorithm, topology, problem):
@@ -138,7 +137,8 @@ def test_powergossip_keeps_a_cut_edges_state_through_a_long_absence(tmp_path):
     {"algorithm": "power_gossip", "link_failure_probability": 0.25, "offline_probability": 0.15},
     {"algorithm": "dpsgd", "link_failure_probability": 0.1, "message_loss_probability": 0.2},
     {"algorithm": "power_gossip", "message_loss_probability": 0.2},
-    {"algorithm": "push_sum", "topology": "random_matching", "message_loss_probability": 0.2, "offline_probability": 0.1}])
+    {"algorithm": "push_sum", "topology": "random_matching", "message_loss_probability": 0.2, "offline_probability": 0.1},
+    {"algorithm": "all_reduce", "offline_probability": 0.3}])
 def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path, faulty_settings):
     settings = {"n_workers": 4, "matrix_size": 6, "num_steps": 40, "seed": 3} | faulty_settings
     single = run_main(tmp_path / "single", **settings)
@@ -198,3 +198,24 @@ def test_methods_without_a_rule_for_lost_messages_refuse_them(tmp_path):
     with pytest.raises(configuration.ConfigError, match="message_loss_probability: deepsqueeze has no rule yet"):
         run_main(tmp_path, algorithm="deepsqueeze", n_workers=8, matrix_size=4, num_steps=5, message_loss_probability=0.1,
                  optimizer_diffusion_rate=0.1)
+
+
+def test_all_reduce_averages_the_workers_present_and_leaves_those_away_alone():
+    topology = faulty(RING8, offline_probability=0.3)
+    comm = comm_module.Communicator(8, "cpu")
+    method = methods.build("all-reduce", comm, topology)
+    x = torch.randn(8, 6, 5, generator=torch.Generator().manual_seed(0))
+    sent, absences = np.zeros(8, dtype=np.int64), 0
+    for t in range(10):
+        before, present = x.clone(), ~topology.faults.away(t)
+        method.step([x])
+        absences += 8 - present.sum()
+        torch.testing.assert_close(x[present], before[present].mean(0).expand_as(x[present]), rtol=1e-6, atol=1e-6)
+        assert torch.equal(x[~present], before[~present])
+        sent += present * 6 * 5 * 4
+    assert absences > 10 and (comm.bytes_sent == sent).all()  # only those present send their buffer
+
+
+def test_all_reduce_has_no_links_to_fail(tmp_path):
+    with pytest.raises(configuration.ConfigError, match="link_failure_probability: all-reduce does not gossip over the graph's links"):
+        run_main(tmp_path, algorithm="all_reduce", n_workers=8, matrix_size=4, num_steps=5, link_failure_probability=0.1)

@@ -1,18 +1,29 @@
 """All-reduce: the centralized baseline every decentralized method is measured against."""
 from __future__ import annotations
 
+import torch
+
 from powergossip.methods.base import Method
 from powergossip.methods.registry import register_algorithm
 
 
 class AllReduce(Method):
-    """The all-reduce baseline: every worker takes the exact average (bits: the buffer once per step)."""
+    """The all-reduce baseline: every worker takes the exact average (bits: the buffer once per step).
+    With workers away (faults.py's offline_probability, churn), the round's average is over the
+    workers present, which alone send and take it; a worker away keeps its own model."""
 
     graph_needs = None
 
     def step(self, params):
-        for x, mean in zip(params, self.comm.all_reduce_mean(params)):
-            x.copy_(mean.unsqueeze(0).expand_as(x))
+        self.next_graph()  # one more round: the faults' draws are keyed by it
+        faults = getattr(self.topology, "faults", None)
+        present = None if faults is None else ~faults.away(self.round - 1)
+        for x, mean in zip(params, self.comm.all_reduce_mean(params, present=present)):
+            if present is None:
+                x.copy_(mean.unsqueeze(0).expand_as(x))
+            else:
+                mine = torch.as_tensor(present[self.comm.first_worker:self.comm.first_worker + self.comm.num_local], device=x.device)
+                x[mine] = mean.to(x.dtype)
 
     def working_copies(self, degree, shapes):
         return 1.0  # the sum of one worker's size, whatever the graph
