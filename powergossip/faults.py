@@ -34,7 +34,9 @@ from powergossip import topologies
 
 LINK_STREAM, ABSENCE_STREAM, LOSS_STREAM = 11, 12, 13  # the faults' random streams (the methods' are 1, 2, 3: methods.base)
 KEYS = ("link_failure_probability", "offline_probability", "churn", "message_loss_probability")  # the configuration's keys, off by default
-LOSS_RULES = ("dpsgd", "power-gossip", "push-sum")  # the methods with a rule for a message lost one way (docs/algorithms.md)
+# the methods with a rule for a message lost one way (docs/algorithms.md); D2 and gradient tracking run with D-PSGD's
+# rule for their mixing, which has no fix for their corrections: the study shows what it costs them
+LOSS_RULES = ("dpsgd", "power-gossip", "push-sum", "d2", "gradient-tracking")
 # graph needs of the methods that mix with each round's W and take graphs that change: they take faults
 TAKES_FAULTS = ("symmetric", "doubly_stochastic", "column_stochastic")
 
@@ -142,6 +144,8 @@ class FaultyTopology(topologies.TimeVarying):
         # TimeVarying's check that the rounds connect the workers is the fault-free graph's (it passed)
         self.without_faults, self.faults = topology, faults
         self.n_workers, self.name, self.period = topology.n_workers, f"{topology.name} with faults", None
+        if not cuts(faults.settings):  # messages lost one way only: every round's graph is the fault-free one's
+            self.period, self.is_static = topology.period, topology.is_static
         self._graph_of_round = lambda t: faults.graph(topology.at(t), t)
         self._expected_gap, self._built = None, {}
 
@@ -150,11 +154,12 @@ class FaultyTopology(topologies.TimeVarying):
 
 
 def check(settings: FaultSettings, method_name: str, graph_needs: str | None, topology) -> None:
-    """ValueError unless the method takes faults on this (fault-free) topology: methods that mix
-    with each round's W and take graphs that change (graph needs TAKES_FAULTS: D-PSGD,
-    PowerGossip, DeepSqueeze, Moniqua, push-sum, gradient tracking), on a symmetric graph (a
-    directed one would lose its column sums). The others (all-reduce and PowerSGD, Choco and D2
-    on a fixed graph, RelaySum on a tree) need a rule of their own for what does not arrive."""
+    """ValueError unless the method takes these faults on this (fault-free) topology, on a
+    symmetric graph (a directed one would lose its column sums). Cut links and absences: the
+    methods that mix with each round's W and take graphs that change (graph needs TAKES_FAULTS:
+    D-PSGD, PowerGossip, DeepSqueeze, Moniqua, push-sum, gradient tracking), and all-reduce
+    (absences only). Messages lost one way: the methods of LOSS_RULES. The others (PowerSGD,
+    Choco, RelaySum; D2's cut links) need a rule of their own for what does not arrive."""
     if not settings.active:
         return
     key = next(k for k in KEYS if getattr(settings, k))
@@ -164,7 +169,7 @@ def check(settings: FaultSettings, method_name: str, graph_needs: str | None, to
                              "all-reduce does not gossip over the graph's links; offline_probability and churn apply to it "
                              "(a worker away is left out of that round's average)")
         return
-    if graph_needs not in TAKES_FAULTS:
+    if cuts(settings) and graph_needs not in TAKES_FAULTS:
         why = "does not gossip over the graph (an absent worker's place in its average is not implemented)" \
             if graph_needs is None else f"needs {topologies.REQUIREMENTS[graph_needs]}"
         from powergossip import methods  # here: the graph layer does not import the methods
@@ -178,6 +183,11 @@ def check(settings: FaultSettings, method_name: str, graph_needs: str | None, to
     if not topology.is_symmetric:
         raise ValueError(f"{key}: faults need a symmetric graph (an edge that fails on a directed one would change its "
                          f"column sums); {topology.name} is not")
+
+
+def cuts(settings: FaultSettings) -> bool:
+    """Whether the faults take edges out of rounds (links down, workers away), not only lose messages."""
+    return bool(settings.link_failure_probability or settings.offline_probability or settings.churn)
 
 
 def apply(settings: FaultSettings, topology, seed: int):

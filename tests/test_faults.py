@@ -219,3 +219,27 @@ def test_all_reduce_averages_the_workers_present_and_leaves_those_away_alone():
 def test_all_reduce_has_no_links_to_fail(tmp_path):
     with pytest.raises(configuration.ConfigError, match="link_failure_probability: all-reduce does not gossip over the graph's links"):
         run_main(tmp_path, algorithm="all_reduce", n_workers=8, matrix_size=4, num_steps=5, link_failure_probability=0.1)
+
+
+@pytest.mark.parametrize("method_name,settings", [("gradient-tracking", {}), ("d2", {"diffusion_rate": 0.5})])
+def test_d2_and_gradient_tracking_lose_their_exactness_when_messages_are_lost(method_name, settings):
+    """No fix for them: a lost message breaks D2's correction and the sum of gradient tracking's
+    trackers. On heterogeneous least squares both reach the minimiser of sum_i f_i exactly
+    without loss and miss it with 5% of the messages lost (the D-PSGD rule for their mixing)."""
+    from powergossip import step as step_module
+    from tests import least_squares_runs as problem
+
+    def distance_to_the_minimiser(topology):
+        comm = comm_module.Communicator(problem.N_WORKERS, "cpu")
+        method = methods.build(method_name, comm, topology, **settings)
+        x = torch.zeros(problem.N_WORKERS, problem.DIM, dtype=torch.float64)
+        gradient = torch.zeros_like(x)
+        training_step = step_module.TrainingStep(method, methods.METHODS[method_name], [x], [gradient])
+        for _ in range(problem.STEPS):
+            gradient.copy_(problem.gradients(x))
+            training_step(lambda: x.sub_(problem.LEARNING_RATE * gradient))
+        return float((x - problem.minimiser()).norm() / problem.minimiser().norm())
+
+    ring = topologies.build("ring", problem.N_WORKERS)
+    assert distance_to_the_minimiser(ring) < 1e-6
+    assert distance_to_the_minimiser(faulty(ring, message_loss_probability=0.05)) > 1e-3
