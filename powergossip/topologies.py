@@ -811,9 +811,11 @@ TWO_GRAPHS = "is two trees (two graphs), not one mixing matrix"  # why methods t
 
 
 def requirement_problem(topology, need: str) -> str | None:
-    """Why `topology` (static or over time) does not give what REQUIREMENTS[need] says, or None."""
+    """Why `topology` (static or over time) does not give what REQUIREMENTS[need] says, or None.
+    A topology with faults (faults.FaultyTopology) is judged by its fault-free graph."""
     if need not in REQUIREMENTS:
         raise ValueError(f"unknown graph requirement {need!r}; one of {', '.join(REQUIREMENTS)}")
+    topology = getattr(topology, "without_faults", topology)
     if need == "fixed_symmetric" and topology.period != 1:
         return f"{topology.name} changes from round to round"
     if need == "tree":

@@ -243,3 +243,24 @@ def test_d2_and_gradient_tracking_lose_their_exactness_when_messages_are_lost(me
     ring = topologies.build("ring", problem.N_WORKERS)
     assert distance_to_the_minimiser(ring) < 1e-6
     assert distance_to_the_minimiser(faulty(ring, message_loss_probability=0.05)) > 1e-3
+
+
+def test_relay_sum_fills_a_lost_message_with_x0_as_computed_by_hand():
+    """A 3-chain 0 - 1 - 2, x^0 = 0, starting at (3, 6, 9); round 0 loses the message 0 -> 1.
+    Round 0: worker 1 hears only 2: x_1 = (6 + 9 + (3 - 1 - 1) x^0) / 3 = 5, and keeps (0, count 0)
+    as what 0 sent; x = (3 + 6, 6 + 9, 9 + 6) / 3 = (3, 5, 5). Round 1, nothing lost: 1 relays to 0
+    m = 5 + 0 + 9 = 14 with count 1 + 0 + 1 = 2 and to 2 m = 5 + 0 = 5 with count 1, so
+    x = ((3 + 14) / 3, (5 + 3 + 5) / 3, (5 + 5 + (2 - 1) x^0) / 3) = (17/3, 13/3, 10/3)."""
+    chain = topologies.build("chain", 3)
+    topology = faulty(chain, message_loss_probability=0.5)
+    lost_in_round = {0: np.array([[False, True, False], [False, False, False], [False, False, False]])}
+    topology.faults.lost = lambda t: lost_in_round.get(t, np.zeros((3, 3), dtype=bool))
+    comm = comm_module.Communicator(3, "cpu")
+    method = methods.build("relay-sum", comm, topology)
+    x = torch.tensor([[3.0], [6.0], [9.0]], dtype=torch.float64)
+    method.start([torch.zeros_like(x)])  # x^0 = 0
+    method.step([x])
+    assert x[:, 0].tolist() == [3.0, 5.0, 5.0]
+    method.step([x])
+    torch.testing.assert_close(x[:, 0], torch.tensor([17 / 3, 13 / 3, 10 / 3], dtype=torch.float64), rtol=1e-15, atol=0)
+    assert comm.messages_lost.tolist() == [1, 0, 0] and comm.messages_sent.tolist() == [2, 4, 2]

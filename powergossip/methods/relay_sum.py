@@ -29,7 +29,8 @@ class RelaySum(Method):
 
     def __init__(self, comm, topology):
         super().__init__(comm, topology)
-        self.trees = getattr(topology, "trees", (topology,))
+        base = getattr(topology, "without_faults", topology)  # faults.py: messages lost, on the fixed trees
+        self.trees = getattr(base, "trees", (base,))
         self.initial = None  # x^0 per parameter, [L, *shape]
         self.messages = None  # per tree, per parameter: [H, share] the last m_{j->i} received
         self.counts = None  # per tree: [H] int32, the last c_{j->i} received
@@ -67,6 +68,10 @@ class RelaySum(Method):
             received_counts = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
             outgoing_counts = 1 + received_counts[sender] - self.counts[k]
             *self.messages[k], self.counts[k] = self.comm.exchange(tree, outgoing + [outgoing_counts])
+            arrived = self.arrived(edges)
+            if arrived is not None:  # a lost message and its count: not relayed, the gap filled with x^0
+                self.messages[k] = [torch.where(arrived.unsqueeze(1), m, 0) for m in self.messages[k]]
+                self.counts[k] = torch.where(arrived, self.counts[k], 0)
             arrived = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
             missing = (n - 1 - arrived).to(params[0].dtype).unsqueeze(1)
             for x, x0, m in zip(shares, self.initial, self.messages[k]):
