@@ -139,14 +139,15 @@ def smaller_rate_runs(outcomes: list[sweep.Outcome], extra: list[str]) -> list[s
     return runs
 
 
-def worst_worker_cells(runs: list[sweep.Run], folder: str):
-    """A table cell per setting: the worst worker's final test accuracy, mean ± std over the
-    seeds whose run folder (under `folder`/runs) has it; read when the table is written."""
+def worst_worker_cells(runs: list[sweep.Run], folder: str, label_keys: list[str] = LABELS):
+    """A table cell per setting (the runs with the row's `label_keys` labels): the worst
+    worker's final test accuracy, mean ± std over the seeds whose run folder (under
+    `folder`/runs) has it; read when the table is written."""
     def cell(row: dict) -> str:
         values = []
         for run in runs:
             records = os.path.join(folder, "runs", run.name, "metrics.jsonl")
-            if tuple(run.labels[k] for k in LABELS) == tuple(row[k] for k in LABELS) and os.path.exists(records):
+            if tuple(run.labels[k] for k in label_keys) == tuple(row[k] for k in label_keys) and os.path.exists(records):
                 points = figures.curve(powergossip_runs.read_metrics(records), "accuracy", "test_worst")
                 values += [points[-1][1]] if points else []
         if not values:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from experiments import (consensus, deep_learning, full_budget, heterogeneous, no_tuning, non_iid, paper_bytes, paper_configs,
-                         power_iterations, report, resnet20, spectral_gap, sweep, warm_start)
+                         power_iterations, report, resnet20, spectral_gap, sweep, unreliable, warm_start)
 from experiments import topologies as topology_study
 from tests.test_data import fake_fmnist
 from tests.test_train import comparable
@@ -157,6 +157,36 @@ def test_heterogeneous_study_defines_the_issues_grid():
     from powergossip import configuration, train
     for run in full[len(tuning) - 3:len(tuning) + per_seed_and_alpha - 3]:  # every method passes train.py's checks (D²: (I+W)/2)
         train.checked(configuration.apply_overrides(train._DEFAULTS, [o for o in run.overrides if not o.endswith(".yaml")]))
+
+
+def test_unreliable_study_defines_the_issues_grid_and_names_what_it_cannot_run():
+    """Study 14: the heterogeneous study's setting at alpha 0.1, 9 methods x 5 fault settings x 2
+    seeds; a pair whose faults train.py would refuse is left out and named with the reason."""
+    runs, not_run = unreliable.study_runs(False, [], learning_rate=0.03)
+    assert len(runs) + 2 * len(not_run) == 9 * 5 * 2 and len({r.name for r in runs}) == len(runs)
+    assert {r.labels["faults"] for r in runs} == {label for label, _ in unreliable.FAULTS.values()}
+    assert all("dirichlet_alpha=0.1" in r.overrides and "n_workers=16" in r.overrides and "learning_rate=0.03" in r.overrides
+               for r in runs)
+    assert any(line.startswith("Choco sign+norm (ring) with 1% of messages lost: message_loss_probability: choco has no rule")
+               for line in not_run)
+    from powergossip import configuration, train
+    dpsgd_under_every_fault = [r for r in runs if r.labels["method"] == "D-PSGD (ring)" and r.labels["seed"] == 1]
+    for run in runs[:len(unreliable.METHODS)] + dpsgd_under_every_fault:  # they pass train.py's checks
+        train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
+
+
+def test_unreliable_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):
+    result = subprocess.run([sys.executable, unreliable.__file__, "--quick", "--output", str(tmp_path)] + TINY
+                            + [f"data_dir={tiny_data}", "evaluate_each_worker=true"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs, not_run = unreliable.study_runs(True, [])
+    assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(runs) == 8
+    with open(tmp_path / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(row["worst-worker test accuracy, mean ± std over seeds"].endswith("%") for row in rows)
+    lost = [r for r in sweep.collect(runs, str(tmp_path / "runs")) if "lost" in r.run.labels["faults"]]
+    assert lost and all(any(m["name"] == "messages_lost" and m["value"] > 0 for m in sweep.metrics(o)) for o in lost)
+    assert "SGP (time-varying exponential) with 10% of links down" in (tmp_path / "table.md").read_text()
 
 
 def _finished(folder, run: sweep.Run, accuracy: float | None) -> sweep.Outcome:

@@ -74,7 +74,7 @@ def test_impossible_settings_are_refused(setting, problem):
 
 @pytest.mark.parametrize("algorithm,topology,problem", [
     ("choco", "ring", "choco needs a symmetric topology that stays the same every round"),
-    ("push-sum", "one_peer_exponential", "faults need a symmetric graph"),
+    ("push-sum", "one_peer_exponential", "faults need a symmetric graph"),  # cut links on a directed graph
 ])
 def test_methods_without_a_rule_for_faults_refuse_them_before_any_work(tmp_path, algorithm, topology, problem):
     with pytest.raises(configuration.ConfigError, match=f"link_failure_probability: {problem}"):
@@ -192,6 +192,13 @@ def test_robust_push_sum_reaches_the_exact_average_under_message_loss():
     assert method.comm.messages_lost.sum() > 0.05 * method.comm.messages_sent.sum()
     _, dpsgd_end, _, _ = gossip("dpsgd", topology, 300)
     assert (dpsgd_end.mean(0) - start.mean(0)).norm() > 1e-3 * initial_error
+
+
+def test_robust_push_sum_reaches_the_exact_average_on_a_directed_graph_over_time():
+    topology = faulty(topologies.build("one_peer_exponential", 8), message_loss_probability=0.1)
+    start, end, sent, method = gossip("push-sum", topology, 300)
+    assert (end - start.mean(0)).norm() < 1e-5 * (start - start.mean(0)).norm()
+    assert method.comm.messages_lost.sum() > 0
 
 
 def test_methods_without_a_rule_for_lost_messages_refuse_them(tmp_path):
