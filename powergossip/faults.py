@@ -36,7 +36,7 @@ LINK_STREAM, ABSENCE_STREAM, LOSS_STREAM = 11, 12, 13  # the faults' random stre
 KEYS = ("link_failure_probability", "offline_probability", "churn", "message_loss_probability")  # the configuration's keys, off by default
 # the methods with a rule for a message lost one way (docs/algorithms.md); D2 and gradient tracking run with D-PSGD's
 # rule for their mixing, which has no fix for their corrections: the study shows what it costs them
-LOSS_RULES = ("dpsgd", "power-gossip", "push-sum", "d2", "gradient-tracking", "relay-sum")
+LOSS_RULES = ("dpsgd", "power-gossip", "push-sum", "d2", "gradient-tracking", "relay-sum", "deepsqueeze", "moniqua")
 # graph needs of the methods that mix with each round's W and take graphs that change: they take faults
 TAKES_FAULTS = ("symmetric", "doubly_stochastic", "column_stochastic")
 

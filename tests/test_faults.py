@@ -138,7 +138,9 @@ def test_powergossip_keeps_a_cut_edges_state_through_a_long_absence(tmp_path):
     {"algorithm": "dpsgd", "link_failure_probability": 0.1, "message_loss_probability": 0.2},
     {"algorithm": "power_gossip", "message_loss_probability": 0.2},
     {"algorithm": "push_sum", "topology": "random_matching", "message_loss_probability": 0.2, "offline_probability": 0.1},
-    {"algorithm": "all_reduce", "offline_probability": 0.3}])
+    {"algorithm": "all_reduce", "offline_probability": 0.3},
+    {"algorithm": "deepsqueeze", "optimizer_diffusion_rate": 0.2, "message_loss_probability": 0.2},
+    {"algorithm": "moniqua", "optimizer_diffusion_rate": 0.1, "optimizer_theta": 2.0, "message_loss_probability": 0.2}])
 def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path, faulty_settings):
     settings = {"n_workers": 4, "matrix_size": 6, "num_steps": 40, "seed": 3} | faulty_settings
     single = run_main(tmp_path / "single", **settings)
@@ -202,8 +204,8 @@ def test_robust_push_sum_reaches_the_exact_average_on_a_directed_graph_over_time
 
 
 def test_methods_without_a_rule_for_lost_messages_refuse_them(tmp_path):
-    with pytest.raises(configuration.ConfigError, match="message_loss_probability: deepsqueeze has no rule yet"):
-        run_main(tmp_path, algorithm="deepsqueeze", n_workers=8, matrix_size=4, num_steps=5, message_loss_probability=0.1,
+    with pytest.raises(configuration.ConfigError, match="message_loss_probability: choco has no rule yet"):
+        run_main(tmp_path, algorithm="choco", n_workers=8, matrix_size=4, num_steps=5, message_loss_probability=0.1,
                  optimizer_diffusion_rate=0.1)
 
 
@@ -271,3 +273,17 @@ def test_relay_sum_fills_a_lost_message_with_x0_as_computed_by_hand():
     method.step([x])
     torch.testing.assert_close(x[:, 0], torch.tensor([17 / 3, 13 / 3, 10 / 3], dtype=torch.float64), rtol=1e-15, atol=0)
     assert comm.messages_lost.tolist() == [1, 0, 0] and comm.messages_sent.tolist() == [2, 4, 2]
+
+
+@pytest.mark.parametrize("method_name,settings", [("deepsqueeze", {"compressor": "sign-and-norm", "diffusion_rate": 0.05}),
+                                                  ("moniqua", {"theta": 2.0, "diffusion_rate": 0.1})])
+def test_deepsqueeze_and_moniqua_leave_a_lost_message_out_and_still_come_together(method_name, settings):
+    """They send their own compressed value every round and keep no copy of a neighbour's, so a
+    lost message leaves nothing stale: the receiver mixes without it (D-PSGD's rule)."""
+    topology = faulty(RING8, message_loss_probability=0.1)
+    start, end, sent, method = gossip(method_name, topology, 300, **settings)
+    _, fault_free_end, fault_free_sent, _ = gossip(method_name, RING8, 300, **settings)
+    assert (sent == fault_free_sent).all() and method.comm.messages_lost.sum() > 0
+    assert not torch.equal(end, fault_free_end)  # the rule ran
+    error, fault_free_error = (end - end.mean(0)).norm(), (fault_free_end - fault_free_end.mean(0)).norm()
+    assert error < 0.5 * (start - start.mean(0)).norm() and error < 2 * fault_free_error  # (their compression's floor)

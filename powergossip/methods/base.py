@@ -183,6 +183,11 @@ class Method:
         self.round += 1
         return graph
 
+    def loses_messages(self) -> bool:
+        """Whether this run's messages may be lost one way (faults.py's message_loss_probability)."""
+        faults = getattr(self.topology, "faults", None)
+        return faults is not None and bool(faults.settings.message_loss_probability)
+
     def arrived(self, edges, both_ways: bool = False) -> torch.Tensor | None:
         """Per local half-edge of this round's graph (the one next_graph gave last), whether the
         message from its neighbour arrived (`both_ways`: and the one to it, which the sender
@@ -190,10 +195,9 @@ class Method:
         lost (faults.py's message_loss_probability), else booleans on the device. Counts the
         messages this process's workers sent that were lost (Communicator.messages_lost): call
         it once per exchange."""
-        faults = getattr(self.topology, "faults", None)
-        if faults is None or not faults.settings.message_loss_probability:
+        if not self.loses_messages():
             return None
-        lost = faults.lost(self.round - 1)  # [sender, receiver]
+        lost = self.topology.faults.lost(self.round - 1)  # [sender, receiver]
         senders, neighbors = edges.on_host
         outgoing_lost = lost[senders, neighbors]
         self.comm.count_lost(edges, outgoing_lost)
@@ -261,7 +265,8 @@ class Method:
         if self._on_torch_path():
             return None
         why_not = ("in_process_mixing=False" if not self.in_process_mixing else "a round's messages leave the process"
-                   if senders is None else kernel_problem(params, *states))
+                   if senders is None else "messages lost one way (faults.py: the rule runs in torch)"
+                   if self.loses_messages() else kernel_problem(params, *states))
         if not self._use_fused(why_not) or why_not is not None:  # decided at the first step; a later round that
             return None  # sends across processes (a graph over time) takes the torch path
         layout = self._layout

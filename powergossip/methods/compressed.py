@@ -61,6 +61,7 @@ class CompressedGossip(Method):
             if compressor.needs_randomness else None
         self.state = None  # name -> list of [L, ...] tensors, created at the first step
         self._mixing = None  # (a round's HalfEdges, its [L, L] mixing matrix): a fixed graph's is built once
+        self._arrived = None  # this round's Method.arrived: None unless messages may be lost (faults.py)
 
     def prepare(self, params):
         if self.state is None and params:  # each state in one buffer, which the fused kernels update in place
@@ -72,6 +73,7 @@ class CompressedGossip(Method):
             return
         self.prepare(params)
         edges = self.comm.half_edges(graph)
+        self._arrived = self.arrived(edges)
         self._round(graph, edges, self._senders_in_process(graph), params, *(self.state[name] for name in self.state_names))
 
     def _round(self, graph, edges, senders, params, *states) -> None:
@@ -79,11 +81,24 @@ class CompressedGossip(Method):
         raise NotImplementedError
 
     def _own_weights(self, edges) -> torch.Tensor:
-        return edges.weight_self + self.own_weight_offset
+        """w_ii + own_weight_offset; a message lost this round moves its weight w_ij to w_ii (D-PSGD's rule)."""
+        own = edges.weight_self
+        if self._arrived is not None:
+            own = own.index_add(0, edges.local_sender, edges.weight_in * ~self._arrived)
+        return own + self.own_weight_offset
+
+    def _weights_in(self, edges) -> torch.Tensor:
+        """w_ij of every local half-edge this round: 0 where the message was lost."""
+        return edges.weight_in if self._arrived is None else edges.weight_in * self._arrived
+
+    def _incoming(self, edges) -> torch.Tensor:
+        return edges.incoming if self._arrived is None else edges.incoming * self._arrived
 
     def _mixing_matrix(self, edges, senders) -> torch.Tensor:
         """A `[L, L]`: A[i, k] = (w_ii + own_weight_offset) [k = i] + sum_h incoming[i, h] [senders[h] = k],
         for the round's `edges` (comm keeps one HalfEdges per graph, so a fixed graph's is reused)."""
+        if self._arrived is not None:  # this round's own
+            return torch.diag(self._own_weights(edges)).index_add_(1, senders, self._incoming(edges))
         if self._mixing is None or self._mixing[0] is not edges:
             self._mixing = (edges, torch.diag(self._own_weights(edges)).index_add_(1, senders, edges.incoming))
         return self._mixing[1]
@@ -127,7 +142,7 @@ class CompressedGossip(Method):
         values = self.compressor.decompress([torch.cat(pair) for pair in zip(payload, received)], [t.shape[1:] for t in tensors])
         own = [v[:self.comm.num_local] for v in values]
         if not on_cpu:
-            return own, self._mix(torch.cat([torch.diag(self._own_weights(edges)), edges.incoming], dim=1), values)
+            return own, self._mix(torch.cat([torch.diag(self._own_weights(edges)), self._incoming(edges)], dim=1), values)
         return own, self._mix_in_order(edges, own, values, self.comm.num_local + torch.arange(edges.num, device=edges.slot.device))
 
     @staticmethod
@@ -144,7 +159,7 @@ class CompressedGossip(Method):
         mixed = [o * shaped(self._own_weights(edges), o) for o in own]
         for slot in range(edges.max_degree):
             half_edges = torch.nonzero(edges.slot == slot).flatten()
-            workers, weights, rows = edges.local_sender[half_edges], edges.weight_in[half_edges], source_rows[half_edges]
+            workers, weights, rows = edges.local_sender[half_edges], self._weights_in(edges)[half_edges], source_rows[half_edges]
             for m, source in zip(mixed, sources):
                 m.index_add_(0, workers, source[rows] * shaped(weights, source))
         return mixed

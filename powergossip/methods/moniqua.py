@@ -75,7 +75,9 @@ class MoniquaGossip(Method):
             q_neighbors = unpack_bits(received, 2, x.shape[1]).float() * self.delta - 0.5
         x_per_edge = x[edges.local_sender]
         corrections = self.modulo(q_neighbors * self.B - x_per_edge, self.B) - error[edges.local_sender]
-        x += self.diffusion_rate * sum_into_workers(edges.incoming, corrections)  # sum_{j in N(i)} w_ij (...)
+        arrived = self.arrived(edges)  # a lost message's term is left out: its weight stays with the receiver
+        incoming = edges.incoming if arrived is None else edges.incoming * arrived
+        x += self.diffusion_rate * sum_into_workers(incoming, corrections)  # sum_{j in N(i)} w_ij (...)
         for p, part in zip(params, x.split([p[0].numel() for p in params], dim=1)):
             p.copy_(part.reshape(p.shape))
 

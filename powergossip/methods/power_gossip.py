@@ -325,10 +325,6 @@ class PowerGossip(Method):
                 add_matmul_per_worker_(matrix_view(params[k], m, n), weighted_p[:, position], q_slots[:, position].transpose(1, 2),
                                        widths)
 
-    def _loses_messages(self) -> bool:
-        faults = getattr(self.topology, "faults", None)
-        return faults is not None and bool(faults.settings.message_loss_probability)
-
     def _fused_layout(self, params, edges) -> tuple[kernels.MatrixLayout, torch.Tensor] | None:
         """The kernels' layout of the matrices and the parameters' storage as one flat tensor, when
         this half-step runs the fused kernels: float32 parameters in one storage on a GPU
@@ -347,7 +343,7 @@ class PowerGossip(Method):
                 layout = self._matrix_layout = kernels.MatrixLayout(self.groups, offsets, x.device)
         fits = layout is not None and kernels.fits(layout, edges.max_degree)
         why_not = ("round_weights (the sign variant)" if self.round_weights
-                   else "messages lost one way (faults.py: its rule runs in torch)" if self._loses_messages()
+                   else "messages lost one way (faults.py: its rule runs in torch)" if self.loses_messages()
                    else "not float32 stacks in one storage on a GPU with Triton" if storage is None
                    else f"more than {kernels.MAX_FACTOR_COLUMNS} factor columns (rank x degree)" if not fits else None)
         if not self._use_fused(why_not) or not fits or not edges.num:

@@ -44,17 +44,13 @@ class PushSum(SimpleGossip):
         per_worker = lambda x: self.weight.view((-1,) + (1,) * (x.dim() - 1))
         numerators = [x * per_worker(x) for x in params]
         weight = self.weight.unsqueeze(1).clone()
-        if self._loses_messages():
+        if self.loses_messages():
             self._robust_step(numerators + [weight])
         else:
             super().step(numerators + [weight])  # x and w mixed alike, in one message per out-neighbour
         self.weight = weight[:, 0]
         for x, numerator in zip(params, numerators):
             torch.div(numerator, per_worker(x), out=x)
-
-    def _loses_messages(self) -> bool:
-        faults = getattr(self.topology, "faults", None)
-        return faults is not None and bool(faults.settings.message_loss_probability)
 
     def _robust_step(self, values) -> None:
         """Running-sum push-sum (Hadjicostis, Dominguez-Garcia, Charalambous, IEEE TAC 2016), for
