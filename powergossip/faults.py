@@ -1,7 +1,8 @@
 """Faults of an unreliable network: links that fail and workers that are away, round by round.
 
-Graph layer (docs/design.md): it reads a topology and returns, for every round, the graph the
-round really has. Each fault is drawn from a random stream of its own, apart from the
+It reads a topology and returns, for every round, the graph the round really has; its
+`check` (what the entrypoints call first) reads the methods' registry, so it sits above the
+methods (docs/design.md's layers), which see only the faulty topology it makes. Each fault is drawn from a random stream of its own, apart from the
 methods' shared randomness, and keyed so that the same seed gives the same faults in every
 launch layout and after a resume (nothing is saved but the round counter the methods keep):
 
