@@ -164,11 +164,11 @@ def check(settings: FaultSettings, method_name: str, graph_needs: str | None, to
     if not settings.active:
         return
     key = next(k for k in KEYS if getattr(settings, k))
-    if method_name == "all-reduce":  # no graph: only absences concern it
+    if method_name in ("all-reduce", "powersgd"):  # no graph: only absences concern them
         if settings.link_failure_probability or settings.message_loss_probability:
             raise ValueError(f"{'link_failure_probability' if settings.link_failure_probability else 'message_loss_probability'}: "
-                             "all-reduce does not gossip over the graph's links; offline_probability and churn apply to it "
-                             "(a worker away is left out of that round's average)")
+                             f"{method_name} does not gossip over the graph's links; offline_probability and churn apply to "
+                             "it (a worker away is left out of that round's average)")
         return
     if cuts(settings) and graph_needs not in TAKES_FAULTS:
         why = "does not gossip over the graph (an absent worker's place in its average is not implemented)" \

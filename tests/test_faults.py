@@ -287,3 +287,28 @@ def test_deepsqueeze_and_moniqua_leave_a_lost_message_out_and_still_come_togethe
     assert not torch.equal(end, fault_free_end)  # the rule ran
     error, fault_free_error = (end - end.mean(0)).norm(), (fault_free_end - fault_free_end.mean(0)).norm()
     assert error < 0.5 * (start - start.mean(0)).norm() and error < 2 * fault_free_error  # (their compression's floor)
+
+
+def test_powersgd_leaves_a_worker_away_out_of_its_average():
+    """A worker away keeps its own gradient and error memory; those present share the average
+    (exact tensors) or the compressed one, computed from them alone, and only they send."""
+    topology = faulty(RING8, offline_probability=0.3)
+    comm = comm_module.Communicator(8, "cpu")
+    method = methods.build("powersgd", comm, topology, rank=1, start_compressing_after_num_steps=1)
+    generator = torch.Generator().manual_seed(0)
+    away_seen = 0
+    for t in range(6):
+        grads = [torch.randn(8, 6, 5, generator=generator), torch.randn(8, 4, generator=generator)]
+        before, memory_before = [g.clone() for g in grads], [e.clone() for e in method.memory] if method.memory else None
+        present = ~topology.faults.away(t)
+        method.step(grads)
+        away_seen += int((~present).sum())
+        for g, b in zip(grads, before):
+            assert torch.equal(g[~present], b[~present])  # its own gradient
+            assert (g[present] == g[present][0]).all()  # one update for all present
+        torch.testing.assert_close(grads[1][present][0], before[1][present].mean(0))  # the exact vector: their mean
+        if t == 0:
+            torch.testing.assert_close(grads[0][present][0], before[0][present].mean(0))  # before compressing: exact
+        elif memory_before is not None:
+            assert torch.equal(method.memory[0][~present], memory_before[0][~present])
+    assert away_seen > 5

@@ -83,7 +83,8 @@ LAYOUT_RUNS = ["dpsgd", "dpsgd dirichlet_split=per_class dirichlet_alpha=0.1", "
                "dpsgd link_failure_probability=0.2 offline_probability=0.2 message_loss_probability=0.1",
                "power-gossip link_failure_probability=0.3 message_loss_probability=0.1",
                "push-sum message_loss_probability=0.2", "all-reduce offline_probability=0.3",
-               "relay-sum topology=double_binary_trees message_loss_probability=0.1"]
+               "relay-sum topology=double_binary_trees message_loss_probability=0.1",
+               "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2 offline_probability=0.3"]
 
 
 def layout_overrides(tiny_data, optimizer):

@@ -100,10 +100,14 @@ class StackedPowerSGD(Method):
             self.memory = [e.to(self.comm.device).clone() for e in self._pending["memory"]]
             self._pending = None
         compressing = self.round >= self.start_compressing_after_num_steps  # round: the steps done
+        faults = getattr(self.topology, "faults", None)  # workers away this round (faults.py) leave the average
+        present = None if faults is None else ~faults.away(self.round)
+        mine = slice(None) if present is None else \
+            torch.as_tensor(present[self.comm.first_worker:self.comm.first_worker + self.comm.num_local], device=self.comm.device)
         self.round += 1
         exact = [g for k, g in enumerate(grads) if not (compressing and k in self.compressed)]
-        for g, mean in zip(exact, self.comm.all_reduce_mean(exact)):
-            g.copy_(mean.unsqueeze(0).expand_as(g))
+        for g, mean in zip(exact, self.comm.all_reduce_mean(exact, present=present)):
+            g[mine] = mean.to(g.dtype)
         if not compressing:
             return
         if not self.warm_start:
@@ -114,16 +118,17 @@ class StackedPowerSGD(Method):
         for _ in range(self.num_iterations):
             for q in self.q:
                 orthogonalize_(q)
-            ps = self.comm.all_reduce_mean([matmul_per_worker(M, q.expand(len(M), *q.shape)) for M, q in zip(ms, self.q)])  # [G, m, r]
+            ps = self.comm.all_reduce_mean([matmul_per_worker(M, q.expand(len(M), *q.shape)) for M, q in zip(ms, self.q)],
+                                           present=present)  # [G, m, r]
             for p in ps:
                 orthogonalize_(p)
             self.q = self.comm.all_reduce_mean([matmul_per_worker(M.transpose(-1, -2), p.expand(len(M), *p.shape))
-                                                for M, p in zip(ms, ps)])
+                                                for M, p in zip(ms, ps)], present=present)
         for (indices, m, n, r), M, p, q in zip(self.groups, ms, ps, self.q):
             update = torch.matmul(p, q.transpose(-1, -2))  # [G, m, n], the same on every worker
-            for position, k in enumerate(indices):
-                matrix_view(self.memory[k], m, n).copy_(M[:, position] - update[position])
-                matrix_view(grads[k], m, n).copy_(update[position].expand_as(M[:, position]))
+            for position, k in enumerate(indices):  # a worker away keeps its gradient and its error memory
+                matrix_view(self.memory[k], m, n)[mine] = (M[:, position] - update[position])[mine]
+                matrix_view(grads[k], m, n)[mine] = update[position].expand_as(M[:, position])[mine]
 
     def state_dict(self) -> dict:
         if self._pending is not None:  # loaded and not yet put back: it is still the state
