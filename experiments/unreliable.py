@@ -79,26 +79,30 @@ def refusal(overrides: list[str], n_workers: int, method_key: str = "optimizer")
     return None
 
 
+def planned(quick: bool, method_table: dict, quick_methods: tuple, extra: list[str], method_key: str = "optimizer"):
+    """([(run name, labels, the method's and the faults' overrides)] of every pair the entrypoint
+    takes, in fault then method order; the pairs it would refuse, each as a line with why)."""
+    taken, not_run = [], []
+    for fault, (fault_label, fault_overrides) in FAULTS.items():
+        for name, (label, method_overrides) in method_table.items():
+            if quick and (fault not in QUICK_FAULTS or name not in quick_methods):
+                continue
+            why = refusal(method_overrides + fault_overrides + extra, 4 if quick else 16, method_key)
+            if why is None:
+                taken.append((f"{name}_{fault}", {"method": label, "faults": fault_label}, method_overrides + fault_overrides))
+            else:
+                not_run.append(f"{label} with {fault_label}: {why}")
+    return taken, not_run
+
+
 def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None, learning_rate: float | None = None):
     """(runs, the pairs not run with why): every method under every fault setting, seed-major."""
-    runs, not_run = [], []
-    n_workers = 4 if quick else 16
-    for seed in sweep.study_seeds(quick, seeds or (None if quick else list(FULL_SEEDS))):
-        for fault, (fault_label, fault_overrides) in FAULTS.items():
-            if quick and fault not in QUICK_FAULTS:
-                continue
-            for name, (label, method_overrides) in METHODS.items():
-                if quick and name not in QUICK_METHODS:
-                    continue
-                overrides = COMMON + [f"seed={seed}", f"learning_rate={QUICK_LEARNING_RATE if quick else learning_rate}"] + \
-                    (heterogeneous.QUICK if quick else heterogeneous.FULL) + method_overrides + fault_overrides + extra
-                why = refusal(overrides, n_workers)
-                if why is not None:
-                    if seed == sweep.study_seeds(quick, seeds or (None if quick else list(FULL_SEEDS)))[0]:
-                        not_run.append(f"{label} with {fault_label}: {why}")
-                    continue
-                runs.append(sweep.Run(sweep.seeded_name(f"{name}_{fault}", seed), "train.py", overrides,
-                                      {"method": label, "faults": fault_label, "seed": seed}))
+    taken, not_run = planned(quick, METHODS, QUICK_METHODS, extra)
+    rate = QUICK_LEARNING_RATE if quick else learning_rate
+    runs = [sweep.Run(sweep.seeded_name(name, seed), "train.py",
+                      COMMON + [f"seed={seed}", f"learning_rate={rate}"] + (heterogeneous.QUICK if quick else heterogeneous.FULL)
+                      + overrides + extra, labels | {"seed": seed})
+            for seed in sweep.study_seeds(quick, seeds or (None if quick else list(FULL_SEEDS))) for name, labels, overrides in taken]
     return runs, not_run
 
 
@@ -124,20 +128,9 @@ CONSENSUS_HEADER = ["method", "faults", "consensus error at the end / at the sta
 
 def consensus_runs(quick: bool, extra: list[str]):
     """(gossip_run.py runs of every consensus method under every fault setting, the pairs not run with why)."""
-    runs, not_run = [], []
-    for fault, (fault_label, fault_overrides) in FAULTS.items():
-        if quick and fault not in QUICK_FAULTS:
-            continue
-        for name, (label, method_overrides) in CONSENSUS_METHODS.items():
-            if quick and name not in QUICK_CONSENSUS_METHODS:
-                continue
-            overrides = CONSENSUS + (QUICK_CONSENSUS if quick else []) + method_overrides + fault_overrides + extra
-            why = refusal(overrides, 4 if quick else 16, method_key="algorithm")
-            if why is not None:
-                not_run.append(f"{label} with {fault_label}: {why}")
-                continue
-            runs.append(sweep.Run(f"consensus_{name}_{fault}", "gossip_run.py", overrides, {"method": label, "faults": fault_label}))
-    return runs, not_run
+    taken, not_run = planned(quick, CONSENSUS_METHODS, QUICK_CONSENSUS_METHODS, extra, method_key="algorithm")
+    return [sweep.Run(f"consensus_{name}", "gossip_run.py", CONSENSUS + (QUICK_CONSENSUS if quick else []) + overrides + extra, labels)
+            for name, labels, overrides in taken], not_run
 
 
 def write_consensus_report(outcomes: list[sweep.Outcome], not_run: list[str], folder: str) -> None:

@@ -207,18 +207,20 @@ def arithmetic_fingerprint() -> str:
     from one torch release to another: two machines with one fingerprint compute the cases bit
     for bit alike. Nothing of the project is used, so a change to the project cannot change it."""
     import torch
-    import torch.nn.functional as F
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _fingerprint_on_one_thread(torch, F)
+        return _fingerprint_on_one_thread()
     finally:
         torch.set_num_threads(threads)
 
 
-def _fingerprint_on_one_thread(torch, F) -> str:
+def _fingerprint_on_one_thread() -> str:
     import hashlib
+
+    import torch
+    import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
 

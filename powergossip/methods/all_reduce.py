@@ -1,8 +1,6 @@
 """All-reduce: the centralized baseline every decentralized method is measured against."""
 from __future__ import annotations
 
-import torch
-
 from powergossip.methods.base import Method
 from powergossip.methods.registry import register_algorithm
 
@@ -16,14 +14,9 @@ class AllReduce(Method):
 
     def step(self, params):
         self.next_graph()  # one more round: the faults' draws are keyed by it
-        faults = getattr(self.topology, "faults", None)
-        present = None if faults is None else ~faults.away(self.round - 1)
+        present, mine = self.present_rows(self.round - 1)
         for x, mean in zip(params, self.comm.all_reduce_mean(params, present=present)):
-            if present is None:
-                x.copy_(mean.unsqueeze(0).expand_as(x))
-            else:
-                mine = torch.as_tensor(present[self.comm.first_worker:self.comm.first_worker + self.comm.num_local], device=x.device)
-                x[mine] = mean.to(x.dtype)
+            x[mine] = mean.to(x.dtype)
 
     def working_copies(self, degree, shapes):
         return 1.0  # the sum of one worker's size, whatever the graph

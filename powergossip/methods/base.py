@@ -183,10 +183,23 @@ class Method:
         self.round += 1
         return graph
 
+    @property
+    def faults(self):
+        """The run's faults.Faults (its topology is a faults.FaultyTopology), or None."""
+        return getattr(self.topology, "faults", None)
+
     def loses_messages(self) -> bool:
         """Whether this run's messages may be lost one way (faults.py's message_loss_probability)."""
-        faults = getattr(self.topology, "faults", None)
-        return faults is not None and bool(faults.settings.message_loss_probability)
+        return self.faults is not None and bool(self.faults.settings.message_loss_probability)
+
+    def present_rows(self, round: int):
+        """Who is there at `round` (faults.py's absences): over all workers (None without faults:
+        Communicator.all_reduce_mean's `present`), and this process's rows of those (all rows)."""
+        if self.faults is None:
+            return None, slice(None)
+        present = ~self.faults.away(round)
+        mine = present[self.comm.first_worker:self.comm.first_worker + self.comm.num_local]
+        return present, torch.as_tensor(mine, device=self.comm.device)
 
     def arrived(self, edges, both_ways: bool = False) -> torch.Tensor | None:
         """Per local half-edge of this round's graph (the one next_graph gave last), whether the
@@ -197,7 +210,7 @@ class Method:
         it once per exchange."""
         if not self.loses_messages():
             return None
-        lost = self.topology.faults.lost(self.round - 1)  # [sender, receiver]
+        lost = self.faults.lost(self.round - 1)  # [sender, receiver]
         senders, neighbors = edges.on_host
         outgoing_lost = lost[senders, neighbors]
         self.comm.count_lost(edges, outgoing_lost)

@@ -100,10 +100,7 @@ class StackedPowerSGD(Method):
             self.memory = [e.to(self.comm.device).clone() for e in self._pending["memory"]]
             self._pending = None
         compressing = self.round >= self.start_compressing_after_num_steps  # round: the steps done
-        faults = getattr(self.topology, "faults", None)  # workers away this round (faults.py) leave the average
-        present = None if faults is None else ~faults.away(self.round)
-        mine = slice(None) if present is None else \
-            torch.as_tensor(present[self.comm.first_worker:self.comm.first_worker + self.comm.num_local], device=self.comm.device)
+        present, mine = self.present_rows(self.round)  # workers away this round (faults.py) leave the average
         self.round += 1
         exact = [g for k, g in enumerate(grads) if not (compressing and k in self.compressed)]
         for g, mean in zip(exact, self.comm.all_reduce_mean(exact, present=present)):
