@@ -142,6 +142,69 @@ def matrix_groups(stacks: list[torch.Tensor], rank: int, keep=lambda shape: True
     return [(indices, m, n, r) for (m, n, r), indices in shapes.items()]
 
 
+class EdgeRows:
+    """Which row of a per-edge state stack belongs to which local half-edge (i -> j), kept
+    across the rounds the edge is absent: an edge of one_peer_hypercube comes back every
+    log2(n) rounds and continues where it stopped (PowerGossip's P and Q, push-sum's running
+    sums under lost messages).
+
+    A row is freed once its edge has been absent for more than `memory` consecutive rounds
+    (None: never), so that a graph whose edges rarely repeat (random_matching) holds at most
+    (memory + 1) x (half-edges per round) rows in use instead of growing toward all n(n-1)
+    half-edges (the stack keeps at most one round's more, freed rows waiting for reuse).
+    Both ends of an edge see the same rounds, so they free and re-create its state together.
+    """
+
+    def __init__(self, memory: int | None):
+        self.memory = memory
+        self.row_of: dict[tuple[int, int], int] = {}
+        self.edge_of_row: list[tuple[int, int] | None] = []
+        self.last_seen = np.zeros(0, dtype=np.int64)  # round each row's edge was last present
+        self.free: list[int] = []
+        self._previous = (None, None)  # the last round's `pairs` object and its rows
+
+    def assign(self, pairs: list[tuple[int, int]], round: int) -> tuple[np.ndarray, list[int], list[int]]:
+        """The rows of this round's half-edges `pairs`, the positions (in `pairs`) of those whose
+        state starts now, and the rows freed now. Freed rows are reused before the stack grows."""
+        if pairs is self._previous[0]:  # the round before's half-edges (a static graph): its rows, none fresh
+            rows, fresh = self._previous[1], []
+        else:
+            rows, fresh = [], []
+            for position, pair in enumerate(pairs):
+                row = self.row_of.get(pair)
+                if row is None:
+                    row = self.free.pop() if self.free else len(self.edge_of_row)
+                    if row == len(self.edge_of_row):
+                        self.edge_of_row.append(None)
+                    self.row_of[pair], self.edge_of_row[row] = row, pair
+                    fresh.append(position)
+                rows.append(row)
+            rows = np.array(rows, dtype=np.int64)
+            self.last_seen = np.concatenate([self.last_seen, np.zeros(len(self.edge_of_row) - len(self.last_seen), np.int64)])
+            self._previous = (pairs, rows)
+        self.last_seen[rows] = round
+        freed = []
+        if self.memory is not None:  # absent for more than `memory` rounds, this one included
+            stale = self.last_seen < round - self.memory
+            freed = np.flatnonzero(stale).tolist()
+            for row in freed:
+                del self.row_of[self.edge_of_row[row]]
+                self.edge_of_row[row] = None
+            self.last_seen[stale] = np.iinfo(np.int64).max  # a free row is never stale again
+            self.free = sorted(self.free + freed, reverse=True)  # the smallest free row is taken first
+        return rows, fresh, freed
+
+    def state_dict(self) -> dict:  # plain lists and a tensor: checkpoints load with weights_only=True
+        return {"edge_of_row": [None if e is None else list(e) for e in self.edge_of_row],
+                "last_seen": torch.from_numpy(self.last_seen.copy()), "free": list(self.free)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.edge_of_row = [None if e is None else tuple(e) for e in state["edge_of_row"]]
+        self.row_of = {edge: row for row, edge in enumerate(self.edge_of_row) if edge is not None}
+        self.last_seen, self.free = state["last_seen"].numpy().astype(np.int64), list(state["free"])
+        self._previous = (None, None)
+
+
 class Method:
     """Interface of every method (gossip or not). `step(params)` runs one round in place;
     bytes are counted by `comm`.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from powergossip.methods.base import GossipConfig, sum_into_workers
+from powergossip.methods.base import EdgeRows, GossipConfig, sum_into_workers
 from powergossip.methods.dpsgd import SimpleGossip
 from powergossip.methods.registry import register_algorithm
 
@@ -29,7 +29,7 @@ class PushSum(SimpleGossip):
         super().__init__(comm, topology, config, **settings)
         self.weight = None  # w_i per local worker `[L]`, in the parameters' dtype (from the first step)
         # with messages lost one way (_robust_step): each half-edge's running sums, one row per pair ever seen
-        self.edge_row_of: dict[tuple[int, int], int] = {}
+        self.edge_rows = EdgeRows(memory=None)
         self.sent_sums, self.got_sums = None, None
 
     def prepare(self, params):
@@ -67,12 +67,12 @@ class PushSum(SimpleGossip):
         edges = self.comm.half_edges(graph)
         W = graph.diffusion_matrix
         senders, neighbors = edges.on_host
-        rows = self._edge_rows(edges)
+        rows = torch.as_tensor(self.edge_rows.assign(edges.pairs, self.round - 1)[0], device=self.comm.device)
         flat = [v.reshape(v.shape[0], -1).double() for v in values]
         if self.sent_sums is None:
             self.sent_sums = [v.new_zeros((0, v.shape[1])) for v in flat]
             self.got_sums = [v.new_zeros((0, v.shape[1])) for v in flat]
-        grow = len(self.edge_row_of) - self.sent_sums[0].shape[0]
+        grow = len(self.edge_rows.edge_of_row) - self.sent_sums[0].shape[0]
         if grow > 0:
             self.sent_sums = [torch.cat([s, s.new_zeros((grow, s.shape[1]))]) for s in self.sent_sums]
             self.got_sums = [torch.cat([g, g.new_zeros((grow, g.shape[1]))]) for g in self.got_sums]
@@ -90,26 +90,22 @@ class PushSum(SimpleGossip):
             mixed = keep.unsqueeze(1) * v + sum_into_workers(own, new_mass)
             value.copy_(mixed.reshape(value.shape).to(value.dtype))
 
-    def _edge_rows(self, edges) -> torch.Tensor:
-        """The rows of this round's half-edges (i -> j) in the running sums, one per pair ever seen."""
-        for pair in edges.pairs:
-            self.edge_row_of.setdefault(pair, len(self.edge_row_of))
-        return torch.as_tensor([self.edge_row_of[pair] for pair in edges.pairs], dtype=torch.long, device=self.comm.device)
-
     def step_size_scale(self):
         return 1.0 if self.weight is None else 1 / self.weight
 
     def state_dict(self):
         state = super().state_dict() | ({} if self.weight is None else {"weight": self.weight.clone()})
         if self.sent_sums is not None:
-            state |= {"edge_rows": [list(pair) for pair in self.edge_row_of],
+            state |= {"edge_rows": self.edge_rows.state_dict(),
                       "sent_sums": [s.clone() for s in self.sent_sums], "got_sums": [g.clone() for g in self.got_sums]}
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.weight = state["weight"].to(self.comm.device) if "weight" in state else None
-        self.edge_row_of = {tuple(pair): row for row, pair in enumerate(state.get("edge_rows", []))}
+        self.edge_rows = EdgeRows(memory=None)
+        if "edge_rows" in state:
+            self.edge_rows.load_state_dict(state["edge_rows"])
         self.sent_sums = [s.to(self.comm.device) for s in state["sent_sums"]] if "sent_sums" in state else None
         self.got_sums = [g.to(self.comm.device) for g in state["got_sums"]] if "got_sums" in state else None
 
