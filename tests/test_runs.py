@@ -602,3 +602,18 @@ def test_a_lost_metrics_file_is_refused_unless_the_gap_is_accepted_and_recorded(
     assert "accept_metrics_gap" not in (folder / "config.yaml").read_text()  # an instruction to one launch
     run(str(folder), small(tiny_data, num_epochs=3) + ["resume=true"])  # the recorded gap is part of the history
     assert runs.read_metrics(str(folder))[0] == gap and {r[1] for r in records(folder)} == {1.0, 2.0, 3.0}
+
+
+def test_timers_summary_reads_each_section_once_and_keeps_running_totals(monkeypatch):
+    clock = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])  # sections of 1, 3 and 2 seconds
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: next(clock))
+    timers = runs.Timers(torch.device("cpu"))
+    for _ in range(2):
+        with timers("step"):
+            pass
+    assert timers.summary() == {"step": (2.0, 1.0, 2)}
+    with timers("step"):
+        pass
+    mean, std, count = timers.summary()["step"]
+    assert (mean, count) == (2.0, 3) and std == pytest.approx((2 / 3) ** 0.5, rel=1e-12)  # of 1, 3, 2
+    assert timers.summary()["step"] == (mean, std, count)  # nothing new: the same totals
