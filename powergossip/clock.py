@@ -30,9 +30,11 @@ Its model, one step k of worker i (T_i(k): when worker i ends step k; T_i(-1) = 
 
   Here m_ji is when j's message reaches i after j sent it, and m_ii when i's own last message
   has arrived: a worker's exchange ends when its messages are in and its own are delivered
-  (comm.exchange waits on its sends too). That is the issue's j = i term; it makes the overlap
-  rule's pace max(c_max, m) hold at every worker, and it changes nothing when the workers and
-  their messages are equal and every worker's send order ends at the same position.
+  (comm.exchange waits on its sends too). That is the issue's j = i term, which the issue writes
+  for the after-step rule and which is added here to the overlap rule: with one m for every message
+  it changes nothing there, but with messages back to back a worker could otherwise start its next
+  round while its link still sends (on a 4-ring, worker 0 gets both neighbours' first messages
+  and worker 2 their second ones). The long-run paces stay the issue's.
 
   The ring all-reduce moves 2(n-1)/n of the buffer per worker; the byte records
   (Communicator.all_reduce_mean, metrics.py's bits) keep counting the buffer once per
