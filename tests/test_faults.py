@@ -180,6 +180,21 @@ def test_choco_publishes_only_what_reaches_every_neighbour_so_no_copy_goes_stale
     assert (x - x.mean(0)).norm() < 1e-3 * initial_error
 
 
+@pytest.mark.parametrize("method_name,topology,settings", [("choco", RING8, CHOCO), ("relay-sum", topologies.build("chain", 8), {})])
+def test_choco_and_relay_sum_under_faults_resume_bit_for_bit(method_name, topology, settings):
+    """Their state (Choco's x_hat, s and compressor randomness; RelaySum's x^0, messages and counts)
+    and the round that keys the faults' draws: 10 rounds, a new method loading the state, 10 more
+    equal 20 rounds in one go."""
+    every_fault = {"link_failure_probability": 0.2, "offline_probability": 0.1, "message_loss_probability": 0.1}
+    _, uninterrupted, _, _ = gossip(method_name, faulty(topology, **every_fault), 20, **settings)
+    _, x, _, first = gossip(method_name, faulty(topology, **every_fault), 10, **settings)
+    second = methods.build(method_name, comm_module.Communicator(8, "cpu"), faulty(topology, **every_fault), **settings)
+    second.load_state_dict(first.state_dict())
+    for _ in range(10):
+        second.step([x])
+    assert torch.equal(x, uninterrupted)
+
+
 @pytest.mark.parametrize("faulty_settings", [
     {"algorithm": "power_gossip", "link_failure_probability": 0.25, "offline_probability": 0.15},
     {"algorithm": "dpsgd", "link_failure_probability": 0.1, "message_loss_probability": 0.2},
