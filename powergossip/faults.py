@@ -37,9 +37,7 @@ LINK_STREAM, ABSENCE_STREAM, LOSS_STREAM = 11, 12, 13  # the faults' random stre
 KEYS = ("link_failure_probability", "offline_probability", "churn", "message_loss_probability")  # the configuration's keys, off by default
 # the methods with a rule for a message lost one way (docs/algorithms.md); D2 and gradient tracking run with D-PSGD's
 # rule for their mixing, which has no fix for their corrections: the study shows what it costs them
-LOSS_RULES = ("dpsgd", "power-gossip", "push-sum", "d2", "gradient-tracking", "relay-sum", "deepsqueeze", "moniqua")
-# graph needs of the methods that mix with each round's W and take graphs that change: they take faults
-TAKES_FAULTS = ("symmetric", "doubly_stochastic", "column_stochastic")
+LOSS_RULES = ("dpsgd", "power-gossip", "push-sum", "d2", "gradient-tracking", "relay-sum", "deepsqueeze", "moniqua", "choco")
 
 
 @dataclass(frozen=True)
@@ -156,11 +154,9 @@ class FaultyTopology(topologies.TimeVarying):
 
 def check(settings: FaultSettings, method_name: str, graph_needs: str | None, topology) -> None:
     """ValueError unless the method takes these faults on this (fault-free) topology, on a
-    symmetric graph (a directed one would lose its column sums). Cut links and absences: the
-    methods that mix with each round's W and take graphs that change (graph needs TAKES_FAULTS:
-    D-PSGD, PowerGossip, DeepSqueeze, Moniqua, push-sum, gradient tracking), and all-reduce
-    (absences only). Messages lost one way: the methods of LOSS_RULES. The others (PowerSGD,
-    Choco, RelaySum; D2's cut links) need a rule of their own for what does not arrive."""
+    symmetric graph (a directed one would lose its column sums). Cut links and absences: every
+    method that gossips over the graph (it states a graph need; each has its rule, docs/algorithms.md),
+    and all-reduce and PowerSGD (absences only). Messages lost one way: the methods of LOSS_RULES."""
     if not settings.active:
         return
     key = next(k for k in KEYS if getattr(settings, k))
@@ -170,14 +166,13 @@ def check(settings: FaultSettings, method_name: str, graph_needs: str | None, to
                              f"{method_name} does not gossip over the graph's links; offline_probability and churn apply to "
                              "it (a worker away is left out of that round's average)")
         return
-    if cuts(settings) and graph_needs not in TAKES_FAULTS:
-        why = "does not gossip over the graph (an absent worker's place in its average is not implemented)" \
-            if graph_needs is None else f"needs {topologies.REQUIREMENTS[graph_needs]}"
+    if cuts(settings) and graph_needs is None:
         from powergossip import methods  # here: the graph layer does not import the methods
 
-        takes = [name for name, registration in methods.METHODS.items() if registration.graph_needs in TAKES_FAULTS]
-        raise ValueError(f"{key}: {method_name} {why}, so it does not take faults yet; methods that do (on a symmetric "
-                         f"graph): {', '.join(takes)}")
+        takes = [name for name, registration in methods.METHODS.items() if registration.graph_needs is not None]
+        raise ValueError(f"{key}: {method_name} does not gossip over the graph (an absent worker's place in its average "
+                         f"is not implemented), so it does not take faults yet; methods that do (on a symmetric graph): "
+                         f"{', '.join(takes)}")
     if settings.message_loss_probability and method_name not in LOSS_RULES:
         raise ValueError(f"message_loss_probability: {method_name} has no rule yet for a message lost one way; methods "
                          f"that have: {', '.join(LOSS_RULES)}")

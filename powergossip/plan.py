@@ -54,9 +54,9 @@ class HalfEdges:
         self.same_degree = bool(len(degrees)) and int(degrees.min()) == self.max_degree  # slot layout = half-edge order
         self.first_edge = as_long(np.concatenate([[0], np.cumsum(degrees)]))  # local worker l: half-edges first_edge[l] .. [l + 1] - 1
         # incoming[l, h] = w_ij on worker l's own half-edges: incoming @ messages = sum_j w_ij m_j.
-        self.incoming = self._incoming(self.weight_in)
+        self.incoming = self.incoming_of(self.weight_in)
 
-    def _incoming(self, weight_in: torch.Tensor) -> torch.Tensor:
+    def incoming_of(self, weight_in: torch.Tensor) -> torch.Tensor:
         """`[L, H]`: weight_in[h] at (local sender of h, h), zeros elsewhere, in weight_in's dtype."""
         incoming = weight_in.new_zeros((len(self.degrees), self.num))
         incoming[self.local_sender, torch.arange(self.num, device=incoming.device)] = weight_in
@@ -72,5 +72,5 @@ class HalfEdges:
             own, weight_in = self._float64_weights
             device = self.incoming.device
             self._weights[dtype] = (torch.tensor(own, dtype=dtype, device=device),
-                                    self._incoming(torch.tensor(weight_in, dtype=dtype, device=device)))
+                                    self.incoming_of(torch.tensor(weight_in, dtype=dtype, device=device)))
         return self._weights[dtype]

@@ -723,6 +723,15 @@ def without_edges(topology, pairs):
     return Topology(_fill_diagonal_with_rest(W), name=f"{topology.name} (part)", connected=False)
 
 
+def without_messages_of(topology, workers):
+    """Round t's graph `topology` in which the workers marked in `workers` (booleans, one per
+    worker) send nothing and still receive: their columns' weights go to the receivers' own, a
+    directed graph whose rows sum to 1 (Choco's round under faults, methods/choco.py)."""
+    W = np.array(topology.diffusion_matrix)
+    W[:, workers] = 0.0
+    return Topology(_fill_diagonal_with_rest(W), name=f"{topology.name} (some silent)", connected=False)
+
+
 def from_matrix(W, name="custom"):
     """Use a given mixing matrix as is (validated by Topology)."""
     return Topology(W, name=name)
@@ -810,12 +819,17 @@ REQUIREMENTS = {
 TWO_GRAPHS = "is two trees (two graphs), not one mixing matrix"  # why methods that mix with W refuse TwoTrees
 
 
+def fault_free(topology):
+    """The fault-free topology of a faults.FaultyTopology (its `without_faults`), else `topology` itself."""
+    return getattr(topology, "without_faults", topology)
+
+
 def requirement_problem(topology, need: str) -> str | None:
     """Why `topology` (static or over time) does not give what REQUIREMENTS[need] says, or None.
     A topology with faults (faults.FaultyTopology) is judged by its fault-free graph."""
     if need not in REQUIREMENTS:
         raise ValueError(f"unknown graph requirement {need!r}; one of {', '.join(REQUIREMENTS)}")
-    topology = getattr(topology, "without_faults", topology)
+    topology = fault_free(topology)
     if need == "fixed_symmetric" and topology.period != 1:
         return f"{topology.name} changes from round to round"
     if need == "tree":

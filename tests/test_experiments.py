@@ -161,17 +161,17 @@ def test_heterogeneous_study_defines_the_issues_grid():
 
 def test_unreliable_study_defines_the_issues_grid_and_names_what_it_cannot_run():
     """Study 14: the heterogeneous study's setting at alpha 0.1, 9 methods x 5 fault settings x 2
-    seeds; a pair whose faults train.py would refuse is left out and named with the reason."""
+    seeds; a pair whose faults train.py would refuse is left out and named with the reason (push-sum's
+    directed graph with cut links or absences)."""
     runs, not_run = unreliable.study_runs(False, [], learning_rate=0.03)
     assert len(runs) + 2 * len(not_run) == 9 * 5 * 2 and len({r.name for r in runs}) == len(runs)
+    assert [line.split(":")[0] for line in not_run] == [f"SGP (time-varying exponential) with 10% of {what}"
+                                                         for what in ("links down", "workers away")]
     assert {r.labels["faults"] for r in runs} == {label for label, _ in unreliable.FAULTS.values()}
     assert all("dirichlet_alpha=0.1" in r.overrides and "n_workers=16" in r.overrides and "learning_rate=0.03" in r.overrides
                for r in runs)
-    assert any(line.startswith("Choco sign+norm (ring) with 1% of messages lost: message_loss_probability: choco has no rule")
-               for line in not_run)
     from powergossip import configuration, train
-    dpsgd_under_every_fault = [r for r in runs if r.labels["method"] == "D-PSGD (ring)" and r.labels["seed"] == 1]
-    for run in runs[:len(unreliable.METHODS)] + dpsgd_under_every_fault:  # they pass train.py's checks
+    for run in [r for r in runs if r.labels["seed"] == 1]:  # every pair planned passes train.py's checks
         train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
 
 

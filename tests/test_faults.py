@@ -9,8 +9,10 @@ import torch
 
 from powergossip import comm as comm_module
 from powergossip import configuration, faults, methods, topologies
+from tests import train_runs
 from tests.launch import run_mpi
 from tests.test_gossip_run import run_main
+from tests.test_train import layout_overrides, tiny_data  # noqa: F401 (tiny_data: a fixture)
 
 RING8 = topologies.build("ring", 8)
 
@@ -72,19 +74,26 @@ def test_impossible_settings_are_refused(setting, problem):
         faults.FaultSettings(**setting)
 
 
-@pytest.mark.parametrize("algorithm,topology,problem", [
-    ("choco", "ring", "choco needs a symmetric topology that stays the same every round"),
-    ("push-sum", "one_peer_exponential", "faults need a symmetric graph"),  # cut links on a directed graph
-])
-def test_methods_without_a_rule_for_faults_refuse_them_before_any_work(tmp_path, algorithm, topology, problem):
-    with pytest.raises(configuration.ConfigError, match=f"link_failure_probability: {problem}"):
-        run_main(tmp_path, algorithm=algorithm, topology=topology, n_workers=8, matrix_size=4, num_steps=5,
+def test_cut_links_on_a_directed_graph_are_refused_before_any_work(tmp_path):
+    with pytest.raises(configuration.ConfigError, match="link_failure_probability: faults need a symmetric graph"):
+        run_main(tmp_path, algorithm="push-sum", topology="one_peer_exponential", n_workers=8, matrix_size=4, num_steps=5,
                  link_failure_probability=0.1)
     assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
+@pytest.mark.parametrize("settings,graph_needs,problem", [
+    ({"offline_probability": 0.1}, None, "offline_probability: my-method does not gossip over the graph"),
+    ({"message_loss_probability": 0.1}, "symmetric", "message_loss_probability: my-method has no rule yet"),
+])
+def test_a_method_without_a_rule_is_refused(settings, graph_needs, problem):
+    """Every registered method has its rules; one of a user's that states no graph need, or that
+    is not among those with a rule for lost messages, is refused."""
+    with pytest.raises(ValueError, match=problem):
+        faults.check(faults.FaultSettings(**settings), "my-method", graph_needs, RING8)
+
+
 def gossip(method_name, topology, steps, **settings):
-    """`steps` rounds of a method in one process from random starts: (start, end, bytes sent)."""
+    """`steps` rounds of a method in one process from random starts: (start, end, bytes sent, the method)."""
     comm = comm_module.Communicator(8, "cpu")
     method = methods.build(method_name, comm, topology, **settings)
     x = torch.randn(8, 6, 5, generator=torch.Generator().manual_seed(0))
@@ -95,8 +104,11 @@ def gossip(method_name, topology, steps, **settings):
     return start, x, comm.bytes_sent.copy(), method
 
 
+CHOCO = {"compressor": "sign-and-norm", "diffusion_rate": 0.3}
+
+
 @pytest.mark.parametrize("method_name,settings", [("dpsgd", {}), ("power-gossip", {"rank": 1}), ("push-sum", {}),
-                                                  ("gradient-tracking", {})])
+                                                  ("gradient-tracking", {}), ("choco", CHOCO)])
 def test_mixing_keeps_the_average_under_link_failures_and_absences_and_still_agrees(method_name, settings):
     topology = faulty(RING8, link_failure_probability=0.2, offline_probability=0.1)
     start, end, sent, _ = gossip(method_name, topology, 400, **settings)
@@ -133,6 +145,56 @@ def test_powergossip_keeps_a_cut_edges_state_through_a_long_absence(tmp_path):
     assert power.half_steps[rows[(0, 1)]] < power.half_steps[rows[(3, 4)]]  # its power iteration paused while 0 was away
 
 
+def test_choco_publishes_only_what_reaches_every_neighbour_so_no_copy_goes_stale():
+    """Choco's rule (methods/choco.py): worker i's q_i moves x_hat_i, and enters its neighbours' s,
+    only in a round in which it reaches all of them. Round by round, x_hat moves for exactly the
+    workers the draws say publish; one that knows beforehand that it will not (a link of its down,
+    itself or a neighbour away) sends nothing; lost messages were sent. At the end s_i = sum_j
+    w_ij x_hat_j to float32 rounding (a stale copy would be off by a whole q), the average is kept
+    and the workers agree."""
+    topology = faulty(RING8, link_failure_probability=0.2, offline_probability=0.1, message_loss_probability=0.1)
+    comm = comm_module.Communicator(8, "cpu")
+    method = methods.build("choco", comm, topology, **CHOCO)
+    x = torch.randn(8, 6, 5, generator=torch.Generator().manual_seed(0))
+    start, steps = x.clone(), 300
+    neighbours = (RING8.diffusion_matrix > 0) & ~np.eye(8, dtype=bool)
+    messages, lost, published = np.zeros(8, dtype=np.int64), np.zeros(8, dtype=np.int64), 0
+    for t in range(steps):
+        x_hat = method.state["x_hat"][0].clone() if method.state else torch.zeros_like(x)
+        method.step([x])
+        silent = (neighbours & (topology.at(t).diffusion_matrix == 0)).any(axis=1)
+        lost_now = topology.faults.lost(t) & neighbours & ~silent[:, None]
+        publishes = ~silent & ~lost_now.any(axis=1)
+        assert ((method.state["x_hat"][0] != x_hat).flatten(1).any(dim=1).numpy() == publishes).all()
+        messages += ~silent * neighbours.sum(axis=1)
+        lost += lost_now.sum(axis=1)
+        published += publishes.sum()
+    assert (comm.messages_sent == messages).all() and (comm.messages_lost == lost).all() and lost.sum() > 0
+    assert 0.25 < published / (8 * steps) < 0.5  # 0.9^3 0.8^2 (present, links up) 0.9^2 (not lost): 0.38
+    x_hat, s = method.state["x_hat"][0], method.state["s"][0]
+    W = torch.tensor(RING8.diffusion_matrix, dtype=torch.float32)
+    # a few float32 roundings of terms no larger than x_hat per round
+    assert (s - torch.einsum("ij,j...->i...", W, x_hat)).abs().max() < steps * 4 * 2**-24 * x_hat.abs().max()
+    initial_error = (start - start.mean(0)).norm()
+    assert (x.mean(0) - start.mean(0)).norm() < 1e-5 * initial_error
+    assert (x - x.mean(0)).norm() < 1e-3 * initial_error
+
+
+@pytest.mark.parametrize("method_name,topology,settings", [("choco", RING8, CHOCO), ("relay-sum", topologies.build("chain", 8), {})])
+def test_choco_and_relay_sum_under_faults_resume_bit_for_bit(method_name, topology, settings):
+    """Their state (Choco's x_hat, s and compressor randomness; RelaySum's x^0, messages and counts)
+    and the round that keys the faults' draws: 10 rounds, a new method loading the state, 10 more
+    equal 20 rounds in one go."""
+    every_fault = {"link_failure_probability": 0.2, "offline_probability": 0.1, "message_loss_probability": 0.1}
+    _, uninterrupted, _, _ = gossip(method_name, faulty(topology, **every_fault), 20, **settings)
+    _, x, _, first = gossip(method_name, faulty(topology, **every_fault), 10, **settings)
+    second = methods.build(method_name, comm_module.Communicator(8, "cpu"), faulty(topology, **every_fault), **settings)
+    second.load_state_dict(first.state_dict())
+    for _ in range(10):
+        second.step([x])
+    assert torch.equal(x, uninterrupted)
+
+
 @pytest.mark.parametrize("faulty_settings", [
     {"algorithm": "power_gossip", "link_failure_probability": 0.25, "offline_probability": 0.15},
     {"algorithm": "dpsgd", "link_failure_probability": 0.1, "message_loss_probability": 0.2},
@@ -140,7 +202,10 @@ def test_powergossip_keeps_a_cut_edges_state_through_a_long_absence(tmp_path):
     {"algorithm": "push_sum", "topology": "random_matching", "message_loss_probability": 0.2, "offline_probability": 0.1},
     {"algorithm": "all_reduce", "offline_probability": 0.3},
     {"algorithm": "deepsqueeze", "optimizer_diffusion_rate": 0.2, "message_loss_probability": 0.2},
-    {"algorithm": "moniqua", "optimizer_diffusion_rate": 0.1, "optimizer_theta": 2.0, "message_loss_probability": 0.2}])
+    {"algorithm": "moniqua", "optimizer_diffusion_rate": 0.1, "optimizer_theta": 2.0, "message_loss_probability": 0.2},
+    {"algorithm": "choco", "optimizer_diffusion_rate": 0.3, "link_failure_probability": 0.2, "offline_probability": 0.1,
+     "message_loss_probability": 0.1},
+    {"algorithm": "d2", "optimizer_diffusion_rate": 0.5, "link_failure_probability": 0.25, "offline_probability": 0.15}])
 def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path, faulty_settings):
     settings = {"n_workers": 4, "matrix_size": 6, "num_steps": 40, "seed": 3} | faulty_settings
     single = run_main(tmp_path / "single", **settings)
@@ -148,6 +213,18 @@ def test_the_same_faults_in_one_process_and_under_mpirun(tmp_path, faulty_settin
             timeout=300)
     from powergossip import runs
     assert runs.read_metrics(str(tmp_path / "mpi")) == single
+
+
+def test_relay_sum_under_every_fault_trains_alike_in_one_process_and_under_mpirun(tmp_path, tiny_data):
+    """RelaySum is not in gossip_run.py: train.py on a 4-chain, one process against mpirun -np 2,
+    every record the same (the wall-clock ones aside)."""
+    overrides = layout_overrides(tiny_data, "relay-sum") + ["topology=chain", "link_failure_probability=0.2",
+                                                            "offline_probability=0.2", "message_loss_probability=0.1"]
+    train_runs.run(str(tmp_path / "single"), overrides)
+    run_mpi(2, ["tests/train_runs.py", str(tmp_path), json.dumps({"mpi": overrides})], timeout=300)
+    from powergossip import runs
+    timed = lambda folder: [r for r in runs.read_metrics(str(tmp_path / folder)) if not r["name"].startswith("time_")]
+    assert timed("mpi") == timed("single") and any(r["name"] == "messages_lost" for r in timed("single"))
 
 
 def test_dpsgd_under_one_way_loss_counts_what_was_sent_and_lost_and_its_average_drifts():
@@ -203,12 +280,6 @@ def test_robust_push_sum_reaches_the_exact_average_on_a_directed_graph_over_time
     assert method.comm.messages_lost.sum() > 0
 
 
-def test_methods_without_a_rule_for_lost_messages_refuse_them(tmp_path):
-    with pytest.raises(configuration.ConfigError, match="message_loss_probability: choco has no rule yet"):
-        run_main(tmp_path, algorithm="choco", n_workers=8, matrix_size=4, num_steps=5, message_loss_probability=0.1,
-                 optimizer_diffusion_rate=0.1)
-
-
 def test_all_reduce_averages_the_workers_present_and_leaves_those_away_alone():
     topology = faulty(RING8, offline_probability=0.3)
     comm = comm_module.Communicator(8, "cpu")
@@ -230,28 +301,43 @@ def test_all_reduce_has_no_links_to_fail(tmp_path):
         run_main(tmp_path, algorithm="all_reduce", n_workers=8, matrix_size=4, num_steps=5, link_failure_probability=0.1)
 
 
-@pytest.mark.parametrize("method_name,settings", [("gradient-tracking", {}), ("d2", {"diffusion_rate": 0.5})])
+def distance_to_the_minimiser(method_name, topology, **settings):
+    """Relative distance of the workers to the minimiser of sum_i f_i after the heterogeneous
+    least-squares problem's steps (tests/least_squares_runs.py), in float64."""
+    from powergossip import step as step_module
+    from tests import least_squares_runs as problem
+
+    comm = comm_module.Communicator(problem.N_WORKERS, "cpu")
+    method = methods.build(method_name, comm, topology, **settings)
+    x = torch.zeros(problem.N_WORKERS, problem.DIM, dtype=torch.float64)
+    gradient = torch.zeros_like(x)
+    training_step = step_module.TrainingStep(method, methods.METHODS[method_name], [x], [gradient])
+    for _ in range(problem.STEPS):
+        gradient.copy_(problem.gradients(x))
+        training_step(lambda: x.sub_(problem.LEARNING_RATE * gradient))
+    return float((x - problem.minimiser()).norm() / problem.minimiser().norm())
+
+
+CORRECTED = [("gradient-tracking", {}), ("d2", {"diffusion_rate": 0.5})]
+
+
+@pytest.mark.parametrize("method_name,settings", CORRECTED)
 def test_d2_and_gradient_tracking_lose_their_exactness_when_messages_are_lost(method_name, settings):
     """No fix for them: a lost message breaks D2's correction and the sum of gradient tracking's
     trackers. On heterogeneous least squares both reach the minimiser of sum_i f_i exactly
     without loss and miss it with 5% of the messages lost (the D-PSGD rule for their mixing)."""
-    from powergossip import step as step_module
-    from tests import least_squares_runs as problem
+    ring = topologies.build("ring", 5)
+    assert distance_to_the_minimiser(method_name, ring, **settings) < 1e-6
+    assert distance_to_the_minimiser(method_name, faulty(ring, message_loss_probability=0.05), **settings) > 1e-3
 
-    def distance_to_the_minimiser(topology):
-        comm = comm_module.Communicator(problem.N_WORKERS, "cpu")
-        method = methods.build(method_name, comm, topology, **settings)
-        x = torch.zeros(problem.N_WORKERS, problem.DIM, dtype=torch.float64)
-        gradient = torch.zeros_like(x)
-        training_step = step_module.TrainingStep(method, methods.METHODS[method_name], [x], [gradient])
-        for _ in range(problem.STEPS):
-            gradient.copy_(problem.gradients(x))
-            training_step(lambda: x.sub_(problem.LEARNING_RATE * gradient))
-        return float((x - problem.minimiser()).norm() / problem.minimiser().norm())
 
-    ring = topologies.build("ring", problem.N_WORKERS)
-    assert distance_to_the_minimiser(ring) < 1e-6
-    assert distance_to_the_minimiser(faulty(ring, message_loss_probability=0.05)) > 1e-3
+@pytest.mark.parametrize("method_name,settings", CORRECTED)
+def test_d2_and_gradient_tracking_stay_exact_under_link_failures_and_absences(method_name, settings):
+    """Each round's W is symmetric and doubly stochastic: D2's corrections (and gradient tracking's
+    trackers) keep their sum, and a consensus at the minimiser is a fixed point of every such W,
+    so both still reach it, as without faults (float64: 1e-13 measured)."""
+    topology = faulty(topologies.build("ring", 5), link_failure_probability=0.2, offline_probability=0.1)
+    assert distance_to_the_minimiser(method_name, topology, **settings) < 1e-6
 
 
 def test_relay_sum_fills_a_lost_message_with_x0_as_computed_by_hand():
@@ -273,6 +359,30 @@ def test_relay_sum_fills_a_lost_message_with_x0_as_computed_by_hand():
     method.step([x])
     torch.testing.assert_close(x[:, 0], torch.tensor([17 / 3, 13 / 3, 10 / 3], dtype=torch.float64), rtol=1e-15, atol=0)
     assert comm.messages_lost.tolist() == [1, 0, 0] and comm.messages_sent.tolist() == [2, 4, 2]
+
+
+@pytest.mark.parametrize("fault,cut,first_round,second_round,sent", [
+    ("links_down", np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=bool), [1, 5, 5], [5, 11 / 3, 10 / 3], [1, 3, 2]),
+    ("away", np.array([False, True, False]), [1, 6, 3], [7 / 3, 10 / 3, 3], [1, 2, 1])])
+def test_relay_sum_takes_a_cut_link_or_an_absent_worker_as_lost_both_ways(fault, cut, first_round, second_round, sent):
+    """The 3-chain 0 - 1 - 2 of the test above, from (3, 6, 9) with x^0 = 0, round 0 cut.
+    Link {0, 1} down: 0 hears nothing, x_0 = 3 / 3 = 1; 1 hears 2 only, x_1 = (6 + 9) / 3 = 5;
+    x_2 = (9 + 6) / 3 = 5. Round 1: 1 relays 5 + 9 = 14 (count 2) to 0 and 5 (count 1) to 2, so
+    x = ((1 + 14) / 3, (5 + 1 + 5) / 3, (5 + 5) / 3). Worker 1 away: it keeps 6, x_0 = 3 / 3,
+    x_2 = 9 / 3; round 1: it relays 6 (count 1) both ways, x = ((1 + 6) / 3, (6 + 1 + 3) / 3,
+    (3 + 6) / 3). Nothing is sent on a cut link."""
+    chain = topologies.build("chain", 3)
+    topology = faulty(chain, **{"links_down": {"link_failure_probability": 0.5}, "away": {"offline_probability": 0.5}}[fault])
+    setattr(topology.faults, fault, lambda t: cut if t == 0 else np.zeros_like(cut))
+    comm = comm_module.Communicator(3, "cpu")
+    method = methods.build("relay-sum", comm, topology)
+    x = torch.tensor([[3.0], [6.0], [9.0]], dtype=torch.float64)
+    method.start([torch.zeros_like(x)])  # x^0 = 0
+    method.step([x])
+    assert x[:, 0].tolist() == first_round
+    method.step([x])
+    torch.testing.assert_close(x[:, 0], torch.tensor(second_round, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert comm.messages_sent.tolist() == sent and not comm.messages_lost.any()
 
 
 @pytest.mark.parametrize("method_name,settings", [("deepsqueeze", {"compressor": "sign-and-norm", "diffusion_rate": 0.05}),

@@ -261,8 +261,17 @@ class Method:
         if self.faults is None:
             return None, slice(None)
         present = ~self.faults.away(round)
-        mine = present[self.comm.first_worker:self.comm.first_worker + self.comm.num_local]
-        return present, torch.as_tensor(mine, device=self.comm.device)
+        return present, self.local_part(present)
+
+    def local_part(self, per_worker: np.ndarray) -> torch.Tensor:
+        """This process's rows of `per_worker` (one value per worker of the job), on its device."""
+        return torch.as_tensor(per_worker[self.comm.first_worker:self.comm.first_worker + self.comm.num_local],
+                               device=self.comm.device)
+
+    def _fault_rule_in_torch(self) -> bool:
+        """Whether this run's faults call for a rule the fused kernels do not have: messages lost one
+        way (a cut link is a graph over time, which they mix with)."""
+        return self.loses_messages()
 
     def arrived(self, edges, both_ways: bool = False) -> torch.Tensor | None:
         """Per local half-edge of this round's graph (the one next_graph gave last), whether the
@@ -341,8 +350,8 @@ class Method:
         if self._on_torch_path():
             return None
         why_not = ("in_process_mixing=False" if not self.in_process_mixing else "a round's messages leave the process"
-                   if senders is None else "messages lost one way (faults.py: the rule runs in torch)"
-                   if self.loses_messages() else kernel_problem(params, *states))
+                   if senders is None else "faults (faults.py: the rule for what does not arrive runs in torch)"
+                   if self._fault_rule_in_torch() else kernel_problem(params, *states))
         if not self._use_fused(why_not) or why_not is not None:  # decided at the first step; a later round that
             return None  # sends across processes (a graph over time) takes the torch path
         layout = self._layout

@@ -61,7 +61,7 @@ class CompressedGossip(Method):
             if compressor.needs_randomness else None
         self.state = None  # name -> list of [L, ...] tensors, created at the first step
         self._mixing = None  # (a round's HalfEdges, its [L, L] mixing matrix): a fixed graph's is built once
-        self._arrived = None  # this round's Method.arrived: None unless messages may be lost (faults.py)
+        self._weights = None  # this round's (w_ii [L], w_ij [H]) under a fault rule (faults.py), else None: the graph's
 
     def prepare(self, params):
         if self.state is None and params:  # each state in one buffer, which the fused kernels update in place
@@ -72,32 +72,43 @@ class CompressedGossip(Method):
         if not params:
             return
         self.prepare(params)
+        graph = self._sending_graph(graph)
         edges = self.comm.half_edges(graph)
-        self._arrived = self.arrived(edges)
+        self._weights = self._fault_weights(edges, self.arrived(edges))
         self._round(graph, edges, self._senders_in_process(graph), params, *(self.state[name] for name in self.state_names))
+
+    def _sending_graph(self, graph):
+        """The graph this round's messages travel on: the round's own (Choco leaves out the workers
+        that will not publish)."""
+        return graph
+
+    def _fault_weights(self, edges, arrived):
+        """This round's (w_ii `[L]`, w_ij `[H]`) under faults, or None for the round graph's. A lost
+        message's weight w_ij moves to the receiver's w_ii (D-PSGD's rule; `arrived`: Method.arrived)."""
+        if arrived is None:
+            return None
+        weight_in = edges.weight_in * arrived
+        return edges.weight_self.index_add(0, edges.local_sender, edges.weight_in - weight_in), weight_in
 
     def _round(self, graph, edges, senders, params, *states) -> None:
         """The method's round: `states` are its per-worker state tensors, in `state_names` order."""
         raise NotImplementedError
 
     def _own_weights(self, edges) -> torch.Tensor:
-        """w_ii + own_weight_offset; a message lost this round moves its weight w_ij to w_ii (D-PSGD's rule)."""
-        own = edges.weight_self
-        if self._arrived is not None:
-            own = own.index_add(0, edges.local_sender, edges.weight_in * ~self._arrived)
-        return own + self.own_weight_offset
+        """w_ii + own_weight_offset this round (_fault_weights)."""
+        return (edges.weight_self if self._weights is None else self._weights[0]) + self.own_weight_offset
 
     def _weights_in(self, edges) -> torch.Tensor:
-        """w_ij of every local half-edge this round: 0 where the message was lost."""
-        return edges.weight_in if self._arrived is None else edges.weight_in * self._arrived
+        """w_ij of every local half-edge this round (_fault_weights)."""
+        return edges.weight_in if self._weights is None else self._weights[1]
 
     def _incoming(self, edges) -> torch.Tensor:
-        return edges.incoming if self._arrived is None else edges.incoming * self._arrived
+        return edges.incoming if self._weights is None else edges.incoming_of(self._weights[1])
 
     def _mixing_matrix(self, edges, senders) -> torch.Tensor:
         """A `[L, L]`: A[i, k] = (w_ii + own_weight_offset) [k = i] + sum_h incoming[i, h] [senders[h] = k],
         for the round's `edges` (comm keeps one HalfEdges per graph, so a fixed graph's is reused)."""
-        if self._arrived is not None:  # this round's own
+        if self._weights is not None:  # this round's own
             return torch.diag(self._own_weights(edges)).index_add_(1, senders, self._incoming(edges))
         if self._mixing is None or self._mixing[0] is not edges:
             self._mixing = (edges, torch.diag(self._own_weights(edges)).index_add_(1, senders, edges.incoming))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from powergossip import topologies
 from powergossip.errors import require
 from powergossip.methods.corrected import CorrectedGossip
 from powergossip.methods.registry import register_algorithm
@@ -18,7 +19,12 @@ class D2(CorrectedGossip):
 
     Needs a fixed symmetric W_gamma = (1 - gamma) I + gamma W with lambda_min > -1/3 (refused at
     lambda_min <= -1/3 + 1e-9; diffusion_rate 0.5 mixes with (I + W) / 2, whose lambda_min >= 0).
-    Bytes: one vector per edge per round."""
+    Bytes: one vector per edge per round.
+
+    Faults (faults.py): a round with links down or workers away mixes with its own W, whose cut
+    weights sit on both ends' own: still symmetric and doubly stochastic, so the corrections keep
+    summing to 0 and a consensus at the minimiser stays a fixed point: D² stays exact
+    (docs/algorithms.md). A message lost one way has D-PSGD's rule and no fix: that breaks it."""
 
     graph_needs = "fixed_symmetric"
 
@@ -26,7 +32,9 @@ class D2(CorrectedGossip):
     # (registry.check), and so refuse lambda_min <= -1/3 there too.
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
         super().__init__(comm, topology, diffusion_rate=diffusion_rate)
-        lowest = 1 - diffusion_rate + diffusion_rate * np.linalg.eigvalsh(topology.at(0).diffusion_matrix)[0]
+        # on the fault-free W: a round's W with faults adds w_ij (e_i - e_j)(e_i - e_j)^T >= 0 per cut edge, never lower
+        W = topologies.fault_free(topology).at(0).diffusion_matrix
+        lowest = 1 - diffusion_rate + diffusion_rate * np.linalg.eigvalsh(W)[0]
         require(lowest > LAMBDA_MIN, "diffusion_rate",
                 f"must leave the mixing matrix's smallest eigenvalue above -1/3 (D² needs it): {topology.name} at "
                 f"diffusion_rate {diffusion_rate:g} has {lowest:.6g}; set it to 0.5 (D² then mixes with (I + W) / 2)")

@@ -58,7 +58,7 @@ class PowerGossip(Method):
         self.rank, self.num_iterations, self.warm_start = config.rank, config.num_iterations, config.warm_start
         self.round_weights, self.seed = config.round_weights, config.seed
         edge_memory = config.edge_memory
-        base = getattr(topology, "without_faults", topology)  # faults.FaultyTopology: a fault is not an absence
+        base = topologies.fault_free(topology)  # faults.FaultyTopology: a fault is not an absence
         if edge_memory is None and base is not topology and base.period == 1:
             edge_memory = None  # a fixed graph's edges, down for a while: each keeps P, Q and its generator, and goes on
         elif edge_memory is None:

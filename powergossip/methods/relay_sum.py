@@ -3,8 +3,10 @@ decentralized deep learning on heterogeneous data", arXiv 2110.04175): on a span
 every worker relays sums of its subtrees' models, so each worker averages all of them."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from powergossip import topologies
 from powergossip.methods.base import Method, sum_into_workers
 from powergossip.methods.registry import register_algorithm
 
@@ -23,13 +25,20 @@ class RelaySum(Method):
     relays the even flat indices of every parameter, the second the odd ones.
 
     Bytes per tree neighbour and step: the tree's share of the entries, plus one int32 count
-    per tree. State: x^0, the last messages and counts received on every half-edge."""
+    per tree. State: x^0, the last messages and counts received on every half-edge.
+
+    Faults (faults.py), as epfml/relaysgd's relay mechanism takes a message that does not come:
+    a lost message and its count are taken as 0, so they are not relayed and the receiver's
+    n - 1 - sum_j c_{j->i} fills the gap with x^0. A tree link that is down, or one to or from a
+    worker away, is not used (nothing sent or counted) and is taken as lost both ways; a worker
+    away also leaves its own x as it is (it mixes nothing: an average of x^0 and itself is no
+    step of its own)."""
 
     graph_needs = "tree"
 
     def __init__(self, comm, topology):
         super().__init__(comm, topology)
-        base = getattr(topology, "without_faults", topology)  # faults.py: messages lost, on the fixed trees
+        base = topologies.fault_free(topology)  # faults.py: each round takes what the faults leave of the fixed trees
         self.trees = getattr(base, "trees", (base,))
         self.initial = None  # x^0 per parameter, [L, *shape]
         self.messages = None  # per tree, per parameter: [H, share] the last m_{j->i} received
@@ -50,6 +59,7 @@ class RelaySum(Method):
             return
         self.start(params)
         n, rows, device = self.comm.n_workers, params[0].shape[0], params[0].device
+        present = self.present_rows(self.round - 1)[1]  # the rows that mix: a worker away keeps its x
         if self.messages is None:
             self.messages, self.counts = [], []
             for k, tree in enumerate(self.trees):
@@ -67,15 +77,31 @@ class RelaySum(Method):
             outgoing = [x[sender] + sum_into_workers(own, m)[sender] - m for x, m in zip(shares, self.messages[k])]
             received_counts = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
             outgoing_counts = 1 + received_counts[sender] - self.counts[k]
-            *self.messages[k], self.counts[k] = self.comm.exchange(tree, outgoing + [outgoing_counts])
-            arrived = self.arrived(edges)
+            *self.messages[k], self.counts[k], arrived = self._exchange(tree, edges, outgoing + [outgoing_counts])
             if arrived is not None:  # a lost message and its count: not relayed, the gap filled with x^0
                 self.messages[k] = [torch.where(arrived.unsqueeze(1), m, 0) for m in self.messages[k]]
                 self.counts[k] = torch.where(arrived, self.counts[k], 0)
             arrived = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
             missing = (n - 1 - arrived).to(params[0].dtype).unsqueeze(1)
             for x, x0, m in zip(shares, self.initial, self.messages[k]):
-                x.copy_((x + sum_into_workers(own, m) + missing * self._share(x0, k)) / n)
+                x[present] = ((x + sum_into_workers(own, m) + missing * self._share(x0, k)) / n)[present]
+
+    def _exchange(self, tree, edges, payloads):
+        """The payloads `[H, ...]` of the tree's half-edges `edges` sent along the links of this
+        round (faults.py): what each half-edge received (0 where nothing came), and whether it
+        arrived (None: all did)."""
+        faults = self.faults
+        graph = tree if faults is None else faults.graph(tree, self.round - 1)  # the tree less its cut links
+        if graph is tree:
+            return self.comm.exchange(tree, payloads) + [self.arrived(edges)]
+        used = self.comm.half_edges(graph)
+        n = self.comm.n_workers
+        keys = lambda half_edges: half_edges.on_host[0] * n + half_edges.on_host[1]  # both sorted by (i, j)
+        at = torch.as_tensor(np.searchsorted(keys(edges), keys(used)), device=self.comm.device)
+        received = self.comm.exchange(graph, [p[at] for p in payloads])
+        came = self.arrived(used)
+        came = torch.ones(used.num, dtype=torch.bool, device=at.device) if came is None else came
+        return [r.new_zeros((edges.num,) + r.shape[1:]).index_copy_(0, at, r) for r in received + [came]]
 
     def state_dict(self):
         state = super().state_dict()
