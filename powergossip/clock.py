@@ -51,6 +51,19 @@ Q): each starts at a worker when its previous one ended there. `RoundTimes` says
 time went, per worker: compute, sending (the link's transmission not hidden behind compute),
 waiting (latency, slower neighbours, lost messages). A run's simulated_time_s is
 `SimulatedClock.now`: when the last worker ended the steps so far.
+
+The entrypoints (train.py, gossip_run.py) run it with `simulated_clock=true` through `RunClock`:
+after each step it reads what the Communicator counted since the step before (each worker's bits
+and messages, gathered over the processes, so that every process feeds the clock the same
+inputs), and times the step on the round's graph (the faulty one, with faults.py's lost
+messages; an all-reduce's members are the workers that sent), the method's rule given by
+`send_rule_of`. The counters give a worker's bits and
+messages of the whole step, not of each exchange: a step of k exchanges (k = the worker's
+messages over its neighbours) is timed as k equal ones of its bits over its messages each, exact
+for a single exchange and for the all-reduce rule (linear in the bits), close for PowerGossip's
+P and Q of other sizes. The compute is worker_step_seconds, never a measurement (0: the clock
+counts communication only), so the times are the same in every launch layout, on every machine
+and after a resume (the clock's state is in the checkpoints).
 """
 from __future__ import annotations
 
@@ -194,10 +207,31 @@ def settings_of(config: dict) -> ClockSettings:
     return ClockSettings(**{key: config[key] for key in KEYS})
 
 
+def check(config: dict, read_elsewhere: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the key for clock settings that cannot work for the run's workers, and,
+    with simulated_clock=false, for a clock key set although nothing reads it (`read_elsewhere`:
+    keys the run reads without the clock too, as train.py's communication_time_model does)."""
+    settings = settings_of(config)
+    if config["simulated_clock"]:
+        settings.check(config["n_workers"])
+        return
+    unread = [key for key in KEYS if key not in read_elsewhere and getattr(settings, key) != getattr(ClockSettings, key)]
+    if unread:
+        raise ConfigError(f"{unread[0]}={config[unread[0]]!r} sets the simulated clock, which is off: pass "
+                          f"simulated_clock=true to run it (or leave {', '.join(unread)} out)")
+
+
+def may_change_on_resume(keys: tuple[str, ...], config: dict) -> tuple[str, ...]:
+    """`keys` (what a resumed run may change) less the clock's when the clock runs: the times a
+    run records from its start are one cluster's, so its clock keys define it (they change no
+    training, but a resume with others would join two clusters' times in one curve)."""
+    return tuple(key for key in keys if key not in KEYS) if config["simulated_clock"] else keys
+
+
 def files_read(config: dict) -> dict[str, str]:
     """The files that define a run's clock, for runs.fingerprint: name -> path."""
-    named = {"worker_speeds": config.get("worker_speeds"), "network_bandwidth_file": config.get("network_bandwidth_file")}
-    return {f"{key} {path}": path for key, path in named.items() if isinstance(path, str)}
+    named = {"worker_speeds file": config.get("worker_speeds"), "network_bandwidth_file": config.get("network_bandwidth_file")}
+    return {f"{label} {path}": path for label, path in named.items() if isinstance(path, str)}
 
 
 def send_rule_of(method_name: str) -> str:
@@ -397,3 +431,101 @@ class SimulatedClock:
         if len(state["time"]) != self.n_workers:
             raise ValueError(f"the saved clock has {len(state['time'])} workers, this one {self.n_workers}")
         self.steps, self.time = int(state["steps"]), np.array(state["time"], dtype=np.float64)
+
+
+class RunClock:
+    """The simulated clock of a run (module docstring): `step(gossiped)` after each step of the
+    run, on every process (it gathers over them), times that step; `now` is the run's
+    simulated_time_s; `spent` holds each worker's compute, sending and waiting seconds so far,
+    `[3, n]` (their sum over the three is the worker's own time). Its state, with the clock's,
+    goes into a run's checkpoints."""
+
+    PARTS = ("compute", "sending", "waiting")
+
+    def __init__(self, settings: ClockSettings, comm, topology, method_name: str, seed: int):
+        self.clock = SimulatedClock(settings, topology, comm.n_workers, seed)
+        self.comm, self.topology, self.send_rule = comm, topology, send_rule_of(method_name)
+        faults = getattr(topology, "faults", None)  # a faults.FaultyTopology's
+        self.faults = faults if faults is not None and faults.settings.message_loss_probability else None
+        self.spent = np.zeros((len(self.PARTS), comm.n_workers))
+        self.rounds = 0  # gossip rounds so far: the next one is the method's round `rounds` (topology.at)
+        self.counted = self._counters()
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    def step(self, gossiped: bool = True) -> RoundTimes:
+        """Time the step just taken (`gossiped`: the method ran its round in it; train.py's
+        local_steps skip some) from what the workers sent in it. Collective."""
+        bits, messages = self._sent_in_step()
+        exchanges, where = (), {}
+        if gossiped and messages.any():
+            exchanges, where = self._exchanges(bits, messages, self.rounds)
+        self.rounds += bool(gossiped)
+        times = self.clock.round(self.clock.steps, self.send_rule, *exchanges, **where)
+        self.spent += (times.compute, times.sending, times.waiting)
+        return times
+
+    def _counters(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.comm.bytes_sent.copy(), self.comm.messages_sent.copy()
+
+    def _sent_in_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bits, messages) `[n]` every worker sent since the last step: this process's counters'
+        change, summed over the processes (each fills in its own workers)."""
+        (bytes_now, messages_now), (bytes_then, messages_then) = self._counters(), self.counted
+        self.counted = (bytes_now, messages_now)
+        mine = np.zeros((2, self.comm.n_workers))
+        workers = slice(self.comm.first_worker, self.comm.first_worker + self.comm.num_local)
+        mine[0, workers], mine[1, workers] = (bytes_now - bytes_then) * 8.0, messages_now - messages_then
+        everyone = self.comm.sum_over_processes(mine.reshape(-1)).reshape(2, -1)
+        return everyone[0], everyone[1]
+
+    def _exchanges(self, bits, messages, round: int) -> tuple[tuple, dict]:
+        """(the payload bits of each exchange, the round's other arguments) for SimulatedClock.round."""
+        if self.send_rule == "all_reduce":  # who sent took part; every all-reduce of a step as 1/k of its bits
+            k = int(messages.max())
+            return (float(bits.max()) / k,) * k, {"present": messages > 0}
+        graph = self.topology.at(round)
+        degree = np.bincount(self.clock._messages(graph)[0], minlength=self.comm.n_workers)
+        sends = (degree > 0) & (messages > 0)
+        k = int(np.ceil(messages[sends] / degree[sends]).max(initial=0))
+        if k == 0:
+            return (), {}
+        per_message = np.divide(bits, messages, out=np.zeros_like(bits), where=messages > 0)
+        lost = None if self.faults is None else self.faults.lost(round)
+        return (per_message,) * k, {"graph": graph, "lost": lost}
+
+    def state_dict(self) -> dict:
+        """The clock's state, the rounds and every worker's totals so far."""
+        return self.clock.state_dict() | {"rounds": self.rounds} | dict(zip(self.PARTS, self.spent.tolist()))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to a saved `state`; the Communicator's counters, restored before, are where the
+        next step counts from."""
+        self.clock.load_state_dict(state)
+        self.rounds = int(state["rounds"])
+        self.spent = np.array([state[part] for part in self.PARTS], dtype=np.float64)
+        self.counted = self._counters()
+
+
+class ClockOff:
+    """What a run holds in RunClock's place with simulated_clock=false: nothing is timed, saved or recorded."""
+
+    now = None
+
+    def step(self, gossiped: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+def of_run(config: dict, comm, topology, method_name: str) -> RunClock | ClockOff:
+    """The clock of a run of `method_name` over `topology` (with its faults), as `config` says."""
+    if not config["simulated_clock"]:
+        return ClockOff()
+    return RunClock(settings_of(config), comm, topology, method_name, config["seed"])

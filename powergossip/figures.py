@@ -3,7 +3,8 @@ of the PowerGossip paper (Vogels, Karimireddy, Jaggi 2020): quantities against t
 data each worker has sent, on a log scale.
 
 - `training_figure`: train.py's `output_dir/curves.png`, test accuracy and training
-  loss against epochs and against MB sent per worker, the spread over workers shaded.
+  loss against epochs and against MB sent per worker (and against the simulated time,
+  when the simulated clock ran), the spread over workers shaded.
 - `consensus_figure`: gossip_run.py's `output_dir/error_vs_bits.png`, the consensus
   error relative to its start against bits sent per worker, every setting of a sweep
   named (in the legend, or by a colour bar of gamma), the best one marked.
@@ -91,26 +92,37 @@ def write_png(figure: Figure, file) -> None:
 
 def training_figure(records: list[dict], title: str) -> Figure:
     """train.py's figure: rows test accuracy and training loss, columns against epochs and
-    against MB sent per worker (log scale). Lines are the mean over workers (and the
+    against MB sent per worker (log scale), and a third against the simulated time when the
+    records have one (simulated_clock=true). Lines are the mean over workers (and the
     averaged model's test accuracy); the shade spans the workers' lowest to highest value."""
-    figure = Figure(figsize=(12, 8.5))
-    axes = figure.subplots(2, 2, gridspec_kw=TRAINING_MARGINS)
+    timed = any("simulated_time_s" in r for r in records)
+    figure = Figure(figsize=(17, 8.5) if timed else (12, 8.5))
+    axes = figure.subplots(2, 3 if timed else 2, gridspec_kw=TRAINING_MARGINS)
     rows = [("accuracy", [("test", "workers' models (mean)"), ("test_avg", "averaged model")], "test accuracy"),
             ("loss", [("train", "workers (mean)")], "training loss")]
-    for (name, splits, ylabel), (by_epoch, by_megabytes) in zip(rows, axes):
+    for (name, splits, ylabel), (by_epoch, by_megabytes, *by_time) in zip(rows, axes):
         for split, label in splits:
             points = curve(records, name, split)
             if not points:
                 continue
             color = plot_against_epochs_and_megabytes(by_epoch, by_megabytes, points, label=label)
+            seconds = {r["epoch"]: r.get("simulated_time_s", math.nan) for r in records if r["name"] == name}
+            for axis in by_time:
+                axis.plot([seconds[epoch] for epoch, _, _ in points], [value for _, value, _ in points], marker=".",
+                          color=color)
             spread = worker_spread(records, name, split)
             if spread:
                 epochs, megabytes, low, high = zip(*spread)
                 shade = dict(color=color, alpha=0.2, linewidth=0)
                 by_epoch.fill_between(epochs, low, high, label="spread over workers", **shade)
                 by_megabytes.fill_between(megabytes, low, high, **shade)
+                for axis in by_time:
+                    axis.fill_between([seconds[epoch] for epoch in epochs], low, high, **shade)
         label_epoch_and_megabyte_axes(by_epoch, by_megabytes, ylabel,
                                       xscale="log" if all(r["bits"] > 0 for r in records) else "symlog")
+        for axis in by_time:
+            axis.set(xlabel="simulated time (s)", ylabel=ylabel)
+            axis.grid(alpha=0.3)
         if by_epoch.get_legend_handles_labels()[0]:  # evaluation may be off: nothing to name
             by_epoch.legend(fontsize=8)
     figure.suptitle(title)

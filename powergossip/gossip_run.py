@@ -40,6 +40,10 @@ one with the lowest final error: "best_setting", "final_error", "initial_error",
 - "final_error": one record per setting, at the step where it ended: the error at
   `num_steps`, or `inf` when the setting diverged (so that the best setting is the
   one with the smallest final error).
+- "simulated_time_s" (with simulated_clock=true only; no such field otherwise): the seconds
+  the setting's steps so far take on the cluster the clock's keys describe
+  (powergossip/clock.py), from 0 at each setting's start; summary.json gains the best
+  setting's at its end, and TensorBoard the records against it (`by_simulated_us/`).
 A value that is not finite is written as JSON `NaN` / `Infinity` (Python's json).
 
 Divergence: at every logged step k >= 1, a setting whose error is not finite or is
@@ -72,6 +76,7 @@ import time
 import numpy as np
 import torch
 
+from powergossip import clock
 from powergossip import comm as comm_module
 from powergossip import configuration
 from powergossip import methods
@@ -89,6 +94,15 @@ config = {
     "offline_probability": 0.0,  # each round, each worker is away (sends and receives nothing) with this probability
     "churn": None,  # a file of "worker leave_round return_round" lines: a trace of absences to replay
     "message_loss_probability": 0.0,  # each round, each message (one direction of an edge) is lost with this probability
+    "simulated_clock": False,  # true: time every step on the cluster the keys below describe (powergossip/clock.py); records gain simulated_time_s
+    "network_latency_s": 1e-4,  # clock: alpha, seconds from a message's last bit sent to its arrival
+    "network_bandwidth_bits_per_s": 1e9,  # clock: beta, a worker's link in bits per second
+    "network_bandwidth_file": None,  # clock: a file of "i j bits_per_s" lines, the links with their own bandwidth
+    "worker_step_seconds": 0.0,  # clock: a worker's own work per step at speed 1 (0: the clock counts communication only)
+    "worker_speeds": None,  # clock: one speed per worker (a list, or the path of a file of them); None: all 1
+    "straggler_probability": 0.0,  # clock: at each step, each worker's chance to straggle
+    "straggler_slowdown": 2.0,  # clock: a straggler's work takes this many times as long
+    "message_timeout_s": 1.0,  # clock: how long a receiver waits for a lost message (message_loss_probability)
     "matrix_size": 100,  # each worker holds a matrix_size x matrix_size matrix (data types random, offset, sparse, log-normal)
     "data_type": "random",  # random | offset | sparse | log-normal | images | file (see initial_state)
     "data_path": None,  # data_type=file: a .npy array of real numbers, shape [n_workers, ...]; worker i starts from entry i
@@ -156,9 +170,11 @@ def main():
         tensorboard = runs.tensorboard_writer(folder)  # None without the tensorboard package
         log_info({"state.progress": 0.0})
 
-    def record(name, step, value, bits, messages, tags):
+    def record(name, step, value, bits, messages, tags, simulated_time_s=None):
         if is_writer:
             values = {"step": step, "value": float(value), "bits": float(bits), "messages": float(messages)}
+            if simulated_time_s is not None:  # the simulated clock's (simulated_clock=true)
+                values["simulated_time_s"] = simulated_time_s
             metrics.write({"name": name, **values, "tags": tags})
             if tensorboard is not None:
                 runs.to_tensorboard(tensorboard, {"name": name, **values, "tags": tags})
@@ -173,27 +189,29 @@ def main():
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
         comm.messages_lost[:] = 0
+        timing = clock.of_run(cfg, comm, topology, resolve(cfg["algorithm"])[0])  # each setting's from 0 s (or ClockOff)
 
         divergence = runs.DivergenceCheck(max_ratio=1.0)  # an error above the one at step 0, or not finite
         diverged = False
         for step in range(0, cfg["num_steps"] + 1):
             if step > 0:
                 method.step([x])
+                timing.step()
             if not is_logged(step, cfg["num_steps"]):
                 continue
             error, error_to_initial_mean, bits, messages = measure(comm, x, initial_mean)
-            record("error", step, error, bits, messages, tags)
-            record("error_to_initial_mean", step, error_to_initial_mean, bits, messages, tags)
+            record("error", step, error, bits, messages, tags, timing.now)
+            record("error_to_initial_mean", step, error_to_initial_mean, bits, messages, tags, timing.now)
             if step == 0:
                 divergence.reference = initial_error = error
                 if error == 0:
                     break  # the workers agree already (every process sees the same all-reduced error): nothing to gossip
             elif divergence.diverged(error):
                 diverged = True  # every process sees the same all-reduced error, so all stop here
-                record("diverged", step, error, bits, messages, tags)
+                record("diverged", step, error, bits, messages, tags, timing.now)
                 break
         final_error = math.inf if diverged else error
-        record("final_error", step, final_error, bits, messages, tags)
+        record("final_error", step, final_error, bits, messages, tags, timing.now)
 
         if is_writer:
             setting = f"{cfg['algorithm']} gamma={gamma:.4g}" + ("" if theta is None else f" theta={theta:.4g}")
@@ -203,9 +221,12 @@ def main():
                 outcome = "the workers agree at step 0 already (error 0): nothing to gossip"
             else:
                 outcome = f"final error {error:.4g} = {error / initial_error:.3g} x the initial {initial_error:.4g}"
-            print(f"{setting}: {outcome}, {bits / 8e6:.4g} MB sent per worker, {time.time() - start_time:.1f} s", flush=True)
+            simulated = "" if timing.now is None else f", {timing.now:.4g} s simulated"
+            print(f"{setting}: {outcome}, {bits / 8e6:.4g} MB sent per worker{simulated}, {time.time() - start_time:.1f} s",
+                  flush=True)
             outcomes.append({"best_setting": setting, "final_error": final_error, "initial_error": initial_error,
-                             "diffusion_rate": gamma, "theta": theta, "step": step, "mb_per_worker": bits / 8e6})
+                             "diffusion_rate": gamma, "theta": theta, "step": step, "mb_per_worker": bits / 8e6}
+                            | ({} if timing.now is None else {"simulated_time_s": timing.now}))
             log_info({"state.progress": (number + 1) / len(settings)})
     if is_writer:
         metrics.close()
@@ -508,6 +529,7 @@ def checked(config) -> tuple[dict, topologies.Topology]:
         for theta in thetas(config):
             configuration.check_method(method, topology, setting_values(config, fixed, gamma, theta))
     topology = configuration.with_faults(config, method, topology)
+    clock.check(config)
 
     configuration.check_device(config["device"])
     configuration.check_seed(config["seed"])

@@ -25,15 +25,26 @@ A record is one JSON object per line of metrics.jsonl:
   (`network_seconds`, train.py's `network_*` keys), from the same bits and messages.
 - `messages_lost` (split network, with message_loss_probability > 0): of the messages a worker
   sent since the start of the run (the record's "messages"), how many were lost (faults.py).
+- "simulated_time_s" (with simulated_clock=true only; no such field otherwise): the run's
+  simulated time when the record was written, the seconds its steps so far take on the
+  cluster the clock's keys describe (powergossip/clock.py; the same in every launch layout
+  and after a resume).
+- `simulated_time`, `simulated_compute`, `simulated_sending`, `simulated_waiting` (split
+  clock, with simulated_clock=true): at the end of each epoch, the simulated time and where
+  each worker's went since the start of the run: computing, sending what compute did not
+  hide, and waiting (latency, slower neighbours, lost messages' timeouts); per worker the
+  three add up to the worker's own time (the slowest worker's is simulated_time).
 - `metrics_gap` (split history): written by a resume with accept_metrics_gap=true when
   epochs the checkpoint covers have no records (`resumed_history`); "value" counts them,
   tags "missing_epochs" lists them, "epoch" is the checkpoint's.
 
-TensorBoard gets every record without a "worker" tag twice (runs.to_tensorboard): tag
-`<name>/<tags...>` against the epoch, and tag `by_kB_sent/<name>/<tags...>` against the kB
-sent per worker (TensorBoard's steps are integers: kB keep small runs apart). At the end of a
-run, `output_dir/curves.png` (figures.training_figure) plots the curves against
-epochs and MB sent, the spread over workers shaded.
+TensorBoard gets every record without a "worker" tag twice, three times with the clock on
+(runs.to_tensorboard): tag `<name>/<tags...>` against the epoch, tag
+`by_kB_sent/<name>/<tags...>` against the kB sent per worker (TensorBoard's steps are
+integers: kB keep small runs apart), and with the clock on `by_simulated_us/<name>/<tags...>`
+against the simulated microseconds. At the end of a run, `output_dir/curves.png`
+(figures.training_figure) plots the curves against epochs and MB sent (and simulated
+seconds, with the clock on), the spread over workers shaded.
 """
 from __future__ import annotations
 
@@ -134,15 +145,16 @@ class Recorder:
     GAP record, with the bits and messages restored from the checkpoint), which replace
     the file in one atomic step."""
 
-    def __init__(self, comm, folder: str, run_id: str, history: list[dict], gap: dict | None, log_metric):
+    def __init__(self, comm, folder: str, run_id: str, history: list[dict], gap: dict | None, log_metric, clock=None):
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
+        self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
         self.is_root = comm.process_index == 0
         self.last_test_avg = None
         self.latest: dict[tuple[str, str], float] = {}  # (name, split) -> the last record over all workers
         self.bits = self.messages = 0.0  # per worker, cumulative; refreshed by count_traffic()
         if gap is not None:
             self.count_traffic()
-            history = history + [gap | {"bits": float(self.bits), "messages": float(self.messages)}]
+            history = history + [gap | {"bits": float(self.bits), "messages": float(self.messages)} | self.simulated_time()]
         if not self.is_root:
             return
         self.file = runs.MetricsFile(folder, history)  # summary.json stays until this run writes its own
@@ -164,10 +176,28 @@ class Recorder:
         if "worker" not in tags and "split" in tags:
             self.latest[name, tags["split"]] = float(value)
         values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
+        values |= self.simulated_time()
         self.file.write({"name": name, **values, "tags": tags})
         if self.tensorboard is not None:
             runs.to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
         self.log_metric(name, values, tags)
+
+    def simulated_time(self) -> dict:
+        """{"simulated_time_s": the run's simulated time so far} with the clock on, else {}."""
+        now = None if self.clock is None else self.clock.now
+        return {} if now is None else {"simulated_time_s": now}
+
+    def record_clock(self, epoch: int) -> None:
+        """With the clock on, where each worker's simulated time went (clock.RunClock.spent):
+        the run's simulated_time and each worker's simulated_compute, _sending and _waiting
+        seconds so far (split clock), each also as the mean over workers."""
+        if not self.simulated_time():
+            return
+        self.record("simulated_time", epoch, self.clock.now, {"split": "clock"})
+        for part, seconds in zip(self.clock.PARTS, self.clock.spent.tolist()):
+            for worker, value in enumerate(seconds):
+                self.record(f"simulated_{part}", epoch, value, {"split": "clock", "worker": worker})
+            self.record(f"simulated_{part}", epoch, float(np.mean(seconds)), {"split": "clock"})
 
     def epoch_line(self, epoch: int, num_epochs: int) -> str:
         """The epoch's numbers for a line of progress (runs.Progress adds the times)."""
@@ -176,8 +206,10 @@ class Recorder:
             return "n/a" if value is None else format(value, form)
         workers = "" if ("accuracy", "test_worst") not in self.latest else (
             f" (workers: mean {shown('accuracy', 'test', '.2%')}, worst {shown('accuracy', 'test_worst', '.2%')})")
+        now = self.simulated_time().get("simulated_time_s")
+        simulated = "" if now is None else f", simulated time {now:.4g} s"
         return (f"epoch {epoch}/{num_epochs}: train loss {shown('loss', 'train', '.4f')}, averaged-model test accuracy "
-                f"{shown('accuracy', 'test_avg', '.2%')}{workers}, {runs.megabytes(self.bits / 8)} MB sent per worker")
+                f"{shown('accuracy', 'test_avg', '.2%')}{workers}, {runs.megabytes(self.bits / 8)} MB sent per worker{simulated}")
 
     def summary(self, cfg, wall_time):
         """summary.json (which marks the run as finished), curves.png and the summary line."""
@@ -193,10 +225,12 @@ class Recorder:
         drawn = figures.training_figure(runs.read_metrics(self.folder), run)
         runs.write_file(figure, lambda f: figures.write_png(drawn, f), binary=True)
         summary = {"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
-                   "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id}
+                   "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id} | self.simulated_time()
         runs.write_summary(self.folder, summary)
+        now = self.simulated_time().get("simulated_time_s")
+        simulated = "" if now is None else f"; simulated time {now:.4g} s"
         print(f"\nsummary: {run}: averaged-model test accuracy {accuracy}; {mb_per_epoch:.3f} MB sent per worker per "
-              f"epoch; wall time {wall_time:.1f} s; results in {self.folder}, figure {figure}", flush=True)
+              f"epoch; wall time {wall_time:.1f} s{simulated}; results in {self.folder}, figure {figure}", flush=True)
 
     def close(self):
         if self.is_root:

@@ -1,4 +1,4 @@
-"""`python -m powergossip.plot RUN_DIR... [--x epochs|mb] [--metric NAME] [--out FILE]`: the
+"""`python -m powergossip.plot RUN_DIR... [--x epochs|mb|time] [--metric NAME] [--out FILE]`: the
 curves of several runs on one figure, each named by the settings in which the runs'
 configurations differ ("optimizer=power-gossip optimizer_num_iterations=2 seed=2").
 
@@ -6,8 +6,8 @@ A train.py run's curve is the averaged model's test accuracy by default (`--metr
 its test loss; a full name such as `loss/train` or `consensus_distance/params_only` picks
 any curve over workers, as TensorBoard names it); a gossip_run.py run's is the consensus
 error of its best setting (`--metric error_to_initial_mean`), on a log scale. The x-axis
-is one of X_AXES: epochs (steps for gossip_run.py), or MB sent per worker on a log scale,
-the PowerGossip paper's axis. The figure goes to `--out` (replaced if it exists), or to
+is one of X_AXES: epochs (steps for gossip_run.py), MB sent per worker on a log scale,
+the PowerGossip paper's axis, or the simulated seconds of runs made with simulated_clock=true. The figure goes to `--out` (replaced if it exists), or to
 `comparison.png` here, which must not exist yet. Bad input (a folder that is not a run,
 train.py and gossip_run.py runs together, a metric a run does not record) stops the
 command with one line and exit status 2 before anything is drawn.
@@ -34,6 +34,7 @@ class XAxis(NamedTuple):
 X_AXES = {  # --x
     "epochs": XAxis("{position}", runs.record_position, "linear"),
     "mb": XAxis("MB sent per worker", lambda record: record["bits"] / figures.MEGABYTE_BITS, "log"),
+    "time": XAxis("simulated time (s)", lambda record: record["simulated_time_s"], "linear"),
 }
 
 
@@ -83,7 +84,10 @@ def main(argv: list[str] | None = None) -> str:
     try:
         found = results.read_all(args.folders, one_entrypoint=True)
         for run in found:
-            results.curve(run, args.metric)  # a metric a run does not record stops here
+            _, records = results.curve(run, args.metric)  # a metric a run does not record stops here
+            if args.x == "time" and not all("simulated_time_s" in record for record in records):
+                raise results.ResultsError(f"--x time: {run.folder} has no simulated times (its run had "
+                                           f"simulated_clock=false); plot it against epochs or mb")
         if args.out is None and os.path.exists(out):
             raise results.ResultsError(f"{out} exists: name the file to write with --out (an --out file is replaced)")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):

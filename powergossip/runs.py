@@ -329,12 +329,15 @@ def tensorboard_writer(folder: str, kept: list[dict] | None = None):
 
 def to_tensorboard(writer, record: dict) -> None:
     """A record without a "worker" tag, tagged `record_tag`, against its epoch (train.py) or step
-    (gossip_run.py) and, under `by_kB_sent/`, against the kB sent per worker."""
+    (gossip_run.py), under `by_kB_sent/` against the kB sent per worker and, when it has a
+    simulated time (the simulated clock's), under `by_simulated_us/` against its microseconds."""
     if "worker" in record["tags"]:
         return
     tag = record_tag(record)
     writer.add_scalar(tag, record["value"], int(record_position(record)))
     writer.add_scalar(f"by_kB_sent/{tag}", record["value"], round(record["bits"] / 8e3))  # the paper's x-axis
+    if "simulated_time_s" in record:  # integer steps: microseconds keep a consensus run's steps apart
+        writer.add_scalar(f"by_simulated_us/{tag}", record["value"], round(record["simulated_time_s"] * 1e6))
 
 
 def write_summary(folder: str, summary: dict) -> None:

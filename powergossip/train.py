@@ -19,7 +19,8 @@ at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-redu
 push-sum: local step, then gossip; PowerSGD: the average of the gradients, then the
 local step; step.py has this order, the drop-in optimizer's too). local_steps=H gossips
 every H-th step only. Records go to `output_dir/metrics.jsonl` (one JSON object each:
-name, epoch, value, bits, messages, tags; see metrics.py), to TensorBoard and through
+name, epoch, value, bits, messages, tags, and simulated_time_s with simulated_clock=true,
+powergossip/clock.py; see metrics.py), to TensorBoard and through
 `log_metric`; the run ends with the figure `output_dir/curves.png`.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import uuid
 
 import torch
 
+from powergossip import clock
 from powergossip import comm as comm_module
 from powergossip import data
 from powergossip import faults
@@ -110,6 +112,13 @@ config = dict(
     checkpoint_every=1,  # epochs between checkpoints (0: only on SIGTERM/SIGINT)
     network_latency_s=1e-4,  # alpha of the modelled network: seconds per message (a record, not the training)
     network_bandwidth_bits_per_s=1e9,  # beta of the modelled network: a worker's link, bits per second (a record only)
+    simulated_clock=False,  # true: time every step on the cluster the keys below and network_* describe (powergossip/clock.py); records gain simulated_time_s
+    worker_step_seconds=0.0,  # clock: a worker's compute per step at speed 1 (0: the clock counts communication only)
+    worker_speeds=None,  # clock: one speed per worker (a list, or the path of a file of them); null: all 1
+    straggler_probability=0.0,  # clock: at each step, each worker's chance to straggle
+    straggler_slowdown=2.0,  # clock: a straggler's compute takes this many times as long
+    message_timeout_s=1.0,  # clock: how long a receiver waits for a lost message (message_loss_probability)
+    network_bandwidth_file=None,  # clock: a file of "i j bits_per_s" lines, the links with their own bandwidth
     max_loss_ratio=100.0,  # a worker loss above this multiple of the run's first mean loss is divergence: stop, save nothing
     resume=False,  # continue the run in output_dir from its checkpoints
     accept_metrics_gap=False,  # resume although metrics.jsonl lacks epochs the checkpoint covers (recorded as a metrics_gap record)
@@ -153,7 +162,7 @@ def main():
         print(f"{cfg['n_workers']} workers in {comm.world_size} process(es) ({comm.num_local} each); backend "
               f"{comm.context.backend or 'none (one process)'}; device {comm.device}{threads}", flush=True)
     dataset, loader = load_data(cfg, comm)  # a data set or a batch size that cannot work: found before the claim
-    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | faults.files_read(cfg)
+    fingerprint = runs.fingerprint(topologies.files_read(cfg["topology"]) | faults.files_read(cfg) | clock.files_read(cfg)
                                    | data.files(cfg["task"], cfg["data_dir"]) | plugins.files(cfg["plugins"]))
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
     checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
@@ -171,13 +180,14 @@ def main():
     decays = step_module.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     method = build_method(cfg, comm, topology)
+    timing = clock.of_run(cfg, comm, topology, cfg["optimizer"])  # the simulated clock (or ClockOff)
 
     saved = None
     if cfg["resume"]:  # a save whose form is not this run's (run_state) counts as damaged
         shaped = build_method(cfg, comm, topology)
         shaped.prepare(workers.params)  # its state as the stacks shape it (gradients have the parameters' shapes)
-        expected = run_state(workers, momenta, shaped, comm, metrics.EpochTotals.zeros(comm.num_local, comm.device))
-        saved = checkpoints.agreed(cfg, _DEFAULTS, MAY_CHANGE_ON_RESUME,
+        expected = run_state(workers, momenta, shaped, comm, metrics.EpochTotals.zeros(comm.num_local, comm.device), timing)
+        saved = checkpoints.agreed(cfg, _DEFAULTS, clock.may_change_on_resume(MAY_CHANGE_ON_RESUME, cfg),
                                    check=lambda state: saved_state_problem(state, expected, batches_per_epoch))
         del expected, shaped
         at_end = (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0)
@@ -195,7 +205,7 @@ def main():
     start_epoch, start_step, carried, initial_loss, history, gap = 0, 0, None, None, [], None
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, method, comm), comm.device)
+        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, method, comm, timing), comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
         history, gap = metrics.resumed_history(comm, folder, start_epoch, start_step, cfg["accept_metrics_gap"])
@@ -203,7 +213,7 @@ def main():
             print(f"resuming run {run_id} from {runs.position(start_epoch, start_step)} ({checkpoints.folder})", flush=True)
         del saved
     recorder = metrics.Recorder(comm, folder, run_id, history, gap,
-                                log_metric=lambda *record: log_metric(*record))  # the hook as it is when called
+                                log_metric=lambda *record: log_metric(*record), clock=timing)  # the hook as it is when called
     if is_root:
         runs.write_config(folder, cfg)
 
@@ -246,6 +256,7 @@ def main():
                     method_and_local_step(lambda: local_step(lr), gossips)
                 else:  # the buffer's update needs x_t and x_{t+1} around the method and the local step
                     quasi_global(lambda: method_and_local_step(lambda: local_step(lr), gossips), lr * method.step_size_scale())
+                timing.step(gossips)  # the step on the simulated clock, from what it sent
                 totals.add(losses, corrects, counts)
                 loss_check.watch(losses, epoch, step)
                 stopping = stop.requested(comm)
@@ -254,7 +265,7 @@ def main():
                     loss_check.finish()
                     totals.hidden = hidden
                     checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id,
-                                              cfg, loss_check, started))
+                                              cfg, loss_check, started, timing))
                     comm.barrier()
                     if is_root:
                         print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in "
@@ -265,9 +276,10 @@ def main():
             loss_check.finish()
             with timers("evaluation"):
                 metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
+            recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
             if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
                 checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg,
-                                          loss_check, started))
+                                          loss_check, started, timing))
             progress.end_of_epoch(epoch + 1, recorder)
             for label, (mean, std, instances) in timers.summary().items():
                 log_runtime(label, mean, std, instances)
@@ -365,6 +377,7 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
     except (ValueError, OSError) as problem:
         raise ConfigError(f"topology: {problem}") from None
     configuration.check_method(cfg["optimizer"], topology, names.settings_of(cfg))
+    clock.check(cfg, read_elsewhere=("network_latency_s", "network_bandwidth_bits_per_s"))  # communication_time_model's
     return cfg, configuration.with_faults(cfg, cfg["optimizer"], topology)
 
 
@@ -391,24 +404,24 @@ def learning_rate_factor(cfg: dict, epoch: float) -> float:
 
 # --- what a checkpoint holds (runs.Checkpoints writes it, checks it and agrees on it between processes) ----
 def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, method, comm, totals, run_id, cfg, loss_check,
-             started) -> dict:
+             started, timing) -> dict:
     """What a process saves of a training run: after the header of `checkpoints` (where the run
     is, the layout, the run's id and configuration, its first mean loss and the wall time so
     far; `started`: when the run would have started had it never stopped), its `run_state`."""
     run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.reference, "elapsed_s": time.time() - started}
-    return checkpoints.header(epoch, step_in_epoch, run) | run_state(workers, momenta, method, comm, totals)
+    return checkpoints.header(epoch, step_in_epoch, run) | run_state(workers, momenta, method, comm, totals, timing)
 
 
-def run_state(workers, momenta, method, comm, totals) -> dict:
+def run_state(workers, momenta, method, comm, totals, timing) -> dict:
     """The run's own entries of a save: its workers' stacks (models.stacked), their momenta, the
-    method's state (under "gossip"), byte counters, random states and the interrupted epoch's
-    totals (None at the end of an epoch)."""
+    method's state (under "gossip"), byte counters, random states, the interrupted epoch's
+    totals (None at the end of an epoch) and the simulated clock's state (None without it)."""
     return {
         "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": method.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
         "messages_lost": torch.from_numpy(comm.messages_lost.copy()),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
-        "partial_epoch": None if totals is None else totals.state(),
+        "partial_epoch": None if totals is None else totals.state(), "clock": timing.state_dict(),
     }
 
 
@@ -430,11 +443,13 @@ def saved_state_problem(state: dict, expected: dict, batches_per_epoch: int) -> 
     own = expected | {"gossip": None, "cuda_rng": None, "partial_epoch": None if partial is None else expected["partial_epoch"]}
     if "messages_lost" not in state:  # a save from before messages could be lost: none were
         own.pop("messages_lost")
+    if "clock" not in state and expected["clock"] is None:  # a save from before the simulated clock, which is off
+        own.pop("clock")
     found = runs.mismatch(state, own) or runs.mismatch(state["gossip"], expected["gossip"], "gossip", lenient=True)
     return None if found is None else f"{found}: it belongs to another run (another model or method setting)"
 
 
-def restore(saved, workers, momenta, method, comm) -> dict | None:
+def restore(saved, workers, momenta, method, comm, timing) -> dict | None:
     """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
     with torch.no_grad():
         for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
@@ -443,6 +458,7 @@ def restore(saved, workers, momenta, method, comm) -> dict | None:
     comm.bytes_sent[:] = saved["bytes_sent"].numpy()
     comm.messages_sent[:] = saved["messages_sent"].numpy()
     comm.messages_lost[:] = saved["messages_lost"].numpy() if "messages_lost" in saved else 0
+    timing.load_state_dict(saved.get("clock"))  # after the counters: its next step counts from them
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state(saved["cuda_rng"])

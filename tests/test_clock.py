@@ -3,8 +3,11 @@ comments, with binary fractions, so the comparisons are exact."""
 import networkx
 import numpy as np
 import pytest
+import torch
 
-from powergossip import topologies
+from powergossip import clock as clock_module
+from powergossip import comm as comm_module
+from powergossip import faults, methods, topologies
 from powergossip.clock import ClockSettings, SimulatedClock, send_rule_of
 from powergossip.errors import ConfigError
 
@@ -226,3 +229,68 @@ def test_each_registered_method_ends_its_round_by_its_rule():
     assert rules == {"dpsgd": "overlap", "power-gossip": "overlap", "choco": "overlap", "deepsqueeze": "overlap",
                      "moniqua": "overlap", "push-sum": "after_step", "relay-sum": "after_step", "d2": "after_step",
                      "gradient-tracking": "after_step", "all-reduce": "all_reduce", "powersgd": "all_reduce"}
+
+
+# --- a run's clock (RunClock): the steps' bits and messages from the Communicator's counters -------
+def run_clock(method_name, topology=RING4, seed=0, **settings):
+    comm = comm_module.Communicator(topology.n_workers, "cpu")
+    method = methods.build(method_name, comm, topology)
+    return method, clock_module.RunClock(ClockSettings(**settings), comm, topology, method_name, seed)
+
+
+def test_a_run_clock_times_each_step_from_what_the_workers_sent():
+    # D-PSGD on a 4-ring, 16 float32 numbers a worker: 512-bit messages, 0.5 s each on the link, 0.125 s of
+    # latency: the second message is in at 1.125 s; 0.5 s of compute hide the first message (eq. overlap)
+    method, timing = run_clock("dpsgd", worker_step_seconds=0.5, **NETWORK)
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        method.step([x])
+        timing.step()
+    assert timing.now == 3 * 1.125 and (timing.spent.sum(axis=0) == timing.clock.time).all()
+    assert timing.spent.tolist() == [[1.5] * 4, [1.5] * 4, [0.375] * 4]  # compute, sending not hidden, latency
+    timing.step(gossiped=False)  # a step without its round (local_steps): compute only, as long as the slowest
+    assert timing.now == 3 * 1.125 + 0.5 and timing.rounds == 3
+    saved = timing.state_dict()
+    again = run_clock("dpsgd", worker_step_seconds=0.5, **NETWORK)[1]
+    again.load_state_dict(saved)
+    assert again.now == timing.now and again.rounds == 3 and (again.spent == timing.spent).all()
+
+
+def test_a_run_clock_all_reduces_the_step_s_buffers_among_those_that_sent():
+    # worker 3 away sends nothing (Communicator.all_reduce_mean's present): a ring of 3, 16 float32 numbers =
+    # 512 bits, 2 * 2 / 3 of them at 1024 bit/s = 2/3 s, and 4 latencies = 0.5 s; worker 3 steps alone
+    _, timing = run_clock("all-reduce", worker_step_seconds=0.5, **NETWORK)
+    present = np.array([True, True, True, False])
+    timing.comm.all_reduce_mean([torch.randn(4, 16)], present=present)
+    times = timing.step()
+    assert times.end.tolist() == pytest.approx([0.5 + 0.5 + 2 / 3] * 3 + [0.5], abs=1e-15)
+    assert times.sending.tolist() == pytest.approx([2 / 3] * 3 + [0.0], abs=1e-15)
+
+
+def test_a_run_clock_waits_for_the_lost_messages_of_the_round():
+    lossy = faults.apply(faults.FaultSettings(message_loss_probability=0.5), RING4, 3)
+    _, timing = run_clock("dpsgd", lossy, message_timeout_s=2.0, **NETWORK)
+    method = methods.build("dpsgd", timing.comm, lossy)
+    method.step([torch.randn(4, 8)])  # 256-bit messages: in at 0.375 and 0.625 s unless lost
+    times = timing.step()
+    neighbours = RING4.diffusion_matrix > 0
+    np.fill_diagonal(neighbours, False)
+    waits = (lossy.faults.lost(0) & neighbours).any(axis=0)  # [i, j]: i's message to j is lost
+    assert 0 < waits.sum() < 4 and times.end.tolist() == [2.0 if waits[j] else 0.625 for j in range(4)]
+
+
+def test_clock_keys_without_the_clock_are_refused_and_settings_are_checked_for_the_run():
+    config = {key: getattr(ClockSettings, key) for key in clock_module.KEYS} | {"simulated_clock": False, "n_workers": 4}
+    clock_module.check(config)
+    with pytest.raises(ConfigError, match="worker_step_seconds=0.5 sets the simulated clock, which is off: pass "
+                                          "simulated_clock=true"):
+        clock_module.check(config | {"worker_step_seconds": 0.5})
+    clock_module.check(config | {"network_latency_s": 0.5}, read_elsewhere=("network_latency_s",))
+    with pytest.raises(ConfigError, match="network_latency_s=0.5 sets the simulated clock"):
+        clock_module.check(config | {"network_latency_s": 0.5})
+    with pytest.raises(ConfigError, match="worker_speeds has 2 speeds, but the run has 4 workers"):
+        clock_module.check(config | {"simulated_clock": True, "worker_speeds": [1, 2]})
+    assert isinstance(clock_module.of_run(config, None, RING4, "dpsgd"), clock_module.ClockOff)
+    keys = ("num_epochs", "network_latency_s", "network_bandwidth_bits_per_s")
+    assert clock_module.may_change_on_resume(keys, config) == keys
+    assert clock_module.may_change_on_resume(keys, config | {"simulated_clock": True}) == ("num_epochs",)

@@ -263,6 +263,10 @@ LAYOUT_RUNS = {
                    "hyperparameter_num_samples=2", "hyperparameter_range_min=0.01"],
     "moniqua": ["algorithm=moniqua", "matrix_size=12", "num_steps=100", "hyperparameter_num_samples=2",
                 "hyperparameter_range_min=0.01", "theta_num_samples=2", "theta_range_min=0.5", "theta_range_max=4"],
+    # the simulated clock: every process feeds it the same bits, messages, stragglers and lost messages
+    "power_gossip_clock": ["algorithm=power_gossip", "optimizer_num_iterations=2", "matrix_size=12", "num_steps=100",
+                           "message_loss_probability=0.1", "simulated_clock=true", "worker_step_seconds=1e-4",
+                           "straggler_probability=0.3", "message_timeout_s=0.01", "network_bandwidth_bits_per_s=1e6"],
 }
 # One mpirun per layout runs every case through the real command line (gossip_run.py's __main__).
 MANY_RUNS = """
@@ -379,6 +383,29 @@ def test_a_run_writes_its_summary_and_tensorboard(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars(f"error/sign_choco/{gamma}")] == \
         [(r["step"], pytest.approx(r["value"])) for r in curve]
     assert [e.step for e in events.Scalars(f"by_kB_sent/error/sign_choco/{gamma}")] == [round(r["bits"] / 8e3) for r in curve]
+
+
+def test_the_simulated_clock_times_every_step_of_every_setting(tmp_path):
+    """D-PSGD on a 4-ring of 6 x 6 float32 matrices: 1152-bit messages, 0.25 s each at 4608 bit/s,
+    then 0.125 s of latency: each step's second message is in 0.625 s after it began (clock.py,
+    eq. overlap); with 1 s of compute per step, the compute sets the pace."""
+    network = dict(algorithm="dpsgd", n_workers=4, matrix_size=6, num_steps=20, simulated_clock=True,
+                   network_latency_s=0.125, network_bandwidth_bits_per_s=4608.0, optimizer_diffusion_rate=[1.0, 0.5])
+    records = run_main(tmp_path / "network", **network)
+    for gamma in (1.0, 0.5):  # each setting's clock starts at 0
+        assert [(r["step"], r["simulated_time_s"]) for r in named(records, "error", diffusion_rate=gamma)] == \
+            [(step, 0.625 * step) for step in list(range(11)) + [20]]
+    with open(tmp_path / "network" / "summary.json") as f:
+        assert json.load(f)["simulated_time_s"] == 12.5
+    compute = run_main(tmp_path / "compute", **network | {"worker_step_seconds": 1.0})
+    assert [r["simulated_time_s"] for r in named(compute, "final_error")] == [20.0, 20.0]
+    assert all("simulated_time_s" not in r for r in run_main(tmp_path / "off", **SMALL))  # off by default
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "network" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("by_simulated_us/error/dpsgd/1.0")][-2:] == [6_250_000, 12_500_000]
 
 
 def test_without_tensorboard_a_run_writes_the_rest(tmp_path, monkeypatch):

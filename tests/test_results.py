@@ -20,8 +20,8 @@ from tests.train_runs import run
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """train.py runs pg1 (seed 1) and pg2 (seed 2, two power iterations), `stopped` (pg1 as if
-    stopped after its first epoch), and gossip_run.py runs `choco` (a sweep of two gammas) and
-    `exact` (uncompressed gossip)."""
+    stopped after its first epoch), and gossip_run.py runs `choco` (a sweep of two gammas),
+    `exact` (uncompressed gossip) and `timed` (exact, on the simulated clock)."""
     root = tmp_path_factory.mktemp("runs")
     fake_fmnist(root / "data", n_train=256, n_test=32, gz_test=True)
     tiny = {"n_workers": 2, "max_batches_per_epoch": 2}
@@ -32,7 +32,8 @@ def folder(tmp_path_factory):
     kept = [r for r in runs.read_metrics(str(root / "stopped")) if r["epoch"] == 1]
     (root / "stopped" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     for name, settings in {"choco": {"algorithm": "sign_choco", "optimizer_diffusion_rate": [0.05, 0.2]},
-                           "exact": {"algorithm": "uncompressed"}}.items():
+                           "exact": {"algorithm": "uncompressed"},
+                           "timed": {"algorithm": "uncompressed", "simulated_clock": True}}.items():
         gossip_run.config = dict(gossip_run.DEFAULTS, matrix_size=10, num_steps=30, **settings)
         gossip_run.output_dir = str(root / name)
         gossip_run.main()
@@ -74,6 +75,15 @@ def test_the_plot_of_consensus_runs_draws_the_best_setting_against_steps(folder,
     assert (axis.get_xlabel(), axis.get_yscale()) == ("step", "log")
 
 
+def test_the_plot_draws_runs_on_the_simulated_clock_against_their_simulated_time(folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    plot.main(["timed", "--x", "time", "--out", "timed.png"])
+    axis = plot.comparison_figure(results.read_all(["timed"]), None, plot.X_AXES["time"]).axes[0]
+    error = [r for r in runs.read_metrics("timed") if r["name"] == "error"]
+    assert list(axis.get_lines()[0].get_xdata()) == [r["simulated_time_s"] for r in error] and error[-1]["simulated_time_s"] > 0
+    assert axis.get_xlabel() == "simulated time (s)"
+
+
 def test_the_summary_has_a_row_per_run_with_its_final_values(folder, monkeypatch, capsys):
     monkeypatch.chdir(folder)
     text = summary.main(["pg1", "pg2", "stopped"])
@@ -101,7 +111,8 @@ def test_the_summary_has_a_row_per_run_with_its_final_values(folder, monkeypatch
     (plot, ["data"], "data is not a run's folder: it has no config.yaml and no metrics.jsonl"),
     (summary, ["missing"], "missing is not a folder"),
     (plot, [], "the following arguments are required: RUN_DIR"),
-    (plot, ["pg1", "--x", "time"], "argument --x: invalid choice: 'time'"),
+    (plot, ["pg1", "--x", "seconds"], "argument --x: invalid choice: 'seconds'"),
+    (plot, ["timed", "exact", "--x", "time"], "--x time: exact has no simulated times (its run had simulated_clock=false)"),
     (summary, ["pg1", "--metric", "nonsense"], "--metric nonsense: pg1 records loss/train, accuracy/train"),
     (plot, ["pg1", "--metric", "consensus_distance"], "records it as consensus_distance/params_only, "
                                                       "consensus_distance/full_state_vector: name one"),

@@ -84,7 +84,12 @@ LAYOUT_RUNS = ["dpsgd", "dpsgd dirichlet_split=per_class dirichlet_alpha=0.1", "
                "power-gossip link_failure_probability=0.3 message_loss_probability=0.1",
                "push-sum message_loss_probability=0.2", "all-reduce offline_probability=0.3",
                "relay-sum topology=double_binary_trees message_loss_probability=0.1",
-               "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2 offline_probability=0.3"]
+               "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2 offline_probability=0.3",
+               # the simulated clock: every process feeds it the same bits, messages, stragglers and lost messages
+               "dpsgd simulated_clock=true worker_step_seconds=0.01 worker_speeds=[1,0.5,1,2] straggler_probability=0.3 "
+               "message_loss_probability=0.1 message_timeout_s=0.05 network_bandwidth_bits_per_s=1e6",
+               "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2 offline_probability=0.3 "
+               "simulated_clock=true worker_step_seconds=0.01 network_bandwidth_bits_per_s=1e6"]
 
 
 def layout_overrides(tiny_data, optimizer):
@@ -184,6 +189,45 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkey
     assert saved["run"]["elapsed_s"] < wall_time <= saved["run"]["elapsed_s"] + resumed  # both launches count
 
 
+def test_the_simulated_clock_resumes_mid_epoch_with_the_uninterrupted_times(tmp_path, tiny_data, monkeypatch):
+    """Stopped by a signal inside an epoch and resumed: every record the same, its simulated
+    time too (the clock's state, its round counter under local_steps and the stragglers' and
+    lost messages' draws); the clock's keys and files define the run."""
+    speeds = tmp_path / "speeds.txt"
+    speeds.write_text("1 0.5\n1 2\n")
+    overrides = common(tiny_data, optimizer="power-gossip", topology="one_peer_hypercube", local_steps=3,
+                       message_loss_probability=0.2, simulated_clock=True, worker_step_seconds=0.01, worker_speeds=str(speeds),
+                       straggler_probability=0.3, message_timeout_s=0.05, network_bandwidth_bits_per_s=1e6)
+    run(str(tmp_path / "full"), overrides)
+
+    def send_sigterm_midway(info):  # after the second epoch's first step
+        if 0.6 < info["state.progress"] < 0.7:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "log_info", send_sigterm_midway)
+    with pytest.raises(SystemExit):
+        run(str(tmp_path / "parts"), overrides)
+    monkeypatch.setattr(train, "log_info", lambda info: None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    full, parts = ([r for r in runs.read_metrics(str(tmp_path / name)) if r["tags"].get("split") != "runtime"]
+                   for name in ("full", "parts"))
+    assert parts == full
+    clock_records = {(r["name"], r["epoch"], r["tags"].get("worker")): r["value"] for r in full if r["tags"].get("split") == "clock"}
+    for epoch in (1.0, 2.0):  # each worker's compute, sending and waiting add up to its time, the slowest's is the run's
+        workers = [sum(clock_records[f"simulated_{part}", epoch, w] for part in ("compute", "sending", "waiting"))
+                   for w in range(4)]
+        assert max(workers) == pytest.approx(clock_records["simulated_time", epoch, None], rel=1e-12)
+        assert all(r["simulated_time_s"] == clock_records["simulated_time", epoch, None] for r in full if r["epoch"] == epoch)
+    with open(tmp_path / "full" / "summary.json") as f:
+        assert json.load(f)["simulated_time_s"] == full[-1]["simulated_time_s"] > 0
+    assert matplotlib.image.imread(str(tmp_path / "full" / "curves.png")).shape[1] == 17 * 120  # a column against time
+    with pytest.raises(ValueError, match="network_bandwidth_bits_per_s=2000000.0 .the run has 1000000.0."):
+        run(str(tmp_path / "full"), overrides + ["resume=true", "num_epochs=3", "network_bandwidth_bits_per_s=2e6"])
+    speeds.write_text("1 0.5\n1 3\n")
+    with pytest.raises(ValueError, match=r"worker_speeds file .* holds other bytes"):
+        run(str(tmp_path / "full"), overrides + ["resume=true", "num_epochs=3"])
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_data):
     run(str(tmp_path), common(tiny_data, num_epochs=1))
     before = (tmp_path / "checkpoints" / "rank0.pt").read_bytes()
@@ -246,6 +290,8 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"momentum_type": "quasi-global", "momentum": 0}, "momentum_type=quasi-global needs momentum > 0"),
     ({"dirichlet_split": "per_class"}, "dirichlet_split=per_class .*: set dirichlet_alpha"),
     ({"dirichlet_split": "by_class", "dirichlet_alpha": 0.1}, "dirichlet_split='by_class' is not one of per_worker, per_class"),
+    ({"straggler_probability": 0.1}, "straggler_probability=0.1 sets the simulated clock, which is off: pass simulated_clock=true"),
+    ({"simulated_clock": True, "worker_speeds": [1, 2]}, "worker_speeds has 2 speeds, but the run has 4 workers"),
 ])
 def test_bad_configs_fail_before_training(overrides, match):
     with pytest.raises(ValueError, match=match):
