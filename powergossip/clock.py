@@ -433,32 +433,31 @@ class SimulatedClock:
         self.steps, self.time = int(state["steps"]), np.array(state["time"], dtype=np.float64)
 
 
-class RunClock:
-    """The simulated clock of a run (module docstring): `step(gossiped)` after each step of the
-    run, on every process (it gathers over them), times that step; `now` is the run's
-    simulated_time_s; `spent` holds each worker's compute, sending and waiting seconds so far,
-    `[3, n]` (their sum over the three is the worker's own time). Its state, with the clock's,
-    goes into a run's checkpoints."""
+class StepClock:
+    """A run's simulated clock, step by step, from what the workers sent in each step:
+    `step(bits, messages, gossiped)` times one step; `now` is the run's simulated_time_s;
+    `spent` holds each worker's compute, sending and waiting seconds so far, `[3, n]` (their sum
+    over the three is the worker's own time). RunClock feeds it a live run's counters;
+    train.traffic_trace's steps time a synchronous run again on another cluster without
+    training it again (its training does not depend on the clock)."""
 
     PARTS = ("compute", "sending", "waiting")
 
-    def __init__(self, settings: ClockSettings, comm, topology, method_name: str, seed: int):
-        self.clock = SimulatedClock(settings, topology, comm.n_workers, seed)
-        self.comm, self.topology, self.send_rule = comm, topology, send_rule_of(method_name)
+    def __init__(self, settings: ClockSettings, topology, n_workers: int, method_name: str, seed: int):
+        self.clock = SimulatedClock(settings, topology, n_workers, seed)
+        self.topology, self.send_rule = topology, send_rule_of(method_name)
         faults = getattr(topology, "faults", None)  # a faults.FaultyTopology's
         self.faults = faults if faults is not None and faults.settings.message_loss_probability else None
-        self.spent = np.zeros((len(self.PARTS), comm.n_workers))
+        self.spent = np.zeros((len(self.PARTS), n_workers))
         self.rounds = 0  # gossip rounds so far: the next one is the method's round `rounds` (topology.at)
-        self.counted = self._counters()
 
     @property
     def now(self) -> float:
         return self.clock.now
 
-    def step(self, gossiped: bool = True) -> RoundTimes:
-        """Time the step just taken (`gossiped`: the method ran its round in it; train.py's
-        local_steps skip some) from what the workers sent in it. Collective."""
-        bits, messages = self._sent_in_step()
+    def step(self, bits: np.ndarray, messages: np.ndarray, gossiped: bool = True) -> RoundTimes:
+        """Time the next step, in which worker i sent bits[i] bits in messages[i] messages
+        (`gossiped`: the method ran its round in it; train.py's local_steps skip some)."""
         exchanges, where = (), {}
         if gossiped and messages.any():
             exchanges, where = self._exchanges(bits, messages, self.rounds)
@@ -466,6 +465,45 @@ class RunClock:
         times = self.clock.round(self.clock.steps, self.send_rule, *exchanges, **where)
         self.spent += (times.compute, times.sending, times.waiting)
         return times
+
+    def _exchanges(self, bits, messages, round: int) -> tuple[tuple, dict]:
+        """(the payload bits of each exchange, the round's other arguments) for SimulatedClock.round."""
+        if self.send_rule == "all_reduce":  # who sent took part; every all-reduce of a step as 1/k of its bits
+            k = int(messages.max())
+            return (float(bits.max()) / k,) * k, {"present": messages > 0}
+        graph = self.topology.at(round)
+        degree = np.bincount(self.clock._messages(graph)[0], minlength=self.clock.n_workers)
+        sends = (degree > 0) & (messages > 0)
+        k = int(np.ceil(messages[sends] / degree[sends]).max(initial=0))
+        if k == 0:
+            return (), {}
+        per_message = np.divide(bits, messages, out=np.zeros_like(bits), where=messages > 0)
+        lost = None if self.faults is None else self.faults.lost(round)
+        return (per_message,) * k, {"graph": graph, "lost": lost}
+
+    def state_dict(self) -> dict:
+        """The clock's state, the rounds and every worker's totals so far."""
+        return self.clock.state_dict() | {"rounds": self.rounds} | dict(zip(self.PARTS, self.spent.tolist()))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clock.load_state_dict(state)
+        self.rounds = int(state["rounds"])
+        self.spent = np.array([state[part] for part in self.PARTS], dtype=np.float64)
+
+
+class RunClock(StepClock):
+    """The simulated clock of a live run (module docstring): `tick(gossiped)` after each step of
+    the run, on every process (it gathers over them), times that step from the change in the
+    Communicator's counters. Its state, with the clock's, goes into a run's checkpoints."""
+
+    def __init__(self, settings: ClockSettings, comm, topology, method_name: str, seed: int):
+        super().__init__(settings, topology, comm.n_workers, method_name, seed)
+        self.comm = comm
+        self.counted = self._counters()
+
+    def tick(self, gossiped: bool = True) -> RoundTimes:
+        """Time the step just taken from what the workers sent in it. Collective."""
+        return self.step(*self._sent_in_step(), gossiped)
 
     def _counters(self) -> tuple[np.ndarray, np.ndarray]:
         return self.comm.bytes_sent.copy(), self.comm.messages_sent.copy()
@@ -481,31 +519,10 @@ class RunClock:
         everyone = self.comm.sum_over_processes(mine.reshape(-1)).reshape(2, -1)
         return everyone[0], everyone[1]
 
-    def _exchanges(self, bits, messages, round: int) -> tuple[tuple, dict]:
-        """(the payload bits of each exchange, the round's other arguments) for SimulatedClock.round."""
-        if self.send_rule == "all_reduce":  # who sent took part; every all-reduce of a step as 1/k of its bits
-            k = int(messages.max())
-            return (float(bits.max()) / k,) * k, {"present": messages > 0}
-        graph = self.topology.at(round)
-        degree = np.bincount(self.clock._messages(graph)[0], minlength=self.comm.n_workers)
-        sends = (degree > 0) & (messages > 0)
-        k = int(np.ceil(messages[sends] / degree[sends]).max(initial=0))
-        if k == 0:
-            return (), {}
-        per_message = np.divide(bits, messages, out=np.zeros_like(bits), where=messages > 0)
-        lost = None if self.faults is None else self.faults.lost(round)
-        return (per_message,) * k, {"graph": graph, "lost": lost}
-
-    def state_dict(self) -> dict:
-        """The clock's state, the rounds and every worker's totals so far."""
-        return self.clock.state_dict() | {"rounds": self.rounds} | dict(zip(self.PARTS, self.spent.tolist()))
-
     def load_state_dict(self, state: dict) -> None:
         """Back to a saved `state`; the Communicator's counters, restored before, are where the
         next step counts from."""
-        self.clock.load_state_dict(state)
-        self.rounds = int(state["rounds"])
-        self.spent = np.array([state[part] for part in self.PARTS], dtype=np.float64)
+        super().load_state_dict(state)
         self.counted = self._counters()
 
 
@@ -514,7 +531,7 @@ class ClockOff:
 
     now = None
 
-    def step(self, gossiped: bool = True) -> None:
+    def tick(self, gossiped: bool = True) -> None:
         pass
 
     def state_dict(self) -> None:

@@ -196,7 +196,7 @@ def main():
         for step in range(0, cfg["num_steps"] + 1):
             if step > 0:
                 method.step([x])
-                timing.step()
+                timing.tick()
             if not is_logged(step, cfg["num_steps"]):
                 continue
             error, error_to_initial_mean, bits, messages = measure(comm, x, initial_mean)

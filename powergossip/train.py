@@ -31,6 +31,7 @@ import sys
 import time
 import uuid
 
+import numpy as np
 import torch
 
 from powergossip import clock
@@ -251,12 +252,12 @@ def main():
                 # PowerSGD: the average of the gradients, then the step).
                 with timers("forward_backward"):
                     losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
-                gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows method.round
+                gossips = gossips_at(epoch * batches_per_epoch + step, cfg["local_steps"])  # the graph follows method.round
                 if quasi_global is None:
                     method_and_local_step(lambda: local_step(lr), gossips)
                 else:  # the buffer's update needs x_t and x_{t+1} around the method and the local step
                     quasi_global(lambda: method_and_local_step(lambda: local_step(lr), gossips), lr * method.step_size_scale())
-                timing.step(gossips)  # the step on the simulated clock, from what it sent
+                timing.tick(gossips)  # the step on the simulated clock, from what it sent
                 totals.add(losses, corrects, counts)
                 loss_check.watch(losses, epoch, step)
                 stopping = stop.requested(comm)
@@ -510,6 +511,35 @@ def build_loader(cfg: dict, dataset, comm):
 def build_method(cfg: dict, comm, topology) -> methods.Method:
     """The `optimizer` key's registered method, with the `optimizer_<setting>` keys as its settings."""
     return methods.build(cfg["optimizer"], comm, topology, **names.settings_of(cfg))
+
+
+def gossips_at(step: int, local_steps: int) -> bool:
+    """Whether the run's `step`-th step (from 0, over the whole run) ends with the method's round:
+    with local_steps = H, every H-th step."""
+    return (step + 1) % local_steps == 0
+
+
+def traffic_trace(cfg: dict, topology, shapes: list[tuple[int, ...]], steps: int):
+    """What each worker of a run of the checked `cfg` (and its `topology`, `checked`'s) sends in
+    each of its first `steps` steps, without training: the method's rounds, on the steps that
+    local_steps picks, over random stacks of the model's parameter `shapes`, in one process.
+    Returns `[steps, n]` bits, `[steps, n]` messages and `[steps]` whether the step gossiped:
+    the traffic clock.StepClock times, step by step. A synchronous method's messages depend on
+    the shapes, the graph and the faults' draws, not on the values: this is the traffic of the
+    run itself, which can so be timed on any cluster (study 15 times each run this way)."""
+    n = cfg["n_workers"]
+    comm = comm_module.Communicator(n, "cpu")
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    params = [torch.randn((n,) + tuple(shape), generator=generator) for shape in shapes]
+    gradients = [torch.randn((n,) + tuple(shape), generator=generator) for shape in shapes]
+    rounds = step_module.TrainingStep(build_method(cfg, comm, topology), methods.METHODS[cfg["optimizer"]], params, gradients)
+    bits, messages = np.zeros((steps, n)), np.zeros((steps, n))
+    gossiped = np.array([gossips_at(step, cfg["local_steps"]) for step in range(steps)])
+    for step in range(steps):
+        sent = comm.bytes_sent.copy(), comm.messages_sent.copy()
+        rounds(lambda: None, bool(gossiped[step]))
+        bits[step], messages[step] = (comm.bytes_sent - sent[0]) * 8.0, comm.messages_sent - sent[1]
+    return bits, messages, gossiped
 
 
 def command_line(arguments: list[str] | None = None) -> None:

@@ -245,10 +245,10 @@ def test_a_run_clock_times_each_step_from_what_the_workers_sent():
     x = torch.randn(4, 16)
     for _ in range(3):
         method.step([x])
-        timing.step()
+        timing.tick()
     assert timing.now == 3 * 1.125 and (timing.spent.sum(axis=0) == timing.clock.time).all()
     assert timing.spent.tolist() == [[1.5] * 4, [1.5] * 4, [0.375] * 4]  # compute, sending not hidden, latency
-    timing.step(gossiped=False)  # a step without its round (local_steps): compute only, as long as the slowest
+    timing.tick(gossiped=False)  # a step without its round (local_steps): compute only, as long as the slowest
     assert timing.now == 3 * 1.125 + 0.5 and timing.rounds == 3
     saved = timing.state_dict()
     again = run_clock("dpsgd", worker_step_seconds=0.5, **NETWORK)[1]
@@ -262,7 +262,7 @@ def test_a_run_clock_all_reduces_the_step_s_buffers_among_those_that_sent():
     _, timing = run_clock("all-reduce", worker_step_seconds=0.5, **NETWORK)
     present = np.array([True, True, True, False])
     timing.comm.all_reduce_mean([torch.randn(4, 16)], present=present)
-    times = timing.step()
+    times = timing.tick()
     assert times.end.tolist() == pytest.approx([0.5 + 0.5 + 2 / 3] * 3 + [0.5], abs=1e-15)
     assert times.sending.tolist() == pytest.approx([2 / 3] * 3 + [0.0], abs=1e-15)
 
@@ -272,7 +272,7 @@ def test_a_run_clock_waits_for_the_lost_messages_of_the_round():
     _, timing = run_clock("dpsgd", lossy, message_timeout_s=2.0, **NETWORK)
     method = methods.build("dpsgd", timing.comm, lossy)
     method.step([torch.randn(4, 8)])  # 256-bit messages: in at 0.375 and 0.625 s unless lost
-    times = timing.step()
+    times = timing.tick()
     neighbours = RING4.diffusion_matrix > 0
     np.fill_diagonal(neighbours, False)
     waits = (lossy.faults.lost(0) & neighbours).any(axis=0)  # [i, j]: i's message to j is lost

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from powergossip import clock
 from powergossip import comm as comm_module
 from powergossip import figures
 from powergossip import models
@@ -187,6 +188,31 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkey
     with open(tmp_path / "parts" / "summary.json") as f:
         wall_time = json.load(f)["wall_time_s"]
     assert saved["run"]["elapsed_s"] < wall_time <= saved["run"]["elapsed_s"] + resumed  # both launches count
+
+
+@pytest.mark.parametrize("method, extra", [("power-gossip", {"optimizer_num_iterations": 2, "local_steps": 2}),
+                                           ("all-reduce", {}), ("push-sum", {"topology": "one_peer_exponential"})])
+def test_a_run_timed_again_from_its_traffic_trace_has_the_live_clock_s_times(tmp_path, tiny_data, method, extra):
+    """train.traffic_trace (the method's rounds on random stacks of the model's shapes, no training)
+    timed by clock.StepClock gives every simulated record that a run of the same configuration
+    with the clock wrote: a synchronous run is timed on another cluster without training again."""
+    cluster = {"worker_step_seconds": 0.01, "worker_speeds": [1, 0.5, 1, 1], "straggler_probability": 0.2,
+               "straggler_slowdown": 5.0, "network_latency_s": 1e-3, "network_bandwidth_bits_per_s": 1e6}
+    run(str(tmp_path / "timed"), common(tiny_data, optimizer=method, simulated_clock=True, **extra, **cluster))
+    records = runs.read_metrics(str(tmp_path / "timed"))
+    live = {(r["name"], r["epoch"], r["tags"].get("worker")): r["value"] for r in records if r["tags"].get("split") == "clock"}
+    cfg, topology = train.checked(DEFAULTS | {"optimizer": method, "n_workers": 4, "seed": 3} | extra)
+    template = models.build("small_cnn", in_channels=1, num_classes=10, image_size=28)
+    bits, messages, gossiped = train.traffic_trace(cfg, topology, [p.shape for p in template.parameters()], steps=8)
+    timing = clock.StepClock(clock.ClockSettings(**cluster), topology, 4, method, seed=3)
+    for step in range(8):  # 2 epochs of 4 steps
+        timing.step(bits[step], messages[step], gossiped[step])
+        if step % 4 == 3:
+            epoch = (step + 1) / 4
+            assert timing.now == live["simulated_time", epoch, None]
+            for part, seconds in zip(timing.PARTS, timing.spent):
+                assert seconds.tolist() == [live[f"simulated_{part}", epoch, w] for w in range(4)]
+    assert timing.now > 8 * 0.02 and timing.spent[1].max() > 0.1 * timing.now  # the slow worker's compute; sending counts
 
 
 def test_the_simulated_clock_resumes_mid_epoch_with_the_uninterrupted_times(tmp_path, tiny_data, monkeypatch):
