@@ -31,7 +31,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import torch
 
 from powergossip import clock
@@ -519,27 +518,26 @@ def gossips_at(step: int, local_steps: int) -> bool:
     return (step + 1) % local_steps == 0
 
 
-def traffic_trace(cfg: dict, topology, shapes: list[tuple[int, ...]], steps: int):
-    """What each worker of a run of the checked `cfg` (and its `topology`, `checked`'s) sends in
+def traffic_trace(cfg: dict, topology, shapes: list[tuple[int, ...]], steps: int) -> list[tuple[list, bool]]:
+    """What the workers of a run of the checked `cfg` (and its `topology`, `checked`'s) send in
     each of its first `steps` steps, without training: the method's rounds, on the steps that
     local_steps picks, over random stacks of the model's parameter `shapes`, in one process.
-    Returns `[steps, n]` bits, `[steps, n]` messages and `[steps]` whether the step gossiped:
-    the traffic clock.StepClock times, step by step. A synchronous method's messages depend on
-    the shapes, the graph and the faults' draws, not on the values: this is the traffic of the
-    run itself, which can so be timed on any cluster (study 15 times each run this way)."""
+    Returns, per step, (its exchanges, whether it gossiped): what clock.StepClock.step times.
+    A synchronous method's messages depend on the shapes, the graph and the faults' draws, not on
+    the values: this is the traffic of the run itself, which can so be timed on any cluster."""
     n = cfg["n_workers"]
     comm = comm_module.Communicator(n, "cpu")
     generator = torch.Generator().manual_seed(cfg["seed"])
     params = [torch.randn((n,) + tuple(shape), generator=generator) for shape in shapes]
     gradients = [torch.randn((n,) + tuple(shape), generator=generator) for shape in shapes]
     rounds = step_module.TrainingStep(build_method(cfg, comm, topology), methods.METHODS[cfg["optimizer"]], params, gradients)
-    bits, messages = np.zeros((steps, n)), np.zeros((steps, n))
-    gossiped = np.array([gossips_at(step, cfg["local_steps"]) for step in range(steps)])
+    trace = []
     for step in range(steps):
-        sent = comm.bytes_sent.copy(), comm.messages_sent.copy()
-        rounds(lambda: None, bool(gossiped[step]))
-        bits[step], messages[step] = (comm.bytes_sent - sent[0]) * 8.0, comm.messages_sent - sent[1]
-    return bits, messages, gossiped
+        comm.log = []
+        gossiped = gossips_at(step, cfg["local_steps"])
+        rounds(lambda: None, gossiped)
+        trace.append((comm.log, gossiped))
+    return trace
 
 
 def command_line(arguments: list[str] | None = None) -> None:

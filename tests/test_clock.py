@@ -228,7 +228,7 @@ def test_each_registered_method_ends_its_round_by_its_rule():
                                                     "relay-sum", "d2", "gradient-tracking", "all-reduce", "powersgd")}
     assert rules == {"dpsgd": "overlap", "power-gossip": "overlap", "choco": "overlap", "deepsqueeze": "overlap",
                      "moniqua": "overlap", "push-sum": "after_step", "relay-sum": "after_step", "d2": "after_step",
-                     "gradient-tracking": "after_step", "all-reduce": "all_reduce", "powersgd": "all_reduce"}
+                     "gradient-tracking": "after_step", "all-reduce": "after_step", "powersgd": "after_step"}  # their all-reduces: eq. all-reduce (StepClock)
 
 
 # --- a run's clock (RunClock): the steps' bits and messages from the Communicator's counters -------
@@ -294,3 +294,40 @@ def test_clock_keys_without_the_clock_are_refused_and_settings_are_checked_for_t
     keys = ("num_epochs", "network_latency_s", "network_bandwidth_bits_per_s")
     assert clock_module.may_change_on_resume(keys, config) == keys
     assert clock_module.may_change_on_resume(keys, config | {"simulated_clock": True}) == ("num_epochs",)
+
+
+def test_a_run_clock_times_each_exchange_on_the_messages_it_held():
+    # RelaySum on double binary trees sends over each tree in turn, a tree's share to each of its neighbours
+    # there (an edge of both trees carries two messages): with no latency and no compute, each worker's link
+    # sends exactly the bits it counted, at 1024 bit/s, whatever its degree in either tree
+    trees = topologies.build("double_binary_trees", 8)
+    method, timing = run_clock("relay-sum", trees, network_latency_s=0.0, network_bandwidth_bits_per_s=1024.0)
+    x = torch.randn(8, 10)
+    method.start([x])
+    for _ in range(2):
+        sent = timing.comm.bytes_sent.copy()
+        method.step([x])
+        times = timing.tick()
+        assert times.sending.tolist() == pytest.approx(((timing.comm.bytes_sent - sent) * 8 / 1024.0).tolist(), rel=1e-12)
+    assert len({int(degree) for degree in np.bincount(np.nonzero(trees.diffusion_matrix > 0)[0])}) > 1
+
+
+def test_a_run_clock_waits_only_for_messages_that_were_sent():
+    # Choco under faults: a worker that does not publish this round sends nothing (choco.py); its neighbours
+    # do not wait for its message, even where the loss draws would have lost it (a 100 s timeout shows a wait)
+    faulty = faults.apply(faults.FaultSettings(offline_probability=0.3, message_loss_probability=0.3), RING4, 5)
+    method, timing = run_clock("choco", faulty, message_timeout_s=100.0, **NETWORK)  # its comm logs what is sent
+    x = torch.randn(4, 8)
+    silent_and_lost = 0
+    for round in range(20):
+        method.step([x])
+        sent = {(int(i), int(j)) for senders, receivers, _ in timing.comm.log for i, j in zip(senders, receivers)}
+        lost = faulty.faults.lost(round)
+        neighbours = [(i, j) for i in range(4) for j in range(4) if i != j and RING4.diffusion_matrix[j, i] > 0]
+        silent_and_lost += sum(bool(lost[i, j]) and (i, j) not in sent for i, j in neighbours)
+        alone = clock_module.StepClock(timing.clock.settings, faulty, 4, "choco", seed=0)  # every worker starts at 0
+        alone.rounds = round  # the round's loss draws
+        times = alone.step(timing.comm.log)
+        timing.comm.log = []
+        assert {j for j in range(4) if times.end[j] >= 100} == {j for i, j in sent if lost[i, j]}
+    assert silent_and_lost > 0  # the case arose

@@ -203,10 +203,10 @@ def test_a_run_timed_again_from_its_traffic_trace_has_the_live_clock_s_times(tmp
     live = {(r["name"], r["epoch"], r["tags"].get("worker")): r["value"] for r in records if r["tags"].get("split") == "clock"}
     cfg, topology = train.checked(DEFAULTS | {"optimizer": method, "n_workers": 4, "seed": 3} | extra)
     template = models.build("small_cnn", in_channels=1, num_classes=10, image_size=28)
-    bits, messages, gossiped = train.traffic_trace(cfg, topology, [p.shape for p in template.parameters()], steps=8)
+    trace = train.traffic_trace(cfg, topology, [p.shape for p in template.parameters()], steps=8)
     timing = clock.StepClock(clock.ClockSettings(**cluster), topology, 4, method, seed=3)
-    for step in range(8):  # 2 epochs of 4 steps
-        timing.step(bits[step], messages[step], gossiped[step])
+    for step, (exchanges, gossiped) in enumerate(trace):  # 2 epochs of 4 steps
+        timing.step(exchanges, gossiped)
         if step % 4 == 3:
             epoch = (step + 1) / 4
             assert timing.now == live["simulated_time", epoch, None]
