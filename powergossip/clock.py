@@ -234,16 +234,20 @@ def files_read(config: dict) -> dict[str, str]:
     return {f"{label} {path}": path for label, path in named.items() if isinstance(path, str)}
 
 
-def send_rule_of(method_name: str) -> str:
+def send_rule_of(method_name: str, settings: dict | None = None) -> str:
     """The rule of SEND_RULES by which a round of the registered method ends (module docstring):
     the collectives all-reduce, methods that take the local step first (or act on gradients)
-    send after it, the others gossip x_t while the gradient is computed."""
+    send after it, the others gossip x_t while the gradient is computed. `settings` (the method's,
+    as names.settings_of gives them; None: its defaults): push-sum with one_step_delay overlaps, its
+    round's messages needed only by the next step's end (Assran et al. 2019, Overlap SGP)."""
     from powergossip import methods  # here: the communication layer does not import the methods
 
     name = methods.registered_name(method_name)
     registration = methods.METHODS[name]
     if name in COLLECTIVES:
         return "all_reduce"
+    if name == "push-sum" and (settings or {}).get("one_step_delay"):
+        return "overlap"
     return "after_step" if registration.local_step_first or registration.acts_on == "gradients" else "overlap"
 
 

@@ -118,6 +118,7 @@ config = {
     "optimizer_compressor": "sign-and-norm",  # algorithm=choco or deepsqueeze: the compressor (the *_choco names fix it)
     "optimizer_keep_ratio": None,  # top-k: fraction of entries kept, in (0, 1]; None: rank-matched to optimizer_rank
     "optimizer_qsgd_levels": 16,  # QSGD: quantization levels s
+    "optimizer_one_step_delay": False,  # push-sum: overlapped SGP, messages added a round late
     "optimizer_diffusion_rate": None,  # gamma: a number or a list; None: 1 for methods that need no tuning, else the grid
     "hyperparameter_num_samples": 20,  # size of the log-uniform gamma grid (when optimizer_diffusion_rate is None)
     "hyperparameter_range_min": 1e-4,  # smallest gamma of the grid
@@ -190,6 +191,8 @@ def main():
         comm.messages_sent[:] = 0
         comm.messages_lost[:] = 0
         timing = clock.of_run(cfg, comm, topology, resolve(cfg["algorithm"])[0])  # each setting's from 0 s (or ClockOff)
+        if cfg["simulated_clock"]:  # the rule as the method's settings make it (push-sum's one_step_delay overlaps)
+            timing.send_rule = clock.send_rule_of(resolve(cfg["algorithm"])[0], names.settings_of(cfg))
 
         divergence = runs.DivergenceCheck(max_ratio=1.0)  # an error above the one at step 0, or not finite
         diverged = False

@@ -79,6 +79,7 @@ config = dict(
     optimizer_keep_ratio=0.01,  # top-k / random-k fraction kept (null: rank-matched)
     optimizer_qsgd_levels=16,  # QSGD levels
     optimizer_theta=0.25,  # Moniqua's bound on neighbour differences
+    optimizer_one_step_delay=False,  # push-sum: overlapped SGP, messages added a step late (sending hides behind compute)
     n_workers=4,  # workers (graph nodes); a multiple of the number of processes
     local_steps=1,  # H: local optimizer steps per gossip round (bits per epoch fall by H)
     distributed_lr_warmup_epoch=1,  # epochs of linear warmup of the learning-rate factor
@@ -181,6 +182,8 @@ def main():
     momenta = [torch.zeros_like(p) for p in workers.params]
     method = build_method(cfg, comm, topology)
     timing = clock.of_run(cfg, comm, topology, cfg["optimizer"])  # the simulated clock (or ClockOff)
+    if cfg["simulated_clock"]:  # the rule as the method's settings make it (push-sum's one_step_delay overlaps)
+        timing.send_rule = clock.send_rule_of(cfg["optimizer"], names.settings_of(cfg))
 
     saved = None
     if cfg["resume"]:  # a save whose form is not this run's (run_state) counts as damaged

@@ -466,6 +466,19 @@ def test_delayed_push_sum_keeps_its_mass_in_flight_and_reaches_the_exact_average
     assert (comm.bytes_sent == steps * 8 * (12 + 1) * out_degree).all()  # x_i and w_i (float64) per out-neighbour
 
 
+def test_one_step_delay_is_a_push_sum_setting_of_both_entrypoints():
+    import gossip_run
+    import train
+
+    cfg = train.validated(dict(train._DEFAULTS, optimizer="push-sum", optimizer_one_step_delay=True, n_workers=8,
+                               topology="one_peer_exponential"))
+    method = train.build_method(cfg, comm_module.Communicator(8, "cpu"), topologies.build("one_peer_exponential", 8))
+    assert method.one_step_delay
+    assert gossip_run.check(dict(gossip_run.DEFAULTS, algorithm="push-sum", one_step_delay=True))["optimizer_one_step_delay"]
+    with pytest.raises(configuration.ConfigError, match="optimizer_one_step_delay must be true or false, got 'yes'"):
+        gossip_run.check(dict(gossip_run.DEFAULTS, algorithm="push-sum", optimizer_one_step_delay="yes"))
+
+
 @pytest.mark.parametrize("name", ["one_peer_exponential", "directed_exponential", "unidirectional_ring"])
 def test_power_gossip_on_a_directed_graph_is_refused_naming_the_graphs_that_would_do(name):
     import gossip_run
