@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from powergossip import topologies
+from powergossip import names, topologies
 from powergossip.errors import ConfigError
 
 STRAGGLER_STREAM = 14  # the stragglers' random stream (the faults' are 11-13, the methods' 1-3)
@@ -230,14 +230,19 @@ def files_read(config: dict) -> dict[str, str]:
     return {f"{label} {path}": path for label, path in named.items() if isinstance(path, str)}
 
 
-def send_rule_of(method_name: str) -> str:
+def send_rule_of(method_name: str, settings: dict | None = None) -> str:
     """How a round of the registered method that gossips ends (module docstring): "after_step"
     for methods that take the local step first or act on gradients, "overlap" for those that
     gossip x_t while its gradient is computed. A step whose messages are all-reduces ends by
-    eq. all-reduce whatever the method (StepClock)."""
+    eq. all-reduce whatever the method (StepClock). `settings` (the method's, as
+    names.settings_of gives them; None: its defaults): push-sum with one_step_delay overlaps,
+    its round's messages needed only by the next step's end (Assran et al. 2019, Overlap SGP)."""
     from powergossip import methods  # here: the communication layer does not import the methods
 
-    registration = methods.METHODS[methods.registered_name(method_name)]
+    name = methods.registered_name(method_name)
+    registration = methods.METHODS[name]
+    if name == "push-sum" and (settings or {}).get("one_step_delay"):
+        return "overlap"
     return "after_step" if registration.local_step_first or registration.acts_on == "gradients" else "overlap"
 
 
@@ -448,9 +453,10 @@ class StepClock:
 
     PARTS = ("compute", "sending", "waiting")
 
-    def __init__(self, settings: ClockSettings, topology, n_workers: int, method_name: str, seed: int):
+    def __init__(self, settings: ClockSettings, topology, n_workers: int, method_name: str, seed: int,
+                 method_settings: dict | None = None):
         self.clock = SimulatedClock(settings, topology, n_workers, seed)
-        self.n_workers, self.send_rule = n_workers, send_rule_of(method_name)
+        self.n_workers, self.send_rule = n_workers, send_rule_of(method_name, method_settings)
         faults = getattr(topology, "faults", None)  # a faults.FaultyTopology's
         self.faults = faults if faults is not None and faults.settings.message_loss_probability else None
         self.spent = np.zeros((len(self.PARTS), n_workers))
@@ -496,8 +502,9 @@ class RunClock(StepClock):
     the run, on every process, times that step from the messages the Communicator logged in it
     (gathered over the processes). Its state, with the clock's, goes into a run's checkpoints."""
 
-    def __init__(self, settings: ClockSettings, comm, topology, method_name: str, seed: int):
-        super().__init__(settings, topology, comm.n_workers, method_name, seed)
+    def __init__(self, settings: ClockSettings, comm, topology, method_name: str, seed: int,
+                 method_settings: dict | None = None):
+        super().__init__(settings, topology, comm.n_workers, method_name, seed, method_settings)
         self.comm = comm
         comm.log = []
 
@@ -531,7 +538,8 @@ class ClockOff:
 
 
 def of_run(config: dict, comm, topology, method_name: str) -> RunClock | ClockOff:
-    """The clock of a run of `method_name` over `topology` (with its faults), as `config` says."""
+    """The clock of a run of `method_name` over `topology` (with its faults), as `config` says
+    (its method settings too: they can change how a round ends, `send_rule_of`)."""
     if not config["simulated_clock"]:
         return ClockOff()
-    return RunClock(settings_of(config), comm, topology, method_name, config["seed"])
+    return RunClock(settings_of(config), comm, topology, method_name, config["seed"], names.settings_of(config))

@@ -116,6 +116,9 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
             methods.METHODS[name].settings(settings, strict=True)
         except ValueError as problem:
             raise ValueError(f"method {name}: {problem}") from None
+        if name == "push-sum" and settings.get("one_step_delay"):  # see the push-sum check below
+            raise ValueError("method push-sum: one_step_delay moves w off 1 on every graph (the mass in flight), and "
+                             "the drop-in cannot step z at lr / w; train.py runs it")
         self.optimizer = optimizer
         # torch.optim.Optimizer's hooks and step wrapper, without parameter groups of its own
         # (its __init__ would make some; they are the wrapped optimizer's, see param_groups)

@@ -79,6 +79,7 @@ config = dict(
     optimizer_keep_ratio=0.01,  # top-k / random-k fraction kept (null: rank-matched)
     optimizer_qsgd_levels=16,  # QSGD levels
     optimizer_theta=0.25,  # Moniqua's bound on neighbour differences
+    optimizer_one_step_delay=False,  # push-sum: overlapped SGP, messages added a step late (sending hides behind compute)
     n_workers=4,  # workers (graph nodes); a multiple of the number of processes
     local_steps=1,  # H: local optimizer steps per gossip round (bits per epoch fall by H)
     distributed_lr_warmup_epoch=1,  # epochs of linear warmup of the learning-rate factor

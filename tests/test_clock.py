@@ -229,6 +229,10 @@ def test_each_registered_method_ends_its_round_by_its_rule():
     assert rules == {"dpsgd": "overlap", "power-gossip": "overlap", "choco": "overlap", "deepsqueeze": "overlap",
                      "moniqua": "overlap", "push-sum": "after_step", "relay-sum": "after_step", "d2": "after_step",
                      "gradient-tracking": "after_step", "all-reduce": "after_step", "powersgd": "after_step"}  # their all-reduces: eq. all-reduce (StepClock)
+    # overlapped SGP: a round's messages are needed by the next step's end only
+    assert send_rule_of("push-sum", {"one_step_delay": True}) == "overlap"
+    assert send_rule_of("push_sum", {"one_step_delay": False, "rank": 1}) == "after_step"
+    assert send_rule_of("dpsgd", {"one_step_delay": True}) == "overlap" and send_rule_of("d2", {}) == "after_step"
 
 
 # --- a run's clock (RunClock): the steps' bits and messages from the Communicator's counters -------

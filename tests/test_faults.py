@@ -260,12 +260,13 @@ def test_powergossip_under_one_way_loss_skips_the_edge_at_both_ends_and_keeps_th
         assert all(torch.equal(q[row], q[rows[(j, i)]]) for q in power.q)
 
 
-def test_robust_push_sum_reaches_the_exact_average_under_message_loss():
+@pytest.mark.parametrize("one_step_delay", [False, True])
+def test_robust_push_sum_reaches_the_exact_average_under_message_loss(one_step_delay):
     """Running sums (Hadjicostis et al. 2016): a lost message's mass arrives with the next one
     that gets through, so x / w reaches the starting average exactly, where mixing the rest
-    (D-PSGD's rule) drifts away from it."""
+    (D-PSGD's rule) drifts away from it; with one_step_delay too (cut links included)."""
     topology = faulty(RING8, message_loss_probability=0.1, link_failure_probability=0.1)
-    start, end, sent, method = gossip("push-sum", topology, 300)
+    start, end, sent, method = gossip("push-sum", topology, 300, one_step_delay=one_step_delay)
     initial_error = (start - start.mean(0)).norm()
     assert (end - start.mean(0)).norm() < 1e-5 * initial_error  # every worker at the starting average
     assert method.comm.messages_lost.sum() > 0.05 * method.comm.messages_sent.sum()
@@ -273,11 +274,18 @@ def test_robust_push_sum_reaches_the_exact_average_under_message_loss():
     assert (dpsgd_end.mean(0) - start.mean(0)).norm() > 1e-3 * initial_error
 
 
-def test_robust_push_sum_reaches_the_exact_average_on_a_directed_graph_over_time():
+@pytest.mark.parametrize("one_step_delay", [False, True])
+def test_robust_push_sum_reaches_the_exact_average_on_a_directed_graph_over_time(one_step_delay):
+    """Also with one_step_delay (overlapped SGP): what arrives of the running sums is added a round
+    later; the mass of lost messages waits in them, the arrived mass in flight, and none is lost."""
     topology = faulty(topologies.build("one_peer_exponential", 8), message_loss_probability=0.1)
-    start, end, sent, method = gossip("push-sum", topology, 300)
+    start, end, sent, method = gossip("push-sum", topology, 300, one_step_delay=one_step_delay)
     assert (end - start.mean(0)).norm() < 1e-5 * (start - start.mean(0)).norm()
     assert method.comm.messages_lost.sum() > 0
+    if one_step_delay:
+        assert not torch.allclose(method.in_flight[1], torch.zeros(8, 1))
+        _, _, plain_sent, _ = gossip("push-sum", topology, 300)
+        assert (sent == plain_sent).all()  # the same running sums on the wire
 
 
 def test_all_reduce_averages_the_workers_present_and_leaves_those_away_alone():

@@ -141,6 +141,20 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, tiny_data, 
     assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
 
 
+def test_overlapped_sgp_resumes_exactly_and_its_steps_wait_for_the_compute_only(tmp_path, tiny_data):
+    """push-sum with optimizer_one_step_delay: the checkpoint holds the messages in flight (a resumed run
+    writes the same records), and on the simulated clock, with 1 s of compute a step and 0.5 s of
+    latency, a step lasts 1 s (clock.py's overlap rule; push-sum without the delay takes 1.5 s and more)."""
+    method = ["optimizer=push-sum", "optimizer_one_step_delay=true", "topology=one_peer_exponential", "simulated_clock=true",
+              "worker_step_seconds=1.0", "network_latency_s=0.5"]
+    run(str(tmp_path / "full"), common(tiny_data, num_epochs=2) + method)
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=1) + method)
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=2) + method + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
+    assert final(tmp_path / "full", "loss", "train")["simulated_time_s"] == 2 * 4 * 1.0
+    assert math.isfinite(final(tmp_path / "full", "loss", "test_avg")["value"])
+
+
 def test_quasi_global_momentum_resumes_exactly_and_changes_the_run(tmp_path, tiny_data):
     overrides = common(tiny_data, num_epochs=2) + ["optimizer=power-gossip", "momentum_type=quasi-global"]
     run(str(tmp_path / "full"), overrides)
