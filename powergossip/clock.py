@@ -43,7 +43,8 @@ Its model, one step k of worker i (T_i(k): when worker i ends step k; T_i(-1) = 
 - faults take their time: a message lost on its way (faults.Faults.lost) is waited for up to
   message_timeout_s after the receiver began to receive, then the receiver goes on without it;
   the sender sent it all the same. A message that arrives, however late, is waited for: choose
-  the timeout above a round's normal message time. A worker away (no edges in the round's
+  the timeout above a round's normal message time. The timeout runs from the receiver's
+  start, not the sender's: a message lost by a straggler can end the wait sooner than it would arriving late. A worker away (no edges in the round's
   graph; `present` for all-reduce) computes and takes its step alone.
 
 A round may hold several exchanges in sequence (PowerGossip's power iterations, PowerSGD's P and
@@ -92,7 +93,8 @@ class ClockSettings:
     message_timeout_s: float = 1.0  # how long a receiver waits for a lost message: what a loss costs; 1 s is
     # TCP's lowest retransmission timeout (RFC 6298), far above a round's normal message time on a LAN
     network_latency_s: float = 1e-4  # alpha: seconds from a message's last bit sent to its arrival
-    network_bandwidth_bits_per_s: float = 1e9  # beta: a link's bits per second (inf: a network that takes no time)
+    network_bandwidth_bits_per_s: float = 1e9  # beta: a link's bits per second (here also inf: no transmission time;
+    # the entrypoints' keys take finite numbers)
     network_bandwidth_file: str | None = None  # 'i j bits_per_s' lines: the link {i, j}'s own bandwidth, both ways
 
     def __post_init__(self):

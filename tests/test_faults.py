@@ -84,10 +84,14 @@ def test_cut_links_on_a_directed_graph_are_refused_before_any_work(tmp_path):
 @pytest.mark.parametrize("settings,graph_needs,problem", [
     ({"offline_probability": 0.1}, None, "offline_probability: my-method does not gossip over the graph"),
     ({"message_loss_probability": 0.1}, "symmetric", "message_loss_probability: my-method has no rule yet"),
+    ({"link_failure_probability": 0.1}, "fixed_symmetric", "link_failure_probability: my-method needs .* and has no rule "
+                                                            "for a link that is down"),
+    ({"churn": "trace.txt"}, "tree", "churn: my-method needs .* and has no rule"),
 ])
 def test_a_method_without_a_rule_is_refused(settings, graph_needs, problem):
-    """Every registered method has its rules; one of a user's that states no graph need, or that
-    is not among those with a rule for lost messages, is refused."""
+    """Every registered method has its rules; one of a user's that states no graph need, or a need
+    for a fixed graph (D2's and RelaySum's rules are their own), or that is not among those with a
+    rule for lost messages, is refused."""
     with pytest.raises(ValueError, match=problem):
         faults.check(faults.FaultSettings(**settings), "my-method", graph_needs, RING8)
 
@@ -180,7 +184,9 @@ def test_choco_publishes_only_what_reaches_every_neighbour_so_no_copy_goes_stale
     assert (x - x.mean(0)).norm() < 1e-3 * initial_error
 
 
-@pytest.mark.parametrize("method_name,topology,settings", [("choco", RING8, CHOCO), ("relay-sum", topologies.build("chain", 8), {})])
+@pytest.mark.parametrize("method_name,topology,settings", [
+    ("choco", RING8, CHOCO), ("choco", RING8, CHOCO | {"compressor": "random-k", "keep_ratio": 0.2}),  # random-k draws
+    ("relay-sum", topologies.build("chain", 8), {})])
 def test_choco_and_relay_sum_under_faults_resume_bit_for_bit(method_name, topology, settings):
     """Their state (Choco's x_hat, s and compressor randomness; RelaySum's x^0, messages and counts)
     and the round that keys the faults' draws: 10 rounds, a new method loading the state, 10 more
