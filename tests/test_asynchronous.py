@@ -1,8 +1,6 @@
 """Asynchronous methods on the simulated clock (powergossip/asynchronous.py): AD-PSGD's events,
 its pairwise averages, and its runs in gossip_run.py and train.py."""
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,9 +12,8 @@ from powergossip.asynchronous import EventClock
 from powergossip.clock import ClockSettings
 from powergossip.errors import ConfigError
 import gossip_run
-import train
-from tests.test_data import fake_fmnist
-from tests.train_runs import run
+from tests.test_train import common, tiny_data  # noqa: F401 (a fixture)
+from tests.train_runs import run, stopped_and_resumed
 
 NO_NETWORK = dict(network_latency_s=0.0, network_bandwidth_bits_per_s=float("inf"))
 
@@ -111,19 +108,10 @@ def test_gossip_run_reaches_the_workers_mean_with_ad_psgd(tmp_path):
     gossip_run.config = dict(gossip_run.DEFAULTS)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fmnist")
-    fake_fmnist(folder, n_train=512, n_test=64, gz_test=True)
-    return str(folder)
-
-
 def overrides(tiny_data, **extra):
-    settings = {"data_dir": tiny_data, "batch_size": 16, "num_epochs": 2, "n_workers": 4, "max_batches_per_epoch": 4,
-                "distributed_lr_warmup_epoch": 0, "device": "cpu", "seed": 3, "optimizer": "ad-psgd",
-                "simulated_clock": True, "worker_step_seconds": 0.01, "worker_speeds": [1, 0.5, 1, 2],
-                "straggler_probability": 0.2, "network_bandwidth_bits_per_s": 1e8} | extra
-    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+    return common(tiny_data, **({"optimizer": "ad-psgd", "simulated_clock": True, "worker_step_seconds": 0.01,
+                                 "worker_speeds": [1, 0.5, 1, 2], "straggler_probability": 0.2,
+                                 "network_bandwidth_bits_per_s": 1e8} | extra))
 
 
 def test_train_runs_ad_psgd_on_events_the_same_every_time(tmp_path, tiny_data):
@@ -143,16 +131,7 @@ def test_an_asynchronous_run_stopped_mid_epoch_resumes_with_the_uninterrupted_re
     their losses and every worker's data position go into the checkpoint."""
     settings = overrides(tiny_data, network_latency_s=0.002, momentum=0.9)
     run(str(tmp_path / "full"), settings)
-
-    def send_sigterm_midway(info):  # inside the second epoch
-        if 0.6 < info["state.progress"] < 0.7:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train, "log_info", send_sigterm_midway)
-    with pytest.raises(SystemExit):
-        run(str(tmp_path / "parts"), settings)
-    monkeypatch.setattr(train, "log_info", lambda info: None)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    run(str(tmp_path / "parts"), settings + ["resume=true"])
+    stopped_and_resumed(str(tmp_path / "parts"), settings, monkeypatch)  # inside the second epoch
     full, parts = ([r for r in runs.read_metrics(str(tmp_path / name)) if r["tags"].get("split") != "runtime"]
                    for name in ("full", "parts"))
     assert parts == full and full[-1]["simulated_time_s"] > 0
