@@ -13,6 +13,7 @@ from powergossip.clock import ClockSettings
 from powergossip.errors import ConfigError
 import gossip_run
 from tests.test_train import common, tiny_data  # noqa: F401 (a fixture)
+from tests.launch import run_mpi
 from tests.train_runs import run, stopped_and_resumed
 
 NO_NETWORK = dict(network_latency_s=0.0, network_bandwidth_bits_per_s=float("inf"))
@@ -163,3 +164,9 @@ def test_ad_psgd_is_stacked_only_and_no_drop_in_optimizer():
     with pytest.raises(ValueError, match="method ad-psgd is asynchronous"):
         powergossip.DecentralizedOptimizer(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
                                            torch.nn.Linear(2, 2), algorithm="ad-psgd")
+
+
+def test_under_mpirun_with_two_processes_ad_psgd_is_refused_before_any_work(tmp_path, tiny_data):
+    result = run_mpi(2, ["train.py", *overrides(tiny_data), f"output_dir={tmp_path / 'run'}"], check=False)
+    assert result.returncode != 0 and "under mpirun with 2 processes" in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()
