@@ -84,7 +84,7 @@ def test_pairwise_averages_keep_the_mean_and_reach_it():
     x = torch.randn(8, 5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mean = x.mean(dim=0)
     start = (x - mean).pow(2).sum()
-    clock = events(ring, worker_step_seconds=1.0, worker_speeds=[1, 2, 1, 1, 0.5, 1, 1, 1], **NO_NETWORK)
+    clock = events(ring, worker_step_seconds=1.0, **NO_NETWORK)  # equal speeds: a round's ends tie, taken by worker
     for _, worker, partner, _ in finishes(clock, 400):
         before = x.clone()
         method.pair([x], worker, partner)
@@ -170,3 +170,18 @@ def test_under_mpirun_with_two_processes_ad_psgd_is_refused_before_any_work(tmp_
     result = run_mpi(2, ["train.py", *overrides(tiny_data), f"output_dir={tmp_path / 'run'}"], check=False)
     assert result.returncode != 0 and "under mpirun with 2 processes" in result.stdout + result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_workers_own_batches_are_its_rows_of_the_synchronous_epochs():
+    from powergossip import data
+
+    dataset = data.load("synthetic", num_train=96, num_test=8, image_size=8, seed=1)
+    partition = data.make_partition("iid", dataset.train_y, 4, seed=2)
+    loader = data.WorkerLoader(dataset, partition, batch_size=6, first_worker=1, num_local_workers=3, seed=2, augment=True)
+    for pass_ in (0, 3, 1):
+        for step, (x, y) in enumerate(loader.epoch_batches(pass_)):
+            for worker in (1, 3):
+                mine = loader.worker_batch(worker, pass_, step)
+                assert torch.equal(mine[0], x[worker - 1]) and torch.equal(mine[1], y[worker - 1])
+    with pytest.raises(ValueError, match="not a local worker's batch"):
+        loader.worker_batch(0, 0, 0)
