@@ -111,6 +111,9 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
         check_momentum_type(momentum_type, optimizer)
         self.momentum_type = momentum_type
         name = methods.registered_name(algorithm)  # the name and the settings checked before any communication
+        if methods.METHODS[name].asynchronous:
+            raise ValueError(f"method {name} is asynchronous: it runs on the simulated clock's events, not in a step "
+                             f"of each worker's optimizer; train with it in train.py (simulated_clock=true)")
         settings = {names.KEY_ALIASES.get(key, key).removeprefix(names.SETTING_PREFIX): value for key, value in hyper.items()}
         try:
             methods.METHODS[name].settings(settings, strict=True)

@@ -26,7 +26,7 @@ import train
 from powergossip.models.stacked import StackedReplicas
 from tests.launch import ROOT, run_mpi
 from tests.test_data import fake_fmnist
-from tests.train_runs import DEFAULTS, run
+from tests.train_runs import DEFAULTS, run, stopped_and_resumed
 
 OPTIMIZER_RUNS = {
     "all-reduce": ["optimizer=all-reduce"],
@@ -239,16 +239,7 @@ def test_the_simulated_clock_resumes_mid_epoch_with_the_uninterrupted_times(tmp_
                        message_loss_probability=0.2, simulated_clock=True, worker_step_seconds=0.01, worker_speeds=str(speeds),
                        straggler_probability=0.3, message_timeout_s=0.05, network_bandwidth_bits_per_s=1e6)
     run(str(tmp_path / "full"), overrides)
-
-    def send_sigterm_midway(info):  # after the second epoch's first step
-        if 0.6 < info["state.progress"] < 0.7:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train, "log_info", send_sigterm_midway)
-    with pytest.raises(SystemExit):
-        run(str(tmp_path / "parts"), overrides)
-    monkeypatch.setattr(train, "log_info", lambda info: None)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    stopped_and_resumed(str(tmp_path / "parts"), overrides, monkeypatch)  # after the second epoch's first step
     full, parts = ([r for r in runs.read_metrics(str(tmp_path / name)) if r["tags"].get("split") != "runtime"]
                    for name in ("full", "parts"))
     assert parts == full
