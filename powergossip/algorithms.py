@@ -22,7 +22,7 @@ from powergossip.methods.large_parameters import OnlyOnLargeParameters  # noqa: 
 from powergossip.methods.moniqua import MoniquaConfig, MoniquaGossip  # noqa: F401
 from powergossip.methods.power_gossip import EdgeRows, PowerGossip, PowerGossipConfig  # noqa: F401
 from powergossip.methods.powersgd import PowerSGDConfig, StackedPowerSGD  # noqa: F401
-from powergossip.methods.push_sum import PushSum  # noqa: F401
+from powergossip.methods.push_sum import PushSum, PushSumConfig  # noqa: F401
 from powergossip.methods.relay_sum import RelaySum  # noqa: F401
 from powergossip.methods.d2 import D2  # noqa: F401
 from powergossip.methods.gradient_tracking import GradientTracking  # noqa: F401

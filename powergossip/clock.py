@@ -23,8 +23,8 @@ Its model, one step k of worker i (T_i(k): when worker i ends step k; T_i(-1) = 
 
       T_i(k) = max_{j in N(i) ∪ {i}} (T_j(k-1) + c_j) + m                        (issue 30, eq. after-step)
 
-  long-run pace c_max + m (the slowest worker's self-loop); "all_reduce" (all-reduce, PowerSGD):
-  a ring all-reduce once the slowest contribution is in,
+  long-run pace c_max + m (the slowest worker's self-loop); "all_reduce" (a step whose messages
+  are all-reduces: all-reduce, PowerSGD): a ring all-reduce once the slowest contribution is in,
 
       T_i(k) = max_j (T_j(k-1) + c_j) + 2(n-1) latency + 2(n-1)/n * bits / bandwidth   (issue 30, eq. all-reduce)
 
@@ -43,7 +43,8 @@ Its model, one step k of worker i (T_i(k): when worker i ends step k; T_i(-1) = 
 - faults take their time: a message lost on its way (faults.Faults.lost) is waited for up to
   message_timeout_s after the receiver began to receive, then the receiver goes on without it;
   the sender sent it all the same. A message that arrives, however late, is waited for: choose
-  the timeout above a round's normal message time. A worker away (no edges in the round's
+  the timeout above a round's normal message time. The timeout runs from the receiver's
+  start, not the sender's: a message lost by a straggler can end the wait sooner than it would arriving late. A worker away (no edges in the round's
   graph; `present` for all-reduce) computes and takes its step alone.
 
 A round may hold several exchanges in sequence (PowerGossip's power iterations, PowerSGD's P and
@@ -53,17 +54,14 @@ waiting (latency, slower neighbours, lost messages). A run's simulated_time_s is
 `SimulatedClock.now`: when the last worker ended the steps so far.
 
 The entrypoints (train.py, gossip_run.py) run it with `simulated_clock=true` through `RunClock`:
-after each step it reads what the Communicator counted since the step before (each worker's bits
-and messages, gathered over the processes, so that every process feeds the clock the same
-inputs), and times the step on the round's graph (the faulty one, with faults.py's lost
-messages; an all-reduce's members are the workers that sent), the method's rule given by
-`send_rule_of`. The counters give a worker's bits and
-messages of the whole step, not of each exchange: a step of k exchanges (k = the worker's
-messages over its neighbours) is timed as k equal ones of its bits over its messages each, exact
-for a single exchange and for the all-reduce rule (linear in the bits), close for PowerGossip's
-P and Q of other sizes. The compute is worker_step_seconds, never a measurement (0: the clock
-counts communication only), so the times are the same in every launch layout, on every machine
-and after a resume (the clock's state is in the checkpoints).
+the Communicator logs every exchange and all-reduce it counts (its senders and receivers and the
+bits of a message), and after each step RunClock gathers the step's log over the processes (every
+process feeds the clock the same inputs) and times each exchange on the messages it held: a
+worker that sent nothing (away, or Choco's silent one) is waited for by no one, RelaySum's two
+trees are two exchanges, PowerGossip's P and Q have their own sizes; lost messages are
+faults.py's draws of the round. The compute is worker_step_seconds, never a measurement (0: the
+clock counts communication only), so the times are the same in every launch layout, on every
+machine and after a resume (the clock's state is in the checkpoints).
 """
 from __future__ import annotations
 
@@ -73,12 +71,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from powergossip import topologies
+from powergossip import names, topologies
 from powergossip.errors import ConfigError
 
 STRAGGLER_STREAM = 14  # the stragglers' random stream (the faults' are 11-13, the methods' 1-3)
 SEND_RULES = ("overlap", "after_step", "all_reduce")
-COLLECTIVES = ("all-reduce", "powersgd")  # methods that all-reduce instead of gossiping over the graph (as faults.check)
 KEYS = ("worker_step_seconds", "worker_speeds", "straggler_probability", "straggler_slowdown", "message_timeout_s",
         "network_latency_s", "network_bandwidth_bits_per_s", "network_bandwidth_file")
 
@@ -96,7 +93,8 @@ class ClockSettings:
     message_timeout_s: float = 1.0  # how long a receiver waits for a lost message: what a loss costs; 1 s is
     # TCP's lowest retransmission timeout (RFC 6298), far above a round's normal message time on a LAN
     network_latency_s: float = 1e-4  # alpha: seconds from a message's last bit sent to its arrival
-    network_bandwidth_bits_per_s: float = 1e9  # beta: a link's bits per second (inf: a network that takes no time)
+    network_bandwidth_bits_per_s: float = 1e9  # beta: a link's bits per second (here also inf: no transmission time;
+    # the entrypoints' keys take finite numbers)
     network_bandwidth_file: str | None = None  # 'i j bits_per_s' lines: the link {i, j}'s own bandwidth, both ways
 
     def __post_init__(self):
@@ -234,16 +232,19 @@ def files_read(config: dict) -> dict[str, str]:
     return {f"{label} {path}": path for label, path in named.items() if isinstance(path, str)}
 
 
-def send_rule_of(method_name: str) -> str:
-    """The rule of SEND_RULES by which a round of the registered method ends (module docstring):
-    the collectives all-reduce, methods that take the local step first (or act on gradients)
-    send after it, the others gossip x_t while the gradient is computed."""
+def send_rule_of(method_name: str, settings: dict | None = None) -> str:
+    """How a round of the registered method that gossips ends (module docstring): "after_step"
+    for methods that take the local step first or act on gradients, "overlap" for those that
+    gossip x_t while its gradient is computed. A step whose messages are all-reduces ends by
+    eq. all-reduce whatever the method (StepClock). `settings` (the method's, as
+    names.settings_of gives them; None: its defaults): push-sum with one_step_delay overlaps,
+    its round's messages needed only by the next step's end (Assran et al. 2019, Overlap SGP)."""
     from powergossip import methods  # here: the communication layer does not import the methods
 
     name = methods.registered_name(method_name)
     registration = methods.METHODS[name]
-    if name in COLLECTIVES:
-        return "all_reduce"
+    if name == "push-sum" and (settings or {}).get("one_step_delay"):
+        return "overlap"
     return "after_step" if registration.local_step_first or registration.acts_on == "gradients" else "overlap"
 
 
@@ -355,7 +356,7 @@ class SimulatedClock:
         return sender, receiver
 
     def round(self, step: int, send_rule: str, *payload_bits, lost: np.ndarray | None = None, graph=None,
-              present: np.ndarray | None = None) -> RoundTimes:
+              present: np.ndarray | None = None, graphs=None) -> RoundTimes:
         """Advance the clock by step `step` (the next one) of a method whose round ends by
         `send_rule` (SEND_RULES, `send_rule_of`), and return its RoundTimes.
 
@@ -363,7 +364,8 @@ class SimulatedClock:
         "after_step", as `deliveries` takes them; for "all_reduce", the bits of each all-reduce's
         buffer (a number, the same at every worker). None of them: the step only computes.
         `lost`: `[n, n]` booleans, the message from i to j is lost (faults.Faults.lost(step)).
-        `graph`: the round's graph or neighbour lists (default: the topology's at `step`).
+        `graph`: the round's graph or neighbour lists (default: the topology's at `step`);
+        `graphs`: one per exchange instead (RelaySum sends over each of its trees in turn).
         `present`: `[n]` booleans, the workers in the step's all-reduce (default: all); a gossip
         round's graph says itself who is away (faults.FaultyTopology leaves them no edges)."""
         if step != self.steps:
@@ -374,24 +376,28 @@ class SimulatedClock:
         if send_rule == "all_reduce":
             end, sending = self._all_reduce(start + compute, payload_bits, present)
         else:
-            if graph is None and payload_bits:
-                if self.topology is None:
-                    raise ValueError("a clock without a topology needs the round's graph")
-                graph = self.topology.at(step)
-            end, sending = self._gossip(start, compute, send_rule, payload_bits, graph, lost)
+            if graphs is None:
+                if graph is None and payload_bits:
+                    if self.topology is None:
+                        raise ValueError("a clock without a topology needs the round's graph")
+                    graph = self.topology.at(step)
+                graphs = [graph] * len(payload_bits)
+            elif len(graphs) != len(payload_bits):
+                raise ValueError(f"graphs: one per exchange ({len(payload_bits)}), got {len(graphs)}")
+            end, sending = self._gossip(start, compute, send_rule, payload_bits, graphs, lost)
         end.flags.writeable = False  # the clock's state, which RoundTimes shows
         self.time, self.steps = end, self.steps + 1
         waiting = np.maximum(end - start - compute - sending, 0.0)  # >= 0 but for float rounding
         return RoundTimes(start, end, compute, sending, waiting)
 
-    def _gossip(self, start, compute, send_rule, payload_bits, graph, lost):
+    def _gossip(self, start, compute, send_rule, payload_bits, graphs, lost):
         """(T(k), sending) by eq. overlap or eq. after-step, exchange after exchange."""
         if lost is not None and np.shape(lost) != (self.n_workers, self.n_workers):
             raise ValueError(f"lost must be [n, n] booleans with n = {self.n_workers}, got shape {np.shape(lost)}")
         computed = start + compute
         ready = start.copy() if send_rule == "overlap" else computed  # when each worker begins to send and receive
         sending = np.zeros(self.n_workers)
-        for bits in payload_bits:
+        for bits, graph in zip(payload_bits, graphs):
             messages = self.deliveries(graph, bits)
             end = ready + messages.delivered  # its own messages delivered (the j = i term)
             arrives = ready[messages.sender] + messages.arrival
@@ -433,80 +439,89 @@ class SimulatedClock:
         self.steps, self.time = int(state["steps"]), np.array(state["time"], dtype=np.float64)
 
 
-class RunClock:
-    """The simulated clock of a run (module docstring): `step(gossiped)` after each step of the
-    run, on every process (it gathers over them), times that step; `now` is the run's
-    simulated_time_s; `spent` holds each worker's compute, sending and waiting seconds so far,
-    `[3, n]` (their sum over the three is the worker's own time). Its state, with the clock's,
-    goes into a run's checkpoints."""
+class StepClock:
+    """A run's simulated clock, step by step, from what the workers sent in each step:
+    `step(exchanges, gossiped)` times one step; `now` is the run's simulated_time_s; `spent`
+    holds each worker's compute, sending and waiting seconds so far, `[3, n]` (their sum over
+    the three is the worker's own time). RunClock feeds it a live run's messages;
+    train.traffic_trace's steps time a synchronous run again on another cluster without
+    training it again (its training does not depend on the clock).
+
+    An exchange is (senders, receivers, bits): the messages of one comm.exchange, sender[e] to
+    receiver[e], `bits` each, or, with receivers None, one all-reduce of the senders' buffers
+    of `bits` bits (Communicator.log's entries, over all processes). A step's all-reduces end
+    by eq. all-reduce, its gossip exchanges by the method's rule (`send_rule_of`), one after
+    the other, each on the messages it held: a worker that sent nothing is waited for by no one."""
 
     PARTS = ("compute", "sending", "waiting")
 
-    def __init__(self, settings: ClockSettings, comm, topology, method_name: str, seed: int):
-        self.clock = SimulatedClock(settings, topology, comm.n_workers, seed)
-        self.comm, self.topology, self.send_rule = comm, topology, send_rule_of(method_name)
+    def __init__(self, settings: ClockSettings, topology, n_workers: int, method_name: str, seed: int,
+                 method_settings: dict | None = None):
+        self.clock = SimulatedClock(settings, topology, n_workers, seed)
+        self.n_workers, self.send_rule = n_workers, send_rule_of(method_name, method_settings)
         faults = getattr(topology, "faults", None)  # a faults.FaultyTopology's
         self.faults = faults if faults is not None and faults.settings.message_loss_probability else None
-        self.spent = np.zeros((len(self.PARTS), comm.n_workers))
-        self.rounds = 0  # gossip rounds so far: the next one is the method's round `rounds` (topology.at)
-        self.counted = self._counters()
+        self.spent = np.zeros((len(self.PARTS), n_workers))
+        self.rounds = 0  # gossip rounds so far: the next one is the method's round `rounds` (faults' draws)
 
     @property
     def now(self) -> float:
         return self.clock.now
 
-    def step(self, gossiped: bool = True) -> RoundTimes:
-        """Time the step just taken (`gossiped`: the method ran its round in it; train.py's
-        local_steps skip some) from what the workers sent in it. Collective."""
-        bits, messages = self._sent_in_step()
-        exchanges, where = (), {}
-        if gossiped and messages.any():
-            exchanges, where = self._exchanges(bits, messages, self.rounds)
+    def step(self, exchanges: list[tuple], gossiped: bool = True) -> RoundTimes:
+        """Time the next step, in which the workers sent `exchanges` (class docstring), in order
+        (`gossiped`: the method ran its round in it; train.py's local_steps skip some)."""
+        collective = [bits for _, receivers, bits in exchanges if receivers is None]
+        gossip = [(senders, receivers, bits) for senders, receivers, bits in exchanges if receivers is not None]
+        if collective and gossip:
+            raise ValueError("a step that both all-reduces and gossips: the clock times one or the other")
+        if collective:
+            present = np.zeros(self.n_workers, dtype=bool)
+            for senders, _, _ in exchanges:
+                present[senders] = True
+            times = self.clock.round(self.clock.steps, "all_reduce", *collective, present=present)
+        else:
+            lost = None if self.faults is None or not gossip else self.faults.lost(self.rounds)
+            graphs = [[receivers[senders == i] for i in range(self.n_workers)] for senders, receivers, _ in gossip]
+            times = self.clock.round(self.clock.steps, self.send_rule, *(bits for _, _, bits in gossip),
+                                     lost=lost, graphs=graphs)
         self.rounds += bool(gossiped)
-        times = self.clock.round(self.clock.steps, self.send_rule, *exchanges, **where)
         self.spent += (times.compute, times.sending, times.waiting)
         return times
-
-    def _counters(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.comm.bytes_sent.copy(), self.comm.messages_sent.copy()
-
-    def _sent_in_step(self) -> tuple[np.ndarray, np.ndarray]:
-        """(bits, messages) `[n]` every worker sent since the last step: this process's counters'
-        change, summed over the processes (each fills in its own workers)."""
-        (bytes_now, messages_now), (bytes_then, messages_then) = self._counters(), self.counted
-        self.counted = (bytes_now, messages_now)
-        mine = np.zeros((2, self.comm.n_workers))
-        workers = slice(self.comm.first_worker, self.comm.first_worker + self.comm.num_local)
-        mine[0, workers], mine[1, workers] = (bytes_now - bytes_then) * 8.0, messages_now - messages_then
-        everyone = self.comm.sum_over_processes(mine.reshape(-1)).reshape(2, -1)
-        return everyone[0], everyone[1]
-
-    def _exchanges(self, bits, messages, round: int) -> tuple[tuple, dict]:
-        """(the payload bits of each exchange, the round's other arguments) for SimulatedClock.round."""
-        if self.send_rule == "all_reduce":  # who sent took part; every all-reduce of a step as 1/k of its bits
-            k = int(messages.max())
-            return (float(bits.max()) / k,) * k, {"present": messages > 0}
-        graph = self.topology.at(round)
-        degree = np.bincount(self.clock._messages(graph)[0], minlength=self.comm.n_workers)
-        sends = (degree > 0) & (messages > 0)
-        k = int(np.ceil(messages[sends] / degree[sends]).max(initial=0))
-        if k == 0:
-            return (), {}
-        per_message = np.divide(bits, messages, out=np.zeros_like(bits), where=messages > 0)
-        lost = None if self.faults is None else self.faults.lost(round)
-        return (per_message,) * k, {"graph": graph, "lost": lost}
 
     def state_dict(self) -> dict:
         """The clock's state, the rounds and every worker's totals so far."""
         return self.clock.state_dict() | {"rounds": self.rounds} | dict(zip(self.PARTS, self.spent.tolist()))
 
     def load_state_dict(self, state: dict) -> None:
-        """Back to a saved `state`; the Communicator's counters, restored before, are where the
-        next step counts from."""
         self.clock.load_state_dict(state)
         self.rounds = int(state["rounds"])
         self.spent = np.array([state[part] for part in self.PARTS], dtype=np.float64)
-        self.counted = self._counters()
+
+
+class RunClock(StepClock):
+    """The simulated clock of a live run (module docstring): `tick(gossiped)` after each step of
+    the run, on every process, times that step from the messages the Communicator logged in it
+    (gathered over the processes). Its state, with the clock's, goes into a run's checkpoints."""
+
+    def __init__(self, settings: ClockSettings, comm, topology, method_name: str, seed: int,
+                 method_settings: dict | None = None):
+        super().__init__(settings, topology, comm.n_workers, method_name, seed, method_settings)
+        self.comm = comm
+        comm.log = []
+
+    def tick(self, gossiped: bool = True) -> RoundTimes:
+        """Time the step just taken from what the workers sent in it. Collective."""
+        logs, self.comm.log = self.comm.gather_objects(self.comm.log), []
+        return self.step([merged(parts) for parts in zip(*logs)], gossiped)
+
+
+def merged(parts: list[tuple]) -> tuple:
+    """One exchange from the processes' log entries of it: every process's senders (and
+    receivers), the bits of a message (the same payload everywhere)."""
+    senders = np.concatenate([part[0] for part in parts])
+    receivers = None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
+    return senders, receivers, parts[0][2]
 
 
 class ClockOff:
@@ -514,7 +529,7 @@ class ClockOff:
 
     now = None
 
-    def step(self, gossiped: bool = True) -> None:
+    def tick(self, gossiped: bool = True) -> None:
         pass
 
     def state_dict(self) -> None:
@@ -525,7 +540,8 @@ class ClockOff:
 
 
 def of_run(config: dict, comm, topology, method_name: str) -> RunClock | ClockOff:
-    """The clock of a run of `method_name` over `topology` (with its faults), as `config` says."""
+    """The clock of a run of `method_name` over `topology` (with its faults), as `config` says
+    (its method settings too: they can change how a round ends, `send_rule_of`)."""
     if not config["simulated_clock"]:
         return ClockOff()
-    return RunClock(settings_of(config), comm, topology, method_name, config["seed"])
+    return RunClock(settings_of(config), comm, topology, method_name, config["seed"], names.settings_of(config))

@@ -64,6 +64,9 @@ class Communicator:
         self.bytes_sent = np.zeros(self.num_local, dtype=np.int64)
         self.messages_sent = np.zeros(self.num_local, dtype=np.int64)
         self.messages_lost = np.zeros(self.num_local, dtype=np.int64)  # sent (and counted) but lost (faults.py)
+        # while a simulated clock times the run (clock.RunClock): what this process's workers sent since the
+        # clock last read it, one entry per counted exchange or all-reduce: (senders, receivers or None, bits)
+        self.log = None
         self._plans: dict[int, tuple] = {}  # id(topology) -> (topology, HalfEdges, _Routes), latest used last
         # Gloo moves CPU tensors only: GPU tensors are staged through the host.
         staged = context.backend == "gloo" and self.device.type == "cuda"
@@ -126,6 +129,9 @@ class Communicator:
         bytes_per_message = sum(_row_bytes(p) for p in payloads)
         np.add.at(self.bytes_sent, routes.sending_worker, bytes_per_message)
         np.add.at(self.messages_sent, routes.sending_worker, 1)
+        if self.log is not None:
+            senders, neighbors = edges.on_host
+            self.log.append((senders[edges.sends], neighbors[edges.sends], 8 * bytes_per_message))
 
         source_rows = routes.local_sources if per == "half_edge" else routes.local_source_workers
         if routes.all_local:  # one gather per payload, nothing to zero or scatter
@@ -197,6 +203,9 @@ class Communicator:
             sending = slice(None) if present is None else mine
             self.bytes_sent[sending] += sum(_row_bytes(s) for s in stacks)
             self.messages_sent[sending] += 1
+            if self.log is not None:
+                local = np.arange(self.first_worker, self.first_worker + self.num_local)
+                self.log.append((local[sending], None, 8 * sum(_row_bytes(s) for s in stacks)))
         if self.device.type == "cpu":
             sums = self._sum_in_worker_order(stacks)
         else:

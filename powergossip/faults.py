@@ -38,6 +38,10 @@ KEYS = ("link_failure_probability", "offline_probability", "churn", "message_los
 # the methods with a rule for a message lost one way (docs/algorithms.md); D2 and gradient tracking run with D-PSGD's
 # rule for their mixing, which has no fix for their corrections: the study shows what it costs them
 LOSS_RULES = ("dpsgd", "power-gossip", "push-sum", "d2", "gradient-tracking", "relay-sum", "deepsqueeze", "moniqua", "choco")
+# cut links and absences: every method whose graph need says it mixes with each round's W (the base classes' rule,
+# a user's method built on them too), and the two with fixed graphs that have a rule of their own (docs/algorithms.md)
+TAKES_CUTS = ("symmetric", "doubly_stochastic", "column_stochastic")
+OWN_CUT_RULES = ("d2", "relay-sum")
 
 
 @dataclass(frozen=True)
@@ -166,13 +170,15 @@ def check(settings: FaultSettings, method_name: str, graph_needs: str | None, to
                              f"{method_name} does not gossip over the graph's links; offline_probability and churn apply to "
                              "it (a worker away is left out of that round's average)")
         return
-    if cuts(settings) and graph_needs is None:
+    if cuts(settings) and graph_needs not in TAKES_CUTS and method_name not in OWN_CUT_RULES:
         from powergossip import methods  # here: the graph layer does not import the methods
 
-        takes = [name for name, registration in methods.METHODS.items() if registration.graph_needs is not None]
-        raise ValueError(f"{key}: {method_name} does not gossip over the graph (an absent worker's place in its average "
-                         f"is not implemented), so it does not take faults yet; methods that do (on a symmetric graph): "
-                         f"{', '.join(takes)}")
+        why = "does not gossip over the graph (an absent worker's place in its average is not implemented)" \
+            if graph_needs is None else f"needs {topologies.REQUIREMENTS[graph_needs]} and has no rule for a link that is down"
+        takes = [name for name, registration in methods.METHODS.items()
+                 if registration.graph_needs in TAKES_CUTS or name in OWN_CUT_RULES]
+        raise ValueError(f"{key}: {method_name} {why}, so it does not take faults yet; methods that do (on a symmetric "
+                         f"graph): {', '.join(takes)}")
     if settings.message_loss_probability and method_name not in LOSS_RULES:
         raise ValueError(f"message_loss_probability: {method_name} has no rule yet for a message lost one way; methods "
                          f"that have: {', '.join(LOSS_RULES)}")

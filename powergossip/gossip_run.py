@@ -56,6 +56,10 @@ values that are not finite in float32) is refused before any work, and so is a r
 estimated memory exceeds what the process may allocate (check_memory). A data_path array
 is read a block at a time; each process keeps its own workers' rows, in float32.
 
+Asynchronous methods (algorithm=ad-psgd, powergossip/asynchronous.py) have no rounds: a step
+is n_workers events of the simulated clock (simulated_clock=true, worker_step_seconds > 0),
+each a worker ending its work and averaging with a random neighbour, in the clock's order.
+
 Sweep: `optimizer_diffusion_rate` = a number (or a list of numbers) runs just those.
 Left at null, methods registered with needs_tuning=False (uncompressed gossip, the
 PowerGossip variants) use gamma = 1, and the other methods sweep
@@ -76,6 +80,7 @@ import time
 import numpy as np
 import torch
 
+from powergossip import asynchronous
 from powergossip import clock
 from powergossip import comm as comm_module
 from powergossip import configuration
@@ -118,6 +123,7 @@ config = {
     "optimizer_compressor": "sign-and-norm",  # algorithm=choco or deepsqueeze: the compressor (the *_choco names fix it)
     "optimizer_keep_ratio": None,  # top-k: fraction of entries kept, in (0, 1]; None: rank-matched to optimizer_rank
     "optimizer_qsgd_levels": 16,  # QSGD: quantization levels s
+    "optimizer_one_step_delay": False,  # push-sum: overlapped SGP, messages added a round late
     "optimizer_diffusion_rate": None,  # gamma: a number or a list; None: 1 for methods that need no tuning, else the grid
     "hyperparameter_num_samples": 20,  # size of the log-uniform gamma grid (when optimizer_diffusion_rate is None)
     "hyperparameter_range_min": 1e-4,  # smallest gamma of the grid
@@ -153,6 +159,9 @@ def main():
     """Runs every setting; returns the folder the results went to."""
     cfg, topology = checked(config)  # a checked copy, every key by its own name, and the graph
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
+    events_driven = asynchronous.is_asynchronous(resolve(cfg["algorithm"])[0])  # AD-PSGD: events, not rounds
+    if events_driven:
+        asynchronous.check(cfg, comm.world_size)
     settings = [(gamma, theta) for gamma in diffusion_rates(cfg) for theta in thetas(cfg)]
     check_memory(cfg, comm, topology, len(settings))  # a run that cannot fit: one line, before anything is read
     # This process's workers' starts and the mean of all of them; input that cannot work: before the claim
@@ -189,14 +198,19 @@ def main():
         comm.bytes_sent[:] = 0
         comm.messages_sent[:] = 0
         comm.messages_lost[:] = 0
-        timing = clock.of_run(cfg, comm, topology, resolve(cfg["algorithm"])[0])  # each setting's from 0 s (or ClockOff)
+        if events_driven:  # each setting's from 0 s: a step is n_workers events, each one pair's average
+            timing = asynchronous.EventClock(clock.settings_of(cfg), topology, cfg["seed"], x[0].numel() * x.element_size() * 8)
+        else:
+            timing = clock.of_run(cfg, comm, topology, resolve(cfg["algorithm"])[0])  # each setting's from 0 s (or ClockOff)
 
         divergence = runs.DivergenceCheck(max_ratio=1.0)  # an error above the one at step 0, or not finite
         diverged = False
         for step in range(0, cfg["num_steps"] + 1):
-            if step > 0:
+            if step > 0 and events_driven:
+                average_pairs(method, timing, x, cfg["n_workers"])
+            elif step > 0:
                 method.step([x])
-                timing.step()
+                timing.tick()
             if not is_logged(step, cfg["num_steps"]):
                 continue
             error, error_to_initial_mean, bits, messages = measure(comm, x, initial_mean)
@@ -320,6 +334,17 @@ def resolve(name: str) -> tuple[str, dict]:
     except ValueError:
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}, or a registered method: "
                          f"{', '.join(methods.METHODS)}") from None
+
+
+def average_pairs(method, events, x: torch.Tensor, count: int) -> None:
+    """One step of an asynchronous method (AD-PSGD): the next `count` events in the clock's order,
+    each the end of a worker's work (worker_step_seconds at its speed) and its average with a
+    random neighbour (asynchronous.EventClock; no gradients here)."""
+    end = events.finished + count
+    while events.finished < end:
+        event = events.next()
+        if not event.starts:
+            method.pair([x], event.worker, event.partner)
 
 
 def build_method(config, comm, topology, gamma: float, theta: float | None):
@@ -530,6 +555,8 @@ def checked(config) -> tuple[dict, topologies.Topology]:
             configuration.check_method(method, topology, setting_values(config, fixed, gamma, theta))
     topology = configuration.with_faults(config, method, topology)
     clock.check(config)
+    if methods.METHODS[method].asynchronous:
+        asynchronous.check(config)
 
     configuration.check_device(config["device"])
     configuration.check_seed(config["seed"])

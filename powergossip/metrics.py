@@ -74,6 +74,12 @@ class EpochTotals:
         self.correct += corrects.double()
         self.count += counts
 
+    def add_row(self, row, loss, correct, count):
+        """One worker's gradient (an asynchronous run's event): its loss, correct predictions and count."""
+        self.loss[row] += loss.double() * count
+        self.correct[row] += correct.double()
+        self.count[row] += count
+
     def state(self):
         hidden = None if self.hidden is None else [list(h) for h in self.hidden]
         return {"loss": self.loss, "correct": self.correct, "count": self.count, "hidden": hidden}

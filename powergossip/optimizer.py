@@ -111,11 +111,17 @@ class DecentralizedOptimizer(_OneWorkerPerProcess, torch.optim.Optimizer):
         check_momentum_type(momentum_type, optimizer)
         self.momentum_type = momentum_type
         name = methods.registered_name(algorithm)  # the name and the settings checked before any communication
+        if methods.METHODS[name].asynchronous:
+            raise ValueError(f"method {name} is asynchronous: it runs on the simulated clock's events, not in a step "
+                             f"of each worker's optimizer; train with it in train.py (simulated_clock=true)")
         settings = {names.KEY_ALIASES.get(key, key).removeprefix(names.SETTING_PREFIX): value for key, value in hyper.items()}
         try:
             methods.METHODS[name].settings(settings, strict=True)
         except ValueError as problem:
             raise ValueError(f"method {name}: {problem}") from None
+        if name == "push-sum" and settings.get("one_step_delay"):  # see the push-sum check below
+            raise ValueError("method push-sum: one_step_delay moves w off 1 on every graph (the mass in flight), and "
+                             "the drop-in cannot step z at lr / w; train.py runs it")
         self.optimizer = optimizer
         # torch.optim.Optimizer's hooks and step wrapper, without parameter groups of its own
         # (its __init__ would make some; they are the wrapped optimizer's, see param_groups)

@@ -18,10 +18,12 @@ The loop is D-PSGD with overlap (Lian et al. 2017, as the paper runs it): gradie
 at x_t; gossip x_t; local Nesterov-SGD step on the gossiped parameters (all-reduce and
 push-sum: local step, then gossip; PowerSGD: the average of the gradients, then the
 local step; step.py has this order, the drop-in optimizer's too). local_steps=H gossips
-every H-th step only. Records go to `output_dir/metrics.jsonl` (one JSON object each:
-name, epoch, value, bits, messages, tags, and simulated_time_s with simulated_clock=true,
-powergossip/clock.py; see metrics.py), to TensorBoard and through
-`log_metric`; the run ends with the figure `output_dir/curves.png`.
+every H-th step only. optimizer=ad-psgd is asynchronous: no steps, but the simulated clock's
+events, each one worker's gradient ending, its average with a random neighbour and its local
+step (powergossip/asynchronous.py; an epoch is n_workers x batches per epoch of them).
+Records go to `output_dir/metrics.jsonl` (one JSON object each: name, epoch, value, bits,
+messages, tags, and simulated_time_s with simulated_clock=true, powergossip/clock.py; see
+metrics.py), to TensorBoard and through `log_metric`; the run ends with the figure `output_dir/curves.png`.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import uuid
 
 import torch
 
+from powergossip import asynchronous
 from powergossip import clock
 from powergossip import comm as comm_module
 from powergossip import data
@@ -65,7 +68,7 @@ config = dict(
     churn=None,  # a file of "worker leave_round return_round" lines: a trace of absences to replay
     message_loss_probability=0.0,  # each round, each message (one direction of an edge) is lost with this probability
     lr_schedule_milestones=[[3, 0.1]],  # [epoch, factor] pairs (or bare epochs: factor 0.1)
-    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP), powersgd, relay-sum, d2 or gradient-tracking
+    optimizer="power-gossip",  # all-reduce, dpsgd, power-gossip, choco, deepsqueeze, moniqua, push-sum (SGP), powersgd, relay-sum, d2, gradient-tracking or ad-psgd (asynchronous: simulated_clock=true)
     plugins=[],  # your modules, imported first (their code runs): module names or paths of .py files that register methods
     optimizer_diffusion_rate=1.0,  # gamma, the consensus step
     optimizer_rank=1,  # PowerGossip and PowerSGD rank (and SVD rank, rank-matched top-k)
@@ -79,6 +82,7 @@ config = dict(
     optimizer_keep_ratio=0.01,  # top-k / random-k fraction kept (null: rank-matched)
     optimizer_qsgd_levels=16,  # QSGD levels
     optimizer_theta=0.25,  # Moniqua's bound on neighbour differences
+    optimizer_one_step_delay=False,  # push-sum: overlapped SGP, messages added a step late (sending hides behind compute)
     n_workers=4,  # workers (graph nodes); a multiple of the number of processes
     local_steps=1,  # H: local optimizer steps per gossip round (bits per epoch fall by H)
     distributed_lr_warmup_epoch=1,  # epochs of linear warmup of the learning-rate factor
@@ -154,6 +158,9 @@ def main():
     cfg, topology = checked(config)
     started = time.time()
     comm = comm_module.Communicator(cfg["n_workers"], cfg["device"])
+    events_driven = methods.METHODS[cfg["optimizer"]].asynchronous  # AD-PSGD: the clock's events, not rounds
+    if events_driven:
+        asynchronous.check(cfg, comm.world_size)  # one process: before any work
     if cfg["cpu_threads"] is not None:  # the same count in every process: the layouts compute the same bits
         torch.set_num_threads(cfg["cpu_threads"])
     is_root = comm.process_index == 0
@@ -180,15 +187,23 @@ def main():
     decays = step_module.weight_decays(template, workers.parameter_names, cfg["weight_decay"])
     momenta = [torch.zeros_like(p) for p in workers.params]
     method = build_method(cfg, comm, topology)
-    timing = clock.of_run(cfg, comm, topology, cfg["optimizer"])  # the simulated clock (or ClockOff)
+    if events_driven:  # the event queue: who ends a gradient next, and with whom it averages (asynchronous.py)
+        events = timing = asynchronous.EventClock(clock.settings_of(cfg), topology, cfg["seed"],
+                                                  sum(p[0].numel() * p.element_size() * 8 for p in workers.params))
+        events_per_epoch = cfg["n_workers"] * batches_per_epoch  # (training set / batch) gradients over all workers
+        pending = torch.zeros((comm.num_local, 3), device=comm.device)  # each worker's gradient's loss, correct, count
+    else:
+        timing, events, pending = clock.of_run(cfg, comm, topology, cfg["optimizer"]), None, None  # the clock (or ClockOff)
+    steps_per_epoch = batches_per_epoch if events is None else events_per_epoch
 
     saved = None
     if cfg["resume"]:  # a save whose form is not this run's (run_state) counts as damaged
         shaped = build_method(cfg, comm, topology)
         shaped.prepare(workers.params)  # its state as the stacks shape it (gradients have the parameters' shapes)
-        expected = run_state(workers, momenta, shaped, comm, metrics.EpochTotals.zeros(comm.num_local, comm.device), timing)
+        expected = run_state(workers, momenta, shaped, comm, metrics.EpochTotals.zeros(comm.num_local, comm.device), timing,
+                             pending)
         saved = checkpoints.agreed(cfg, _DEFAULTS, clock.may_change_on_resume(MAY_CHANGE_ON_RESUME, cfg),
-                                   check=lambda state: saved_state_problem(state, expected, batches_per_epoch))
+                                   check=lambda state: saved_state_problem(state, expected, steps_per_epoch))
         del expected, shaped
         at_end = (saved["epoch"], saved["step_in_epoch"]) >= (cfg["num_epochs"], 0)
         # A run stopped after its last checkpoint but before its summary goes on to write it.
@@ -205,7 +220,8 @@ def main():
     start_epoch, start_step, carried, initial_loss, history, gap = 0, 0, None, None, [], None
     if saved is not None:
         start_epoch, start_step = saved["epoch"], saved["step_in_epoch"]
-        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, method, comm, timing), comm.device)
+        carried = metrics.EpochTotals.from_state(restore(saved, workers, momenta, method, comm, timing, pending),
+                                             comm.device)
         initial_loss = saved["run"]["initial_loss"] if "run" in saved else None
         started -= saved.get("run", {}).get("elapsed_s", 0.0)  # times count the run's earlier launches too
         history, gap = metrics.resumed_history(comm, folder, start_epoch, start_step, cfg["accept_metrics_gap"])
@@ -220,15 +236,18 @@ def main():
     with runs.StopRequests() as stop:  # the handlers before the run come back however it ends
         timers = runs.Timers(comm.device)
         loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
-        progress = runs.Progress(is_root, cfg["num_epochs"], batches_per_epoch, start_epoch * batches_per_epoch + start_step,
+        progress = runs.Progress(is_root, cfg["num_epochs"], steps_per_epoch, start_epoch * steps_per_epoch + start_step,
                                  started)
 
-        def local_step(lr):
+        def local_step(lr, row=None):  # every worker's, or (asynchronous) worker `row`'s alone
+            stacks = [workers.params, workers.grads, momenta]
+            if row is not None:
+                stacks = [[stack[row:row + 1] for stack in stacks_of] for stacks_of in stacks]  # views: in place
             with timers("update"):
                 if cfg["gradient_clipping"] is not None:
-                    step_module.clip_per_worker(workers.grads, cfg["gradient_clipping"])
-                step_module.nesterov_sgd_step(workers.params, workers.grads, momenta, lr * method.step_size_scale(),
-                                              cfg["momentum"], decays, keep_momenta=quasi_global is not None)
+                    step_module.clip_per_worker(stacks[1], cfg["gradient_clipping"])
+                step_module.nesterov_sgd_step(*stacks, lr * method.step_size_scale(), cfg["momentum"], decays,
+                                              keep_momenta=quasi_global is not None)
 
         method_and_local_step = step_module.TrainingStep(method, methods.METHODS[cfg["optimizer"]], workers.params,
                                                          workers.grads, timers)
@@ -241,37 +260,66 @@ def main():
             hidden = totals.hidden
             first_step = start_step if epoch == start_epoch else 0
             workers.train(True)
-            batches = loader.epoch_batches(epoch, first_step)
-            for step in range(first_step, batches_per_epoch):
-                with timers("batch"):
-                    x, y = next(batches)
-                lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
-                # D-PSGD as the paper runs it: the gradient at x_t, then (step.TrainingStep) gossip x_t and
-                # the local step on the gossiped parameters (all-reduce: the local step, then the average;
-                # PowerSGD: the average of the gradients, then the step).
-                with timers("forward_backward"):
-                    losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
-                gossips = (epoch * batches_per_epoch + step + 1) % cfg["local_steps"] == 0  # the graph follows method.round
-                if quasi_global is None:
-                    method_and_local_step(lambda: local_step(lr), gossips)
-                else:  # the buffer's update needs x_t and x_{t+1} around the method and the local step
-                    quasi_global(lambda: method_and_local_step(lambda: local_step(lr), gossips), lr * method.step_size_scale())
-                timing.step(gossips)  # the step on the simulated clock, from what it sent
-                totals.add(losses, corrects, counts)
-                loss_check.watch(losses, epoch, step)
-                stopping = stop.requested(comm)
-                progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
-                if stopping:
-                    loss_check.finish()
-                    totals.hidden = hidden
-                    checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id,
-                                              cfg, loss_check, started, timing))
-                    comm.barrier()
-                    if is_root:
-                        print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in "
-                              f"{checkpoints.folder}; continue with resume=true", flush=True)
-                    sys.exit(128 + stop.signal_number)
-                log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
+            if events is not None:  # AD-PSGD (asynchronous.py): the epoch's events, in the clock's order
+                # A worker's start reads its model and takes its gradient there; its end averages with the drawn
+                # neighbour and applies that gradient (computed at a model the averages may have changed since).
+                while events.finished < (epoch + 1) * events_per_epoch:
+                    event = events.next()
+                    row = event.worker - comm.first_worker
+                    if event.starts:  # its batch: the next of its own shard, its pass `gradient // batches`
+                        x, y = loader.worker_batch(event.worker, *divmod(event.gradient, len(loader)))
+                        with timers("forward_backward"):
+                            loss, correct = workers.gradient_of(row, x, y)
+                        pending[row] = torch.stack([loss, correct, torch.tensor(float(y.numel()), device=comm.device)])
+                        continue
+                    done = events.finished - epoch * events_per_epoch  # this epoch's gradients ended, this one included
+                    with timers("gossip"):
+                        method.pair(workers.params, event.worker, event.partner)  # x_i, x_j <- (x_i + x_j) / 2
+                    local_step(cfg["learning_rate"] * learning_rate_factor(cfg, epoch + done / events_per_epoch), row)
+                    totals.add_row(row, *pending[row])
+                    loss_check.watch(pending[row, :1].clone(), epoch, done - 1)  # its row is the next gradient's soon
+                    if stop.requested(comm):  # the queue, the pending gradients and data positions are saved
+                        loss_check.finish()
+                        checkpoints.save(snapshot(checkpoints, epoch, done, workers, momenta, method, comm, totals, run_id,
+                                                  cfg, loss_check, started, timing, pending))
+                        if is_root:
+                            print(f"\nstopped by a signal at {runs.position(epoch, done)} (events); checkpoint in "
+                                  f"{checkpoints.folder}; continue with resume=true", flush=True)
+                        sys.exit(128 + stop.signal_number)
+                    progress.step(epoch, done - 1, loss_check.mean_loss, stop.bytes_per_worker)
+                    log_info({"state.progress": (epoch + done / events_per_epoch) / cfg["num_epochs"]})
+            else:  # a synchronous method: the epoch's steps, every worker in each
+                batches = loader.epoch_batches(epoch, first_step)
+                for step in range(first_step, batches_per_epoch):
+                    with timers("batch"):
+                        x, y = next(batches)
+                    lr = cfg["learning_rate"] * learning_rate_factor(cfg, epoch + (step + 1) / batches_per_epoch)
+                    # D-PSGD as the paper runs it: the gradient at x_t, then (step.TrainingStep) gossip x_t and
+                    # the local step on the gossiped parameters (all-reduce: the local step, then the average;
+                    # PowerSGD: the average of the gradients, then the step).
+                    with timers("forward_backward"):
+                        losses, corrects, counts, hidden = workers.gradients(x, y, hidden)
+                    gossips = gossips_at(epoch * batches_per_epoch + step, cfg["local_steps"])  # the graph follows method.round
+                    if quasi_global is None:
+                        method_and_local_step(lambda: local_step(lr), gossips)
+                    else:  # the buffer's update needs x_t and x_{t+1} around the method and the local step
+                        quasi_global(lambda: method_and_local_step(lambda: local_step(lr), gossips), lr * method.step_size_scale())
+                    timing.tick(gossips)  # the step on the simulated clock, from what it sent
+                    totals.add(losses, corrects, counts)
+                    loss_check.watch(losses, epoch, step)
+                    stopping = stop.requested(comm)
+                    progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
+                    if stopping:
+                        loss_check.finish()
+                        totals.hidden = hidden
+                        checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id,
+                                                  cfg, loss_check, started, timing))
+                        comm.barrier()
+                        if is_root:
+                            print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in "
+                                  f"{checkpoints.folder}; continue with resume=true", flush=True)
+                        sys.exit(128 + stop.signal_number)
+                    log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
 
             loss_check.finish()
             with timers("evaluation"):
@@ -279,7 +327,7 @@ def main():
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
             if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
                 checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg,
-                                          loss_check, started, timing))
+                                          loss_check, started, timing, pending))
             progress.end_of_epoch(epoch + 1, recorder)
             for label, (mean, std, instances) in timers.summary().items():
                 log_runtime(label, mean, std, instances)
@@ -378,6 +426,17 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError(f"topology: {problem}") from None
     configuration.check_method(cfg["optimizer"], topology, names.settings_of(cfg))
     clock.check(cfg, read_elsewhere=("network_latency_s", "network_bandwidth_bits_per_s"))  # communication_time_model's
+    if methods.METHODS[cfg["optimizer"]].asynchronous:
+        asynchronous.check(cfg)
+        refused = {"local_steps": (cfg["local_steps"] > 1, "every gradient ends with its average (use local_steps=1)"),
+                   "momentum_type": (cfg["momentum_type"] == "quasi-global", "quasi-global momentum follows a round's "
+                                     "change of every worker; use momentum_type=local"),
+                   "task": (cfg["task"] == "wikitext2", "its workers compute one image batch at a time (no LSTM states)"),
+                   "stacked_compute": (cfg["stacked_compute"] != "loop", "its workers compute one at a time: use "
+                                       "stacked_compute=loop")}
+        for key, (problem, why) in refused.items():
+            if problem:
+                raise ConfigError(f"{key}={cfg[key]!r} with optimizer={cfg['optimizer']}: {why}")
     return cfg, configuration.with_faults(cfg, cfg["optimizer"], topology)
 
 
@@ -404,24 +463,27 @@ def learning_rate_factor(cfg: dict, epoch: float) -> float:
 
 # --- what a checkpoint holds (runs.Checkpoints writes it, checks it and agrees on it between processes) ----
 def snapshot(checkpoints, epoch, step_in_epoch, workers, momenta, method, comm, totals, run_id, cfg, loss_check,
-             started, timing) -> dict:
+             started, timing, pending=None) -> dict:
     """What a process saves of a training run: after the header of `checkpoints` (where the run
     is, the layout, the run's id and configuration, its first mean loss and the wall time so
     far; `started`: when the run would have started had it never stopped), its `run_state`."""
     run = {"run_id": run_id, "config": cfg, "initial_loss": loss_check.reference, "elapsed_s": time.time() - started}
-    return checkpoints.header(epoch, step_in_epoch, run) | run_state(workers, momenta, method, comm, totals, timing)
+    return checkpoints.header(epoch, step_in_epoch, run) | run_state(workers, momenta, method, comm, totals, timing, pending)
 
 
-def run_state(workers, momenta, method, comm, totals, timing) -> dict:
+def run_state(workers, momenta, method, comm, totals, timing, pending=None) -> dict:
     """The run's own entries of a save: its workers' stacks (models.stacked), their momenta, the
     method's state (under "gossip"), byte counters, random states, the interrupted epoch's
-    totals (None at the end of an epoch) and the simulated clock's state (None without it)."""
+    totals (None at the end of an epoch) and the simulated clock's state (None without it); an
+    asynchronous run's clock is its event queue (asynchronous.EventClock), and its "pending" entry
+    holds the gradients under way and their losses (`pending`: `[L, 3]`; None for other runs)."""
     return {
         "params": workers.params, "buffers": workers.buffers, "momenta": momenta, "gossip": method.state_dict(),
         "bytes_sent": torch.from_numpy(comm.bytes_sent.copy()), "messages_sent": torch.from_numpy(comm.messages_sent.copy()),
         "messages_lost": torch.from_numpy(comm.messages_lost.copy()),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if comm.device.type == "cuda" else None,
         "partial_epoch": None if totals is None else totals.state(), "clock": timing.state_dict(),
+        "pending": None if pending is None else {"gradients": workers.grads, "losses": pending},
     }
 
 
@@ -445,13 +507,18 @@ def saved_state_problem(state: dict, expected: dict, batches_per_epoch: int) -> 
         own.pop("messages_lost")
     if "clock" not in state and expected["clock"] is None:  # a save from before the simulated clock, which is off
         own.pop("clock")
+    if "pending" not in state and expected["pending"] is None:  # a save from before asynchronous runs
+        own.pop("pending")
     found = runs.mismatch(state, own) or runs.mismatch(state["gossip"], expected["gossip"], "gossip", lenient=True)
     return None if found is None else f"{found}: it belongs to another run (another model or method setting)"
 
 
-def restore(saved, workers, momenta, method, comm, timing) -> dict | None:
+def restore(saved, workers, momenta, method, comm, timing, pending=None) -> dict | None:
     """Puts a snapshot back; returns the saved totals of the epoch it interrupted (or None)."""
     with torch.no_grad():
+        if pending is not None:  # an asynchronous run's gradients under way
+            for target, source in zip(workers.grads + [pending], saved["pending"]["gradients"] + [saved["pending"]["losses"]]):
+                target.copy_(source)
         for target, source in zip(workers.params + workers.buffers + momenta, saved["params"] + saved["buffers"] + saved["momenta"]):
             target.copy_(source)
     method.load_state_dict(saved["gossip"])
@@ -510,6 +577,34 @@ def build_loader(cfg: dict, dataset, comm):
 def build_method(cfg: dict, comm, topology) -> methods.Method:
     """The `optimizer` key's registered method, with the `optimizer_<setting>` keys as its settings."""
     return methods.build(cfg["optimizer"], comm, topology, **names.settings_of(cfg))
+
+
+def gossips_at(step: int, local_steps: int) -> bool:
+    """Whether the run's `step`-th step (from 0, over the whole run) ends with the method's round:
+    with local_steps = H, every H-th step."""
+    return (step + 1) % local_steps == 0
+
+
+def traffic_trace(cfg: dict, topology, shapes: list[tuple[int, ...]], steps: int) -> list[tuple[list, bool]]:
+    """What the workers of a run of the checked `cfg` (and its `topology`, `checked`'s) send in
+    each of its first `steps` steps, without training: the method's rounds, on the steps that
+    local_steps picks, over random stacks of the model's parameter `shapes`, in one process.
+    Returns, per step, (its exchanges, whether it gossiped): what clock.StepClock.step times.
+    A synchronous method's messages depend on the shapes, the graph and the faults' draws, not on
+    the values: this is the traffic of the run itself, which can so be timed on any cluster."""
+    n = cfg["n_workers"]
+    comm = comm_module.Communicator(n, "cpu")
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    params = [torch.randn((n,) + tuple(shape), generator=generator) for shape in shapes]
+    gradients = [torch.randn((n,) + tuple(shape), generator=generator) for shape in shapes]
+    rounds = step_module.TrainingStep(build_method(cfg, comm, topology), methods.METHODS[cfg["optimizer"]], params, gradients)
+    trace = []
+    for step in range(steps):
+        comm.log = []
+        gossiped = gossips_at(step, cfg["local_steps"])
+        rounds(lambda: None, gossiped)
+        trace.append((comm.log, gossiped))
+    return trace
 
 
 def command_line(arguments: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ SPECS = {
     "moniqua": lambda c, t: algorithms.MoniquaGossip(c, t, theta=4.0, diffusion_rate=0.3, seed=5),
     "power_afresh": lambda c, t: algorithms.PowerGossip(c, t, rank=1, edge_memory=0, seed=3),
     "push_sum": lambda c, t: algorithms.PushSum(c, t, diffusion_rate=0.8),
+    "push_sum_delayed": lambda c, t: algorithms.PushSum(c, t, diffusion_rate=0.8, one_step_delay=True),
     "relay_sum": lambda c, t: algorithms.RelaySum(c, t),
     "d2": lambda c, t: algorithms.D2(c, t, diffusion_rate=0.5),
     "gradient_tracking": lambda c, t: algorithms.GradientTracking(c, t),

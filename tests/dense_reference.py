@@ -8,6 +8,7 @@ Randomness is shared with the implementation by seed (edge_seed, WorkerRandom st
 """
 import math
 
+import numpy as np
 import torch
 
 from powergossip import algorithms
@@ -39,6 +40,23 @@ def push_sum(W, Xs, gamma, steps):
         Xs, (weight,) = gossip(W, Xs, gamma, t), gossip(W, [weight], gamma, t)
         Xs = [X / weight.view((-1,) + (1,) * (X.dim() - 1)) for X in Xs]
     return Xs
+
+
+def push_sum_delayed(W, Xs, gamma, steps):
+    """Overlapped SGP with tau = 1 (Assran et al. 2019, Algorithm 3): P_t = (1 - gamma) I + gamma W_t
+    split into its diagonal D_t (kept) and the rest O_t (sent); what round t sends arrives at round t + 1:
+    (x, w) <- D_t (x, w) + O_{t-1} (x, w)^{(t-1)}, z = x / w. Returns z, w and the (x, w) in flight."""
+    weight = torch.ones(Xs[0].shape[0], 1, dtype=Xs[0].dtype)
+    Xs = [X.clone() for X in Xs]
+    in_flight = [torch.zeros_like(X) for X in Xs + [weight]]
+    for t in range(steps):
+        P = (1 - gamma) * np.eye(len(weight)) + gamma * at(W, t)
+        kept, sent = np.diag(np.diag(P)), P - np.diag(np.diag(P))
+        values = [X * weight.view((-1,) + (1,) * (X.dim() - 1)) for X in Xs] + [weight]
+        values, in_flight = [mix(kept, V) + M for V, M in zip(values, in_flight)], [mix(sent, V) for V in values]
+        *Xs, weight = values
+        Xs = [X / weight.view((-1,) + (1,) * (X.dim() - 1)) for X in Xs]
+    return Xs, weight, in_flight
 
 
 def all_reduce(Xs):

@@ -28,6 +28,8 @@ def reference(spec, W, X0s, steps):
         return Xs
     if spec == "push_sum":
         return dense_reference.push_sum(W, X0s, 0.8, steps)
+    if spec == "push_sum_delayed":
+        return dense_reference.push_sum_delayed(W, X0s, 0.8, steps)[0]
     if spec == "power_afresh":
         return [dense_reference.power_gossip(W, X0s[0], 1.0, rank=1, steps=steps, seed=3, edge_memory=0)]
     if spec == "all_reduce":
@@ -103,7 +105,7 @@ def test_every_method_takes_the_graphs_it_declares():
     symmetric = {"ring", "one_peer_hypercube", "random_matching"}
     for spec in set(algorithm_runs.SPECS) - {"all_reduce"}:
         taken = {name for s, name in ACCEPTED if s == spec}
-        if spec == "push_sum":
+        if spec.startswith("push_sum"):
             assert taken == set(GRAPHS_OVER_TIME)
         elif spec == "simple":
             assert taken == set(GRAPHS_OVER_TIME) - {"chorded_ring"}
@@ -221,8 +223,8 @@ def test_moniqua_with_large_theta_tracks_gossip_in_expectation():
     torch.testing.assert_close(moniqua[0].mean(dim=1), gossip[0][:, 0], atol=5 * noise_scale / math.sqrt(entries), rtol=0)
 
 
-@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua", "deep_squeeze_sign"}
-                                         - set(algorithm_runs.LOCAL_STEP_FIRST)))
+@pytest.mark.parametrize("spec", sorted(set(algorithm_runs.SPECS) - {"moniqua", "deep_squeeze_sign", "push_sum_delayed"}
+                                         - set(algorithm_runs.LOCAL_STEP_FIRST)))  # delayed: mass in flight moves z's mean
 def test_average_is_preserved(spec):
     result = algorithm_runs.run(spec, "ring", 8, 20)
     for x, x0 in zip(result["params"], algorithm_runs.initial_state(spec, 8)):
@@ -308,7 +310,7 @@ def test_only_on_large_parameters_routes_by_dimension():
     assert not strict.is_compressed(stacked_random(n, 2, 3))  # 6 / 5 < 3
 
 
-@pytest.mark.parametrize("spec", ["power", "choco_qsgd", "deep_squeeze_sign", "moniqua", "choco_random_k"])
+@pytest.mark.parametrize("spec", ["power", "choco_qsgd", "deep_squeeze_sign", "moniqua", "choco_random_k", "push_sum_delayed"])
 def test_state_dict_resumes_exactly(spec):
     n = 4
     comm = comm_module.Communicator(n, "cpu")
@@ -429,6 +431,54 @@ def test_push_sum_reaches_the_average_on_a_directed_graph_where_plain_gossip_doe
         algorithms.SimpleGossip(comm, chorded)
 
 
+@pytest.mark.parametrize("graph", ["one_peer_exponential", "chorded_ring"])
+def test_delayed_push_sum_keeps_its_mass_in_flight_and_reaches_the_exact_average(graph):
+    """Overlapped SGP (one_step_delay): sum_i w_i + the weight in flight stays n (exactly on
+    one_peer_exponential, whose shares are halves), sum_i x_i + in flight stays n times the
+    average, the de-biased z reach that average on a directed graph, and the bytes are push-sum's."""
+    n, steps = 8, 120
+    comm = comm_module.Communicator(n, "cpu")
+    topology = algorithm_runs.graph(graph, n)
+    x0 = stacked_random(n, 3, 4).double()
+    average = x0.mean(0)
+    z = x0.clone()
+    delayed = algorithms.PushSum(comm, topology, one_step_delay=True)
+    for t in range(steps):
+        delayed.step([z])
+        numerator, weight = z * delayed.weight.view(-1, 1, 1), delayed.weight
+        if graph == "one_peer_exponential":  # halves: every sum exact in floating point
+            assert weight.sum() + delayed.in_flight[1].sum() == n
+        torch.testing.assert_close(weight.sum() + delayed.in_flight[1].sum(), torch.tensor(n, dtype=torch.float64))
+        torch.testing.assert_close(numerator.sum(0) + delayed.in_flight[0].sum(0), n * average)
+        if t < 3:
+            assert not torch.allclose(weight, torch.ones_like(weight))  # w moves off 1 while mass is in flight
+    assert ((z - average) ** 2).sum() < 1e-10 * ((x0 - average) ** 2).sum()
+    expected_z, expected_w, expected_in_flight = dense_reference.push_sum_delayed(topology, [x0], 1.0, steps)
+    torch.testing.assert_close(z, expected_z[0])
+    torch.testing.assert_close(delayed.weight, expected_w[:, 0])
+    torch.testing.assert_close(delayed.in_flight[1], expected_in_flight[1])
+    plain_comm = comm_module.Communicator(n, "cpu")
+    plain = algorithms.PushSum(plain_comm, topology)
+    for _ in range(steps):
+        plain.step([x0.clone()])
+    assert (comm.bytes_sent == plain_comm.bytes_sent).all() and (comm.messages_sent == plain_comm.messages_sent).all()
+    out_degree = (topology.at(0).diffusion_matrix > 0).sum(axis=0) - 1 if graph == "chorded_ring" else 1
+    assert (comm.bytes_sent == steps * 8 * (12 + 1) * out_degree).all()  # x_i and w_i (float64) per out-neighbour
+
+
+def test_one_step_delay_is_a_push_sum_setting_of_both_entrypoints():
+    import gossip_run
+    import train
+
+    cfg = train.validated(dict(train._DEFAULTS, optimizer="push-sum", optimizer_one_step_delay=True, n_workers=8,
+                               topology="one_peer_exponential"))
+    method = train.build_method(cfg, comm_module.Communicator(8, "cpu"), topologies.build("one_peer_exponential", 8))
+    assert method.one_step_delay
+    assert gossip_run.check(dict(gossip_run.DEFAULTS, algorithm="push-sum", one_step_delay=True))["optimizer_one_step_delay"]
+    with pytest.raises(configuration.ConfigError, match="optimizer_one_step_delay must be true or false, got 'yes'"):
+        gossip_run.check(dict(gossip_run.DEFAULTS, algorithm="push-sum", optimizer_one_step_delay="yes"))
+
+
 @pytest.mark.parametrize("name", ["one_peer_exponential", "directed_exponential", "unidirectional_ring"])
 def test_power_gossip_on_a_directed_graph_is_refused_naming_the_graphs_that_would_do(name):
     import gossip_run
@@ -475,6 +525,7 @@ def test_power_gossip_state_stays_bounded_on_random_matching():
 
 
 @pytest.mark.parametrize("spec,graph,memory", [("power", "random_matching", 2), ("push_sum", "chorded_ring", None),
+                                               ("push_sum_delayed", "one_peer_exponential", None),
                                                ("deep_squeeze_sign", "one_peer_hypercube", None)])
 def test_state_dict_resumes_exactly_on_graphs_over_time(spec, graph, memory):
     n = 8

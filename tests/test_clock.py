@@ -228,7 +228,11 @@ def test_each_registered_method_ends_its_round_by_its_rule():
                                                     "relay-sum", "d2", "gradient-tracking", "all-reduce", "powersgd")}
     assert rules == {"dpsgd": "overlap", "power-gossip": "overlap", "choco": "overlap", "deepsqueeze": "overlap",
                      "moniqua": "overlap", "push-sum": "after_step", "relay-sum": "after_step", "d2": "after_step",
-                     "gradient-tracking": "after_step", "all-reduce": "all_reduce", "powersgd": "all_reduce"}
+                     "gradient-tracking": "after_step", "all-reduce": "after_step", "powersgd": "after_step"}  # their all-reduces: eq. all-reduce (StepClock)
+    # overlapped SGP: a round's messages are needed by the next step's end only
+    assert send_rule_of("push-sum", {"one_step_delay": True}) == "overlap"
+    assert send_rule_of("push_sum", {"one_step_delay": False, "rank": 1}) == "after_step"
+    assert send_rule_of("dpsgd", {"one_step_delay": True}) == "overlap" and send_rule_of("d2", {}) == "after_step"
 
 
 # --- a run's clock (RunClock): the steps' bits and messages from the Communicator's counters -------
@@ -245,10 +249,10 @@ def test_a_run_clock_times_each_step_from_what_the_workers_sent():
     x = torch.randn(4, 16)
     for _ in range(3):
         method.step([x])
-        timing.step()
+        timing.tick()
     assert timing.now == 3 * 1.125 and (timing.spent.sum(axis=0) == timing.clock.time).all()
     assert timing.spent.tolist() == [[1.5] * 4, [1.5] * 4, [0.375] * 4]  # compute, sending not hidden, latency
-    timing.step(gossiped=False)  # a step without its round (local_steps): compute only, as long as the slowest
+    timing.tick(gossiped=False)  # a step without its round (local_steps): compute only, as long as the slowest
     assert timing.now == 3 * 1.125 + 0.5 and timing.rounds == 3
     saved = timing.state_dict()
     again = run_clock("dpsgd", worker_step_seconds=0.5, **NETWORK)[1]
@@ -262,7 +266,7 @@ def test_a_run_clock_all_reduces_the_step_s_buffers_among_those_that_sent():
     _, timing = run_clock("all-reduce", worker_step_seconds=0.5, **NETWORK)
     present = np.array([True, True, True, False])
     timing.comm.all_reduce_mean([torch.randn(4, 16)], present=present)
-    times = timing.step()
+    times = timing.tick()
     assert times.end.tolist() == pytest.approx([0.5 + 0.5 + 2 / 3] * 3 + [0.5], abs=1e-15)
     assert times.sending.tolist() == pytest.approx([2 / 3] * 3 + [0.0], abs=1e-15)
 
@@ -272,7 +276,7 @@ def test_a_run_clock_waits_for_the_lost_messages_of_the_round():
     _, timing = run_clock("dpsgd", lossy, message_timeout_s=2.0, **NETWORK)
     method = methods.build("dpsgd", timing.comm, lossy)
     method.step([torch.randn(4, 8)])  # 256-bit messages: in at 0.375 and 0.625 s unless lost
-    times = timing.step()
+    times = timing.tick()
     neighbours = RING4.diffusion_matrix > 0
     np.fill_diagonal(neighbours, False)
     waits = (lossy.faults.lost(0) & neighbours).any(axis=0)  # [i, j]: i's message to j is lost
@@ -294,3 +298,40 @@ def test_clock_keys_without_the_clock_are_refused_and_settings_are_checked_for_t
     keys = ("num_epochs", "network_latency_s", "network_bandwidth_bits_per_s")
     assert clock_module.may_change_on_resume(keys, config) == keys
     assert clock_module.may_change_on_resume(keys, config | {"simulated_clock": True}) == ("num_epochs",)
+
+
+def test_a_run_clock_times_each_exchange_on_the_messages_it_held():
+    # RelaySum on double binary trees sends over each tree in turn, a tree's share to each of its neighbours
+    # there (an edge of both trees carries two messages): with no latency and no compute, each worker's link
+    # sends exactly the bits it counted, at 1024 bit/s, whatever its degree in either tree
+    trees = topologies.build("double_binary_trees", 8)
+    method, timing = run_clock("relay-sum", trees, network_latency_s=0.0, network_bandwidth_bits_per_s=1024.0)
+    x = torch.randn(8, 10)
+    method.start([x])
+    for _ in range(2):
+        sent = timing.comm.bytes_sent.copy()
+        method.step([x])
+        times = timing.tick()
+        assert times.sending.tolist() == pytest.approx(((timing.comm.bytes_sent - sent) * 8 / 1024.0).tolist(), rel=1e-12)
+    assert len({int(degree) for degree in np.bincount(np.nonzero(trees.diffusion_matrix > 0)[0])}) > 1
+
+
+def test_a_run_clock_waits_only_for_messages_that_were_sent():
+    # Choco under faults: a worker that does not publish this round sends nothing (choco.py); its neighbours
+    # do not wait for its message, even where the loss draws would have lost it (a 100 s timeout shows a wait)
+    faulty = faults.apply(faults.FaultSettings(offline_probability=0.3, message_loss_probability=0.3), RING4, 5)
+    method, timing = run_clock("choco", faulty, message_timeout_s=100.0, **NETWORK)  # its comm logs what is sent
+    x = torch.randn(4, 8)
+    silent_and_lost = 0
+    for round in range(20):
+        method.step([x])
+        sent = {(int(i), int(j)) for senders, receivers, _ in timing.comm.log for i, j in zip(senders, receivers)}
+        lost = faulty.faults.lost(round)
+        neighbours = [(i, j) for i in range(4) for j in range(4) if i != j and RING4.diffusion_matrix[j, i] > 0]
+        silent_and_lost += sum(bool(lost[i, j]) and (i, j) not in sent for i, j in neighbours)
+        alone = clock_module.StepClock(timing.clock.settings, faulty, 4, "choco", seed=0)  # every worker starts at 0
+        alone.rounds = round  # the round's loss draws
+        times = alone.step(timing.comm.log)
+        timing.comm.log = []
+        assert {j for j in range(4) if times.end[j] >= 100} == {j for i, j in sent if lost[i, j]}
+    assert silent_and_lost > 0  # the case arose

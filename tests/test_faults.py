@@ -84,10 +84,14 @@ def test_cut_links_on_a_directed_graph_are_refused_before_any_work(tmp_path):
 @pytest.mark.parametrize("settings,graph_needs,problem", [
     ({"offline_probability": 0.1}, None, "offline_probability: my-method does not gossip over the graph"),
     ({"message_loss_probability": 0.1}, "symmetric", "message_loss_probability: my-method has no rule yet"),
+    ({"link_failure_probability": 0.1}, "fixed_symmetric", "link_failure_probability: my-method needs .* and has no rule "
+                                                            "for a link that is down"),
+    ({"churn": "trace.txt"}, "tree", "churn: my-method needs .* and has no rule"),
 ])
 def test_a_method_without_a_rule_is_refused(settings, graph_needs, problem):
-    """Every registered method has its rules; one of a user's that states no graph need, or that
-    is not among those with a rule for lost messages, is refused."""
+    """Every registered method has its rules; one of a user's that states no graph need, or a need
+    for a fixed graph (D2's and RelaySum's rules are their own), or that is not among those with a
+    rule for lost messages, is refused."""
     with pytest.raises(ValueError, match=problem):
         faults.check(faults.FaultSettings(**settings), "my-method", graph_needs, RING8)
 
@@ -180,7 +184,9 @@ def test_choco_publishes_only_what_reaches_every_neighbour_so_no_copy_goes_stale
     assert (x - x.mean(0)).norm() < 1e-3 * initial_error
 
 
-@pytest.mark.parametrize("method_name,topology,settings", [("choco", RING8, CHOCO), ("relay-sum", topologies.build("chain", 8), {})])
+@pytest.mark.parametrize("method_name,topology,settings", [
+    ("choco", RING8, CHOCO), ("choco", RING8, CHOCO | {"compressor": "random-k", "keep_ratio": 0.2}),  # random-k draws
+    ("relay-sum", topologies.build("chain", 8), {})])
 def test_choco_and_relay_sum_under_faults_resume_bit_for_bit(method_name, topology, settings):
     """Their state (Choco's x_hat, s and compressor randomness; RelaySum's x^0, messages and counts)
     and the round that keys the faults' draws: 10 rounds, a new method loading the state, 10 more
@@ -260,12 +266,13 @@ def test_powergossip_under_one_way_loss_skips_the_edge_at_both_ends_and_keeps_th
         assert all(torch.equal(q[row], q[rows[(j, i)]]) for q in power.q)
 
 
-def test_robust_push_sum_reaches_the_exact_average_under_message_loss():
+@pytest.mark.parametrize("one_step_delay", [False, True])
+def test_robust_push_sum_reaches_the_exact_average_under_message_loss(one_step_delay):
     """Running sums (Hadjicostis et al. 2016): a lost message's mass arrives with the next one
     that gets through, so x / w reaches the starting average exactly, where mixing the rest
-    (D-PSGD's rule) drifts away from it."""
+    (D-PSGD's rule) drifts away from it; with one_step_delay too (cut links included)."""
     topology = faulty(RING8, message_loss_probability=0.1, link_failure_probability=0.1)
-    start, end, sent, method = gossip("push-sum", topology, 300)
+    start, end, sent, method = gossip("push-sum", topology, 300, one_step_delay=one_step_delay)
     initial_error = (start - start.mean(0)).norm()
     assert (end - start.mean(0)).norm() < 1e-5 * initial_error  # every worker at the starting average
     assert method.comm.messages_lost.sum() > 0.05 * method.comm.messages_sent.sum()
@@ -273,11 +280,18 @@ def test_robust_push_sum_reaches_the_exact_average_under_message_loss():
     assert (dpsgd_end.mean(0) - start.mean(0)).norm() > 1e-3 * initial_error
 
 
-def test_robust_push_sum_reaches_the_exact_average_on_a_directed_graph_over_time():
+@pytest.mark.parametrize("one_step_delay", [False, True])
+def test_robust_push_sum_reaches_the_exact_average_on_a_directed_graph_over_time(one_step_delay):
+    """Also with one_step_delay (overlapped SGP): what arrives of the running sums is added a round
+    later; the mass of lost messages waits in them, the arrived mass in flight, and none is lost."""
     topology = faulty(topologies.build("one_peer_exponential", 8), message_loss_probability=0.1)
-    start, end, sent, method = gossip("push-sum", topology, 300)
+    start, end, sent, method = gossip("push-sum", topology, 300, one_step_delay=one_step_delay)
     assert (end - start.mean(0)).norm() < 1e-5 * (start - start.mean(0)).norm()
     assert method.comm.messages_lost.sum() > 0
+    if one_step_delay:
+        assert not torch.allclose(method.in_flight[1], torch.zeros(8, 1))
+        _, _, plain_sent, _ = gossip("push-sum", topology, 300)
+        assert (sent == plain_sent).all()  # the same running sums on the wire
 
 
 def test_all_reduce_averages_the_workers_present_and_leaves_those_away_alone():

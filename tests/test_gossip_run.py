@@ -385,6 +385,17 @@ def test_a_run_writes_its_summary_and_tensorboard(tmp_path):
     assert [e.step for e in events.Scalars(f"by_kB_sent/error/sign_choco/{gamma}")] == [round(r["bits"] / 8e3) for r in curve]
 
 
+def test_overlapped_push_sum_hides_its_messages_behind_the_compute(tmp_path):
+    """1 s of compute, a message of 6 x 6 + 1 float32 in 0.5 s: push-sum sends after its step (1.5 s a
+    step); with one_step_delay a round's messages are needed a step later (clock.py's overlap: 1 s a step)."""
+    network = dict(algorithm="push-sum", topology="one_peer_exponential", n_workers=4, matrix_size=6, num_steps=20,
+                   simulated_clock=True, worker_step_seconds=1.0, network_latency_s=0.0,
+                   network_bandwidth_bits_per_s=2 * 37 * 32.0)
+    for delay, seconds in ((False, 30.0), (True, 20.0)):
+        records = run_main(tmp_path / str(delay), **network, optimizer_one_step_delay=delay)
+        assert [r["simulated_time_s"] for r in named(records, "final_error")] == [seconds]
+
+
 def test_the_simulated_clock_times_every_step_of_every_setting(tmp_path):
     """D-PSGD on a 4-ring of 6 x 6 float32 matrices: 1152-bit messages, 0.25 s each at 4608 bit/s,
     then 0.125 s of latency: each step's second message is in 0.625 s after it began (clock.py,

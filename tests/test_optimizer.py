@@ -136,6 +136,10 @@ except ValueError as problem:
     print("REFUSED", problem)
 ring = powergossip.DecentralizedOptimizer(sgd, model, algorithm="push-sum", topology="directed_exponential")
 print("BUILT", type(ring.gossip).__name__)
+try:
+    powergossip.DecentralizedOptimizer(sgd, model, algorithm="push-sum", topology="directed_exponential", one_step_delay=True)
+except ValueError as problem:
+    print("DELAY REFUSED", problem)
 """
 
 
@@ -146,6 +150,7 @@ def test_the_drop_in_runs_push_sum_only_where_its_weight_stays_one():
     refused = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
     assert len(refused) == 3 and all("doubly stochastic" in line and "Graphs that would do" in line for line in refused)
     assert result.stdout.count("BUILT PushSum") == 3
+    assert result.stdout.count("DELAY REFUSED method push-sum: one_step_delay moves w off 1") == 3
 
 
 def quasi_global_drop_in(model, **sgd):

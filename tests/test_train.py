@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from powergossip import clock
 from powergossip import comm as comm_module
 from powergossip import figures
 from powergossip import models
@@ -25,7 +26,7 @@ import train
 from powergossip.models.stacked import StackedReplicas
 from tests.launch import ROOT, run_mpi
 from tests.test_data import fake_fmnist
-from tests.train_runs import DEFAULTS, run
+from tests.train_runs import DEFAULTS, run, stopped_and_resumed
 
 OPTIMIZER_RUNS = {
     "all-reduce": ["optimizer=all-reduce"],
@@ -140,6 +141,20 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path, tiny_data, 
     assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
 
 
+def test_overlapped_sgp_resumes_exactly_and_its_steps_wait_for_the_compute_only(tmp_path, tiny_data):
+    """push-sum with optimizer_one_step_delay: the checkpoint holds the messages in flight (a resumed run
+    writes the same records), and on the simulated clock, with 1 s of compute a step and 0.5 s of
+    latency, a step lasts 1 s (clock.py's overlap rule; push-sum without the delay takes 1.5 s and more)."""
+    method = ["optimizer=push-sum", "optimizer_one_step_delay=true", "topology=one_peer_exponential", "simulated_clock=true",
+              "worker_step_seconds=1.0", "network_latency_s=0.5"]
+    run(str(tmp_path / "full"), common(tiny_data, num_epochs=2) + method)
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=1) + method)
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=2) + method + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "full")
+    assert final(tmp_path / "full", "loss", "train")["simulated_time_s"] == 2 * 4 * 1.0
+    assert math.isfinite(final(tmp_path / "full", "loss", "test_avg")["value"])
+
+
 def test_quasi_global_momentum_resumes_exactly_and_changes_the_run(tmp_path, tiny_data):
     overrides = common(tiny_data, num_epochs=2) + ["optimizer=power-gossip", "momentum_type=quasi-global"]
     run(str(tmp_path / "full"), overrides)
@@ -189,6 +204,31 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path, tiny_data, monkey
     assert saved["run"]["elapsed_s"] < wall_time <= saved["run"]["elapsed_s"] + resumed  # both launches count
 
 
+@pytest.mark.parametrize("method, extra", [("power-gossip", {"optimizer_num_iterations": 2, "local_steps": 2}),
+                                           ("all-reduce", {}), ("push-sum", {"topology": "one_peer_exponential"})])
+def test_a_run_timed_again_from_its_traffic_trace_has_the_live_clock_s_times(tmp_path, tiny_data, method, extra):
+    """train.traffic_trace (the method's rounds on random stacks of the model's shapes, no training)
+    timed by clock.StepClock gives every simulated record that a run of the same configuration
+    with the clock wrote: a synchronous run is timed on another cluster without training again."""
+    cluster = {"worker_step_seconds": 0.01, "worker_speeds": [1, 0.5, 1, 1], "straggler_probability": 0.2,
+               "straggler_slowdown": 5.0, "network_latency_s": 1e-3, "network_bandwidth_bits_per_s": 1e6}
+    run(str(tmp_path / "timed"), common(tiny_data, optimizer=method, simulated_clock=True, **extra, **cluster))
+    records = runs.read_metrics(str(tmp_path / "timed"))
+    live = {(r["name"], r["epoch"], r["tags"].get("worker")): r["value"] for r in records if r["tags"].get("split") == "clock"}
+    cfg, topology = train.checked(DEFAULTS | {"optimizer": method, "n_workers": 4, "seed": 3} | extra)
+    template = models.build("small_cnn", in_channels=1, num_classes=10, image_size=28)
+    trace = train.traffic_trace(cfg, topology, [p.shape for p in template.parameters()], steps=8)
+    timing = clock.StepClock(clock.ClockSettings(**cluster), topology, 4, method, seed=3)
+    for step, (exchanges, gossiped) in enumerate(trace):  # 2 epochs of 4 steps
+        timing.step(exchanges, gossiped)
+        if step % 4 == 3:
+            epoch = (step + 1) / 4
+            assert timing.now == live["simulated_time", epoch, None]
+            for part, seconds in zip(timing.PARTS, timing.spent):
+                assert seconds.tolist() == [live[f"simulated_{part}", epoch, w] for w in range(4)]
+    assert timing.now > 8 * 0.02 and timing.spent[1].max() > 0.1 * timing.now  # the slow worker's compute; sending counts
+
+
 def test_the_simulated_clock_resumes_mid_epoch_with_the_uninterrupted_times(tmp_path, tiny_data, monkeypatch):
     """Stopped by a signal inside an epoch and resumed: every record the same, its simulated
     time too (the clock's state, its round counter under local_steps and the stragglers' and
@@ -199,16 +239,7 @@ def test_the_simulated_clock_resumes_mid_epoch_with_the_uninterrupted_times(tmp_
                        message_loss_probability=0.2, simulated_clock=True, worker_step_seconds=0.01, worker_speeds=str(speeds),
                        straggler_probability=0.3, message_timeout_s=0.05, network_bandwidth_bits_per_s=1e6)
     run(str(tmp_path / "full"), overrides)
-
-    def send_sigterm_midway(info):  # after the second epoch's first step
-        if 0.6 < info["state.progress"] < 0.7:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train, "log_info", send_sigterm_midway)
-    with pytest.raises(SystemExit):
-        run(str(tmp_path / "parts"), overrides)
-    monkeypatch.setattr(train, "log_info", lambda info: None)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    stopped_and_resumed(str(tmp_path / "parts"), overrides, monkeypatch)  # after the second epoch's first step
     full, parts = ([r for r in runs.read_metrics(str(tmp_path / name)) if r["tags"].get("split") != "runtime"]
                    for name in ("full", "parts"))
     assert parts == full

@@ -24,6 +24,22 @@ def run(out_dir: str, overrides: list[str]) -> None:
     train.main()
 
 
+def stopped_and_resumed(out_dir: str, overrides: list[str], monkeypatch, progress=(0.6, 0.7)) -> None:
+    """A run into `out_dir` stopped by SIGTERM once its progress is inside `progress` (as a
+    cluster's scheduler would stop it), then resumed to its end (a test's, with pytest's monkeypatch)."""
+    import pytest
+
+    def send_sigterm(info):
+        if progress[0] < info["state.progress"] < progress[1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(train, "log_info", send_sigterm)
+    with pytest.raises(SystemExit):
+        run(out_dir, overrides)
+    monkeypatch.setattr(train, "log_info", lambda info: None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    run(out_dir, overrides + ["resume=true"])
+
+
 def sigterm_once_past(fraction: float):
     def hook(info):
         if info["state.progress"] > fraction and not hook.sent and os.environ.get("OMPI_COMM_WORLD_RANK", "0") == "0":

@@ -96,6 +96,7 @@ class WorkerLoader:
         self.augment = dataset.default_augment if augment is None else bool(augment)
         self.padding = int(padding)
         self.num_batches_per_epoch = partition.shard_size // self.batch_size
+        self._passes = {}  # worker_batch's: pass -> (indices, offsets, flips) of every local worker
 
     def __len__(self) -> int:
         return self.num_batches_per_epoch
@@ -121,6 +122,28 @@ class WorkerLoader:
                     x.flatten(0, 1), offsets[:, step].flatten(0, 1), flips[:, step].flatten(), self.padding
                 ).view(x.shape)
             yield self.dataset.normalize(x), train_y[idx]
+
+
+    def worker_batch(self, worker: int, pass_: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Worker `worker`'s batch `step` of its pass `pass_` over its shard: its row of
+        ``epoch_batches(pass_)``'s batch `step`, ``(x [B, C, H, W], y [B])``. An asynchronous run's
+        worker goes through its own shard at its own pace, reshuffled when used up (the next pass)."""
+        row = worker - self.first_worker
+        if not 0 <= row < self.num_local_workers or not 0 <= step < self.num_batches_per_epoch:
+            raise ValueError(f"worker {worker}, step {step}: not a local worker's batch ({self.num_batches_per_epoch} per pass)")
+        if pass_ not in self._passes:
+            num_steps, batch = self.num_batches_per_epoch, self.batch_size
+            indices = self._local(self.partition.epoch_indices(pass_, num_steps, batch)).to(self.dataset.device)
+            drawn = draw_crop_flip(self.seed, pass_, self.n_workers, num_steps, batch, self.padding) if self.augment else None
+            if len(self._passes) >= 8:  # the workers' passes are near each other: keep the latest few
+                del self._passes[min(self._passes)]
+            self._passes[pass_] = (indices, None if drawn is None else tuple(self._local(t).to(self.dataset.device) for t in drawn))
+        indices, drawn = self._passes[pass_]
+        idx = indices[row, step * self.batch_size:(step + 1) * self.batch_size]
+        x = self.dataset.train_x[idx]
+        if drawn is not None:
+            x = random_crop_flip(x, drawn[0][row, step], drawn[1][row, step], self.padding)
+        return self.dataset.normalize(x), self.dataset.train_y[idx]
 
 
 class LanguageModelLoader:

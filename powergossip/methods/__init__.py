@@ -14,6 +14,7 @@
 | `relay_sum` | relay-sum: RelaySum on trees |
 | `corrected` | what D² and gradient tracking share (x^{t+1} = W(x^{t+1/2} + c^t)) |
 | `d2`, `gradient_tracking` | d2 (exact diffusion), gradient-tracking |
+| `ad_psgd` | ad-psgd: asynchronous pairwise averages on the simulated clock's events (AD-PSGD) |
 
 `base` holds the interface (`Method`) and the batched helpers; `registry` the registry.
 Importing this package registers every built-in method.
@@ -30,5 +31,6 @@ from powergossip.methods import push_sum  # noqa: F401
 from powergossip.methods import relay_sum  # noqa: F401
 from powergossip.methods import d2  # noqa: F401
 from powergossip.methods import gradient_tracking  # noqa: F401
+from powergossip.methods import ad_psgd  # noqa: F401
 from powergossip.methods.base import GossipConfig, Method  # noqa: F401
 from powergossip.methods.registry import METHODS, Registration, build, check, register_algorithm, registered_name  # noqa: F401

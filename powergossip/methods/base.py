@@ -228,6 +228,7 @@ class Method:
     # its own body (a subclass with a keyword constructor does not inherit it: its signature speaks).
     config_class: type | None = None
     backend: str | None = None  # FUSED or "torch path: <why>", chosen once, at the first step (_use_fused)
+    asynchronous = False  # True: no rounds; `pair(params, worker, partner)` at each event (powergossip/asynchronous.py)
 
     def __init__(self, comm, topology, diffusion_rate: float = 1.0):
         GossipConfig(diffusion_rate=diffusion_rate)  # its check

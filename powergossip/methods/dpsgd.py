@@ -28,7 +28,7 @@ class SimpleGossip(Method):
         edges = self.comm.half_edges(graph)
         received = self.comm.exchange(graph, params, per="worker")
         arrived = self.arrived(edges)
-        for x, from_neighbors in zip(params, received):
+        for k, (x, from_neighbors) in enumerate(zip(params, received)):
             weight_self, incoming = edges.weights(x.dtype if x.is_floating_point() else torch.float32)
             if arrived is not None:  # a lost message's weight moves to the receiver's own: W is no longer symmetric
                 incoming = incoming * arrived.to(incoming.dtype)
@@ -37,7 +37,12 @@ class SimpleGossip(Method):
             # x = keep x + gamma sum_j w_ij x_j: one scaling, then the neighbours' sum added (not one
             # fused product with x inside: its order would depend on the workers beside it).
             x.mul_(keep.to(x.dtype).view((-1,) + (1,) * (x.dim() - 1)))
-            x.add_(sum_into_workers(incoming, from_neighbors), alpha=self.diffusion_rate)
+            self._add_received(k, x, sum_into_workers(incoming, from_neighbors))
+
+    def _add_received(self, k: int, x: torch.Tensor, received: torch.Tensor) -> None:
+        """x += gamma * received, where received = sum_{j in N(i)} w_ij x_j is what this round's
+        messages bring to the k-th stack (push-sum's one_step_delay adds it a round later)."""
+        x.add_(received, alpha=self.diffusion_rate)
 
 
 register_algorithm("dpsgd", SimpleGossip, needs_tuning=False, config=GossipConfig)

@@ -39,6 +39,7 @@ class Registration:
     config: type | None = None  # the method's settings as a dataclass; None: the factory's signature
     graph_needs: str | None = None  # what the method needs of the graph (methods.base.Method.graph_needs)
     graph_user: str | None = None  # who needs it, as the refusal names it (the Method class's name)
+    asynchronous: bool = False  # True: the method runs on events, one pair of workers at a time (powergossip/asynchronous.py)
 
     def setting_names(self) -> list[str]:
         """The settings the method takes."""
@@ -102,7 +103,8 @@ METHODS: dict[str, Registration] = {}
 
 
 def register_algorithm(name: str, factory: Callable[..., Method], acts_on: str = "parameters", needs_tuning: bool = True,
-                       local_step_first: bool = False, config: type | None = None, graph_needs: type | None = None) -> None:
+                       local_step_first: bool = False, config: type | None = None, graph_needs: type | None = None,
+                       asynchronous: bool | None = None) -> None:
     """Make a method available by `name` in train.py, gossip_run.py, the drop-in optimizer and
     the benchmarks: `register_algorithm("my-gossip", MyGossip)` with
     `MyGossip(comm, topology, diffusion_rate=1.0, ...)`, or with `config=MyConfig` (a dataclass of
@@ -114,7 +116,9 @@ def register_algorithm(name: str, factory: Callable[..., Method], acts_on: str =
     average of the workers' stepped parameters). A method registered with
     `acts_on="gradients"` gets the gradient stacks instead, before the local step (PowerSGD).
     `graph_needs`, the Method class whose `graph_needs` apply (default: the factory, when it is
-    a Method class), lets a run check the graph before any work."""
+    a Method class), lets a run check the graph before any work. `asynchronous` (default: the
+    Method class's `asynchronous`): the method has no rounds; its `pair(params, worker, partner)`
+    runs at each event of the simulated clock (powergossip/asynchronous.py, AD-PSGD)."""
     if acts_on not in ACTS_ON:
         raise ValueError(f"acts_on={acts_on!r} is not one of {', '.join(ACTS_ON)}")
     if config is not None and not dataclasses.is_dataclass(config):
@@ -122,8 +126,10 @@ def register_algorithm(name: str, factory: Callable[..., Method], acts_on: str =
     if isinstance(factory, type) and issubclass(factory, Method):  # a Method class: its own config and graph needs
         config = own_config(factory) if config is None else config
         graph_needs = factory if graph_needs is None else graph_needs
+        asynchronous = factory.asynchronous if asynchronous is None else asynchronous
     needs, user = (graph_needs.graph_needs, graph_needs.__name__) if graph_needs is not None else (None, None)
-    METHODS[names.canonical_name(name)] = Registration(factory, acts_on, needs_tuning, local_step_first, config, needs, user)
+    METHODS[names.canonical_name(name)] = Registration(factory, acts_on, needs_tuning, local_step_first, config, needs, user,
+                                                       bool(asynchronous))
 
 
 def registered_name(name: str) -> str:

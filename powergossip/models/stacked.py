@@ -170,6 +170,17 @@ class StackedReplicas:
             corrects.append(correct)
         return torch.stack(losses), torch.stack(corrects), (new_hidden if self.language_model else None)
 
+    def gradient_of(self, row: int, x: torch.Tensor, y: torch.Tensor):
+        """Replica `row`'s gradient at its own parameters, into its rows of `grads` (the other rows
+        kept: an asynchronous run's pending gradients), whatever `compute` says. x, y: `[batch, ...]`
+        (an image model's). Returns its float32 loss and correct predictions."""
+        for grad in self.grads:
+            grad[row].zero_()
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+            loss, correct = loss_and_correct(self.replicas[row](x), y)
+        loss.backward()
+        return loss.detach().float(), correct.float()
+
     def vmapped_gradients(self, x: torch.Tensor, y: torch.Tensor):
         """Every replica's cross-entropy gradient in one pass: torch.func.vmap over the
         stacks (convolutions become grouped convolutions; one kernel serves all replicas
