@@ -228,21 +228,42 @@ class Recorder:
 
         run = f"{cfg['optimizer']} on a {cfg['n_workers']}-worker {cfg['topology']}, {cfg['task']} {cfg['task_architecture']}"
         figure = os.path.join(self.folder, "curves.png")
-        drawn = figures.training_figure(runs.read_metrics(self.folder), run)
+        records = runs.read_metrics(self.folder)
+        drawn = figures.training_figure(records, run)
         runs.write_file(figure, lambda f: figures.write_png(drawn, f), binary=True)
         summary = {"test_avg_accuracy": self.last_test_avg, "mb_per_worker_per_epoch": mb_per_epoch,
                    "wall_time_s": wall_time, "epochs": cfg["num_epochs"], "run_id": self.run_id} | self.simulated_time()
+        target = "" if cfg["target_accuracy"] is None else "; " + reaching(records, cfg["target_accuracy"], summary)
         runs.write_summary(self.folder, summary)
         now = self.simulated_time().get("simulated_time_s")
         simulated = "" if now is None else f"; simulated time {now:.4g} s"
         print(f"\nsummary: {run}: averaged-model test accuracy {accuracy}; {mb_per_epoch:.3f} MB sent per worker per "
-              f"epoch; wall time {wall_time:.1f} s{simulated}; results in {self.folder}, figure {figure}", flush=True)
+              f"epoch; wall time {wall_time:.1f} s{simulated}{target}; results in {self.folder}, figure {figure}", flush=True)
 
     def close(self):
         if self.is_root:
             self.file.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
+
+
+def reaching(records: list[dict], target: float, summary: dict) -> str:
+    """Where the run's averaged model first reached test accuracy `target`: adds to `summary` the
+    "target_accuracy", the "target_epoch" (None: not reached), the MB a worker had sent by then
+    ("target_mb_per_worker") and, with the simulated clock, the "target_simulated_time_s"; returns
+    a phrase for the summary line."""
+    first = next((r for r in records if r["name"] == "accuracy" and r["tags"] == {"split": "test_avg"}
+                  and r["value"] >= target), None)
+    summary["target_accuracy"] = target
+    summary["target_epoch"] = None if first is None else first["epoch"]
+    if first is None:
+        return f"test accuracy {100 * target:.2f}% not reached"
+    summary["target_mb_per_worker"] = first["bits"] / 8 / 1e6
+    phrase = f"test accuracy {100 * target:.2f}% reached at epoch {first['epoch']:g}, {summary['target_mb_per_worker']:.4g} MB sent per worker"
+    if "simulated_time_s" in first:
+        summary["target_simulated_time_s"] = first["simulated_time_s"]
+        phrase += f", simulated time {first['simulated_time_s']:.4g} s"
+    return phrase
 
 
 @torch.no_grad()

@@ -93,6 +93,7 @@ config = dict(
     dirichlet_split="per_worker",  # per_worker (each worker's class mix ~ Dirichlet, equal shards) or per_class (each class over the workers ~ Dirichlet, unequal shards cycled through)
     seed=1,  # model init, data order, shared randomness
     evaluate_average_model=True,  # also test the model with all workers' parameters and buffers averaged
+    target_accuracy=None,  # an averaged-model test accuracy (0-1): the summary says when the run first reached it (epoch, MB, simulated time)
     evaluate_each_worker=True,  # test every worker's own model each epoch
     spectrum_logging_params=[],  # parameter names whose neighbour differences' spectra are logged
     spectrum_logging_epochs=[],  # epochs (1-based, at their end) to log spectra
@@ -136,7 +137,7 @@ MAY_CHANGE_ON_RESUME = (
     "num_epochs", "learning_rate", "lr_schedule_milestones", "distributed_lr_warmup_epoch", "distributed_lr_warmup_factor",
     "weight_decay", "gradient_clipping", "max_loss_ratio", "device", "cpu_threads", "dtype", "stacked_compute", "graph_streams",
     "compile_replicas", "data_dir", "download", "download_url", "download_sha256",
-    "evaluate_average_model", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
+    "evaluate_average_model", "target_accuracy", "evaluate_each_worker", "spectrum_logging_params", "spectrum_logging_epochs",
     "spectrum_logging_worker_pairs", "max_test_examples", "evaluation_batch_size", "checkpoint_every", "resume", "overwrite",
     "network_latency_s", "network_bandwidth_bits_per_s", "accept_metrics_gap",
 )
@@ -391,6 +392,11 @@ def checked(cfg: dict) -> tuple[dict, topologies.Topology]:
         raise ConfigError("momentum_type=quasi-global needs momentum > 0 (with 0 it is plain SGD)")
     if cfg["checkpoint_every"] < 0:
         raise ConfigError("checkpoint_every must be >= 0")
+    if cfg["target_accuracy"] is not None:
+        if not is_number(cfg["target_accuracy"]) or not 0 < cfg["target_accuracy"] <= 1:
+            raise ConfigError(f"target_accuracy must be a test accuracy in (0, 1] (0.9 for 90%) or null, got {cfg['target_accuracy']!r}")
+        if not cfg["evaluate_average_model"]:
+            raise ConfigError("target_accuracy is judged on the averaged model's test accuracy: set evaluate_average_model=true")
     if cfg["cpu_threads"] is not None and (not is_integer(cfg["cpu_threads"]) or cfg["cpu_threads"] < 1):
         raise ConfigError(f"cpu_threads must be an integer >= 1 (or null: the launch's choice), got {cfg['cpu_threads']!r}")
     for key in ("max_batches_per_epoch", "max_test_examples"):

@@ -229,6 +229,26 @@ def test_a_run_timed_again_from_its_traffic_trace_has_the_live_clock_s_times(tmp
     assert timing.now > 8 * 0.02 and timing.spent[1].max() > 0.1 * timing.now  # the slow worker's compute; sending counts
 
 
+def test_the_summary_says_when_the_run_reached_its_target_accuracy(tmp_path, tiny_data):
+    """target_accuracy: the first epoch whose averaged-model test accuracy reached it, with the MB a
+    worker had sent and the simulated time then; a target never reached is said to be so."""
+    cluster = ["simulated_clock=true", "worker_step_seconds=0.01", "num_epochs=3"]
+    run(str(tmp_path / "run"), common(tiny_data, optimizer="dpsgd") + cluster)
+    records = runs.read_metrics(str(tmp_path / "run"))
+    curve = [r for r in records if r["name"] == "accuracy" and r["tags"] == {"split": "test_avg"}]
+    target = sorted(r["value"] for r in curve)[1]  # reached, not necessarily at the first epoch
+    first = next(r for r in curve if r["value"] >= target)
+    run(str(tmp_path / "run"), common(tiny_data, optimizer="dpsgd") + cluster + [f"target_accuracy={target}", "overwrite=true"])
+    with open(tmp_path / "run" / "summary.json") as f:
+        summary = json.load(f)
+    assert (summary["target_epoch"], summary["target_mb_per_worker"], summary["target_simulated_time_s"]) == \
+        (first["epoch"], first["bits"] / 8 / 1e6, first["simulated_time_s"])
+    run(str(tmp_path / "run"), common(tiny_data, optimizer="dpsgd") + cluster + ["target_accuracy=1.0", "overwrite=true"])
+    with open(tmp_path / "run" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["target_accuracy"] == 1.0 and summary["target_epoch"] is None and "target_mb_per_worker" not in summary
+
+
 def test_the_simulated_clock_resumes_mid_epoch_with_the_uninterrupted_times(tmp_path, tiny_data, monkeypatch):
     """Stopped by a signal inside an epoch and resumed: every record the same, its simulated
     time too (the clock's state, its round counter under local_steps and the stragglers' and
@@ -322,6 +342,8 @@ def test_resnet20_bits_follow_the_counting_rules():
     ({"dirichlet_split": "per_class"}, "dirichlet_split=per_class .*: set dirichlet_alpha"),
     ({"dirichlet_split": "by_class", "dirichlet_alpha": 0.1}, "dirichlet_split='by_class' is not one of per_worker, per_class"),
     ({"straggler_probability": 0.1}, "straggler_probability=0.1 sets the simulated clock, which is off: pass simulated_clock=true"),
+    ({"target_accuracy": 90}, r"target_accuracy must be a test accuracy in \(0, 1\] \(0.9 for 90%\)"),
+    ({"target_accuracy": 0.9, "evaluate_average_model": False}, "target_accuracy is judged on the averaged model's test accuracy"),
     ({"simulated_clock": True, "worker_speeds": [1, 2]}, "worker_speeds has 2 speeds, but the run has 4 workers"),
 ])
 def test_bad_configs_fail_before_training(overrides, match):
