@@ -22,7 +22,8 @@ Events are taken in time order, ties by worker number (a worker has one event pe
 time), so the same configuration gives the same order: the clock's keys define the run. A
 link carries each exchange as if it were alone on it (no queueing behind another exchange).
 Where each worker's time went: compute (its gradients ended so far), sending (its exchanges'
-transmission) and waiting (their latency); `now` is the time of the last event taken.
+transmission) and waiting (their latency); `now` is when the last event taken is over: a start's
+time, a finish's with its exchange (as a synchronous step ends with its round).
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class EventClock:
     def next(self) -> Event:
         """The next event in time order (ties: the lower worker first); schedules what follows it."""
         time, worker, kind = heapq.heappop(self.queue)
-        self.now = time
+        self.now = max(self.now, time)
         if kind == START:
             gradient = int(self.gradients[worker])
             seconds = self.compute_seconds(worker, gradient)
@@ -122,7 +123,9 @@ class EventClock:
         sending = self.message_bits / min(self.clock.bandwidth[worker, partner], self.clock.bandwidth[partner, worker])
         self.spent[1, worker] += sending
         self.spent[2, worker] += self.settings.network_latency_s
-        heapq.heappush(self.queue, (time + sending + self.settings.network_latency_s, worker, START))
+        exchanged = time + sending + self.settings.network_latency_s
+        self.now = max(self.now, exchanged)  # the gradient counts once it is applied, after the average
+        heapq.heappush(self.queue, (exchanged, worker, START))
         return Event(time, worker, False, int(self.gradients[worker]) - 1, index, partner)
 
     def state_dict(self) -> dict:

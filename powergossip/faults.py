@@ -39,9 +39,9 @@ KEYS = ("link_failure_probability", "offline_probability", "churn", "message_los
 # rule for their mixing, which has no fix for their corrections: the study shows what it costs them
 LOSS_RULES = ("dpsgd", "power-gossip", "push-sum", "d2", "gradient-tracking", "relay-sum", "deepsqueeze", "moniqua", "choco")
 # cut links and absences: every method whose graph need says it mixes with each round's W (the base classes' rule,
-# a user's method built on them too), and the two with fixed graphs that have a rule of their own (docs/algorithms.md)
+# a user's method built on them too), and those with fixed graphs that have a rule of their own (docs/algorithms.md)
 TAKES_CUTS = ("symmetric", "doubly_stochastic", "column_stochastic")
-OWN_CUT_RULES = ("d2", "relay-sum")
+OWN_CUT_RULES = ("choco", "d2", "relay-sum")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 from experiments import (consensus, deep_learning, full_budget, heterogeneous, no_tuning, non_iid, paper_bytes, paper_configs,
                          power_iterations, report, resnet20, spectral_gap, sweep, unreliable, warm_start)
 from experiments import topologies as topology_study
+from experiments import wall_clock
 from tests.test_data import fake_fmnist
 from tests.test_train import comparable
 from powergossip import figures
@@ -452,3 +453,39 @@ def test_full_budget_committed_runs_count_as_done_here():
         assert not sweep._done_with_other_arguments(runs[name], os.path.join(folder, name), None), name
         summary = json.load(open(os.path.join(folder, name, "summary.json")))
         assert summary["epochs"] == 300 and 0.5 < summary["test_avg_accuracy"] <= 1
+
+
+def test_wall_clock_study_defines_the_issues_grid():
+    """Study 15: 16 workers, the small CNN; every synchronous method once per graph and seed (timed
+    afterwards under every condition), AD-PSGD once per graph, condition and seed on its clock."""
+    runs = wall_clock.study_runs(False, [])
+    conditions = wall_clock.conditions(False)
+    assert len(conditions) == 4 * 3
+    synchronous = [r for r in runs if "network" not in r.labels]
+    asynchronous = [r for r in runs if "network" in r.labels]
+    assert len(synchronous) == 2 * 11 and len(asynchronous) == 2 * 2 * len(conditions) and len({r.name for r in runs}) == len(runs)
+    assert all("simulated_clock=true" not in r.overrides for r in synchronous)
+    assert {(r.labels["network"], r.labels["workers"]) for r in asynchronous} == set(conditions)
+    from powergossip import configuration, train
+    for run in [r for r in runs if r.labels["seed"] == 1]:  # every run passes train.py's checks
+        train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
+
+
+def test_wall_clock_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):
+    result = subprocess.run([sys.executable, wall_clock.__file__, "--quick", "--output", str(tmp_path)] + TINY
+                            + [f"data_dir={tiny_data}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list((tmp_path / "runs").glob("*/DONE"))) == len(wall_clock.study_runs(True, [])) == 8
+    with open(tmp_path / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2 + 2 * 2  # 4 synchronous runs timed under both conditions, AD-PSGD's 2 graphs x 2 conditions
+    steps = 2  # TINY: one epoch of 2 batches
+    for row in rows:  # with equal workers each spends its compute every step; a slow one raises the mean
+        compute = float(row["compute (s)"])
+        if row["workers"] == "equal" and row["method"] != "AD-PSGD":
+            assert compute == pytest.approx(steps * wall_clock.COMPUTE_SECONDS, rel=1e-9)
+        total = float(row["simulated time of the run (s)"])
+        assert total >= compute + float(row["sending (s)"]) - 1e-12  # the slowest worker's time bounds the mean's parts
+    assert os.path.getsize(tmp_path / "accuracy_vs_time.png") > 1000
+    assert "not a measurement" in (tmp_path / "table.md").read_text()
+

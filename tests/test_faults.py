@@ -90,7 +90,7 @@ def test_cut_links_on_a_directed_graph_are_refused_before_any_work(tmp_path):
 ])
 def test_a_method_without_a_rule_is_refused(settings, graph_needs, problem):
     """Every registered method has its rules; one of a user's that states no graph need, or a need
-    for a fixed graph (D2's and RelaySum's rules are their own), or that is not among those with a
+    for a fixed graph (Choco's, D2's and RelaySum's rules are their own), or that is not among those with a
     rule for lost messages, is refused."""
     with pytest.raises(ValueError, match=problem):
         faults.check(faults.FaultSettings(**settings), "my-method", graph_needs, RING8)
