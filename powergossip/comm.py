@@ -144,6 +144,13 @@ class Communicator:
             self._exchange_remote(routes, row_of_half_edge, payloads, received)
         return received
 
+    def skip_exchange(self) -> None:
+        """An exchange of the round that this process's workers take no part in (no edge of theirs
+        in it), while other processes' may: logged as one without messages, so that every process's
+        log holds the round's exchanges in the same order (clock.RunClock pairs them by position)."""
+        if self.log is not None:
+            self.log.append((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0))
+
     def count_lost(self, edges, lost: np.ndarray) -> None:
         """Count the messages of this round's local half-edges `edges` that `lost` (booleans, one per
         half-edge) marks lost on their way from the half-edge's worker to its neighbour."""

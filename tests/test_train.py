@@ -90,7 +90,10 @@ LAYOUT_RUNS = ["dpsgd", "dpsgd dirichlet_split=per_class dirichlet_alpha=0.1", "
                "dpsgd simulated_clock=true worker_step_seconds=0.01 worker_speeds=[1,0.5,1,2] straggler_probability=0.3 "
                "message_loss_probability=0.1 message_timeout_s=0.05 network_bandwidth_bits_per_s=1e6",
                "powersgd optimizer_rank=2 optimizer_start_compressing_after_num_steps=2 offline_probability=0.3 "
-               "simulated_clock=true worker_step_seconds=0.01 network_bandwidth_bits_per_s=1e6"]
+               "simulated_clock=true worker_step_seconds=0.01 network_bandwidth_bits_per_s=1e6",
+               # rounds in which a process's worker has no edge (comm.skip_exchange) and edges of both parities
+               "power-gossip link_failure_probability=0.4 simulated_clock=true "
+               "worker_step_seconds=0.01 network_bandwidth_bits_per_s=1e6"]
 
 
 def layout_overrides(tiny_data, optimizer):

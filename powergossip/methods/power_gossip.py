@@ -186,17 +186,21 @@ class PowerGossip(Method):
         p, q = (self.p, self.q) if every_row else ([pool[rows] for pool in self.p], [pool[rows] for pool in self.q])
         half_steps = self.half_steps[rows_on_host]
         for k in range(self.num_iterations):
-            if self.iteration + k == 0 or not edges.num:
-                break  # nobody has moved yet, so there is no disagreement to send; or no edge here this round
+            if self.iteration + k == 0:
+                break  # nobody has moved yet, so there is no disagreement to send
             # Each edge alternates its own half-steps (even: orthonormalize P, send X^T P, store
             # Q = D^T P; odd: the roles swapped), so an edge that comes back continues its power
             # iteration. All edges of a static graph (or of one_peer_hypercube's round) agree; a
-            # round whose edges do not gossips the even ones, then the odd ones.
+            # round whose edges do not gossips the even ones, then the odd ones. A half-step with
+            # none of this process's edges is skipped here (comm.skip_exchange: another process's
+            # edges may take it).
             for left in (True, False):
                 chosen = np.flatnonzero((half_steps + k) % 2 == (0 if left else 1))
-                if len(chosen) == edges.num:
+                if not len(chosen):
+                    self.comm.skip_exchange()
+                elif len(chosen) == edges.num:
                     self._half_step(params, graph, edges, rows_on_host, p, q, left)
-                elif len(chosen):
+                else:
                     part = topologies.without_edges(graph, [(edges.self_worker_list[h], edges.neighbor_list[h])
                                                             for h in np.setdiff1d(np.arange(edges.num), chosen)])
                     at = torch.as_tensor(chosen, device=self.comm.device)
