@@ -14,7 +14,8 @@ simulated clock (clock.py's settings: speeds, stragglers, latency, bandwidth):
 - "finish" of that gradient, the run's e-th (e = 0, 1, ...): its partner j is drawn uniformly
   among i's neighbours in the topology's graph at e (topology.at(e)), from the stream keyed by
   (seed, PARTNER_STREAM, e); the caller averages x_i and x_j and applies i's gradient (a
-  gradient computed at a model that may have changed since: the staleness of asynchrony).
+  gradient computed at a model that may have changed since: the staleness of asynchrony); a
+  worker without a neighbour in that graph (an odd random matching) applies it alone, at no cost.
   One model message goes each way: i waits until both are in, latency + bits / bandwidth of
   the link {i, j}, and starts its next gradient then; j does not stop computing.
 
@@ -56,7 +57,7 @@ class Event:
     starts: bool
     gradient: int  # the worker's own count: its data position and straggler key
     index: int = -1  # finish: the run's event number (the partner's draw, the epoch)
-    partner: int = -1  # finish: the neighbour averaged with
+    partner: int | None = -1  # finish: the neighbour averaged with (None: none in the graph, it steps alone)
 
 
 class EventClock:
@@ -98,11 +99,11 @@ class EventClock:
             known = self._neighbours[id(graph)] = (graph, [np.flatnonzero(linked[:, i] | linked[i]) for i in range(self.n_workers)])
         return known[1]
 
-    def partner(self, event: int, worker: int) -> int:
+    def partner(self, event: int, worker: int) -> int | None:
         """A neighbour of `worker`, uniformly, from the stream keyed by (seed, PARTNER_STREAM, event)."""
         candidates = self.neighbours(event)[worker]
         if not len(candidates):
-            raise ValueError(f"worker {worker} has no neighbour in the graph of event {event}")
+            return None  # alone in this event's graph (an odd random matching, a schedule): it steps alone
         draw = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, PARTNER_STREAM, event])))
         return int(candidates[draw.integers(len(candidates))])
 
@@ -120,10 +121,13 @@ class EventClock:
         index, self.finished = self.finished, self.finished + 1
         partner = self.partner(index, worker)
         self.spent[0, worker] += self.computing[worker]
-        sending = self.message_bits / min(self.clock.bandwidth[worker, partner], self.clock.bandwidth[partner, worker])
+        sending, latency = 0.0, 0.0  # alone: no exchange
+        if partner is not None:
+            sending = self.message_bits / min(self.clock.bandwidth[worker, partner], self.clock.bandwidth[partner, worker])
+            latency = self.settings.network_latency_s
         self.spent[1, worker] += sending
-        self.spent[2, worker] += self.settings.network_latency_s
-        exchanged = time + sending + self.settings.network_latency_s
+        self.spent[2, worker] += latency
+        exchanged = time + sending + latency
         self.now = max(self.now, exchanged)  # the gradient counts once it is applied, after the average
         heapq.heappush(self.queue, (exchanged, worker, START))
         return Event(time, worker, False, int(self.gradients[worker]) - 1, index, partner)

@@ -317,9 +317,13 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     e = epoch + 1
     recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
     train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
+    trained = comm.all_gather_workers(totals.count) > 0  # an asynchronous run's worker may end no gradient in an epoch
     for worker, (loss, accuracy) in enumerate(train.tolist()):
-        recorder.record("loss", e, loss, {"split": "train", "worker": worker})
-        recorder.record("accuracy", e, accuracy, {"split": "train", "worker": worker})
+        if trained[worker]:
+            recorder.record("loss", e, loss, {"split": "train", "worker": worker})
+            recorder.record("accuracy", e, accuracy, {"split": "train", "worker": worker})
+    if not trained.all():  # the mean over the workers that trained
+        train = train[trained]
     recorder.record("loss", e, train[:, 0].mean().item(), {"split": "train"})
     recorder.record("accuracy", e, train[:, 1].mean().item(), {"split": "train"})
 

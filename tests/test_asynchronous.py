@@ -127,6 +127,24 @@ def test_train_runs_ad_psgd_on_events_the_same_every_time(tmp_path, tiny_data):
     assert [r["messages"] for r in loss] == [8.0, 16.0] and loss[1]["simulated_time_s"] > loss[0]["simulated_time_s"] > 0
 
 
+def test_a_worker_that_ends_no_gradient_in_an_epoch_or_has_no_neighbour_does_not_stop_the_run(tmp_path, tiny_data):
+    # worker 0 at 1/500 of the others' speed ends no gradient in the first epoch (16 gradients, 5 s per gradient
+    # against 0.01 s): it has no train record then, and the mean is over the three that trained; on a random
+    # matching of 5 workers one is alone in each round and applies its gradient without an average
+    run(str(tmp_path / "slow"), overrides(tiny_data, worker_speeds=[0.002, 1, 1, 1], straggler_probability=0.0))
+    records = runs.read_metrics(str(tmp_path / "slow"))
+    first = [r for r in records if r["name"] == "loss" and r["tags"].get("split") == "train" and r["epoch"] == 1.0]
+    assert sorted(r["tags"].get("worker", -1) for r in first) == [-1, 1, 2, 3]
+    mean = next(r["value"] for r in first if "worker" not in r["tags"])
+    assert mean == pytest.approx(np.mean([r["value"] for r in first if "worker" in r["tags"]]), rel=1e-12)
+    run(str(tmp_path / "alone"), overrides(tiny_data, n_workers=5, topology="random_matching", worker_speeds=None,
+                                           batch_size=8))
+    with open(tmp_path / "alone" / "summary.json") as f:
+        assert json.load(f)["epochs"] == 2
+    sent = [r["messages"] for r in runs.read_metrics(str(tmp_path / "alone")) if r["name"] == "loss" and r["tags"] == {"split": "train"}]
+    assert sent[-1] < 2 * 4 * 5 * 2 / 5  # fewer than one message each way per gradient: some stepped alone
+
+
 def test_an_asynchronous_run_stopped_mid_epoch_resumes_with_the_uninterrupted_records(tmp_path, tiny_data, monkeypatch):
     """The event queue, the gradients under way (computed at the models their workers read),
     their losses and every worker's data position go into the checkpoint."""

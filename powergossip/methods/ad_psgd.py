@@ -34,8 +34,11 @@ class ADPSGD(Method):
                            "event of the simulated clock (train.py and gossip_run.py drive it with "
                            "powergossip/asynchronous.py)")
 
-    def pair(self, params: list[torch.Tensor], worker: int, partner: int) -> None:
-        """The event's average of workers `worker` and `partner` in the stacks `params`, in place."""
+    def pair(self, params: list[torch.Tensor], worker: int, partner: int | None) -> None:
+        """The event's average of workers `worker` and `partner` in the stacks `params`, in place
+        (partner None: the worker has no neighbour in the event's graph and steps alone)."""
+        if partner is None:
+            return
         rows = [worker - self.comm.first_worker, partner - self.comm.first_worker]
         if not all(0 <= row < self.comm.num_local for row in rows):
             raise ValueError(f"workers {worker} and {partner} must both be this process's "
