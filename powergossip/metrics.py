@@ -33,7 +33,9 @@ A record is one JSON object per line of metrics.jsonl:
   clock, with simulated_clock=true): at the end of each epoch, the simulated time and where
   each worker's went since the start of the run: computing, sending what compute did not
   hide, and waiting (latency, slower neighbours, lost messages' timeouts); per worker the
-  three add up to the worker's own time (the slowest worker's is simulated_time).
+  three add up to the worker's own time (the slowest worker's is simulated_time). AD-PSGD's
+  (asynchronous.py) count its gradients ended and their exchanges: they add up to when its
+  last exchange was over, at most simulated_time (a gradient under way is not in them yet).
 - `metrics_gap` (split history): written by a resume with accept_metrics_gap=true when
   epochs the checkpoint covers have no records (`resumed_history`); "value" counts them,
   tags "missing_epochs" lists them, "epoch" is the checkpoint's.
