@@ -145,6 +145,39 @@ def test_a_worker_that_ends_no_gradient_in_an_epoch_or_has_no_neighbour_does_not
     assert sent[-1] < 2 * 4 * 5 * 2 / 5  # fewer than one message each way per gradient: some stepped alone
 
 
+def test_a_gradient_is_taken_at_the_model_read_at_its_start_and_applied_after_the_average(tmp_path, tiny_data, monkeypatch):
+    """AD-PSGD's staleness (Lian et al. 2018, Algorithm 1): worker i's gradient is computed at the
+    model it read when it started, and applied at its end, after its average with the partner;
+    meanwhile neighbours' events may have averaged into x_i, so the model it steps from is not the
+    one its gradient saw."""
+    from powergossip.methods.ad_psgd import ADPSGD
+    from powergossip.models.stacked import StackedReplicas
+    started, ended = {}, []
+    take_gradient, average = StackedReplicas.gradient_of, ADPSGD.pair
+
+    def gradient_of(self, row, x, y):
+        result = take_gradient(self, row, x, y)
+        started[row] = (torch.cat([p[row].flatten() for p in self.params]).clone(),
+                        torch.cat([g[row].flatten() for g in self.grads]).clone())
+        started["workers"] = self
+        return result
+
+    def pair(self, params, worker, partner):
+        held = torch.cat([g[worker].flatten() for g in started["workers"].grads])  # the gradient the step will apply
+        ended.append((torch.cat([p[worker].flatten() for p in params]).clone(), started[worker], held.clone()))
+        return average(self, params, worker, partner)
+
+    monkeypatch.setattr(StackedReplicas, "gradient_of", gradient_of)
+    monkeypatch.setattr(ADPSGD, "pair", pair)
+    run(str(tmp_path / "run"), overrides(tiny_data, worker_speeds=[1, 0.5, 1, 2], straggler_probability=0.0))
+    assert len(ended) == 2 * 16
+    stale = 0
+    for model_at_end, (model_at_start, gradient), held in ended:
+        assert torch.equal(held, gradient)  # the start's gradient, not one taken again at the end
+        stale += not torch.equal(model_at_end, model_at_start)  # a neighbour's event averaged into x_i meanwhile
+    assert 0 < stale < len(ended)  # some gradients are stale, not all (taken after the average, all would differ)
+
+
 def test_an_asynchronous_run_stopped_mid_epoch_resumes_with_the_uninterrupted_records(tmp_path, tiny_data, monkeypatch):
     """The event queue, the gradients under way (computed at the models their workers read),
     their losses and every worker's data position go into the checkpoint."""
