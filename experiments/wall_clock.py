@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report, sweep  # noqa: E402
 from powergossip import clock, configuration, figures, models, names, train  # noqa: E402
+from powergossip import comm as comm_module  # noqa: E402
 
 COMPUTE_SECONDS = 0.005  # a worker's compute per step at speed 1 (forward, backward and local step)
 TARGET_ACCURACY = 0.85  # the table gives each run's simulated time to reach this averaged-model test accuracy
@@ -130,9 +131,11 @@ def timed_curves(outcome: sweep.Outcome, quick: bool) -> dict[tuple[str, str], t
                                  and r["epoch"] == max(times)) for part in clock.StepClock.PARTS]
         return {(labels["network"], labels["workers"]): ([(times[e], accuracy[e]) for e in sorted(accuracy)], spent)}
     cfg, topology = train.checked(configuration.apply_overrides(train._DEFAULTS, outcome.run.overrides))
-    steps = len(accuracy) * steps_per_epoch(cfg)
-    shapes = [p.shape for p in models.build(cfg["task_architecture"], in_channels=1, num_classes=10, image_size=28).parameters()]
-    trace = train.traffic_trace(cfg, topology, shapes, steps)
+    dataset, loader = train.load_data(cfg, comm_module.Communicator(cfg["n_workers"], "cpu"))  # as the run had them
+    per_epoch = train.epoch_length(cfg, loader)
+    template = models.build(cfg["task_architecture"], in_channels=dataset.in_channels, num_classes=dataset.num_classes,
+                            image_size=dataset.image_size or 32)
+    trace = train.traffic_trace(cfg, topology, [p.shape for p in template.parameters()], len(accuracy) * per_epoch)
     timed = {}
     for network, kind in conditions(quick):
         timing = clock.StepClock(clock.ClockSettings(**clock_keys(network, kind, cfg["n_workers"])), topology, cfg["n_workers"],
@@ -141,16 +144,9 @@ def timed_curves(outcome: sweep.Outcome, quick: bool) -> dict[tuple[str, str], t
         for exchanges, gossiped in trace:
             timing.step(exchanges, gossiped)
             ends.append(timing.now)
-        per_epoch = steps_per_epoch(cfg)
         timed[network, kind] = ([(ends[int(e) * per_epoch - 1], accuracy[e]) for e in sorted(accuracy)],
                                 timing.spent.mean(axis=1).tolist())
     return timed
-
-
-def steps_per_epoch(cfg: dict) -> int:
-    """train.py's steps in an epoch of this configuration (Fashion-MNIST's 60,000 training images)."""
-    full = 60000 // (cfg["n_workers"] * cfg["batch_size"])
-    return full if cfg["max_batches_per_epoch"] is None else min(full, cfg["max_batches_per_epoch"])
 
 
 def time_to(points: list[tuple[float, float]], target: float) -> float | None:

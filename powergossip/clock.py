@@ -482,12 +482,17 @@ class StepClock:
             times = self.clock.round(self.clock.steps, "all_reduce", *collective, present=present)
         else:
             lost = None if self.faults is None or not gossip else self.faults.lost(self.rounds)
-            graphs = [[receivers[senders == i] for i in range(self.n_workers)] for senders, receivers, _ in gossip]
+            graphs = [self._neighbour_lists(senders, receivers) for senders, receivers, _ in gossip]
             times = self.clock.round(self.clock.steps, self.send_rule, *(bits for _, _, bits in gossip),
                                      lost=lost, graphs=graphs)
         self.rounds += bool(gossiped)
         self.spent += (times.compute, times.sending, times.waiting)
         return times
+
+    def _neighbour_lists(self, senders: np.ndarray, receivers: np.ndarray) -> list[np.ndarray]:
+        """Each worker's receivers, in the exchange's order (grouped by sender, as half-edges are)."""
+        order = np.argsort(senders, kind="stable")
+        return np.split(receivers[order], np.searchsorted(senders[order], np.arange(1, self.n_workers)))
 
     def state_dict(self) -> dict:
         """The clock's state, the rounds and every worker's totals so far."""

@@ -126,7 +126,7 @@ class Communicator:
                                  f"a message has {payload.shape[0]} rows, expected one per local half-edge ({edges.num})")
         row_of_half_edge = routes.identity if per == "half_edge" else edges.local_sender
 
-        bytes_per_message = sum(_row_bytes(p) for p in payloads)
+        bytes_per_message = message_bytes(payloads)
         np.add.at(self.bytes_sent, routes.sending_worker, bytes_per_message)
         np.add.at(self.messages_sent, routes.sending_worker, 1)
         if self.log is not None:
@@ -208,11 +208,12 @@ class Communicator:
             stacks = [torch.where(mask.view((-1,) + (1,) * (s.dim() - 1)), s, 0) for s in stacks]  # +0 for those away
         if count and members > 1:
             sending = slice(None) if present is None else mine
-            self.bytes_sent[sending] += sum(_row_bytes(s) for s in stacks)
+            buffer_bytes = message_bytes(stacks)
+            self.bytes_sent[sending] += buffer_bytes
             self.messages_sent[sending] += 1
             if self.log is not None:
                 local = np.arange(self.first_worker, self.first_worker + self.num_local)
-                self.log.append((local[sending], None, 8 * sum(_row_bytes(s) for s in stacks)))
+                self.log.append((local[sending], None, 8 * buffer_bytes))
         if self.device.type == "cpu":
             sums = self._sum_in_worker_order(stacks)
         else:
@@ -324,6 +325,12 @@ class _Routes:
             sends = np.flatnonzero(to_peer & edges.sends)
             sends = sends[np.lexsort((senders[sends], neighbors[sends]))]  # ordered as the peer orders its half-edges
             self.peers[peer] = (as_long(sends), as_long(np.flatnonzero(to_peer & edges.receives)))
+
+
+def message_bytes(stacks: list[torch.Tensor]) -> int:
+    """Bytes of one message carrying one row of each `[R, ...]` stack (one worker's model: its
+    row of every parameter stack)."""
+    return sum(_row_bytes(stack) for stack in stacks)
 
 
 def _row_bytes(stack: torch.Tensor) -> int:

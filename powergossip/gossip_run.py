@@ -199,7 +199,7 @@ def main():
         comm.messages_sent[:] = 0
         comm.messages_lost[:] = 0
         if events_driven:  # each setting's from 0 s: a step is n_workers events, each one pair's average
-            timing = asynchronous.EventClock(clock.settings_of(cfg), topology, cfg["seed"], x[0].numel() * x.element_size() * 8)
+            timing = asynchronous.EventClock(clock.settings_of(cfg), topology, cfg["seed"], 8 * comm_module.message_bytes([x]))
         else:
             timing = clock.of_run(cfg, comm, topology, resolve(cfg["algorithm"])[0])  # each setting's from 0 s (or ClockOff)
 

@@ -175,7 +175,7 @@ def main():
     folder = runs.claim_output_dir(output_dir, cfg["optimizer"], cfg["resume"], cfg["overwrite"], comm, started)
     checkpoints = runs.Checkpoints(os.path.join(folder, "checkpoints"), comm, fingerprint)  # a resume checks the files
 
-    batches_per_epoch = len(loader) if cfg["max_batches_per_epoch"] is None else min(len(loader), cfg["max_batches_per_epoch"])
+    batches_per_epoch = epoch_length(cfg, loader)
 
     # Every worker starts from the same initialization (as in the paper).
     torch.manual_seed(cfg["seed"])
@@ -190,7 +190,7 @@ def main():
     method = build_method(cfg, comm, topology)
     if events_driven:  # the event queue: who ends a gradient next, and with whom it averages (asynchronous.py)
         events = timing = asynchronous.EventClock(clock.settings_of(cfg), topology, cfg["seed"],
-                                                  sum(p[0].numel() * p.element_size() * 8 for p in workers.params))
+                                                  8 * comm_module.message_bytes(workers.params))
         events_per_epoch = cfg["n_workers"] * batches_per_epoch  # (training set / batch) gradients over all workers
         pending = torch.zeros((comm.num_local, 3), device=comm.device)  # each worker's gradient's loss, correct, count
     else:
@@ -583,6 +583,11 @@ def build_loader(cfg: dict, dataset, comm):
 def build_method(cfg: dict, comm, topology) -> methods.Method:
     """The `optimizer` key's registered method, with the `optimizer_<setting>` keys as its settings."""
     return methods.build(cfg["optimizer"], comm, topology, **names.settings_of(cfg))
+
+
+def epoch_length(cfg: dict, loader) -> int:
+    """Steps in an epoch: the loader's batches, at most max_batches_per_epoch."""
+    return len(loader) if cfg["max_batches_per_epoch"] is None else min(len(loader), cfg["max_batches_per_epoch"])
 
 
 def gossips_at(step: int, local_steps: int) -> bool:

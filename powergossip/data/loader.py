@@ -104,20 +104,27 @@ class WorkerLoader:
     def _local(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor[self.first_worker : self.first_worker + self.num_local_workers]
 
+    def _epoch_draws(self, epoch: int):
+        """The local workers' sample indices of ``epoch`` (``[L, steps * B]``) and their crops and
+        flips (None without augmentation), on the data set's device."""
+        device, num_steps, batch = self.dataset.device, self.num_batches_per_epoch, self.batch_size
+        indices = self._local(self.partition.epoch_indices(epoch, num_steps, batch)).to(device)
+        if not self.augment:
+            return indices, None
+        drawn = draw_crop_flip(self.seed, epoch, self.n_workers, num_steps, batch, self.padding)
+        return indices, tuple(self._local(t).to(device) for t in drawn)
+
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_step .. num_batches_per_epoch - 1`` of ``epoch``."""
         _check_start(start_step, self.num_batches_per_epoch)
-        device = self.dataset.device
-        num_steps, batch = self.num_batches_per_epoch, self.batch_size
-        indices = self._local(self.partition.epoch_indices(epoch, num_steps, batch)).to(device)  # [L, steps * B]
-        if self.augment:
-            offsets, flips = draw_crop_flip(self.seed, epoch, self.n_workers, num_steps, batch, self.padding)
-            offsets, flips = self._local(offsets).to(device), self._local(flips).to(device)
+        batch = self.batch_size
+        indices, drawn = self._epoch_draws(epoch)
         train_x, train_y = self.dataset.train_x, self.dataset.train_y
-        for step in range(start_step, num_steps):
+        for step in range(start_step, self.num_batches_per_epoch):
             idx = indices[:, step * batch : (step + 1) * batch]  # [L, B]
             x = train_x[idx]  # [L, B, C, H, W]
-            if self.augment:
+            if drawn is not None:
+                offsets, flips = drawn
                 x = random_crop_flip(
                     x.flatten(0, 1), offsets[:, step].flatten(0, 1), flips[:, step].flatten(), self.padding
                 ).view(x.shape)
@@ -132,12 +139,9 @@ class WorkerLoader:
         if not 0 <= row < self.num_local_workers or not 0 <= step < self.num_batches_per_epoch:
             raise ValueError(f"worker {worker}, step {step}: not a local worker's batch ({self.num_batches_per_epoch} per pass)")
         if pass_ not in self._passes:
-            num_steps, batch = self.num_batches_per_epoch, self.batch_size
-            indices = self._local(self.partition.epoch_indices(pass_, num_steps, batch)).to(self.dataset.device)
-            drawn = draw_crop_flip(self.seed, pass_, self.n_workers, num_steps, batch, self.padding) if self.augment else None
             if len(self._passes) >= 8:  # the workers' passes are near each other: keep the latest few
                 del self._passes[min(self._passes)]
-            self._passes[pass_] = (indices, None if drawn is None else tuple(self._local(t).to(self.dataset.device) for t in drawn))
+            self._passes[pass_] = self._epoch_draws(pass_)
         indices, drawn = self._passes[pass_]
         idx = indices[row, step * self.batch_size:(step + 1) * self.batch_size]
         x = self.dataset.train_x[idx]

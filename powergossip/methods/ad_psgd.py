@@ -2,9 +2,9 @@
 asynchronous method, driven by the events of powergossip/asynchronous.py instead of rounds."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from powergossip.comm import message_bytes
 from powergossip.methods.base import GossipConfig, Method, configured
 from powergossip.methods.registry import register_algorithm
 
@@ -51,8 +51,7 @@ class ADPSGD(Method):
                 else:
                     moved = (theirs - mine) * (self.diffusion_rate / 2)
                     x[rows[0]], x[rows[1]] = mine + moved, theirs - moved
-        message = sum(int(np.prod(x.shape[1:], dtype=np.int64)) * x.element_size() for x in params)
-        self.comm.bytes_sent[rows] += message  # one model each way
+        self.comm.bytes_sent[rows] += message_bytes(params)  # one model each way
         self.comm.messages_sent[rows] += 1
 
     def state_dict(self) -> dict:
