@@ -9,8 +9,9 @@ A record is one JSON object per line of metrics.jsonl:
     {"name": "accuracy", "value": 0.87, "epoch": 3.0, "bits": 1.6e7, "messages": 960.0,
      "tags": {"split": "test_avg"}}
 
-- "epoch" counts from 1 (the record is written at the end of that epoch); there is
-  no step field.
+- "epoch" counts from 1 (the record is taken at the end of that epoch; on a GPU it is
+  written once the averaged model's test, which runs beside the next epoch's first steps,
+  has ended: Recorder.aside); there is no step field.
 - "bits" / "messages": sent per worker so far (mean over workers, cumulative), so any
   metric can be plotted against communication, the paper's x-axis.
 - "tags": "split" (train, test: each worker's own model, test_avg: the averaged
@@ -50,6 +51,7 @@ seconds, with the clock on), the spread over workers shaded.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -156,6 +158,10 @@ class Recorder:
     def __init__(self, comm, folder: str, run_id: str, history: list[dict], gap: dict | None, log_metric, clock=None):
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
+        self.queue: list[tuple] = []  # records taken and not written yet (flush)
+        self.then: list = []  # what follows their writing (flush): train.py's progress line and runtime hooks
+        self.stream = None  # a GPU's stream for work whose records wait (aside), made on first use
+        self.aside_done = None  # the event that work ends with
         self.is_root = comm.process_index == 0
         self.last_test_avg = None
         self.latest: dict[tuple[str, str], float] = {}  # (name, split) -> the last record over all workers
@@ -177,18 +183,64 @@ class Recorder:
         self.bits, self.messages = self.comm.sum_over_processes(totals) / self.comm.n_workers
 
     def record(self, name, epoch, value, tags):
-        if not self.is_root:
+        """Takes a record with the run's counts (and simulated time) as they are now; `value` is a
+        number or a one-number tensor the device may still be computing. flush() writes it."""
+        if self.is_root:
+            self.queue.append((name, {"epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
+                               | self.simulated_time(), tags, value))
+
+    @contextlib.contextmanager
+    def aside(self, device: torch.device):
+        """On a GPU, the work inside runs on a stream of its own, after what the device has queued
+        so far, and the next steps do not wait for it: the records of its tensors are written
+        when it has ended (flush). Elsewhere nothing changes."""
+        if device.type != "cuda":
+            yield
             return
-        if name == "accuracy" and tags.get("split") == "test_avg":
-            self.last_test_avg = value
-        if "worker" not in tags and "split" in tags:
-            self.latest[name, tags["split"]] = float(value)
-        values = {"value": float(value), "epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
-        values |= self.simulated_time()
-        self.file.write({"name": name, **values, "tags": tags})
-        if self.tensorboard is not None:
-            runs.to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
-        self.log_metric(name, values, tags)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.stream):
+            yield
+        self.aside_done = self.stream.record_event()
+
+    @contextlib.contextmanager
+    def written_at_exit(self):
+        """Around a run's loop: a run that ends with an error (a diverged loss) still writes the
+        records taken before it; the error raised stays the error's own."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.flush()
+            raise
+
+    def flush(self, if_ready: bool = False):
+        """Writes the records taken, in order (their tensors reach the host in one copy), then
+        runs what follows them (`then`). With `if_ready`, only when the work aside has ended:
+        a check that never waits."""
+        if self.aside_done is not None:
+            if if_ready and not self.aside_done.query():
+                return
+            self.aside_done.wait()  # the current stream reads its tensors after it
+            self.aside_done = None
+        queue, self.queue = self.queue, []
+        tensors = [value.reshape(()).double() for *_, value in queue if isinstance(value, torch.Tensor)]
+        numbers = iter(torch.stack(tensors).tolist() if tensors else [])
+        for name, counts, tags, value in queue:
+            value = next(numbers) if isinstance(value, torch.Tensor) else float(value)
+            if name == "accuracy" and tags.get("split") == "test_avg":
+                self.last_test_avg = value
+            if "worker" not in tags and "split" in tags:
+                self.latest[name, tags["split"]] = value
+            values = {"value": value} | counts
+            self.file.write({"name": name, **values, "tags": tags})
+            if self.tensorboard is not None:
+                runs.to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
+            self.log_metric(name, values, tags)
+        then, self.then = self.then, []
+        for action in then:
+            action()
 
     def simulated_time(self) -> dict:
         """{"simulated_time_s": the run's simulated time so far} with the clock on, else {}."""
@@ -221,6 +273,7 @@ class Recorder:
 
     def summary(self, cfg, wall_time):
         """summary.json (which marks the run as finished), curves.png and the summary line."""
+        self.flush()
         self.count_traffic()
         if not self.is_root:
             return
@@ -269,10 +322,11 @@ def reaching(records: list[dict], target: float, summary: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cfg) -> tuple[float, float]:
+def evaluate(model, dataset, cfg) -> torch.Tensor:
     """Test loss and accuracy (perplexity-ready mean loss per token for the language model) over
     exactly the first min(max_test_examples, test set) examples, for any evaluation batch size:
-    images in order; the language model's predicted tokens window by window, a window's row by row."""
+    images in order; the language model's predicted tokens window by window, a window's row by row.
+    A float64 tensor [loss, accuracy] on the model's device, not waited for."""
     model.eval()
     sums, count = None, 0  # [loss, correct] in float64 on the model's device: one host sync per evaluation
     hidden = None
@@ -297,8 +351,7 @@ def evaluate(model, dataset, cfg) -> tuple[float, float]:
         batch = torch.stack([loss.double(), right.double()])  # float32 loss and integer count, exact in float64
         sums, count = batch if sums is None else sums + batch, count + y.numel()  # batch by batch, in order
     model.train()
-    total_loss, correct = sums.tolist()
-    return total_loss / count, correct / count
+    return sums / count  # float64: the same divisions as on the host
 
 
 def network_seconds(bits, messages, latency_s: float, bandwidth_bits_per_s: float):
@@ -317,27 +370,28 @@ def network_seconds(bits, messages, latency_s: float, bandwidth_bits_per_s: floa
 def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     """Train and test metrics per worker, of the averaged model, consensus distances, spectra."""
     e = epoch + 1
+    recorder.flush()  # the last epoch's records first (and its model's test is over: the model is refilled below)
     recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
+    # Values stay on the device until the records are written (Recorder.flush): one copy to the host.
     train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
-    trained = comm.all_gather_workers(totals.count) > 0  # an asynchronous run's worker may end no gradient in an epoch
-    for worker, (loss, accuracy) in enumerate(train.tolist()):
+    trained = (comm.all_gather_workers(totals.count) > 0).tolist()  # an asynchronous run's worker may end no gradient in an epoch
+    for worker, (loss, accuracy) in enumerate(train):
         if trained[worker]:
             recorder.record("loss", e, loss, {"split": "train", "worker": worker})
             recorder.record("accuracy", e, accuracy, {"split": "train", "worker": worker})
-    if not trained.all():  # the mean over the workers that trained
-        train = train[trained]
-    recorder.record("loss", e, train[:, 0].mean().item(), {"split": "train"})
-    recorder.record("accuracy", e, train[:, 1].mean().item(), {"split": "train"})
+    if not all(trained):  # the mean over the workers that trained
+        train = train[[worker for worker, did in enumerate(trained) if did]]
+    recorder.record("loss", e, train[:, 0].mean(), {"split": "train"})
+    recorder.record("accuracy", e, train[:, 1].mean(), {"split": "train"})
 
     if cfg["evaluate_each_worker"]:
-        local = torch.tensor([evaluate(replica, dataset, cfg) for replica in workers.replicas], dtype=torch.float64, device=comm.device)
-        test = comm.all_gather_workers(local)
-        for worker, (loss, accuracy) in enumerate(test.tolist()):
+        test = comm.all_gather_workers(torch.stack([evaluate(replica, dataset, cfg) for replica in workers.replicas]))
+        for worker, (loss, accuracy) in enumerate(test):
             recorder.record("loss", e, loss, {"split": "test", "worker": worker})
             recorder.record("accuracy", e, accuracy, {"split": "test", "worker": worker})
-        recorder.record("loss", e, test[:, 0].mean().item(), {"split": "test"})
-        recorder.record("accuracy", e, test[:, 1].mean().item(), {"split": "test"})
-        recorder.record("accuracy", e, test[:, 1].min().item(), {"split": "test_worst"})  # the RelaySGD paper's measure
+        recorder.record("loss", e, test[:, 0].mean(), {"split": "test"})
+        recorder.record("accuracy", e, test[:, 1].mean(), {"split": "test"})
+        recorder.record("accuracy", e, test[:, 1].min(), {"split": "test_worst"})  # the RelaySGD paper's measure
 
     mean_params = comm.all_reduce_mean(workers.params, count=False)
     float_buffers = workers.float_buffer_indices()
@@ -346,7 +400,12 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
         buffers = [b[0] for b in workers.buffers]
         for k, mean in zip(float_buffers, mean_buffers):
             buffers[k] = mean
-        loss, accuracy = evaluate(workers.model_from_rows(mean_params, buffers), dataset, cfg)
+        model = workers.model_from_rows(mean_params, buffers)
+        if dataset.is_language_model:  # its perplexity is taken on the host
+            loss, accuracy = evaluate(model, dataset, cfg).tolist()
+        else:  # on a GPU beside the next epoch's first steps (Recorder.aside): the model is this test's alone
+            with recorder.aside(comm.device):
+                loss, accuracy = evaluate(model, dataset, cfg)
         recorder.record("loss", e, loss, {"split": "test_avg"})
         recorder.record("accuracy", e, accuracy, {"split": "test_avg"})
         if dataset.is_language_model:
@@ -357,8 +416,8 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     buffers_sq = sum(((workers.buffers[k] - m).reshape(len(workers), -1).double().pow(2).sum(dim=1)
                       for k, m in zip(float_buffers, mean_buffers)), torch.zeros_like(params_sq))
     distances = comm.all_gather_workers(torch.stack([params_sq.sqrt(), (params_sq + buffers_sq).sqrt()], dim=1))
-    recorder.record("consensus_distance", e, distances[:, 0].mean().item(), {"type": "params_only"})
-    recorder.record("consensus_distance", e, distances[:, 1].mean().item(), {"type": "full_state_vector"})
+    recorder.record("consensus_distance", e, distances[:, 0].mean(), {"type": "params_only"})
+    recorder.record("consensus_distance", e, distances[:, 1].mean(), {"type": "full_state_vector"})
 
     if e in cfg["spectrum_logging_epochs"]:
         log_spectra(cfg, e, workers, comm, recorder)

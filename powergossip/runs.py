@@ -454,7 +454,8 @@ class Timers:
     """Time per labelled section. On a GPU, CUDA events recorded in the stream time the
     device's work without synchronizing (the queue of launched work never drains; a
     section's time is the device time between its start and end); elsewhere wall clock.
-    `summary()` waits for the device once and reads only the events recorded since the last
+    `summary()` waits for the current stream once (not for work aside on another, such as
+    metrics.Recorder.aside's test pass) and reads only the events recorded since the last
     summary: each label keeps a running count, sum and sum of squares, so a summary costs
     the same at epoch 300 as at epoch 1."""
 
@@ -473,7 +474,7 @@ class Timers:
     def summary(self) -> dict[str, tuple[float, float, int]]:
         """label -> (mean, standard deviation, count) of its sections' seconds so far."""
         if self.on_gpu:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
         for label, samples in self.pending.items():
             seconds = np.array([s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in samples])
             total = self.totals.setdefault(label, [0, 0.0, 0.0])

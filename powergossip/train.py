@@ -27,6 +27,7 @@ metrics.py), to TensorBoard and through `log_metric`; the run ends with the figu
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -234,11 +235,16 @@ def main():
     if is_root:
         runs.write_config(folder, cfg)
 
-    with runs.StopRequests() as stop:  # the handlers before the run come back however it ends
+    with runs.StopRequests() as stop, recorder.written_at_exit():  # the handlers before the run come back however it ends
         timers = runs.Timers(comm.device)
         loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
         progress = runs.Progress(is_root, cfg["num_epochs"], steps_per_epoch, start_epoch * steps_per_epoch + start_step,
                                  started)
+
+        def epoch_written(e, runtimes):  # once epoch e's records are written (metrics.Recorder.flush)
+            progress.end_of_epoch(e, recorder)
+            for label, (mean, std, instances) in runtimes.items():
+                log_runtime(label, mean, std, instances)
 
         def local_step(lr, row=None):  # every worker's, or (asynchronous) worker `row`'s alone
             stacks = [workers.params, workers.grads, momenta]
@@ -281,6 +287,7 @@ def main():
                     loss_check.watch(pending[row, :1].clone(), epoch, done - 1)  # its row is the next gradient's soon
                     if stop.requested(comm):  # the queue, the pending gradients and data positions are saved
                         loss_check.finish()
+                        recorder.flush()  # the records before the state they lead to
                         checkpoints.save(snapshot(checkpoints, epoch, done, workers, momenta, method, comm, totals, run_id,
                                                   cfg, loss_check, started, timing, pending))
                         if is_root:
@@ -288,6 +295,7 @@ def main():
                                   f"{checkpoints.folder}; continue with resume=true", flush=True)
                         sys.exit(128 + stop.signal_number)
                     progress.step(epoch, done - 1, loss_check.mean_loss, stop.bytes_per_worker)
+                    recorder.flush(if_ready=True)  # the last epoch's records, once its test aside has ended
                     log_info({"state.progress": (epoch + done / events_per_epoch) / cfg["num_epochs"]})
             else:  # a synchronous method: the epoch's steps, every worker in each
                 batches = loader.epoch_batches(epoch, first_step)
@@ -310,9 +318,11 @@ def main():
                     loss_check.watch(losses, epoch, step)
                     stopping = stop.requested(comm)
                     progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
+                    recorder.flush(if_ready=True)
                     if stopping:
                         loss_check.finish()
                         totals.hidden = hidden
+                        recorder.flush()
                         checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id,
                                                   cfg, loss_check, started, timing))
                         comm.barrier()
@@ -326,13 +336,16 @@ def main():
             with timers("evaluation"):
                 metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
-            if cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0:
+            recorder.then.append(functools.partial(epoch_written, epoch + 1, timers.summary()))
+            # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first
+            # steps (metrics.Recorder.aside); a checkpoint waits for them, as does the run's end.
+            saving = cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0
+            recorder.flush(if_ready=not saving)
+            if saving:
                 checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg,
                                           loss_check, started, timing, pending))
-            progress.end_of_epoch(epoch + 1, recorder)
-            for label, (mean, std, instances) in timers.summary().items():
-                log_runtime(label, mean, std, instances)
 
+        recorder.flush()
         progress.close()
         recorder.summary(cfg, time.time() - started)
         recorder.close()

@@ -64,7 +64,7 @@ def test_max_test_examples_is_exact_for_any_evaluation_batch_size():
     model = models.build("small_cnn", in_channels=1, num_classes=10, image_size=28)
 
     def evaluated(max_test_examples, batch):
-        return metrics.evaluate(model, dataset, {"max_test_examples": max_test_examples, "evaluation_batch_size": batch})
+        return metrics.evaluate(model, dataset, {"max_test_examples": max_test_examples, "evaluation_batch_size": batch}).tolist()
 
     first_200, everything = evaluated(200, 200), evaluated(None, 1000)
     assert everything[1] != first_200[1]  # the limit matters here

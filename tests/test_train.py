@@ -1,4 +1,5 @@
 """train.py end to end on tiny data in the real Fashion-MNIST format."""
+import contextlib
 import io
 import json
 import math
@@ -128,6 +129,58 @@ def test_one_process_and_mpirun_give_the_same_metrics(tmp_path, tiny_data, mpiru
 def comparable(folder):
     return [(r["name"], r["epoch"], r["tags"], r["value"], r["bits"]) for r in runs.read_metrics(str(folder))
             if not r["name"].startswith("time_")]
+
+
+class LateEvent:
+    """What metrics.Recorder.aside leaves on a GPU (the end of the test it runs beside the next
+    steps), for a CPU: the work "ends" after `checks` queries that found it under way."""
+
+    def __init__(self, checks: int):
+        self.checks, self.not_ready, self.waited = checks, 0, False
+
+    def query(self) -> bool:
+        if self.not_ready < self.checks:
+            self.not_ready += 1
+            return False
+        return True
+
+    def wait(self):
+        self.waited = True
+
+
+def test_records_that_wait_for_the_test_beside_the_next_steps_are_those_written_at_once(tmp_path, tiny_data, monkeypatch):
+    """On a GPU the averaged model's test runs beside the next epoch's first steps, and the epoch's
+    records are written once it has ended (metrics.Recorder.aside and flush). Here it "ends" three
+    steps into the next epoch: the records, in their order, and a resume from a checkpoint (which
+    waits for them) are those of a run that writes each epoch's records at its end."""
+    overrides = common(tiny_data, num_epochs=3, checkpoint_every=2) + ["optimizer=power-gossip"]
+    run(str(tmp_path / "at_once"), overrides)
+    events = []
+
+    @contextlib.contextmanager
+    def late(recorder, device):
+        yield
+        events.append(LateEvent(checks=3))
+        recorder.aside_done = events[-1]
+
+    saved_with = []  # (checkpoint's epoch, the last epoch metrics.jsonl holds then): a save never runs ahead of the records
+    save = runs.Checkpoints.save
+
+    def save_and_look(checkpoints, state):
+        records = runs.read_metrics(os.path.dirname(checkpoints.folder))
+        saved_with.append((state["epoch"], max(record["epoch"] for record in records)))
+        save(checkpoints, state)
+
+    monkeypatch.setattr(metrics.Recorder, "aside", late)
+    monkeypatch.setattr(runs.Checkpoints, "save", save_and_look)
+    run(str(tmp_path / "aside"), overrides)
+    assert comparable(tmp_path / "aside") == comparable(tmp_path / "at_once")
+    assert saved_with == [(2, 2.0)]
+    assert len(events) == 3 and all(event.waited for event in events)
+    assert events[0].not_ready == 3  # epoch 1's records waited into epoch 2 (4 steps); epoch 2's for its checkpoint
+    run(str(tmp_path / "parts"), common(tiny_data, num_epochs=2, checkpoint_every=2) + ["optimizer=power-gossip"])
+    run(str(tmp_path / "parts"), overrides + ["resume=true"])
+    assert comparable(tmp_path / "parts") == comparable(tmp_path / "at_once")
 
 
 @pytest.mark.parametrize("optimizer", ["power-gossip", "relay-sum topology=chain", "d2 optimizer_diffusion_rate=0.5",
