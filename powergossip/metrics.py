@@ -159,9 +159,10 @@ class Recorder:
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
         self.queue: list[tuple] = []  # records taken and not written yet (flush)
-        self.then: list = []  # what follows their writing (flush): train.py's progress line and runtime hooks
+        self.then: list = []  # what follows their writing (flush): train.py's epoch line
         self.stream = None  # a GPU's stream for work whose records wait (aside), made on first use
-        self.aside_done = None  # the event that work ends with
+        self.aside_done = None  # (the event that work ends with, the stream that reads its results)
+        self.written_time = None  # the simulated time of the last record written (the epoch line's)
         self.is_root = comm.process_index == 0
         self.last_test_avg = None
         self.latest: dict[tuple[str, str], float] = {}  # (name, split) -> the last record over all workers
@@ -202,7 +203,7 @@ class Recorder:
         self.stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self.stream):
             yield
-        self.aside_done = self.stream.record_event()
+        self.aside_done = (self.stream.record_event(), torch.cuda.current_stream(device))
 
     @contextlib.contextmanager
     def written_at_exit(self):
@@ -220,9 +221,10 @@ class Recorder:
         runs what follows them (`then`). With `if_ready`, only when the work aside has ended:
         a check that never waits."""
         if self.aside_done is not None:
-            if if_ready and not self.aside_done.query():
+            ended, reader = self.aside_done
+            if if_ready and not ended.query():
                 return
-            self.aside_done.wait()  # the current stream reads its tensors after it
+            ended.wait(reader)  # the stream that reads its tensors (below) does so after it
             self.aside_done = None
         queue, self.queue = self.queue, []
         tensors = [value.reshape(()).double() for *_, value in queue if isinstance(value, torch.Tensor)]
@@ -234,6 +236,7 @@ class Recorder:
             if "worker" not in tags and "split" in tags:
                 self.latest[name, tags["split"]] = value
             values = {"value": value} | counts
+            self.written_time = counts.get("simulated_time_s")
             self.file.write({"name": name, **values, "tags": tags})
             if self.tensorboard is not None:
                 runs.to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
@@ -266,7 +269,7 @@ class Recorder:
             return "n/a" if value is None else format(value, form)
         workers = "" if ("accuracy", "test_worst") not in self.latest else (
             f" (workers: mean {shown('accuracy', 'test', '.2%')}, worst {shown('accuracy', 'test_worst', '.2%')})")
-        now = self.simulated_time().get("simulated_time_s")
+        now = self.written_time  # the epoch's records' own (the clock may have run on since)
         simulated = "" if now is None else f", simulated time {now:.4g} s"
         return (f"epoch {epoch}/{num_epochs}: train loss {shown('loss', 'train', '.4f')}, averaged-model test accuracy "
                 f"{shown('accuracy', 'test_avg', '.2%')}{workers}, {runs.megabytes(self.bits / 8)} MB sent per worker{simulated}")
@@ -351,7 +354,9 @@ def evaluate(model, dataset, cfg) -> torch.Tensor:
         batch = torch.stack([loss.double(), right.double()])  # float32 loss and integer count, exact in float64
         sums, count = batch if sums is None else sums + batch, count + y.numel()  # batch by batch, in order
     model.train()
-    return sums / count  # float64: the same divisions as on the host
+    # float64 divisions as the host's: a GPU divides by a number as a product with its reciprocal, which
+    # may round otherwise; by a tensor of the same shape it divides
+    return sums / torch.full_like(sums, count)
 
 
 def network_seconds(bits, messages, latency_s: float, bandwidth_bits_per_s: float):

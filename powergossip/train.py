@@ -241,11 +241,6 @@ def main():
         progress = runs.Progress(is_root, cfg["num_epochs"], steps_per_epoch, start_epoch * steps_per_epoch + start_step,
                                  started)
 
-        def epoch_written(e, runtimes):  # once epoch e's records are written (metrics.Recorder.flush)
-            progress.end_of_epoch(e, recorder)
-            for label, (mean, std, instances) in runtimes.items():
-                log_runtime(label, mean, std, instances)
-
         def local_step(lr, row=None):  # every worker's, or (asynchronous) worker `row`'s alone
             stacks = [workers.params, workers.grads, momenta]
             if row is not None:
@@ -294,8 +289,8 @@ def main():
                             print(f"\nstopped by a signal at {runs.position(epoch, done)} (events); checkpoint in "
                                   f"{checkpoints.folder}; continue with resume=true", flush=True)
                         sys.exit(128 + stop.signal_number)
-                    progress.step(epoch, done - 1, loss_check.mean_loss, stop.bytes_per_worker)
                     recorder.flush(if_ready=True)  # the last epoch's records, once its test aside has ended
+                    progress.step(epoch, done - 1, loss_check.mean_loss, stop.bytes_per_worker)
                     log_info({"state.progress": (epoch + done / events_per_epoch) / cfg["num_epochs"]})
             else:  # a synchronous method: the epoch's steps, every worker in each
                 batches = loader.epoch_batches(epoch, first_step)
@@ -317,8 +312,8 @@ def main():
                     totals.add(losses, corrects, counts)
                     loss_check.watch(losses, epoch, step)
                     stopping = stop.requested(comm)
-                    progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
                     recorder.flush(if_ready=True)
+                    progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
                     if stopping:
                         loss_check.finish()
                         totals.hidden = hidden
@@ -336,7 +331,9 @@ def main():
             with timers("evaluation"):
                 metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
-            recorder.then.append(functools.partial(epoch_written, epoch + 1, timers.summary()))
+            for label, (mean, std, instances) in timers.summary().items():
+                log_runtime(label, mean, std, instances)
+            recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))  # once the records are written
             # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first
             # steps (metrics.Recorder.aside); a checkpoint waits for them, as does the run's end.
             saving = cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0

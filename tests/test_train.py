@@ -144,7 +144,7 @@ class LateEvent:
             return False
         return True
 
-    def wait(self):
+    def wait(self, stream):
         self.waited = True
 
 
@@ -161,7 +161,7 @@ def test_records_that_wait_for_the_test_beside_the_next_steps_are_those_written_
     def late(recorder, device):
         yield
         events.append(LateEvent(checks=3))
-        recorder.aside_done = events[-1]
+        recorder.aside_done = (events[-1], None)
 
     saved_with = []  # (checkpoint's epoch, the last epoch metrics.jsonl holds then): a save never runs ahead of the records
     save = runs.Checkpoints.save
