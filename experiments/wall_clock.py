@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report, sweep  # noqa: E402
-from powergossip import clock, configuration, figures, models, names, train  # noqa: E402
+from powergossip import clock, configuration, figures, names, train  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
 
 COMPUTE_SECONDS = 0.005  # a worker's compute per step at speed 1 (forward, backward and local step)
@@ -133,9 +133,8 @@ def timed_curves(outcome: sweep.Outcome, quick: bool) -> dict[tuple[str, str], t
     cfg, topology = train.checked(configuration.apply_overrides(train._DEFAULTS, outcome.run.overrides))
     dataset, loader = train.load_data(cfg, comm_module.Communicator(cfg["n_workers"], "cpu"))  # as the run had them
     per_epoch = train.epoch_length(cfg, loader)
-    template = models.build(cfg["task_architecture"], in_channels=dataset.in_channels, num_classes=dataset.num_classes,
-                            image_size=dataset.image_size or 32)
-    trace = train.traffic_trace(cfg, topology, [p.shape for p in template.parameters()], len(accuracy) * per_epoch)
+    shapes = [p.shape for p in train.build_model(cfg, dataset).parameters()]
+    trace = train.traffic_trace(cfg, topology, shapes, len(accuracy) * per_epoch)
     timed = {}
     for network, kind in conditions(quick):
         timing = clock.StepClock(clock.ClockSettings(**clock_keys(network, kind, cfg["n_workers"])), topology, cfg["n_workers"],

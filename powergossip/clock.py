@@ -237,13 +237,14 @@ def send_rule_of(method_name: str, settings: dict | None = None) -> str:
     for methods that take the local step first or act on gradients, "overlap" for those that
     gossip x_t while its gradient is computed. A step whose messages are all-reduces ends by
     eq. all-reduce whatever the method (StepClock). `settings` (the method's, as
-    names.settings_of gives them; None: its defaults): push-sum with one_step_delay overlaps,
-    its round's messages needed only by the next step's end (Assran et al. 2019, Overlap SGP)."""
+    names.settings_of gives them; None: its defaults): a method that takes one_step_delay and
+    runs with it (push-sum's overlapped SGP, Assran et al. 2019) overlaps, its round's messages
+    needed only by the next step's end."""
     from powergossip import methods  # here: the communication layer does not import the methods
 
     name = methods.registered_name(method_name)
     registration = methods.METHODS[name]
-    if name == "push-sum" and (settings or {}).get("one_step_delay"):
+    if "one_step_delay" in registration.setting_names() and (settings or {}).get("one_step_delay"):
         return "overlap"
     return "after_step" if registration.local_step_first or registration.acts_on == "gradients" else "overlap"
 

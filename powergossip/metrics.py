@@ -73,16 +73,12 @@ class EpochTotals:
     def zeros(cls, num_local, device):
         return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)))
 
-    def add(self, losses, corrects, counts):
-        self.loss += losses.double() * counts
-        self.correct += corrects.double()
-        self.count += counts
-
-    def add_row(self, row, loss, correct, count):
-        """One worker's gradient (an asynchronous run's event): its loss, correct predictions and count."""
-        self.loss[row] += loss.double() * count
-        self.correct[row] += correct.double()
-        self.count[row] += count
+    def add(self, losses, corrects, counts, rows=slice(None)):
+        """A step's losses, correct predictions and counts of the local workers `rows` (all; an
+        asynchronous run's event: one worker's gradient)."""
+        self.loss[rows] += losses.double() * counts
+        self.correct[rows] += corrects.double()
+        self.count[rows] += counts
 
     def state(self):
         hidden = None if self.hidden is None else [list(h) for h in self.hidden]
@@ -220,6 +216,8 @@ class Recorder:
         """Writes the records taken, in order (their tensors reach the host in one copy), then
         runs what follows them (`then`). With `if_ready`, only when the work aside has ended:
         a check that never waits."""
+        if not self.queue and not self.then and self.aside_done is None:  # every step asks: mostly nothing waits
+            return
         if self.aside_done is not None:
             ended, reader = self.aside_done
             if if_ready and not ended.query():
@@ -331,7 +329,7 @@ def evaluate(model, dataset, cfg) -> torch.Tensor:
     images in order; the language model's predicted tokens window by window, a window's row by row.
     A float64 tensor [loss, accuracy] on the model's device, not waited for."""
     model.eval()
-    sums, count = None, 0  # [loss, correct] in float64 on the model's device: one host sync per evaluation
+    sums, count = None, 0  # [loss, correct] in float64 on the model's device: the host never waits here
     hidden = None
     limit = math.inf if cfg["max_test_examples"] is None else cfg["max_test_examples"]
     if dataset.is_language_model:

@@ -180,8 +180,7 @@ def main():
 
     # Every worker starts from the same initialization (as in the paper).
     torch.manual_seed(cfg["seed"])
-    template = models.build(cfg["task_architecture"], in_channels=dataset.in_channels, num_classes=dataset.num_classes,
-                            image_size=dataset.image_size or 32, vocab_size=len(dataset.vocab) if dataset.vocab else None)
+    template = build_model(cfg, dataset)
     workers = StackedReplicas(template, comm.num_local, comm.device, compute=cfg["stacked_compute"],
                               autocast_dtype=torch.bfloat16 if cfg["dtype"] == "bfloat16" else None,
                               graph_streams=cfg["graph_streams"], language_model=dataset.is_language_model,
@@ -278,7 +277,7 @@ def main():
                     with timers("gossip"):
                         method.pair(workers.params, event.worker, event.partner)  # x_i, x_j <- (x_i + x_j) / 2
                     local_step(cfg["learning_rate"] * learning_rate_factor(cfg, epoch + done / events_per_epoch), row)
-                    totals.add_row(row, *pending[row])
+                    totals.add(*pending[row], rows=row)
                     loss_check.watch(pending[row, :1].clone(), epoch, done - 1)  # its row is the next gradient's soon
                     if stop.requested(comm):  # the queue, the pending gradients and data positions are saved
                         loss_check.finish()
@@ -593,6 +592,12 @@ def build_loader(cfg: dict, dataset, comm):
 def build_method(cfg: dict, comm, topology) -> methods.Method:
     """The `optimizer` key's registered method, with the `optimizer_<setting>` keys as its settings."""
     return methods.build(cfg["optimizer"], comm, topology, **names.settings_of(cfg))
+
+
+def build_model(cfg: dict, dataset) -> torch.nn.Module:
+    """The run's model for `dataset` (a new initialization from torch's random state)."""
+    return models.build(cfg["task_architecture"], in_channels=dataset.in_channels, num_classes=dataset.num_classes,
+                        image_size=dataset.image_size or 32, vocab_size=len(dataset.vocab) if dataset.vocab else None)
 
 
 def epoch_length(cfg: dict, loader) -> int:

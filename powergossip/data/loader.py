@@ -115,21 +115,11 @@ class WorkerLoader:
         return indices, tuple(self._local(t).to(device) for t in drawn)
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches ``start_step .. num_batches_per_epoch - 1`` of ``epoch``."""
+        """Batches ``start_step .. num_batches_per_epoch - 1`` of ``epoch``: ``(x [L, B, C, H, W], y [L, B])``."""
         _check_start(start_step, self.num_batches_per_epoch)
-        batch = self.batch_size
-        indices, drawn = self._epoch_draws(epoch)
-        train_x, train_y = self.dataset.train_x, self.dataset.train_y
+        draws = self._epoch_draws(epoch)
         for step in range(start_step, self.num_batches_per_epoch):
-            idx = indices[:, step * batch : (step + 1) * batch]  # [L, B]
-            x = train_x[idx]  # [L, B, C, H, W]
-            if drawn is not None:
-                offsets, flips = drawn
-                x = random_crop_flip(
-                    x.flatten(0, 1), offsets[:, step].flatten(0, 1), flips[:, step].flatten(), self.padding
-                ).view(x.shape)
-            yield self.dataset.normalize(x), train_y[idx]
-
+            yield self._batch(draws, step, slice(None))
 
     def worker_batch(self, worker: int, pass_: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Worker `worker`'s batch `step` of its pass `pass_` over its shard: its row of
@@ -142,11 +132,19 @@ class WorkerLoader:
             if len(self._passes) >= 8:  # the workers' passes are near each other: keep the latest few
                 del self._passes[min(self._passes)]
             self._passes[pass_] = self._epoch_draws(pass_)
-        indices, drawn = self._passes[pass_]
-        idx = indices[row, step * self.batch_size:(step + 1) * self.batch_size]
+        return self._batch(self._passes[pass_], step, row)
+
+    def _batch(self, draws, step: int, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `step` of an epoch's `draws` (`_epoch_draws`) for the local workers `rows`: a slice
+        of them (``[L', B, ...]``) or one (``[B, ...]``), augmented and normalized."""
+        indices, drawn = draws
+        idx = indices[rows, step * self.batch_size : (step + 1) * self.batch_size]
         x = self.dataset.train_x[idx]
         if drawn is not None:
-            x = random_crop_flip(x, drawn[0][row, step], drawn[1][row, step], self.padding)
+            offsets, flips = drawn
+            images = x.reshape((-1,) + tuple(x.shape[-3:]))  # every sample of the batch, worker after worker
+            x = random_crop_flip(images, offsets[rows, step].reshape(-1, offsets.shape[-1]), flips[rows, step].reshape(-1),
+                                 self.padding).view(x.shape)
         return self.dataset.normalize(x), self.dataset.train_y[idx]
 
 
