@@ -52,6 +52,7 @@ seconds, with the clock on), the spread over workers shaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -66,12 +67,13 @@ from powergossip.models.stacked import loss_and_correct
 class EpochTotals:
     """Per-local-worker sums of the epoch's training loss, correct predictions and counts."""
 
-    def __init__(self, loss, correct, count, hidden=None):
+    def __init__(self, loss, correct, count, trained, hidden=None):
         self.loss, self.correct, self.count, self.hidden = loss, correct, count, hidden
+        self.trained = trained  # on the host: whether each local worker took a gradient (read without waiting)
 
     @classmethod
     def zeros(cls, num_local, device):
-        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)))
+        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)), np.zeros(num_local, dtype=bool))
 
     def add(self, losses, corrects, counts, rows=slice(None)):
         """A step's losses, correct predictions and counts of the local workers `rows` (all; an
@@ -79,6 +81,7 @@ class EpochTotals:
         self.loss[rows] += losses.double() * counts
         self.correct[rows] += corrects.double()
         self.count[rows] += counts
+        self.trained[rows] = True
 
     def state(self):
         hidden = None if self.hidden is None else [list(h) for h in self.hidden]
@@ -90,7 +93,8 @@ class EpochTotals:
         if state is None:
             return None
         hidden = None if state["hidden"] is None else [tuple(h.to(device) for h in pair) for pair in state["hidden"]]
-        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
+        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
+                   (state["count"] > 0).cpu().numpy(), hidden)
 
 
 GAP = "metrics_gap"  # a record that marks epochs whose records were lost before a resume
@@ -156,8 +160,9 @@ class Recorder:
         self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
         self.queue: list[tuple] = []  # records taken and not written yet (flush)
         self.then: list = []  # what follows their writing (flush): train.py's epoch line
-        self.stream = None  # a GPU's stream for work whose records wait (aside), made on first use
-        self.aside_done = None  # (the event that work ends with, the stream that reads its results)
+        self.stream = None  # a GPU's stream for work whose records wait (aside) and their copy to the host, made on first use
+        self.staged = None  # (how many queued records, their GPU values on the host, the event that copy ends with)
+        self.aside_done = None  # the event the last work aside ended with, until the current stream waits for it
         self.written_time = None  # the simulated time of the last record written (the epoch line's)
         self.is_root = comm.process_index == 0
         self.last_test_avg = None
@@ -181,7 +186,9 @@ class Recorder:
 
     def record(self, name, epoch, value, tags):
         """Takes a record with the run's counts (and simulated time) as they are now; `value` is a
-        number or a one-number tensor the device may still be computing. flush() writes it."""
+        number, a one-number tensor the device may still be computing, or a function that gives
+        the number once the device has passed what was launched before the record (runs.Timers.cut).
+        flush() writes it."""
         if self.is_root:
             self.queue.append((name, {"epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
                                | self.simulated_time(), tags, value))
@@ -189,17 +196,22 @@ class Recorder:
     @contextlib.contextmanager
     def aside(self, device: torch.device):
         """On a GPU, the work inside runs on a stream of its own, after what the device has queued
-        so far, and the next steps do not wait for it: the records of its tensors are written
-        when it has ended (flush). Elsewhere nothing changes."""
+        so far, and the next steps do not wait for it; record its results: their copy to the host
+        follows it on that stream (flush), so they are written, and the work is over, once it has
+        ended. Elsewhere nothing changes."""
         if device.type != "cuda":
             yield
             return
+        with torch.cuda.stream(self._stream(device)):
+            yield
+        self.aside_done = self.stream.record_event()
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The stream aside, after everything launched so far on the current one."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(device)
         self.stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self.stream):
-            yield
-        self.aside_done = (self.stream.record_event(), torch.cuda.current_stream(device))
+        return self.stream
 
     @contextlib.contextmanager
     def written_at_exit(self):
@@ -213,35 +225,60 @@ class Recorder:
             raise
 
     def flush(self, if_ready: bool = False):
-        """Writes the records taken, in order (their tensors reach the host in one copy), then
-        runs what follows them (`then`). With `if_ready`, only when the work aside has ended:
-        a check that never waits."""
-        if not self.queue and not self.then and self.aside_done is None:  # every step asks: mostly nothing waits
-            return
-        if self.aside_done is not None:
-            ended, reader = self.aside_done
-            if if_ready and not ended.query():
-                return
-            ended.wait(reader)  # the stream that reads its tensors (below) does so after it
+        """Writes the records taken, in order, then runs what follows them (`then`). On a GPU their
+        tensors first reach the host in one copy (`_stage`), which the steps never wait for; with
+        `if_ready` a call starts that copy or, once it has ended, writes: it never waits. Without,
+        what follows on the current stream also waits for the work aside (on every process)."""
+        if self.aside_done is not None and not if_ready:
+            torch.cuda.current_stream(self.stream.device).wait_event(self.aside_done)
             self.aside_done = None
-        queue, self.queue = self.queue, []
-        tensors = [value.reshape(()).double() for *_, value in queue if isinstance(value, torch.Tensor)]
-        numbers = iter(torch.stack(tensors).tolist() if tensors else [])
-        for name, counts, tags, value in queue:
-            value = next(numbers) if isinstance(value, torch.Tensor) else float(value)
-            if name == "accuracy" and tags.get("split") == "test_avg":
-                self.last_test_avg = value
-            if "worker" not in tags and "split" in tags:
-                self.latest[name, tags["split"]] = value
-            values = {"value": value} | counts
-            self.written_time = counts.get("simulated_time_s")
-            self.file.write({"name": name, **values, "tags": tags})
-            if self.tensorboard is not None:
-                runs.to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
-            self.log_metric(name, values, tags)
-        then, self.then = self.then, []
-        for action in then:
-            action()
+        while self.queue or self.then:
+            if self.staged is None:
+                self.staged = self._stage()
+            count, host, ended = self.staged
+            if ended is not None and not ended.query():
+                if if_ready:
+                    return
+                ended.synchronize()
+            self.staged = None
+            written, self.queue = self.queue[:count], self.queue[count:]
+            staged = iter(host.tolist() if host is not None else [])
+            for name, counts, tags, value in written:
+                if callable(value):
+                    value = float(value())
+                elif isinstance(value, torch.Tensor):
+                    value = next(staged) if value.is_cuda else value.reshape(()).double().item()
+                else:
+                    value = float(value)
+                self._write(name, counts, tags, value)
+            if not self.queue:  # records taken after the copy began wait for the next one
+                then, self.then = self.then, []
+                for action in then:
+                    action()
+
+    def _stage(self) -> tuple:
+        """(how many records are queued, their GPU tensors' values in pinned host memory, the
+        event their copy ends with): one copy on the stream aside, after everything launched so
+        far there and on the current stream; (count, None, None) when no value is on a GPU."""
+        on_gpu = [value for *_, value in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
+        if not on_gpu:
+            return len(self.queue), None, None
+        with torch.cuda.stream(self._stream(on_gpu[0].device)):
+            host = torch.empty(len(on_gpu), dtype=torch.float64, pin_memory=True)
+            host.copy_(torch.stack([value.reshape(()).double() for value in on_gpu]), non_blocking=True)
+            return len(self.queue), host, self.stream.record_event()
+
+    def _write(self, name, counts, tags, value: float):
+        if name == "accuracy" and tags.get("split") == "test_avg":
+            self.last_test_avg = value
+        if "worker" not in tags and "split" in tags:
+            self.latest[name, tags["split"]] = value
+        values = {"value": value} | counts
+        self.written_time = counts.get("simulated_time_s")
+        self.file.write({"name": name, **values, "tags": tags})
+        if self.tensorboard is not None:
+            runs.to_tensorboard(self.tensorboard, {"name": name, **values, "tags": tags})
+        self.log_metric(name, values, tags)
 
     def simulated_time(self) -> dict:
         """{"simulated_time_s": the run's simulated time so far} with the clock on, else {}."""
@@ -370,6 +407,12 @@ def network_seconds(bits, messages, latency_s: float, bandwidth_bits_per_s: floa
     return messages * latency_s + bits / bandwidth_bits_per_s
 
 
+def total_seconds(times, label: str) -> float:
+    """A timer's seconds so far, from runs.Timers.cut's summary."""
+    mean, _, instances = times()[label]
+    return mean * instances
+
+
 def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     """Train and test metrics per worker, of the averaged model, consensus distances, spectra."""
     e = epoch + 1
@@ -377,7 +420,9 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
     # Values stay on the device until the records are written (Recorder.flush): one copy to the host.
     train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
-    trained = (comm.all_gather_workers(totals.count) > 0).tolist()  # an asynchronous run's worker may end no gradient in an epoch
+    everyone = np.zeros(comm.n_workers)  # an asynchronous run's worker may end no gradient in an epoch
+    everyone[comm.first_worker:comm.first_worker + comm.num_local] = totals.trained
+    trained = (comm.sum_over_processes(everyone) > 0).tolist()  # on the host: no wait for the device
     for worker, (loss, accuracy) in enumerate(train):
         if trained[worker]:
             recorder.record("loss", e, loss, {"split": "train", "worker": worker})
@@ -424,8 +469,9 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
 
     if e in cfg["spectrum_logging_epochs"]:
         log_spectra(cfg, e, workers, comm, recorder)
-    for label, (mean, _, instances) in timers.summary().items():
-        recorder.record(f"time_{label}", e, mean * instances, {"split": "runtime"})
+    labels, times = timers.cut()  # read when the records are written: the host does not wait for the device here
+    for label in labels:
+        recorder.record(f"time_{label}", e, functools.partial(total_seconds, times, label), {"split": "runtime"})
     recorder.record("communication_time_model", e, network_seconds(recorder.bits, recorder.messages, cfg["network_latency_s"],
                                                                    cfg["network_bandwidth_bits_per_s"]), {"split": "network_model"})
     if cfg["message_loss_probability"]:  # the same key on every process: the sum is collective

@@ -10,6 +10,7 @@ configurations is configuration.py's.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import hashlib
@@ -454,10 +455,10 @@ class Timers:
     """Time per labelled section. On a GPU, CUDA events recorded in the stream time the
     device's work without synchronizing (the queue of launched work never drains; a
     section's time is the device time between its start and end); elsewhere wall clock.
-    `summary()` waits for the current stream once (not for work aside on another, such as
-    metrics.Recorder.aside's test pass) and reads only the events recorded since the last
-    summary: each label keeps a running count, sum and sum of squares, so a summary costs
-    the same at epoch 300 as at epoch 1."""
+    `cut()` closes the sections timed so far and gives a function that reads them once the
+    device has passed them (train.py reads an epoch's when its records are written, so
+    the host never waits for the device here); each label keeps a running count, sum and
+    sum of squares, so a read costs the same at epoch 300 as at epoch 1."""
 
     def __init__(self, device: torch.device):
         self.on_gpu = device.type == "cuda"
@@ -471,19 +472,29 @@ class Timers:
         sample = (start, _event()) if self.on_gpu else time.perf_counter() - start
         self.pending.setdefault(label, []).append(sample)
 
-    def summary(self) -> dict[str, tuple[float, float, int]]:
-        """label -> (mean, standard deviation, count) of its sections' seconds so far."""
-        if self.on_gpu:
-            torch.cuda.current_stream().synchronize()
-        for label, samples in self.pending.items():
-            seconds = np.array([s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in samples])
-            total = self.totals.setdefault(label, [0, 0.0, 0.0])
-            total[0] += len(seconds)
-            total[1] += float(seconds.sum())
-            total[2] += float(np.square(seconds).sum())
-        self.pending = {}
-        return {label: (total / count, math.sqrt(max(squares / count - (total / count) ** 2, 0.0)), count)
-                for label, (count, total, squares) in self.totals.items()}
+    def cut(self):
+        """The sections timed so far: (the labels timed up to now, in the order they were
+        first timed; a function that gives label -> (mean, standard deviation, count) of their
+        seconds with every earlier cut's, waiting for their last event if the device has not
+        passed it). Read the cuts in the order they were made."""
+        samples, self.pending = self.pending, {}
+        labels = list(self.totals) + [label for label in samples if label not in self.totals]
+        read = {}
+
+        def summary() -> dict[str, tuple[float, float, int]]:
+            if not read:
+                for label, taken in samples.items():
+                    if not isinstance(taken[-1], float):
+                        taken[-1][1].synchronize()  # the device's events are recorded in order: all are done
+                    seconds = np.array([s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in taken])
+                    total = self.totals.setdefault(label, [0, 0.0, 0.0])
+                    total[0] += len(seconds)
+                    total[1] += float(seconds.sum())
+                    total[2] += float(np.square(seconds).sum())
+                read.update({label: (total / count, math.sqrt(max(squares / count - (total / count) ** 2, 0.0)), count)
+                             for label, (count, total, squares) in self.totals.items()})
+            return read
+        return labels, summary
 
 
 def _event() -> torch.cuda.Event:
@@ -496,34 +507,46 @@ class LossCheck(DivergenceCheck):
     """train.py's: stops the run when a worker's loss diverges (DivergenceCheck, with
     max_ratio = max_loss_ratio; a loss of 1e23 is finite, and so is a model it saved). The
     reference is the mean loss over all workers at the run's first step (`initial_loss`: a
-    resumed run's, kept by its checkpoints). It reads step t's verdict (and mean loss, for the
-    progress bar) at step t+1: the verdict is copied to the host without waiting, so the
-    check never drains the GPU's queue. `finish()` before anything is saved."""
+    resumed run's, kept by its checkpoints). On a GPU each step's verdict (and mean loss, for
+    the progress bar) is copied to the host without waiting and read `lag` steps later, so the
+    host may launch that many steps ahead of the device and the end of an epoch's host work
+    hides behind them; the reference step is read at once. Elsewhere step t is read at step
+    t+1. The read points depend on the steps alone, the same on every process. `finish()`
+    reads every step before anything is saved or recorded."""
+
+    LAG = 8  # steps the host may run ahead of a GPU (an epoch's end takes an H100's host about 40 ms)
 
     def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
         super().__init__(max_loss_ratio, initial_loss)
         self.comm, self.checkpoints = comm, checkpoints
-        self.host = torch.zeros(2, pin_memory=comm.device.type == "cuda")  # [diverged, mean loss]
-        self.pending = None  # (losses, epoch, step, event) of the step not read yet
+        self.on_gpu = comm.device.type == "cuda"
+        self.lag = self.LAG if self.on_gpu else 1
+        self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event), oldest first
+        self.spare = []  # pinned host buffers read and free again
         self.mean_loss = float("nan")
 
     def watch(self, losses, epoch, step):
-        self.finish()
-        self.host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
-        self.pending = (losses, epoch, step, _event() if losses.is_cuda else None)
+        while self.pending and (len(self.pending) >= self.lag or self.reference is None):
+            self._read_oldest()
+        host = self.spare.pop() if self.spare else torch.zeros(2, pin_memory=self.on_gpu)
+        host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
+        self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None))
 
     def finish(self):
-        if self.pending is None:
-            return
-        losses, epoch, step, event = self.pending
-        self.pending = None
+        while self.pending:
+            self._read_oldest()
+
+    def _read_oldest(self):
+        host, losses, epoch, step, event = self.pending.popleft()
         if event is not None:
             event.synchronize()
-        diverged, self.mean_loss = self.host.tolist()
+        diverged, self.mean_loss = host.tolist()
+        self.spare.append(host)
         if self.reference is None:  # the run's first step: the same bound on every process
             comm = self.comm
             self.reference = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
         if diverged:
+            self.pending.clear()
             comm = self.comm
             raise FloatingPointError(
                 f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers {comm.first_worker}.."

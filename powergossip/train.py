@@ -156,6 +156,12 @@ def log_runtime(label, mean, std, instances):
     """Called per timer at the end of every epoch (seconds); replace freely."""
 
 
+def log_runtimes(times):
+    """log_runtime for every timer of an epoch's times (runs.Timers.cut's summary)."""
+    for label, (mean, std, instances) in times().items():
+        log_runtime(label, mean, std, instances)
+
+
 def main():
     cfg, topology = checked(config)
     started = time.time()
@@ -330,9 +336,8 @@ def main():
             with timers("evaluation"):
                 metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
-            for label, (mean, std, instances) in timers.summary().items():
-                log_runtime(label, mean, std, instances)
-            recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))  # once the records are written
+            recorder.then.append(functools.partial(log_runtimes, timers.cut()[1]))  # once the records are written
+            recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))
             # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first
             # steps (metrics.Recorder.aside); a checkpoint waits for them, as does the run's end.
             saving = cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0

@@ -203,6 +203,42 @@ def test_a_diverged_state_is_not_saved_and_the_last_good_one_resumes(tmp_path, t
     assert records(tmp_path / "blown") == records(tmp_path / "good")  # the diverged attempt left nothing behind
 
 
+def test_the_loss_check_reads_a_step_lag_steps_later_and_everything_before_a_save():
+    """On a GPU a step's verdict is read LossCheck.LAG steps later (the host launches ahead); the
+    run's first step at once, for the bound; finish() reads every step; the error names the
+    diverged step, wherever it is read. Here on the CPU with the GPU's lag of 3."""
+    comm = type("Comm", (), {"device": torch.device("cpu"), "num_local": 2, "n_workers": 2, "first_worker": 0,
+                             "sum_over_processes": staticmethod(lambda values: values)})()
+    checkpoints = type("Checkpoints", (), {"last": None})()
+
+    def watched(losses_by_step, lag):
+        check = runs.LossCheck(comm, checkpoints, max_loss_ratio=10.0, initial_loss=None)
+        check.lag = lag
+        for step, losses in enumerate(losses_by_step):
+            try:
+                check.watch(torch.tensor(losses), 0, step)
+            except FloatingPointError as error:
+                return step, str(error)
+        try:
+            check.finish()
+        except FloatingPointError as error:
+            return "finish", str(error)
+        return None, check.mean_loss
+
+    fine = [[1.0, 3.0]] * 6
+    assert watched(fine, 3) == (None, 2.0)
+    assert runs.LossCheck.LAG >= 2
+    blown = fine[:2] + [[1.0, 50.0]] + fine[:5]  # step 3 (counted from 1) is above 10 x the first step's mean, 2
+    for lag, read_at in [(1, 3), (3, 5)]:  # step index at whose watch step index 2 is read
+        at, message = watched(blown, lag)
+        assert at == read_at and "epoch 1 step 3" in message and "50.0" in message
+    at, message = watched(blown[:4], 3)  # read by finish() before a save
+    assert at == "finish" and "epoch 1 step 3" in message
+    # the first step is read at once: the second step's verdict already has the bound (no lag on it)
+    at, message = watched([[1.0, 3.0], [1.0, 30.0]] + fine, 5)
+    assert at == 6 and "epoch 1 step 2" in message
+
+
 def test_a_non_finite_state_is_never_written(tmp_path):
     checkpoints = runs.Checkpoints(str(tmp_path), type("Comm", (), {"process_index": 0})())
     state = {"epoch": 1, "step_in_epoch": 0, "params": [torch.ones(3)], "momenta": [torch.tensor([1.0, float("inf")])]}
@@ -604,16 +640,19 @@ def test_a_lost_metrics_file_is_refused_unless_the_gap_is_accepted_and_recorded(
     assert runs.read_metrics(str(folder))[0] == gap and {r[1] for r in records(folder)} == {1.0, 2.0, 3.0}
 
 
-def test_timers_summary_reads_each_section_once_and_keeps_running_totals(monkeypatch):
+def test_a_timers_cut_reads_the_sections_before_it_once_and_keeps_running_totals(monkeypatch):
     clock = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])  # sections of 1, 3 and 2 seconds
     monkeypatch.setattr(runs.time, "perf_counter", lambda: next(clock))
     timers = runs.Timers(torch.device("cpu"))
     for _ in range(2):
         with timers("step"):
             pass
-    assert timers.summary() == {"step": (2.0, 1.0, 2)}
-    with timers("step"):
+    labels, first = timers.cut()
+    assert labels == ["step"]
+    with timers("step"):  # after the cut: not in its summary, read after this section ended
         pass
-    mean, std, count = timers.summary()["step"]
+    assert first() == {"step": (2.0, 1.0, 2)}
+    mean, std, count = timers.cut()[1]()["step"]
     assert (mean, count) == (2.0, 3) and std == pytest.approx((2 / 3) ** 0.5, rel=1e-12)  # of 1, 3, 2
-    assert timers.summary()["step"] == (mean, std, count)  # nothing new: the same totals
+    assert first() == {"step": (2.0, 1.0, 2)}  # a cut is read once
+    assert timers.cut()[1]()["step"] == (mean, std, count)  # nothing new: the same totals

@@ -132,8 +132,9 @@ def comparable(folder):
 
 
 class LateEvent:
-    """What metrics.Recorder.aside leaves on a GPU (the end of the test it runs beside the next
-    steps), for a CPU: the work "ends" after `checks` queries that found it under way."""
+    """What metrics.Recorder._stage leaves on a GPU (the end of the records' copy to the host, after
+    the test it runs beside the next steps), for a CPU: the copy "ends" after `checks` queries that
+    found it under way."""
 
     def __init__(self, checks: int):
         self.checks, self.not_ready, self.waited = checks, 0, False
@@ -144,24 +145,25 @@ class LateEvent:
             return False
         return True
 
-    def wait(self, stream):
+    def synchronize(self):
         self.waited = True
 
 
 def test_records_that_wait_for_the_test_beside_the_next_steps_are_those_written_at_once(tmp_path, tiny_data, monkeypatch):
     """On a GPU the averaged model's test runs beside the next epoch's first steps, and the epoch's
-    records are written once it has ended (metrics.Recorder.aside and flush). Here it "ends" three
-    steps into the next epoch: the records, in their order, and a resume from a checkpoint (which
-    waits for them) are those of a run that writes each epoch's records at its end."""
+    records are written once their copy to the host, which follows it, has ended (metrics.Recorder.aside,
+    _stage and flush). Here it "ends" three steps into the next epoch: the records, in their order,
+    and a resume from a checkpoint (which waits for them) are those of a run that writes each epoch's
+    records at its end."""
     overrides = common(tiny_data, num_epochs=3, checkpoint_every=2) + ["optimizer=power-gossip"]
     run(str(tmp_path / "at_once"), overrides)
     events = []
+    stage = metrics.Recorder._stage
 
-    @contextlib.contextmanager
-    def late(recorder, device):
-        yield
+    def late(recorder):
+        count, host, _ = stage(recorder)  # on a CPU no value waits for a copy
         events.append(LateEvent(checks=3))
-        recorder.aside_done = (events[-1], None)
+        return count, host, events[-1]
 
     saved_with = []  # (checkpoint's epoch, the last epoch metrics.jsonl holds then): a save never runs ahead of the records
     save = runs.Checkpoints.save
@@ -171,13 +173,14 @@ def test_records_that_wait_for_the_test_beside_the_next_steps_are_those_written_
         saved_with.append((state["epoch"], max(record["epoch"] for record in records)))
         save(checkpoints, state)
 
-    monkeypatch.setattr(metrics.Recorder, "aside", late)
+    monkeypatch.setattr(metrics.Recorder, "_stage", late)
     monkeypatch.setattr(runs.Checkpoints, "save", save_and_look)
     run(str(tmp_path / "aside"), overrides)
     assert comparable(tmp_path / "aside") == comparable(tmp_path / "at_once")
     assert saved_with == [(2, 2.0)]
-    assert len(events) == 3 and all(event.waited for event in events)
-    assert events[0].not_ready == 3  # epoch 1's records waited into epoch 2 (4 steps); epoch 2's for its checkpoint
+    assert len(events) == 3  # one copy an epoch
+    assert events[0].not_ready == 3 and not events[0].waited  # epoch 1's records waited into epoch 2 (4 steps)
+    assert events[1].waited and events[2].waited  # epoch 2's for its checkpoint, epoch 3's for the run's end
     run(str(tmp_path / "parts"), common(tiny_data, num_epochs=2, checkpoint_every=2) + ["optimizer=power-gossip"])
     run(str(tmp_path / "parts"), overrides + ["resume=true"])
     assert comparable(tmp_path / "parts") == comparable(tmp_path / "at_once")
