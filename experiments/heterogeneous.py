@@ -14,7 +14,8 @@ check) runs again at the next smaller point, and the table shows both rows.
 The table gives, per setting, the worst worker's final test accuracy (the RelaySGD
 paper's measure) next to the averaged model's, and MB sent per worker per epoch.
 
-Results: experiments/results/heterogeneous/ (--quick: runs/heterogeneous_quick/) (table.md, table.csv, test_accuracy.png).
+Results: experiments/results/heterogeneous/ (--quick: runs/heterogeneous_quick/) (table.md, table.csv, test_accuracy.png;
+the full study also worst_worker.png).
 """
 from __future__ import annotations
 
@@ -139,22 +140,68 @@ def smaller_rate_runs(outcomes: list[sweep.Outcome], extra: list[str]) -> list[s
     return runs
 
 
+def finals(runs: list[sweep.Run], folder: str, split: str, label_keys: list[str] = LABELS) -> dict[tuple, list[float]]:
+    """The runs' `label_keys` labels -> the final test accuracy of `split` ("test_worst": the
+    worst worker's, "test_avg": the averaged model's) of each of those runs that finished
+    (under `folder`/runs; a diverged run's last epoch is not a result)."""
+    values: dict[tuple, list[float]] = {}
+    for run in runs:
+        run_folder = os.path.join(folder, "runs", run.name)
+        if os.path.exists(os.path.join(run_folder, "DONE")):
+            points = figures.curve(powergossip_runs.read_metrics(os.path.join(run_folder, "metrics.jsonl")), "accuracy", split)
+            values.setdefault(tuple(run.labels[k] for k in label_keys), []).extend([points[-1][1]] if points else [])
+    return values
+
+
 def worst_worker_cells(runs: list[sweep.Run], folder: str, label_keys: list[str] = LABELS):
     """A table cell per setting (the runs with the row's `label_keys` labels): the worst
-    worker's final test accuracy, mean ± std over the seeds whose run folder (under
-    `folder`/runs) has it; read when the table is written."""
+    worker's final test accuracy, mean ± std over the seeds whose run (under `folder`/runs)
+    finished; read when the table is written."""
+    read = []  # the runs' finals, read at the first cell
+
     def cell(row: dict) -> str:
-        values = []
-        for run in runs:
-            records = os.path.join(folder, "runs", run.name, "metrics.jsonl")
-            if tuple(run.labels[k] for k in label_keys) == tuple(row[k] for k in label_keys) and os.path.exists(records):
-                points = figures.curve(powergossip_runs.read_metrics(records), "accuracy", "test_worst")
-                values += [points[-1][1]] if points else []
+        if not read:
+            read.append(finals(runs, folder, "test_worst", label_keys))
+        values = read[0].get(tuple(row[k] for k in label_keys), [])
         if not values:
             return "n/a"
         spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
         return f"{100 * statistics.mean(values):.2f}%{spread}"
     return cell
+
+
+def worst_worker_figure(runs: list[sweep.Run], folder: str, learning_rate: float) -> str:
+    """worst_worker.png: per method at the study's learning rate, the worst worker's final test
+    accuracy at each alpha (bars: mean, whiskers: std over seeds) and the averaged model's
+    (dots); a method with no finished run there is marked as diverged."""
+    from matplotlib.figure import Figure  # here: only the full study's report draws
+    worst, averaged = finals(runs, folder, "test_worst"), finals(runs, folder, "test_avg")
+    alphas = sorted({run.labels["alpha"] for run in runs}, reverse=True)
+    labels = [label for label, _ in METHODS.values()]
+    figure = Figure(figsize=(9, 0.45 * len(labels) + 1.5), layout="tight")
+    axis = figure.add_subplot()
+    height = 0.8 / len(alphas)
+    drawn = set()
+    for a, (alpha, style) in enumerate(zip(alphas, figures.distinct_styles(len(alphas)))):
+        for m, label in enumerate(labels):
+            y = m + (a - (len(alphas) - 1) / 2) * height
+            values = worst.get((label, alpha, learning_rate), [])
+            if not values:
+                axis.text(0.01, y, f"alpha {alpha}: diverged", va="center", fontsize=7)
+                continue
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            bar = f"worst worker, alpha {alpha}"  # each legend entry once: with the first bar drawn
+            axis.barh(y, statistics.mean(values), height, xerr=spread, color=style["color"], label=None if bar in drawn else bar)
+            axis.plot([statistics.mean(averaged[label, alpha, learning_rate])], [y], "o", color="black", markersize=3,
+                      label=None if drawn else "averaged model")
+            drawn.add(bar)
+    axis.set_yticks(range(len(labels)), labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1)
+    axis.set_xlabel(f"final test accuracy (learning rate {learning_rate}, mean over seeds)")
+    axis.grid(True, axis="x", alpha=0.3)
+    axis.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3)
+    return figures.save(figure, os.path.join(folder, "worst_worker.png"))
 
 
 def main():
@@ -178,6 +225,8 @@ def main():
                           if lowered else "No method diverged at that rate.", PUBLISHED])
     outcomes, _ = report.run_study(args, "heterogeneous", runs, "Fashion-MNIST, per-class Dirichlet split, 16 workers", LABELS,
                                    notes, {"worst-worker test accuracy, mean ± std over seeds": worst_worker_cells(runs, folder)})
+    if not args.quick:
+        print(f"figure: {worst_worker_figure(runs, folder, learning_rate)}")
     sys.exit(report.exit_status(outcomes))
 
 

@@ -16,6 +16,7 @@ from experiments import wall_clock
 from tests.test_data import fake_fmnist
 from tests.test_train import comparable
 from powergossip import figures
+from powergossip import runs as powergossip_runs
 
 TINY = ["num_epochs=1", "max_batches_per_epoch=2", "batch_size=8", "max_test_examples=32", "evaluate_each_worker=false",
         "checkpoint_every=0", "device=cpu"]
@@ -137,6 +138,16 @@ def test_training_studies_run_end_to_end_at_tiny_scale(tmp_path, tiny_data, stud
             rows = list(csv.DictReader(f))
         assert all(row["worst-worker test accuracy, mean ± std over seeds"].endswith("%") for row in rows)
         assert all(float(row["MB sent / worker / epoch"]) >= 0 for row in rows)
+        runs = study.study_runs(True, [])
+        worst = study.finals(runs, str(tmp_path), "test_worst")
+        for run in runs:  # the worst worker's record is the lowest of the workers' own at the last epoch
+            records = [r for r in powergossip_runs.read_metrics(str(tmp_path / "runs" / run.name))
+                       if r["name"] == "accuracy" and r["tags"].get("split") == "test" and "worker" in r["tags"]]
+            last = max(r["epoch"] for r in records)
+            assert worst[tuple(run.labels[k] for k in study.LABELS)] == [min(r["value"] for r in records if r["epoch"] == last)]
+        os.remove(tmp_path / "runs" / runs[0].name / "DONE")  # as a diverged run leaves it: no result, in the figure too
+        assert tuple(runs[0].labels[k] for k in study.LABELS) not in study.finals(runs, str(tmp_path), "test_worst")
+        assert study.worst_worker_figure(runs, str(tmp_path), study.QUICK_LEARNING_RATE) == str(tmp_path / "worst_worker.png")
 
 
 def test_heterogeneous_study_defines_the_issues_grid():
