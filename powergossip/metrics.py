@@ -159,6 +159,7 @@ class Recorder:
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
         self.queue: list[tuple] = []  # records taken and not written yet (flush)
+        self.before: list = []  # what must hold before they are written (flush): train.py's loss check of their steps
         self.then: list = []  # what follows their writing (flush): train.py's epoch line
         self.stream = None  # a GPU's stream for work whose records wait (aside) and their copy to the host, made on first use
         self.staged = None  # (how many queued records, their GPU values on the host, the event that copy ends with)
@@ -225,14 +226,16 @@ class Recorder:
             raise
 
     def flush(self, if_ready: bool = False):
-        """Writes the records taken, in order, then runs what follows them (`then`). On a GPU their
-        tensors first reach the host in one copy (`_stage`), which the steps never wait for; with
-        `if_ready` a call starts that copy or, once it has ended, writes: it never waits. Without,
-        what follows on the current stream also waits for the work aside (on every process)."""
+        """Runs the checks `before`, writes the records taken, in order, then runs what follows
+        them (`then`). On a GPU this waits for a copy (`_stage`) that follows everything launched
+        so far, the steps never do: their tensors reach the host in it, and what runs here reads
+        only what the device has passed. With `if_ready` a call starts that copy or, once it has
+        ended, writes: it never waits. Without, what follows on the current stream also waits for
+        the work aside (on every process)."""
         if self.aside_done is not None and not if_ready:
             torch.cuda.current_stream(self.stream.device).wait_event(self.aside_done)
             self.aside_done = None
-        while self.queue or self.then:
+        while self.queue or self.then or self.before:
             if self.staged is None:
                 self.staged = self._stage()
             count, host, ended = self.staged
@@ -241,6 +244,13 @@ class Recorder:
                     return
                 ended.synchronize()
             self.staged = None
+            before, self.before = self.before, []
+            try:
+                for check in before:
+                    check()
+            except BaseException:  # records of steps that failed their check are no results: not written, ever
+                self.queue, self.then = self.queue[count:], []
+                raise
             written, self.queue = self.queue[:count], self.queue[count:]
             staged = iter(host.tolist() if host is not None else [])
             for name, counts, tags, value in written:
@@ -258,14 +268,17 @@ class Recorder:
 
     def _stage(self) -> tuple:
         """(how many records are queued, their GPU tensors' values in pinned host memory, the
-        event their copy ends with): one copy on the stream aside, after everything launched so
-        far there and on the current stream; (count, None, None) when no value is on a GPU."""
+        event their copy ends with): on a GPU one copy on the stream aside, after everything
+        launched so far there and on the current stream (with no value to copy, the event
+        alone); elsewhere (count, None, None)."""
         on_gpu = [value for *_, value in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
-        if not on_gpu:
+        if self.comm.device.type != "cuda":
             return len(self.queue), None, None
-        with torch.cuda.stream(self._stream(on_gpu[0].device)):
-            host = torch.empty(len(on_gpu), dtype=torch.float64, pin_memory=True)
-            host.copy_(torch.stack([value.reshape(()).double() for value in on_gpu]), non_blocking=True)
+        with torch.cuda.stream(self._stream(self.comm.device)):
+            host = None
+            if on_gpu:
+                host = torch.empty(len(on_gpu), dtype=torch.float64, pin_memory=True)
+                host.copy_(torch.stack([value.reshape(()).double() for value in on_gpu]), non_blocking=True)
             return len(self.queue), host, self.stream.record_event()
 
     def _write(self, name, counts, tags, value: float):

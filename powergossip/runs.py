@@ -462,7 +462,9 @@ class Timers:
 
     def __init__(self, device: torch.device):
         self.on_gpu = device.type == "cuda"
-        self.pending: dict[str, list] = {}  # label -> seconds, or (start, end) events not yet read
+        self.pending: dict[str, list] = {}  # label -> seconds, or (start, end) events not yet cut
+        self.labels: list[str] = []  # every label timed, in the order first timed
+        self.unread = collections.deque()  # the cuts not read yet, oldest first: (their samples, what reading gives)
         self.totals: dict[str, list[float]] = {}  # label -> [count, sum, sum of squares] of the samples read
 
     @contextlib.contextmanager
@@ -470,31 +472,38 @@ class Timers:
         start = _event() if self.on_gpu else time.perf_counter()
         yield
         sample = (start, _event()) if self.on_gpu else time.perf_counter() - start
+        if label not in self.pending and label not in self.labels:
+            self.labels.append(label)
         self.pending.setdefault(label, []).append(sample)
 
     def cut(self):
-        """The sections timed so far: (the labels timed up to now, in the order they were
-        first timed; a function that gives label -> (mean, standard deviation, count) of their
-        seconds with every earlier cut's, waiting for their last event if the device has not
-        passed it). Read the cuts in the order they were made."""
-        samples, self.pending = self.pending, {}
-        labels = list(self.totals) + [label for label in samples if label not in self.totals]
-        read = {}
+        """The sections timed so far: (every label timed up to now, in the order first timed; a
+        function that gives label -> (mean, standard deviation, count) of their seconds with every
+        earlier cut's, reading the earlier cuts first and waiting for their last event if the
+        device has not passed it)."""
+        cut = [self.pending, None]  # [its samples, what reading it gives]
+        self.pending = {}
+        self.unread.append(cut)
 
         def summary() -> dict[str, tuple[float, float, int]]:
-            if not read:
-                for label, taken in samples.items():
-                    if not isinstance(taken[-1], float):
-                        taken[-1][1].synchronize()  # the device's events are recorded in order: all are done
-                    seconds = np.array([s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in taken])
-                    total = self.totals.setdefault(label, [0, 0.0, 0.0])
-                    total[0] += len(seconds)
-                    total[1] += float(seconds.sum())
-                    total[2] += float(np.square(seconds).sum())
-                read.update({label: (total / count, math.sqrt(max(squares / count - (total / count) ** 2, 0.0)), count)
-                             for label, (count, total, squares) in self.totals.items()})
-            return read
-        return labels, summary
+            while cut[1] is None:
+                self._read_oldest()
+            return cut[1]
+        return list(self.labels), summary
+
+    def _read_oldest(self) -> None:
+        """Folds the oldest unread cut's samples into the running totals; the cut gives their state then."""
+        cut = self.unread.popleft()
+        for label, taken in cut[0].items():
+            if not isinstance(taken[-1], float):
+                taken[-1][1].synchronize()  # the device's events are recorded in order: all are done
+            seconds = np.array([s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in taken])
+            total = self.totals.setdefault(label, [0, 0.0, 0.0])
+            total[0] += len(seconds)
+            total[1] += float(seconds.sum())
+            total[2] += float(np.square(seconds).sum())
+        cut[1] = {label: (total / count, math.sqrt(max(squares / count - (total / count) ** 2, 0.0)), count)
+                  for label, (count, total, squares) in self.totals.items()}
 
 
 def _event() -> torch.cuda.Event:
@@ -509,10 +518,11 @@ class LossCheck(DivergenceCheck):
     reference is the mean loss over all workers at the run's first step (`initial_loss`: a
     resumed run's, kept by its checkpoints). On a GPU each step's verdict (and mean loss, for
     the progress bar) is copied to the host without waiting and read `lag` steps later, so the
-    host may launch that many steps ahead of the device and the end of an epoch's host work
-    hides behind them; the reference step is read at once. Elsewhere step t is read at step
-    t+1. The read points depend on the steps alone, the same on every process. `finish()`
-    reads every step before anything is saved or recorded."""
+    host may launch that many steps ahead of the device; the first step is read at the second
+    (its mean loss is the bound's reference, the same on every process). Elsewhere step t is
+    read at step t+1. `finish()` reads every step before anything is saved; `finish(through)`
+    the steps up to the `through`-th watched (train.py: an epoch's, before its records are
+    written, when the device has passed them: no wait)."""
 
     LAG = 8  # steps the host may run ahead of a GPU (an epoch's end takes an H100's host about 40 ms)
 
@@ -521,7 +531,8 @@ class LossCheck(DivergenceCheck):
         self.comm, self.checkpoints = comm, checkpoints
         self.on_gpu = comm.device.type == "cuda"
         self.lag = self.LAG if self.on_gpu else 1
-        self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event), oldest first
+        self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event, count), oldest first
+        self.watched = 0  # the steps watched so far
         self.spare = []  # pinned host buffers read and free again
         self.mean_loss = float("nan")
 
@@ -530,14 +541,15 @@ class LossCheck(DivergenceCheck):
             self._read_oldest()
         host = self.spare.pop() if self.spare else torch.zeros(2, pin_memory=self.on_gpu)
         host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
-        self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None))
+        self.watched += 1
+        self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None, self.watched))
 
-    def finish(self):
-        while self.pending:
+    def finish(self, through: int | None = None):
+        while self.pending and (through is None or self.pending[0][-1] <= through):
             self._read_oldest()
 
     def _read_oldest(self):
-        host, losses, epoch, step, event = self.pending.popleft()
+        host, losses, epoch, step, event, _ = self.pending.popleft()
         if event is not None:
             event.synchronize()
         diverged, self.mean_loss = host.tolist()

@@ -153,7 +153,7 @@ def log_info(info_dict):
 
 
 def log_runtime(label, mean, std, instances):
-    """Called per timer at the end of every epoch (seconds); replace freely."""
+    """Called per timer once every epoch's records are written (seconds); replace freely."""
 
 
 def log_runtimes(times):
@@ -318,7 +318,7 @@ def main():
                     loss_check.watch(losses, epoch, step)
                     stopping = stop.requested(comm)
                     recorder.flush(if_ready=True)
-                    progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the previous step's loss: no wait
+                    progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the last step's loss read: no wait
                     if stopping:
                         loss_check.finish()
                         totals.hidden = hidden
@@ -332,10 +332,11 @@ def main():
                         sys.exit(128 + stop.signal_number)
                     log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
 
-            loss_check.finish()
             with timers("evaluation"):
                 metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
+            # The epoch's records are written once each of its steps' losses was checked (no wait on a GPU by then).
+            recorder.before.append(functools.partial(loss_check.finish, loss_check.watched))
             recorder.then.append(functools.partial(log_runtimes, timers.cut()[1]))  # once the records are written
             recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))
             # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first

@@ -16,7 +16,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from powergossip import configuration, figures, runs
+from powergossip import comm as comm_module
+from powergossip import configuration, figures, metrics, runs
 import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
@@ -237,6 +238,27 @@ def test_the_loss_check_reads_a_step_lag_steps_later_and_everything_before_a_sav
     # the first step is read at once: the second step's verdict already has the bound (no lag on it)
     at, message = watched([[1.0, 3.0], [1.0, 30.0]] + fine, 5)
     assert at == 6 and "epoch 1 step 2" in message
+
+
+def test_records_whose_steps_fail_their_check_are_never_written(tmp_path):
+    """train.py checks an epoch's losses when its records are written (Recorder.before, so that a
+    GPU never waits for them): a check that fails drops those records, also for the flush that
+    writes what was taken when a run fails (written_at_exit), and what follows them."""
+    recorder = metrics.Recorder(comm_module.Communicator(2, "cpu"), str(tmp_path), "run", [], None, lambda *a: None)
+    recorder.record("loss", 1, torch.tensor(0.5), {"split": "train"})
+    recorder.flush()
+    followed = []
+
+    def diverged():
+        raise FloatingPointError("diverged")
+    recorder.record("loss", 2, torch.tensor(float("nan")), {"split": "train"})
+    recorder.before.append(diverged)
+    recorder.then.append(lambda: followed.append(2))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        with recorder.written_at_exit():
+            recorder.flush()
+    recorder.close()
+    assert [(r["epoch"], r["value"]) for r in runs.read_metrics(str(tmp_path))] == [(1.0, 0.5)] and followed == []
 
 
 def test_a_non_finite_state_is_never_written(tmp_path):
@@ -641,7 +663,7 @@ def test_a_lost_metrics_file_is_refused_unless_the_gap_is_accepted_and_recorded(
 
 
 def test_a_timers_cut_reads_the_sections_before_it_once_and_keeps_running_totals(monkeypatch):
-    clock = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])  # sections of 1, 3 and 2 seconds
+    clock = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 7.0])  # sections of 1, 3, 2 and 1 seconds
     monkeypatch.setattr(runs.time, "perf_counter", lambda: next(clock))
     timers = runs.Timers(torch.device("cpu"))
     for _ in range(2):
@@ -656,3 +678,9 @@ def test_a_timers_cut_reads_the_sections_before_it_once_and_keeps_running_totals
     assert (mean, count) == (2.0, 3) and std == pytest.approx((2 / 3) ** 0.5, rel=1e-12)  # of 1, 3, 2
     assert first() == {"step": (2.0, 1.0, 2)}  # a cut is read once
     assert timers.cut()[1]()["step"] == (mean, std, count)  # nothing new: the same totals
+    with timers("evaluation"):  # a cut read before an earlier one reads that one first: the same totals
+        pass
+    labels, earlier = timers.cut()
+    labels_later, later = timers.cut()
+    assert labels == labels_later == ["step", "evaluation"]
+    assert later() == {"step": (mean, std, count), "evaluation": (1.0, 0.0, 1)} == earlier()

@@ -1,5 +1,4 @@
 """train.py end to end on tiny data in the real Fashion-MNIST format."""
-import contextlib
 import io
 import json
 import math
