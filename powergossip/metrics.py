@@ -159,7 +159,6 @@ class Recorder:
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
         self.queue: list[tuple] = []  # records taken and not written yet (flush)
-        self.before: list = []  # what must hold before they are written (flush): train.py's loss check of their steps
         self.then: list = []  # what follows their writing (flush): train.py's epoch line
         self.stream = None  # a GPU's stream for work whose records wait (aside) and their copy to the host, made on first use
         self.staged = None  # (how many queued records, their GPU values on the host, the event that copy ends with)
@@ -226,16 +225,16 @@ class Recorder:
             raise
 
     def flush(self, if_ready: bool = False):
-        """Runs the checks `before`, writes the records taken, in order, then runs what follows
-        them (`then`). On a GPU this waits for a copy (`_stage`) that follows everything launched
-        so far, the steps never do: their tensors reach the host in it, and what runs here reads
-        only what the device has passed. With `if_ready` a call starts that copy or, once it has
-        ended, writes: it never waits. Without, what follows on the current stream also waits for
-        the work aside (on every process)."""
+        """Writes the records taken, in order, then runs what follows them (`then`). On a GPU this
+        waits for a copy (`_stage`) that follows everything launched so far, the steps never do:
+        their tensors reach the host in it, and what runs here reads only what the device has
+        passed. With `if_ready` a call starts that copy or, once it has ended, writes: it never
+        waits. Without, what follows on the current stream also waits for the work aside (on
+        every process)."""
         if self.aside_done is not None and not if_ready:
             torch.cuda.current_stream(self.stream.device).wait_event(self.aside_done)
             self.aside_done = None
-        while self.queue or self.then or self.before:
+        while self.queue or self.then:
             if self.staged is None:
                 self.staged = self._stage()
             count, host, ended = self.staged
@@ -244,13 +243,6 @@ class Recorder:
                     return
                 ended.synchronize()
             self.staged = None
-            before, self.before = self.before, []
-            try:
-                for check in before:
-                    check()
-            except BaseException:  # records of steps that failed their check are no results: not written, ever
-                self.queue, self.then = self.queue[count:], []
-                raise
             written, self.queue = self.queue[:count], self.queue[count:]
             staged = iter(host.tolist() if host is not None else [])
             for name, counts, tags, value in written:

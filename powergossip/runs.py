@@ -517,22 +517,21 @@ class LossCheck(DivergenceCheck):
     max_ratio = max_loss_ratio; a loss of 1e23 is finite, and so is a model it saved). The
     reference is the mean loss over all workers at the run's first step (`initial_loss`: a
     resumed run's, kept by its checkpoints). On a GPU each step's verdict (and mean loss, for
-    the progress bar) is copied to the host without waiting and read `lag` steps later, so the
-    host may launch that many steps ahead of the device; the first step is read at the second
-    (its mean loss is the bound's reference, the same on every process). Elsewhere step t is
-    read at step t+1. `finish()` reads every step before anything is saved; `finish(through)`
-    the steps up to the `through`-th watched (train.py: an epoch's, before its records are
-    written, when the device has passed them: no wait)."""
+    the progress bar) is copied to the host without waiting and read `lag` steps later, so
+    within an epoch the host may launch that many steps ahead of the device; the reference
+    step is read at the second. Elsewhere step t is read at step t+1. The read points depend
+    on the steps alone, the same on every process. `finish()` reads every step before anything
+    is saved or recorded (train.py: before an epoch's records are taken, which waits for the
+    device to pass the epoch's last step)."""
 
-    LAG = 8  # steps the host may run ahead of a GPU (an epoch's end takes an H100's host about 40 ms)
+    LAG = 8  # steps the host may run ahead of a GPU within an epoch
 
     def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
         super().__init__(max_loss_ratio, initial_loss)
         self.comm, self.checkpoints = comm, checkpoints
         self.on_gpu = comm.device.type == "cuda"
         self.lag = self.LAG if self.on_gpu else 1
-        self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event, count), oldest first
-        self.watched = 0  # the steps watched so far
+        self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event), oldest first
         self.spare = []  # pinned host buffers read and free again
         self.mean_loss = float("nan")
 
@@ -541,15 +540,14 @@ class LossCheck(DivergenceCheck):
             self._read_oldest()
         host = self.spare.pop() if self.spare else torch.zeros(2, pin_memory=self.on_gpu)
         host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
-        self.watched += 1
-        self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None, self.watched))
+        self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None))
 
-    def finish(self, through: int | None = None):
-        while self.pending and (through is None or self.pending[0][-1] <= through):
+    def finish(self):
+        while self.pending:
             self._read_oldest()
 
     def _read_oldest(self):
-        host, losses, epoch, step, event, _ = self.pending.popleft()
+        host, losses, epoch, step, event = self.pending.popleft()
         if event is not None:
             event.synchronize()
         diverged, self.mean_loss = host.tolist()

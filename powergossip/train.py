@@ -318,7 +318,7 @@ def main():
                     loss_check.watch(losses, epoch, step)
                     stopping = stop.requested(comm)
                     recorder.flush(if_ready=True)
-                    progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the last step's loss read: no wait
+                    progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the last loss read: no wait
                     if stopping:
                         loss_check.finish()
                         totals.hidden = hidden
@@ -332,11 +332,10 @@ def main():
                         sys.exit(128 + stop.signal_number)
                     log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
 
+            loss_check.finish()  # no record of an epoch with a diverged step (on a GPU: waits for the epoch's last step)
             with timers("evaluation"):
                 metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
-            # The epoch's records are written once each of its steps' losses was checked (no wait on a GPU by then).
-            recorder.before.append(functools.partial(loss_check.finish, loss_check.watched))
             recorder.then.append(functools.partial(log_runtimes, timers.cut()[1]))  # once the records are written
             recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))
             # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first

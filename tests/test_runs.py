@@ -16,8 +16,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from powergossip import comm as comm_module
-from powergossip import configuration, figures, metrics, runs
+from powergossip import configuration, figures, runs
 import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
@@ -238,27 +237,6 @@ def test_the_loss_check_reads_a_step_lag_steps_later_and_everything_before_a_sav
     # the first step is read at once: the second step's verdict already has the bound (no lag on it)
     at, message = watched([[1.0, 3.0], [1.0, 30.0]] + fine, 5)
     assert at == 6 and "epoch 1 step 2" in message
-
-
-def test_records_whose_steps_fail_their_check_are_never_written(tmp_path):
-    """train.py checks an epoch's losses when its records are written (Recorder.before, so that a
-    GPU never waits for them): a check that fails drops those records, also for the flush that
-    writes what was taken when a run fails (written_at_exit), and what follows them."""
-    recorder = metrics.Recorder(comm_module.Communicator(2, "cpu"), str(tmp_path), "run", [], None, lambda *a: None)
-    recorder.record("loss", 1, torch.tensor(0.5), {"split": "train"})
-    recorder.flush()
-    followed = []
-
-    def diverged():
-        raise FloatingPointError("diverged")
-    recorder.record("loss", 2, torch.tensor(float("nan")), {"split": "train"})
-    recorder.before.append(diverged)
-    recorder.then.append(lambda: followed.append(2))
-    with pytest.raises(FloatingPointError, match="diverged"):
-        with recorder.written_at_exit():
-            recorder.flush()
-    recorder.close()
-    assert [(r["epoch"], r["value"]) for r in runs.read_metrics(str(tmp_path))] == [(1.0, 0.5)] and followed == []
 
 
 def test_a_non_finite_state_is_never_written(tmp_path):
