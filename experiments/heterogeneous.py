@@ -19,6 +19,7 @@ the full study also worst_worker.png).
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -157,12 +158,10 @@ def worst_worker_cells(runs: list[sweep.Run], folder: str, label_keys: list[str]
     """A table cell per setting (the runs with the row's `label_keys` labels): the worst
     worker's final test accuracy, mean ± std over the seeds whose run (under `folder`/runs)
     finished; read when the table is written."""
-    read = []  # the runs' finals, read at the first cell
+    worst = functools.cache(lambda: finals(runs, folder, "test_worst", label_keys))  # read at the first cell, once the runs ran
 
     def cell(row: dict) -> str:
-        if not read:
-            read.append(finals(runs, folder, "test_worst", label_keys))
-        values = read[0].get(tuple(row[k] for k in label_keys), [])
+        values = worst().get(tuple(row[k] for k in label_keys), [])
         if not values:
             return "n/a"
         spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""

@@ -67,13 +67,12 @@ from powergossip.models.stacked import loss_and_correct
 class EpochTotals:
     """Per-local-worker sums of the epoch's training loss, correct predictions and counts."""
 
-    def __init__(self, loss, correct, count, trained, hidden=None):
+    def __init__(self, loss, correct, count, hidden=None):
         self.loss, self.correct, self.count, self.hidden = loss, correct, count, hidden
-        self.trained = trained  # on the host: whether each local worker took a gradient (read without waiting)
 
     @classmethod
     def zeros(cls, num_local, device):
-        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)), np.zeros(num_local, dtype=bool))
+        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)))
 
     def add(self, losses, corrects, counts, rows=slice(None)):
         """A step's losses, correct predictions and counts of the local workers `rows` (all; an
@@ -81,7 +80,6 @@ class EpochTotals:
         self.loss[rows] += losses.double() * counts
         self.correct[rows] += corrects.double()
         self.count[rows] += counts
-        self.trained[rows] = True
 
     def state(self):
         hidden = None if self.hidden is None else [list(h) for h in self.hidden]
@@ -93,8 +91,7 @@ class EpochTotals:
         if state is None:
             return None
         hidden = None if state["hidden"] is None else [tuple(h.to(device) for h in pair) for pair in state["hidden"]]
-        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
-                   (state["count"] > 0).cpu().numpy(), hidden)
+        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
 
 
 GAP = "metrics_gap"  # a record that marks epochs whose records were lost before a resume
@@ -263,9 +260,9 @@ class Recorder:
         event their copy ends with): on a GPU one copy on the stream aside, after everything
         launched so far there and on the current stream (with no value to copy, the event
         alone); elsewhere (count, None, None)."""
-        on_gpu = [value for *_, value in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
         if self.comm.device.type != "cuda":
             return len(self.queue), None, None
+        on_gpu = [value for *_, value in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
         with torch.cuda.stream(self._stream(self.comm.device)):
             host = None
             if on_gpu:
@@ -425,9 +422,8 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
     recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
     # Values stay on the device until the records are written (Recorder.flush): one copy to the host.
     train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
-    everyone = np.zeros(comm.n_workers)  # an asynchronous run's worker may end no gradient in an epoch
-    everyone[comm.first_worker:comm.first_worker + comm.num_local] = totals.trained
-    trained = (comm.sum_over_processes(everyone) > 0).tolist()  # on the host: no wait for the device
+    # an asynchronous run's worker may end no gradient in an epoch (train.py's loss check has waited for its steps)
+    trained = (comm.all_gather_workers(totals.count) > 0).tolist()
     for worker, (loss, accuracy) in enumerate(train):
         if trained[worker]:
             recorder.record("loss", e, loss, {"split": "train", "worker": worker})

@@ -463,7 +463,7 @@ class Timers:
     def __init__(self, device: torch.device):
         self.on_gpu = device.type == "cuda"
         self.pending: dict[str, list] = {}  # label -> seconds, or (start, end) events not yet cut
-        self.labels: list[str] = []  # every label timed, in the order first timed
+        self.labels: dict[str, None] = {}  # every label timed, in the order first timed
         self.unread = collections.deque()  # the cuts not read yet, oldest first: (their samples, what reading gives)
         self.totals: dict[str, list[float]] = {}  # label -> [count, sum, sum of squares] of the samples read
 
@@ -472,8 +472,7 @@ class Timers:
         start = _event() if self.on_gpu else time.perf_counter()
         yield
         sample = (start, _event()) if self.on_gpu else time.perf_counter() - start
-        if label not in self.pending and label not in self.labels:
-            self.labels.append(label)
+        self.labels.setdefault(label)
         self.pending.setdefault(label, []).append(sample)
 
     def cut(self):
