@@ -3,7 +3,8 @@ workers, batch 32, the small CNN, per-class Dirichlet alpha = 0.1, 20 epochs, se
 its tuned learning rate) with no faults, 1% and 10% of the messages lost, 10% of the links
 down and 10% of the workers away each round (powergossip/faults.py), for D-PSGD with and
 without quasi-global momentum, PowerGossip (1 and 2 iterations), Choco, push-sum (on the
-time-varying exponential graph), RelaySum (on a chain), D² and gradient tracking (on the ring).
+time-varying exponential graph), RelaySum (on a chain; its gaps filled with x^0, and with the worker's
+own last average as the RelaySGD paper's message-loss runs did), D² and gradient tracking (on the ring).
 A method that has no rule yet for a kind of fault is not run there: the notes under the
 table name each such pair and why.
 
@@ -52,6 +53,8 @@ METHODS = {
     "choco": heterogeneous.METHODS["choco"],
     "push_sum": ("SGP (time-varying exponential)", ["optimizer=push-sum", "topology=one_peer_exponential"]),
     "relay_sum": ("RelaySum (chain)", ["optimizer=relay-sum", "topology=chain"]),
+    # the gap filled with the worker's own last average, as the RelaySGD paper's message-loss runs did
+    "relay_sum_latest": ("RelaySum (chain), own-average fill", ["optimizer=relay-sum", "topology=chain", "optimizer_fill_missing=latest"]),
     "d2": heterogeneous.METHODS["d2"],
     "gradient_tracking": heterogeneous.METHODS["gradient_tracking"],
 }
@@ -189,7 +192,10 @@ def main():
     # the overrides gossip_run.py knows (device=..., seed=...): the others are train.py's
     consensus, consensus_not_run = consensus_runs(args.quick, [o for o in args.overrides if o.split("=")[0] in gossip_run.DEFAULTS])
     outcomes = sweep.launch_or_collect(args, consensus, folder)  # into folder/runs, beside the training runs
-    write_consensus_report(outcomes, consensus_not_run, folder)
+    if all(outcome.status == "missing" for outcome in outcomes):  # --report-only without them: keep the tables written before
+        print(f"consensus part: none of its runs is in {os.path.join(folder, 'runs')}; consensus.md and .png left as they were")
+    else:
+        write_consensus_report(outcomes, consensus_not_run, folder)
     if args.consensus_only:
         sys.exit(report.exit_status(outcomes))
     if args.quick:

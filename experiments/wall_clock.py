@@ -25,6 +25,8 @@ compute, waiting), accuracy_vs_time.png (one panel per condition).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import statistics
 import sys
@@ -112,16 +114,47 @@ def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None) ->
                     runs.append(sweep.Run(sweep.seeded_name(f"{name}_{graph}", seed), "train.py", base, labels))
                     continue
                 for number, (network, kind) in enumerate(conditions(quick)):
-                    timed = base + ["simulated_clock=true"] + as_overrides(clock_keys(network, kind, n_workers))
+                    # its workers compute one at a time, whatever layout the other runs take (stacked_compute=graph on a GPU)
+                    timed = base + ["simulated_clock=true", "stacked_compute=loop"] + as_overrides(clock_keys(network, kind, n_workers))
                     runs.append(sweep.Run(sweep.seeded_name(f"{name}_{graph}_condition{number}", seed), "train.py", timed,
                                           labels | {"network": network, "workers": kind}))
     return runs
 
 
-def timed_curves(outcome: sweep.Outcome, quick: bool) -> dict[tuple[str, str], tuple[list, list]]:
+def traffic(run: sweep.Run, epochs: int) -> tuple[int, list]:
+    """(steps per epoch, train.traffic_trace of the first `epochs` epochs) of a synchronous run."""
+    cfg, topology = train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
+    dataset, loader = train.load_data(cfg, comm_module.Communicator(cfg["n_workers"], "cpu"))  # as the run had them
+    per_epoch = train.epoch_length(cfg, loader)
+    shapes = [p.shape for p in train.build_model(cfg, dataset).parameters()]
+    return per_epoch, train.traffic_trace(cfg, topology, shapes, epochs * per_epoch)
+
+
+def traffic_of(outcomes: list[sweep.Outcome], jobs: int) -> dict[tuple, tuple[int, list]]:
+    """{a synchronous run's overrides but its seed: traffic()} of the finished runs, `jobs` at a
+    time. Its seeds share one: with no faults, what a run sends depends on its shapes and graph,
+    not on its seed (train.traffic_trace); a trace takes a minute or two of CPU."""
+    epochs = {}
+    for outcome in outcomes:
+        if report.run_status(outcome) == "done" and "network" not in outcome.run.labels:
+            key = without_seed(outcome.run)
+            epochs[key] = max(epochs.get(key, 0), len(figures.curve(sweep.metrics(outcome), "accuracy", "test_avg")))
+    runs = {key: sweep.Run("trace", "train.py", list(key)) for key in epochs}
+    if jobs <= 1:
+        return {key: traffic(runs[key], epochs[key]) for key in epochs}
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(epochs, pool.map(traffic, [runs[key] for key in epochs], list(epochs.values()))))
+
+
+def without_seed(run: sweep.Run) -> tuple:
+    return tuple(o for o in run.overrides if not o.startswith("seed="))
+
+
+def timed_curves(outcome: sweep.Outcome, quick: bool, traffic_by_run: dict) -> dict[tuple[str, str], tuple[list, list]]:
     """{(network, workers): ([(simulated s, averaged-model test accuracy)] at each epoch's end, the
     mean worker's [compute, sending, waiting] s at the end)} of a finished run: AD-PSGD's from its
-    records, a synchronous run's by timing its traffic trace under every condition."""
+    records, a synchronous run's by timing its traffic trace (`traffic_by_run`, traffic_of's)
+    under every condition."""
     records = sweep.metrics(outcome)
     accuracy = {epoch: value for epoch, value, _ in figures.curve(records, "accuracy", "test_avg")}
     labels = outcome.run.labels
@@ -131,16 +164,13 @@ def timed_curves(outcome: sweep.Outcome, quick: bool) -> dict[tuple[str, str], t
                                  and r["epoch"] == max(times)) for part in clock.StepClock.PARTS]
         return {(labels["network"], labels["workers"]): ([(times[e], accuracy[e]) for e in sorted(accuracy)], spent)}
     cfg, topology = train.checked(configuration.apply_overrides(train._DEFAULTS, outcome.run.overrides))
-    dataset, loader = train.load_data(cfg, comm_module.Communicator(cfg["n_workers"], "cpu"))  # as the run had them
-    per_epoch = train.epoch_length(cfg, loader)
-    shapes = [p.shape for p in train.build_model(cfg, dataset).parameters()]
-    trace = train.traffic_trace(cfg, topology, shapes, len(accuracy) * per_epoch)
+    per_epoch, trace = traffic_by_run[without_seed(outcome.run)]
     timed = {}
     for network, kind in conditions(quick):
         timing = clock.StepClock(clock.ClockSettings(**clock_keys(network, kind, cfg["n_workers"])), topology, cfg["n_workers"],
                                  cfg["optimizer"], cfg["seed"], names.settings_of(cfg))
         ends = []
-        for exchanges, gossiped in trace:
+        for exchanges, gossiped in trace[:len(accuracy) * per_epoch]:
             timing.step(exchanges, gossiped)
             ends.append(timing.now)
         timed[network, kind] = ([(ends[int(e) * per_epoch - 1], accuracy[e]) for e in sorted(accuracy)],
@@ -152,13 +182,14 @@ def time_to(points: list[tuple[float, float]], target: float) -> float | None:
     return next((seconds for seconds, value in points if value >= target), None)
 
 
-def write_report(outcomes: list[sweep.Outcome], folder: str, quick: bool) -> list[list]:
-    """table.md/.csv and accuracy_vs_time.png from the finished runs."""
+def write_report(outcomes: list[sweep.Outcome], folder: str, quick: bool, jobs: int = 1) -> list[list]:
+    """table.md/.csv and accuracy_vs_time.png from the finished runs (their traffic traced `jobs` at a time)."""
     rows: dict[tuple, list] = {}  # (method, graph, network, workers) -> [(points, spent)] over seeds
+    traffic_by_run = traffic_of(outcomes, jobs)
     for outcome in outcomes:
         if report.run_status(outcome) != "done":
             continue
-        for (network, kind), timed in timed_curves(outcome, quick).items():
+        for (network, kind), timed in timed_curves(outcome, quick, traffic_by_run).items():
             rows.setdefault((outcome.run.labels["method"], outcome.run.labels["graph"], network, kind), []).append(timed)
     header = LABELS + ["seeds", "final test accuracy (averaged model)", "simulated time of the run (s)",
                        f"simulated time to {100 * TARGET_ACCURACY:.0f}% (s)", "compute (s)", "sending (s)", "waiting (s)"]
@@ -194,7 +225,7 @@ def main():
     args = sweep.study_arguments(__doc__, seeds=True).parse_args()
     folder = sweep.study_folder(args, "wall_clock")
     outcomes = sweep.launch_or_collect(args, study_runs(args.quick, args.overrides, args.seeds), folder)
-    table = write_report(outcomes, folder, args.quick)
+    table = write_report(outcomes, folder, args.quick, args.jobs)
     print(sweep.markdown_table(table[0], table[1:]), end="")
     sys.exit(report.exit_status(outcomes))
 

@@ -19,7 +19,7 @@ KEY_ALIASES = {  # older or shorter config keys -> the key both entrypoints know
     "rank": "optimizer_rank", "num_iterations": "optimizer_num_iterations", "edge_memory": "optimizer_edge_memory",
     "min_compression_rate": "optimizer_min_compression_rate",
     "start_compressing_after_num_steps": "optimizer_start_compressing_after_num_steps",
-    "one_step_delay": "optimizer_one_step_delay",
+    "one_step_delay": "optimizer_one_step_delay", "fill_missing": "optimizer_fill_missing",
 }
 METHOD_KEYS = ("optimizer", "algorithm", "method")  # train.py's, gossip_run.py's, and the word both read
 

@@ -84,6 +84,7 @@ config = dict(
     optimizer_qsgd_levels=16,  # QSGD levels
     optimizer_theta=0.25,  # Moniqua's bound on neighbour differences
     optimizer_one_step_delay=False,  # push-sum: overlapped SGP, messages added a step late (sending hides behind compute)
+    optimizer_fill_missing="start",  # relay-sum: what stands in for models not yet (or never) arrived: start (x^0) or latest (own last average)
     n_workers=4,  # workers (graph nodes); a multiple of the number of processes
     local_steps=1,  # H: local optimizer steps per gossip round (bits per epoch fall by H)
     distributed_lr_warmup_epoch=1,  # epochs of linear warmup of the learning-rate factor

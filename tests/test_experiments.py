@@ -172,11 +172,11 @@ def test_heterogeneous_study_defines_the_issues_grid():
 
 
 def test_unreliable_study_defines_the_issues_grid_and_names_what_it_cannot_run():
-    """Study 14: the heterogeneous study's setting at alpha 0.1, 9 methods x 5 fault settings x 2
-    seeds; a pair whose faults train.py would refuse is left out and named with the reason (push-sum's
-    directed graph with cut links or absences)."""
+    """Study 14: the heterogeneous study's setting at alpha 0.1, 10 methods (RelaySum with either
+    fill) x 5 fault settings x 2 seeds; a pair whose faults train.py would refuse is left out and
+    named with the reason (push-sum's directed graph with cut links or absences)."""
     runs, not_run = unreliable.study_runs(False, [], learning_rate=0.03)
-    assert len(runs) + 2 * len(not_run) == 9 * 5 * 2 and len({r.name for r in runs}) == len(runs)
+    assert len(runs) + 2 * len(not_run) == 10 * 5 * 2 and len({r.name for r in runs}) == len(runs)
     assert [line.split(":")[0] for line in not_run] == [f"SGP (time-varying exponential) with 10% of {what}"
                                                          for what in ("links down", "workers away")]
     assert {r.labels["faults"] for r in runs} == {label for label, _ in unreliable.FAULTS.values()}
@@ -185,6 +185,15 @@ def test_unreliable_study_defines_the_issues_grid_and_names_what_it_cannot_run()
     from powergossip import configuration, train
     for run in [r for r in runs if r.labels["seed"] == 1]:  # every pair planned passes train.py's checks
         train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
+
+
+def test_unreliable_report_only_keeps_the_consensus_report_when_its_runs_are_not_there(tmp_path):
+    (tmp_path / "consensus.md").write_text("written before")
+    result = subprocess.run([sys.executable, unreliable.__file__, "--quick", "--report-only", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "consensus.md and .png left as they were" in result.stdout
+    assert (tmp_path / "consensus.md").read_text() == "written before" and (tmp_path / "table.md").exists()
 
 
 def test_unreliable_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):
@@ -477,9 +486,28 @@ def test_wall_clock_study_defines_the_issues_grid():
     assert len(synchronous) == 2 * 11 and len(asynchronous) == 2 * 2 * len(conditions) and len({r.name for r in runs}) == len(runs)
     assert all("simulated_clock=true" not in r.overrides for r in synchronous)
     assert {(r.labels["network"], r.labels["workers"]) for r in asynchronous} == set(conditions)
+    gpu_runs = wall_clock.study_runs(False, ["device=cuda", "stacked_compute=graph"])  # AD-PSGD computes one worker at a time
+    assert all(r.overrides.index("stacked_compute=loop") > r.overrides.index("stacked_compute=graph")
+               for r in gpu_runs if "network" in r.labels)
     from powergossip import configuration, train
     for run in [r for r in runs if r.labels["seed"] == 1]:  # every run passes train.py's checks
         train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
+
+
+def test_wall_clock_study_traces_one_seed_for_all(tiny_data):
+    """The report times each synchronous method's traffic once for all its seeds (traffic_of):
+    what a run sends does not depend on its seed, checked on each study method's first steps."""
+    for name, (label, overrides, graphs) in wall_clock.METHODS.items():
+        if name in wall_clock.ASYNCHRONOUS:
+            continue
+        traces = []
+        for seed in (1, 2):
+            run = sweep.Run("trace", "train.py", wall_clock.COMMON + [f"seed={seed}", f"topology={graphs[-1]}"] + wall_clock.QUICK
+                            + overrides + TINY + [f"data_dir={tiny_data}"])
+            traces.append(wall_clock.traffic(run, 1)[1])
+        as_lists = [[[(list(s), None if r is None else list(r), bits) for s, r, bits in exchanges] + [gossiped]
+                     for exchanges, gossiped in trace] for trace in traces]
+        assert as_lists[0] == as_lists[1] and any(step[:-1] for step in as_lists[0]), name
 
 
 def test_wall_clock_study_runs_end_to_end_at_tiny_scale(tmp_path, tiny_data):

@@ -352,25 +352,32 @@ def test_d2_and_gradient_tracking_stay_exact_under_link_failures_and_absences(me
     assert distance_to_the_minimiser(method_name, topology, **settings) < 1e-6
 
 
-def test_relay_sum_fills_a_lost_message_with_x0_as_computed_by_hand():
+@pytest.mark.parametrize("fill_missing,last", [("start", 10 / 3), ("latest", 5.0)])
+def test_relay_sum_fills_a_lost_message_as_computed_by_hand(fill_missing, last):
     """A 3-chain 0 - 1 - 2, x^0 = 0, starting at (3, 6, 9); round 0 loses the message 0 -> 1.
-    Round 0: worker 1 hears only 2: x_1 = (6 + 9 + (3 - 1 - 1) x^0) / 3 = 5, and keeps (0, count 0)
-    as what 0 sent; x = (3 + 6, 6 + 9, 9 + 6) / 3 = (3, 5, 5). Round 1, nothing lost: 1 relays to 0
-    m = 5 + 0 + 9 = 14 with count 1 + 0 + 1 = 2 and to 2 m = 5 + 0 = 5 with count 1, so
-    x = ((3 + 14) / 3, (5 + 3 + 5) / 3, (5 + 5 + (2 - 1) x^0) / 3) = (17/3, 13/3, 10/3)."""
+    Round 0: worker 1 hears only 2: x_1 = (6 + 9 + (3 - 1 - 1) r_1) / 3 = 5 (r = x^0 = 0 so far),
+    and keeps (0, count 0) as what 0 sent; x = (3 + 6, 6 + 9, 9 + 6) / 3 = (3, 5, 5). Round 1,
+    nothing lost: 1 relays to 0 m = 5 + 0 + 9 = 14 with count 1 + 0 + 1 = 2 and to 2 m = 5 + 0 = 5
+    with count 1, so x = ((3 + 14) / 3, (5 + 3 + 5) / 3, (5 + 5 + (3 - 1 - 1) r_2) / 3): worker 2's
+    one gap takes x^0 = 0 (fill_missing=start: 10/3) or its own last average 5 (latest: 15/3)."""
     chain = topologies.build("chain", 3)
     topology = faulty(chain, message_loss_probability=0.5)
     lost_in_round = {0: np.array([[False, True, False], [False, False, False], [False, False, False]])}
     topology.faults.lost = lambda t: lost_in_round.get(t, np.zeros((3, 3), dtype=bool))
     comm = comm_module.Communicator(3, "cpu")
-    method = methods.build("relay-sum", comm, topology)
+    method = methods.build("relay-sum", comm, topology, fill_missing=fill_missing)
     x = torch.tensor([[3.0], [6.0], [9.0]], dtype=torch.float64)
     method.start([torch.zeros_like(x)])  # x^0 = 0
     method.step([x])
     assert x[:, 0].tolist() == [3.0, 5.0, 5.0]
     method.step([x])
-    torch.testing.assert_close(x[:, 0], torch.tensor([17 / 3, 13 / 3, 10 / 3], dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(x[:, 0], torch.tensor([17 / 3, 13 / 3, last], dtype=torch.float64), rtol=1e-15, atol=0)
     assert comm.messages_lost.tolist() == [1, 0, 0] and comm.messages_sent.tolist() == [2, 4, 2]
+
+
+def test_relay_sum_refuses_an_unknown_fill_before_any_work():
+    with pytest.raises(ValueError, match="fill_missing must be one of start, latest .*got 'x0'"):
+        methods.build("relay-sum", comm_module.Communicator(3, "cpu"), topologies.build("chain", 3), fill_missing="x0")
 
 
 @pytest.mark.parametrize("fault,cut,first_round,second_round,sent", [

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from powergossip import topologies
+from powergossip.errors import require
 from powergossip.methods.base import Method, sum_into_workers
 from powergossip.methods.registry import register_algorithm
 
@@ -19,35 +20,43 @@ class RelaySum(Method):
         m_{i->j}^t = x_i^{t+1/2} + sum_{k in N(i) \\ {j}} m_{k->i}^{t-1},
         c_{i->j}^t = 1 + sum_{k in N(i) \\ {j}} c_{k->i}^{t-1}       (m = c = 0 before round 0),
 
-    and then x_i^{t+1} = (1/n) [x_i^{t+1/2} + sum_j m_{j->i}^t + (n - 1 - sum_j c_{j->i}^t) x^0]:
-    worker k's term is its x_k^{t'+1/2} of d(i, k) - 1 rounds ago, x^0 standing in until it
-    arrives (x^0: `start`, else the parameters of the first round). On TwoTrees the first tree
-    relays the even flat indices of every parameter, the second the odd ones.
+    and then x_i^{t+1} = (1/n) [x_i^{t+1/2} + sum_j m_{j->i}^t + (n - 1 - sum_j c_{j->i}^t) r_i]:
+    worker k's term is its x_k^{t'+1/2} of d(i, k) - 1 rounds ago, the fill r_i standing in until
+    it arrives. `fill_missing` picks r_i: "start" (the default, the paper's Algorithm 1) keeps
+    x^0 (`start`, else the parameters of the first round); "latest" takes worker i's own last
+    average x_i^t, as the RelaySGD paper's robustness runs do (epfml/relaysgd's
+    relaysum_model_update_ref_state): a gap then pulls a worker towards where it is rather than
+    back to x^0. On TwoTrees the first tree relays the even flat indices of every parameter,
+    the second the odd ones.
 
     Bytes per tree neighbour and step: the tree's share of the entries, plus one int32 count
-    per tree. State: x^0, the last messages and counts received on every half-edge.
+    per tree. State: the fill r_i, the last messages and counts received on every half-edge.
 
     Faults (faults.py), as epfml/relaysgd's relay mechanism takes a message that does not come:
     a lost message and its count are taken as 0, so they are not relayed and the receiver's
-    n - 1 - sum_j c_{j->i} fills the gap with x^0. A tree link that is down, or one to or from a
-    worker away, is not used (nothing sent or counted) and is taken as lost both ways; a worker
-    away also leaves its own x as it is (it mixes nothing: an average of x^0 and itself is no
-    step of its own)."""
+    n - 1 - sum_j c_{j->i} fills the gap with r_i. A tree link that is down, or one to or from
+    a worker away, is not used (nothing sent or counted) and is taken as lost both ways; a
+    worker away also leaves its own x (and its fill) as it is (it mixes nothing: an average of
+    r_i and itself is no step of its own)."""
 
     graph_needs = "tree"
+    FILLS = ("start", "latest")
 
-    def __init__(self, comm, topology):
+    def __init__(self, comm, topology, fill_missing: str = "start"):
         super().__init__(comm, topology)
+        require(fill_missing in self.FILLS, "fill_missing", f"must be one of {', '.join(self.FILLS)} (what stands in for the "
+                f"models that have not arrived: x^0, or the worker's own last average), got {fill_missing!r}")
         base = topologies.fault_free(topology)  # faults.py: each round takes what the faults leave of the fixed trees
         self.trees = getattr(base, "trees", (base,))
-        self.initial = None  # x^0 per parameter, [L, *shape]
+        self.fill_missing = fill_missing
+        self.fill = None  # the fill r_i per parameter, [L, *shape]: x^0, then (fill_missing="latest") x_i^t
         self.messages = None  # per tree, per parameter: [H, share] the last m_{j->i} received
         self.counts = None  # per tree: [H] int32, the last c_{j->i} received
         self.own = {}  # tree index -> [L, H] ones at (worker l, each of l's half-edges): per-worker sums
 
     def start(self, params):
-        if self.initial is None:
-            self.initial = [x.detach().clone() for x in params]
+        if self.fill is None:
+            self.fill = [x.detach().clone() for x in params]
 
     def _share(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Tree k's entries of a `[L, *shape]` stack, as a `[L, share]` view."""
@@ -78,13 +87,16 @@ class RelaySum(Method):
             received_counts = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
             outgoing_counts = 1 + received_counts[sender] - self.counts[k]
             *self.messages[k], self.counts[k], arrived = self._exchange(tree, edges, outgoing + [outgoing_counts])
-            if arrived is not None:  # a lost message and its count: not relayed, the gap filled with x^0
+            if arrived is not None:  # a lost message and its count: not relayed, the gap filled with r_i
                 self.messages[k] = [torch.where(arrived.unsqueeze(1), m, 0) for m in self.messages[k]]
                 self.counts[k] = torch.where(arrived, self.counts[k], 0)
             arrived = torch.zeros(rows, dtype=torch.int32, device=device).index_add_(0, sender, self.counts[k])
             missing = (n - 1 - arrived).to(params[0].dtype).unsqueeze(1)
-            for x, x0, m in zip(shares, self.initial, self.messages[k]):
-                x[present] = ((x + sum_into_workers(own, m) + missing * self._share(x0, k)) / n)[present]
+            for x, fill, m in zip(shares, self.fill, self.messages[k]):
+                x[present] = ((x + sum_into_workers(own, m) + missing * self._share(fill, k)) / n)[present]
+        if self.fill_missing == "latest":  # the next round's gaps take this average (a worker away keeps its fill)
+            for fill, x in zip(self.fill, params):
+                fill[present] = x[present]
 
     def _exchange(self, tree, edges, payloads):
         """The payloads `[H, ...]` of the tree's half-edges `edges` sent along the links of this
@@ -105,8 +117,8 @@ class RelaySum(Method):
 
     def state_dict(self):
         state = super().state_dict()
-        if self.initial is not None:
-            state["initial"] = [x.clone() for x in self.initial]
+        if self.fill is not None:  # saved as "initial", its name when it could only be x^0
+            state["initial"] = [x.clone() for x in self.fill]
         if self.messages is not None:
             state["messages"] = [[m.clone() for m in tree] for tree in self.messages]
             state["counts"] = [c.clone() for c in self.counts]
@@ -115,7 +127,7 @@ class RelaySum(Method):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         device = self.comm.device
-        self.initial = [x.to(device) for x in state["initial"]] if "initial" in state else None
+        self.fill = [x.to(device) for x in state["initial"]] if "initial" in state else None
         self.messages = [[m.to(device) for m in tree] for tree in state["messages"]] if "messages" in state else None
         self.counts = [c.to(device) for c in state["counts"]] if "counts" in state else None
 
