@@ -67,12 +67,14 @@ from powergossip.models.stacked import loss_and_correct
 class EpochTotals:
     """Per-local-worker sums of the epoch's training loss, correct predictions and counts."""
 
-    def __init__(self, loss, correct, count, hidden=None):
+    def __init__(self, loss, correct, count, trained, hidden=None):
         self.loss, self.correct, self.count, self.hidden = loss, correct, count, hidden
+        self.trained = trained  # on the host: whether each local worker took a gradient (read without waiting)
 
     @classmethod
     def zeros(cls, num_local, device):
-        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)))
+        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)),
+                   np.zeros(num_local, dtype=bool))
 
     def add(self, losses, corrects, counts, rows=slice(None)):
         """A step's losses, correct predictions and counts of the local workers `rows` (all; an
@@ -80,6 +82,7 @@ class EpochTotals:
         self.loss[rows] += losses.double() * counts
         self.correct[rows] += corrects.double()
         self.count[rows] += counts
+        self.trained[rows] = True
 
     def state(self):
         hidden = None if self.hidden is None else [list(h) for h in self.hidden]
@@ -91,7 +94,8 @@ class EpochTotals:
         if state is None:
             return None
         hidden = None if state["hidden"] is None else [tuple(h.to(device) for h in pair) for pair in state["hidden"]]
-        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
+        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
+                   (state["count"] > 0).cpu().numpy(), hidden)
 
 
 GAP = "metrics_gap"  # a record that marks epochs whose records were lost before a resume
@@ -155,7 +159,7 @@ class Recorder:
     def __init__(self, comm, folder: str, run_id: str, history: list[dict], gap: dict | None, log_metric, clock=None):
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
-        self.queue: list[tuple] = []  # records taken and not written yet (flush)
+        self.queue: list[tuple] = []  # (value, what takes it) of the records taken and the checks not written yet (flush)
         self.then: list = []  # what follows their writing (flush): train.py's epoch line
         self.stream = None  # a GPU's stream for work whose records wait (aside) and their copy to the host, made on first use
         self.staged = None  # (how many queued records, their GPU values on the host, the event that copy ends with)
@@ -187,8 +191,20 @@ class Recorder:
         the number once the device has passed what was launched before the record (runs.Timers.cut).
         flush() writes it."""
         if self.is_root:
-            self.queue.append((name, {"epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
-                               | self.simulated_time(), tags, value))
+            counts = {"epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)} | self.simulated_time()
+            self.queue.append((value, functools.partial(self._write, name, counts, tags)))
+
+    def check(self, refused, failed):
+        """What is taken from now on is written only if `refused` (a one-number tensor the device
+        may still be computing, the same on every process: train.py's divergence verdict) is 0;
+        otherwise flush drops it, and what would follow its writing (`then`), and calls
+        `failed()`, which raises why. On every process, in the records' order."""
+        self.queue.append((refused, functools.partial(self._refuse, failed)))
+
+    def _refuse(self, failed, refused: float):
+        if refused:
+            self.queue, self.then = [], []  # what a check refuses is no result: never written
+            failed()
 
     @contextlib.contextmanager
     def aside(self, device: torch.device):
@@ -212,22 +228,29 @@ class Recorder:
 
     @contextlib.contextmanager
     def written_at_exit(self):
-        """Around a run's loop: a run that ends with an error (a diverged loss) still writes the
-        records taken before it; the error raised stays the error's own."""
+        """Around a run's loop: a run that ends with an error still writes the records taken before
+        it, but none that a check refuses (`check`). The error raised stays the error's own, unless
+        a check finds that the run diverged before it (an error of a diverged model: a NaN in a
+        method's state, a failed factorization): then the divergence (FloatingPointError) is raised."""
         try:
             yield
-        except BaseException:
-            with contextlib.suppress(Exception):
+        except BaseException as error:
+            try:
                 self.flush()
+            except FloatingPointError as diverged:
+                if not isinstance(error, FloatingPointError):  # the loss check's own error names the step
+                    raise diverged from error
+            except Exception:  # the run's error says more
+                pass
             raise
 
     def flush(self, if_ready: bool = False):
-        """Writes the records taken, in order, then runs what follows them (`then`). On a GPU this
-        waits for a copy (`_stage`) that follows everything launched so far, the steps never do:
-        their tensors reach the host in it, and what runs here reads only what the device has
-        passed. With `if_ready` a call starts that copy or, once it has ended, writes: it never
-        waits. Without, what follows on the current stream also waits for the work aside (on
-        every process)."""
+        """Writes the records taken, in order, unless a check refuses them (`check`), then runs what
+        follows them (`then`). On a GPU this waits for a copy (`_stage`) that follows everything
+        launched so far, the steps never do: their tensors reach the host in it, and what runs here
+        reads only what the device has passed. With `if_ready` a call starts that copy or, once it
+        has ended, writes: it never waits. Without, what follows on the current stream also waits
+        for the work aside (on every process)."""
         if self.aside_done is not None and not if_ready:
             torch.cuda.current_stream(self.stream.device).wait_event(self.aside_done)
             self.aside_done = None
@@ -242,14 +265,14 @@ class Recorder:
             self.staged = None
             written, self.queue = self.queue[:count], self.queue[count:]
             staged = iter(host.tolist() if host is not None else [])
-            for name, counts, tags, value in written:
+            for value, take in written:
                 if callable(value):
                     value = float(value())
                 elif isinstance(value, torch.Tensor):
                     value = next(staged) if value.is_cuda else value.reshape(()).double().item()
                 else:
                     value = float(value)
-                self._write(name, counts, tags, value)
+                take(value)
             if not self.queue:  # records taken after the copy began wait for the next one
                 then, self.then = self.then, []
                 for action in then:
@@ -262,7 +285,7 @@ class Recorder:
         alone); elsewhere (count, None, None)."""
         if self.comm.device.type != "cuda":
             return len(self.queue), None, None
-        on_gpu = [value for *_, value in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
+        on_gpu = [value for value, _ in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
         with torch.cuda.stream(self._stream(self.comm.device)):
             host = None
             if on_gpu:
@@ -415,15 +438,23 @@ def total_seconds(times, label: str) -> float:
     return mean * instances
 
 
-def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
-    """Train and test metrics per worker, of the averaged model, consensus distances, spectra."""
+def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers, loss_check):
+    """Train and test metrics per worker, of the averaged model, consensus distances, spectra;
+    written only if no worker of any process diverged so far (`loss_check`: the run's
+    runs.LossCheck, whose verdict on the device they carry)."""
     e = epoch + 1
     recorder.flush()  # the last epoch's records first (and its model's test is over: the model is refilled below)
     recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
-    # Values stay on the device until the records are written (Recorder.flush): one copy to the host.
-    train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
-    # an asynchronous run's worker may end no gradient in an epoch (train.py's loss check has waited for its steps)
-    trained = (comm.all_gather_workers(totals.count) > 0).tolist()
+    # Values stay on the device until the records are written (Recorder.flush): one copy to the host. The verdict
+    # goes with the train metrics: every process learns whether a worker of any process diverged without a wait or
+    # a collective of its own, and no record below is written if one did.
+    train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count,
+                                                 loss_check.verdict.double().expand(comm.num_local)], dim=1))
+    train, diverged = train[:, :2], train[:, 2].any()
+    recorder.check(diverged, functools.partial(loss_check.failed, e))
+    everyone = np.zeros(comm.n_workers)  # an asynchronous run's worker may end no gradient in an epoch
+    everyone[comm.first_worker:comm.first_worker + comm.num_local] = totals.trained
+    trained = (comm.sum_over_processes(everyone) > 0).tolist()  # on the host: no wait for the device
     for worker, (loss, accuracy) in enumerate(train):
         if trained[worker]:
             recorder.record("loss", e, loss, {"split": "train", "worker": worker})

@@ -517,33 +517,50 @@ class LossCheck(DivergenceCheck):
     reference is the mean loss over all workers at the run's first step (`initial_loss`: a
     resumed run's, kept by its checkpoints). On a GPU each step's verdict (and mean loss, for
     the progress bar) is copied to the host without waiting and read `lag` steps later, so
-    within an epoch the host may launch that many steps ahead of the device; the reference
-    step is read at the second. Elsewhere step t is read at step t+1. The read points depend
-    on the steps alone, the same on every process. `finish()` reads every step before anything
-    is saved or recorded (train.py: before an epoch's records are taken, which waits for the
-    device to pass the epoch's last step)."""
+    the host may launch that many steps ahead of the device; the reference step is read at
+    the second. Elsewhere step t is read at step t+1. The read points depend on the steps
+    alone, the same on every process. `finish()` reads every step before anything is saved.
 
-    LAG = 8  # steps the host may run ahead of a GPU within an epoch
+    Every verdict is also OR-ed into `verdict` on the device. Off a GPU train.py reads every
+    step (`finish()`) before an epoch's records are taken; on a GPU that would make the host
+    wait for the epoch's last step (`deferred`), so the records carry `verdict` instead: it is
+    gathered over processes with them (metrics.end_of_epoch) and, if any worker diverged, they
+    are never written and `failed` raises the divergence on every process."""
+
+    LAG = 8  # steps the host may run ahead of a GPU
+    DEFERRED_ON = ("cuda",)  # device types on which train.py's epochs end without reading a step (tests add "cpu")
 
     def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
         super().__init__(max_loss_ratio, initial_loss)
         self.comm, self.checkpoints = comm, checkpoints
         self.on_gpu = comm.device.type == "cuda"
         self.lag = self.LAG if self.on_gpu else 1
+        self.deferred = comm.device.type in self.DEFERRED_ON
         self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event), oldest first
         self.spare = []  # pinned host buffers read and free again
+        self.verdict = torch.zeros((), dtype=torch.bool, device=comm.device)  # whether a step watched so far diverged
         self.mean_loss = float("nan")
 
     def watch(self, losses, epoch, step):
         while self.pending and (len(self.pending) >= self.lag or self.reference is None):
             self._read_oldest()
+        diverged = self.diverged(losses)  # with the reference from the second step on, as the host's reading
+        self.verdict |= diverged
         host = self.spare.pop() if self.spare else torch.zeros(2, pin_memory=self.on_gpu)
-        host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
+        host.copy_(torch.stack([diverged.float(), losses.mean()]), non_blocking=True)
         self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None))
 
     def finish(self):
         while self.pending:
             self._read_oldest()
+
+    def failed(self, epoch: int):
+        """Raises the divergence that `verdict`, gathered over processes at the end of epoch
+        `epoch` (counted from 1), found: the error naming the step where this process's worker
+        diverged (`finish`), or else one saying that a worker of another process did."""
+        self.finish()
+        raise FloatingPointError(f"a worker of another process diverged by the end of epoch {epoch} (that process names "
+                                 f"the step; {self._stopped()}")
 
     def _read_oldest(self):
         host, losses, epoch, step, event = self.pending.popleft()
@@ -557,11 +574,13 @@ class LossCheck(DivergenceCheck):
         if diverged:
             self.pending.clear()
             comm = self.comm
-            raise FloatingPointError(
-                f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers {comm.first_worker}.."
-                f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
-                f"max_loss_ratio={self.max_ratio:g} x the first step's {self.reference:.4g}); nothing was saved "
-                f"from this state. {self.last_good()}")
+            raise FloatingPointError(f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers "
+                                     f"{comm.first_worker}..{comm.first_worker + comm.num_local - 1}; {self._stopped()}")
+
+    def _stopped(self) -> str:
+        """The end of a divergence's message: what divergence is, what was kept."""
+        return (f"divergence is a loss that is not finite or above max_loss_ratio={self.max_ratio:g} x the first step's "
+                f"{self.reference:.4g}); nothing was saved from this state. {self.last_good()}")
 
     def last_good(self) -> str:
         checkpoints = self.checkpoints

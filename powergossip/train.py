@@ -332,17 +332,21 @@ def main():
                         sys.exit(128 + stop.signal_number)
                     log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
 
-            loss_check.finish()  # no record of an epoch with a diverged step (on a GPU: waits for the epoch's last step)
+            # No record of an epoch with a diverged step: off a GPU every step is read now; on a GPU that would wait
+            # for the epoch's last step, so the records carry the loss check's verdict instead (metrics.end_of_epoch).
+            if not loss_check.deferred:
+                loss_check.finish()
             with timers("evaluation"):
-                metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
+                metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers, loss_check)
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
             recorder.then.append(functools.partial(log_runtimes, timers.cut()[1]))  # once the records are written
             recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))
             # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first
             # steps (metrics.Recorder.aside); a checkpoint waits for them, as does the run's end.
             saving = cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0
-            recorder.flush(if_ready=not saving)
+            recorder.flush(if_ready=not saving)  # a save waits for the records, so for every process's verdict
             if saving:
+                loss_check.finish()  # and for every step of this process (read without a wait by now)
                 checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg,
                                           loss_check, started, timing, pending))
 

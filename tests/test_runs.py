@@ -7,6 +7,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -16,11 +17,12 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from powergossip import configuration, figures, runs
+from powergossip import configuration, figures, metrics, runs
 import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
-from tests.train_runs import DEFAULTS, run
+from tests.test_train import LateEvent
+from tests.train_runs import DEFAULTS, diverging_at, run
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +239,88 @@ def test_the_loss_check_reads_a_step_lag_steps_later_and_everything_before_a_sav
     # the first step is read at once: the second step's verdict already has the bound (no lag on it)
     at, message = watched([[1.0, 3.0], [1.0, 30.0]] + fine, 5)
     assert at == 6 and "epoch 1 step 2" in message
+
+
+# On a GPU an epoch's end does not read its last steps' losses (the host would wait for them): its records carry the
+# loss check's verdict, gathered over processes. Here on the CPU (tests/train_runs.diverging_at), the last worker's loss
+# nan at epoch 2's last step (four steps an epoch), its model finite: no record of epoch 2 is written, however the run ends.
+def epochs_recorded(folder):
+    return sorted({r["epoch"] for r in runs.read_metrics(str(folder))})
+
+
+def saved_epoch(folder, rank=0):
+    return torch.load(folder / "checkpoints" / f"rank{rank}.pt", weights_only=True)["epoch"]
+
+
+def test_a_divergence_at_an_epochs_last_step_writes_no_record_of_that_epoch(tmp_path, tiny_data, uninterrupted, monkeypatch):
+    diverging_at(7, monkeypatch.setattr)
+    with pytest.raises(FloatingPointError, match=r"nan\] at epoch 2 step 4 .*last good checkpoint \(the end of epoch 1\)"):
+        run(str(tmp_path), settings(tiny_data, num_epochs=3))
+    assert records(tmp_path) == uninterrupted(1) and saved_epoch(tmp_path) == 1
+
+
+def test_an_error_at_the_end_of_a_diverged_epoch_is_reported_as_the_divergence(tmp_path, tiny_data, monkeypatch):
+    """As a method's state or a factorization that fails on a diverged model: the error that
+    follows the divergence is its cause, not what the run reports, and writes nothing."""
+    end_of_epoch = metrics.end_of_epoch
+
+    def failing(cfg, epoch, totals, *rest):
+        end_of_epoch(cfg, epoch, totals, *rest)
+        if not torch.isfinite(totals.loss).all():
+            raise torch.linalg.LinAlgError("the algorithm failed to converge: non-finite values")
+    diverging_at(7, monkeypatch.setattr)
+    monkeypatch.setattr(metrics, "end_of_epoch", failing)
+    with pytest.raises(FloatingPointError, match=r"at epoch 2 step 4 .*the end of epoch 1") as raised:
+        run(str(tmp_path), settings(tiny_data, num_epochs=3))
+    assert isinstance(raised.value.__cause__, torch.linalg.LinAlgError)
+    assert epochs_recorded(tmp_path) == [1.0] and saved_epoch(tmp_path) == 1
+
+
+def test_a_divergence_the_next_epochs_steps_read_first_writes_no_record_of_its_epoch(tmp_path, tiny_data, uninterrupted,
+                                                                                      monkeypatch):
+    """On a GPU an epoch's records are written once their copy to the host, which follows the
+    averaged model's test beside the next epoch's first steps, has ended; here it "ends" after 3
+    checks, and the loss check reads epoch 2's last step at the next step: its error stays the
+    run's, and the records, taken before it, are dropped by the run's last flush."""
+    stage = metrics.Recorder._stage
+
+    def late(recorder):
+        count, host, _ = stage(recorder)
+        return count, host, LateEvent(checks=3)
+    diverging_at(7, monkeypatch.setattr)
+    monkeypatch.setattr(metrics.Recorder, "_stage", late)
+    with pytest.raises(FloatingPointError, match=r"the loss became .* at epoch 2 step 4 .*No checkpoint was saved") as raised:
+        run(str(tmp_path), settings(tiny_data, num_epochs=3, checkpoint_every=0))
+    assert raised.traceback[-1].name == "_read_oldest" and any(entry.name == "watch" for entry in raised.traceback)
+    assert records(tmp_path) == uninterrupted(1)
+
+
+def test_under_mpirun_a_divergence_on_another_process_writes_no_record_of_its_epoch(tmp_path, tiny_data):
+    """Process 0 writes the records, process 1 holds the worker that diverges: both learn it from
+    the verdict gathered with the epoch's values, each says so, and neither saves."""
+    script = DIVERGING_RUN.format(folder=str(tmp_path / "run"), overrides=settings(tiny_data, num_epochs=3))
+    result = run_mpi(2, ["-c", script], timeout=300, check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode != 0, said
+    assert "process 0: a worker of another process diverged by the end of epoch 2" in said, said
+    assert re.search(r"process 1: the loss became \[.*, nan\] at epoch 2 step 4 \(local workers 2..3;", said), said
+    assert epochs_recorded(tmp_path / "run") == [1.0]
+    assert saved_epoch(tmp_path / "run", rank=0) == saved_epoch(tmp_path / "run", rank=1) == 1
+
+
+DIVERGING_RUN = """
+import sys
+from mpi4py import MPI
+from tests.train_runs import diverging_at, run
+process = MPI.COMM_WORLD.Get_rank()
+diverging_at(7 if process == 1 else None)
+try:
+    run({folder!r}, {overrides!r})
+except FloatingPointError as error:
+    print(f"process {{process}}: {{error}}", flush=True)
+    MPI.COMM_WORLD.Barrier()  # both have said it before mpirun ends the job
+    sys.exit(1)
+"""
 
 
 def test_a_non_finite_state_is_never_written(tmp_path):
