@@ -6,6 +6,7 @@ With --sigterm-at, process 0 sends itself SIGTERM once the run's progress passes
 FRACTION (as a cluster's scheduler would). Configuration errors end every process
 the way train.py's command line does.
 """
+import functools
 import itertools
 import json
 import os
@@ -43,10 +44,15 @@ def stopped_and_resumed(out_dir: str, overrides: list[str], monkeypatch, progres
     run(out_dir, overrides + ["resume=true"])
 
 
+def deferred(setattr=setattr) -> None:
+    """train.py's loss check as on a GPU, where an epoch's end reads no step's loss (runs.LossCheck's
+    `deferred`). `setattr`: a test's monkeypatch.setattr."""
+    setattr(runs, "LossCheck", functools.partial(runs.LossCheck, deferred=True))
+
+
 def diverging_at(step: int | None, setattr=setattr) -> None:
-    """train.py as on a GPU, where an epoch's end reads no step's loss (runs.LossCheck.DEFERRED_ON),
-    and this process's last worker's loss nan at the run's `step`-th step (from 0; None: none), its
-    model left finite: a divergence that only the loss check sees. `setattr`: a test's monkeypatch.setattr."""
+    """`deferred`, and this process's last worker's loss nan at the run's `step`-th step (from 0;
+    None: none), its model left finite: a divergence that only the loss check sees."""
     gradients, steps = StackedReplicas.gradients, itertools.count()
 
     def diverging(replicas, *args):
@@ -54,7 +60,7 @@ def diverging_at(step: int | None, setattr=setattr) -> None:
         if next(steps) == step:
             losses = torch.cat([losses[:-1], torch.tensor([float("nan")], device=losses.device)])
         return (losses, *rest)
-    setattr(runs.LossCheck, "DEFERRED_ON", ("cuda", "cpu"))
+    deferred(setattr)
     setattr(StackedReplicas, "gradients", diverging)
 
 
