@@ -67,12 +67,14 @@ from powergossip.models.stacked import loss_and_correct
 class EpochTotals:
     """Per-local-worker sums of the epoch's training loss, correct predictions and counts."""
 
-    def __init__(self, loss, correct, count, hidden=None):
+    def __init__(self, loss, correct, count, trained, hidden=None):
         self.loss, self.correct, self.count, self.hidden = loss, correct, count, hidden
+        self.trained = trained  # on the host: whether each local worker took a gradient (read without waiting)
 
     @classmethod
     def zeros(cls, num_local, device):
-        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)))
+        return cls(*(torch.zeros(num_local, dtype=torch.float64, device=device) for _ in range(3)),
+                   np.zeros(num_local, dtype=bool))
 
     def add(self, losses, corrects, counts, rows=slice(None)):
         """A step's losses, correct predictions and counts of the local workers `rows` (all; an
@@ -80,6 +82,7 @@ class EpochTotals:
         self.loss[rows] += losses.double() * counts
         self.correct[rows] += corrects.double()
         self.count[rows] += counts
+        self.trained[rows] = True
 
     def state(self):
         hidden = None if self.hidden is None else [list(h) for h in self.hidden]
@@ -91,7 +94,8 @@ class EpochTotals:
         if state is None:
             return None
         hidden = None if state["hidden"] is None else [tuple(h.to(device) for h in pair) for pair in state["hidden"]]
-        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device), hidden)
+        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
+                   (state["count"] > 0).cpu().numpy(), hidden)
 
 
 GAP = "metrics_gap"  # a record that marks epochs whose records were lost before a resume
@@ -155,7 +159,7 @@ class Recorder:
     def __init__(self, comm, folder: str, run_id: str, history: list[dict], gap: dict | None, log_metric, clock=None):
         self.comm, self.folder, self.run_id, self.log_metric = comm, folder, run_id, log_metric
         self.clock = clock  # the run's clock.RunClock: every record gains its simulated_time_s (None, ClockOff: none)
-        self.queue: list[tuple] = []  # records taken and not written yet (flush)
+        self.queue: list[tuple] = []  # (value, what takes it) of the records taken and the checks not written yet (flush)
         self.then: list = []  # what follows their writing (flush): train.py's epoch line
         self.stream = None  # a GPU's stream for work whose records wait (aside) and their copy to the host, made on first use
         self.staged = None  # (how many queued records, their GPU values on the host, the event that copy ends with)
@@ -176,19 +180,37 @@ class Recorder:
                 self.last_test_avg = record["value"]
         self.tensorboard = runs.tensorboard_writer(folder, history if history or gap is not None else None)  # a resume: rewritten
 
-    def count_traffic(self):
-        """Bits and messages sent per worker so far (mean over workers); collective."""
-        totals = np.array([self.comm.bytes_sent.sum() * 8.0, self.comm.messages_sent.sum()], dtype=np.float64)
-        self.bits, self.messages = self.comm.sum_over_processes(totals) / self.comm.n_workers
+    def count_traffic(self, also=()) -> np.ndarray:
+        """Bits and messages sent per worker so far (mean over workers); collective. `also`: more
+        numbers to sum over processes in the same all-reduce; returns their sums."""
+        totals = np.array([self.comm.bytes_sent.sum() * 8.0, self.comm.messages_sent.sum(), *also], dtype=np.float64)
+        totals = self.comm.sum_over_processes(totals)
+        self.bits, self.messages = totals[:2] / self.comm.n_workers
+        return totals[2:]
 
     def record(self, name, epoch, value, tags):
         """Takes a record with the run's counts (and simulated time) as they are now; `value` is a
         number, a one-number tensor the device may still be computing, or a function that gives
         the number once the device has passed what was launched before the record (runs.Timers.cut).
-        flush() writes it."""
+        flush() writes it (`_write`)."""
         if self.is_root:
-            self.queue.append((name, {"epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)}
-                               | self.simulated_time(), tags, value))
+            counts = {"epoch": float(epoch), "bits": float(self.bits), "messages": float(self.messages)} | self.simulated_time()
+            self.queue.append((value, functools.partial(self._write, name, counts, tags)))
+
+    def check(self, values, refusal):
+        """What is taken from now on is written only if `refusal` lets it through. `values`: a
+        tensor the device may still be computing, the same on every process (train.py: where each
+        worker of the run diverged, runs.LossCheck.diverged_at gathered); flush reads it in the
+        records' order, as a float64 numpy array of its shape, and calls `refusal(array)`, which
+        returns None or the error to raise instead: then flush raises it and drops what follows,
+        records and what would follow their writing (`then`), on every process."""
+        self.queue.append((values, functools.partial(self._refuse, refusal)))
+
+    def _refuse(self, refusal, values: np.ndarray):
+        error = refusal(values)
+        if error is not None:
+            self.queue, self.then = [], []  # what a check refuses is no result: never written
+            raise error
 
     @contextlib.contextmanager
     def aside(self, device: torch.device):
@@ -211,23 +233,37 @@ class Recorder:
         return self.stream
 
     @contextlib.contextmanager
-    def written_at_exit(self):
-        """Around a run's loop: a run that ends with an error (a diverged loss) still writes the
-        records taken before it; the error raised stays the error's own."""
+    def written_at_exit(self, read_steps):
+        """Around a run's loop: a run that ends with an error still writes the records taken before
+        it, but none that a check refuses (`check`). The error raised is the run's own, unless it
+        is not a FloatingPointError (the loss check's, which names the step) and the run diverged
+        before it (an error of a diverged model: a NaN in a method's state, a failed
+        factorization): then the divergence is raised, the run's error its cause. The divergence
+        is what `read_steps()` raises (train.py: runs.LossCheck.finish, which reads the steps the
+        loss check has not read yet) or else what a check the flush reads raises (another
+        process's worker)."""
         try:
             yield
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.flush()
+        except BaseException as error:
+            diverged = None
+            for read in (read_steps, self.flush):
+                try:
+                    read()
+                except FloatingPointError as found:
+                    diverged = diverged or found
+                except Exception:  # the run's error says more
+                    pass
+            if diverged is not None and not isinstance(error, FloatingPointError):
+                raise diverged from error
             raise
 
     def flush(self, if_ready: bool = False):
-        """Writes the records taken, in order, then runs what follows them (`then`). On a GPU this
-        waits for a copy (`_stage`) that follows everything launched so far, the steps never do:
-        their tensors reach the host in it, and what runs here reads only what the device has
-        passed. With `if_ready` a call starts that copy or, once it has ended, writes: it never
-        waits. Without, what follows on the current stream also waits for the work aside (on
-        every process)."""
+        """Writes the records taken, in order, unless a check refuses them (`check`), then runs what
+        follows them (`then`). On a GPU this waits for a copy (`_stage`) that follows everything
+        launched so far, the steps never do: their tensors reach the host in it, and what runs here
+        reads only what the device has passed. With `if_ready` a call starts that copy or, once it
+        has ended, writes: it never waits. Without, what follows on the current stream also waits
+        for the work aside (on every process)."""
         if self.aside_done is not None and not if_ready:
             torch.cuda.current_stream(self.stream.device).wait_event(self.aside_done)
             self.aside_done = None
@@ -241,36 +277,38 @@ class Recorder:
                 ended.synchronize()
             self.staged = None
             written, self.queue = self.queue[:count], self.queue[count:]
-            staged = iter(host.tolist() if host is not None else [])
-            for name, counts, tags, value in written:
+            staged, at = (host.numpy() if host is not None else None), 0
+            for value, take in written:
                 if callable(value):
-                    value = float(value())
+                    value = value()
+                elif isinstance(value, torch.Tensor) and value.is_cuda:
+                    value, at = staged[at:at + value.numel()].reshape(value.shape), at + value.numel()
                 elif isinstance(value, torch.Tensor):
-                    value = next(staged) if value.is_cuda else value.reshape(()).double().item()
-                else:
-                    value = float(value)
-                self._write(name, counts, tags, value)
+                    value = value.detach().double().numpy()
+                take(value)
             if not self.queue:  # records taken after the copy began wait for the next one
                 then, self.then = self.then, []
                 for action in then:
                     action()
 
     def _stage(self) -> tuple:
-        """(how many records are queued, their GPU tensors' values in pinned host memory, the
-        event their copy ends with): on a GPU one copy on the stream aside, after everything
-        launched so far there and on the current stream (with no value to copy, the event
-        alone); elsewhere (count, None, None)."""
+        """(how many records and checks are queued, their GPU tensors' values one after the other
+        in pinned host memory, float64, the event their copy ends with): on a GPU one copy on the
+        stream aside, after everything launched so far there and on the current stream (with no
+        value to copy, the event alone); elsewhere (count, None, None)."""
         if self.comm.device.type != "cuda":
             return len(self.queue), None, None
-        on_gpu = [value for *_, value in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
+        on_gpu = [value for value, _ in self.queue if isinstance(value, torch.Tensor) and value.is_cuda]
         with torch.cuda.stream(self._stream(self.comm.device)):
             host = None
             if on_gpu:
-                host = torch.empty(len(on_gpu), dtype=torch.float64, pin_memory=True)
-                host.copy_(torch.stack([value.reshape(()).double() for value in on_gpu]), non_blocking=True)
+                host = torch.empty(sum(value.numel() for value in on_gpu), dtype=torch.float64, pin_memory=True)
+                host.copy_(torch.cat([value.reshape(-1).double() for value in on_gpu]), non_blocking=True)
             return len(self.queue), host, self.stream.record_event()
 
-    def _write(self, name, counts, tags, value: float):
+    def _write(self, name, counts, tags, value):
+        """Writes a record; `value`: a number, or a numpy array of one (flush)."""
+        value = float(np.reshape(value, ()))
         if name == "accuracy" and tags.get("split") == "test_avg":
             self.last_test_avg = value
         if "worker" not in tags and "split" in tags:
@@ -415,21 +453,35 @@ def total_seconds(times, label: str) -> float:
     return mean * instances
 
 
-def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
-    """Train and test metrics per worker, of the averaged model, consensus distances, spectra."""
+def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers, diverged_at, divergence):
+    """Train and test metrics per worker, of the averaged model, consensus distances, spectra;
+    written only if no worker of any process diverged so far: `diverged_at` (on the device, a
+    row per local worker: runs.LossCheck.diverged_at) is gathered over processes with the train
+    metrics and `divergence` (runs.LossCheck.divergence) judges it before any record of the
+    epoch is written (Recorder.check)."""
     e = epoch + 1
     recorder.flush()  # the last epoch's records first (and its model's test is over: the model is refilled below)
-    recorder.count_traffic()  # the gossip is done for this epoch: every record carries the same counts
-    # Values stay on the device until the records are written (Recorder.flush): one copy to the host.
-    train = comm.all_gather_workers(torch.stack([totals.loss / totals.count, totals.correct / totals.count], dim=1))
-    # an asynchronous run's worker may end no gradient in an epoch (train.py's loss check has waited for its steps)
-    trained = (comm.all_gather_workers(totals.count) > 0).tolist()
+    # The gossip is done for this epoch: every record carries the same counts. Their sum over processes also
+    # counts, on the host (no wait for the device), which workers trained (an asynchronous run's worker may end no
+    # gradient in an epoch) and the messages lost.
+    mine = np.zeros(comm.n_workers + 1)
+    mine[comm.first_worker:comm.first_worker + comm.num_local] = totals.trained
+    mine[-1] = comm.messages_lost.sum()
+    summed = recorder.count_traffic(also=mine)
+    trained, lost = (summed[:-1] > 0).tolist(), summed[-1]
+    # Values stay on the device until the records are written (Recorder.flush): one copy to the host. Where workers
+    # diverged goes with the train metrics: every process learns whether a worker of any process did without a wait
+    # or a collective of its own, and no record below is written if one did.
+    train = comm.all_gather_workers(torch.cat([torch.stack([totals.loss / totals.count, totals.correct / totals.count],
+                                                           dim=1), diverged_at], dim=1))
+    train, everyone = train[:, :2], train[:, 2:]
+    recorder.check(everyone, divergence)
     for worker, (loss, accuracy) in enumerate(train):
         if trained[worker]:
             recorder.record("loss", e, loss, {"split": "train", "worker": worker})
             recorder.record("accuracy", e, accuracy, {"split": "train", "worker": worker})
-    if not all(trained):  # the mean over the workers that trained
-        train = train[[worker for worker, did in enumerate(trained) if did]]
+    if not all(trained):  # the mean over the workers that trained (rows taken one by one: no index copied to a GPU)
+        train = torch.stack([row for row, did in zip(train, trained) if did])
     recorder.record("loss", e, train[:, 0].mean(), {"split": "train"})
     recorder.record("accuracy", e, train[:, 1].mean(), {"split": "train"})
 
@@ -475,9 +527,8 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers):
         recorder.record(f"time_{label}", e, functools.partial(total_seconds, times, label), {"split": "runtime"})
     recorder.record("communication_time_model", e, network_seconds(recorder.bits, recorder.messages, cfg["network_latency_s"],
                                                                    cfg["network_bandwidth_bits_per_s"]), {"split": "network_model"})
-    if cfg["message_loss_probability"]:  # the same key on every process: the sum is collective
-        lost = comm.sum_over_processes(np.array([comm.messages_lost.sum()], dtype=np.float64))[0] / comm.n_workers
-        recorder.record("messages_lost", e, lost, {"split": "network"})
+    if cfg["message_loss_probability"]:
+        recorder.record("messages_lost", e, lost / comm.n_workers, {"split": "network"})
 
 
 def check_spectrum_logging(cfg: dict) -> None:

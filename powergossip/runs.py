@@ -436,9 +436,13 @@ class DivergenceCheck:
     def diverged(self, values) -> torch.Tensor:
         """Whether any of `values` (a tensor, read where it lies without waiting for it, or a
         number) diverged: a boolean tensor on the values' device."""
+        return self.diverged_each(values).any()
+
+    def diverged_each(self, values) -> torch.Tensor:
+        """Whether each of `values` diverged (`diverged`, value by value)."""
         if not isinstance(values, torch.Tensor):
             values = torch.tensor(values, dtype=torch.float64)
-        return ~torch.isfinite(values).all() | (values > self.bound).any()
+        return ~torch.isfinite(values) | (values > self.bound)
 
 
 # --- train.py's run infrastructure ---------------------------------------------------------------
@@ -517,33 +521,82 @@ class LossCheck(DivergenceCheck):
     reference is the mean loss over all workers at the run's first step (`initial_loss`: a
     resumed run's, kept by its checkpoints). On a GPU each step's verdict (and mean loss, for
     the progress bar) is copied to the host without waiting and read `lag` steps later, so
-    within an epoch the host may launch that many steps ahead of the device; the reference
-    step is read at the second. Elsewhere step t is read at step t+1. The read points depend
-    on the steps alone, the same on every process. `finish()` reads every step before anything
-    is saved or recorded (train.py: before an epoch's records are taken, which waits for the
-    device to pass the epoch's last step)."""
+    the host may launch that many steps ahead of the device; the reference step is read at
+    the second. Elsewhere step t is read at step t+1. The read points depend on the steps
+    alone, the same on every process. `finish()` reads every step before anything is saved.
 
-    LAG = 8  # steps the host may run ahead of a GPU within an epoch
+    On the device, `diverged_at` keeps where each local worker's loss first diverged. Unless
+    `deferred` (None: on a GPU), train.py reads every step (`finish()`) before an epoch's
+    records are taken; deferred, that would make the host wait for the epoch's last step, so
+    the records carry `diverged_at` instead: it is gathered over processes with them
+    (metrics.end_of_epoch) and, if any worker diverged, they are never written and
+    `divergence` gives the error that every process raises."""
 
-    def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None):
+    LAG = 8  # steps the host may run ahead of a GPU
+
+    def __init__(self, comm, checkpoints, max_loss_ratio: float, initial_loss: float | None,
+                 deferred: bool | None = None):
         super().__init__(max_loss_ratio, initial_loss)
         self.comm, self.checkpoints = comm, checkpoints
         self.on_gpu = comm.device.type == "cuda"
         self.lag = self.LAG if self.on_gpu else 1
+        self.deferred = self.on_gpu if deferred is None else deferred
         self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event), oldest first
         self.spare = []  # pinned host buffers read and free again
+        # per local worker, (epoch, step, loss) where its loss first diverged (epoch and step from 0, as `watch` gets
+        # them; epoch -1: never)
+        self.diverged_at = torch.full((comm.num_local, 3), -1.0, dtype=torch.float64, device=comm.device)
+        self.found = None  # the divergence a read found (its error)
         self.mean_loss = float("nan")
 
-    def watch(self, losses, epoch, step):
+    def watch(self, losses, epoch, step, rows=slice(None)):
+        """Step `step` of epoch `epoch` (from 0) gave the local workers `rows` (a slice; all of
+        them by default) `losses`."""
         while self.pending and (len(self.pending) >= self.lag or self.reference is None):
             self._read_oldest()
+        each = self.diverged_each(losses)  # with the reference from the second step on, as the host's reading
+        at = self.diverged_at[rows]
+        first = each & (at[:, 0] < 0)
+        at[:, 0].masked_fill_(first, epoch)  # numbers, not host tensors: no copy to the device
+        at[:, 1].masked_fill_(first, step)
+        at[:, 2] = torch.where(first, losses.double(), at[:, 2])
         host = self.spare.pop() if self.spare else torch.zeros(2, pin_memory=self.on_gpu)
-        host.copy_(torch.stack([self.diverged(losses).float(), losses.mean()]), non_blocking=True)
+        host.copy_(torch.stack([each.any().float(), losses.mean()]), non_blocking=True)
         self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None))
 
     def finish(self):
         while self.pending:
             self._read_oldest()
+
+    def divergence(self, everyone) -> FloatingPointError | None:
+        """The divergence in `everyone`, every worker's `diverged_at` gathered over processes in
+        worker order (host numbers, `[n_workers, 3]`): None if no worker diverged, else the
+        error to raise. If a worker of this process was the first to diverge (the lowest worker
+        of the earliest step), the one naming the step and its workers' losses (`finish`, which
+        reads every step of this process); otherwise one naming that worker and its step."""
+        diverged = [(epoch, step, worker, loss) for worker, (epoch, step, loss) in enumerate(everyone) if epoch >= 0]
+        if not diverged:
+            return None
+        epoch, step, worker, loss = min(diverged)
+        with contextlib.suppress(FloatingPointError):
+            self.finish()  # also sets the reference that the message gives
+        if self.found is not None and self.comm.is_local(worker):
+            return self.found
+        return FloatingPointError(f"the loss of worker {worker} became {loss} at {position(int(epoch), int(step) + 1)} "
+                                  f"(a worker of process {self.comm.process_of(worker)}; {self._stopped()}")
+
+    def finish_everywhere(self):
+        """`finish()` on every process at once, before a save that no process's divergence may
+        precede: raises on every process the `divergence` of any worker in the steps watched so
+        far. Collective; the steps are read first, so the device values it sums cost no wait."""
+        with contextlib.suppress(FloatingPointError):  # raised below, once every process knows
+            self.finish()
+        comm = self.comm
+        everyone = np.zeros((comm.n_workers, 3))
+        everyone[comm.first_worker:comm.first_worker + comm.num_local] = self.diverged_at.cpu().numpy()
+        error = self.divergence(comm.sum_over_processes(everyone))  # each row is one process's: the sum is that row
+        if error is not None:
+            raise error
 
     def _read_oldest(self):
         host, losses, epoch, step, event = self.pending.popleft()
@@ -557,11 +610,15 @@ class LossCheck(DivergenceCheck):
         if diverged:
             self.pending.clear()
             comm = self.comm
-            raise FloatingPointError(
-                f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers {comm.first_worker}.."
-                f"{comm.first_worker + comm.num_local - 1}; divergence is a loss that is not finite or above "
-                f"max_loss_ratio={self.max_ratio:g} x the first step's {self.reference:.4g}); nothing was saved "
-                f"from this state. {self.last_good()}")
+            self.found = FloatingPointError(f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local "
+                                            f"workers {comm.first_worker}..{comm.first_worker + comm.num_local - 1}; "
+                                            f"{self._stopped()}")
+            raise self.found
+
+    def _stopped(self) -> str:
+        """The end of a divergence's message: what divergence is, what was kept."""
+        return (f"divergence is a loss that is not finite or above max_loss_ratio={self.max_ratio:g} x the first step's "
+                f"{self.reference:.4g}); nothing was saved from this state. {self.last_good()}")
 
     def last_good(self) -> str:
         checkpoints = self.checkpoints

@@ -241,9 +241,10 @@ def main():
     if is_root:
         runs.write_config(folder, cfg)
 
-    with runs.StopRequests() as stop, recorder.written_at_exit():  # the handlers before the run come back however it ends
+    loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
+    # The signal handlers before the run come back however it ends; an error after a divergence is reported as it.
+    with runs.StopRequests() as stop, recorder.written_at_exit(loss_check.finish):
         timers = runs.Timers(comm.device)
-        loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
         progress = runs.Progress(is_root, cfg["num_epochs"], steps_per_epoch, start_epoch * steps_per_epoch + start_step,
                                  started)
 
@@ -278,16 +279,18 @@ def main():
                         x, y = loader.worker_batch(event.worker, *divmod(event.gradient, len(loader)))
                         with timers("forward_backward"):
                             loss, correct = workers.gradient_of(row, x, y)
-                        pending[row] = torch.stack([loss, correct, torch.tensor(float(y.numel()), device=comm.device)])
+                        count = torch.full((), float(y.numel()), device=comm.device)  # filled there: no copy to a GPU
+                        pending[row] = torch.stack([loss, correct, count])
                         continue
                     done = events.finished - epoch * events_per_epoch  # this epoch's gradients ended, this one included
                     with timers("gossip"):
                         method.pair(workers.params, event.worker, event.partner)  # x_i, x_j <- (x_i + x_j) / 2
                     local_step(cfg["learning_rate"] * learning_rate_factor(cfg, epoch + done / events_per_epoch), row)
                     totals.add(*pending[row], rows=row)
-                    loss_check.watch(pending[row, :1].clone(), epoch, done - 1)  # its row is the next gradient's soon
+                    # a copy of its loss: its row is the next gradient's soon
+                    loss_check.watch(pending[row, :1].clone(), epoch, done - 1, rows=slice(row, row + 1))
                     if stop.requested(comm):  # the queue, the pending gradients and data positions are saved
-                        loss_check.finish()
+                        loss_check.finish_everywhere()
                         recorder.flush()  # the records before the state they lead to
                         checkpoints.save(snapshot(checkpoints, epoch, done, workers, momenta, method, comm, totals, run_id,
                                                   cfg, loss_check, started, timing, pending))
@@ -321,7 +324,7 @@ def main():
                     recorder.flush(if_ready=True)
                     progress.step(epoch, step, loss_check.mean_loss, stop.bytes_per_worker)  # the last loss read: no wait
                     if stopping:
-                        loss_check.finish()
+                        loss_check.finish_everywhere()  # no save if a worker of any process diverged
                         totals.hidden = hidden
                         recorder.flush()
                         checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id,
@@ -333,17 +336,24 @@ def main():
                         sys.exit(128 + stop.signal_number)
                     log_info({"state.progress": (epoch + (step + 1) / batches_per_epoch) / cfg["num_epochs"]})
 
-            loss_check.finish()  # no record of an epoch with a diverged step (on a GPU: waits for the epoch's last step)
+            # No record of an epoch with a diverged step: every step is read now, unless that would wait for the
+            # epoch's last step (on a GPU: loss_check.deferred); then the records carry where workers diverged instead.
+            if not loss_check.deferred:
+                loss_check.finish()
             with timers("evaluation"):
-                metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers)
+                metrics.end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers,
+                                     loss_check.diverged_at, loss_check.divergence)
             recorder.record_clock(epoch + 1)  # where each worker's simulated time went (nothing without the clock)
             recorder.then.append(functools.partial(log_runtimes, timers.cut()[1]))  # once the records are written
             recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))
             # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first
             # steps (metrics.Recorder.aside); a checkpoint waits for them, as does the run's end.
             saving = cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0
-            recorder.flush(if_ready=not saving)
+            recorder.flush(if_ready=not saving)  # a save waits for the records, so for every worker's verdict
             if saving:
+                # Every step's verdict was in the records' check; this reads the run's first step, whose mean loss
+                # the save keeps (initial_loss), when an epoch has one step.
+                loss_check.finish()
                 checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg,
                                           loss_check, started, timing, pending))
 

@@ -13,7 +13,7 @@ TF32 off and compares train.py's metrics with a tolerance.
 import pytest
 import torch
 
-from powergossip import models
+from powergossip import data, models
 from powergossip.models.stacked import StackedReplicas
 from powergossip.step import nesterov_sgd_step
 from tests.test_train import common, comparable, tiny_data  # noqa: F401 (fixture)
@@ -118,3 +118,23 @@ def test_compiled_replicas_give_the_eager_graphs_numbers(exact_float32):
                 assert torch.equal(b_compiled, b_eager)
         nesterov_sgd_step(eager.params, eager.grads, momenta, 0.1, 0.9, [1e-4] * len(eager.params))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # Inductor's code ran, one graph for all replicas
+
+
+def test_a_new_epochs_first_batch_waits_for_nothing_queued_on_the_gpu():
+    """An epoch's sample indices and augmentation draws (drawn on the CPU) reach the GPU from
+    pinned memory: the first batch waits for none of the work queued before it (at an epoch's
+    start, the last epoch's steps), which set_sync_debug_mode("error") would refuse. The
+    batches are the CPU loader's."""
+    loaders = {}
+    for device in ("cpu", "cuda"):
+        dataset = data.load("synthetic", device=device, num_train=256, num_test=0, seed=1)
+        partition = data.make_partition("iid", dataset.train_y, 4, seed=0)
+        loaders[device] = data.WorkerLoader(dataset, partition, 16, first_worker=2, num_local_workers=2, augment=True)
+    next(loaders["cuda"].epoch_batches(0))  # the normalization's constants go to the GPU once, at the first batch
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x, y = next(loaders["cuda"].epoch_batches(1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu_x, cpu_y = next(loaders["cpu"].epoch_batches(1))
+    assert torch.equal(y.cpu(), cpu_y) and torch.allclose(x.cpu(), cpu_x, atol=1e-6)

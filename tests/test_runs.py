@@ -7,6 +7,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -16,11 +17,13 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from powergossip import configuration, figures, runs
+from powergossip import configuration, figures, metrics, runs
+from powergossip.models.stacked import StackedReplicas
 import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
-from tests.train_runs import DEFAULTS, run
+from tests.test_train import LateEvent
+from tests.train_runs import DEFAULTS, deferred, diverging_at, run
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +240,166 @@ def test_the_loss_check_reads_a_step_lag_steps_later_and_everything_before_a_sav
     # the first step is read at once: the second step's verdict already has the bound (no lag on it)
     at, message = watched([[1.0, 3.0], [1.0, 30.0]] + fine, 5)
     assert at == 6 and "epoch 1 step 2" in message
+
+
+def test_the_loss_check_keeps_where_each_worker_first_diverged_and_names_the_first():
+    """diverged_at: per local worker, the (epoch, step, loss) of its first diverged step;
+    divergence(every worker's, gathered): the earliest step's lowest worker, this process's own
+    error if the worker is its own, else one naming the worker, its process and the step."""
+    comm = type("Comm", (), {"device": torch.device("cpu"), "num_local": 2, "n_workers": 6, "first_worker": 2,
+                             "is_local": lambda self, worker: 2 <= worker < 4,
+                             "process_of": lambda self, worker: worker // 2})()
+    check = runs.LossCheck(comm, type("Checkpoints", (), {"last": None})(), max_loss_ratio=10.0, initial_loss=6.0)
+    check.lag = 5  # no step read yet: the GPU's case
+    nan = float("nan")
+    for step, losses in enumerate([[1.0, 3.0], [1.0, 70.0], [nan, 80.0]]):
+        check.watch(torch.tensor(losses), 1, step)
+    assert check.diverged_at[:, :2].tolist() == [[1, 2], [1, 1]] and check.diverged_at[0, 2].isnan()
+    assert check.diverged_at[1, 2] == 70  # its first diverged loss
+    never, mine = [-1.0, -1.0, -1.0], check.diverged_at.tolist()  # workers 2 and 3
+    assert check.divergence([never] * 6) is None
+    error = check.divergence([never, [1, 1, 7e3]] + mine + [[1, 0, nan], never])  # worker 4's step is the first
+    assert str(error).startswith("the loss of worker 4 became nan at epoch 2 step 1 (a worker of process 2; divergence")
+    error = check.divergence([never, [1, 1, 7e3]] + mine + [never, never])  # worker 1's step is worker 3's: the lower
+    assert str(error).startswith("the loss of worker 1 became 7000.0 at epoch 2 step 2 (a worker of process 0;")
+    error = check.divergence([never, never] + mine + [never, never])  # its own: as finish() says
+    assert str(error).startswith("the loss became [1.0, 70.0] at epoch 2 step 2 (local workers 2..3;")
+
+
+# On a GPU an epoch's end does not read its last steps' losses (the host would wait for them): its records carry where
+# each worker diverged, gathered over processes. Here on the CPU (tests/train_runs.diverging_at), the last worker's loss
+# nan at epoch 2's last step (four steps an epoch), its model finite: no record of epoch 2 is written, however the run ends.
+def epochs_recorded(folder):
+    return sorted({r["epoch"] for r in runs.read_metrics(str(folder))})
+
+
+def saved_epoch(folder, rank=0):
+    return torch.load(folder / "checkpoints" / f"rank{rank}.pt", weights_only=True)["epoch"]
+
+
+def test_without_a_divergence_the_deferred_check_writes_the_records_of_the_check_at_each_epochs_end(
+        tmp_path, tiny_data, uninterrupted, monkeypatch):
+    deferred(monkeypatch.setattr)
+    run(str(tmp_path), settings(tiny_data, num_epochs=3))
+    assert records(tmp_path) == uninterrupted(3)
+
+
+def test_a_divergence_at_an_epochs_last_step_writes_no_record_of_that_epoch(tmp_path, tiny_data, uninterrupted,
+                                                                             monkeypatch, capsys):
+    diverging_at(7, monkeypatch.setattr)
+    with pytest.raises(FloatingPointError, match=r"nan\] at epoch 2 step 4 .*last good checkpoint \(the end of epoch 1\)"):
+        run(str(tmp_path), settings(tiny_data, num_epochs=3))
+    said = capsys.readouterr().out
+    assert "epoch 1/3: train loss" in said and "epoch 2/3" not in said  # nor is the epoch's line printed
+    assert records(tmp_path) == uninterrupted(1) and saved_epoch(tmp_path) == 1
+
+
+def test_a_divergence_in_an_asynchronous_run_writes_no_record_of_that_epoch(tmp_path, tiny_data, monkeypatch):
+    """AD-PSGD's loss check watches one worker's loss at each event: the verdict is that worker's."""
+    watch, watched = runs.LossCheck.watch, itertools.count()
+
+    def diverging(check, losses, *args, **kwargs):
+        if next(watched) == 31:  # the last of epoch 2's 16 events (4 workers x 4 batches)
+            losses = torch.full_like(losses, float("nan"))
+        return watch(check, losses, *args, **kwargs)
+    monkeypatch.setattr(runs.LossCheck, "watch", diverging)
+    deferred(monkeypatch.setattr)
+    overrides = settings(tiny_data, num_epochs=3, optimizer="ad-psgd", simulated_clock=True, worker_step_seconds=0.01)
+    with pytest.raises(FloatingPointError, match=r"the loss became \[nan\] at epoch 2 step 16 .*the end of epoch 1\)"):
+        run(str(tmp_path), overrides)
+    assert epochs_recorded(tmp_path) == [1.0] and saved_epoch(tmp_path) == 1
+
+
+def test_an_error_in_the_steps_after_a_divergence_not_read_yet_is_reported_as_the_divergence(tmp_path, tiny_data,
+                                                                                            monkeypatch):
+    """The loss check reads a step later (on a GPU, LossCheck.LAG steps): an error the next step
+    raises, from a model the diverged step left behind, has the divergence as its cause."""
+    diverging_at(5, monkeypatch.setattr)
+    gradients, steps = StackedReplicas.gradients, itertools.count()
+
+    def failing(replicas, *args):
+        if next(steps) == 6:
+            raise torch.linalg.LinAlgError("the algorithm failed to converge: non-finite values")
+        return gradients(replicas, *args)
+    monkeypatch.setattr(StackedReplicas, "gradients", failing)
+    with pytest.raises(FloatingPointError, match=r"nan\] at epoch 2 step 2 .*the end of epoch 1\)") as raised:
+        run(str(tmp_path), settings(tiny_data, num_epochs=3))
+    assert isinstance(raised.value.__cause__, torch.linalg.LinAlgError)
+    assert epochs_recorded(tmp_path) == [1.0]
+
+
+def test_an_error_at_the_end_of_a_diverged_epoch_is_reported_as_the_divergence(tmp_path, tiny_data, monkeypatch):
+    """As a method's state or a factorization that fails on a diverged model: the error that
+    follows the divergence is its cause, not what the run reports, and writes nothing."""
+    end_of_epoch = metrics.end_of_epoch
+
+    def failing(cfg, epoch, totals, *rest):
+        end_of_epoch(cfg, epoch, totals, *rest)
+        if not torch.isfinite(totals.loss).all():
+            raise torch.linalg.LinAlgError("the algorithm failed to converge: non-finite values")
+    diverging_at(7, monkeypatch.setattr)
+    monkeypatch.setattr(metrics, "end_of_epoch", failing)
+    with pytest.raises(FloatingPointError, match=r"at epoch 2 step 4 .*the end of epoch 1") as raised:
+        run(str(tmp_path), settings(tiny_data, num_epochs=3))
+    assert isinstance(raised.value.__cause__, torch.linalg.LinAlgError)
+    assert epochs_recorded(tmp_path) == [1.0] and saved_epoch(tmp_path) == 1
+
+
+def test_a_divergence_the_next_epochs_steps_read_first_writes_no_record_of_its_epoch(tmp_path, tiny_data, uninterrupted,
+                                                                                      monkeypatch):
+    """On a GPU an epoch's records are written once their copy to the host, which follows the
+    averaged model's test beside the next epoch's first steps, has ended; here it "ends" after 3
+    checks, and the loss check reads epoch 2's last step at the next step: its error stays the
+    run's, and the records, taken before it, are dropped by the run's last flush."""
+    stage = metrics.Recorder._stage
+
+    def late(recorder):
+        count, host, _ = stage(recorder)
+        return count, host, LateEvent(checks=3)
+    diverging_at(7, monkeypatch.setattr)
+    monkeypatch.setattr(metrics.Recorder, "_stage", late)
+    with pytest.raises(FloatingPointError, match=r"the loss became .* at epoch 2 step 4 .*No checkpoint was saved") as raised:
+        run(str(tmp_path), settings(tiny_data, num_epochs=3, checkpoint_every=0))
+    assert raised.traceback[-1].name == "_read_oldest" and any(entry.name == "watch" for entry in raised.traceback)
+    assert records(tmp_path) == uninterrupted(1)
+
+
+def test_under_mpirun_a_divergence_on_another_process_writes_and_saves_nothing_after_it(tmp_path, tiny_data):
+    """Process 0 writes the records, process 1 holds the worker (3) that diverges: both learn it
+    from where each worker diverged, gathered with the epoch's values, each names the worker and
+    the step, and neither saves. Also when a signal stops the run at the diverged step, before the
+    epoch's end: the stop's save waits until every process knows."""
+    script = DIVERGING_RUNS.format(root=str(tmp_path), overrides=settings(tiny_data, num_epochs=3))
+    said = run_mpi(2, ["-c", script], timeout=180).stdout
+    for run_name, step in (("at_the_end", 4), ("stopped", 2)):
+        assert re.search(rf"{run_name}, process 1: the loss became \[.*, nan\] at epoch 2 step {step} \(local workers "
+                         rf"2..3;", said), said
+        assert (f"{run_name}, process 0: the loss of worker 3 became nan at epoch 2 step {step} (a worker of "
+                f"process 1; divergence is") in said, said
+        assert epochs_recorded(tmp_path / run_name) == [1.0]
+        assert saved_epoch(tmp_path / run_name, rank=0) == saved_epoch(tmp_path / run_name, rank=1) == 1
+
+
+# Process 1's last worker diverges at the run's 8th step (epoch 2's last), then in a second run at the 6th, the step at
+# which process 0's SIGTERM (sent as the 5th step ends, past 5/12 of the run) stops the run.
+DIVERGING_RUNS = """
+import os
+import pytest
+from mpi4py import MPI
+import train
+from tests.train_runs import diverging_at, run, sigterm_once_past
+process = MPI.COMM_WORLD.Get_rank()
+for name, step, signal_past in (("at_the_end", 7, None), ("stopped", 5, 0.4)):
+    with pytest.MonkeyPatch.context() as patch:
+        diverging_at(step if process == 1 else None, patch.setattr)
+        if signal_past is not None:
+            patch.setattr(train, "log_info", sigterm_once_past(signal_past))
+        try:
+            run(os.path.join({root!r}, name), {overrides!r})
+        except FloatingPointError as error:
+            print(f"{{name}}, process {{process}}: {{error}}", flush=True)
+    MPI.COMM_WORLD.Barrier()
+"""
 
 
 def test_a_non_finite_state_is_never_written(tmp_path):

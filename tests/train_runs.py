@@ -6,13 +6,17 @@ With --sigterm-at, process 0 sends itself SIGTERM once the run's progress passes
 FRACTION (as a cluster's scheduler would). Configuration errors end every process
 the way train.py's command line does.
 """
+import functools
+import itertools
 import json
 import os
 import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from powergossip import configuration  # noqa: E402
+import torch  # noqa: E402
+from powergossip import configuration, runs  # noqa: E402
+from powergossip.models.stacked import StackedReplicas  # noqa: E402
 import train  # noqa: E402
 
 DEFAULTS = train._DEFAULTS
@@ -38,6 +42,26 @@ def stopped_and_resumed(out_dir: str, overrides: list[str], monkeypatch, progres
     monkeypatch.setattr(train, "log_info", lambda info: None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run(out_dir, overrides + ["resume=true"])
+
+
+def deferred(setattr=setattr) -> None:
+    """train.py's loss check as on a GPU, where an epoch's end reads no step's loss (runs.LossCheck's
+    `deferred`). `setattr`: a test's monkeypatch.setattr."""
+    setattr(runs, "LossCheck", functools.partial(runs.LossCheck, deferred=True))
+
+
+def diverging_at(step: int | None, setattr=setattr) -> None:
+    """`deferred`, and this process's last worker's loss nan at the run's `step`-th step (from 0;
+    None: none), its model left finite: a divergence that only the loss check sees."""
+    gradients, steps = StackedReplicas.gradients, itertools.count()
+
+    def diverging(replicas, *args):
+        losses, *rest = gradients(replicas, *args)
+        if next(steps) == step:
+            losses = torch.cat([losses[:-1], torch.tensor([float("nan")], device=losses.device)])
+        return (losses, *rest)
+    deferred(setattr)
+    setattr(StackedReplicas, "gradients", diverging)
 
 
 def sigterm_once_past(fraction: float):

@@ -10,7 +10,8 @@ passes ``start_step`` and needs no generator state from the checkpoint.
 
 Per step the work is one gather from the device-resident data set, the
 augmentation gather and a fused normalization: no per-sample Python, no
-host-device copies (index and augmentation tensors move once per epoch).
+host-device copies (index and augmentation tensors move once per epoch, to a
+GPU without waiting for it: `_to_device`).
 """
 
 from collections.abc import Iterator
@@ -33,6 +34,16 @@ def _local_block(n_workers: int, first_worker: int, num_local_workers: int | Non
             f"do not fit in 0..{n_workers - 1}"
         )
     return int(first_worker), int(num_local_workers)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU `tensor`'s copy on `device`. To a GPU it goes from pinned memory, queued on the
+    current stream: from pageable memory the copy would wait for everything queued there (at an
+    epoch's first batch, the last epoch's steps). The caching host allocator keeps the pinned
+    copy until the device has read it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _check_start(start_step: int, num_batches: int) -> None:
@@ -108,11 +119,11 @@ class WorkerLoader:
         """The local workers' sample indices of ``epoch`` (``[L, steps * B]``) and their crops and
         flips (None without augmentation), on the data set's device."""
         device, num_steps, batch = self.dataset.device, self.num_batches_per_epoch, self.batch_size
-        indices = self._local(self.partition.epoch_indices(epoch, num_steps, batch)).to(device)
+        indices = _to_device(self._local(self.partition.epoch_indices(epoch, num_steps, batch)), device)
         if not self.augment:
             return indices, None
         drawn = draw_crop_flip(self.seed, epoch, self.n_workers, num_steps, batch, self.padding)
-        return indices, tuple(self._local(t).to(device) for t in drawn)
+        return indices, tuple(_to_device(self._local(t), device) for t in drawn)
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_step .. num_batches_per_epoch - 1`` of ``epoch``: ``(x [L, B, C, H, W], y [L, B])``."""
