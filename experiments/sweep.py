@@ -279,7 +279,7 @@ def study_arguments(description: str, quick_help: str = "a reduced run for a 2-c
                                  f"--quick: {','.join(map(str, QUICK_SEEDS))})")
     parser.add_argument("--processes", type=int, default=None, help="launch each run under mpirun -np N")
     parser.add_argument("--report-only", action="store_true", help="only rebuild tables and figures from earlier runs")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (several fit on one GPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (several fit on one GPU); a study's report may also work this many at a time")
     parser.add_argument("--output", default=None, help="folder for runs and results (default experiments/results/...)")
     parser.add_argument("overrides", nargs="*", help="extra key=value for every run (e.g. device=cuda data_dir=...)")
     return parser

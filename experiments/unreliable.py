@@ -162,6 +162,8 @@ def write_consensus_report(outcomes: list[sweep.Outcome], not_run: list[str], fo
              "the consensus error, the workers' mean has drifted from it." +
              ("\n\nNot run (no rule yet for that fault):\n" + "\n".join(f"- {line}" for line in not_run) if not_run else ""))
     sweep.write_table(folder, "consensus", CONSENSUS_HEADER, rows, notes)
+    if not curves:  # no run with records: nothing to draw
+        return
     figure = Figure(figsize=(4 * min(len(curves), 3), 3.2 * math.ceil(len(curves) / 3)))
     for k, (method, lines) in enumerate(curves.items()):
         axes = figure.add_subplot(math.ceil(len(curves) / 3), min(len(curves), 3), k + 1)
@@ -171,8 +173,7 @@ def write_consensus_report(outcomes: list[sweep.Outcome], not_run: list[str], fo
         axes.set_xlabel("MB sent per worker", fontsize=8)
         axes.set_ylabel("distance to the starting mean / start", fontsize=8)
         axes.grid(alpha=0.3)
-    if curves:
-        figure.axes[0].legend(fontsize=7)
+    figure.axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(os.path.join(folder, "consensus.png"), dpi=110)
 

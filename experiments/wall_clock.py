@@ -31,11 +31,12 @@ import os
 import statistics
 import sys
 
+import torch
 from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report, sweep  # noqa: E402
-from powergossip import clock, configuration, figures, names, train  # noqa: E402
+from powergossip import clock, configuration, faults, figures, names, train  # noqa: E402
 from powergossip import comm as comm_module  # noqa: E402
 
 COMPUTE_SECONDS = 0.005  # a worker's compute per step at speed 1 (forward, backward and local step)
@@ -131,23 +132,34 @@ def traffic(run: sweep.Run, epochs: int) -> tuple[int, list]:
 
 
 def traffic_of(outcomes: list[sweep.Outcome], jobs: int) -> dict[tuple, tuple[int, list]]:
-    """{a synchronous run's overrides but its seed: traffic()} of the finished runs, `jobs` at a
-    time. Its seeds share one: with no faults, what a run sends depends on its shapes and graph,
-    not on its seed (train.traffic_trace); a trace takes a minute or two of CPU."""
-    epochs = {}
+    """{trace_key(run): traffic()} of the finished synchronous runs, `jobs` at a time (a trace
+    takes a minute or two of CPU)."""
+    epochs, runs = {}, {}
     for outcome in outcomes:
         if report.run_status(outcome) == "done" and "network" not in outcome.run.labels:
-            key = without_seed(outcome.run)
-            epochs[key] = max(epochs.get(key, 0), len(figures.curve(sweep.metrics(outcome), "accuracy", "test_avg")))
-    runs = {key: sweep.Run("trace", "train.py", list(key)) for key in epochs}
+            key = trace_key(outcome.run)
+            epochs[key] = max(epochs.get(key, 0), len(test_accuracy(sweep.metrics(outcome))))
+            runs.setdefault(key, outcome.run)
     if jobs <= 1:
         return {key: traffic(runs[key], epochs[key]) for key in epochs}
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=torch.set_num_threads, initargs=(max(1, os.cpu_count() // jobs),)) as pool:
         return dict(zip(epochs, pool.map(traffic, [runs[key] for key in epochs], list(epochs.values()))))
 
 
-def without_seed(run: sweep.Run) -> tuple:
+def trace_key(run: sweep.Run) -> tuple:
+    """Which runs share a traffic trace: without faults, what a run sends depends on its shapes
+    and graph, not on its seed (train.traffic_trace), so its seeds share one; with faults their
+    draws follow the seed, and each run has its own."""
+    cfg = configuration.apply_overrides(train._DEFAULTS, run.overrides)
+    if faults.settings_of(cfg).active:
+        return tuple(run.overrides)
     return tuple(o for o in run.overrides if not o.startswith("seed="))
+
+
+def test_accuracy(records: list[dict]) -> dict:
+    """{epoch: the averaged model's test accuracy} of a run's records."""
+    return {epoch: value for epoch, value, _ in figures.curve(records, "accuracy", "test_avg")}
 
 
 def timed_curves(outcome: sweep.Outcome, quick: bool, traffic_by_run: dict) -> dict[tuple[str, str], tuple[list, list]]:
@@ -156,7 +168,7 @@ def timed_curves(outcome: sweep.Outcome, quick: bool, traffic_by_run: dict) -> d
     records, a synchronous run's by timing its traffic trace (`traffic_by_run`, traffic_of's)
     under every condition."""
     records = sweep.metrics(outcome)
-    accuracy = {epoch: value for epoch, value, _ in figures.curve(records, "accuracy", "test_avg")}
+    accuracy = test_accuracy(records)
     labels = outcome.run.labels
     if "network" in labels:  # trained on the condition's clock
         times = {r["epoch"]: r["value"] for r in records if r["name"] == "simulated_time"}
@@ -164,7 +176,7 @@ def timed_curves(outcome: sweep.Outcome, quick: bool, traffic_by_run: dict) -> d
                                  and r["epoch"] == max(times)) for part in clock.StepClock.PARTS]
         return {(labels["network"], labels["workers"]): ([(times[e], accuracy[e]) for e in sorted(accuracy)], spent)}
     cfg, topology = train.checked(configuration.apply_overrides(train._DEFAULTS, outcome.run.overrides))
-    per_epoch, trace = traffic_by_run[without_seed(outcome.run)]
+    per_epoch, trace = traffic_by_run[trace_key(outcome.run)]
     timed = {}
     for network, kind in conditions(quick):
         timing = clock.StepClock(clock.ClockSettings(**clock_keys(network, kind, cfg["n_workers"])), topology, cfg["n_workers"],

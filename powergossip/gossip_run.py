@@ -124,7 +124,7 @@ config = {
     "optimizer_keep_ratio": None,  # top-k: fraction of entries kept, in (0, 1]; None: rank-matched to optimizer_rank
     "optimizer_qsgd_levels": 16,  # QSGD: quantization levels s
     "optimizer_one_step_delay": False,  # push-sum: overlapped SGP, messages added a round late
-    "optimizer_fill_missing": "start",  # relay-sum: what stands in for models not arrived: start (x^0) or latest (own last average)
+    "optimizer_fill_missing": "start",  # relay-sum's (train.py's key, known here too; gossip_run refuses relay-sum)
     "optimizer_diffusion_rate": None,  # gamma: a number or a list; None: 1 for methods that need no tuning, else the grid
     "hyperparameter_num_samples": 20,  # size of the log-uniform gamma grid (when optimizer_diffusion_rate is None)
     "hyperparameter_range_min": 1e-4,  # smallest gamma of the grid

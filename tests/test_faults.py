@@ -375,6 +375,18 @@ def test_relay_sum_fills_a_lost_message_as_computed_by_hand(fill_missing, last):
     assert comm.messages_lost.tolist() == [1, 0, 0] and comm.messages_sent.tolist() == [2, 4, 2]
 
 
+def test_relay_sum_latest_fill_is_each_present_workers_last_average():
+    """fill_missing=latest: after a round the fill is the mixed model of each worker present; a
+    worker away keeps its fill (x^0 here). The 3-chain from (3, 6, 9), worker 1 away: (1, 6, 3)."""
+    topology = faulty(topologies.build("chain", 3), offline_probability=0.5)
+    topology.faults.away = lambda t: np.array([False, t == 0, False])
+    method = methods.build("relay-sum", comm_module.Communicator(3, "cpu"), topology, fill_missing="latest")
+    x = torch.tensor([[3.0], [6.0], [9.0]], dtype=torch.float64)
+    method.start([torch.zeros_like(x)])
+    method.step([x])
+    assert x[:, 0].tolist() == [1.0, 6.0, 3.0] and method.fill[0][:, 0].tolist() == [1.0, 0.0, 3.0]
+
+
 def test_relay_sum_refuses_an_unknown_fill_before_any_work():
     with pytest.raises(ValueError, match="fill_missing must be one of start, latest .*got 'x0'"):
         methods.build("relay-sum", comm_module.Communicator(3, "cpu"), topologies.build("chain", 3), fill_missing="x0")

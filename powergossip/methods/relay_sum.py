@@ -23,10 +23,10 @@ class RelaySum(Method):
     and then x_i^{t+1} = (1/n) [x_i^{t+1/2} + sum_j m_{j->i}^t + (n - 1 - sum_j c_{j->i}^t) r_i]:
     worker k's term is its x_k^{t'+1/2} of d(i, k) - 1 rounds ago, the fill r_i standing in until
     it arrives. `fill_missing` picks r_i: "start" (the default, the paper's Algorithm 1) keeps
-    x^0 (`start`, else the parameters of the first round); "latest" takes worker i's own last
-    average x_i^t, as the RelaySGD paper's robustness runs do (epfml/relaysgd's
-    relaysum_model_update_ref_state): a gap then pulls a worker towards where it is rather than
-    back to x^0. On TwoTrees the first tree relays the even flat indices of every parameter,
+    x^0 (what `start()` was given, else the parameters of the first round); "latest" takes
+    worker i's own last average x_i^t, as the RelaySGD paper's robustness runs do
+    (epfml/relaysgd's relaysum_model_update_ref_state): a gap then pulls a worker towards where
+    it is rather than back to x^0. On TwoTrees the first tree relays the even flat indices of every parameter,
     the second the odd ones.
 
     Bytes per tree neighbour and step: the tree's share of the entries, plus one int32 count
