@@ -33,6 +33,7 @@ import sys
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report, sweep  # noqa: E402
@@ -216,7 +217,7 @@ def write_report(outcomes: list[sweep.Outcome], folder: str, quick: bool, jobs: 
     sweep.write_table(folder, "table", header, table, notes=" ".join([SIMULATED, PUBLISHED]))
     panels = conditions(quick)
     rows_and_columns = (len(panels), 1) if quick else (len(NETWORKS), len(WORKERS))  # full: a network per row
-    figure = Figure(figsize=(5 * rows_and_columns[1], 3.6 * rows_and_columns[0]))
+    figure = Figure(figsize=(5 * rows_and_columns[1], 3.6 * rows_and_columns[0]), layout="constrained")
     axes = figure.subplots(*rows_and_columns, squeeze=False).reshape(-1)
     for axis, (network, kind) in zip(axes, panels):
         lines = [(key, seeds) for key, seeds in rows.items() if key[2:] == (network, kind)]
@@ -224,6 +225,10 @@ def write_report(outcomes: list[sweep.Outcome], folder: str, quick: bool, jobs: 
             points = seeds[0][0]  # the first seed's curve
             axis.plot([t for t, _ in points], [a for _, a in points], label=f"{method}, {graph}", **style)
         axis.set_xscale("log")
+        # plain numbers at 1, 2 and 5 x 10^k: the default minor labels (2x10^0, 3x10^0, ...) ran into each other
+        axis.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        for formatter in (axis.xaxis.set_major_formatter, axis.xaxis.set_minor_formatter):
+            formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_title(f"{network}; workers {kind}", fontsize=9)
         axis.set_xlabel("simulated seconds (modelled cluster)")
         axis.set_ylabel("test accuracy (averaged model)")
