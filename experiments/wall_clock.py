@@ -123,44 +123,41 @@ def study_runs(quick: bool, extra: list[str], seeds: list[int] | None = None) ->
     return runs
 
 
-def traffic(run: sweep.Run, epochs: int) -> tuple[int, list]:
-    """(steps per epoch, train.traffic_trace of the first `epochs` epochs) of a synchronous run."""
-    cfg, topology = train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
+def checked(run: sweep.Run) -> tuple[dict, object]:
+    """(the run's configuration, its topology), as train.py checked them."""
+    return train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
+
+
+def traffic(run: sweep.Run) -> tuple[int, list]:
+    """(steps per epoch, train.traffic_trace of all its epochs) of a synchronous run."""
+    cfg, topology = checked(run)
     dataset, loader = train.load_data(cfg, comm_module.Communicator(cfg["n_workers"], "cpu"))  # as the run had them
     per_epoch = train.epoch_length(cfg, loader)
     shapes = [p.shape for p in train.build_model(cfg, dataset).parameters()]
-    return per_epoch, train.traffic_trace(cfg, topology, shapes, epochs * per_epoch)
+    return per_epoch, train.traffic_trace(cfg, topology, shapes, cfg["num_epochs"] * per_epoch)
 
 
 def traffic_of(outcomes: list[sweep.Outcome], jobs: int) -> dict[tuple, tuple[int, list]]:
     """{trace_key(run): traffic()} of the finished synchronous runs, `jobs` at a time (a trace
     takes a minute or two of CPU)."""
-    epochs, runs = {}, {}
+    runs = {}
     for outcome in outcomes:
         if report.run_status(outcome) == "done" and "network" not in outcome.run.labels:
-            key = trace_key(outcome.run)
-            epochs[key] = max(epochs.get(key, 0), len(test_accuracy(sweep.metrics(outcome))))
-            runs.setdefault(key, outcome.run)
+            runs.setdefault(trace_key(outcome.run), outcome.run)
     if jobs <= 1:
-        return {key: traffic(runs[key], epochs[key]) for key in epochs}
+        return {key: traffic(run) for key, run in runs.items()}
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=torch.set_num_threads, initargs=(max(1, os.cpu_count() // jobs),)) as pool:
-        return dict(zip(epochs, pool.map(traffic, [runs[key] for key in epochs], list(epochs.values()))))
+        return dict(zip(runs, pool.map(traffic, runs.values())))
 
 
 def trace_key(run: sweep.Run) -> tuple:
     """Which runs share a traffic trace: without faults, what a run sends depends on its shapes
     and graph, not on its seed (train.traffic_trace), so its seeds share one; with faults their
     draws follow the seed, and each run has its own."""
-    cfg = configuration.apply_overrides(train._DEFAULTS, run.overrides)
-    if faults.settings_of(cfg).active:
+    if faults.settings_of(checked(run)[0]).active:
         return tuple(run.overrides)
     return tuple(o for o in run.overrides if not o.startswith("seed="))
-
-
-def test_accuracy(records: list[dict]) -> dict:
-    """{epoch: the averaged model's test accuracy} of a run's records."""
-    return {epoch: value for epoch, value, _ in figures.curve(records, "accuracy", "test_avg")}
 
 
 def timed_curves(outcome: sweep.Outcome, quick: bool, traffic_by_run: dict) -> dict[tuple[str, str], tuple[list, list]]:
@@ -169,14 +166,14 @@ def timed_curves(outcome: sweep.Outcome, quick: bool, traffic_by_run: dict) -> d
     records, a synchronous run's by timing its traffic trace (`traffic_by_run`, traffic_of's)
     under every condition."""
     records = sweep.metrics(outcome)
-    accuracy = test_accuracy(records)
+    accuracy = {epoch: value for epoch, value, _ in figures.curve(records, "accuracy", "test_avg")}
     labels = outcome.run.labels
     if "network" in labels:  # trained on the condition's clock
         times = {r["epoch"]: r["value"] for r in records if r["name"] == "simulated_time"}
         spent = [statistics.mean(r["value"] for r in records if r["name"] == f"simulated_{part}" and "worker" in r["tags"]
                                  and r["epoch"] == max(times)) for part in clock.StepClock.PARTS]
         return {(labels["network"], labels["workers"]): ([(times[e], accuracy[e]) for e in sorted(accuracy)], spent)}
-    cfg, topology = train.checked(configuration.apply_overrides(train._DEFAULTS, outcome.run.overrides))
+    cfg, topology = checked(outcome.run)
     per_epoch, trace = traffic_by_run[trace_key(outcome.run)]
     timed = {}
     for network, kind in conditions(quick):
@@ -227,8 +224,8 @@ def write_report(outcomes: list[sweep.Outcome], folder: str, quick: bool, jobs: 
         axis.set_xscale("log")
         # plain numbers at 1, 2 and 5 x 10^k: the default minor labels (2x10^0, 3x10^0, ...) ran into each other
         axis.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-        for formatter in (axis.xaxis.set_major_formatter, axis.xaxis.set_minor_formatter):
-            formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_title(f"{network}; workers {kind}", fontsize=9)
         axis.set_xlabel("simulated seconds (modelled cluster)")
         axis.set_ylabel("test accuracy (averaged model)")

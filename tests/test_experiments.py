@@ -504,7 +504,7 @@ def test_wall_clock_study_traces_one_seed_for_all(tiny_data):
         for seed in (1, 2):
             run = sweep.Run("trace", "train.py", wall_clock.COMMON + [f"seed={seed}", f"topology={graphs[-1]}"] + wall_clock.QUICK
                             + overrides + TINY + [f"data_dir={tiny_data}"])
-            traces.append(wall_clock.traffic(run, 1)[1])
+            traces.append(wall_clock.traffic(run)[1])
         as_lists = [[[(list(s), None if r is None else list(r), bits) for s, r, bits in exchanges] + [gossiped]
                      for exchanges, gossiped in trace] for trace in traces]
         assert as_lists[0] == as_lists[1] and any(step[:-1] for step in as_lists[0]), name

@@ -26,8 +26,8 @@ class RelaySum(Method):
     x^0 (what `start()` was given, else the parameters of the first round); "latest" takes
     worker i's own last average x_i^t, as the RelaySGD paper's robustness runs do
     (epfml/relaysgd's relaysum_model_update_ref_state): a gap then pulls a worker towards where
-    it is rather than back to x^0. On TwoTrees the first tree relays the even flat indices of every parameter,
-    the second the odd ones.
+    it is rather than back to x^0. On TwoTrees the first tree relays the even flat indices of
+    every parameter, the second the odd ones.
 
     Bytes per tree neighbour and step: the tree's share of the entries, plus one int32 count
     per tree. State: the fill r_i, the last messages and counts received on every half-edge.
