@@ -129,6 +129,15 @@ CONSENSUS_HEADER = ["method", "faults", "consensus error at the end / at the sta
                     "distance to the starting mean at the end / the starting error", "MB sent per worker"]
 
 
+def consensus_overrides(overrides: list[str]) -> list[str]:
+    """The study's overrides that its consensus part takes: those gossip_run.py knows (seed=...; the
+    others are train.py's), but not where the training part runs (device=, data_dir=: the
+    consensus part gossips random matrices, a minute of CPU), so that a launch on a GPU skips the
+    consensus runs made on the CPU before (with device=cuda they would have other arguments, and
+    the sweep would refuse them)."""
+    return [o for o in overrides if o.split("=")[0] in gossip_run.DEFAULTS and o.split("=")[0] not in ("device", "data_dir")]
+
+
 def consensus_runs(quick: bool, extra: list[str]):
     """(gossip_run.py runs of every consensus method under every fault setting, the pairs not run with why)."""
     taken, not_run = planned(quick, CONSENSUS_METHODS, QUICK_CONSENSUS_METHODS, extra, method_key="algorithm")
@@ -190,8 +199,7 @@ def main():
     parser.add_argument("--consensus-only", action="store_true", help="only the consensus part (gossip_run.py, CPU: a minute)")
     args = parser.parse_args()
     folder = sweep.study_folder(args, "unreliable")
-    # the overrides gossip_run.py knows (device=..., seed=...): the others are train.py's
-    consensus, consensus_not_run = consensus_runs(args.quick, [o for o in args.overrides if o.split("=")[0] in gossip_run.DEFAULTS])
+    consensus, consensus_not_run = consensus_runs(args.quick, consensus_overrides(args.overrides))
     outcomes = sweep.launch_or_collect(args, consensus, folder)  # into folder/runs, beside the training runs
     if all(outcome.status == "missing" for outcome in outcomes):  # --report-only without them: keep the tables written before
         print(f"consensus part: none of its runs is in {os.path.join(folder, 'runs')}; consensus.md and .png left as they were")

@@ -12,10 +12,12 @@ simulated clock (clock.py's settings: speeds, stragglers, latency, bandwidth):
   u(seed, k, i) < straggler_probability (clock.SimulatedClock.straggling keyed by the
   worker's own gradient count k), so it ends at t + c_i(k).
 - "finish" of that gradient, the run's e-th (e = 0, 1, ...): its partner j is drawn uniformly
-  among i's neighbours in the topology's graph at e (topology.at(e)), from the stream keyed by
-  (seed, PARTNER_STREAM, e); the caller averages x_i and x_j and applies i's gradient (a
-  gradient computed at a model that may have changed since: the staleness of asynchrony); a
-  worker without a neighbour in that graph (an odd random matching) applies it alone, at no cost.
+  among i's neighbours in the topology's graph at i's own count k (topology.at(k): a graph over
+  time is a schedule of each worker's iterations, as in a synchronous run, where round k is
+  every worker's k-th step), from the stream keyed by (seed, PARTNER_STREAM, e); the caller
+  averages x_i and x_j and applies i's gradient (a gradient computed at a model that may have
+  changed since: the staleness of asynchrony); a worker without a neighbour in that graph (an
+  odd random matching) applies it alone, at no cost.
   One model message goes each way: i waits until both are in, latency + bits / bandwidth of
   the link {i, j}, and starts its next gradient then; j does not stop computing.
 
@@ -89,9 +91,9 @@ class EventClock:
         seconds = self.settings.worker_step_seconds / self.clock.speed[worker]
         return seconds * (self.settings.straggler_slowdown if straggles else 1.0)
 
-    def neighbours(self, event: int) -> list[np.ndarray]:
-        """Each worker's neighbours in the graph of event `event`."""
-        graph = self.topology.at(event)
+    def neighbours(self, gradient: int) -> list[np.ndarray]:
+        """Each worker's neighbours in the graph of its gradient number `gradient`."""
+        graph = self.topology.at(gradient)
         known = self._neighbours.get(id(graph))
         if known is None or known[0] is not graph:
             linked = graph.diffusion_matrix > 0
@@ -99,11 +101,15 @@ class EventClock:
             known = self._neighbours[id(graph)] = (graph, [np.flatnonzero(linked[:, i] | linked[i]) for i in range(self.n_workers)])
         return known[1]
 
-    def partner(self, event: int, worker: int) -> int | None:
-        """A neighbour of `worker`, uniformly, from the stream keyed by (seed, PARTNER_STREAM, event)."""
-        candidates = self.neighbours(event)[worker]
+    def partner(self, event: int, worker: int, gradient: int) -> int | None:
+        """A neighbour of `worker` in the graph of its gradient number `gradient`, uniformly, from the
+        stream keyed by (seed, PARTNER_STREAM, event). The graph follows the worker's own count, not
+        the event number: with equal speeds the events come in batches of n, and a graph of period
+        dividing n indexed by event number would give each worker the same graph at every batch
+        (on a 16-worker one-peer hypercube, four groups that never mixed)."""
+        candidates = self.neighbours(gradient)[worker]
         if not len(candidates):
-            return None  # alone in this event's graph (an odd random matching, a schedule): it steps alone
+            return None  # alone in its graph (an odd random matching, a schedule): it steps alone
         draw = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, PARTNER_STREAM, event])))
         return int(candidates[draw.integers(len(candidates))])
 
@@ -119,7 +125,8 @@ class EventClock:
             heapq.heappush(self.queue, (time + seconds, worker, FINISH))
             return Event(time, worker, True, gradient)
         index, self.finished = self.finished, self.finished + 1
-        partner = self.partner(index, worker)
+        gradient = int(self.gradients[worker]) - 1  # the gradient ending: its worker has started no other
+        partner = self.partner(index, worker, gradient)
         self.spent[0, worker] += self.computing[worker]
         sending, latency = 0.0, 0.0  # alone: no exchange
         if partner is not None:
@@ -130,7 +137,7 @@ class EventClock:
         exchanged = time + sending + latency
         self.now = max(self.now, exchanged)  # the gradient counts once it is applied, after the average
         heapq.heappush(self.queue, (exchanged, worker, START))
-        return Event(time, worker, False, int(self.gradients[worker]) - 1, index, partner)
+        return Event(time, worker, False, gradient, index, partner)
 
     def state_dict(self) -> dict:
         """The queue, every worker's gradient count (its data position), the events and times so far."""

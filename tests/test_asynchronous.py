@@ -77,6 +77,22 @@ def test_the_same_configuration_gives_the_same_events_and_a_saved_queue_goes_on_
     assert [first.next() for _ in range(200)] == [resumed.next() for _ in range(200)]
 
 
+def test_a_graph_over_time_follows_each_workers_own_gradient_count():
+    # 16 equal workers on a one-peer hypercube: the k-th gradients all end together, and each pairs
+    # across dimension k mod 4, as round k of a synchronous run (indexed by the event number, each
+    # worker kept one dimension forever: four groups that never mixed)
+    clock = events(topologies.build("one_peer_hypercube", 16), worker_step_seconds=1.0, **NO_NETWORK)
+    ends = finishes(clock, 16 * 8)
+    for k in range(8):
+        assert [(w, p) for _, w, p, _ in ends[16 * k:16 * (k + 1)]] == [(w, w ^ 2 ** (k % 4)) for w in range(16)]
+    faster = events(topologies.build("one_peer_hypercube", 16), worker_step_seconds=1.0,
+                    worker_speeds=[1.0] * 8 + [2.0] * 8, **NO_NETWORK)
+    counts = np.zeros(16, dtype=int)
+    for _, worker, partner, _ in finishes(faster, 200):  # each worker's k-th partner: across dimension k mod 4
+        assert partner == worker ^ 2 ** (counts[worker] % 4)
+        counts[worker] += 1
+
+
 def test_pairwise_averages_keep_the_mean_and_reach_it():
     ring = topologies.build("ring", 8)
     comm = comm_module.Communicator(8, "cpu")

@@ -187,6 +187,15 @@ def test_unreliable_study_defines_the_issues_grid_and_names_what_it_cannot_run()
         train.checked(configuration.apply_overrides(train._DEFAULTS, run.overrides))
 
 
+def test_unreliable_consensus_part_runs_on_the_cpu_wherever_the_training_part_runs():
+    # a GPU launch must find the consensus runs made on the CPU before (`--consensus-only`) as they were
+    overrides = ["device=cuda", "stacked_compute=graph", "data_dir=/data", "seed=3"]
+    assert unreliable.consensus_overrides(overrides) == ["seed=3"]
+    on_gpu, _ = unreliable.consensus_runs(False, unreliable.consensus_overrides(overrides))
+    on_cpu, _ = unreliable.consensus_runs(False, unreliable.consensus_overrides(["seed=3"]))
+    assert [r.overrides for r in on_gpu] == [r.overrides for r in on_cpu] and len(on_gpu) == 45
+
+
 def test_unreliable_report_only_keeps_the_consensus_report_when_its_runs_are_not_there(tmp_path):
     (tmp_path / "consensus.md").write_text("written before")
     result = subprocess.run([sys.executable, unreliable.__file__, "--quick", "--report-only", "--output", str(tmp_path)],
