@@ -135,7 +135,8 @@ def consensus_overrides(overrides: list[str]) -> list[str]:
     consensus part gossips random matrices, a minute of CPU), so that a launch on a GPU skips the
     consensus runs made on the CPU before (with device=cuda they would have other arguments, and
     the sweep would refuse them)."""
-    return [o for o in overrides if o.split("=")[0] in gossip_run.DEFAULTS and o.split("=")[0] not in ("device", "data_dir")]
+    taken = gossip_run.DEFAULTS.keys() - {"device", "data_dir"}
+    return [o for o in overrides if o.split("=")[0] in taken]
 
 
 def consensus_runs(quick: bool, extra: list[str]):
