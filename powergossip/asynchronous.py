@@ -83,7 +83,6 @@ class EventClock:
         self.now = 0.0
         self.spent = np.zeros((len(self.PARTS), self.n_workers))
         self.computing = np.zeros(self.n_workers)  # the seconds of each worker's gradient under way (spent when it ends)
-        self._neighbours = {}  # id(graph) -> (graph, neighbour lists)
 
     def compute_seconds(self, worker: int, gradient: int) -> float:
         """c_i(k): worker i's k-th gradient, straggling or not."""
@@ -91,24 +90,12 @@ class EventClock:
         seconds = self.settings.worker_step_seconds / self.clock.speed[worker]
         return seconds * (self.settings.straggler_slowdown if straggles else 1.0)
 
-    def neighbours(self, gradient: int) -> list[np.ndarray]:
-        """Each worker's neighbours in the graph of its gradient number `gradient`."""
-        graph = self.topology.at(gradient)
-        known = self._neighbours.get(id(graph))
-        if known is None or known[0] is not graph:
-            linked = graph.diffusion_matrix > 0
-            np.fill_diagonal(linked, False)
-            known = self._neighbours[id(graph)] = (graph, [np.flatnonzero(linked[:, i] | linked[i]) for i in range(self.n_workers)])
-        return known[1]
-
     def partner(self, event: int, worker: int, gradient: int) -> int | None:
-        """A neighbour of `worker` in the graph of its gradient number `gradient`, uniformly, from the
-        stream keyed by (seed, PARTNER_STREAM, event). The graph follows the worker's own count, not
-        the event number: with equal speeds the events come in batches of n, and a graph of period
-        dividing n indexed by event number would give each worker the same graph at every batch
-        (on a 16-worker one-peer hypercube, four groups that never mixed)."""
-        candidates = self.neighbours(gradient)[worker]
-        if not len(candidates):
+        """A neighbour of `worker` in the graph of its gradient number `gradient` (its own count, not
+        the event number: the module's docstring), uniformly, from the stream keyed by
+        (seed, PARTNER_STREAM, event)."""
+        candidates = self.topology.at(gradient).neighbors(worker)
+        if not candidates:
             return None  # alone in its graph (an odd random matching, a schedule): it steps alone
         draw = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, PARTNER_STREAM, event])))
         return int(candidates[draw.integers(len(candidates))])
