@@ -404,8 +404,13 @@ def evaluate(model, dataset, cfg) -> torch.Tensor:
     """Test loss and accuracy (perplexity-ready mean loss per token for the language model) over
     exactly the first min(max_test_examples, test set) examples, for any evaluation batch size:
     images in order; the language model's predicted tokens window by window, a window's row by row.
+    At the training's precision: with dtype=bfloat16 under bfloat16 autocast, as the steps run
+    (models/stacked.py), on a GPU with the images channels_last, the steps' layout.
     A float64 tensor [loss, accuracy] on the model's device, not waited for."""
     model.eval()
+    device = next(model.parameters()).device
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16")
+    channels_last = cfg["dtype"] == "bfloat16" and device.type == "cuda"
     sums, count = None, 0  # [loss, correct] in float64 on the model's device: the host never waits here
     hidden = None
     limit = math.inf if cfg["max_test_examples"] is None else cfg["max_test_examples"]
@@ -418,13 +423,15 @@ def evaluate(model, dataset, cfg) -> torch.Tensor:
         if room <= 0:
             break
         if dataset.is_language_model:
-            logits, hidden = model(x, hidden)
+            with precision:
+                logits, hidden = model(x, hidden)
             if y.numel() > room:  # the window's first `room` predictions
                 logits, y = logits.reshape(y.numel(), -1)[:room], y.reshape(-1)[:room]
         else:
             if len(y) > room:
                 x, y = x[:room], y[:room]
-            logits = model(x)
+            with precision:
+                logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         loss, right = loss_and_correct(logits, y, reduction="sum")
         batch = torch.stack([loss.double(), right.double()])  # float32 loss and integer count, exact in float64
         sums, count = batch if sums is None else sums + batch, count + y.numel()  # batch by batch, in order

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -753,13 +754,40 @@ class Checkpoints:
     configuration, the fingerprint of the files that define it), which is all this class
     reads (of the rest it checks only that every tensor is finite; `agreed`'s `check` is the
     run's), and whatever the run keeps beside it (train.py's `snapshot`): what
-    torch.load(weights_only=True) reads back (tensors, numbers, strings, lists, dicts, None)."""
+    torch.load(weights_only=True) reads back (tensors, numbers, strings, lists, dicts, None).
+
+    A save is written by a thread of its own from a host copy of the state, while the run
+    trains on (serializing and syncing to disk cost an H100 run about a tenth of a second
+    with the device idle); `wait()` returns once it is on disk, and leaving the context
+    (`with checkpoints:`), however the run ends, waits for it."""
 
     def __init__(self, folder: str, comm, fingerprint: dict | None = None):
         self.folder, self.comm, self.fingerprint = folder, comm, fingerprint  # fingerprint: of the files that define the run
         self.path = os.path.join(folder, f"rank{comm.process_index}.pt")
         self.previous = os.path.join(folder, f"rank{comm.process_index}.previous.pt")
-        self.last = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed
+        self._last = None  # (epoch, step) of the checkpoint on disk that this run wrote or resumed
+        self._writing = None  # (the thread writing a save, its (epoch, step), [what stopped it]) until waited for
+
+    @property
+    def last(self) -> tuple[int, int] | None:
+        """(epoch, step) of the checkpoint on disk that this run wrote or resumed, once the save
+        under way has ended (its error is left for `wait` to raise)."""
+        if self._writing is not None:
+            thread, where, failure = self._writing
+            thread.join()
+            if not failure:
+                return where
+        return self._last
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.wait()
+        else:  # the run's own error is the one to see; the save still ends whole (or not at all)
+            with contextlib.suppress(Exception):
+                self.wait()
 
     def header(self, epoch: int, step_in_epoch: int, run: dict) -> dict:
         """What a save starts with: `epoch` whole epochs and `step_in_epoch` steps of the next done,
@@ -770,11 +798,34 @@ class Checkpoints:
                 "run": run, "fingerprint": self.fingerprint}
 
     def save(self, state: dict) -> None:
-        """Writes `state` (a header and the run's own entries); a non-finite float in it is refused."""
+        """Writes `state` (a header and the run's own entries) in the background, from a copy
+        on the host taken now: the run may change its tensors as soon as this returns. A
+        non-finite float in it is refused here; an error while writing is raised by the next
+        `save` or `wait`."""
         check_finite(state)
+        self.wait()  # one save at a time: the one before is whole on disk first
         os.makedirs(self.folder, exist_ok=True)
-        write_atomically(self.path, state, previous=self.previous)
-        self.last = (state["epoch"], state["step_in_epoch"])
+        copy, failure = _on_host(state), []
+
+        def write():
+            try:
+                write_atomically(self.path, copy, previous=self.previous)
+            except BaseException as problem:  # raised where the run waits for the save
+                failure.append(problem)
+        thread = threading.Thread(target=write, name=f"checkpoint {self.path}")
+        thread.start()
+        self._writing = (thread, (state["epoch"], state["step_in_epoch"]), failure)
+
+    def wait(self) -> None:
+        """Returns once the save under way (if any) is on disk; raises what stopped it."""
+        if self._writing is None:
+            return
+        thread, where, failure = self._writing
+        thread.join()
+        self._writing = None
+        if failure:
+            raise failure[0]
+        self._last = where
 
     def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...], check=None) -> dict:
         """The save every process resumes from, agreed before any process loads: the newest
@@ -835,7 +886,7 @@ class Checkpoints:
             stored = defaults | state["run"]["config"]
             self._check_same_run(stored, cfg, defaults, may_change)
         self._check_same_files(state.get("fingerprint"))
-        self.last = (state["epoch"], state["step_in_epoch"])
+        self._last = (state["epoch"], state["step_in_epoch"])
         return state
 
     def _check_same_files(self, then: dict | None) -> None:
@@ -983,18 +1034,35 @@ def _describe(found) -> str:
     return f"{position(found[0], found[1])} of run {found[2]}"
 
 
+def _tensors(value):
+    """Every tensor in `value` (dicts, lists, tuples of them), in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _on_host(value):
+    """`value` (dicts, lists, tuples of tensors and other values) with a host copy of every
+    tensor: what a device holds is copied once the device has reached this point, and a host
+    tensor is cloned, so the copy keeps the values of now."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.device.type == "cpu" else value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_host(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        copies = [_on_host(v) for v in value]
+        return copies if isinstance(value, list) else tuple(copies)
+    return value
+
+
 def _finite(state) -> bool:
     """Whether every float tensor in `state` (dicts, lists, tuples of them) is finite."""
-    def tensors(value):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from tensors(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                yield from tensors(v)
-    floats = [t for t in tensors(state) if t.is_floating_point()]
+    floats = [t for t in _tensors(state) if t.is_floating_point()]
     return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
 
 

@@ -242,8 +242,9 @@ def main():
         runs.write_config(folder, cfg)
 
     loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
-    # The signal handlers before the run come back however it ends; an error after a divergence is reported as it.
-    with runs.StopRequests() as stop, recorder.written_at_exit(loss_check.finish):
+    # The signal handlers before the run come back however it ends; an error after a divergence is reported as it;
+    # a checkpoint written in the background is on disk before the run returns or raises.
+    with checkpoints, runs.StopRequests() as stop, recorder.written_at_exit(loss_check.finish):
         timers = runs.Timers(comm.device)
         progress = runs.Progress(is_root, cfg["num_epochs"], steps_per_epoch, start_epoch * steps_per_epoch + start_step,
                                  started)
@@ -294,6 +295,7 @@ def main():
                         recorder.flush()  # the records before the state they lead to
                         checkpoints.save(snapshot(checkpoints, epoch, done, workers, momenta, method, comm, totals, run_id,
                                                   cfg, loss_check, started, timing, pending))
+                        checkpoints.wait()
                         if is_root:
                             print(f"\nstopped by a signal at {runs.position(epoch, done)} (events); checkpoint in "
                                   f"{checkpoints.folder}; continue with resume=true", flush=True)
@@ -329,6 +331,7 @@ def main():
                         recorder.flush()
                         checkpoints.save(snapshot(checkpoints, epoch, step + 1, workers, momenta, method, comm, totals, run_id,
                                                   cfg, loss_check, started, timing))
+                        checkpoints.wait()
                         comm.barrier()
                         if is_root:
                             print(f"\nstopped by a signal at {runs.position(epoch, step + 1)}; checkpoint in "

@@ -64,7 +64,8 @@ def test_max_test_examples_is_exact_for_any_evaluation_batch_size():
     model = models.build("small_cnn", in_channels=1, num_classes=10, image_size=28)
 
     def evaluated(max_test_examples, batch):
-        return metrics.evaluate(model, dataset, {"max_test_examples": max_test_examples, "evaluation_batch_size": batch}).tolist()
+        return metrics.evaluate(model, dataset, {"max_test_examples": max_test_examples, "evaluation_batch_size": batch,
+                                                 "dtype": "float32"}).tolist()
 
     first_200, everything = evaluated(200, 200), evaluated(None, 1000)
     assert everything[1] != first_200[1]  # the limit matters here
@@ -72,6 +73,31 @@ def test_max_test_examples_is_exact_for_any_evaluation_batch_size():
     assert evaluated(200, 64)[1] == first_200[1]  # 64 + 64 + 64 + 8
     assert evaluated(200, 10**9)[1] == first_200[1]
     assert evaluated(5000, 300) == pytest.approx(everything)  # a limit beyond the test set: all of it
+
+
+def test_the_test_runs_at_the_trainings_precision():
+    """dtype=bfloat16 trains under bfloat16 autocast, and the test runs under it too; its loss
+    and accuracy stay near float32's for a model that has learned its test set (memorized here:
+    random images have nothing else to learn; its logits are far from ties)."""
+    dataset = data.load("synthetic", num_train=8, num_test=200, in_channels=1, image_size=28, seed=0)
+    torch.manual_seed(0)
+    model = models.build("small_cnn", in_channels=1, num_classes=10, image_size=28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(dataset.normalize(dataset.test_x)), dataset.test_y).backward()
+        optimizer.step()
+    precisions = []
+    forward = model.forward
+    model.forward = lambda x: (precisions.append(torch.is_autocast_enabled("cpu")), forward(x))[1]
+    settings = {"max_test_examples": None, "evaluation_batch_size": 50}
+    full = metrics.evaluate(model, dataset, settings | {"dtype": "float32"}).tolist()
+    assert precisions == [False] * 4
+    half = metrics.evaluate(model, dataset, settings | {"dtype": "bfloat16"}).tolist()
+    assert precisions[4:] == [True] * 4
+    assert full[1] > 0.5  # learned: chance is 0.1
+    assert half[1] == pytest.approx(full[1], abs=0.02)  # at most 4 of the 200 predictions differ
+    assert half[0] == pytest.approx(full[0], rel=0.05)
 
 
 def test_a_resume_that_fails_keeps_the_finished_runs_summary(tmp_path, tiny_data):

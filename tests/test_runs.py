@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 import traceback
 
@@ -408,6 +409,38 @@ def test_a_non_finite_state_is_never_written(tmp_path):
     with pytest.raises(FloatingPointError, match="not finite"):
         checkpoints.save(state)
     assert not os.listdir(tmp_path)
+
+
+def test_a_save_keeps_the_values_it_was_given_and_its_error_comes_at_the_wait(tmp_path, monkeypatch):
+    """The file is written in the background from a copy: the run changes its tensors at once,
+    and the file holds the values of the save; a failed write is raised where the run waits."""
+    checkpoints = runs.Checkpoints(str(tmp_path), type("Comm", (), {"process_index": 0})())
+    params = torch.ones(3)
+    started, release = threading.Event(), threading.Event()
+    write = runs.write_atomically
+
+    def slow(*args, **kwargs):  # the write under way while the run goes on
+        started.set()
+        release.wait(timeout=60)
+        write(*args, **kwargs)
+    monkeypatch.setattr(runs, "write_atomically", slow)
+    with checkpoints:
+        checkpoints.save({"epoch": 1, "step_in_epoch": 0, "params": [params]})
+        assert started.wait(timeout=60)
+        params.add_(1.0)  # the next steps
+        release.set()
+    assert checkpoints.last == (1, 0)
+    assert torch.equal(torch.load(tmp_path / "rank0.pt", weights_only=True)["params"][0], torch.ones(3))
+
+    def failing(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(runs, "write_atomically", failing)
+    checkpoints.save({"epoch": 2, "step_in_epoch": 0, "params": [params]})
+    assert checkpoints.last == (1, 0)  # the one on disk
+    with pytest.raises(OSError, match="No space"):
+        checkpoints.wait()
+    with pytest.raises(OSError, match="No space"), checkpoints:  # leaving the context raises it too
+        checkpoints.save({"epoch": 2, "step_in_epoch": 0, "params": [params]})
 
 
 # --- 4. checkpoint integrity ------------------------------------------------------------------------

@@ -131,9 +131,12 @@ class StackedReplicas:
         """A standalone model holding copies of the given per-parameter / per-buffer tensors (e.g.
         averages). It is one copy of the template, made on the first call and refilled on every
         call (a deep copy per epoch cost an H100 13 ms, a third of the test pass it served):
-        use it before the next call."""
+        use it before the next call. Under bfloat16 autocast on a GPU an image model's weights
+        are channels_last, as the test's images are (metrics.evaluate)."""
         if self._standalone is None:
             self._standalone = copy.deepcopy(self.template)
+            if self.autocast_dtype is not None and self.params[0].is_cuda and not self.language_model:
+                self._standalone.to(memory_format=torch.channels_last)
         state = dict(zip(self.parameter_names, params)) | dict(zip(self.buffer_names, buffers))
         self._standalone.load_state_dict(state, strict=False)
         return self._standalone
