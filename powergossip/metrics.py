@@ -405,7 +405,8 @@ def evaluate(model, dataset, cfg) -> torch.Tensor:
     exactly the first min(max_test_examples, test set) examples, for any evaluation batch size:
     images in order; the language model's predicted tokens window by window, a window's row by row.
     At the training's precision: with dtype=bfloat16 under bfloat16 autocast, as the steps run
-    (models/stacked.py), on a GPU with the images channels_last, the steps' layout.
+    (models/stacked.py), on a GPU with the images channels_last, as stacked_compute=graph's steps
+    take them.
     A float64 tensor [loss, accuracy] on the model's device, not waited for."""
     model.eval()
     device = next(model.parameters()).device

@@ -785,9 +785,10 @@ class Checkpoints:
     def __exit__(self, kind, error, trace) -> None:
         if kind is None:
             self.wait()
-        else:  # the run's own error is the one to see; the save still ends whole (or not at all)
-            with contextlib.suppress(Exception):
-                self.wait()
+            return
+        failure = self._ended()  # the run's own error is the one raised; the save still ends whole or not at all
+        if failure is not None:
+            error.add_note(f"Also, writing the checkpoint {self.path} failed: {failure!r}")
 
     def header(self, epoch: int, step_in_epoch: int, run: dict) -> dict:
         """What a save starts with: `epoch` whole epochs and `step_in_epoch` steps of the next done,
@@ -800,32 +801,47 @@ class Checkpoints:
     def save(self, state: dict) -> None:
         """Writes `state` (a header and the run's own entries) in the background, from a copy
         on the host taken now: the run may change its tensors as soon as this returns. A
-        non-finite float in it is refused here; an error while writing is raised by the next
-        `save` or `wait`."""
+        non-finite float in it is refused here. An error while writing is raised by `check`
+        once the write has ended, or by the next `save` (after it has started its own write)
+        or `wait`."""
         check_finite(state)
-        self.wait()  # one save at a time: the one before is whole on disk first
+        earlier = self._ended()  # one save at a time: the one before is whole on disk first
         os.makedirs(self.folder, exist_ok=True)
         copy, failure = _on_host(state), []
 
         def write():
             try:
                 write_atomically(self.path, copy, previous=self.previous)
-            except BaseException as problem:  # raised where the run waits for the save
+            except BaseException as problem:  # raised where the run checks or waits for the save
                 failure.append(problem)
         thread = threading.Thread(target=write, name=f"checkpoint {self.path}")
         thread.start()
         self._writing = (thread, (state["epoch"], state["step_in_epoch"]), failure)
+        if earlier is not None:
+            raise earlier
 
     def wait(self) -> None:
         """Returns once the save under way (if any) is on disk; raises what stopped it."""
+        failure = self._ended()
+        if failure is not None:
+            raise failure
+
+    def check(self) -> None:
+        """Raises what stopped the save in the background if it has ended so; never waits."""
+        if self._writing is not None and not self._writing[0].is_alive():
+            self.wait()
+
+    def _ended(self) -> BaseException | None:
+        """Waits for the save under way (if any); what stopped it, or None once it is on disk."""
         if self._writing is None:
-            return
+            return None
         thread, where, failure = self._writing
         thread.join()
         self._writing = None
         if failure:
-            raise failure[0]
+            return failure[0]
         self._last = where
+        return None
 
     def agreed(self, cfg: dict, defaults: dict, may_change: tuple[str, ...], check=None) -> dict:
         """The save every process resumes from, agreed before any process loads: the newest

@@ -242,9 +242,9 @@ def main():
         runs.write_config(folder, cfg)
 
     loss_check = runs.LossCheck(comm, checkpoints, cfg["max_loss_ratio"], initial_loss)
-    # The signal handlers before the run come back however it ends; an error after a divergence is reported as it;
-    # a checkpoint written in the background is on disk before the run returns or raises.
-    with checkpoints, runs.StopRequests() as stop, recorder.written_at_exit(loss_check.finish):
+    # The signal handlers before the run come back however it ends, after a checkpoint written in the background is on
+    # disk; an error after a divergence is reported as it.
+    with runs.StopRequests() as stop, checkpoints, recorder.written_at_exit(loss_check.finish):
         timers = runs.Timers(comm.device)
         progress = runs.Progress(is_root, cfg["num_epochs"], steps_per_epoch, start_epoch * steps_per_epoch + start_step,
                                  started)
@@ -351,6 +351,7 @@ def main():
             recorder.then.append(functools.partial(progress.end_of_epoch, epoch + 1, recorder))
             # On a GPU the records wait for the test of the averaged model, which runs beside the next epoch's first
             # steps (metrics.Recorder.aside); a checkpoint waits for them, as does the run's end.
+            checkpoints.check()  # a checkpoint that could not be written stops the run when found, not at the next save
             saving = cfg["checkpoint_every"] and (epoch + 1) % cfg["checkpoint_every"] == 0
             recorder.flush(if_ready=not saving)  # a save waits for the records, so for every worker's verdict
             if saving:
@@ -360,6 +361,7 @@ def main():
                 checkpoints.save(snapshot(checkpoints, epoch + 1, 0, workers, momenta, method, comm, None, run_id, cfg,
                                           loss_check, started, timing, pending))
 
+        checkpoints.wait()  # the last checkpoint on disk before the summary marks the run finished
         recorder.flush()
         progress.close()
         recorder.summary(cfg, time.time() - started)

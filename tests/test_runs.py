@@ -438,9 +438,30 @@ def test_a_save_keeps_the_values_it_was_given_and_its_error_comes_at_the_wait(tm
     checkpoints.save({"epoch": 2, "step_in_epoch": 0, "params": [params]})
     assert checkpoints.last == (1, 0)  # the one on disk
     with pytest.raises(OSError, match="No space"):
-        checkpoints.wait()
+        checkpoints.check()  # the write has ended (last waited for it): found without waiting
+    checkpoints.check()  # raised once
     with pytest.raises(OSError, match="No space"), checkpoints:  # leaving the context raises it too
         checkpoints.save({"epoch": 2, "step_in_epoch": 0, "params": [params]})
+    with pytest.raises(ZeroDivisionError) as raised, checkpoints:  # the run's own error, with the write's as a note
+        checkpoints.save({"epoch": 2, "step_in_epoch": 0, "params": [params]})
+        1 / 0
+    assert "No space" in "".join(raised.value.__notes__)
+
+
+def test_a_run_is_finished_only_once_its_last_checkpoint_is_on_disk(tmp_path, tiny_data, monkeypatch):
+    """summary.json (written last: the run is finished) follows the last save's write, however
+    long that write takes in the background."""
+    written = []
+    write, write_summary = runs.write_atomically, runs.write_summary
+
+    def slow(path, *args, **kwargs):
+        time.sleep(0.5)
+        write(path, *args, **kwargs)
+        written.append("checkpoint")
+    monkeypatch.setattr(runs, "write_atomically", slow)
+    monkeypatch.setattr(runs, "write_summary", lambda *args: (written.append("summary"), write_summary(*args)))
+    run(str(tmp_path), settings(tiny_data, num_epochs=2))
+    assert written == ["checkpoint", "checkpoint", "summary"]
 
 
 # --- 4. checkpoint integrity ------------------------------------------------------------------------
