@@ -410,8 +410,9 @@ def evaluate(model, dataset, cfg) -> torch.Tensor:
     A float64 tensor [loss, accuracy] on the model's device, not waited for."""
     model.eval()
     device = next(model.parameters()).device
-    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16")
-    channels_last = cfg["dtype"] == "bfloat16" and device.type == "cuda"
+    half = cfg["dtype"] == "bfloat16"
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+    channels_last = half and device.type == "cuda"
     sums, count = None, 0  # [loss, correct] in float64 on the model's device: the host never waits here
     hidden = None
     limit = math.inf if cfg["max_test_examples"] is None else cfg["max_test_examples"]
