@@ -520,11 +520,15 @@ class LossCheck(DivergenceCheck):
     """train.py's: stops the run when a worker's loss diverges (DivergenceCheck, with
     max_ratio = max_loss_ratio; a loss of 1e23 is finite, and so is a model it saved). The
     reference is the mean loss over all workers at the run's first step (`initial_loss`: a
-    resumed run's, kept by its checkpoints). On a GPU each step's verdict (and mean loss, for
-    the progress bar) is copied to the host without waiting and read `lag` steps later, so
-    the host may launch that many steps ahead of the device; the reference step is read at
-    the second. Elsewhere step t is read at step t+1. The read points depend on the steps
-    alone, the same on every process. `finish()` reads every step before anything is saved.
+    resumed run's, kept by its checkpoints). On a GPU the steps are checked in blocks of
+    `lag` consecutive steps, about 25 kernels a block where each step's check took about 16
+    (the host launches each kernel, and a training step's launches are time the device
+    waits); a block's verdicts (and mean losses, for the progress bar) are copied to the host
+    without waiting and read once its last step is `lag` steps old, so the host may launch
+    that many steps ahead of the device: a step is read `lag` to 2 `lag` - 1 steps later. The
+    run's first step is a block of its own, read at the second, for the reference. Elsewhere
+    step t is read at step t+1. The read points depend on the steps alone, the same on every
+    process. `finish()` reads every step before anything is saved.
 
     On the device, `diverged_at` keeps where each local worker's loss first diverged. Unless
     `deferred` (None: on a GPU), train.py reads every step (`finish()`) before an epoch's
@@ -542,30 +546,61 @@ class LossCheck(DivergenceCheck):
         self.on_gpu = comm.device.type == "cuda"
         self.lag = self.LAG if self.on_gpu else 1
         self.deferred = self.on_gpu if deferred is None else deferred
-        self.pending = collections.deque()  # (host [diverged, mean loss], losses, epoch, step, event), oldest first
-        self.spare = []  # pinned host buffers read and free again
+        self.block = []  # (losses, epoch, step, rows) of the steps watched since the last block was checked
+        self.watched = 0  # steps watched so far
+        # the checked blocks, oldest first: (host [[diverged, mean loss]] per step, losses per step, epoch, steps,
+        # event, the index of its last step among the steps watched)
+        self.pending = collections.deque()
+        self.spare = {}  # steps in a block -> pinned host buffers read and free again
         # per local worker, (epoch, step, loss) where its loss first diverged (epoch and step from 0, as `watch` gets
         # them; epoch -1: never)
-        self.diverged_at = torch.full((comm.num_local, 3), -1.0, dtype=torch.float64, device=comm.device)
+        self._diverged_at = torch.full((comm.num_local, 3), -1.0, dtype=torch.float64, device=comm.device)
         self.found = None  # the divergence a read found (its error)
         self.mean_loss = float("nan")
+
+    @property
+    def diverged_at(self) -> torch.Tensor:
+        """`[local workers, 3]` on the device, every step watched so far checked."""
+        self._check_block()
+        return self._diverged_at
 
     def watch(self, losses, epoch, step, rows=slice(None)):
         """Step `step` of epoch `epoch` (from 0) gave the local workers `rows` (a slice; all of
         them by default) `losses`."""
-        while self.pending and (len(self.pending) >= self.lag or self.reference is None):
+        while self.pending and (self.watched - self.pending[0][-1] >= self.lag or self.reference is None):
             self._read_oldest()
+        if self.block and self.block[-1][1:] != (epoch, step - 1, rows):  # a block's steps follow each other
+            self._check_block()
+        self.block.append((losses, epoch, step, rows))
+        self.watched += 1
+        if len(self.block) >= self.lag or self.reference is None:
+            self._check_block()
+
+    def _check_block(self):
+        """Launches the check of the steps watched since the last block (as a block): the first
+        step at which each worker's loss diverged, and each step's verdict and mean loss copied
+        to the host."""
+        if not self.block:
+            return
+        losses = torch.stack([watched[0] for watched in self.block])  # [steps, workers]
+        _, epoch, first_step, rows = self.block[0]
         each = self.diverged_each(losses)  # with the reference from the second step on, as the host's reading
-        at = self.diverged_at[rows]
-        first = each & (at[:, 0] < 0)
+        at = self._diverged_at[rows]
+        first = each.any(0) & (at[:, 0] < 0)
+        where = each.byte().argmax(0)  # each worker's first diverged step in the block (argmax: the first maximum)
         at[:, 0].masked_fill_(first, epoch)  # numbers, not host tensors: no copy to the device
-        at[:, 1].masked_fill_(first, step)
-        at[:, 2] = torch.where(first, losses.double(), at[:, 2])
-        host = self.spare.pop() if self.spare else torch.zeros(2, pin_memory=self.on_gpu)
-        host.copy_(torch.stack([each.any().float(), losses.mean()]), non_blocking=True)
-        self.pending.append((host, losses, epoch, step, _event() if self.on_gpu else None))
+        at[:, 1] = torch.where(first, where + first_step, at[:, 1])
+        at[:, 2] = torch.where(first, losses.double().gather(0, where[None])[0], at[:, 2])
+        steps = len(self.block)
+        spare = self.spare.setdefault(steps, [])
+        host = spare.pop() if spare else torch.zeros(steps, 2, pin_memory=self.on_gpu)
+        host.copy_(torch.stack([each.any(1).float(), losses.mean(1)], 1), non_blocking=True)
+        self.pending.append((host, [watched[0] for watched in self.block], epoch, [watched[2] for watched in self.block],
+                             _event() if self.on_gpu else None, self.watched - 1))
+        self.block = []
 
     def finish(self):
+        self._check_block()
         while self.pending:
             self._read_oldest()
 
@@ -600,21 +635,23 @@ class LossCheck(DivergenceCheck):
             raise error
 
     def _read_oldest(self):
-        host, losses, epoch, step, event = self.pending.popleft()
+        host, losses_of_steps, epoch, steps, event, _ = self.pending.popleft()
         if event is not None:
             event.synchronize()
-        diverged, self.mean_loss = host.tolist()
-        self.spare.append(host)
-        if self.reference is None:  # the run's first step: the same bound on every process
-            comm = self.comm
-            self.reference = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0] / comm.n_workers)
-        if diverged:
-            self.pending.clear()
-            comm = self.comm
-            self.found = FloatingPointError(f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local "
-                                            f"workers {comm.first_worker}..{comm.first_worker + comm.num_local - 1}; "
-                                            f"{self._stopped()}")
-            raise self.found
+        verdicts = host.tolist()
+        self.spare[len(steps)].append(host)
+        for (diverged, self.mean_loss), losses, step in zip(verdicts, losses_of_steps, steps):
+            if self.reference is None:  # the run's first step: the same bound on every process
+                comm = self.comm
+                self.reference = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0]
+                                       / comm.n_workers)
+            if diverged:
+                self.pending.clear()  # the steps not read yet are not (diverged_at has them)
+                comm = self.comm
+                self.found = self.found or FloatingPointError(  # a later read keeps the first divergence found
+                    f"the loss became {losses.tolist()} at {position(epoch, step + 1)} (local workers "
+                    f"{comm.first_worker}..{comm.first_worker + comm.num_local - 1}; {self._stopped()}")
+                raise self.found
 
     def _stopped(self) -> str:
         """The end of a divergence's message: what divergence is, what was kept."""

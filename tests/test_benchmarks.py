@@ -8,7 +8,8 @@ import pytest
 from tests.launch import ROOT
 
 
-@pytest.mark.parametrize("script", ["benchmarks/gossip_cost.py", "benchmarks/simulation_efficiency.py", "benchmarks/replica_candidates.py"])
+@pytest.mark.parametrize("script", ["benchmarks/gossip_cost.py", "benchmarks/simulation_efficiency.py", "benchmarks/replica_candidates.py",
+                                    "benchmarks/host_per_step.py"])
 def test_benchmark_quick_mode_runs(script, tmp_path):
     result = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--json", str(tmp_path / "out.json")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -514,6 +514,23 @@ def test_loader_shapes_and_content(tiny):
         assert torch.allclose(x, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_batches_made_several_steps_at_once_are_each_steps_batches(tiny, augment):
+    """A GPU makes the batches of WorkerLoader.STEPS_AT_ONCE steps together: each step's batch
+    bit for bit, from any step (a resumed epoch) and with the last group short; the same for
+    a worker's batch (worker_batch). Here on the CPU, 3 steps at once (6 steps an epoch)."""
+    partition = data.make_partition("iid", tiny.train_y, n_workers=4, seed=2)
+    loaders = [data.WorkerLoader(tiny, partition, batch_size=8, seed=7, augment=augment) for _ in range(2)]
+    assert data.WorkerLoader.STEPS_AT_ONCE > 1 and loaders[0].steps_at_once == 1  # on the CPU: one at a time
+    loaders[1].steps_at_once = 3
+    for start in (0, 2, 5, 6):
+        one, grouped = (list(loader.epoch_batches(1, start)) for loader in loaders)
+        assert len(one) == len(grouped) == 6 - start
+        for (x, y), (xg, yg) in zip(one, grouped):
+            assert torch.equal(x, xg) and torch.equal(y, yg)
+    assert torch.equal(loaders[1].worker_batch(2, 1, 4)[0], list(loaders[0].epoch_batches(1))[4][0][2])
+
+
 @pytest.mark.parametrize("scheme", ["iid", "sorted", "dirichlet", "dirichlet_per_class"])
 def test_loader_layout_independent_with_augmentation(tiny, scheme):
     partition = data.make_partition(scheme, tiny.train_y, n_workers=4, seed=2, shuffled_ratio=0.2, alpha=0.5)

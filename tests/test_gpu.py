@@ -10,6 +10,8 @@ initialization (about 0.4% in float32 and 7% with TF32, measured on an H100 for
 ResNet-20 at batch 32; benchmarks/README.md). The end-to-end test therefore turns
 TF32 off and compares train.py's metrics with a tolerance.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -138,3 +140,60 @@ def test_a_new_epochs_first_batch_waits_for_nothing_queued_on_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
     cpu_x, cpu_y = next(loaders["cpu"].epoch_batches(1))
     assert torch.equal(y.cpu(), cpu_y) and torch.allclose(x.cpu(), cpu_x, atol=1e-6)
+    # the GPU makes the batches of several steps at once (4 an epoch here): each step's, bit for bit
+    assert loaders["cuda"].steps_at_once == data.WorkerLoader.STEPS_AT_ONCE > 1
+    grouped = list(loaders["cuda"].epoch_batches(2, 1))
+    loaders["cuda"].steps_at_once = 1
+    for (x, y), (x1, y1) in zip(grouped, loaders["cuda"].epoch_batches(2, 1), strict=True):
+        assert torch.equal(x, x1) and torch.equal(y, y1)
+
+
+def test_the_epoch_sums_and_loss_checks_blocks_on_a_gpu_give_each_steps_numbers():
+    """EpochTotals adds the steps FOLD at a time (a cumulative sum along the steps must add them in
+    order) and LossCheck checks them in blocks: on the GPU, the sums bit for bit those of adding
+    each step, and diverged_at that of checking each step."""
+    from powergossip import metrics, runs
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    folded, each = metrics.EpochTotals.zeros(8, device), [torch.zeros(8, dtype=torch.float64, device=device)
+                                                           for _ in range(3)]
+    assert folded.fold_every == metrics.EpochTotals.FOLD > 1
+    for _ in range(29):  # losses over 24 orders of magnitude: the order of the additions shows in the last bits
+        scale = 10.0 ** torch.randint(-12, 12, (8,), device=device, generator=generator)
+        losses = (torch.rand(8, device=device, generator=generator) * scale).float()
+        corrects = torch.randint(0, 200, (8,), device=device, generator=generator).float()
+        counts = torch.full((8,), 128.0, device=device)
+        folded.add(losses, corrects, counts)
+        each[0] += losses.double() * counts
+        each[1] += corrects.double()
+        each[2] += counts
+    for sums, expected in zip((folded.loss, folded.correct, folded.count), each):
+        assert torch.equal(sums.view(torch.int64), expected.view(torch.int64))
+
+    comm = type("Comm", (), {"device": device, "num_local": 8, "n_workers": 8, "first_worker": 0,
+                             "sum_over_processes": staticmethod(lambda values: values)})()
+    check = runs.LossCheck(comm, type("Checkpoints", (), {"last": None})(), 10.0, None)
+    losses = torch.rand(20, 8, device=device, generator=generator)
+    # worker 3 diverges twice in the block of steps 1-8, then again; worker 6 in the next block
+    losses[5, 3], losses[7, 3], losses[9, 3], losses[13, 6] = 50.0, 60.0, float("nan"), float("inf")
+    for step, row in enumerate(losses):
+        with contextlib.suppress(FloatingPointError):
+            check.watch(row.clone(), 0, step)
+    assert check.reference == losses[0].mean().item()  # the first step's mean, as one step's check takes it
+    expected = torch.full((8, 3), -1.0, dtype=torch.float64)
+    expected[3], expected[6] = torch.tensor([0.0, 5.0, 50.0]), torch.tensor([0.0, 13.0, float("inf")])
+    assert torch.equal(check.diverged_at.cpu(), expected)
+
+
+def test_train_records_on_a_gpu_do_not_depend_on_the_blocks_of_steps(exact_float32, tmp_path, tiny_data,  # noqa: F811
+                                                                      monkeypatch):
+    """train.py on the GPU with the sums and loss check taken in blocks (11 steps an epoch: a block
+    of 8 and one the epoch's end closes) and one step at a time: the same records, bit for bit."""
+    from powergossip import metrics, runs
+    overrides = common(tiny_data, device="cuda", batch_size=8, max_batches_per_epoch=11) + [
+        "optimizer=power-gossip", "stacked_compute=graph", "graph_streams=2"]
+    run(str(tmp_path / "blocks"), overrides)
+    monkeypatch.setattr(metrics.EpochTotals, "FOLD", 1)
+    monkeypatch.setattr(runs.LossCheck, "LAG", 1)
+    run(str(tmp_path / "steps"), overrides)
+    assert comparable(tmp_path / "blocks") == comparable(tmp_path / "steps")

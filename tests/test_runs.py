@@ -24,7 +24,7 @@ import train
 from tests.launch import run_mpi
 from tests.test_data import fake_fmnist
 from tests.test_train import LateEvent
-from tests.train_runs import DEFAULTS, deferred, diverging_at, run
+from tests.train_runs import DEFAULTS, deferred, diverging_at, run, stopped_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +207,11 @@ def test_a_diverged_state_is_not_saved_and_the_last_good_one_resumes(tmp_path, t
     assert records(tmp_path / "blown") == records(tmp_path / "good")  # the diverged attempt left nothing behind
 
 
-def test_the_loss_check_reads_a_step_lag_steps_later_and_everything_before_a_save():
-    """On a GPU a step's verdict is read LossCheck.LAG steps later (the host launches ahead); the
-    run's first step at once, for the bound; finish() reads every step; the error names the
-    diverged step, wherever it is read. Here on the CPU with the GPU's lag of 3."""
+def test_the_loss_check_reads_a_block_of_steps_lag_steps_after_its_last_and_everything_before_a_save():
+    """On a GPU the steps are checked in blocks of LossCheck.LAG, a block read once its last
+    step is LAG steps old (the host launches ahead); the run's first step alone and at once,
+    for the bound; finish() reads every step; the error names the diverged step, wherever it
+    is read, with the losses of that step. Here on the CPU with the GPU's lag of 3."""
     comm = type("Comm", (), {"device": torch.device("cpu"), "num_local": 2, "n_workers": 2, "first_worker": 0,
                              "sum_over_processes": staticmethod(lambda values: values)})()
     checkpoints = type("Checkpoints", (), {"last": None})()
@@ -229,18 +230,65 @@ def test_the_loss_check_reads_a_step_lag_steps_later_and_everything_before_a_sav
             return "finish", str(error)
         return None, check.mean_loss
 
-    fine = [[1.0, 3.0]] * 6
+    fine = [[1.0, 3.0]] * 12
     assert watched(fine, 3) == (None, 2.0)
+    assert watched(fine[:5] + [[2.0, 4.0]], 3) == (None, 3.0)  # the last step's mean loss
     assert runs.LossCheck.LAG >= 2
-    blown = fine[:2] + [[1.0, 50.0]] + fine[:5]  # step 3 (counted from 1) is above 10 x the first step's mean, 2
-    for lag, read_at in [(1, 3), (3, 5)]:  # step index at whose watch step index 2 is read
+    # step index 2 is above 10 x the first step's mean, 2; with lag 3 it is in the block of steps 1-3, read at step 6
+    blown = fine[:2] + [[1.0, 50.0]] + fine[:5]
+    for lag, read_at in [(1, 3), (3, 6)]:  # step index at whose watch step index 2 is read
         at, message = watched(blown, lag)
-        assert at == read_at and "epoch 1 step 3" in message and "50.0" in message
+        assert at == read_at and "epoch 1 step 3 " in message and "[1.0, 50.0]" in message
     at, message = watched(blown[:4], 3)  # read by finish() before a save
-    assert at == "finish" and "epoch 1 step 3" in message
-    # the first step is read at once: the second step's verdict already has the bound (no lag on it)
-    at, message = watched([[1.0, 3.0], [1.0, 30.0]] + fine, 5)
-    assert at == 6 and "epoch 1 step 2" in message
+    assert at == "finish" and "epoch 1 step 3 " in message
+    at, message = watched(blown[:3], 3)  # a block not full yet: finish() checks it
+    assert at == "finish" and "epoch 1 step 3 " in message
+    # the first step is read at once: the second step's verdict already has the bound (no lag on it); in a block, the
+    # first diverged step is named
+    at, message = watched([[1.0, 3.0], [1.0, 30.0], [1.0, 40.0]] + fine, 5)
+    assert at == 10 and "epoch 1 step 2 " in message and "[1.0, 30.0]" in message
+
+
+def test_the_loss_checks_blocks_keep_each_workers_first_divergence_and_name_the_first_step():
+    """With blocks of any size (an epoch's end, a gap in the steps or other workers end one):
+    diverged_at has every step watched, each worker's first diverged step with its loss, as
+    the epoch's end reads it (deferred: no step read); a read raises for the first diverged
+    step, with its losses; without one, the mean loss is the last step's."""
+    comm = type("Comm", (), {"device": torch.device("cpu"), "num_local": 3, "n_workers": 3, "first_worker": 0,
+                             "sum_over_processes": staticmethod(lambda values: values)})()
+    checkpoints = type("Checkpoints", (), {"last": None})()
+    generator = torch.Generator().manual_seed(0)
+    steps = [(epoch, step) for epoch in range(3) for step in range(5)] + [(3, 2), (3, 3)]  # a resumed epoch: from step 2
+    for trial in range(30):
+        losses = torch.rand(len(steps), 3, generator=generator) * 4
+        for _ in range(trial % 4):  # some diverge: above 10 x the first step's mean, or not finite
+            losses[torch.randint(1, len(steps), (), generator=generator), torch.randint(3, (), generator=generator)] = (
+                float("nan") if trial % 2 else 500.0)
+        bound = 10 * losses[0].mean().item()
+        for lag in (1, 2, 3, 4, 7):
+            check = runs.LossCheck(comm, checkpoints, max_loss_ratio=10.0, initial_loss=None)
+            check.lag, error, watched = lag, None, 0
+            try:
+                for (epoch, step), row in zip(steps, losses):
+                    check.watch(row.clone(), epoch, step)
+                    watched += 1
+                    if step == 4:  # an epoch's end
+                        expected = [[-1.0] * 3] * 3
+                        for (e, s), seen in reversed(list(zip(steps[:watched], losses[:watched]))):
+                            for worker in range(3):
+                                if not seen[worker] <= bound:
+                                    expected[worker] = [float(e), float(s), seen[worker].item()]
+                        assert str(check.diverged_at.tolist()) == str(expected)
+                check.finish()
+            except FloatingPointError as raised:
+                error = str(raised)
+            diverged = [k for k, row in enumerate(losses) if not (row <= bound).all()]
+            if diverged:
+                epoch, step = steps[diverged[0]]
+                assert error.startswith(f"the loss became {losses[diverged[0]].tolist()} at epoch {epoch + 1} step "
+                                        f"{step + 1} "), (trial, lag, error)
+            else:
+                assert error is None and check.mean_loss == losses[-1].mean().item()
 
 
 def test_the_loss_check_keeps_where_each_worker_first_diverged_and_names_the_first():
@@ -283,6 +331,29 @@ def test_without_a_divergence_the_deferred_check_writes_the_records_of_the_check
     deferred(monkeypatch.setattr)
     run(str(tmp_path), settings(tiny_data, num_epochs=3))
     assert records(tmp_path) == uninterrupted(3)
+
+
+def test_blocks_of_steps_give_the_records_of_one_step_at_a_time_also_stopped_and_resumed(tmp_path, tiny_data,
+                                                                                      uninterrupted, monkeypatch):
+    """On a GPU the epoch's sums and the loss check take the steps in blocks: here on the CPU in
+    blocks of 3 (4 steps an epoch: a block and one the epoch's end closes), deferred; the
+    records of taking one step at a time, also stopped by a signal mid-block and resumed."""
+    sums_init, check_init = metrics.EpochTotals.__init__, runs.LossCheck.__init__
+
+    def sums_in_blocks(self, *args, **kwargs):
+        sums_init(self, *args, **kwargs)
+        self.fold_every = 3
+
+    def check_in_blocks(self, *args, **kwargs):
+        check_init(self, *args, **kwargs)
+        self.lag = 3
+    monkeypatch.setattr(metrics.EpochTotals, "__init__", sums_in_blocks)
+    monkeypatch.setattr(runs.LossCheck, "__init__", check_in_blocks)
+    deferred(monkeypatch.setattr)
+    run(str(tmp_path / "whole"), settings(tiny_data, num_epochs=3))
+    assert records(tmp_path / "whole") == uninterrupted(3)
+    stopped_and_resumed(str(tmp_path / "stopped"), settings(tiny_data, num_epochs=3), monkeypatch, progress=(0.4, 0.45))
+    assert records(tmp_path / "stopped") == uninterrupted(3)
 
 
 def test_a_divergence_at_an_epochs_last_step_writes_no_record_of_that_epoch(tmp_path, tiny_data, uninterrupted,

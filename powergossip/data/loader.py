@@ -8,10 +8,11 @@ sliced, so worker i gets identical batches under any process layout, and batch
 ``step`` of ``epoch`` is a pure function of ``(seed, epoch, step)``: a resumed run
 passes ``start_step`` and needs no generator state from the checkpoint.
 
-Per step the work is one gather from the device-resident data set, the
-augmentation gather and a fused normalization: no per-sample Python, no
-host-device copies (index and augmentation tensors move once per epoch, to a
-GPU without waiting for it: `_to_device`).
+A batch is one gather from the device-resident data set, the augmentation
+gather and a fused normalization, made for one step at a time (on a GPU for
+several steps at once): no per-sample Python, no host-device copies (index and
+augmentation tensors move once per epoch, to a GPU without waiting for it:
+`_to_device`).
 """
 
 from collections.abc import Iterator
@@ -67,7 +68,13 @@ class WorkerLoader:
     is dropped; with shards of unequal sizes, ``shard_size`` is their mean and each
     worker cycles through its own shard, ``Partition.epoch_indices``). ``epoch_batches(epoch, start_step)`` yields
     ``(x float32 [L, B, C, H, W] normalized, y int64 [L, B])`` on the device.
+
+    On a GPU the batches of `STEPS_AT_ONCE` steps are made together (a view of them for
+    each step): the same values in the same few kernels, which the host launches once for
+    those steps, where at every step its launches are time the device waits.
     """
+
+    STEPS_AT_ONCE = 8  # steps whose batches a GPU makes together
 
     def __init__(
         self,
@@ -108,6 +115,7 @@ class WorkerLoader:
         self.padding = int(padding)
         self.num_batches_per_epoch = partition.shard_size // self.batch_size
         self._passes = {}  # worker_batch's: pass -> (indices, offsets, flips) of every local worker
+        self.steps_at_once = self.STEPS_AT_ONCE if dataset.device.type == "cuda" else 1
 
     def __len__(self) -> int:
         return self.num_batches_per_epoch
@@ -129,8 +137,12 @@ class WorkerLoader:
         """Batches ``start_step .. num_batches_per_epoch - 1`` of ``epoch``: ``(x [L, B, C, H, W], y [L, B])``."""
         _check_start(start_step, self.num_batches_per_epoch)
         draws = self._epoch_draws(epoch)
-        for step in range(start_step, self.num_batches_per_epoch):
-            yield self._batch(draws, step, slice(None))
+        for first in range(start_step, self.num_batches_per_epoch, self.steps_at_once):
+            steps = min(self.steps_at_once, self.num_batches_per_epoch - first)
+            x, y = self._batch(draws, first, slice(None), steps)  # [L, steps * B, ...]: step after step
+            x, y = x.unflatten(1, (steps, self.batch_size)), y.unflatten(1, (steps, self.batch_size))
+            for step in range(steps):
+                yield x[:, step], y[:, step]
 
     def worker_batch(self, worker: int, pass_: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Worker `worker`'s batch `step` of its pass `pass_` over its shard: its row of
@@ -145,17 +157,18 @@ class WorkerLoader:
             self._passes[pass_] = self._epoch_draws(pass_)
         return self._batch(self._passes[pass_], step, row)
 
-    def _batch(self, draws, step: int, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, draws, step: int, rows, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `step` of an epoch's `draws` (`_epoch_draws`) for the local workers `rows`: a slice
-        of them (``[L', B, ...]``) or one (``[B, ...]``), augmented and normalized."""
+        of them (``[L', B, ...]``) or one (``[B, ...]``), augmented and normalized; with `steps`,
+        the batches of steps `step` .. `step + steps - 1` one after the other (``[L', steps * B, ...]``)."""
         indices, drawn = draws
-        idx = indices[rows, step * self.batch_size : (step + 1) * self.batch_size]
+        idx = indices[rows, step * self.batch_size : (step + steps) * self.batch_size]
         x = self.dataset.train_x[idx]
         if drawn is not None:
             offsets, flips = drawn
             images = x.reshape((-1,) + tuple(x.shape[-3:]))  # every sample of the batch, worker after worker
-            x = random_crop_flip(images, offsets[rows, step].reshape(-1, offsets.shape[-1]), flips[rows, step].reshape(-1),
-                                 self.padding).view(x.shape)
+            x = random_crop_flip(images, offsets[rows, step : step + steps].reshape(-1, offsets.shape[-1]),
+                                 flips[rows, step : step + steps].reshape(-1), self.padding).view(x.shape)
         return self.dataset.normalize(x), self.dataset.train_y[idx]
 
 
