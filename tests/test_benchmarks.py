@@ -8,8 +8,7 @@ import pytest
 from tests.launch import ROOT
 
 
-@pytest.mark.parametrize("script", ["benchmarks/gossip_cost.py", "benchmarks/simulation_efficiency.py", "benchmarks/replica_candidates.py",
-                                    "benchmarks/host_per_step.py"])
+@pytest.mark.parametrize("script", ["benchmarks/gossip_cost.py", "benchmarks/simulation_efficiency.py", "benchmarks/replica_candidates.py"])
 def test_benchmark_quick_mode_runs(script, tmp_path):
     result = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--json", str(tmp_path / "out.json")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -46,3 +45,16 @@ def test_consensus_scaling_times_every_method_and_graph_and_compares_two_trees(t
     } | {("sign_choco", "ring")}
     assert [row["n_workers"] for row in rows[:2]] == [8, 16]
     assert all(row["steps_per_s_before"] > 0 and row["steps_per_s_after"] > 0 for row in rows)
+
+
+def test_host_per_step_times_both_trees_side_by_side(tmp_path):
+    """--quick --compare: every part timed in this tree and in the other (here the repository
+    against itself), each in its own processes."""
+    out = tmp_path / "host.json"
+    result = subprocess.run([sys.executable, "benchmarks/host_per_step.py", "--quick", "--device", "cpu", "--compare", ROOT,
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torch" in result.stdout and "ratio" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["work"] for row in rows] == ["sums and loss check", "batches", "batches, crop and flip"]
+    assert all(row["this_tree_us"] > 0 and row["other_tree_us"] > 0 and row["ratio"] > 0 for row in rows)
