@@ -125,7 +125,7 @@ class EpochTotals:
 
     def state(self):
         hidden = None if self.hidden is None else [list(h) for h in self.hidden]
-        loss, correct, count = self.folded().clone()
+        loss, correct, count = self.folded()  # views: a save copies what it is given (runs.Checkpoints.save)
         return {"loss": loss, "correct": correct, "count": count, "hidden": hidden}
 
     @classmethod

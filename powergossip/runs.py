@@ -548,8 +548,8 @@ class LossCheck(DivergenceCheck):
         self.deferred = self.on_gpu if deferred is None else deferred
         self.block = []  # (losses, epoch, step, rows) of the steps watched since the last block was checked
         self.watched = 0  # steps watched so far
-        # the checked blocks, oldest first: (host [[diverged, mean loss]] per step, losses per step, epoch, steps,
-        # event, the index of its last step among the steps watched)
+        # the checked blocks, oldest first: (host [[diverged, mean loss]] per step, the block, event, the index of its
+        # last step among the steps watched)
         self.pending = collections.deque()
         self.spare = {}  # steps in a block -> pinned host buffers read and free again
         # per local worker, (epoch, step, loss) where its loss first diverged (epoch and step from 0, as `watch` gets
@@ -567,7 +567,7 @@ class LossCheck(DivergenceCheck):
     def watch(self, losses, epoch, step, rows=slice(None)):
         """Step `step` of epoch `epoch` (from 0) gave the local workers `rows` (a slice; all of
         them by default) `losses`."""
-        while self.pending and (self.watched - self.pending[0][-1] >= self.lag or self.reference is None):
+        while self.pending and (self.watched - self.pending[0][3] >= self.lag or self.reference is None):
             self._read_oldest()
         if self.block and self.block[-1][1:] != (epoch, step - 1, rows):  # a block's steps follow each other
             self._check_block()
@@ -595,8 +595,7 @@ class LossCheck(DivergenceCheck):
         spare = self.spare.setdefault(steps, [])
         host = spare.pop() if spare else torch.zeros(steps, 2, pin_memory=self.on_gpu)
         host.copy_(torch.stack([each.any(1).float(), losses.mean(1)], 1), non_blocking=True)
-        self.pending.append((host, [watched[0] for watched in self.block], epoch, [watched[2] for watched in self.block],
-                             _event() if self.on_gpu else None, self.watched - 1))
+        self.pending.append((host, self.block, _event() if self.on_gpu else None, self.watched - 1))
         self.block = []
 
     def finish(self):
@@ -635,12 +634,12 @@ class LossCheck(DivergenceCheck):
             raise error
 
     def _read_oldest(self):
-        host, losses_of_steps, epoch, steps, event, _ = self.pending.popleft()
+        host, block, event, _ = self.pending.popleft()
         if event is not None:
             event.synchronize()
         verdicts = host.tolist()
-        self.spare[len(steps)].append(host)
-        for (diverged, self.mean_loss), losses, step in zip(verdicts, losses_of_steps, steps):
+        self.spare[len(block)].append(host)
+        for (diverged, self.mean_loss), (losses, epoch, step, _) in zip(verdicts, block):
             if self.reference is None:  # the run's first step: the same bound on every process
                 comm = self.comm
                 self.reference = float(comm.sum_over_processes(np.array([self.mean_loss * comm.num_local]))[0]
