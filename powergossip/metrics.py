@@ -53,9 +53,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -440,18 +442,54 @@ def reaching(records: list[dict], target: float, summary: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cfg) -> torch.Tensor:
+def evaluate(model, dataset, cfg, graphed: bool = False) -> torch.Tensor:
     """Test loss and accuracy (perplexity-ready mean loss per token for the language model) over
     exactly the first min(max_test_examples, test set) examples, for any evaluation batch size:
     images in order; the language model's predicted tokens window by window, a window's row by row.
     At the training's precision: with dtype=bfloat16 under bfloat16 autocast, as the steps run
     (models/stacked.py), on a GPU with the images channels_last, as stacked_compute=graph's steps
     take them.
-    A float64 tensor [loss, accuracy] on the model's device, not waited for."""
+    A float64 tensor [loss, accuracy] on the model's device, not waited for.
+
+    `graphed` (an image model on a GPU; train.py's averaged model under stacked_compute=graph):
+    the first call runs as above and records its kernels in a CUDA graph, which later calls with
+    the same model object (refilled in place: StackedReplicas.model_from_rows), data set and
+    settings replay: the same kernels, so the same numbers, with one launch where the host
+    launched about a hundred kernels per batch, time a GPU waited at the end of every epoch."""
+    if graphed and not dataset.is_language_model and next(model.parameters()).is_cuda:
+        return _graphed_test(model, dataset, cfg)
+    return _test_pass(model, dataset, cfg)
+
+
+_GRAPHED_TESTS = weakref.WeakKeyDictionary()  # model -> (what it was recorded for, the test images, graph, its output)
+
+
+def _graphed_test(model, dataset, cfg) -> torch.Tensor:
+    """evaluate(graphed=True): a replay of the recorded test pass of `model` (its result copied
+    out of the graph's memory, which the next replay overwrites), or the pass run and recorded.
+    A graph reads the memory it was recorded with: it is recorded again when the model's tensors
+    have moved, and it keeps the test images it read alive."""
+    key = (tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())),
+           cfg["dtype"], cfg["evaluation_batch_size"], cfg["max_test_examples"])
+    recorded = _GRAPHED_TESTS.get(model)
+    if recorded is not None and recorded[0] == key and recorded[1] is dataset.test_x:
+        recorded[2].replay()
+        return recorded[3].clone()
+    result = _test_pass(model, dataset, cfg)  # also the warm-up a capture needs (cuDNN's plans, the allocator)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # waits for the device once, here
+        output = _test_pass(model, dataset, cfg, keep_casts=False)  # recorded, not run
+    _GRAPHED_TESTS[model] = (key, dataset.test_x, graph, output)
+    return result
+
+
+def _test_pass(model, dataset, cfg, keep_casts: bool = True) -> torch.Tensor:
+    """evaluate's pass over the test set, launched kernel by kernel (`keep_casts=False` inside a
+    CUDA graph's capture: a graph cannot keep autocast's weight casts; the same values)."""
     model.eval()
     device = next(model.parameters()).device
     half = cfg["dtype"] == "bfloat16"
-    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=half)
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=half, cache_enabled=None if keep_casts else False)
     channels_last = half and device.type == "cuda"
     sums, count = None, 0  # [loss, correct] in float64 on the model's device: the host never waits here
     hidden = None
@@ -555,7 +593,7 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers, d
             loss, accuracy = evaluate(model, dataset, cfg).tolist()
         else:  # on a GPU beside the next epoch's first steps (Recorder.aside): the model is this test's alone
             with recorder.aside(comm.device):
-                loss, accuracy = evaluate(model, dataset, cfg)
+                loss, accuracy = evaluate(model, dataset, cfg, graphed=cfg["stacked_compute"] == "graph")
         recorder.record("loss", e, loss, {"split": "test_avg"})
         recorder.record("accuracy", e, accuracy, {"split": "test_avg"})
         if dataset.is_language_model:

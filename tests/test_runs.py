@@ -482,6 +482,39 @@ def test_a_non_finite_state_is_never_written(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_save_reads_back_every_tensor_as_it_was_each_with_a_storage_of_its_own(tmp_path, device):
+    """A save gathers the tensors of each dtype and device into one buffer (one copy to the host);
+    the file holds each tensor's values, shape and dtype, in a storage of its own (the random
+    state goes back into torch.set_rng_state); a non-finite value in any float dtype is refused."""
+    checkpoints = runs.Checkpoints(str(tmp_path), type("Comm", (), {"process_index": 0})())
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"params": [torch.randn(2, 3, generator=generator), torch.randn(4, generator=generator).to(torch.bfloat16),
+                          torch.tensor(2.5)],
+               "counts": [torch.arange(5), torch.tensor([True, False])], "empty": torch.zeros(0, 3)}
+    on_device = runs._replaced(tensors, lambda t: t.to(device))
+    state = {"epoch": 1, "step_in_epoch": 0, "rng": torch.get_rng_state()} | on_device
+    state["params"].append(state["params"][0])  # one tensor twice
+    with checkpoints:
+        checkpoints.save(state)
+    saved = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert torch.equal(saved["rng"], torch.get_rng_state())
+    torch.set_rng_state(saved["rng"])
+    for name in ("params", "counts", "empty"):
+        for was, back in zip(runs._replaced(state[name], lambda t: t.cpu()) if name != "empty" else [state[name].cpu()],
+                             saved[name] if name != "empty" else [saved[name]]):
+            assert back.dtype == was.dtype and back.shape == was.shape and torch.equal(back, was)
+            assert back.untyped_storage().nbytes() == back.nbytes  # its own storage, not a view of one per dtype
+    for bad in (float("nan"), float("inf")):
+        for row in (0, 1):
+            broken = state | {"params": [p.clone() for p in state["params"]]}
+            broken["params"][row].view(-1)[-1] = bad
+            with pytest.raises(FloatingPointError, match="not finite"):
+                checkpoints.save(broken)
+    assert torch.equal(torch.load(tmp_path / "rank0.pt", weights_only=True)["params"][0], state["params"][0].cpu())
+
+
 def test_a_save_keeps_the_values_it_was_given_and_its_error_comes_at_the_wait(tmp_path, monkeypatch):
     """The file is written in the background from a copy: the run changes its tensors at once,
     and the file holds the values of the save; a failed write is raised where the run waits."""
