@@ -1103,34 +1103,46 @@ def _tensors(value):
             yield from _tensors(v)
 
 
+GATHER_BYTES = 256 * 2**20  # the most a save gathers into one buffer on a device (its extra memory there)
+
+
 def _on_host(value) -> tuple:
     """(`value` (dicts, lists, tuples of tensors and other values) with a host copy of every
     tensor, taken once the device has reached this point: the copy keeps the values of now;
-    whether every float tensor in it is finite). The tensors are gathered by dtype and device
-    into one buffer there, checked and copied to the host in one go, each a view of its part
-    (the save's thread gives each a storage of its own: _own_storages): a copy to the host waits
-    for the device, and one per tensor (some 300 of ResNet-20's workers, momenta and a method's
-    state) held an H100 run's host about 20 ms a save, the device idle."""
-    groups = {}  # (dtype, device) -> {id: tensor}
+    whether every float tensor in it is finite). The tensors are gathered by dtype and device,
+    up to GATHER_BYTES at a time, into a buffer there, checked and copied to the host in one go,
+    each a view of its part (the save's thread gives each a storage of its own: _own_storages):
+    a copy to the host waits for the device, and one per tensor (some 300 of ResNet-20's
+    workers, momenta and a method's state) held an H100 run's host about 20 ms a save, the
+    device idle."""
+    groups, seen = {}, set()  # (dtype, device) -> [[bytes, {id: tensor}] of at most GATHER_BYTES (or one tensor)]
     for tensor in _tensors(value):
-        groups.setdefault((tensor.dtype, tensor.device), {})[id(tensor)] = tensor
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        chunks = groups.setdefault((tensor.dtype, tensor.device), [[0, {}]])
+        if chunks[-1][1] and chunks[-1][0] + tensor.nbytes > GATHER_BYTES:
+            chunks.append([0, {}])
+        chunks[-1][0] += tensor.nbytes
+        chunks[-1][1][id(tensor)] = tensor
     copies, finite = {}, []
     with torch.no_grad():
-        for (dtype, _), group in groups.items():
-            gathered = torch.cat([t.reshape(-1) for t in group.values()])  # a copy, also of a host tensor
-            if dtype.is_floating_point:
-                finite.append(torch.isfinite(gathered).all().cpu())
-            host = gathered.cpu()
-            for (key, tensor), part in zip(group.items(), host.split([t.numel() for t in group.values()])):
-                copies[key] = part.view(tensor.shape)
-
+        for (dtype, _), chunks in groups.items():
+            for _, chunk in chunks:
+                gathered = torch.cat([t.reshape(-1) for t in chunk.values()])  # a copy, also of a host tensor
+                if dtype.is_floating_point:
+                    finite.append(torch.isfinite(gathered).all().cpu())
+                host = gathered.cpu()
+                for (key, tensor), part in zip(chunk.items(), host.split([t.numel() for t in chunk.values()])):
+                    copies[key] = part.view(tensor.shape)
     return _replaced(value, lambda tensor: copies[id(tensor)]), all(bool(flag) for flag in finite)
 
 
 def _own_storages(value):
     """`value` with every tensor a copy with a storage of its own (_on_host's are views of one per
     dtype), as a save is written: what torch.load gives back is then separate tensors, as some
-    readers need (torch.set_rng_state takes a storage from its start)."""
+    readers need (torch.set_rng_state takes a storage from its start). While a save is written
+    the host holds its state twice."""
     return _replaced(value, torch.Tensor.clone)
 
 

@@ -199,14 +199,15 @@ def test_train_records_on_a_gpu_do_not_depend_on_the_blocks_of_steps(exact_float
     assert comparable(tmp_path / "blocks") == comparable(tmp_path / "steps")
 
 
-@pytest.mark.parametrize("dtype,evaluation_batch_size,max_test_examples", [("bfloat16", 100, None), ("float32", 64, 250)])
+@pytest.mark.parametrize("dtype,evaluation_batch_size,max_test_examples",
+                         [("bfloat16", 100, None), ("float32", 128, None), ("float32", 64, 250)])
 def test_the_graphed_test_gives_the_test_passs_numbers_with_each_refill(monkeypatch, dtype, evaluation_batch_size,
                                                                         max_test_examples):
     """metrics.evaluate(graphed=True), train.py's test of the averaged model under
     stacked_compute=graph: its first call runs the pass and records it; later calls replay the
     recording, and must give the pass's numbers bit for bit for the weights refilled in place
-    (StackedReplicas.model_from_rows), here each worker's in turn; a partial last batch and a
-    limit on the examples included."""
+    (StackedReplicas.model_from_rows), here each worker's in turn; batches that divide the test
+    set, a partial last batch (300 = 128 + 128 + 44) and a limit on the examples included."""
     from powergossip import metrics
     device = torch.device("cuda")
     dataset = data.load("synthetic", device=device, num_train=64, num_test=300, in_channels=1, image_size=28,
@@ -223,7 +224,8 @@ def test_the_graphed_test_gives_the_test_passs_numbers_with_each_refill(monkeypa
     for row in [0, 1, 2, 0]:
         model = workers.model_from_rows([p[row] for p in workers.params], [b[row] for b in workers.buffers])
         graphed = metrics.evaluate(model, dataset, cfg, graphed=True)
-        eager = test_pass(model, dataset, cfg)
+        with torch.no_grad():  # as evaluate runs it
+            eager = test_pass(model, dataset, cfg)
         assert torch.equal(graphed, eager), (row, graphed, eager)
     assert passes == [{}, {"keep_casts": False}]  # run and recorded once, then replayed
     assert 0.0 < eager[1].item() < 1.0 and eager[0].item() > 0.0
@@ -234,10 +236,13 @@ def test_train_records_on_a_gpu_do_not_depend_on_the_graphed_test(exact_float32,
     """train.py under stacked_compute=graph tests the averaged model from a CUDA graph (from its
     second epoch): the same records, bit for bit, as the test launched kernel by kernel."""
     from powergossip import metrics
-    overrides = common(tiny_data, device="cuda", num_epochs=3) + ["optimizer=power-gossip", "stacked_compute=graph",
-                                                                  "graph_streams=2"]
+    overrides = common(tiny_data, device="cuda", num_epochs=3, evaluate_each_worker=False) + [
+        "optimizer=power-gossip", "stacked_compute=graph", "graph_streams=2"]  # the averaged model's test alone
+    passes, test_pass = [], metrics._test_pass
+    monkeypatch.setattr(metrics, "_test_pass", lambda *args, **kwargs: passes.append(kwargs) or test_pass(*args, **kwargs))
     run(str(tmp_path / "graphed"), overrides)
-    monkeypatch.setattr(metrics, "_graphed_test", lambda model, dataset, cfg: metrics._test_pass(model, dataset, cfg))
+    assert passes == [{}, {"keep_casts": False}]  # epoch 1 run and recorded, epochs 2 and 3 replayed
+    monkeypatch.setattr(metrics, "_graphed_test", lambda model, dataset, cfg: test_pass(model, dataset, cfg))
     run(str(tmp_path / "eager"), overrides)
     graphed, eager = comparable(tmp_path / "graphed"), comparable(tmp_path / "eager")
     assert graphed == eager

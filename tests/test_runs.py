@@ -482,12 +482,16 @@ def test_a_non_finite_state_is_never_written(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("gather_bytes", [runs.GATHER_BYTES, 16])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_a_save_reads_back_every_tensor_as_it_was_each_with_a_storage_of_its_own(tmp_path, device):
-    """A save gathers the tensors of each dtype and device into one buffer (one copy to the host);
-    the file holds each tensor's values, shape and dtype, in a storage of its own (the random
-    state goes back into torch.set_rng_state); a non-finite value in any float dtype is refused."""
+def test_a_save_reads_back_every_tensor_as_it_was_each_with_a_storage_of_its_own(tmp_path, monkeypatch, device,
+                                                                                 gather_bytes):
+    """A save gathers the tensors of each dtype and device into a buffer (one copy to the host;
+    with a small GATHER_BYTES, several); the file holds each tensor's values, shape and dtype, in
+    a storage of its own (the random state goes back into torch.set_rng_state); a non-finite
+    value in any float dtype is refused."""
+    monkeypatch.setattr(runs, "GATHER_BYTES", gather_bytes)
     checkpoints = runs.Checkpoints(str(tmp_path), type("Comm", (), {"process_index": 0})())
     generator = torch.Generator().manual_seed(0)
     tensors = {"params": [torch.randn(2, 3, generator=generator), torch.randn(4, generator=generator).to(torch.bfloat16),
