@@ -1103,7 +1103,7 @@ def _tensors(value):
             yield from _tensors(v)
 
 
-GATHER_BYTES = 256 * 2**20  # the most a save gathers into one buffer on a device (its extra memory there)
+GATHER_BYTES = 256 * 2**20  # the most a save gathers into one buffer on a device (or one larger tensor), its extra memory there
 
 
 def _on_host(value) -> tuple:
@@ -1131,11 +1131,12 @@ def _on_host(value) -> tuple:
             for _, chunk in chunks:
                 gathered = torch.cat([t.reshape(-1) for t in chunk.values()])  # a copy, also of a host tensor
                 if dtype.is_floating_point:
-                    finite.append(torch.isfinite(gathered).all().cpu())
+                    finite.append(torch.isfinite(gathered).all())  # read after the copies: no wait of its own
                 host = gathered.cpu()
+                del gathered  # one buffer at a time on the device
                 for (key, tensor), part in zip(chunk.items(), host.split([t.numel() for t in chunk.values()])):
                     copies[key] = part.view(tensor.shape)
-    return _replaced(value, lambda tensor: copies[id(tensor)]), all(bool(flag) for flag in finite)
+    return _replaced(value, lambda tensor: copies[id(tensor)]), all(bool(flag) for flag in finite)  # the device is past them
 
 
 def _own_storages(value):

@@ -8,6 +8,7 @@ run's wall time and section totals. Run from the repository root:
 RUN_DIR: a folder holding a run's metrics.jsonl and summary.json.
 """
 import json
+import os
 import sys
 
 HERE = "experiments/results/full_budget"
@@ -37,10 +38,13 @@ for folder, records in runs.items():
     test = {k: v for k, v in mine.items() if k[2] == TEST}
     print(f"{folder}: {len(records)} records; all but the times and the test equal the committed run's: "
           f"{trained == committed}; the test's equal call 26's: {test == tested}")
-    last = max(r["epoch"] for r in records)
+    last = max((r["epoch"] for r in records), default=None)
     sections = {r["name"][5:]: round(r["value"], 2) for r in records if not not_time(r) and r["epoch"] == last}
-    with open(folder + "/summary.json") as f:
-        print(f"  wall time {json.load(f)['wall_time_s']:.2f} s; sections {sections}")
+    if os.path.exists(folder + "/summary.json"):
+        with open(folder + "/summary.json") as f:
+            print(f"  wall time {json.load(f)['wall_time_s']:.2f} s; sections {sections}")
+    else:
+        print(f"  no summary (the run was cut at epoch {last}); sections {sections}")
 first = next(iter(runs), None)
 for other in list(runs)[1:]:
     print(f"{first} and {other}: all but the times equal: {by_key(runs[first], not_time) == by_key(runs[other], not_time)}")

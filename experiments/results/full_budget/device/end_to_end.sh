@@ -8,12 +8,13 @@
 # time limit keeps what ended); UNTIL: the seconds from the start by which the runs end (default 500). Compare the returned runs with
 # compare_records.py.
 set -u
+: "${OUT:?set OUT to the folder the results go to}"; OUT=$(realpath -m "$OUT"); mkdir -p "$OUT"
 CONFIG=$(realpath "$1"); DATA=$(realpath "$2"); OTHER=$(realpath "$3"); ROOT=$PWD; W=$(mktemp -d); T0=$(date +%s)
 left() { local t=$(( T0 + ${UNTIL:-500} - $(date +%s) )); echo $(( t > 1 ? t : 1 )); }  # at least 1 s
 pack() { (cd "$W" && tar czf "$OUT/$1.tgz" "$1"); }
 mkdir -p "$W/tests"
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv; python -c "import sys, torch; print(sys.version); print(torch.__version__, torch.backends.cudnn.version())"
-  date -u; lscpu | grep -E "^CPU\(s\)|Model name"; git log --oneline -1; } > "$W/tests/env.txt" 2>&1
+  date -u; lscpu | grep -E "^CPU\(s\)|Model name"; git log --oneline -1; git status --short | grep -v "^ D"; } > "$W/tests/env.txt" 2>&1
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_runs.py \
     -k "graphed_test or blocks or first_batch or reads_back" > "$W/tests/test_gpu.log" 2>&1
 echo "exit $? at $(( $(date +%s) - T0 )) s" >> "$W/tests/test_gpu.log"
