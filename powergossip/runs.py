@@ -847,7 +847,9 @@ class Checkpoints:
 
         def write():
             try:
-                write_atomically(self.path, _own_storages(copy), previous=self.previous)
+                # each tensor a storage of its own, as torch.load gives them back (torch.set_rng_state reads a
+                # storage from its start); while it is written the host holds the state twice
+                write_atomically(self.path, _replaced(copy, torch.Tensor.clone), previous=self.previous)
             except BaseException as problem:  # raised where the run checks or waits for the save
                 failure.append(problem)
         thread = threading.Thread(target=write, name=f"checkpoint {self.path}")
@@ -1111,40 +1113,29 @@ def _on_host(value) -> tuple:
     tensor, taken once the device has reached this point: the copy keeps the values of now;
     whether every float tensor in it is finite). The tensors are gathered by dtype and device,
     up to GATHER_BYTES at a time, into a buffer there, checked and copied to the host in one go,
-    each a view of its part (the save's thread gives each a storage of its own: _own_storages):
+    each a view of its part (the save's thread gives each a storage of its own):
     a copy to the host waits for the device, and one per tensor (some 300 of ResNet-20's
     workers, momenta and a method's state) held an H100 run's host about 20 ms a save, the
     device idle."""
-    groups, seen = {}, set()  # (dtype, device) -> [[bytes, {id: tensor}] of at most GATHER_BYTES (or one tensor)]
-    for tensor in _tensors(value):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        chunks = groups.setdefault((tensor.dtype, tensor.device), [[0, {}]])
-        if chunks[-1][1] and chunks[-1][0] + tensor.nbytes > GATHER_BYTES:
-            chunks.append([0, {}])
-        chunks[-1][0] += tensor.nbytes
-        chunks[-1][1][id(tensor)] = tensor
+    groups = {}  # (dtype, device) -> its buffers: [bytes, tensors] of at most GATHER_BYTES (or one tensor)
+    for tensor in {id(t): t for t in _tensors(value)}.values():  # a tensor given twice is copied once
+        buffers = groups.setdefault((tensor.dtype, tensor.device), [[0, []]])
+        if buffers[-1][1] and buffers[-1][0] + tensor.nbytes > GATHER_BYTES:
+            buffers.append([0, []])
+        buffers[-1][0] += tensor.nbytes
+        buffers[-1][1].append(tensor)
     copies, finite = {}, []
     with torch.no_grad():
-        for (dtype, _), chunks in groups.items():
-            for _, chunk in chunks:
-                gathered = torch.cat([t.reshape(-1) for t in chunk.values()])  # a copy, also of a host tensor
+        for (dtype, _), buffers in groups.items():
+            for _, tensors in buffers:
+                gathered = torch.cat([t.reshape(-1) for t in tensors])  # a copy, also of a host tensor
                 if dtype.is_floating_point:
                     finite.append(torch.isfinite(gathered).all())  # read after the copies: no wait of its own
                 host = gathered.cpu()
                 del gathered  # one buffer at a time on the device
-                for (key, tensor), part in zip(chunk.items(), host.split([t.numel() for t in chunk.values()])):
-                    copies[key] = part.view(tensor.shape)
+                for tensor, part in zip(tensors, host.split([t.numel() for t in tensors])):
+                    copies[id(tensor)] = part.view(tensor.shape)
     return _replaced(value, lambda tensor: copies[id(tensor)]), all(bool(flag) for flag in finite)  # the device is past them
-
-
-def _own_storages(value):
-    """`value` with every tensor a copy with a storage of its own (_on_host's are views of one per
-    dtype), as a save is written: what torch.load gives back is then separate tensors, as some
-    readers need (torch.set_rng_state takes a storage from its start). While a save is written
-    the host holds its state twice."""
-    return _replaced(value, torch.Tensor.clone)
 
 
 def _replaced(value, replace):

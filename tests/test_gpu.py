@@ -199,6 +199,14 @@ def test_train_records_on_a_gpu_do_not_depend_on_the_blocks_of_steps(exact_float
     assert comparable(tmp_path / "blocks") == comparable(tmp_path / "steps")
 
 
+def counted_test_passes(monkeypatch):
+    """metrics._test_pass, counted: (the keyword arguments of each call, the pass itself)."""
+    from powergossip import metrics
+    passes, test_pass = [], metrics._test_pass
+    monkeypatch.setattr(metrics, "_test_pass", lambda *args, **kwargs: passes.append(kwargs) or test_pass(*args, **kwargs))
+    return passes, test_pass
+
+
 @pytest.mark.parametrize("dtype,evaluation_batch_size,max_test_examples",
                          [("bfloat16", 100, None), ("float32", 128, None), ("float32", 64, 250)])
 def test_the_graphed_test_gives_the_test_passs_numbers_with_each_refill(monkeypatch, dtype, evaluation_batch_size,
@@ -219,8 +227,7 @@ def test_the_graphed_test_gives_the_test_passs_numbers_with_each_refill(monkeypa
         for stack in workers.params + [b for b in workers.buffers if b.is_floating_point()]:
             stack.add_(torch.randn_like(stack) * 0.05)
     cfg = {"dtype": dtype, "evaluation_batch_size": evaluation_batch_size, "max_test_examples": max_test_examples}
-    passes, test_pass = [], metrics._test_pass
-    monkeypatch.setattr(metrics, "_test_pass", lambda *args, **kwargs: passes.append(kwargs) or test_pass(*args, **kwargs))
+    passes, test_pass = counted_test_passes(monkeypatch)
     for row in [0, 1, 2, 0]:
         model = workers.model_from_rows([p[row] for p in workers.params], [b[row] for b in workers.buffers])
         graphed = metrics.evaluate(model, dataset, cfg, graphed=True)
@@ -238,8 +245,7 @@ def test_train_records_on_a_gpu_do_not_depend_on_the_graphed_test(exact_float32,
     from powergossip import metrics
     overrides = common(tiny_data, device="cuda", num_epochs=3, evaluate_each_worker=False) + [
         "optimizer=power-gossip", "stacked_compute=graph", "graph_streams=2"]  # the averaged model's test alone
-    passes, test_pass = [], metrics._test_pass
-    monkeypatch.setattr(metrics, "_test_pass", lambda *args, **kwargs: passes.append(kwargs) or test_pass(*args, **kwargs))
+    passes, test_pass = counted_test_passes(monkeypatch)
     run(str(tmp_path / "graphed"), overrides)
     assert passes == [{}, {"keep_casts": False}]  # epoch 1 run and recorded, epochs 2 and 3 replayed
     monkeypatch.setattr(metrics, "_graphed_test", lambda model, dataset, cfg: test_pass(model, dataset, cfg))

@@ -506,8 +506,8 @@ def test_a_save_reads_back_every_tensor_as_it_was_each_with_a_storage_of_its_own
     assert torch.equal(saved["rng"], torch.get_rng_state())
     torch.set_rng_state(saved["rng"])
     for name in ("params", "counts", "empty"):
-        for was, back in zip(runs._replaced(state[name], lambda t: t.cpu()) if name != "empty" else [state[name].cpu()],
-                             saved[name] if name != "empty" else [saved[name]]):
+        for was, back in zip(runs._tensors(state[name]), runs._tensors(saved[name]), strict=True):
+            was = was.cpu()
             assert back.dtype == was.dtype and back.shape == was.shape and torch.equal(back, was)
             assert back.untyped_storage().nbytes() == back.nbytes  # its own storage, not a view of one per dtype
     for bad in (float("nan"), float("inf")):
