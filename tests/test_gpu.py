@@ -234,21 +234,61 @@ def test_the_graphed_test_gives_the_test_passs_numbers_with_each_refill(monkeypa
         with torch.no_grad():  # as evaluate runs it
             eager = test_pass(model, dataset, cfg)
         assert torch.equal(graphed, eager), (row, graphed, eager)
-    assert passes == [{}, {"keep_casts": False}]  # run and recorded once, then replayed
+    assert passes == [{"keep_casts": True}, {"keep_casts": False}]  # run and recorded once, then replayed
     assert 0.0 < eager[1].item() < 1.0 and eager[0].item() > 0.0
 
 
-def test_train_records_on_a_gpu_do_not_depend_on_the_graphed_test(exact_float32, tmp_path, tiny_data,  # noqa: F811
-                                                                   monkeypatch):
-    """train.py under stacked_compute=graph tests the averaged model from a CUDA graph (from its
-    second epoch): the same records, bit for bit, as the test launched kernel by kernel."""
+def counted_runs(monkeypatch) -> list[bool]:
+    """metrics._replayed, counted: the `recording` flag of each run of what it replays."""
+    from powergossip import metrics
+    runs, replayed = [], metrics._replayed
+    monkeypatch.setattr(metrics, "_replayed", lambda owner, key, reads, run: replayed(
+        owner, key, reads, lambda recording: runs.append(recording) or run(recording)))
+    return runs
+
+
+@pytest.mark.parametrize("with_model", [True, False])
+def test_the_graphed_averaged_state_gives_the_eager_numbers_after_each_step(monkeypatch, with_model):
+    """metrics.averaged_state(graphed=True), train.py's averaged model and consensus distances under
+    stacked_compute=graph: its first call runs and records; later calls replay the recording, and
+    must give the eager numbers bit for bit (the standalone model's weights and buffers, the
+    distances) for the workers' parameters and batch-norm statistics changed in place in between."""
+    from powergossip import comm as comm_module, metrics
+    device = torch.device("cuda")
+    comm = comm_module.Communicator(3, "cuda")
+    torch.manual_seed(0)
+    workers = StackedReplicas(models.build("resnet20", in_channels=1, image_size=28), 3, device, "graph",
+                              torch.bfloat16, 2)
+    floats = workers.params + [b for b in workers.buffers if b.is_floating_point()]
+    runs = counted_runs(monkeypatch)
+    for step in range(4):
+        with torch.no_grad():  # workers apart, in place, as a step moves them
+            for stack in floats:
+                stack.add_(torch.randn_like(stack) * 0.05)
+        model, graphed = metrics.averaged_state(workers, comm, with_model, graphed=True)
+        state = {k: v.clone() for k, v in model.state_dict().items()} if with_model else None
+        model, eager = metrics.averaged_state(workers, comm, with_model)
+        assert torch.equal(graphed, eager), (step, graphed, eager)
+        if with_model:
+            assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), step
+    assert runs == [False, True]  # run and recorded once, then replayed
+    assert (eager > 0).all() and (eager[:, 1] > eager[:, 0]).all()  # the buffers add to the full state's distance
+
+
+def test_train_records_on_a_gpu_do_not_depend_on_the_graphs_of_the_epochs_end(exact_float32, tmp_path,
+                                                                             tiny_data, monkeypatch):  # noqa: F811
+    """train.py under stacked_compute=graph averages the workers, takes their consensus distances
+    and tests the averaged model from CUDA graphs (from its second epoch): the same records, bit
+    for bit, as all of it launched kernel by kernel."""
     from powergossip import metrics
     overrides = common(tiny_data, device="cuda", num_epochs=3, evaluate_each_worker=False) + [
         "optimizer=power-gossip", "stacked_compute=graph", "graph_streams=2"]  # the averaged model's test alone
-    passes, test_pass = counted_test_passes(monkeypatch)
+    passes, _ = counted_test_passes(monkeypatch)
+    runs = counted_runs(monkeypatch)
     run(str(tmp_path / "graphed"), overrides)
-    assert passes == [{}, {"keep_casts": False}]  # epoch 1 run and recorded, epochs 2 and 3 replayed
-    monkeypatch.setattr(metrics, "_graphed_test", lambda model, dataset, cfg: test_pass(model, dataset, cfg))
+    assert passes == [{"keep_casts": True}, {"keep_casts": False}]  # epoch 1 run and recorded, epochs 2 and 3 replayed
+    assert runs == [False, True, False, True]  # the averaged state and its test, each run and recorded once
+    monkeypatch.setattr(metrics, "_replayed", lambda owner, key, reads, run: run(recording=False))
     run(str(tmp_path / "eager"), overrides)
     graphed, eager = comparable(tmp_path / "graphed"), comparable(tmp_path / "eager")
     assert graphed == eager
