@@ -273,6 +273,10 @@ def test_the_graphed_averaged_state_gives_the_eager_numbers_after_each_step(monk
             assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), step
     assert runs == [False, True]  # run and recorded once, then replayed
     assert (eager > 0).all() and (eager[:, 1] > eager[:, 0]).all()  # the buffers add to the full state's distance
+    workers.params[0] = workers.params[0].clone()  # a stack moved: the recording would read the old one
+    model, graphed = metrics.averaged_state(workers, comm, with_model, graphed=True)
+    model, eager = metrics.averaged_state(workers, comm, with_model)
+    assert torch.equal(graphed, eager) and runs == [False, True, False, True]  # recorded again
 
 
 def test_train_records_on_a_gpu_do_not_depend_on_the_graphs_of_the_epochs_end(exact_float32, tmp_path,
