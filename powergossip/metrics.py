@@ -593,11 +593,11 @@ def end_of_epoch(cfg, epoch, totals, workers, dataset, comm, recorder, timers, d
         recorder.record("accuracy", e, test[:, 1].mean(), {"split": "test"})
         recorder.record("accuracy", e, test[:, 1].min(), {"split": "test_worst"})  # the RelaySGD paper's measure
 
-    # Under stacked_compute=graph (a GPU), from the second epoch on, the averaged model with the consensus distances (in
-    # one process: no collective in a graph) and the model's test are each one CUDA graph's replay, where the host
-    # launched some 800 and 1,000 small kernels while the GPU waited.
+    # Under stacked_compute=graph (a GPU), from the second epoch on, the averaged model with the consensus distances and
+    # the model's test are each one CUDA graph's replay, where the host launched some 800 and 1,000 small kernels while
+    # the GPU waited.
     graphed = cfg["stacked_compute"] == "graph"
-    model, distances = averaged_state(workers, comm, cfg["evaluate_average_model"], graphed and comm.world_size == 1)
+    model, distances = averaged_state(workers, comm, cfg["evaluate_average_model"], graphed)
     if cfg["evaluate_average_model"]:
         if dataset.is_language_model:  # its perplexity is taken on the host
             loss, accuracy = evaluate(model, dataset, cfg).tolist()
@@ -629,8 +629,8 @@ def averaged_state(workers, comm, with_model: bool, graphed: bool = False):
     standalone model (StackedReplicas.model_from_rows; None without `with_model`), and each
     local worker's consensus distance ||x_i - x̄|| [L, 2]: over the parameters, and over the
     parameters and float buffers (the full state vector).
-    `graphed` (on one GPU): from the second call on, a replay of the first call's kernels,
-    recorded in a CUDA graph (_replayed): the same numbers. The graph keeps the memory of its
+    `graphed` (on a GPU, in one process: no collective in a graph): from the second call on, a
+    replay of the first call's kernels, recorded in a CUDA graph (_replayed): the same numbers. The graph keeps the memory of its
     intermediates, as much as an eager call's peak: about 20 bytes per worker and entry of the
     largest parameter (its float64 difference to the mean), 6 MB for 8 ResNet-20 workers."""
     def run(recording: bool):  # the same kernels, recorded or not
@@ -649,7 +649,7 @@ def averaged_state(workers, comm, with_model: bool, graphed: bool = False):
                           for k, m in zip(float_buffers, mean_buffers)), torch.zeros_like(params_sq))
         return model, torch.stack([params_sq.sqrt(), (params_sq + buffers_sq).sqrt()], dim=1)
 
-    if not graphed:
+    if not (graphed and comm.world_size == 1):
         return run(recording=False)
     key = (tuple(t.data_ptr() for t in itertools.chain(workers.params, workers.buffers)), with_model)
     return _replayed(workers, key, (), run)

@@ -1117,17 +1117,16 @@ def _on_host(value) -> tuple:
     a copy to the host waits for the device, and one per tensor (some 300 of ResNet-20's
     workers, momenta and a method's state) held an H100 run's host about 20 ms a save, the
     device idle."""
-    groups = {}  # (dtype, device) -> its buffers: [bytes, tensors] of at most GATHER_BYTES (or one tensor)
+    groups = {}  # (dtype, device) -> its buffers' tensors: at most GATHER_BYTES a buffer (or one tensor)
     for tensor in {id(t): t for t in _tensors(value)}.values():  # a tensor given twice is copied once
-        buffers = groups.setdefault((tensor.dtype, tensor.device), [[0, []]])
-        if buffers[-1][1] and buffers[-1][0] + tensor.nbytes > GATHER_BYTES:
-            buffers.append([0, []])
-        buffers[-1][0] += tensor.nbytes
-        buffers[-1][1].append(tensor)
+        buffers = groups.setdefault((tensor.dtype, tensor.device), [[]])
+        if buffers[-1] and sum(t.nbytes for t in buffers[-1]) + tensor.nbytes > GATHER_BYTES:
+            buffers.append([])
+        buffers[-1].append(tensor)
     copies, finite = {}, []
     with torch.no_grad():
         for (dtype, _), buffers in groups.items():
-            for _, tensors in buffers:
+            for tensors in buffers:
                 gathered = torch.cat([t.reshape(-1) for t in tensors])  # a copy, also of a host tensor
                 if dtype.is_floating_point:
                     finite.append(torch.isfinite(gathered).all())  # read after the copies: no wait of its own

@@ -207,6 +207,13 @@ def counted_test_passes(monkeypatch):
     return passes, test_pass
 
 
+def move_apart(workers):
+    """Every worker's parameters and batch-norm statistics moved by its own noise, in place, as a step moves them."""
+    with torch.no_grad():
+        for stack in workers.params + [b for b in workers.buffers if b.is_floating_point()]:
+            stack.add_(torch.randn_like(stack) * 0.05)
+
+
 @pytest.mark.parametrize("dtype,evaluation_batch_size,max_test_examples",
                          [("bfloat16", 100, None), ("float32", 128, None), ("float32", 64, 250)])
 def test_the_graphed_test_gives_the_test_passs_numbers_with_each_refill(monkeypatch, dtype, evaluation_batch_size,
@@ -223,9 +230,7 @@ def test_the_graphed_test_gives_the_test_passs_numbers_with_each_refill(monkeypa
     torch.manual_seed(0)
     workers = StackedReplicas(models.build("resnet20", in_channels=1, image_size=28), 3, device, "graph",
                               torch.bfloat16 if dtype == "bfloat16" else None, 2)
-    with torch.no_grad():  # workers apart, batch-norm statistics included
-        for stack in workers.params + [b for b in workers.buffers if b.is_floating_point()]:
-            stack.add_(torch.randn_like(stack) * 0.05)
+    move_apart(workers)
     cfg = {"dtype": dtype, "evaluation_batch_size": evaluation_batch_size, "max_test_examples": max_test_examples}
     passes, test_pass = counted_test_passes(monkeypatch)
     for row in [0, 1, 2, 0]:
@@ -259,12 +264,9 @@ def test_the_graphed_averaged_state_gives_the_eager_numbers_after_each_step(monk
     torch.manual_seed(0)
     workers = StackedReplicas(models.build("resnet20", in_channels=1, image_size=28), 3, device, "graph",
                               torch.bfloat16, 2)
-    floats = workers.params + [b for b in workers.buffers if b.is_floating_point()]
     runs = counted_runs(monkeypatch)
     for step in range(4):
-        with torch.no_grad():  # workers apart, in place, as a step moves them
-            for stack in floats:
-                stack.add_(torch.randn_like(stack) * 0.05)
+        move_apart(workers)
         model, graphed = metrics.averaged_state(workers, comm, with_model, graphed=True)
         state = {k: v.clone() for k, v in model.state_dict().items()} if with_model else None
         model, eager = metrics.averaged_state(workers, comm, with_model)
